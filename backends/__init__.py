@@ -1,0 +1,1 @@
+"""parallelnet.backends: one worker's event loop, swappable (see base.py)."""

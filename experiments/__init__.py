@@ -1,0 +1,1 @@
+"""parallelnet.experiments: load generators and measurement scripts."""
