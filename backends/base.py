@@ -1,0 +1,212 @@
+"""The backend interface: one worker's event loop, swappable.
+
+The core (``parallelnet.core.server``) owns everything that is not the event loop:
+binding the listening sockets, starting workers (threads or forked processes),
+pinning each to its CPU, stats collection, signals.  A backend gets a
+``WorkerContext`` and runs one worker's loop in the calling thread until
+``ctx.stop`` is set, then drains (finishes responses to requests already received,
+within ``ctx.limits.drain_timeout``) and closes its connections.  It never closes
+the listening sockets: the core owns them.
+
+Two families:
+
+* readiness backends (select, poll, epoll) subclass ``ReadinessLoop``
+  (readiness.py), which implements the accept race, reads, protocol calls, writes,
+  backpressure and close once; a subclass supplies only register / modify /
+  unregister / poll.
+* completion backends (io_uring) own their loop: they submit operations and reap
+  completions, with buffers pinned until the kernel is done with them.
+
+Adding a backend
+----------------
+One module and one entry point.  In your own package::
+
+    # mypkg/kqueue_backend.py  (or anything)
+    from parallelnet.backends.base import Availability
+    from parallelnet.backends.readiness import ReadinessLoop
+
+    class MyPollBackend(ReadinessLoop):
+        name = "mypoll"
+        description = "select.poll, but mine"
+
+        @classmethod
+        def probe(cls):
+            return Availability(True, "")
+
+        def _setup(self):            # create the poll object
+            ...
+        def _register(self, fd, events): ...
+        def _modify(self, fd, events): ...
+        def _unregister(self, fd): ...
+        def _poll(self, timeout):    # -> list of (fd, backend-native event mask)
+            ...
+
+and in its ``pyproject.toml``::
+
+    [project.entry-points."parallelnet.backends"]
+    mypoll = "mypkg.kqueue_backend:MyPollBackend"
+
+After ``pip install``, ``parallelnet backends`` lists it, ``parallelnet serve
+--backend mypoll`` runs it, and the conformance suite (tests/test_conformance.py)
+tests it, since it parametrises over every registered backend.
+"""
+
+from __future__ import annotations
+
+import abc
+import argparse
+import os
+import socket
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from typing import Callable, ClassVar
+
+from parallelnet.core.stats import WorkerStats
+
+ENTRY_POINT_GROUP = "parallelnet.backends"
+
+#: Accept strategies the core knows.  A backend lists the ones it can serve.
+SHARED = "shared"          # one listening socket in every worker's loop (the seed)
+EXCLUSIVE = "exclusive"    # the same, registered with EPOLLEXCLUSIVE
+REUSEPORT = "reuseport"    # one SO_REUSEPORT socket per worker
+
+
+@dataclass(frozen=True)
+class Availability:
+    """Whether a backend can run here, and if not, precisely why."""
+
+    ok: bool
+    reason: str = ""
+    detail: str = ""   # extra facts worth showing even when ok (flags, versions)
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+
+@dataclass
+class Limits:
+    """Per-worker resource limits (see the README's 'Limits' section)."""
+
+    recv_size: int = 65536          # bytes per read
+    max_output: int = 1 << 20       # pending output per connection before reads pause
+    max_connections: int = 10000    # per worker; beyond it new connections are closed at once
+    drain_timeout: float = 2.0      # seconds to flush responses after stop
+
+
+class StopSignal:
+    """A flag plus an eventfd, so that a worker blocked in its wait wakes at once.
+
+    Readiness loops register ``fileno()``; any thread (or a signal handler in a
+    forked worker) calls ``set()``.  Writing to an eventfd is async-signal-safe.
+    """
+
+    def __init__(self) -> None:
+        self._fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._set = False
+
+    def set(self) -> None:
+        if not self._set:
+            self._set = True
+            try:
+                os.eventfd_write(self._fd, 1)
+            except OSError:
+                pass
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+@dataclass
+class WorkerContext:
+    """Everything one worker's loop needs from the core."""
+
+    index: int
+    cpu: int | None
+    listeners: list[socket.socket]
+    accept: str
+    protocol_factory: Callable[[], object]
+    stats: WorkerStats
+    stop: StopSignal
+    limits: Limits = field(default_factory=Limits)
+    options: argparse.Namespace = field(default_factory=argparse.Namespace)
+
+    def option(self, name: str, default=None):
+        return getattr(self.options, name, default)
+
+
+class Backend(abc.ABC):
+    """One worker's event loop.  Subclass, set ``name``, implement ``run``."""
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    #: Accept strategies this backend serves; the core refuses others with a clear error.
+    accept_strategies: ClassVar[frozenset[str]] = frozenset({SHARED, REUSEPORT})
+    #: Whether workers may be threads of one process / forked processes.
+    modes: ClassVar[frozenset[str]] = frozenset({"thread", "process"})
+
+    def __init__(self, ctx: WorkerContext) -> None:
+        self.ctx = ctx
+
+    @classmethod
+    def probe(cls) -> Availability:
+        """Cheap, honest check that this backend can run here."""
+        return Availability(True)
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        """Add backend-specific options to ``parallelnet serve`` (names prefixed by backend)."""
+
+    @abc.abstractmethod
+    def run(self) -> None:
+        """Serve until ``ctx.stop`` is set, drain, close every connection, return."""
+
+
+class BackendError(RuntimeError):
+    """A backend cannot run with the requested configuration."""
+
+
+def registry() -> dict[str, type[Backend]]:
+    """Every backend registered under the entry-point group, by name.
+
+    A backend whose module fails to import is still listed, as a stand-in whose
+    probe reports the import error: a broken plugin must not hide the others.
+    """
+    found: dict[str, type[Backend]] = {}
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            cls = ep.load()
+        except Exception as exc:  # noqa: BLE001 - reported, not hidden
+            cls = _unloadable(ep.name, f"cannot import {ep.value}: {exc!r}")
+        found[ep.name] = cls
+    return dict(sorted(found.items()))
+
+
+def get_backend(name: str) -> type[Backend]:
+    backends = registry()
+    try:
+        return backends[name]
+    except KeyError:
+        raise BackendError(f"unknown backend {name!r}; registered: {', '.join(backends)}") from None
+
+
+def _unloadable(name: str, reason: str) -> type[Backend]:
+    class Unloadable(Backend):
+        description = "(failed to load)"
+
+        @classmethod
+        def probe(cls) -> Availability:
+            return Availability(False, reason)
+
+        def run(self) -> None:
+            raise BackendError(reason)
+
+    Unloadable.name = name
+    return Unloadable

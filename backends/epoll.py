@@ -1,0 +1,63 @@
+"""epoll(7) through ``select.epoll``: level-triggered by default, ``--epoll-edge`` for EPOLLET.
+
+One epoll instance per worker.  The shared listening socket is in every worker's
+interest list; with ``--accept exclusive`` it is added with ``EPOLLEXCLUSIVE``
+(Linux >= 4.5), which the kernel only accepts at ``EPOLL_CTL_ADD`` time and never
+with ``EPOLL_CTL_MOD`` — the loop registers listeners once and never modifies them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import select
+
+from parallelnet.backends.base import EXCLUSIVE, REUSEPORT, SHARED, Availability
+from parallelnet.backends.readiness import ReadinessLoop
+
+
+class EpollBackend(ReadinessLoop):
+    name = "epoll"
+    description = "select.epoll, level-triggered (or edge with --epoll-edge)"
+    accept_strategies = frozenset({SHARED, EXCLUSIVE, REUSEPORT})
+
+    EV_READ = select.EPOLLIN
+    EV_WRITE = select.EPOLLOUT
+    EV_ERROR = select.EPOLLERR | select.EPOLLHUP
+
+    @classmethod
+    def probe(cls) -> Availability:
+        if not hasattr(select, "epoll"):
+            return Availability(False, "select.epoll is missing (not Linux?)")
+        try:
+            select.epoll().close()
+        except OSError as exc:
+            return Availability(False, f"epoll_create1 failed: {exc}")
+        return Availability(True)
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--epoll-edge", action="store_true",
+                            help="epoll: edge-triggered (EPOLLET) connections, read/write until EAGAIN")
+
+    def _setup(self) -> None:
+        self.edge_triggered = bool(self.ctx.option("epoll_edge", False))
+        self._flag = select.EPOLLET if self.edge_triggered else 0
+        self._ep = select.epoll()
+        # Enough slots for a busy wakeup; more events simply wait for the next call.
+        self._maxevents = 1024
+
+    def _register(self, fd: int, events: int, exclusive: bool = False) -> None:
+        flags = select.EPOLLEXCLUSIVE if exclusive else self._flag
+        self._ep.register(fd, events | flags)
+
+    def _modify(self, fd: int, events: int) -> None:
+        self._ep.modify(fd, events | self._flag)
+
+    def _unregister(self, fd: int) -> None:
+        self._ep.unregister(fd)
+
+    def _poll(self, timeout: float | None):
+        return self._ep.poll(-1 if timeout is None else timeout, self._maxevents)
+
+    def _teardown(self) -> None:
+        self._ep.close()

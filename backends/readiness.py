@@ -1,0 +1,395 @@
+"""One readiness loop for select, poll and epoll.
+
+Readiness multiplexing (select(2), poll(2), epoll(7)) tells a thread that a file
+descriptor *can* make progress; the thread then makes the non-blocking call itself.
+Everything after "fd X is ready" is the same for every such mechanism, so it lives
+here once: the accept race, reads, protocol calls, writes, backpressure, close and
+the drain at stop.  A subclass supplies five primitives (``_setup``, ``_register``,
+``_modify``, ``_unregister``, ``_poll``) and three event-bit constants, the way
+``selectors.PollSelector`` is three constants over a shared base.
+
+Kernel semantics this loop relies on:
+
+* A listening socket is readable while its accept queue is non-empty.  When it is
+  in several threads' interest sets (the seed's shared socket), one new connection
+  can wake several of them; all call ``accept(2)`` and all but one get ``EAGAIN``
+  (a *lost race*, counted).  A winner accepts until ``EAGAIN`` (the seed's rule).
+  With ``EPOLLEXCLUSIVE`` (epoll only, since Linux 4.5) the kernel wakes one or more
+  — usually one — of the exclusive waiters instead of all.
+* ``accept(2)`` does not inherit ``O_NONBLOCK`` on Linux: every accepted socket is
+  made non-blocking explicitly.
+* Level-triggered readiness repeats while data is pending, so one ``recv`` per
+  wakeup is enough and keeps one busy client from starving the others.
+  Edge-triggered epoll (``EPOLLET``) reports transitions only, so with it the loop
+  reads until ``EAGAIN``.  ``EPOLL_CTL_MOD`` re-evaluates readiness, which is what
+  makes resuming a paused (backpressured) edge-triggered connection safe.
+* ``recv`` returning ``b""`` is the peer's FIN: the peer may still read, so output
+  already produced is flushed before closing (half-close is honoured).
+* ``EPOLLERR``/``EPOLLHUP`` (``POLLERR``/``POLLHUP``) are reported whether asked for
+  or not; they are routed to whichever of read/write is active so that the failing
+  call surfaces the error and the connection is closed (no spinning on a dead fd).
+"""
+
+from __future__ import annotations
+
+import abc
+import errno
+import logging
+import socket
+import time
+from typing import ClassVar
+
+from parallelnet.backends.base import EXCLUSIVE, Backend
+
+log = logging.getLogger("parallelnet.worker")
+
+_TCP_NODELAY = socket.TCP_NODELAY
+_IPPROTO_TCP = socket.IPPROTO_TCP
+
+
+class RegistrationRefused(OSError):
+    """The multiplexer cannot watch this fd (e.g. select's FD_SETSIZE)."""
+
+
+class Connection:
+    """One client connection of one worker.  Only that worker touches it."""
+
+    __slots__ = ("sock", "fd", "proto", "out", "events", "reading", "closing", "peer")
+
+    def __init__(self, sock: socket.socket, proto, peer) -> None:
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.proto = proto
+        self.out = bytearray()    # output the kernel has not taken yet
+        self.events = 0           # interest currently registered
+        self.reading = True       # False while paused (backpressure) or closing
+        self.closing = False      # close once ``out`` is empty
+        self.peer = peer
+
+
+class ReadinessLoop(Backend):
+    """The shared loop.  Subclasses supply the multiplexer primitives."""
+
+    kind: ClassVar[str] = "readiness"
+
+    #: Backend-native event bits (set by each subclass).
+    EV_READ: ClassVar[int] = 1
+    EV_WRITE: ClassVar[int] = 4
+    EV_ERROR: ClassVar[int] = 8
+
+    #: Edge-triggered subclasses (or instances) read and write until EAGAIN.
+    edge_triggered = False
+
+    # -- the primitives a subclass supplies ---------------------------------
+
+    @abc.abstractmethod
+    def _setup(self) -> None:
+        """Create the multiplexer object."""
+
+    @abc.abstractmethod
+    def _register(self, fd: int, events: int, exclusive: bool = False) -> None:
+        """Start watching fd; raise RegistrationRefused if it cannot be watched."""
+
+    @abc.abstractmethod
+    def _modify(self, fd: int, events: int) -> None:
+        """Change the interest set of a watched fd."""
+
+    @abc.abstractmethod
+    def _unregister(self, fd: int) -> None:
+        """Stop watching fd (it is still open)."""
+
+    @abc.abstractmethod
+    def _poll(self, timeout: float | None) -> list[tuple[int, int]]:
+        """Wait; return (fd, native event mask) pairs.  None = wait until something happens."""
+
+    def _teardown(self) -> None:
+        """Release the multiplexer object."""
+
+    # -- the loop -------------------------------------------------------------
+
+    def run(self) -> None:
+        ctx = self.ctx
+        self._conns: dict[int, Connection] = {}
+        self._listeners = {s.fileno(): s for s in ctx.listeners}
+        self._recv_size = ctx.limits.recv_size
+        self._max_output = ctx.limits.max_output
+        self._logged_refusal = False
+        self._setup()
+        try:
+            self._register(ctx.stop.fileno(), self.EV_READ)
+            exclusive = ctx.accept == EXCLUSIVE
+            for fd in self._listeners:
+                self._register(fd, self.EV_READ, exclusive)
+            self._serve()
+            self._drain()
+        finally:
+            for conn in list(self._conns.values()):
+                self._close(conn)
+            self._teardown()
+
+    def _serve(self) -> None:
+        # Locals, not attribute look-ups: this is the hot path of every readiness backend.
+        poll = self._poll
+        conns = self._conns
+        listeners = self._listeners
+        stats = self.ctx.stats
+        stop = self.ctx.stop
+        on_read = self._on_readable
+        on_write = self._on_writable
+        accept = self._accept
+        READ = self.EV_READ | self.EV_ERROR
+        WRITE = self.EV_WRITE
+        ERROR = self.EV_ERROR
+        while not stop.is_set():
+            events = poll(None)
+            stats.wakeups += 1
+            for fd, mask in events:
+                conn = conns.get(fd)
+                if conn is None:
+                    lsock = listeners.get(fd)
+                    if lsock is not None:
+                        accept(lsock)
+                    continue  # the stop eventfd: the loop condition sees it
+                if mask & WRITE or (mask & ERROR and not conn.reading):
+                    on_write(conn)
+                if mask & READ and conn.reading:
+                    on_read(conn)
+
+    # -- accept -----------------------------------------------------------------
+
+    def _accept(self, lsock: socket.socket) -> int:
+        """Accept until EAGAIN (the seed's rule); count a wakeup that got nothing as a lost race."""
+        stats = self.ctx.stats
+        stats.listen_wakeups += 1
+        won = 0
+        while True:
+            try:
+                sock, peer = lsock.accept()
+            except BlockingIOError:
+                break
+            except InterruptedError:
+                continue
+            except OSError as exc:
+                # EMFILE/ENFILE/ENOBUFS/ECONNABORTED: counted; the worker keeps serving.
+                stats.extra["accept_errors"] = stats.extra.get("accept_errors", 0) + 1
+                if exc.errno not in (errno.ECONNABORTED, errno.EPROTO):
+                    log.warning("worker %d: accept failed: %s", self.ctx.index, exc)
+                break
+            won += 1
+            self._add_connection(sock, peer)
+        stats.accepted += won
+        if not won:
+            stats.lost_races += 1
+        return won
+
+    def _add_connection(self, sock: socket.socket, peer) -> None:
+        stats = self.ctx.stats
+        if len(self._conns) >= self.ctx.limits.max_connections:
+            stats.refused += 1
+            sock.close()
+            return
+        sock.setblocking(False)
+        try:
+            sock.setsockopt(_IPPROTO_TCP, _TCP_NODELAY, 1)
+        except OSError:
+            pass  # not TCP (a test's AF_UNIX socket): nothing to tune
+        conn = Connection(sock, self.ctx.protocol_factory(), peer)
+        try:
+            self._register(conn.fd, self.EV_READ)
+        except RegistrationRefused as exc:
+            stats.refused += 1
+            if not self._logged_refusal:
+                self._logged_refusal = True
+                log.warning("worker %d (%s): refusing connection: %s",
+                            self.ctx.index, self.name, exc)
+            sock.close()
+            return
+        conn.events = self.EV_READ
+        self._conns[conn.fd] = conn
+        stats.open += 1
+
+    # -- reading ------------------------------------------------------------------
+
+    def _on_readable(self, conn: Connection) -> None:
+        recv = conn.sock.recv
+        size = self._recv_size
+        while True:
+            try:
+                data = recv(size)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                self._close(conn, error=True)
+                return
+            if not data:
+                self._on_eof(conn)
+                return
+            self._feed(conn, data)
+            if not (self.edge_triggered and conn.reading):
+                return
+
+    def _feed(self, conn: Connection, data) -> None:
+        stats = self.ctx.stats
+        stats.bytes_in += len(data)
+        proto = conn.proto
+        try:
+            out, n = proto.feed(data)
+        except Exception:  # noqa: BLE001 - a handler bug closes one connection only
+            self._handler_failed(conn)
+            return
+        stats.requests += n
+        if out:
+            self._send(conn, out)
+        if proto.closing and not conn.closing:
+            self._finish(conn)
+
+    def _on_eof(self, conn: Connection) -> None:
+        try:
+            out = conn.proto.eof()
+        except Exception:  # noqa: BLE001
+            self._handler_failed(conn)
+            return
+        if out:
+            self._send(conn, out)
+        self._finish(conn)
+
+    def _handler_failed(self, conn: Connection) -> None:
+        self.ctx.stats.handler_errors += 1
+        log.exception("worker %d: protocol %s failed on connection from %s; closing it",
+                      self.ctx.index, type(conn.proto).__name__, conn.peer)
+        self._close(conn, error=True)
+
+    def _finish(self, conn: Connection) -> None:
+        """Read nothing more; close as soon as pending output is flushed."""
+        if conn.fd < 0:
+            return
+        conn.closing = True
+        conn.reading = False
+        if conn.out:
+            self._set_events(conn, self.EV_WRITE)
+        else:
+            self._close(conn)
+
+    # -- writing ------------------------------------------------------------------
+
+    def _send(self, conn: Connection, out) -> None:
+        if conn.fd < 0:
+            return
+        if conn.out:
+            # Earlier output is still queued: keep order, never send around it.
+            conn.out += out
+        else:
+            try:
+                sent = conn.sock.send(out)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError:
+                self._close(conn, error=True)
+                return
+            self.ctx.stats.bytes_out += sent
+            if sent == len(out):
+                return
+            conn.out += memoryview(out)[sent:]
+        self._want_write(conn)
+
+    def _want_write(self, conn: Connection) -> None:
+        if conn.reading and len(conn.out) > self._max_output:
+            # Backpressure: a client that does not read stops being read from,
+            # so its pending output (our memory) stays bounded.
+            conn.reading = False
+            self.ctx.stats.backpressure += 1
+        events = self.EV_WRITE | (self.EV_READ if conn.reading else 0)
+        self._set_events(conn, events)
+
+    def _on_writable(self, conn: Connection) -> None:
+        out = conn.out
+        send = conn.sock.send
+        while out:
+            try:
+                sent = send(out)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                self._close(conn, error=True)
+                return
+            self.ctx.stats.bytes_out += sent
+            del out[:sent]  # O(1) at the front of a bytearray in CPython
+            if not self.edge_triggered:
+                break
+        if out:
+            if not conn.reading and not conn.closing and len(out) <= self._max_output // 2:
+                conn.reading = True  # drained below the low-water mark: resume
+                self._set_events(conn, self.EV_READ | self.EV_WRITE)
+            return
+        if conn.closing:
+            self._close(conn)
+            return
+        conn.reading = True
+        self._set_events(conn, self.EV_READ)
+
+    def _set_events(self, conn: Connection, events: int) -> None:
+        if conn.events != events and conn.fd >= 0:
+            self._modify(conn.fd, events)
+            conn.events = events
+
+    # -- closing and drain ---------------------------------------------------------
+
+    def _close(self, conn: Connection, error: bool = False) -> None:
+        if conn.fd < 0:
+            return
+        stats = self.ctx.stats
+        try:
+            self._unregister(conn.fd)
+        except (OSError, KeyError, ValueError):
+            pass
+        del self._conns[conn.fd]
+        conn.fd = -1
+        conn.reading = False
+        conn.sock.close()
+        stats.open -= 1
+        stats.closed += 1
+        if error:
+            stats.errors += 1
+
+    def _drain(self) -> None:
+        """Stop accepting; answer every request already received; close within the drain time.
+
+        Connections still in the listen backlog were completed by the kernel and
+        their requests may already be queued: they are accepted once more and served.
+        """
+        for fd, lsock in self._listeners.items():
+            self._accept(lsock)
+            self._unregister(fd)
+        for conn in list(self._conns.values()):
+            if conn.reading:
+                self._read_remaining(conn)
+            self._finish(conn)
+        deadline = time.monotonic() + self.ctx.limits.drain_timeout
+        while self._conns:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            for fd, mask in self._poll(remaining):
+                conn = self._conns.get(fd)
+                if conn is not None:
+                    self._on_writable(conn)
+        for conn in list(self._conns.values()):
+            self._close(conn)
+
+    def _read_remaining(self, conn: Connection, max_reads: int = 64) -> None:
+        """Read what the kernel already holds (bounded), so those requests get answers."""
+        recv = conn.sock.recv
+        for _ in range(max_reads):
+            if not conn.reading:
+                return
+            try:
+                data = recv(self._recv_size)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                self._close(conn, error=True)
+                return
+            if not data:
+                self._on_eof(conn)
+                return
+            self._feed(conn, data)

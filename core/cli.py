@@ -1,0 +1,234 @@
+"""``parallelnet``: serve, list backends, run the demo.
+
+    parallelnet serve --backend epoll --workers 2 --protocol http --port 0
+    parallelnet backends
+    parallelnet demo            # what ``make run`` does
+
+Subcommands that drive load import their client lazily, so the server itself never
+depends on experiment code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+
+from parallelnet.backends.base import REUSEPORT, SHARED, BackendError, Limits, registry
+from parallelnet.core.cpus import parse_cpu_list
+from parallelnet.core.listeners import STRATEGIES, is_loopback
+from parallelnet.core.server import MODES, Server, ServerConfig
+from parallelnet.core.stats import Fairness, format_table
+
+ACCEPT_HELP = {
+    SHARED: "one listening socket in every worker's loop; workers race to accept (the seed)",
+    "exclusive": "the shared socket registered with EPOLLEXCLUSIVE: the kernel wakes one waiter",
+    REUSEPORT: "one SO_REUSEPORT socket per worker; the kernel hashes connections to them",
+}
+
+
+def _cpu_list(text: str) -> list[int]:
+    try:
+        return parse_cpu_list(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def add_server_arguments(p: argparse.ArgumentParser) -> None:
+    backends = registry()
+    p.add_argument("--backend", default="epoll", choices=list(backends),
+                   help="event loop of each worker (default: epoll)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="number of workers (default: one per CPU in the affinity mask)")
+    p.add_argument("--cpus", type=_cpu_list, default=None,
+                   help="CPUs to pin workers to, e.g. 0,1 or 0-3 (default: the affinity mask)")
+    p.add_argument("--no-pin", action="store_true", help="do not pin workers to CPUs")
+    p.add_argument("--protocol", default="echo", choices=["echo", "http"])
+    p.add_argument("--message-size", type=int, default=0,
+                   help="echo: count one request per this many bytes (default: per read)")
+    p.add_argument("--accept", default=SHARED, choices=list(STRATEGIES),
+                   help="; ".join(f"{k}: {v}" for k, v in ACCEPT_HELP.items()))
+    p.add_argument("--mode", default="thread", choices=list(MODES),
+                   help="workers as threads of one process, or forked processes sharing the socket")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8080, help="port (0: pick a free one)")
+    p.add_argument("--allow-remote", action="store_true",
+                   help="permit binding a non-loopback address (printed as a warning)")
+    p.add_argument("--backlog", type=int, default=4096)
+    lim = Limits()
+    p.add_argument("--max-output", type=int, default=lim.max_output,
+                   help="pending output per connection before reading pauses (bytes)")
+    p.add_argument("--max-connections", type=int, default=lim.max_connections,
+                   help="connections per worker; more are closed at once and counted")
+    p.add_argument("--drain-timeout", type=float, default=lim.drain_timeout,
+                   help="seconds to finish responses after a stop signal")
+    for cls in backends.values():
+        try:
+            cls.add_arguments(p)
+        except Exception:  # noqa: BLE001 - a broken plugin must not break the CLI
+            pass
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    protocol_options = {}
+    if args.protocol == "echo" and args.message_size:
+        protocol_options["message_size"] = args.message_size
+    return ServerConfig(
+        backend=args.backend, workers=args.workers, cpus=args.cpus, pin=not args.no_pin,
+        protocol=args.protocol, protocol_options=protocol_options, accept=args.accept,
+        mode=args.mode, host=args.host, port=args.port, allow_remote=args.allow_remote,
+        backlog=args.backlog,
+        limits=Limits(max_output=args.max_output, max_connections=args.max_connections,
+                      drain_timeout=args.drain_timeout),
+        options=args)
+
+
+def totals(snaps: list[dict]) -> dict:
+    keys = ("accepted", "lost_races", "wakeups", "listen_wakeups", "requests",
+            "bytes_in", "bytes_out", "open", "refused", "errors", "handler_errors")
+    out = {k: sum(s[k] for s in snaps) for k in keys}
+    out["cpu_s"] = sum(s["cpu_ns"] for s in snaps) / 1e9
+    out["accept_jain"] = Fairness.of(s["accepted"] for s in snaps).jain
+    out["request_jain"] = Fairness.of(s["requests"] for s in snaps).jain
+    return out
+
+
+def _interval_line(t: float, snaps: list[dict], prev: dict | None, dt: float) -> str:
+    tot = totals(snaps)
+    rate = (tot["requests"] - prev["requests"]) / dt if prev and dt > 0 else 0.0
+    parts = [f"[{t:7.1f}s] {rate:10.0f} req/s  open {tot['open']:5d}"]
+    for s in snaps:
+        parts.append(f"w{s['index']}@{s['cpu']} acc {s['accepted']} lost {s['lost_races']} "
+                     f"req {s['requests']}")
+    return " | ".join(parts)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        server = Server(config_from_args(args))
+        host, port = server.start()
+    except (BackendError, ValueError, OSError) as exc:
+        print(f"parallelnet serve: {exc}", file=sys.stderr)
+        return 2
+    if not is_loopback(host):
+        print(f"WARNING: listening on non-loopback address {host}", file=sys.stderr)
+    print(f"listening on {host}:{port}", flush=True)
+    print(f"backend {args.backend}, {len(server.cpus)} {args.mode} workers on CPUs "
+          f"{','.join(map(str, server.cpus))}, accept {args.accept}, protocol {args.protocol}",
+          flush=True)
+
+    stop = threading.Event()
+    signals_seen = []
+
+    def on_signal(signum, _frame):
+        signals_seen.append(signum)
+        if len(signals_seen) > 1:
+            # A second signal: stop waiting for the drain.
+            server.kill()
+            os._exit(130)
+        stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+
+    json_out = open(args.stats_json, "w", buffering=1) if args.stats_json else None
+    interval = args.stats_interval
+    deadline = time.monotonic() + args.duration if args.duration else None
+    prev, prev_t = None, time.monotonic()
+    while not stop.is_set():
+        timeout = interval if interval else 0.5
+        if deadline is not None:
+            timeout = min(timeout, max(0.0, deadline - time.monotonic()))
+        stop.wait(timeout)
+        if deadline is not None and time.monotonic() >= deadline:
+            break
+        if interval and not stop.is_set():
+            now = time.monotonic()
+            snaps = server.snapshots()
+            print(_interval_line(server.elapsed, snaps, prev, now - prev_t), flush=True)
+            if json_out:
+                json_out.write(json.dumps({"type": "interval", "t": server.elapsed,
+                                           "workers": snaps, "totals": totals(snaps)}) + "\n")
+            prev, prev_t = totals(snaps), now
+
+    elapsed = server.elapsed
+    clean = server.stop()
+    snaps = server.snapshots()
+    print(format_table(snaps, elapsed), flush=True)
+    crashed = [s for s in snaps if s.get("crashed")]
+    for s in crashed:
+        print(f"worker {s['index']} crashed: {s['crashed']}", file=sys.stderr)
+    if not clean:
+        print("drain did not finish in time; workers were killed", file=sys.stderr)
+    if json_out:
+        json_out.write(json.dumps({"type": "final", "t": elapsed, "clean": clean,
+                                   "workers": snaps, "totals": totals(snaps)}) + "\n")
+        json_out.close()
+    return 1 if crashed else 0
+
+
+def cmd_backends(args: argparse.Namespace) -> int:
+    rows = []
+    for name, cls in registry().items():
+        avail = cls.probe()
+        status = "available" if avail else "unavailable"
+        why = avail.reason if not avail else avail.detail
+        strategies = ",".join(sorted(getattr(cls, "accept_strategies", ())))
+        rows.append((name, status, strategies, cls.description, why))
+    w = max(len(r[0]) for r in rows)
+    for name, status, strategies, desc, why in rows:
+        line = f"{name:<{w}}  {status:<11}  accept={strategies:<26} {desc}"
+        if why:
+            line += f"  [{why}]"
+        print(line)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from parallelnet.core.demo import run_demo  # the small built-in client
+
+    return run_demo(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="parallelnet", description=__doc__.split("\n")[0])
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run the server",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_server_arguments(p)
+    p.add_argument("--stats-interval", type=float, default=0.0,
+                   help="print a stats line every S seconds (0: only the final table)")
+    p.add_argument("--stats-json", default=None, help="write stats as JSON lines to PATH")
+    p.add_argument("--duration", type=float, default=0.0,
+                   help="stop by itself after S seconds (0: run until SIGINT/SIGTERM)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("backends", help="list registered backends and whether they can run here")
+    p.set_defaults(func=cmd_backends)
+
+    p = sub.add_parser("demo", help="start a server, drive it briefly, print the per-worker table")
+    p.add_argument("--backend", default="epoll")
+    p.add_argument("--mode", default="thread", choices=list(MODES))
+    p.add_argument("--accept", default=SHARED, choices=list(STRATEGIES))
+    p.add_argument("--clients", type=int, default=64, help="concurrent clients")
+    p.add_argument("--duration", type=float, default=3.0, help="seconds of load")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""``parallelnet demo`` (``make run``): a server, a short burst of clients, the per-worker table.
+
+The server runs as a child process (``parallelnet serve --port 0``) with its default
+layout: one worker per CPU.  The client runs here, pinned to the last CPU, with
+clients opening short connections (connect, one echo, close) so that the accept
+race is visible in the table the server prints when it stops.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from parallelnet.core.client import run_clients
+from parallelnet.core.cpus import allowed_cpus
+
+
+def start_server(extra: list[str], timeout: float = 10.0) -> tuple[subprocess.Popen, str, int]:
+    """Start ``parallelnet serve --port 0 …``; return the process and the address it printed."""
+    cmd = [sys.executable, "-m", "parallelnet.core.cli", "serve", "--port", "0", *extra]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        if line.startswith("listening on "):
+            host, _, port = line.split()[-1].rpartition(":")
+            return proc, host, int(port)
+    proc.kill()
+    _, err = proc.communicate()
+    raise RuntimeError(f"server did not start: {err.strip()}")
+
+
+def stop_server(proc: subprocess.Popen, timeout: float = 15.0) -> str:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+    return out + err
+
+
+def run_demo(args) -> int:
+    cpus = allowed_cpus()
+    extra = ["--backend", args.backend, "--mode", args.mode, "--accept", args.accept]
+    proc, host, port = start_server(extra)
+    try:
+        os.sched_setaffinity(0, {cpus[-1]})
+        print(f"server: backend {args.backend}, {args.mode} workers on CPUs {cpus}, "
+              f"accept {args.accept}, listening on {host}:{port}")
+        print(f"client: {args.clients} clients opening short connections for "
+              f"{args.duration:.0f} s, on CPU {cpus[-1]}")
+        res = run_clients(host, port, connections=args.clients, mode="short",
+                          duration=args.duration)
+    finally:
+        report = stop_server(proc)
+    print(f"client: {res.requests} echoes over {res.connects} connections in "
+          f"{res.elapsed:.1f} s ({res.rate:.0f}/s), errors: {res.errors or 'none'}")
+    print(report.rstrip())
+    return 0 if not res.errors and proc.returncode == 0 else 1

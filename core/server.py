@@ -1,0 +1,291 @@
+"""The server: listeners, pinned workers (threads or forked processes), stats, stop.
+
+The seed's design: N workers, each pinned to one CPU, each running its own event
+loop (a backend instance) over its own connections; all of them watch the same
+listening socket and race to accept.  This module owns the parts that are not the
+event loop.
+
+Thread mode: workers are threads of this process.  Each pins itself with
+``sched_setaffinity(0, …)`` (per-thread on Linux).  Their ``WorkerStats`` are read
+directly.
+
+Process mode (nginx's model): the listening sockets are bound first, then workers
+are ``fork()``-ed, so every child holds the same kernel socket.  ``fork`` copies only
+the calling thread, so it happens before this process starts any thread.  Each child
+sends JSON snapshots of its stats to the parent through a pipe (periodically, and a
+final one at exit); SIGTERM/SIGINT in a child set its stop signal, which wakes its
+loop through the eventfd.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import selectors
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+
+from parallelnet.backends.base import (
+    Backend, BackendError, Limits, StopSignal, WorkerContext, get_backend,
+)
+from parallelnet.core.cpus import assign_cpus, pin_current_thread
+from parallelnet.core.listeners import ListenerSet, is_loopback, open_listeners
+from parallelnet.core.protocols import make_factory
+from parallelnet.core.stats import WorkerStats
+
+log = logging.getLogger("parallelnet.server")
+
+MODES = ("thread", "process")
+_REPORT_INTERVAL = 0.25  # seconds between a forked worker's snapshots to the parent
+
+
+@dataclass
+class ServerConfig:
+    backend: str = "epoll"
+    workers: int | None = None
+    cpus: list[int] | None = None
+    pin: bool = True
+    protocol: str = "echo"
+    protocol_options: dict = field(default_factory=dict)
+    accept: str = "shared"
+    mode: str = "thread"
+    host: str = "127.0.0.1"
+    port: int = 0
+    allow_remote: bool = False
+    backlog: int = 4096
+    limits: Limits = field(default_factory=Limits)
+    options: argparse.Namespace = field(default_factory=argparse.Namespace)
+
+
+class Server:
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        if config.mode not in MODES:
+            raise ValueError(f"unknown mode {config.mode!r}; known: {', '.join(MODES)}")
+        if not config.allow_remote and not is_loopback(config.host):
+            raise ValueError(f"refusing to bind non-loopback address {config.host!r} "
+                             "without --allow-remote")
+        self.backend_cls: type[Backend] = get_backend(config.backend)
+        avail = self.backend_cls.probe()
+        if not avail:
+            raise BackendError(f"backend {config.backend!r} unavailable: {avail.reason}")
+        if config.accept not in self.backend_cls.accept_strategies:
+            raise BackendError(
+                f"backend {config.backend!r} does not support --accept {config.accept} "
+                f"(it supports: {', '.join(sorted(self.backend_cls.accept_strategies))})")
+        if config.mode not in self.backend_cls.modes:
+            raise BackendError(f"backend {config.backend!r} cannot run in {config.mode} mode")
+        self.cpus = assign_cpus(config.workers, config.cpus)
+        self.protocol_factory = make_factory(config.protocol, **config.protocol_options)
+        self.listeners: ListenerSet | None = None
+        self.stats = [WorkerStats(i, cpu if config.pin else None, config.backend)
+                      for i, cpu in enumerate(self.cpus)]
+        self._stops: list[StopSignal] = []
+        self._threads: list[threading.Thread] = []
+        self._children: dict[int, int] = {}        # pid -> worker index
+        self._child_snaps: dict[int, dict] = {}    # worker index -> latest snapshot
+        self._collector: threading.Thread | None = None
+        self._started = 0.0
+        self._stopped = False
+
+    @property
+    def address(self) -> tuple[str, int]:
+        assert self.listeners is not None
+        return self.listeners.host, self.listeners.port
+
+    # -- start ----------------------------------------------------------------
+
+    def start(self) -> tuple[str, int]:
+        cfg = self.config
+        self.listeners = open_listeners(cfg.accept, cfg.host, cfg.port, len(self.cpus), cfg.backlog)
+        self._started = time.monotonic()
+        if cfg.mode == "thread":
+            self._start_threads()
+        else:
+            self._start_processes()
+        return self.address
+
+    def _context(self, index: int, stop: StopSignal) -> WorkerContext:
+        cfg = self.config
+        return WorkerContext(
+            index=index, cpu=self.stats[index].cpu,
+            listeners=self.listeners.for_worker(index), accept=cfg.accept,
+            protocol_factory=self.protocol_factory, stats=self.stats[index],
+            stop=stop, limits=cfg.limits, options=cfg.options)
+
+    def _run_worker(self, ctx: WorkerContext) -> None:
+        """Body of one worker, in its own thread (or forked process)."""
+        stats = ctx.stats
+        try:
+            if ctx.cpu is not None:
+                pin_current_thread(ctx.cpu)
+            stats.bind_current_thread()
+            self.backend_cls(ctx).run()
+        except BaseException as exc:  # noqa: BLE001 - reported in stats and the log
+            stats.crashed = f"{type(exc).__name__}: {exc}"
+            log.exception("worker %d crashed", ctx.index)
+        finally:
+            stats.record_exit()
+
+    def _start_threads(self) -> None:
+        for i in range(len(self.cpus)):
+            stop = StopSignal()
+            self._stops.append(stop)
+            t = threading.Thread(target=self._run_worker, args=(self._context(i, stop),),
+                                 name=f"worker-{i}", daemon=True)
+            self._threads.append(t)
+        for t in self._threads:
+            t.start()
+
+    def _start_processes(self) -> None:
+        if threading.active_count() > 1:
+            # fork() would copy this thread alone, leaving locks held by the others.
+            raise RuntimeError("process mode must fork before any other thread starts")
+        pipes = []
+        for i in range(len(self.cpus)):
+            r, w = os.pipe()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            pid = os.fork()
+            if pid == 0:  # child
+                os.close(r)
+                for pr in pipes:
+                    os.close(pr)
+                code = 0
+                try:
+                    self._child_main(i, w)
+                except BaseException:  # noqa: BLE001
+                    code = 1
+                finally:
+                    os._exit(code)
+            os.close(w)
+            pipes.append(r)
+            self._children[pid] = i
+        self._collector = threading.Thread(target=self._collect, args=(pipes,),
+                                           name="stats-collector", daemon=True)
+        self._collector.start()
+
+    def _child_main(self, index: int, wfd: int) -> None:
+        stop = StopSignal()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
+        ctx = self._context(index, stop)
+        out = os.fdopen(wfd, "w", buffering=1)
+        done = threading.Event()
+
+        def report() -> None:
+            while not done.wait(_REPORT_INTERVAL):
+                out.write(json.dumps(ctx.stats.snapshot()) + "\n")
+
+        if ctx.cpu is not None:
+            pin_current_thread(ctx.cpu)  # before the reporter starts, so it inherits the mask
+        reporter = threading.Thread(target=report, daemon=True)
+        reporter.start()
+        self._run_worker(ctx)
+        done.set()
+        reporter.join()
+        out.write(json.dumps(ctx.stats.snapshot()) + "\n")
+        out.flush()
+
+    def _collect(self, pipes: list[int]) -> None:
+        sel = selectors.DefaultSelector()
+        bufs: dict[int, bytes] = {}
+        for fd in pipes:
+            sel.register(fd, selectors.EVENT_READ)
+            bufs[fd] = b""
+        while bufs:
+            for key, _ in sel.select():
+                fd = key.fd
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    sel.unregister(fd)
+                    os.close(fd)
+                    del bufs[fd]
+                    continue
+                data = bufs[fd] + chunk
+                *lines, bufs[fd] = data.split(b"\n")
+                for line in lines:
+                    snap = json.loads(line)
+                    self._child_snaps[snap["index"]] = snap
+        sel.close()
+
+    # -- stop -------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        """Stop accepting and drain (idempotent)."""
+        self._stopped = True
+        for stop in self._stops:
+            stop.set()
+        for pid in self._children:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait for every worker to finish; True if all did within ``timeout``."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for t in self._threads:
+            t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        while self._children:
+            for pid in list(self._children):
+                try:
+                    done, _ = os.waitpid(pid, os.WNOHANG)
+                except ChildProcessError:
+                    done = pid
+                if done:
+                    del self._children[pid]
+            if self._children:
+                if deadline is not None and time.monotonic() >= deadline:
+                    break
+                time.sleep(0.02)
+        if self._collector is not None and not self._children:
+            self._collector.join(1.0)
+        return not self._children and not any(t.is_alive() for t in self._threads)
+
+    def kill(self) -> None:
+        """Force: SIGKILL every worker process we started (by PID)."""
+        for pid in list(self._children):
+            try:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+            except (ProcessLookupError, ChildProcessError):
+                pass
+            self._children.pop(pid, None)
+
+    def close(self) -> None:
+        if self.listeners is not None:
+            self.listeners.close()
+        for stop in self._stops:
+            stop.close()
+
+    def stop(self, timeout: float | None = None) -> bool:
+        """request_stop + join (bounded by the drain time plus a margin) + close."""
+        self.request_stop()
+        if timeout is None:
+            timeout = self.config.limits.drain_timeout + 5.0
+        ok = self.join(timeout)
+        if not ok:
+            self.kill()
+        self.close()
+        return ok
+
+    # -- stats ------------------------------------------------------------------
+
+    def snapshots(self) -> list[dict]:
+        if self.config.mode == "thread":
+            return [s.snapshot() for s in self.stats]
+        out = []
+        for s in self.stats:
+            snap = self._child_snaps.get(s.index)
+            out.append(snap if snap is not None else s.snapshot())
+        return out
+
+    @property
+    def elapsed(self) -> float:
+        return time.monotonic() - self._started if self._started else 0.0

@@ -1,0 +1,199 @@
+"""Per-worker counters, snapshots and the fairness arithmetic.
+
+Each worker owns one ``WorkerStats`` and is its only writer, so the hot path is a
+plain attribute increment with no lock.  Other threads only read: under CPython an
+``int`` attribute read is atomic, so a snapshot taken from the outside is a consistent
+value per counter (not across counters, which is fine for monitoring; final figures
+are taken after the worker has stopped).
+
+CPU time per worker comes from the kernel, never from wall-clock guesses:
+
+* ``/proc/<pid>/task/<tid>/stat`` fields 14/15 (utime, stime, in clock ticks of
+  ``SC_CLK_TCK``, usually 10 ms) and field 39 (the CPU the thread last ran on).  Any
+  thread of the process (or the parent of a forked worker, by pid) can read them.
+* ``time.pthread_getcpuclockid`` of the worker thread: its total CPU time with ns
+  resolution, readable from any thread of the same process.  Used for ``cpu_ns``,
+  the precise figure an experiment divides by its request count.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+#: Counters every backend maintains (the hot-path ones first).  A backend may add its
+#: own entries to ``WorkerStats.extra`` (e.g. io_uring kernel entries).
+COUNTERS = (
+    "requests",
+    "bytes_in",
+    "bytes_out",
+    "wakeups",          # returns from the backend's wait (poll/epoll_wait/...)
+    "listen_wakeups",   # wakeups in which a listening socket was reported ready
+    "accepted",         # connections this worker won
+    "lost_races",       # listen wakeups that found the accept queue already empty
+    "closed",           # connections closed (any reason)
+    "refused",          # accepted then closed at once (over a limit, fd too high for select)
+    "errors",           # connections that ended in an I/O error (reset, ...)
+    "handler_errors",   # exceptions raised by protocol code (the connection is closed)
+    "backpressure",     # times reading was paused because output exceeded the limit
+)
+
+
+class WorkerStats:
+    """Counters of one worker.  Single writer: the worker itself."""
+
+    __slots__ = COUNTERS + ("index", "cpu", "pid", "tid", "ident", "affinity", "open",
+                            "extra", "started", "stopped", "backend", "exit_cpu", "crashed")
+
+    def __init__(self, index: int, cpu: int | None, backend: str = "") -> None:
+        for name in COUNTERS:
+            setattr(self, name, 0)
+        self.index = index
+        self.cpu = cpu
+        self.backend = backend
+        self.pid = 0
+        self.tid = 0
+        self.ident = 0
+        self.affinity: list[int] = []
+        self.open = 0
+        self.extra: dict[str, object] = {}
+        self.started = 0.0
+        self.stopped = 0.0
+        self.exit_cpu: dict | None = None
+        self.crashed = ""
+
+    def bind_current_thread(self) -> None:
+        """Record which OS thread runs this worker (call from inside it)."""
+        import threading
+
+        self.pid = os.getpid()
+        self.tid = threading.get_native_id()
+        self.ident = threading.get_ident()
+        self.affinity = sorted(os.sched_getaffinity(0))
+        self.started = time.monotonic()
+
+    def record_exit(self) -> None:
+        """Keep the thread's final CPU figures (call from inside it, last thing):
+        once the thread is gone, /proc no longer has them."""
+        import resource
+
+        self.stopped = time.monotonic()
+        cpu = thread_cpu(self.pid, self.tid, self.ident)
+        ru = resource.getrusage(resource.RUSAGE_THREAD)  # microsecond resolution
+        cpu.update(user_s=ru.ru_utime, sys_s=ru.ru_stime,
+                   cpu_ns=time.thread_time_ns(), alive=False)
+        self.exit_cpu = cpu
+
+    def snapshot(self) -> dict:
+        """A plain dict of every counter plus kernel CPU figures for the thread."""
+        snap = {name: getattr(self, name) for name in COUNTERS}
+        snap.update(
+            index=self.index, cpu=self.cpu, backend=self.backend, pid=self.pid,
+            tid=self.tid, affinity=list(self.affinity), open=self.open,
+            extra=dict(self.extra), crashed=self.crashed,
+            elapsed=(self.stopped or time.monotonic()) - self.started if self.started else 0.0,
+        )
+        snap.update(self.exit_cpu if self.exit_cpu is not None
+                    else thread_cpu(self.pid, self.tid, self.ident))
+        return snap
+
+
+def thread_cpu(pid: int, tid: int, ident: int = 0) -> dict:
+    """Kernel view of one thread: user/sys seconds, precise total, last CPU.
+
+    Returns zeros (and ``alive=False``) once the thread has exited.
+    """
+    out = {"user_s": 0.0, "sys_s": 0.0, "cpu_ns": 0, "last_cpu": None, "alive": False}
+    if not tid:
+        return out
+    try:
+        with open(f"/proc/{pid}/task/{tid}/stat", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return out
+    # The command name (field 2) may contain spaces and parentheses: split after
+    # the last ')' so field numbering is reliable.
+    fields = raw[raw.rindex(b")") + 2:].split()
+    # fields[0] is field 3 (state); field N is fields[N - 3].
+    out["user_s"] = int(fields[11]) / _CLK_TCK
+    out["sys_s"] = int(fields[12]) / _CLK_TCK
+    out["last_cpu"] = int(fields[36])
+    out["alive"] = True
+    if ident and pid == os.getpid():
+        try:
+            out["cpu_ns"] = time.clock_gettime_ns(time.pthread_getcpuclockid(ident))
+        except (OSError, OverflowError, ValueError):
+            pass
+    if not out["cpu_ns"]:
+        out["cpu_ns"] = int((out["user_s"] + out["sys_s"]) * 1e9)
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Fairness arithmetic.
+
+def jain_index(values) -> float:
+    """Jain's fairness index: (sum x)^2 / (n * sum x^2); 1.0 = perfectly even, 1/n = one takes all."""
+    values = list(values)
+    if not values:
+        return 1.0
+    total = sum(values)
+    squares = sum(v * v for v in values)
+    if squares == 0:
+        return 1.0
+    return total * total / (len(values) * squares)
+
+
+def max_min_ratio(values) -> float:
+    """max/min share; ``inf`` when some worker got nothing while another got something."""
+    values = list(values)
+    if not values or max(values) == 0:
+        return 1.0
+    low = min(values)
+    return float("inf") if low == 0 else max(values) / low
+
+
+@dataclass
+class Fairness:
+    total: int
+    max_min: float
+    jain: float
+    shares: list[float] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, values) -> "Fairness":
+        values = list(values)
+        total = sum(values)
+        shares = [v / total if total else 0.0 for v in values]
+        return cls(total, max_min_ratio(values), jain_index(values), shares)
+
+
+def format_table(snaps: list[dict], elapsed: float | None = None) -> str:
+    """The per-worker table, in the spirit of ``ps -L -o pid,tid,psr,pcpu``."""
+    head = (f"{'wk':>3} {'pid':>7} {'tid':>7} {'cpu':>3} {'psr':>3} {'%cpu':>5} "
+            f"{'user_s':>7} {'sys_s':>7} {'accepted':>8} {'lost':>6} {'wakeups':>8} "
+            f"{'lwake':>7} {'requests':>9} {'bytes_in':>10} {'bytes_out':>10} {'open':>5}")
+    lines = [head]
+    for s in snaps:
+        cpu_s = s["cpu_ns"] / 1e9
+        pcpu = f"{100 * cpu_s / elapsed:5.1f}" if elapsed else "    -"
+        psr = s["last_cpu"] if s["last_cpu"] is not None else "-"
+        lines.append(
+            f"{s['index']:>3} {s['pid']:>7} {s['tid']:>7} {str(s['cpu']):>3} {psr:>3} {pcpu} "
+            f"{s['user_s']:>7.2f} {s['sys_s']:>7.2f} {s['accepted']:>8} {s['lost_races']:>6} "
+            f"{s['wakeups']:>8} {s['listen_wakeups']:>7} {s['requests']:>9} {s['bytes_in']:>10} "
+            f"{s['bytes_out']:>10} {s['open']:>5}")
+    for name in ("accepted", "requests"):
+        fair = Fairness.of(s[name] for s in snaps)
+        lines.append(f"{name}: total {fair.total}, max/min {fair.max_min:.2f}, "
+                     f"Jain {fair.jain:.3f}, shares "
+                     + "/".join(f"{100 * x:.0f}%" for x in fair.shares))
+    lost = sum(s["lost_races"] for s in snaps)
+    lwake = sum(s["listen_wakeups"] for s in snaps)
+    if lwake:
+        lines.append(f"accept races: {lwake} listen wakeups, {lost} lost "
+                     f"({100 * lost / lwake:.1f}%)")
+    return "\n".join(lines)

@@ -1,0 +1,155 @@
+"""Shared fixtures: servers started through the real CLI, on loopback, port 0."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+import pytest
+
+from parallelnet.backends.base import registry
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+BACKENDS = registry()
+
+
+def require_backend(name: str) -> None:
+    """Skip with the probe's precise reason — except in CI, where every registered
+    backend (io_uring included) must run: there an unavailable backend is a failure."""
+    avail = BACKENDS[name].probe()
+    if not avail:
+        if IN_CI:
+            pytest.fail(f"backend {name} unavailable in CI: {avail.reason}")
+        pytest.skip(f"backend {name} unavailable here: {avail.reason}")
+
+
+@dataclass
+class ServerProc:
+    proc: subprocess.Popen
+    host: str
+    port: int
+    stats_path: str
+    args: list[str]
+    output: str = ""
+    final: dict = field(default_factory=dict)
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self.host, self.port
+
+    def connect(self, timeout: float = 5.0) -> socket.socket:
+        s = socket.create_connection(self.address, timeout=timeout)
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return s
+
+    def stop(self, timeout: float = 20.0) -> dict:
+        """SIGTERM, wait for the drain, return the final stats record."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            out, err = self.proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            out, err = self.proc.communicate()
+            pytest.fail(f"server did not stop within {timeout}s after SIGTERM")
+        self.output = (out or "") + (err or "")
+        with open(self.stats_path) as f:
+            records = [json.loads(line) for line in f if line.strip()]
+        finals = [r for r in records if r["type"] == "final"]
+        assert finals, f"no final stats record; server said:\n{self.output}"
+        self.final = finals[-1]
+        return self.final
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+
+def start_server(tmp_path, *args: str, timeout: float = 15.0) -> ServerProc:
+    stats_path = str(tmp_path / f"stats-{time.monotonic_ns()}.jsonl")
+    cmd = [sys.executable, "-m", "parallelnet.core.cli", "serve", "--port", "0",
+           "--stats-json", stats_path, *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        if line.startswith("listening on "):
+            host, _, port = line.split()[-1].rpartition(":")
+            return ServerProc(proc, host, int(port), stats_path, list(args))
+    proc.kill()
+    out, err = proc.communicate()
+    raise AssertionError(f"server {args} did not start:\n{out}\n{err}")
+
+
+@pytest.fixture
+def server_factory(tmp_path):
+    started: list[ServerProc] = []
+
+    def make(*args: str) -> ServerProc:
+        srv = start_server(tmp_path, *args)
+        started.append(srv)
+        return srv
+
+    yield make
+    for srv in started:
+        if srv.alive():
+            srv.proc.kill()  # only the processes this test started, by PID
+            srv.proc.communicate()
+
+
+def recv_exactly(sock: socket.socket, n: int) -> bytes:
+    chunks = []
+    while n:
+        chunk = sock.recv(min(n, 1 << 20))
+        if not chunk:
+            raise EOFError(f"connection closed with {n} bytes still expected")
+        chunks.append(chunk)
+        n -= len(chunk)
+    return b"".join(chunks)
+
+
+def recv_until_eof(sock: socket.socket, limit: int = 1 << 26) -> bytes:
+    chunks, total = [], 0
+    while total < limit:
+        chunk = sock.recv(1 << 16)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        total += len(chunk)
+    return b"".join(chunks)
+
+
+def read_http_responses(sock: socket.socket, count: int) -> list[tuple[int, bytes, bytes]]:
+    """Read ``count`` responses framed by Content-Length: (status, head, body)."""
+    buf = b""
+    out = []
+    while len(out) < count:
+        end = buf.find(b"\r\n\r\n")
+        if end < 0:
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise EOFError(f"EOF after {len(out)} of {count} responses")
+            buf += chunk
+            continue
+        head = buf[:end]
+        length = 0
+        for line in head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value)
+        while len(buf) < end + 4 + length:
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise EOFError("EOF inside a response body")
+            buf += chunk
+        status = int(head.split(b" ", 2)[1])
+        out.append((status, head, buf[end + 4:end + 4 + length]))
+        buf = buf[end + 4 + length:]
+    return out
