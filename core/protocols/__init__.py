@@ -1,0 +1,38 @@
+"""Sans-I/O protocols and their registry: a name on the command line -> a factory.
+
+``make_factory("http", max_header_bytes=4096)`` returns a zero-argument callable that
+builds one protocol object per connection.  Options a protocol does not take, and
+options given as ``None`` (an unset CLI flag), are ignored, so the CLI can pass every
+protocol option it knows to every protocol.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Callable
+
+from .base import Protocol
+from .echo import EchoProtocol
+from .http import HttpProtocol
+
+__all__ = ["PROTOCOLS", "Protocol", "EchoProtocol", "HttpProtocol", "make_factory"]
+
+PROTOCOLS: dict[str, type[Protocol]] = {"echo": EchoProtocol, "http": HttpProtocol}
+
+
+def make_factory(name: str, **options) -> Callable[[], Protocol]:
+    """A per-connection factory for protocol ``name``, configured with ``options``.
+
+    Raises ValueError for an unknown name (listing the known ones) or for an option
+    value the protocol rejects (checked now, by building one instance).
+    """
+    try:
+        cls = PROTOCOLS[name]
+    except KeyError:
+        known = ", ".join(sorted(PROTOCOLS))
+        raise ValueError(f"unknown protocol {name!r}; known: {known}") from None
+    accepted = inspect.signature(cls).parameters
+    kwargs = {k: v for k, v in options.items() if v is not None and k in accepted}
+    cls(**kwargs)  # fail early on a bad value
+    return functools.partial(cls, **kwargs)
