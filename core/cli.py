@@ -109,6 +109,23 @@ def _interval_line(t: float, snaps: list[dict], prev: dict | None, dt: float) ->
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    # Handlers and the stats file come first: a signal that arrives right after
+    # "listening on" is printed must already find them in place.
+    stop = threading.Event()
+    signals_seen = []
+    server: Server | None = None
+
+    def on_signal(signum, _frame):
+        signals_seen.append(signum)
+        if len(signals_seen) > 1 and server is not None:
+            # A second signal: stop waiting for the drain.
+            server.kill()
+            os._exit(130)
+        stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    json_out = open(args.stats_json, "w", buffering=1) if args.stats_json else None
     try:
         server = Server(config_from_args(args))
         host, port = server.start()
@@ -122,21 +139,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
           f"{','.join(map(str, server.cpus))}, accept {args.accept}, protocol {args.protocol}",
           flush=True)
 
-    stop = threading.Event()
-    signals_seen = []
-
-    def on_signal(signum, _frame):
-        signals_seen.append(signum)
-        if len(signals_seen) > 1:
-            # A second signal: stop waiting for the drain.
-            server.kill()
-            os._exit(130)
-        stop.set()
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
-
-    json_out = open(args.stats_json, "w", buffering=1) if args.stats_json else None
     interval = args.stats_interval
     deadline = time.monotonic() + args.duration if args.duration else None
     prev, prev_t = None, time.monotonic()

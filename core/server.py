@@ -147,6 +147,18 @@ class Server:
             # fork() would copy this thread alone, leaving locks held by the others.
             raise RuntimeError("process mode must fork before any other thread starts")
         pipes = []
+        # Until a child has installed its own handlers, a SIGTERM must stay pending
+        # rather than run the parent's handler in the child.
+        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+        try:
+            self._fork_workers(pipes, old_mask)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        self._collector = threading.Thread(target=self._collect, args=(pipes,),
+                                           name="stats-collector", daemon=True)
+        self._collector.start()
+
+    def _fork_workers(self, pipes: list[int], old_mask) -> None:
         for i in range(len(self.cpus)):
             r, w = os.pipe()
             sys.stdout.flush()
@@ -158,7 +170,7 @@ class Server:
                     os.close(pr)
                 code = 0
                 try:
-                    self._child_main(i, w)
+                    self._child_main(i, w, old_mask)
                 except BaseException:  # noqa: BLE001
                     code = 1
                 finally:
@@ -166,14 +178,12 @@ class Server:
             os.close(w)
             pipes.append(r)
             self._children[pid] = i
-        self._collector = threading.Thread(target=self._collect, args=(pipes,),
-                                           name="stats-collector", daemon=True)
-        self._collector.start()
 
-    def _child_main(self, index: int, wfd: int) -> None:
+    def _child_main(self, index: int, wfd: int, old_mask) -> None:
         stop = StopSignal()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         ctx = self._context(index, stop)
         out = os.fdopen(wfd, "w", buffering=1)
         done = threading.Event()

@@ -1,0 +1,60 @@
+"""The command line: listing backends, clear errors, the demo."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from conftest import start_server
+
+
+def run_cli(*args, timeout=60):
+    return subprocess.run([sys.executable, "-m", "parallelnet.core.cli", *args],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_backends_lists_every_readiness_backend_as_available():
+    out = run_cli("backends").stdout
+    for name in ("select", "poll", "epoll"):
+        line = next(ln for ln in out.splitlines() if ln.split()[0] == name)
+        assert " available " in line
+
+
+@pytest.mark.parametrize("backend", ["select", "poll"])
+def test_exclusive_is_refused_clearly_where_unsupported(backend):
+    res = run_cli("serve", "--backend", backend, "--accept", "exclusive", "--port", "0")
+    assert res.returncode == 2
+    assert "does not support --accept exclusive" in res.stderr
+
+
+def test_non_loopback_bind_needs_explicit_flag():
+    res = run_cli("serve", "--host", "0.0.0.0", "--port", "0")
+    assert res.returncode == 2
+    assert "--allow-remote" in res.stderr
+
+
+def test_cpu_outside_affinity_mask_is_a_clear_error():
+    res = run_cli("serve", "--cpus", "4095", "--port", "0")
+    assert res.returncode == 2
+    assert "affinity mask" in res.stderr
+
+
+def test_serve_prints_address_and_final_table(tmp_path):
+    srv = start_server(tmp_path, "--workers", "2")
+    with srv.connect() as s:
+        s.sendall(b"ping")
+        assert s.recv(4) == b"ping"
+    final = srv.stop()
+    assert srv.proc.returncode == 0
+    assert "accepted: total 1," in srv.output
+    assert "Jain" in srv.output
+    assert len(final["workers"]) == 2
+
+
+def test_demo_runs_and_prints_the_table():
+    res = run_cli("demo", "--duration", "1", "--clients", "8", timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "errors: none" in res.stdout
+    assert "accept races:" in res.stdout
