@@ -1,0 +1,78 @@
+"""cffi builder for the C load generator (API mode, compiled at install time).
+
+``setup.py`` names ``experiments/loadgen_build.py:ffibuilder``; setuptools then
+compiles ``loadgen.c`` into ``parallelnet.experiments._loadgen``.  API mode (not ABI)
+because the compiler checks the declarations below against the C source, and because
+cffi releases the GIL around every call into it, which is what lets one
+``lg_run`` call keep all its pthreads busy while Python threads (a test server, say)
+carry on.
+
+Run this file directly to build the extension in place for a quick experiment.
+"""
+
+from __future__ import annotations
+
+import os
+
+import cffi
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+# Must match the public part of loadgen.c; the compiler verifies it.
+CDEF = """
+#define LG_NERR ...
+#define LG_ECHO ...
+#define LG_HTTP ...
+#define LG_CLOSED ...
+#define LG_OPEN ...
+#define LG_CHURN ...
+#define LG_E_REFUSED ...
+#define LG_E_CONNECT_TIMEOUT ...
+#define LG_E_RESET ...
+#define LG_E_READ_TIMEOUT ...
+#define LG_E_EOF ...
+#define LG_E_MISMATCH ...
+#define LG_E_HTTP_PARSE ...
+#define LG_E_OTHER ...
+
+struct lg_config {
+    const char *host;
+    int port, protocol, mode, connections, threads;
+    const int *cpus;
+    int ncpus, size, depth;
+    double rate, duration, warmup, timeout;
+    uint64_t max_requests;
+    const char *path;
+    int abort_on_mismatch;
+};
+
+struct lg_result {
+    uint64_t requests, bytes_sent, bytes_received;
+    uint64_t errors[8];
+    uint64_t non2xx, connects, scheduled, backlog, min_ns, max_ns;
+    double elapsed, cpu_user, cpu_sys;
+    int aborted;
+    uint64_t *hist;
+    uint64_t *per_conn;
+    char message[256];
+};
+
+int lg_hist_buckets(void);
+uint64_t lg_hist_low(int i);
+uint64_t lg_hist_high(int i);
+int lg_run(const struct lg_config *cfg, struct lg_result *res);
+"""
+
+ffibuilder = cffi.FFI()
+ffibuilder.cdef(CDEF)
+with open(os.path.join(HERE, "loadgen.c"), encoding="utf-8") as f:
+    _source = f.read()
+ffibuilder.set_source(
+    "parallelnet.experiments._loadgen",
+    _source,
+    extra_compile_args=["-O2"],
+    libraries=["pthread"],
+)
+
+if __name__ == "__main__":
+    ffibuilder.compile(tmpdir=os.path.join(HERE, "..", "build", "cffi"), verbose=True)
