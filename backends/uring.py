@@ -1,0 +1,398 @@
+"""io_uring through a small C event core: completions reaped in C, the protocol in Python.
+
+A completion backend owns its loop (DESIGN.md §2): it submits operations, the kernel
+completes them, and every buffer the kernel may still write stays pinned until the
+completion that releases it has been seen.  Per worker:
+
+* **One ring, never shared**, created in the worker's own thread.  Setup flags are
+  probed strongest first: ``SINGLE_ISSUER|DEFER_TASKRUN`` (task work runs only when we
+  enter the kernel to wait: no interrupts, completions in batches), then
+  ``COOP_TASKRUN|TASKRUN_FLAG``, then none.  The choice is in ``stats.extra
+  ["setup_flags"]`` and in ``parallelnet backends``.
+* **Accept.**  On the shared listening socket (the default) every worker keeps one
+  *single-shot* accept armed and re-arms it after each completion.  Inside the kernel
+  an accept that finds the queue empty arms a poll on the listening socket with
+  ``EPOLLEXCLUSIVE`` and retries when woken, so one new connection wakes one waiting
+  ring, and a ring whose retry finds the queue already emptied by another simply stays
+  armed: the race is *invisible* to us.  ``lost_races`` therefore counts only accept
+  completions with ``-EAGAIN`` (which this kernel does not produce for a pending
+  accept); ``listen_wakeups`` counts accept completions.  ``--uring-accept multishot``
+  arms one multishot accept instead: on a shared socket the first ring armed keeps the
+  head of the wait queue and gets (nearly) every connection (measured in
+  tests/test_uring.py).  With ``--accept reuseport`` each worker's own socket gets a
+  multishot accept (no race there to spread anything).
+* **Receive**: multishot recv with a provided buffer ring.  ``-ENOBUFS`` ends the
+  multishot; the connection is re-armed as soon as buffers return (after the batch
+  holding them is processed, or a send that pinned one completes); nothing is dropped,
+  the data waits in the socket.  Counted in ``extra["enobufs"]``.
+* **Send**: one send in flight per connection, further output queued in order;
+  partial sends are resubmitted for the rest.  When the protocol hands back the very
+  buffer it was given (echo), the provided buffer itself is sent and recycled only when
+  that send completes (no copy) - unless output is already queued or the ring runs
+  short, where it is copied so that a slow reader cannot hold the ring's buffers.
+* **Backpressure**: past ``limits.max_output`` pending bytes the connection's
+  multishot recv is cancelled (it would otherwise keep completing), and re-armed once
+  output drains below half of it.
+* **Half-close**: a recv of 0 calls ``proto.eof()``, flushes, closes.
+* **Close**: cancel the connection's operations, wait for their final completions,
+  then close(2) and recycle its buffers: no buffer is reused while the kernel may
+  still write it.
+* **Batching**: one ``io_uring_submit_and_wait`` per loop iteration submits everything
+  the previous batch produced and waits; cffi releases the GIL around it.  The C core
+  returns a batch of application events (open, data, eof, closed, stop, drained).
+* **Stop**: a poll on ``ctx.stop``'s eventfd is armed on the ring, so a stopped worker
+  wakes at once.  Drain then mirrors readiness.py: accepts are cancelled and the listen
+  backlog taken once (synchronously), each connection's recv is cancelled and what its
+  peer already sent is read synchronously and answered, output is flushed within
+  ``limits.drain_timeout``, everything is closed.
+* **CQ overflow**: the CQ is 8x the SQ; ``io_uring_cq_has_overflow`` after a reap is
+  counted in ``extra["cq_overflows"]`` (the kernel keeps overflowed CQEs and flushes
+  them at the next enter), ``-EBADR`` from an enter (CQEs lost) in ``cq_dropped``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import importlib.util
+import logging
+import os
+import time
+
+from parallelnet.backends.base import REUSEPORT, SHARED, Availability, Backend, BackendError
+
+log = logging.getLogger("parallelnet.worker")
+
+WHEEL = "liburing==2026.3.30"
+SETUP_FLAG_NAMES = (
+    (1 << 1, "SQPOLL"), (1 << 3, "CQSIZE"), (1 << 7, "SUBMIT_ALL"), (1 << 8, "COOP_TASKRUN"),
+    (1 << 9, "TASKRUN_FLAG"), (1 << 12, "SINGLE_ISSUER"), (1 << 13, "DEFER_TASKRUN"),
+    (1 << 16, "NO_SQARRAY"),
+)
+EXTRA_STATS = ("entries", "sqes", "cqes", "enobufs", "cq_overflows", "cq_dropped",
+               "zc_sends", "copied_sends", "partial_sends", "recv_arms", "accept_errors")
+
+
+def flag_names(flags: int) -> str:
+    names = [n for bit, n in SETUP_FLAG_NAMES if flags & bit]
+    rest = flags & ~sum(bit for bit, _ in SETUP_FLAG_NAMES)
+    if rest:
+        names.append(hex(rest))
+    return "|".join(names) or "none"
+
+
+def liburing_path() -> str | None:
+    """The wheel's shared library, located without importing the package (its Python
+    API crashes on CPUs without AVX-512)."""
+    spec = importlib.util.find_spec("liburing")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = os.path.join(list(spec.submodule_search_locations)[0], "liburing.so")
+    return path if os.path.exists(path) else None
+
+
+def load():
+    """(ffi, lib) with liburing resolved; raises BackendError with the precise reason."""
+    path = liburing_path()
+    if path is None:
+        raise BackendError(f"the PyPI wheel {WHEEL} is not installed (pip install '{WHEEL}')")
+    try:
+        from parallelnet.backends._uring import ffi, lib
+    except ImportError as exc:
+        raise BackendError(f"extension parallelnet.backends._uring not built ({exc}); "
+                           "reinstall the project so setup.py's cffi_modules compiles it") from None
+    err = lib.uc_init(path.encode())
+    if err != ffi.NULL:
+        raise BackendError(f"liburing from the wheel unusable: {ffi.string(err).decode()}")
+    return ffi, lib
+
+
+def new_core(ffi, lib, ctx, *, raw: bool = False, multishot_accept: bool = False,
+             nbufs: int = 1024, bufsize: int = 16384, entries: int = 1024, setup_flags: int = 0):
+    listeners = [s.fileno() for s in ctx.listeners]
+    if len(listeners) > lib.MAX_LISTENERS:
+        raise BackendError(f"at most {lib.MAX_LISTENERS} listening sockets per worker")
+    if nbufs & (nbufs - 1) or not 1 <= nbufs <= 32768:
+        raise BackendError("--uring-buffers must be a power of two in 1..32768")
+    cfg = ffi.new("struct uc_config *")
+    cfg.entries = entries
+    cfg.nbufs = nbufs
+    cfg.bufsize = bufsize
+    cfg.max_conns = ctx.limits.max_connections
+    cfg.max_output = ctx.limits.max_output
+    cfg.setup_flags = setup_flags
+    cfg.stop_fd = ctx.stop.fileno()
+    cfg.multishot_accept = int(multishot_accept)
+    cfg.raw = int(raw)
+    cfg.nlisteners = len(listeners)
+    for i, fd in enumerate(listeners):
+        cfg.listeners[i] = fd
+    err = ffi.new("int *")
+    core = lib.uc_new(cfg, err)
+    if core == ffi.NULL:
+        raise BackendError(f"io_uring setup failed: {os.strerror(err[0])} (errno {err[0]})")
+    return core
+
+
+_probe_cache: Availability | None = None
+
+
+def probe_uring() -> Availability:
+    """Why io_uring cannot be used here, as precisely as we can tell (cached)."""
+    global _probe_cache
+    if _probe_cache is not None:
+        return _probe_cache
+    _probe_cache = _probe()
+    return _probe_cache
+
+
+def _probe() -> Availability:
+    try:
+        ffi, lib = load()
+    except BackendError as exc:
+        return Availability(False, str(exc))
+    try:
+        with open("/proc/sys/kernel/io_uring_disabled") as f:
+            disabled = int(f.read().strip() or 0)
+    except (OSError, ValueError):
+        disabled = 0
+    if disabled == 2:
+        return Availability(False, "io_uring disabled by sysctl kernel.io_uring_disabled=2")
+    cfg = ffi.new("struct uc_config *", dict(entries=8, nbufs=8, bufsize=4096, max_conns=1,
+                                             max_output=1, stop_fd=-1))
+    err = ffi.new("int *")
+    core = lib.uc_new(cfg, err)
+    if core == ffi.NULL:
+        code = err[0]
+        if code == errno.ENOSYS:
+            return Availability(False, "kernel lacks io_uring (io_uring_setup: ENOSYS)")
+        if code == errno.EPERM:
+            why = ("kernel.io_uring_disabled=1 and this process is not in io_uring_group"
+                   if disabled == 1 else "blocked by seccomp or an LSM (io_uring_setup: EPERM)")
+            return Availability(False, why)
+        if code == errno.EINVAL:
+            return Availability(False, "kernel too old for provided buffer rings (EINVAL)")
+        return Availability(False, f"io_uring setup failed: {os.strerror(code)}")
+    try:
+        missing = lib.uc_check_opcodes(core)
+        flags = lib.uc_setup_flags(core)
+        features = lib.uc_features(core)
+    finally:
+        lib.uc_free(core)
+    if missing:
+        return Availability(False, f"kernel io_uring lacks opcode {missing}")
+    if not features & (1 << 8):
+        return Availability(False, "kernel io_uring lacks IORING_FEAT_EXT_ARG (needs >= 5.11)")
+    rel = os.uname().release.split(".")
+    try:
+        if (int(rel[0]), int(rel[1].split("-")[0])) < (6, 0):
+            return Availability(False, f"kernel {os.uname().release} lacks multishot recv (needs >= 6.0)")
+    except (ValueError, IndexError):
+        pass
+    ver = lib.uc_lib_version()
+    return Availability(True, detail=f"liburing {ver // 100}.{ver % 100}, flags {flag_names(flags)}")
+
+
+class UringBackend(Backend):
+    name = "uring"
+    description = "io_uring, C event core (multishot recv, buffer ring, batched submit/wait)"
+    kind = "completion"
+    accept_strategies = frozenset({SHARED, REUSEPORT})
+    conformance_variants = [["--uring-accept", "multishot"],
+                            ["--uring-buffers", "4", "--uring-buffer-size", "512"]]
+
+    @classmethod
+    def probe(cls) -> Availability:
+        return probe_uring()
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        if any("--uring-accept" in a.option_strings for a in parser._actions):
+            return  # uring and uring-py share these options
+        g = parser.add_argument_group("io_uring (uring, uring-py)")
+        g.add_argument("--uring-accept", choices=["single", "multishot"], default="single",
+                       help="on the shared socket: single-shot accept re-armed per completion "
+                            "(spreads connections) or one multishot accept (first ring takes all)")
+        g.add_argument("--uring-buffers", type=int, default=1024,
+                       help="provided buffers per worker (power of two)")
+        g.add_argument("--uring-buffer-size", type=int, default=16384,
+                       help="bytes per provided buffer")
+        g.add_argument("--uring-entries", type=int, default=1024, help="SQ entries (CQ is 8x)")
+        g.add_argument("--uring-setup", choices=["auto", "defer", "coop", "plain"], default="auto",
+                       help="ring setup flags (auto: strongest that works)")
+
+    # -- setup ------------------------------------------------------------------------
+
+    def _open(self, raw: bool = False):
+        ctx = self.ctx
+        self.ffi, self.lib = ffi, lib = load()
+        multishot = ctx.accept == REUSEPORT or ctx.option("uring_accept", "single") == "multishot"
+        setup = {"auto": 0, "plain": lib.IORING_SETUP_SUBMIT_ALL,
+                 "coop": lib.IORING_SETUP_COOP_TASKRUN | lib.IORING_SETUP_TASKRUN_FLAG,
+                 "defer": lib.IORING_SETUP_SINGLE_ISSUER | lib.IORING_SETUP_DEFER_TASKRUN,
+                 }[ctx.option("uring_setup", "auto")]
+        bufsize = max(64, min(ctx.option("uring_buffer_size", 16384), ctx.limits.recv_size))
+        self.core = new_core(ffi, lib, ctx, raw=raw, multishot_accept=multishot,
+                             nbufs=ctx.option("uring_buffers", 1024), bufsize=bufsize,
+                             entries=ctx.option("uring_entries", 1024), setup_flags=setup)
+        self.bufsize = bufsize
+        self.multishot = multishot
+        self.pool = memoryview(ffi.buffer(lib.uc_pool(self.core), lib.uc_pool_size(self.core)))
+        self.cstats = lib.uc_stats(self.core)
+        extra = ctx.stats.extra
+        extra["setup_flags"] = flag_names(lib.uc_setup_flags(self.core))
+        extra["accept_mode"] = "multishot" if multishot else "single"
+        for k in EXTRA_STATS + ("cqes_per_entry", "sqes_per_entry"):
+            extra[k] = 0  # every key exists from the start: snapshots iterate this dict
+
+    def _sync_stats(self) -> None:
+        """Copy the C core's counters into WorkerStats (single writer: this worker)."""
+        cs, st = self.cstats, self.ctx.stats
+        st.bytes_out = cs.bytes_out
+        st.listen_wakeups = cs.accept_cqes
+        st.lost_races = cs.accept_eagain
+        st.refused = cs.refused
+        st.backpressure = cs.backpressure
+        extra = st.extra
+        for k in EXTRA_STATS:
+            extra[k] = getattr(cs, k)
+        entries = cs.entries or 1
+        extra["cqes_per_entry"] = round(cs.cqes / entries, 3)
+        extra["sqes_per_entry"] = round(cs.sqes / entries, 3)
+
+    # -- the loop -----------------------------------------------------------------------
+
+    def run(self) -> None:
+        self._open()
+        lib = self.lib
+        self.protos: dict[int, object] = {}
+        self.stopping = False
+        try:
+            lib.uc_start(self.core)
+            self._serve()
+            self._drain()
+        finally:
+            self._close_all()
+
+    def _serve(self) -> None:
+        lib, core, ffi = self.lib, self.core, self.ffi
+        wait, events, unpack = lib.uc_wait, lib.uc_events, ffi.unpack
+        stats = self.ctx.stats
+        stop = self.ctx.stop
+        process = self._process
+        sync = self._sync_stats
+        it = 0
+        while not self.stopping:
+            n = wait(core, -1)
+            stats.wakeups += 1
+            if n:
+                process(unpack(events(core), 4 * n))
+            it += 1
+            if not it & 63:
+                sync()
+            if stop.is_set():
+                self.stopping = True
+        sync()
+
+    def _process(self, ev: list) -> None:
+        """Run the protocol for one batch of events (the hot path: locals only)."""
+        lib, core = self.lib, self.core
+        send_buf, send_copy, finish = lib.uc_send_buf, lib.uc_send_copy, lib.uc_finish
+        from_buffer = self.ffi.from_buffer
+        protos = self.protos
+        pool = self.pool
+        bsize = self.bufsize
+        stats = self.ctx.stats
+        requests = bytes_in = 0
+        for i in range(0, len(ev), 4):
+            kind = ev[i]
+            cid = ev[i + 1]
+            if kind == 2:  # EV_DATA
+                proto = protos[cid]
+                if proto.closing:
+                    continue
+                length = ev[i + 3]
+                bid = ev[i + 2]
+                off = bid * bsize
+                data = pool[off:off + length]
+                bytes_in += length
+                try:
+                    out, k = proto.feed(data)
+                except Exception:  # noqa: BLE001 - a handler bug closes one connection only
+                    self._handler_failed(cid, proto)
+                    continue
+                requests += k
+                if out is data:
+                    send_buf(core, cid, bid, 0, length)
+                elif out:
+                    send_copy(core, cid, out if type(out) is bytes else from_buffer(out), len(out))
+                if proto.closing:
+                    finish(core, cid)
+            elif kind == 1:  # EV_OPEN
+                protos[cid] = self.ctx.protocol_factory()
+                stats.accepted += 1
+                stats.open += 1
+            elif kind == 4:  # EV_CLOSED
+                del protos[cid]
+                stats.open -= 1
+                stats.closed += 1
+                if ev[i + 2]:
+                    stats.errors += 1
+            elif kind == 3:  # EV_EOF
+                proto = protos[cid]
+                try:
+                    out = proto.eof()
+                except Exception:  # noqa: BLE001
+                    self._handler_failed(cid, proto)
+                    continue
+                if out:
+                    send_copy(core, cid, out if type(out) is bytes else from_buffer(out), len(out))
+                finish(core, cid)
+            elif kind == 6:  # EV_DRAINED: what the peer sent before stop has been answered
+                finish(core, cid)
+            elif kind == 5:  # EV_STOP
+                self.stopping = True
+        stats.requests += requests
+        stats.bytes_in += bytes_in
+
+    def _handler_failed(self, cid: int, proto) -> None:
+        self.ctx.stats.handler_errors += 1
+        log.exception("worker %d: protocol %s failed; closing the connection",
+                      self.ctx.index, type(proto).__name__)
+        self.lib.uc_close(self.core, cid, 1)
+
+    def _drain(self) -> None:
+        lib, core, ffi = self.lib, self.core, self.ffi
+        lib.uc_drain_begin(core)
+        deadline = time.monotonic() + self.ctx.limits.drain_timeout
+        self._pump(lambda: lib.uc_nconns(core) > 0, deadline)
+
+    def _pump(self, busy, deadline: float) -> None:
+        lib, core, ffi = self.lib, self.core, self.ffi
+        while busy():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            n = lib.uc_wait(core, max(1, int(remaining * 1000)))
+            self.ctx.stats.wakeups += 1
+            if n:
+                self._process(ffi.unpack(lib.uc_events(core), 4 * n))
+
+    def _close_all(self) -> None:
+        lib, core = self.lib, self.core
+        try:
+            lib.uc_shutdown(core)
+            # Wait (bounded) until the kernel holds no operation of ours: only then may
+            # the buffer pool be freed.  Closes are reported as usual.
+            self._pump(lambda: lib.uc_inflight(core) > 0 or lib.uc_nconns(core) > 0,
+                       time.monotonic() + 2.0)
+            self._sync_stats()
+        finally:
+            try:
+                self.pool.release()
+            except BufferError:
+                pass  # only if a protocol kept the view it was fed (against its contract)
+            if lib.uc_free(core):
+                log.warning("worker %d: io_uring operations still in flight at exit; "
+                            "buffer pool leaked rather than freed", self.ctx.index)
+            self.core = None

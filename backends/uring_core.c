@@ -1,0 +1,755 @@
+/*
+ * uring_core.c - the per-worker io_uring event core behind the `uring` backend.
+ *
+ * Python (backends/uring.py) runs the protocol; this file runs everything that happens
+ * once per completion: reaping CQEs, recycling provided buffers, re-arming multishot
+ * recv/accept, send bookkeeping, backpressure, cancellation and close.  One uc_wait()
+ * call submits, waits (GIL released by cffi) and returns a batch of *application*
+ * events, so Python crosses into C about once per batch plus once per reply.
+ *
+ * liburing comes from the PyPI wheel `liburing` (2.15 C API exported by its extension
+ * module).  We ship no headers: the kernel-ABI structs and constants below are our own,
+ * struct io_uring is opaque (allocated generously), and every liburing function is
+ * resolved with dlsym at uc_init() - linking fails because the wheel's SONAME differs.
+ *
+ * Invariants that make this safe:
+ *  - A connection slot is released only when none of its operations is in the kernel
+ *    (recv_armed == 0 && sending == 0), so a late CQE never meets a reused slot, and
+ *    never a freed buffer: close = cancel, wait for the terminal CQEs, then close(fd).
+ *  - Slots released during a batch become reusable only at the next uc_wait(), so an
+ *    id means the same connection for the whole batch Python is processing.
+ *  - A provided buffer handed to Python (LENT) returns to the ring at the next
+ *    uc_wait(), unless Python sent it back (PINNED): then it returns when that send
+ *    completes.  The kernel never writes a buffer that is not in the ring.
+ */
+#include <dlfcn.h>
+#include <errno.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <sys/socket.h>
+
+/* ---- kernel ABI (include/uapi/linux/io_uring.h), only what we use ---------------- */
+struct io_uring_sqe {               /* 64 bytes */
+    uint8_t opcode, flags; uint16_t ioprio; int32_t fd;
+    uint64_t off, addr; uint32_t len, op_flags; uint64_t user_data;
+    uint16_t buf_group, personality; int32_t splice_fd_in; uint64_t addr3, pad2;
+};
+struct io_uring_cqe { uint64_t user_data; int32_t res; uint32_t flags; };
+struct io_sqring_offsets { uint32_t head, tail, ring_mask, ring_entries, flags, dropped, array, resv1; uint64_t user_addr; };
+struct io_cqring_offsets { uint32_t head, tail, ring_mask, ring_entries, overflow, cqes, flags, resv1; uint64_t user_addr; };
+struct io_uring_params {
+    uint32_t sq_entries, cq_entries, flags, sq_thread_cpu, sq_thread_idle, features, wq_fd, resv[3];
+    struct io_sqring_offsets sq_off; struct io_cqring_offsets cq_off;
+};
+struct __kernel_timespec { int64_t tv_sec; long long tv_nsec; };
+struct io_uring;                    /* liburing's, opaque: 216 bytes in 2.15, we give 1 KiB */
+struct io_uring_buf_ring;
+struct io_uring_probe;
+
+#define IORING_SETUP_SQPOLL        (1U << 1)
+#define IORING_SETUP_CQSIZE        (1U << 3)
+#define IORING_SETUP_SUBMIT_ALL    (1U << 7)
+#define IORING_SETUP_COOP_TASKRUN  (1U << 8)
+#define IORING_SETUP_TASKRUN_FLAG  (1U << 9)
+#define IORING_SETUP_SINGLE_ISSUER (1U << 12)
+#define IORING_SETUP_DEFER_TASKRUN (1U << 13)
+#define IOSQE_BUFFER_SELECT        (1U << 5)
+#define IORING_CQE_F_BUFFER        (1U << 0)
+#define IORING_CQE_F_MORE          (1U << 1)
+#define IORING_CQE_BUFFER_SHIFT    16
+#define IORING_FEAT_EXT_ARG        (1U << 8)
+#define IORING_OP_POLL_ADD 6
+#define IORING_OP_ACCEPT 13
+#define IORING_OP_ASYNC_CANCEL 14
+#define IORING_OP_SEND 26
+#define IORING_OP_RECV 27
+
+/* ---- liburing entry points, resolved at init ------------------------------------ */
+#define LU_FUNCS(X) \
+    X(int, io_uring_major_version, (void)) \
+    X(int, io_uring_minor_version, (void)) \
+    X(int, io_uring_queue_init_params, (unsigned, struct io_uring *, struct io_uring_params *)) \
+    X(void, io_uring_queue_exit, (struct io_uring *)) \
+    X(struct io_uring_sqe *, io_uring_get_sqe, (struct io_uring *)) \
+    X(int, io_uring_submit, (struct io_uring *)) \
+    X(int, io_uring_submit_and_wait, (struct io_uring *, unsigned)) \
+    X(int, io_uring_submit_and_get_events, (struct io_uring *)) \
+    X(int, io_uring_submit_and_wait_timeout, (struct io_uring *, struct io_uring_cqe **, unsigned, struct __kernel_timespec *, sigset_t *)) \
+    X(unsigned, io_uring_peek_batch_cqe, (struct io_uring *, struct io_uring_cqe **, unsigned)) \
+    X(void, io_uring_cq_advance, (struct io_uring *, unsigned)) \
+    X(unsigned, io_uring_cq_ready, (const struct io_uring *)) \
+    X(_Bool, io_uring_cq_has_overflow, (const struct io_uring *)) \
+    X(struct io_uring_buf_ring *, io_uring_setup_buf_ring, (struct io_uring *, unsigned, int, unsigned, int *)) \
+    X(int, io_uring_free_buf_ring, (struct io_uring *, struct io_uring_buf_ring *, unsigned, int)) \
+    X(void, io_uring_buf_ring_add, (struct io_uring_buf_ring *, void *, unsigned, unsigned short, int, int)) \
+    X(void, io_uring_buf_ring_advance, (struct io_uring_buf_ring *, int)) \
+    X(int, io_uring_buf_ring_mask, (uint32_t)) \
+    X(void, io_uring_prep_accept, (struct io_uring_sqe *, int, struct sockaddr *, socklen_t *, int)) \
+    X(void, io_uring_prep_multishot_accept, (struct io_uring_sqe *, int, struct sockaddr *, socklen_t *, int)) \
+    X(void, io_uring_prep_recv_multishot, (struct io_uring_sqe *, int, void *, size_t, int)) \
+    X(void, io_uring_prep_send, (struct io_uring_sqe *, int, const void *, size_t, int)) \
+    X(void, io_uring_prep_cancel64, (struct io_uring_sqe *, uint64_t, int)) \
+    X(void, io_uring_prep_poll_add, (struct io_uring_sqe *, int, unsigned)) \
+    X(struct io_uring_probe *, io_uring_get_probe_ring, (struct io_uring *)) \
+    X(int, io_uring_opcode_supported, (const struct io_uring_probe *, int)) \
+    X(void, io_uring_free_probe, (struct io_uring_probe *))
+#define LU_DECL(ret, name, args) static ret (*p_##name) args;
+LU_FUNCS(LU_DECL)
+
+static char uc_errmsg[512];
+static int uc_ready;
+
+/* Resolve liburing from the wheel's file.  Returns NULL or a reason. */
+static const char *uc_init(const char *path)
+{
+    if (uc_ready) return NULL;
+    /* NOLOAD first: if something already loaded it, share that copy. */
+    void *h = dlopen(path, RTLD_NOW | RTLD_LOCAL | RTLD_NOLOAD);
+    if (!h) h = dlopen(path, RTLD_NOW | RTLD_LOCAL);
+    if (!h) { snprintf(uc_errmsg, sizeof uc_errmsg, "dlopen %s: %s", path, dlerror()); return uc_errmsg; }
+#define LU_LOAD(ret, name, args) \
+    if (!(p_##name = (ret (*) args)dlsym(h, #name))) { \
+        snprintf(uc_errmsg, sizeof uc_errmsg, "symbol %s missing from %s", #name, path); return uc_errmsg; }
+    LU_FUNCS(LU_LOAD)
+    int maj = p_io_uring_major_version(), min = p_io_uring_minor_version();
+    if (maj != 2 || min < 15) {
+        snprintf(uc_errmsg, sizeof uc_errmsg, "liburing %d.%d found, this core was written for 2.15+ (2.x)", maj, min);
+        return uc_errmsg;
+    }
+    uc_ready = 1;
+    return NULL;
+}
+
+static int uc_lib_version(void) { return uc_ready ? p_io_uring_major_version() * 100 + p_io_uring_minor_version() : 0; }
+static int uc_nop(int x) { return x + 1; }  /* for measuring the bare cost of one cffi call */
+
+/* ---- the core ------------------------------------------------------------------ */
+enum { EV_OPEN = 1, EV_DATA, EV_EOF, EV_CLOSED, EV_STOP, EV_DRAINED };
+enum { OP_ACCEPT = 1, OP_RECV, OP_SEND, OP_STOP, OP_CANCEL };
+enum { B_RING = 0, B_LENT, B_PINNED, B_FREE };
+#define UD(op, id) (((uint64_t)(uint32_t)(id) << 8) | (op))
+#define BGID 1
+#define MAX_LISTENERS 8
+#define DRAIN_READS 64
+
+struct uc_stats {
+    uint64_t entries, sqes, cqes, waits, enobufs, cq_overflows, cq_dropped, bytes_in, bytes_out,
+             accept_cqes, accepted, accept_eagain, accept_errors, refused, backpressure,
+             zc_sends, copied_sends, recv_arms, partial_sends;
+};
+
+struct uc_config {
+    unsigned entries, nbufs, bufsize, max_conns, setup_flags;
+    uint64_t max_output;
+    int stop_fd, multishot_accept, nlisteners, raw;
+    int listeners[MAX_LISTENERS];
+};
+
+struct chunk { struct chunk *next; char *base; uint32_t len, off; int32_t bid; };
+
+struct conn {
+    int fd;
+    uint8_t used, reading, paused, recv_armed, recv_cancel, sending, closing, dead,
+            eof, starved, drain_read, error;
+    uint64_t pending;               /* bytes queued or in flight */
+    struct chunk *head, *tail;
+};
+
+struct listener { int fd; uint8_t armed, cancel; };
+
+struct uc_core {
+    char ring[1024] __attribute__((aligned(64)));  /* struct io_uring, opaque */
+    struct uc_config cfg;
+    struct uc_stats st;
+    unsigned flags_in_effect, features;
+    struct io_uring_buf_ring *br;
+    int br_mask, br_pending;        /* buffers added since the last advance */
+    unsigned ring_free;             /* buffers the kernel may pick */
+    char *pool; size_t pool_size;
+    uint8_t *bstate;
+    int *lent; int nlent;
+    struct conn *conns; int nconn_slots, nconns;
+    int *freelist, nfree; int *deferred, ndeferred;
+    struct listener lis[MAX_LISTENERS];
+    int stop_armed, stop_seen, draining, shutting, inflight, any_starved;
+    int32_t *ev; int nev, evcap, evret;
+};
+typedef struct uc_core uc_core;
+#define RING(c) ((struct io_uring *)(c)->ring)
+
+static void emit(uc_core *c, int kind, int id, int a, int b)
+{
+    if (c->nev + 1 > c->evcap) {    /* grows rarely; Python re-reads the pointer each batch */
+        int cap = c->evcap * 2;
+        int32_t *n = realloc(c->ev, (size_t)cap * 4 * sizeof(int32_t));
+        if (!n) abort();
+        c->ev = n; c->evcap = cap;
+    }
+    int32_t *e = c->ev + 4 * c->nev++;
+    e[0] = kind; e[1] = id; e[2] = a; e[3] = b;
+}
+
+/* An SQE, flushing the SQ to the kernel first if it is full (counted as an entry). */
+static struct io_uring_sqe *sqe_get(uc_core *c)
+{
+    struct io_uring_sqe *s = p_io_uring_get_sqe(RING(c));
+    if (!s) {
+        int r = p_io_uring_submit(RING(c));
+        c->st.entries++;
+        if (r > 0) c->st.sqes += r;
+        s = p_io_uring_get_sqe(RING(c));
+        if (!s) abort();  /* cannot happen once the SQ has been submitted */
+    }
+    c->inflight++;
+    return s;
+}
+
+static void buf_recycle(uc_core *c, int bid)
+{
+    if ((unsigned)bid >= c->cfg.nbufs) { c->bstate[bid] = B_FREE; return; }  /* scratch */
+    c->bstate[bid] = B_RING;
+    p_io_uring_buf_ring_add(c->br, c->pool + (size_t)bid * c->cfg.bufsize, c->cfg.bufsize,
+                            (unsigned short)bid, c->br_mask, c->br_pending++);
+    c->ring_free++;
+}
+
+static void arm_recv(uc_core *c, int id)
+{
+    struct conn *k = &c->conns[id];
+    struct io_uring_sqe *s = sqe_get(c);
+    p_io_uring_prep_recv_multishot(s, k->fd, NULL, 0, 0);
+    s->flags |= IOSQE_BUFFER_SELECT;
+    s->buf_group = BGID;
+    s->user_data = UD(OP_RECV, id);
+    k->recv_armed = 1; k->starved = 0;
+    c->st.recv_arms++;
+}
+
+static void cancel_op(uc_core *c, uint64_t target)
+{
+    struct io_uring_sqe *s = sqe_get(c);
+    p_io_uring_prep_cancel64(s, target, 0);
+    s->user_data = UD(OP_CANCEL, 0);
+}
+
+static void arm_accept(uc_core *c, int i)
+{
+    struct io_uring_sqe *s = sqe_get(c);
+    if (c->cfg.multishot_accept) p_io_uring_prep_multishot_accept(s, c->lis[i].fd, NULL, NULL, SOCK_CLOEXEC);
+    else p_io_uring_prep_accept(s, c->lis[i].fd, NULL, NULL, SOCK_CLOEXEC);
+    s->user_data = UD(OP_ACCEPT, i);
+    c->lis[i].armed = 1;
+}
+
+static void submit_send(uc_core *c, int id)
+{
+    struct conn *k = &c->conns[id];
+    struct chunk *h = k->head;
+    struct io_uring_sqe *s = sqe_get(c);
+    p_io_uring_prep_send(s, k->fd, h->base + h->off, h->len - h->off, MSG_NOSIGNAL);
+    s->user_data = UD(OP_SEND, id);
+    k->sending = 1;
+}
+
+/* Release the slot once the kernel holds nothing of this connection. */
+static void maybe_release(uc_core *c, int id)
+{
+    struct conn *k = &c->conns[id];
+    if (!k->dead || k->recv_armed || k->sending || !k->used) return;
+    close(k->fd);
+    for (struct chunk *h = k->head, *n; h; h = n) {
+        n = h->next;
+        if (h->bid >= 0) buf_recycle(c, h->bid); else free(h->base);
+        free(h);
+    }
+    k->head = k->tail = NULL;
+    k->used = 0;
+    c->nconns--;
+    emit(c, EV_CLOSED, id, k->error, 0);
+    c->deferred[c->ndeferred++] = id;   /* reusable from the next batch on */
+}
+
+/* Stop everything on this connection; the slot goes when the kernel lets go. */
+static void conn_kill(uc_core *c, int id, int error)
+{
+    struct conn *k = &c->conns[id];
+    if (!k->used || k->dead) return;
+    k->dead = 1; k->reading = 0; k->error = (uint8_t)error; k->drain_read = 0;
+    if (k->recv_armed && !k->recv_cancel) { cancel_op(c, UD(OP_RECV, id)); k->recv_cancel = 1; }
+    if (k->sending) cancel_op(c, UD(OP_SEND, id));
+    maybe_release(c, id);
+}
+
+static void conn_open(uc_core *c, int fd)
+{
+    if (c->nconns >= (int)c->cfg.max_conns) { close(fd); c->st.refused++; return; }
+    if (!c->nfree) {                /* grow the table; ids stay valid */
+        int n = c->nconn_slots * 2;
+        struct conn *nc = realloc(c->conns, n * sizeof *nc);
+        int *nf = realloc(c->freelist, n * sizeof(int)), *nd = realloc(c->deferred, n * sizeof(int));
+        if (!nc || !nf || !nd) abort();
+        memset(nc + c->nconn_slots, 0, (n - c->nconn_slots) * sizeof *nc);
+        c->conns = nc; c->freelist = nf; c->deferred = nd;
+        for (int i = n - 1; i >= c->nconn_slots; i--) c->freelist[c->nfree++] = i;
+        c->nconn_slots = n;
+    }
+    int id = c->freelist[--c->nfree];
+    struct conn *k = &c->conns[id];
+    memset(k, 0, sizeof *k);
+    k->fd = fd; k->used = 1; k->reading = 1;
+    int one = 1;
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);  /* fails harmlessly on AF_UNIX */
+    c->nconns++;
+    c->st.accepted++;
+    emit(c, EV_OPEN, id, fd, 0);
+    if (c->shutting) conn_kill(c, id, 0);
+    else if (c->draining) k->drain_read = 1;   /* read what it sent before stop, then finish */
+    else arm_recv(c, id);
+}
+
+/* Drain: accept what the kernel already completed, synchronously (the listener is O_NONBLOCK). */
+static void accept_backlog(uc_core *c, int i)
+{
+    for (;;) {
+        int fd = accept4(c->lis[i].fd, NULL, NULL, SOCK_CLOEXEC);
+        if (fd < 0) { if (errno == EINTR || errno == ECONNABORTED) continue; break; }
+        conn_open(c, fd);
+    }
+}
+
+static void on_recv_terminal(uc_core *c, int id)
+{
+    struct conn *k = &c->conns[id];
+    k->recv_armed = 0; k->recv_cancel = 0;
+    if (k->dead) { maybe_release(c, id); return; }
+    if (k->closing || k->eof) return;
+    if (c->draining) {
+        if (k->paused) emit(c, EV_DRAINED, id, 0, 0);
+        else k->drain_read = 1;
+        return;
+    }
+    if (k->reading && !k->starved) arm_recv(c, id);
+}
+
+static void on_cqe(uc_core *c, struct io_uring_cqe *q)
+{
+    int op = q->user_data & 0xff, id = (int)(q->user_data >> 8), res = q->res;
+    int more = q->flags & IORING_CQE_F_MORE;
+    if (!more) c->inflight--;
+    switch (op) {
+    case OP_RECV: {
+        struct conn *k = &c->conns[id];
+        if (q->flags & IORING_CQE_F_BUFFER) {
+            int bid = q->flags >> IORING_CQE_BUFFER_SHIFT;
+            c->ring_free--;
+            if (res > 0 && !k->dead && !k->closing) {
+                c->bstate[bid] = B_LENT; c->lent[c->nlent++] = bid;
+                c->st.bytes_in += res;
+                emit(c, EV_DATA, id, bid, res);
+            } else buf_recycle(c, bid);  /* data after close/finish: fed to nobody */
+        }
+        if (!more) {
+            if (res == 0 && !k->dead) { k->eof = 1; k->reading = 0; if (!k->closing) emit(c, EV_EOF, id, 0, 0); }
+            else if (res == -ENOBUFS) { c->st.enobufs++; k->starved = 1; c->any_starved = 1; }
+            else if (res < 0 && res != -ECANCELED && !k->dead) {   /* reset, ...: close */
+                k->recv_armed = 0; k->recv_cancel = 0; conn_kill(c, id, 1); break;
+            }
+            on_recv_terminal(c, id);
+        }
+        break;
+    }
+    case OP_SEND: {
+        struct conn *k = &c->conns[id];
+        k->sending = 0;
+        if (k->dead) { maybe_release(c, id); break; }
+        if (res <= 0) { conn_kill(c, id, res != -ECANCELED); break; }
+        struct chunk *h = k->head;
+        c->st.bytes_out += res; k->pending -= res; h->off += res;
+        if (h->off < h->len) { c->st.partial_sends++; submit_send(c, id); break; }
+        k->head = h->next; if (!k->head) k->tail = NULL;
+        if (h->bid >= 0) buf_recycle(c, h->bid); else free(h->base);
+        free(h);
+        if (k->head) submit_send(c, id);
+        else if (k->closing) { conn_kill(c, id, 0); break; }
+        if (k->paused && !k->closing && k->pending <= c->cfg.max_output / 2) {  /* low-water: resume */
+            k->paused = 0; k->reading = 1;
+            if (!c->draining && !k->recv_armed) arm_recv(c, id);
+        }
+        break;
+    }
+    case OP_ACCEPT: {
+        struct listener *l = &c->lis[id];
+        c->st.accept_cqes++;
+        if (res >= 0) conn_open(c, res);
+        else if (res == -EAGAIN) c->st.accept_eagain++;     /* a lost race */
+        else if (res != -ECANCELED) c->st.accept_errors++;
+        if (!more) {
+            l->armed = 0; l->cancel = 0;
+            if (c->draining && !c->shutting) accept_backlog(c, id);
+            else if (!c->draining) arm_accept(c, id);
+        }
+        break;
+    }
+    case OP_STOP:
+        c->stop_armed = 0;
+        if (res != -ECANCELED) { c->stop_seen = 1; emit(c, EV_STOP, 0, 0, 0); }
+        break;
+    default: break;  /* OP_CANCEL: its own result does not matter, the target's CQE does */
+    }
+}
+
+static uc_core *uc_new(const struct uc_config *cfg, int *err)
+{
+    *err = 0;
+    if (!uc_ready) { *err = ENOENT; return NULL; }
+    uc_core *c = aligned_alloc(64, sizeof *c);
+    if (!c) { *err = ENOMEM; return NULL; }
+    memset(c, 0, sizeof *c);
+    c->cfg = *cfg;
+    if (c->cfg.nlisteners > MAX_LISTENERS) c->cfg.nlisteners = MAX_LISTENERS;
+    /* Strongest first: one issuer thread + task work deferred to our own wait is the
+     * cheapest (no IPIs, completions run when we ask); COOP avoids interrupting us;
+     * plain works everywhere.  cfg.setup_flags != 0 forces one set (for experiments). */
+    static const unsigned tries[] = {
+        IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN | IORING_SETUP_SUBMIT_ALL,
+        IORING_SETUP_COOP_TASKRUN | IORING_SETUP_TASKRUN_FLAG | IORING_SETUP_SUBMIT_ALL,
+        0 };
+    int r = -EINVAL;
+    for (unsigned i = 0; i < 3; i++) {
+        struct io_uring_params p;
+        memset(&p, 0, sizeof p);
+        p.flags = (cfg->setup_flags ? cfg->setup_flags : tries[i]) | IORING_SETUP_CQSIZE;
+        p.cq_entries = cfg->entries * 8;  /* roomy CQ: overflow is the slow path */
+        r = p_io_uring_queue_init_params(cfg->entries, RING(c), &p);
+        if (r == 0) { c->flags_in_effect = p.flags; c->features = p.features; break; }
+        if (r != -EINVAL || cfg->setup_flags) break;
+    }
+    if (r < 0) { *err = -r; free(c); return NULL; }
+    c->evcap = 1024; c->ev = malloc(c->evcap * 4 * sizeof(int32_t));
+    c->nconn_slots = 256;
+    c->conns = calloc(c->nconn_slots, sizeof *c->conns);
+    c->freelist = malloc(c->nconn_slots * sizeof(int)); c->deferred = malloc(c->nconn_slots * sizeof(int));
+    for (int i = c->nconn_slots - 1; i >= 0; i--) c->freelist[c->nfree++] = i;
+    /* Buffers: nbufs in the provided ring + DRAIN_READS scratch ones for synchronous
+     * reads during drain, all in one pool so Python addresses them alike (bid * size). */
+    unsigned total = cfg->nbufs + DRAIN_READS;
+    c->pool_size = (size_t)total * cfg->bufsize;
+    c->pool = aligned_alloc(4096, c->pool_size);
+    c->bstate = calloc(total, 1);
+    c->lent = malloc(total * sizeof(int));
+    if (!c->ev || !c->conns || !c->freelist || !c->deferred || !c->pool || !c->bstate || !c->lent) { *err = ENOMEM; goto fail; }
+    c->br = p_io_uring_setup_buf_ring(RING(c), cfg->nbufs, BGID, 0, &r);
+    if (!c->br) { *err = -r; goto fail; }
+    c->br_mask = p_io_uring_buf_ring_mask(cfg->nbufs);
+    for (unsigned b = 0; b < total; b++) buf_recycle(c, b);
+    for (int i = 0; i < c->cfg.nlisteners; i++) c->lis[i].fd = cfg->listeners[i];
+    return c;
+fail:
+    p_io_uring_queue_exit(RING(c));
+    free(c->ev); free(c->conns); free(c->freelist); free(c->deferred); free(c->pool); free(c->bstate); free(c->lent);
+    free(c);
+    return NULL;
+}
+
+static void uc_start(uc_core *c)
+{
+    struct io_uring_sqe *s = sqe_get(c);
+    p_io_uring_prep_poll_add(s, c->cfg.stop_fd, POLLIN);   /* the stop eventfd wakes our wait */
+    s->user_data = UD(OP_STOP, 0);
+    c->stop_armed = 1;
+    for (int i = 0; i < c->cfg.nlisteners; i++) arm_accept(c, i);
+}
+
+/* Synchronous reads during drain (what the peer sent before stop). */
+static int drain_reads(uc_core *c)
+{
+    for (int id = 0; id < c->nconn_slots; id++) {
+        struct conn *k = &c->conns[id];
+        if (!k->used || !k->drain_read) continue;
+        if (k->dead || k->closing) { k->drain_read = 0; continue; }
+        for (int n = 0; n < DRAIN_READS; n++) {
+            int bid = -1;
+            for (unsigned b = c->cfg.nbufs; b < c->cfg.nbufs + DRAIN_READS; b++)
+                if (c->bstate[b] == B_FREE) { bid = (int)b; break; }
+            if (bid < 0) return 1;  /* Python holds them all: continue next batch */
+            ssize_t r = recv(k->fd, c->pool + (size_t)bid * c->cfg.bufsize, c->cfg.bufsize, MSG_DONTWAIT);
+            if (r > 0) {
+                c->bstate[bid] = B_LENT; c->lent[c->nlent++] = bid; c->st.bytes_in += r;
+                emit(c, EV_DATA, id, bid, (int)r);
+                continue;
+            }
+            k->drain_read = 0;
+            if (r == 0) { k->eof = 1; emit(c, EV_EOF, id, 0, 0); }
+            else if (errno == EAGAIN || errno == EWOULDBLOCK) emit(c, EV_DRAINED, id, 0, 0);
+            else conn_kill(c, id, 1);
+            break;
+        }
+        if (k->drain_read) { k->drain_read = 0; emit(c, EV_DRAINED, id, 0, 0); }  /* read enough */
+    }
+    return 0;
+}
+
+/* One loop iteration: return the previous batch's buffers, submit, wait (GIL released),
+ * reap, and leave a batch of application events in c->ev.  timeout_ms < 0: no limit. */
+static int uc_wait(uc_core *c, int timeout_ms)
+{
+    /* Events emitted while Python ran (closes from uc_finish...) stay for this batch. */
+    if (c->evret) {
+        memmove(c->ev, c->ev + 4 * c->evret, (size_t)(c->nev - c->evret) * 4 * sizeof(int32_t));
+        c->nev -= c->evret; c->evret = 0;
+    }
+    for (int i = 0; i < c->nlent; i++)
+        if (c->bstate[c->lent[i]] == B_LENT) buf_recycle(c, c->lent[i]);
+    c->nlent = 0;
+    while (c->ndeferred) c->freelist[c->nfree++] = c->deferred[--c->ndeferred];
+    if (c->any_starved && c->ring_free && !c->draining) {  /* ENOBUFS: re-arm once buffers are back */
+        unsigned budget = c->ring_free;   /* no more arms than buffers: others wait their turn */
+        c->any_starved = 0;
+        for (int id = 0; id < c->nconn_slots; id++) {
+            struct conn *k = &c->conns[id];
+            if (!k->used || !k->starved) continue;
+            if (k->dead || !k->reading || k->recv_armed) { k->starved = 0; continue; }
+            if (!budget) { c->any_starved = 1; break; }
+            budget--;
+            arm_recv(c, id);
+        }
+    }
+    if (c->br_pending) { p_io_uring_buf_ring_advance(c->br, c->br_pending); c->br_pending = 0; }
+
+    int busy = c->nev > 0 || p_io_uring_cq_ready(RING(c)) > 0;
+    if (c->draining) busy |= drain_reads(c) || c->nev > 0;
+    int r;
+    if (busy || timeout_ms == 0) r = p_io_uring_submit_and_get_events(RING(c));
+    else if (timeout_ms < 0) r = p_io_uring_submit_and_wait(RING(c), 1);
+    else {
+        struct __kernel_timespec ts = { timeout_ms / 1000, (long long)(timeout_ms % 1000) * 1000000 };
+        struct io_uring_cqe *unused;
+        r = p_io_uring_submit_and_wait_timeout(RING(c), &unused, 1, &ts, NULL);
+    }
+    c->st.entries++; c->st.waits++;
+    if (r > 0) c->st.sqes += r;
+    if (r == -EBADR) c->st.cq_dropped++;  /* the kernel had to drop CQEs (out of memory) */
+
+    struct io_uring_cqe *cqes[256];
+    for (;;) {
+        if (c->nev + 2 * 256 > 16 * 1024) break;   /* bound one batch; the rest next call */
+        unsigned n = p_io_uring_peek_batch_cqe(RING(c), cqes, 256);
+        if (!n) break;
+        for (unsigned i = 0; i < n; i++) on_cqe(c, cqes[i]);
+        p_io_uring_cq_advance(RING(c), n);
+        c->st.cqes += n;
+        if (n < 256) break;
+    }
+    if (p_io_uring_cq_has_overflow(RING(c))) c->st.cq_overflows++;  /* flushed on the next enter */
+    c->evret = c->nev;
+    return c->nev;
+}
+
+/* ---- what Python calls while processing a batch ---------------------------------- */
+static int queue_out(uc_core *c, int id, char *base, uint32_t len, int bid)
+{
+    struct conn *k = &c->conns[id];
+    struct chunk *h = malloc(sizeof *h);
+    if (!h) return -ENOMEM;
+    h->next = NULL; h->base = base; h->len = len; h->off = 0; h->bid = bid;
+    if (k->tail) k->tail->next = h; else k->head = h;
+    k->tail = h;
+    k->pending += len;
+    if (!k->sending) submit_send(c, id);
+    if (k->reading && k->pending > c->cfg.max_output) {
+        /* Backpressure: stop receiving from a client that does not read.  Multishot recv
+         * keeps going until cancelled, so cancel it; re-armed below the low-water mark. */
+        k->reading = 0; k->paused = 1; c->st.backpressure++;
+        if (k->recv_armed && !k->recv_cancel) { cancel_op(c, UD(OP_RECV, id)); k->recv_cancel = 1; }
+    }
+    return 0;
+}
+
+static int uc_send_copy(uc_core *c, int id, const char *p, size_t len)
+{
+    if ((unsigned)id >= (unsigned)c->nconn_slots || !c->conns[id].used || c->conns[id].dead || !len) return 0;
+    char *m = malloc(len);
+    if (!m) return -ENOMEM;
+    memcpy(m, p, len);
+    c->st.copied_sends++;
+    return queue_out(c, id, m, (uint32_t)len, -1);
+}
+
+/* Send a received buffer back as it is (echo): no copy while the ring has buffers to
+ * spare and nothing is queued before it; otherwise copy it, so a slow reader can hold
+ * at most one provided buffer and cannot starve every other connection of them. */
+static int uc_send_buf(uc_core *c, int id, int bid, unsigned off, unsigned len)
+{
+    if ((unsigned)id >= (unsigned)c->nconn_slots || !c->conns[id].used || c->conns[id].dead || !len) return 0;
+    char *p = c->pool + (size_t)bid * c->cfg.bufsize + off;
+    if (c->bstate[bid] != B_LENT || c->conns[id].head || c->ring_free < c->cfg.nbufs / 4)
+        return uc_send_copy(c, id, p, len);
+    c->bstate[bid] = B_PINNED;
+    c->st.zc_sends++;
+    return queue_out(c, id, p, len, bid);
+}
+
+/* The protocol is done: flush what is queued, then close. */
+static void uc_finish(uc_core *c, int id)
+{
+    if ((unsigned)id >= (unsigned)c->nconn_slots) return;
+    struct conn *k = &c->conns[id];
+    if (!k->used || k->dead) return;
+    k->closing = 1; k->reading = 0; k->drain_read = 0;
+    if (k->recv_armed && !k->recv_cancel) { cancel_op(c, UD(OP_RECV, id)); k->recv_cancel = 1; }
+    if (!k->head) conn_kill(c, id, 0);
+}
+
+static void uc_close(uc_core *c, int id, int error)
+{
+    if ((unsigned)id < (unsigned)c->nconn_slots) conn_kill(c, id, error);
+}
+
+/* Stop: no more accepts through the ring (the backlog is taken synchronously when
+ * each accept has been cancelled), and every connection gets its recv cancelled and
+ * then read synchronously to the end of what was already sent (EV_DRAINED). */
+static void uc_drain_begin(uc_core *c)
+{
+    c->draining = 1;
+    for (int i = 0; i < c->cfg.nlisteners; i++) {
+        if (c->lis[i].armed && !c->lis[i].cancel) { cancel_op(c, UD(OP_ACCEPT, i)); c->lis[i].cancel = 1; }
+        else if (!c->lis[i].armed) accept_backlog(c, i);
+    }
+    if (c->stop_armed) { cancel_op(c, UD(OP_STOP, 0)); }
+    for (int id = 0; id < c->nconn_slots; id++) {
+        struct conn *k = &c->conns[id];
+        if (!k->used || k->dead || k->closing || k->eof) continue;
+        if (k->recv_armed) { if (!k->recv_cancel) { cancel_op(c, UD(OP_RECV, id)); k->recv_cancel = 1; } }
+        else if (k->paused) emit(c, EV_DRAINED, id, 0, 0);
+        else k->drain_read = 1;
+    }
+}
+
+/* Past the drain deadline (or at the end): close everything, cancel everything. */
+static void uc_shutdown(uc_core *c)
+{
+    c->draining = 1; c->shutting = 1;
+    for (int i = 0; i < c->cfg.nlisteners; i++)
+        if (c->lis[i].armed && !c->lis[i].cancel) { cancel_op(c, UD(OP_ACCEPT, i)); c->lis[i].cancel = 1; }
+    if (c->stop_armed) { cancel_op(c, UD(OP_STOP, 0)); c->stop_armed = 0; }
+    for (int id = 0; id < c->nconn_slots; id++) conn_kill(c, id, 0);
+}
+
+/* Free the ring and memory.  Returns 0, or 1 if the kernel still held operations
+ * (then the buffer pool is deliberately leaked: the kernel might still write it). */
+static int uc_free(uc_core *c)
+{
+    int leaked = c->inflight > 0;
+    p_io_uring_free_buf_ring(RING(c), c->br, c->cfg.nbufs, BGID);
+    p_io_uring_queue_exit(RING(c));
+    for (int id = 0; id < c->nconn_slots; id++) {
+        struct conn *k = &c->conns[id];
+        for (struct chunk *h = k->head, *n; h; h = n) { n = h->next; if (h->bid < 0) free(h->base); free(h); }
+        if (k->used) close(k->fd);
+    }
+    if (!leaked) free(c->pool);
+    free(c->ev); free(c->conns); free(c->freelist); free(c->deferred); free(c->bstate); free(c->lent);
+    free(c);
+    return leaked;
+}
+
+static int32_t *uc_events(uc_core *c) { return c->ev; }
+static char *uc_pool(uc_core *c) { return c->pool; }
+static size_t uc_pool_size(uc_core *c) { return c->pool_size; }
+static struct uc_stats *uc_stats(uc_core *c) { return &c->st; }
+static unsigned uc_setup_flags(uc_core *c) { return c->flags_in_effect; }
+static unsigned uc_features(uc_core *c) { return c->features; }
+static int uc_nconns(uc_core *c) { return c->nconns; }
+static int uc_inflight(uc_core *c) { return c->inflight; }
+
+/* Which opcodes this kernel's io_uring supports (the probe's "needed feature" check):
+ * returns 0 if all are, else the first missing opcode number. */
+static int uc_check_opcodes(uc_core *c)
+{
+    static const int need[] = { IORING_OP_ACCEPT, IORING_OP_RECV, IORING_OP_SEND, IORING_OP_ASYNC_CANCEL, IORING_OP_POLL_ADD };
+    struct io_uring_probe *p = p_io_uring_get_probe_ring(RING(c));
+    if (!p) return -1;
+    int missing = 0;
+    for (unsigned i = 0; i < sizeof need / sizeof *need && !missing; i++)
+        if (!p_io_uring_opcode_supported(p, need[i])) missing = need[i];
+    p_io_uring_free_probe(p);
+    return missing;
+}
+
+/* ---- the raw API of `uring-py`: Python handles each completion itself ------------- */
+static int uc_raw_accept(uc_core *c, int fd, uint64_t ud, int multishot)
+{
+    struct io_uring_sqe *s = sqe_get(c);
+    if (multishot) p_io_uring_prep_multishot_accept(s, fd, NULL, NULL, SOCK_CLOEXEC);
+    else p_io_uring_prep_accept(s, fd, NULL, NULL, SOCK_CLOEXEC);
+    s->user_data = ud;
+    return 0;
+}
+static int uc_raw_recv(uc_core *c, int fd, uint64_t ud)
+{
+    struct io_uring_sqe *s = sqe_get(c);
+    p_io_uring_prep_recv_multishot(s, fd, NULL, 0, 0);
+    s->flags |= IOSQE_BUFFER_SELECT; s->buf_group = BGID; s->user_data = ud;
+    return 0;
+}
+static int uc_raw_send(uc_core *c, int fd, const char *p, size_t len, uint64_t ud)
+{
+    struct io_uring_sqe *s = sqe_get(c);
+    p_io_uring_prep_send(s, fd, p, len, MSG_NOSIGNAL);
+    s->user_data = ud;
+    return 0;
+}
+static int uc_raw_cancel(uc_core *c, uint64_t target, uint64_t ud)
+{
+    struct io_uring_sqe *s = sqe_get(c);
+    p_io_uring_prep_cancel64(s, target, 0);
+    s->user_data = ud;
+    return 0;
+}
+static int uc_raw_poll(uc_core *c, int fd, uint64_t ud)
+{
+    struct io_uring_sqe *s = sqe_get(c);
+    p_io_uring_prep_poll_add(s, fd, POLLIN);
+    s->user_data = ud;
+    return 0;
+}
+static void uc_raw_recycle(uc_core *c, int bid) { buf_recycle(c, bid); }
+
+/* Submit, wait, copy out up to max CQEs as (user_data, res, flags) and advance. */
+static int uc_raw_wait(uc_core *c, int timeout_ms, uint64_t *ud, int32_t *res, uint32_t *fl, int max)
+{
+    if (c->br_pending) { p_io_uring_buf_ring_advance(c->br, c->br_pending); c->br_pending = 0; }
+    int r;
+    if (p_io_uring_cq_ready(RING(c)) || timeout_ms == 0) r = p_io_uring_submit_and_get_events(RING(c));
+    else if (timeout_ms < 0) r = p_io_uring_submit_and_wait(RING(c), 1);
+    else {
+        struct __kernel_timespec ts = { timeout_ms / 1000, (long long)(timeout_ms % 1000) * 1000000 };
+        struct io_uring_cqe *unused;
+        r = p_io_uring_submit_and_wait_timeout(RING(c), &unused, 1, &ts, NULL);
+    }
+    c->st.entries++; c->st.waits++;
+    if (r > 0) c->st.sqes += r;
+    struct io_uring_cqe *cqes[256];
+    int got = 0;
+    while (got < max) {
+        unsigned n = p_io_uring_peek_batch_cqe(RING(c), cqes, (unsigned)(max - got < 256 ? max - got : 256));
+        if (!n) break;
+        for (unsigned i = 0; i < n; i++, got++) {
+            ud[got] = cqes[i]->user_data; res[got] = cqes[i]->res; fl[got] = cqes[i]->flags;
+            if (!(cqes[i]->flags & IORING_CQE_F_MORE)) c->inflight--;
+            if ((cqes[i]->flags & IORING_CQE_F_BUFFER)) c->ring_free--;
+        }
+        p_io_uring_cq_advance(RING(c), n);
+    }
+    c->st.cqes += got;
+    if (p_io_uring_cq_has_overflow(RING(c))) c->st.cq_overflows++;
+    return got;
+}

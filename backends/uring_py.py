@@ -1,0 +1,383 @@
+"""``uring-py``: the same io_uring design as ``uring``, every completion handled in Python.
+
+It shares the extension (ring setup, provided buffer ring, SQE preparation) but uses
+only its raw calls: Python reaps each CQE, decodes its user_data, recycles buffers,
+re-arms recv and accept, tracks sends and closes.  It exists to measure what moving
+those per-completion mechanics into C (``uring``) buys; semantics are the same as
+``uring``'s (see its docstring), written as plainly as possible rather than fast:
+
+* one send in flight per connection, the rest queued in a bytearray (the received
+  buffer is sent without a copy when nothing is queued; otherwise it is copied and
+  recycled at once);
+* close = cancel the connection's operations, wait for their final CQEs, close;
+* drain = cancel accepts and take the backlog synchronously, cancel each recv, then
+  read what the peer already sent with MSG_DONTWAIT, answer, flush, close.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket
+import time
+
+from parallelnet.backends.uring import UringBackend
+
+log = logging.getLogger("parallelnet.worker")
+
+ACCEPT, RECV, SEND, STOP, CANCEL = 1, 2, 3, 4, 5
+F_BUFFER, F_MORE, BUF_SHIFT = 1, 2, 16
+BATCH = 1024
+
+
+class Conn:
+    __slots__ = ("cid", "sock", "fd", "proto", "out", "inflight", "off", "bid", "recv_armed",
+                 "recv_cancel", "reading", "paused", "closing", "dead", "eof", "starved", "error")
+
+    def __init__(self, cid, sock, proto):
+        self.cid, self.sock, self.fd, self.proto = cid, sock, sock.fileno(), proto
+        self.out = bytearray()      # queued output (not yet handed to the kernel)
+        self.inflight = None        # the object (or pool pointer) the kernel is sending from
+        self.off = self.bid = 0
+        self.recv_armed = self.recv_cancel = self.paused = False
+        self.closing = self.dead = self.eof = self.starved = self.error = False
+        self.reading = True
+
+
+class UringPyBackend(UringBackend):
+    name = "uring-py"
+    description = "io_uring, every completion handled in Python (to measure the C core)"
+    conformance_variants = []
+
+    def run(self) -> None:
+        self._open(raw=True)
+        ffi, lib, core = self.ffi, self.lib, self.core
+        self.ud = ffi.new("uint64_t[]", BATCH)
+        self.res = ffi.new("int32_t[]", BATCH)
+        self.fl = ffi.new("uint32_t[]", BATCH)
+        self.base = lib.uc_pool(core)
+        self.nbufs = self.ctx.option("uring_buffers", 1024)
+        self.conns: dict[int, Conn] = {}
+        self.next_cid = 1
+        self.starved: set[Conn] = set()
+        self.draining = self.stopping = self.shutting = False
+        self.steps = 0
+        self.lis = {i: s for i, s in enumerate(self.ctx.listeners)}
+        self.accept_armed = set()
+        self.extra = {"enobufs": 0, "zc_sends": 0, "copied_sends": 0, "partial_sends": 0}
+        lib.uc_raw_poll(core, self.ctx.stop.fileno(), STOP)
+        for i in self.lis:
+            self._arm_accept(i)
+        try:
+            while not self.stopping:
+                self._step(-1)
+            self._drain()
+        finally:
+            self._shutdown()
+
+    # -- one iteration: wait, then every CQE in Python ----------------------------------
+
+    def _step(self, timeout_ms: int) -> None:
+        ffi, lib = self.ffi, self.lib
+        for c in list(self.starved):   # ENOBUFS: re-arm once buffers are back
+            if not c.dead and c.reading and not c.recv_armed:
+                self._arm_recv(c)
+        self.starved.clear()
+        n = lib.uc_raw_wait(self.core, timeout_ms, self.ud, self.res, self.fl, BATCH)
+        self.ctx.stats.wakeups += 1
+        if n:
+            for ud, res, fl in zip(ffi.unpack(self.ud, n), ffi.unpack(self.res, n),
+                                   ffi.unpack(self.fl, n)):
+                op, cid = ud & 0xFF, ud >> 8
+                if op == RECV:
+                    self._on_recv(self.conns[cid], res, fl)
+                elif op == SEND:
+                    self._on_send(self.conns[cid], res)
+                elif op == ACCEPT:
+                    self._on_accept(cid, res, fl)
+                elif op == STOP and res != -errno.ECANCELED:
+                    self.stopping = True
+        if self.ctx.stop.is_set():
+            self.stopping = True
+        self.steps += 1
+        if not self.steps & 63:
+            self._sync()
+
+    def _sync(self) -> None:
+        cs, extra = self.cstats, self.ctx.stats.extra
+        for k in ("entries", "sqes", "cqes", "cq_overflows"):
+            extra[k] = getattr(cs, k)
+        extra.update(self.extra)
+        extra["cqes_per_entry"] = round(cs.cqes / (cs.entries or 1), 3)
+        extra["sqes_per_entry"] = round(cs.sqes / (cs.entries or 1), 3)
+
+    # -- accept -------------------------------------------------------------------------
+
+    def _arm_accept(self, i: int) -> None:
+        self.lib.uc_raw_accept(self.core, self.lis[i].fileno(), (i << 8) | ACCEPT, self.multishot)
+        self.accept_armed.add(i)
+
+    def _on_accept(self, i: int, res: int, fl: int) -> None:
+        stats = self.ctx.stats
+        stats.listen_wakeups += 1
+        if res >= 0 and self.shutting:
+            os.close(res)
+        elif res >= 0:
+            self._open_conn(socket.socket(fileno=res))
+        elif res == -errno.EAGAIN:
+            stats.lost_races += 1
+        if not fl & F_MORE:
+            self.accept_armed.discard(i)
+            if not self.draining:
+                self._arm_accept(i)
+            elif not self.shutting:
+                self._accept_backlog(self.lis[i])
+
+    def _accept_backlog(self, lsock) -> None:
+        while True:
+            try:
+                sock, _ = lsock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return
+            sock.setblocking(True)  # like ring-accepted sockets; reads use MSG_DONTWAIT
+            self._open_conn(sock)
+
+    def _open_conn(self, sock) -> None:
+        stats = self.ctx.stats
+        if len(self.conns) >= self.ctx.limits.max_connections:
+            stats.refused += 1
+            sock.close()
+            return
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+        cid = self.next_cid
+        self.next_cid += 1  # never reused: a late CQE can only name its own connection
+        c = self.conns[cid] = Conn(cid, sock, self.ctx.protocol_factory())
+        stats.accepted += 1
+        stats.open += 1
+        if self.draining:
+            self._read_remaining(c)
+        else:
+            self._arm_recv(c)
+
+    # -- receive --------------------------------------------------------------------------
+
+    def _arm_recv(self, c: Conn) -> None:
+        self.lib.uc_raw_recv(self.core, c.fd, (c.cid << 8) | RECV)
+        c.recv_armed = True
+
+    def _on_recv(self, c: Conn, res: int, fl: int) -> None:
+        lib = self.lib
+        if fl & F_BUFFER:
+            bid = fl >> BUF_SHIFT
+            if res > 0 and not c.dead and not c.closing:
+                self._feed(c, bid, res)
+            else:
+                lib.uc_raw_recycle(self.core, bid)
+        if fl & F_MORE:
+            return
+        c.recv_armed = c.recv_cancel = False
+        if c.dead:
+            self._release(c)
+        elif res == 0:
+            c.eof = c.reading = False
+            self._on_eof(c)
+        elif res == -errno.ENOBUFS:
+            self.extra["enobufs"] += 1
+            if self.draining:
+                self._read_remaining(c)
+            else:
+                self.starved.add(c)
+        elif res < 0 and res != -errno.ECANCELED:
+            self._kill(c, True)
+        elif self.draining and not c.closing:
+            if c.paused:
+                self._finish(c)
+            else:
+                self._read_remaining(c)
+        elif c.reading and not c.closing:
+            self._arm_recv(c)
+
+    def _feed(self, c: Conn, bid: int, n: int) -> None:
+        stats = self.ctx.stats
+        off = bid * self.bufsize
+        data = self.pool[off:off + n]
+        stats.bytes_in += n
+        try:
+            out, k = c.proto.feed(data)
+        except Exception:  # noqa: BLE001
+            stats.handler_errors += 1
+            log.exception("worker %d: protocol failed; closing", self.ctx.index)
+            self.lib.uc_raw_recycle(self.core, bid)
+            self._kill(c, True)
+            return
+        stats.requests += k
+        if out is data and c.inflight is None and not c.out and bid < self.nbufs:
+            self.extra["zc_sends"] += 1
+            self._submit(c, self.base + off, n, bid)  # the provided buffer itself
+        else:
+            if bid < self.nbufs:
+                if out:
+                    self._queue(c, out)  # copies, then the buffer can go back
+                self.lib.uc_raw_recycle(self.core, bid)
+            elif out:
+                self._queue(c, out)
+        if c.proto.closing:
+            self._finish(c)
+
+    def _read_remaining(self, c: Conn) -> None:
+        """Drain: what the peer sent before stop, read synchronously (bounded)."""
+        stats = self.ctx.stats
+        for _ in range(64):
+            if c.dead or c.closing:
+                return
+            try:
+                data = c.sock.recv(self.bufsize, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                self._kill(c, True)
+                return
+            if not data:
+                self._on_eof(c)
+                return
+            stats.bytes_in += len(data)
+            out, k = c.proto.feed(data)
+            stats.requests += k
+            if out:
+                self._queue(c, out)
+        self._finish(c)
+
+    def _on_eof(self, c: Conn) -> None:
+        out = c.proto.eof()
+        if out:
+            self._queue(c, out)
+        self._finish(c)
+
+    # -- send -------------------------------------------------------------------------------
+
+    def _queue(self, c: Conn, out) -> None:
+        if c.dead:
+            return
+        self.extra["copied_sends"] += 1
+        c.out += out
+        if c.inflight is None:
+            self._send_queued(c)
+        if c.reading and len(c.out) > self.ctx.limits.max_output:
+            c.reading, c.paused = False, True   # backpressure: stop the multishot recv
+            self.ctx.stats.backpressure += 1
+            self._cancel_recv(c)
+
+    def _send_queued(self, c: Conn) -> None:
+        data = bytes(c.out)
+        c.out.clear()
+        self._submit(c, data, len(data), -1)
+
+    def _submit(self, c: Conn, buf, n: int, bid: int) -> None:
+        c.inflight, c.off, c.bid = (buf, n), 0, bid
+        self.lib.uc_raw_send(self.core, c.fd, buf, n, (c.cid << 8) | SEND)
+
+    def _on_send(self, c: Conn, res: int) -> None:
+        buf, n = c.inflight
+        if c.dead or res <= 0:
+            self._recycle_inflight(c)
+            if c.dead:
+                self._release(c)
+            else:
+                self._kill(c, res != -errno.ECANCELED)
+            return
+        self.ctx.stats.bytes_out += res
+        c.off += res
+        if c.off < n:   # partial: the rest, from where it stopped
+            self.extra["partial_sends"] += 1
+            rest = n - c.off
+            ptr = (self.ffi.from_buffer(buf) if c.bid < 0 else buf) + c.off  # buf stays pinned
+            self.lib.uc_raw_send(self.core, c.fd, ptr, rest, (c.cid << 8) | SEND)
+            return
+        self._recycle_inflight(c)
+        if c.out:
+            self._send_queued(c)
+        elif c.closing:
+            self._kill(c, False)
+            return
+        if c.paused and not c.closing and len(c.out) <= self.ctx.limits.max_output // 2:
+            c.paused, c.reading = False, True
+            if not self.draining and not c.recv_armed:
+                self._arm_recv(c)
+
+    def _recycle_inflight(self, c: Conn) -> None:
+        if c.bid >= 0:
+            self.lib.uc_raw_recycle(self.core, c.bid)
+        c.inflight, c.bid = None, -1
+
+    # -- close and drain -------------------------------------------------------------------
+
+    def _cancel_recv(self, c: Conn) -> None:
+        if c.recv_armed and not c.recv_cancel:
+            self.lib.uc_raw_cancel(self.core, (c.cid << 8) | RECV, CANCEL)
+            c.recv_cancel = True
+
+    def _finish(self, c: Conn) -> None:
+        if c.dead:
+            return
+        c.closing, c.reading = True, False
+        self._cancel_recv(c)
+        if c.inflight is None and not c.out:
+            self._kill(c, False)
+
+    def _kill(self, c: Conn, error: bool) -> None:
+        if c.dead:
+            return
+        c.dead, c.reading, c.error = True, False, error
+        self._cancel_recv(c)
+        if c.inflight is not None:
+            self.lib.uc_raw_cancel(self.core, (c.cid << 8) | SEND, CANCEL)
+        self._release(c)
+
+    def _release(self, c: Conn) -> None:
+        if c.recv_armed or c.inflight is not None or c.cid not in self.conns:
+            return  # the kernel still holds an operation: wait for its final CQE
+        del self.conns[c.cid]
+        c.sock.close()
+        stats = self.ctx.stats
+        stats.open -= 1
+        stats.closed += 1
+        stats.errors += c.error
+
+    def _drain(self) -> None:
+        self.draining = True
+        lib = self.lib
+        for i in list(self.accept_armed):
+            lib.uc_raw_cancel(self.core, (i << 8) | ACCEPT, CANCEL)
+        for c in list(self.conns.values()):
+            if c.dead or c.closing:
+                continue
+            if c.recv_armed:
+                self._cancel_recv(c)
+            elif c.paused:
+                self._finish(c)
+            else:
+                self._read_remaining(c)
+        deadline = time.monotonic() + self.ctx.limits.drain_timeout
+        while (self.conns or self.accept_armed) and time.monotonic() < deadline:
+            self._step(max(1, int((deadline - time.monotonic()) * 1000)))
+
+    def _shutdown(self) -> None:
+        self.draining = self.shutting = True
+        lib = self.lib
+        for i in list(self.accept_armed):
+            lib.uc_raw_cancel(self.core, (i << 8) | ACCEPT, CANCEL)
+        lib.uc_raw_cancel(self.core, STOP, CANCEL)
+        for c in list(self.conns.values()):
+            self._kill(c, False)
+        deadline = time.monotonic() + 2.0
+        while lib.uc_inflight(self.core) > 0 and time.monotonic() < deadline:
+            self._step(max(1, int((deadline - time.monotonic()) * 1000)))
+        self._sync()
+        self.pool.release()
+        lib.uc_free(self.core)
