@@ -197,6 +197,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args)
 
 
+def cmd_loadgen(argv: list[str]) -> int:
+    from parallelnet.experiments.loadgen import main as loadgen_main  # lazy: core never needs it
+
+    return loadgen_main(argv)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="parallelnet", description=__doc__.split("\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -215,6 +221,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("backends", help="list registered backends and whether they can run here")
     p.set_defaults(func=cmd_backends)
 
+    p = sub.add_parser("loadgen", add_help=False,
+                       help="drive a server with the C load generator (see: parallelnet loadgen -h)")
+    # Its options are the load generator's own: main() hands them over unparsed.
+
     p = sub.add_parser("demo", help="start a server, drive it briefly, print the per-worker table")
     p.add_argument("--backend", default="epoll")
     p.add_argument("--mode", default="thread", choices=list(MODES))
@@ -226,6 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["loadgen"]:
+        return cmd_loadgen(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")

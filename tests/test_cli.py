@@ -58,3 +58,13 @@ def test_demo_runs_and_prints_the_table():
     assert res.returncode == 0, res.stdout + res.stderr
     assert "errors: none" in res.stdout
     assert "accept races:" in res.stdout
+
+
+def test_loadgen_subcommand_drives_a_server(tmp_path):
+    srv = start_server(tmp_path, "--workers", "1", "--message-size", "64")
+    res = run_cli("loadgen", "-c", "4", "-d", "0.5s", "--warmup", "0", "--max-requests", "500",
+                  f"{srv.host}:{srv.port}")
+    final = srv.stop()
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "Requests/sec" in res.stdout
+    assert final["totals"]["requests"] >= 500
