@@ -24,86 +24,51 @@ import fcntl
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
-BACKENDS = ("uring", "uring-py", "epoll")
-LOCK = "/tmp/bench.lock"
+from parallelnet.experiments.harness import (
+    LOCK_PATH, NoiseProbe, machine_metadata, result_dir, start_server, window, write_pyperf,
+)
+
 ALL_CPUS = set(os.sched_getaffinity(0))
 
-
-def proc_stat() -> list[int]:
-    with open("/proc/stat") as f:
-        for line in f:
-            if line.startswith("cpu "):
-                return [int(x) for x in line.split()[1:]]
-    return []
-
-
-def start_server(backend: str, stats_path: str, extra: list[str]):
-    cmd = [sys.executable, "-m", "parallelnet.core.cli", "serve", "--cpus", "0", "--workers", "1",
-           "--port", "0", "--backend", backend, "--message-size", "64",
-           "--stats-json", stats_path, "--stats-interval", "0.25", *extra]
-    every = os.sched_getaffinity(0) | ALL_CPUS  # this process sits on CPU 1; the server may use 0
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            preexec_fn=lambda: os.sched_setaffinity(0, every))
-    while True:
-        line = proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"server {backend} did not start")
-        if line.startswith("listening on "):
-            return proc, time.monotonic(), int(line.split(":")[-1])
-
-
-def window_cpu(stats_path: str, t0: float, t1: float) -> dict:
-    with open(stats_path) as f:
-        recs = [json.loads(x) for x in f if x.strip()]
-    recs = [r for r in recs if r["type"] == "interval" and t0 <= r["t"] <= t1]
-    if len(recs) < 2:
-        raise RuntimeError("fewer than two interval records inside the window")
-    a, b = recs[0]["workers"][0], recs[-1]["workers"][0]
-    req = b["requests"] - a["requests"]
-    out = {"requests": req, "seconds": recs[-1]["t"] - recs[0]["t"],
-           "cpu_us_per_req": (b["cpu_ns"] - a["cpu_ns"]) / 1e3 / max(req, 1),
-           "user_us_per_req": (b["user_s"] - a["user_s"]) * 1e6 / max(req, 1),
-           "sys_us_per_req": (b["sys_s"] - a["sys_s"]) * 1e6 / max(req, 1),
-           "wakeups_per_req": (b["wakeups"] - a["wakeups"]) / max(req, 1)}
-    ea, eb = a.get("extra", {}), b.get("extra", {})
-    for k in ("entries", "cqes", "sqes"):
-        if k in eb and k in ea:
-            out[f"{k}_per_req"] = (eb[k] - ea[k]) / max(req, 1)
-    return out
+BACKENDS = ("uring", "uring-py", "epoll")
 
 
 def one_run(backend: str, conns: int, args, outdir: str, tag: str) -> dict:
     from parallelnet.experiments.loadgen import LoadSpec, run
 
-    stats_path = os.path.join(outdir, f"{tag}-stats.jsonl")
-    proc, t_srv0, port = start_server(backend, stats_path, [])
+    srv = start_server(["--cpus", "0", "--workers", "1", "--backend", backend,
+                        "--message-size", "64"], os.path.join(outdir, f"{tag}-stats.jsonl"),
+                       cpus=ALL_CPUS)
     try:
         time.sleep(0.3)
-        spec = LoadSpec(port=port, connections=conns, threads=1, cpus=[1], size=64,
+        spec = LoadSpec(port=srv.port, connections=conns, threads=1, cpus=[1], size=64,
                         duration=args.duration, warmup=args.warmup)
-        s0 = proc_stat()
+        probe = NoiseProbe([os.getpid()] + srv.worker_pids()).start()
         t_lg = time.monotonic()
         res = run(spec)
-        s1 = proc_stat()
+        noise = probe.stop()
     finally:
-        proc.terminate()
-        proc.communicate(timeout=30)
-    # The measured window, in the server's clock (t since it printed "listening"),
-    # shrunk by a margin so both records bracket steady state only.
-    w0 = t_lg - t_srv0 + args.warmup + 0.3
-    w1 = t_lg - t_srv0 + args.warmup + args.duration - 0.3
-    cpu = window_cpu(stats_path, w0, w1)
-    d = [y - x for x, y in zip(s0, s1)]
-    total = sum(d) or 1
-    steal = d[7] / total if len(d) > 7 else 0.0
-    busy = (total - d[3] - d[4]) / total  # fraction of both CPUs busy
+        srv.stop()
+    # The measured window in the server's clock (s since "listening on"), shrunk by a
+    # margin so both bracketing records lie in steady state.
+    w0 = t_lg - srv.t_listen + args.warmup + 0.3
+    w1 = t_lg - srv.t_listen + args.warmup + args.duration - 0.3
+    win = window(srv.stats_path, w0, w1)
+    tot, extra = win["total"], win["workers"][0]["extra"]
+    req = max(tot["requests"], 1)
     rec = {"backend": backend, "connections": conns, "rps": res.rps, "errors": res.errors_total,
-           "client_cpu_us_per_req": res.client_cpu_us_per_req, "steal": steal, "busy": busy,
-           "noisy": steal > 0.05, **cpu}
+           "client_cpu_us_per_req": res.client_cpu_us_per_req,
+           "steal": noise["steal_max"], "others_cpu": noise["others_cpu"],
+           "busy_cpu0": noise["per_cpu"].get("cpu0", {}).get("busy"),
+           "noisy": noise["noisy"], "requests": tot["requests"], "seconds": tot["seconds"],
+           "cpu_us_per_req": tot["cpu_us_per_req"], "user_us_per_req": tot["user_us_per_req"],
+           "sys_us_per_req": tot["sys_us_per_req"], "wakeups_per_req": tot["wakeups"] / req}
+    for k in ("entries", "cqes", "sqes"):
+        if k in extra:
+            rec[f"{k}_per_req"] = extra[k] / req
     return rec
 
 
@@ -135,11 +100,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     os.sched_setaffinity(0, {1})  # this process (and the loadgen's threads) off the server's CPU
-    stamp = time.strftime("%Y%m%dT%H%M%S")
-    outdir = os.path.join(args.out, f"{stamp}-bench_uring")
-    os.makedirs(outdir, exist_ok=True)
+    outdir = result_dir("bench_uring", args.out)
     runs = []
-    with open(LOCK, "w") as lock:
+    with open(LOCK_PATH, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # the same lock flock(1) takes: never two benchmarks
         micro = cffi_call_cost()
         for rep in range(args.reps):
@@ -152,13 +115,19 @@ def main(argv=None) -> int:
                     runs.append(rec)
                     print(f"{tag:22s} {rec['rps']:9.0f} req/s  server {rec['cpu_us_per_req']:6.2f} us/req "
                           f"(user {rec['user_us_per_req']:.2f} sys {rec['sys_us_per_req']:.2f})"
-                          f"  steal {100 * rec['steal']:.1f}%{'  NOISY' if rec['noisy'] else ''}",
+                          f"  steal {100 * rec['steal']:.1f}% others {100 * rec['others_cpu']:.1f}%"
+                          f"{'  NOISY' if rec['noisy'] else ''}",
                           flush=True)
     summary = summarize(runs, args)
-    meta = {"argv": sys.argv, "uname": os.uname()._asdict() if hasattr(os.uname(), "_asdict")
-            else list(os.uname()), "python": sys.version, "micro": micro}
+    meta = {**machine_metadata(), "micro": micro}
     with open(os.path.join(outdir, "bench_uring.json"), "w") as f:
         json.dump({"meta": meta, "runs": runs, "summary": summary}, f, indent=1)
+    # Server CPU seconds per request, one pyperf benchmark per backend and connection count:
+    # `python -m pyperf compare_to --table pyperf.json` (lower is faster).
+    write_pyperf(os.path.join(outdir, "pyperf.json"),
+                 {f"{b}-c{c}": [r["cpu_us_per_req"] / 1e6 for r in runs
+                                if r["backend"] == b and r["connections"] == c and not r["noisy"]]
+                  for b in args.backends for c in args.connections})
     print(f"\ncffi API-mode call (GIL released and re-taken): {micro['cffi_call_ns']:.0f} ns "
           f"(empty Python loop iteration: {micro['python_loop_ns']:.0f} ns)")
     print(format_summary(summary))

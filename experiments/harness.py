@@ -1,0 +1,220 @@
+"""What every experiment shares: a server subprocess, windows of its stats, machine noise, result files.
+
+Kernel facts used here:
+
+* ``/proc/stat`` ``cpuN`` lines count, per CPU, jiffies (``USER_HZ``, 100/s) spent in
+  user, nice, system, idle, iowait, irq, softirq, steal...  Deltas over the measured
+  window give how busy each CPU was, how much the hypervisor stole (``steal``), and how
+  much went to softirq (on loopback, much of TCP's receive path).
+* ``/proc/PID/stat`` fields 14/15 are that process's user/sys jiffies (all threads).
+  Busy time of the machine minus server and client processes is CPU used by *others*:
+  a run where others used a noticeable share is flagged, not averaged in.
+* pyperf treats a lower value as faster; results are stored as seconds (of server CPU)
+  per request, so ``python -m pyperf compare_to`` reads them the right way round.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+LOCK_PATH = "/tmp/bench.lock"
+NOISE_LIMIT = 0.05  # steal or others' CPU above 5% of one CPU over the window: noisy
+
+
+# -- machine noise --------------------------------------------------------------
+
+def read_cpu_jiffies() -> dict[str, list[int]]:
+    """``{"cpu": [...], "cpu0": [...], ...}`` from /proc/stat."""
+    out = {}
+    with open("/proc/stat") as f:
+        for line in f:
+            if line.startswith("cpu"):
+                name, *vals = line.split()
+                out[name] = [int(v) for v in vals]
+    return out
+
+
+def process_jiffies(pids) -> int:
+    total = 0
+    for pid in set(pids):
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                raw = f.read()
+        except OSError:
+            continue
+        fields = raw[raw.rindex(b")") + 2:].split()
+        total += int(fields[11]) + int(fields[12])
+    return total
+
+
+@dataclass
+class NoiseProbe:
+    """Snapshot /proc at the start and end of a measured window."""
+
+    pids: list[int]                       # server and client processes
+    cpus: dict = field(default_factory=dict)
+    procs: int = 0
+    t: float = 0.0
+
+    def start(self) -> "NoiseProbe":
+        self.cpus, self.procs, self.t = read_cpu_jiffies(), process_jiffies(self.pids), time.monotonic()
+        return self
+
+    def stop(self) -> dict:
+        cpus, procs, t = read_cpu_jiffies(), process_jiffies(self.pids), time.monotonic()
+        wall = t - self.t
+        per_cpu = {}
+        busy_total = 0
+        for name, after in cpus.items():
+            d = [b - a for a, b in zip(self.cpus.get(name, after), after)]
+            total = sum(d[:8]) or 1
+            idle = d[3] + d[4]
+            busy = total - idle
+            if name == "cpu":
+                busy_total = busy
+                continue
+            per_cpu[name] = {"busy": busy / total, "steal": d[7] / total if len(d) > 7 else 0.0,
+                             "softirq": d[6] / total, "irq": d[5] / total}
+        ncpu = len(per_cpu) or 1
+        others = max(0, busy_total - (procs - self.procs)) / _CLK_TCK / max(wall, 1e-9)
+        steal = max((c["steal"] for c in per_cpu.values()), default=0.0)
+        return {"wall_s": wall, "per_cpu": per_cpu, "steal_max": steal,
+                "others_cpu": others, "ncpu": ncpu,
+                "noisy": steal > NOISE_LIMIT or others > NOISE_LIMIT}
+
+
+# -- the server under test --------------------------------------------------------
+
+@dataclass
+class ServerHandle:
+    proc: subprocess.Popen
+    host: str
+    port: int
+    stats_path: str
+    t_listen: float  # monotonic time at which it printed "listening on"
+    output: str = ""
+
+    def worker_pids(self) -> list[int]:
+        recs = read_records(self.stats_path)
+        pids = {w["pid"] for r in recs for w in r["workers"] if w["pid"]}
+        return sorted(pids | {self.proc.pid})
+
+    def stop(self, timeout: float = 30.0) -> dict:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        try:
+            out, _ = self.proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            out, _ = self.proc.communicate()
+        self.output = out or ""
+        finals = [r for r in read_records(self.stats_path) if r["type"] == "final"]
+        return finals[-1] if finals else {}
+
+
+def start_server(args: list[str], stats_path: str, cpus: set[int] | None = None,
+                 interval: float = 0.25, timeout: float = 15.0) -> ServerHandle:
+    """``parallelnet serve --port 0 --stats-json PATH --stats-interval S ARGS``."""
+    cmd = [sys.executable, "-m", "parallelnet.core.cli", "serve", "--port", "0",
+           "--stats-json", stats_path, "--stats-interval", str(interval), *args]
+    allowed = cpus or set(range(os.cpu_count() or 1))
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: os.sched_setaffinity(0, allowed))
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        if line.startswith("listening on "):
+            host, _, port = line.split()[-1].rpartition(":")
+            return ServerHandle(proc, host, int(port), stats_path, time.monotonic())
+    proc.kill()
+    out, _ = proc.communicate()
+    raise RuntimeError(f"server {args} did not start:\n{out}")
+
+
+def read_records(stats_path: str) -> list[dict]:
+    try:
+        with open(stats_path) as f:
+            return [json.loads(x) for x in f if x.strip()]
+    except FileNotFoundError:
+        return []
+
+
+def window(stats_path: str, t0: float, t1: float) -> dict:
+    """Per-worker and total deltas between the first and last interval records in [t0, t1]
+    (server clock: seconds since it started)."""
+    recs = [r for r in read_records(stats_path) if r["type"] == "interval" and t0 <= r["t"] <= t1]
+    if len(recs) < 2:
+        raise RuntimeError(f"fewer than two stats records in the window [{t0:.2f}, {t1:.2f}] s")
+    first, last = recs[0], recs[-1]
+    keys = ("requests", "accepted", "lost_races", "wakeups", "listen_wakeups", "bytes_in",
+            "bytes_out", "cpu_ns", "user_s", "sys_s")
+    workers = []
+    for a, b in zip(first["workers"], last["workers"]):
+        d = {k: b[k] - a[k] for k in keys}
+        d["index"], d["cpu"] = b["index"], b["cpu"]
+        ea, eb = a.get("extra", {}), b.get("extra", {})
+        d["extra"] = {k: eb[k] - ea[k] for k in eb
+                      if isinstance(eb[k], (int, float)) and isinstance(ea.get(k), (int, float))}
+        workers.append(d)
+    total = {k: sum(w[k] for w in workers) for k in keys}
+    req = max(total["requests"], 1)
+    total.update(seconds=last["t"] - first["t"],
+                 cpu_us_per_req=total["cpu_ns"] / 1e3 / req,
+                 user_us_per_req=total["user_s"] * 1e6 / req,
+                 sys_us_per_req=total["sys_s"] * 1e6 / req)
+    return {"workers": workers, "total": total}
+
+
+# -- result files ------------------------------------------------------------------
+
+def machine_metadata() -> dict:
+    model = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "")
+    except OSError:
+        pass
+    commit = ""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, cwd=os.path.dirname(__file__), timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "argv": sys.argv, "python": sys.version.split()[0],
+            "kernel": platform.release(), "cpu_model": model, "cpus": os.cpu_count(),
+            "affinity": sorted(os.sched_getaffinity(0)), "commit": commit,
+            "ci": os.environ.get("CI", "")}
+
+
+def result_dir(name: str, root: str = "results") -> str:
+    path = os.path.join(root, time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + name)
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "meta.json"), "w") as f:
+        json.dump(machine_metadata(), f, indent=1)
+    return path
+
+
+def write_pyperf(path: str, series: dict[str, list[float]], metadata: dict | None = None) -> None:
+    """One pyperf benchmark per series (values: seconds per request, lower is faster)."""
+    import pyperf
+
+    benches = []
+    for name, values in series.items():
+        if not values:
+            continue
+        meta = {"name": name, "unit": "second"}
+        meta.update({k: str(v) for k, v in (metadata or {}).items()})
+        run = pyperf.Run(values, metadata=meta, collect_metadata=False)
+        benches.append(pyperf.Benchmark([run]))
+    if benches:
+        pyperf.BenchmarkSuite(benches).dump(path, replace=True)
