@@ -31,7 +31,8 @@ from parallelnet.experiments.harness import (
     LOCK_PATH, NoiseProbe, machine_metadata, result_dir, start_server, window, write_pyperf,
 )
 
-ALL_CPUS = set(os.sched_getaffinity(0))
+ALL_CPUS = sorted(os.sched_getaffinity(0))
+SERVER_CPU, CLIENT_CPU = ALL_CPUS[0], ALL_CPUS[-1]  # 0 and 1 on the 2-core box
 
 BACKENDS = ("uring", "uring-py", "epoll")
 
@@ -39,12 +40,12 @@ BACKENDS = ("uring", "uring-py", "epoll")
 def one_run(backend: str, conns: int, args, outdir: str, tag: str) -> dict:
     from parallelnet.experiments.loadgen import LoadSpec, run
 
-    srv = start_server(["--cpus", "0", "--workers", "1", "--backend", backend,
+    srv = start_server(["--cpus", str(SERVER_CPU), "--workers", "1", "--backend", backend,
                         "--message-size", "64"], os.path.join(outdir, f"{tag}-stats.jsonl"),
-                       cpus=ALL_CPUS)
+                       cpus=set(ALL_CPUS))
     try:
         time.sleep(0.3)
-        spec = LoadSpec(port=srv.port, connections=conns, threads=1, cpus=[1], size=64,
+        spec = LoadSpec(port=srv.port, connections=conns, threads=1, cpus=[CLIENT_CPU], size=64,
                         duration=args.duration, warmup=args.warmup)
         probe = NoiseProbe([os.getpid()] + srv.worker_pids()).start()
         t_lg = time.monotonic()
@@ -99,7 +100,6 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="results")
     args = p.parse_args(argv)
 
-    os.sched_setaffinity(0, {1})  # this process (and the loadgen's threads) off the server's CPU
     outdir = result_dir("bench_uring", args.out)
     runs = []
     with open(LOCK_PATH, "w") as lock:

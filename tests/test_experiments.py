@@ -1,0 +1,79 @@
+"""Experiments: smoke runs of the presets (short, bounded) and the harness arithmetic."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from conftest import require_backend
+from parallelnet.experiments import accept, bench_uring
+from parallelnet.experiments.harness import NoiseProbe, window
+
+
+def _stats_file(tmp_path, records):
+    path = tmp_path / "stats.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
+def _worker(index, requests, cpu_ns, accepted=0, extra=None):
+    return {"index": index, "cpu": index, "requests": requests, "accepted": accepted,
+            "lost_races": 0, "wakeups": requests, "listen_wakeups": 0, "bytes_in": 0,
+            "bytes_out": 0, "cpu_ns": cpu_ns, "user_s": 0.0, "sys_s": cpu_ns / 1e9,
+            "extra": extra or {}}
+
+
+def test_window_differences_the_bracketing_records(tmp_path):
+    recs = [{"type": "interval", "t": t, "workers": [_worker(0, r, c, extra={"entries": e})]}
+            for t, r, c, e in [(0.5, 100, 1_000_000, 10), (1.0, 1100, 6_000_000, 20),
+                               (1.5, 2100, 11_000_000, 30), (2.0, 9999, 99_000_000, 99)]]
+    win = window(_stats_file(tmp_path, recs), 0.6, 1.6)
+    assert win["total"]["requests"] == 1000
+    assert win["total"]["cpu_us_per_req"] == pytest.approx(5.0)
+    assert win["total"]["seconds"] == pytest.approx(0.5)
+    assert win["workers"][0]["extra"] == {"entries": 10}
+
+
+def test_window_refuses_too_few_records(tmp_path):
+    recs = [{"type": "interval", "t": 1.0, "workers": [_worker(0, 1, 1)]}]
+    with pytest.raises(RuntimeError, match="fewer than two"):
+        window(_stats_file(tmp_path, recs), 0.0, 2.0)
+
+
+def test_noise_probe_reports_every_cpu():
+    noise = NoiseProbe([os.getpid()]).start()
+    sum(i * i for i in range(200_000))  # some CPU of our own, which is not "others"
+    out = noise.stop()
+    assert out["ncpu"] == len(out["per_cpu"]) >= 1
+    for cpu in out["per_cpu"].values():
+        assert 0.0 <= cpu["busy"] <= 1.0 and 0.0 <= cpu["steal"] <= 1.0
+    assert isinstance(out["noisy"], bool)
+
+
+def test_accept_experiment_smoke(tmp_path):
+    assert accept.main(["--backends", "epoll", "--reps", "1", "--duration", "1",
+                        "--connections", "16", "--out", str(tmp_path)]) == 0
+    (run_dir,) = tmp_path.iterdir()
+    data = json.loads((run_dir / "accept.json").read_text())
+    assert {r["strategy"] for r in data["runs"]} == {"shared", "exclusive", "reuseport"}
+    for r in data["runs"]:
+        assert r["client_errors"] == 0 and not r["server_crashed"]
+        assert sum(r["accepted"]) > 0 and 0 < r["jain"] <= 1.0
+    reuseport = next(r for r in data["runs"] if r["strategy"] == "reuseport")
+    assert reuseport["lost_races"] == 0  # one queue per worker: nothing to race for
+    assert json.loads((run_dir / "meta.json").read_text())["kernel"]
+
+
+def test_bench_uring_smoke(tmp_path):
+    require_backend("uring")
+    assert bench_uring.main(["--reps", "1", "--duration", "2", "--warmup", "0.5",
+                             "--connections", "16", "--backends", "uring", "epoll",
+                             "--out", str(tmp_path)]) == 0
+    (run_dir,) = tmp_path.iterdir()
+    data = json.loads((run_dir / "bench_uring.json").read_text())
+    assert {r["backend"] for r in data["runs"]} == {"uring", "epoll"}
+    for r in data["runs"]:
+        assert r["errors"] == 0 and r["requests"] > 0 and r["cpu_us_per_req"] > 0
+    assert (run_dir / "pyperf.json").exists()
