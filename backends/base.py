@@ -91,6 +91,23 @@ class Limits:
     max_output: int = 1 << 20       # pending output per connection before reads pause
     max_connections: int = 10000    # per worker; beyond it new connections are closed at once
     drain_timeout: float = 2.0      # seconds to flush responses after stop
+    idle_timeout: float = 60.0      # close a connection with no bytes in or out for this long (0: never)
+    header_timeout: float = 10.0    # close one holding an incomplete request this long without progress (0: never)
+    accept_backoff: float = 0.05    # first pause of a listener after EMFILE/ENFILE (doubles, capped at 1 s)
+
+    def timer_tick(self) -> float | None:
+        """How often a loop checks connection deadlines: a coarse timer, a quarter of the
+        shortest timeout, kept within [10 ms, 1 s]; None when no timeout is enabled."""
+        ts = [t for t in (self.idle_timeout, self.header_timeout) if t and t > 0]
+        if not ts:
+            return None
+        return min(1.0, max(0.01, min(ts) / 4))
+
+
+#: errno values of accept(2) that mean "out of a resource", not "this connection failed":
+#: retrying at once would fail again, so the listener is paused and retried after a back-off.
+ACCEPT_RESOURCE_ERRORS = frozenset({24, 23, 105, 12})   # EMFILE, ENFILE, ENOBUFS, ENOMEM
+ACCEPT_BACKOFF_MAX = 1.0
 
 
 class StopSignal:
@@ -151,6 +168,12 @@ class Backend(abc.ABC):
     accept_strategies: ClassVar[frozenset[str]] = frozenset({SHARED, REUSEPORT})
     #: Whether workers may be threads of one process / forked processes.
     modes: ClassVar[frozenset[str]] = frozenset({"thread", "process"})
+    #: Limits this backend cannot enforce: ``Limits`` field name -> why.  Declared, never
+    #: silently ignored: an explicit flag for one (``--idle-timeout 5``) is refused at
+    #: startup with the reason; left at its default it is disabled with a warning.
+    #: Keys: idle_timeout, header_timeout, max_connections, max_output
+    #: (docs/faults.md; tests/test_faults.py checks both outcomes for every backend).
+    unsupported_limits: ClassVar[dict[str, str]] = {}
 
     def __init__(self, ctx: WorkerContext) -> None:
         self.ctx = ctx
@@ -159,6 +182,12 @@ class Backend(abc.ABC):
     def probe(cls) -> Availability:
         """Cheap, honest check that this backend can run here."""
         return Availability(True)
+
+    @classmethod
+    def preflight(cls, limits: Limits, options: argparse.Namespace) -> None:
+        """Check, in the parent before any worker starts, that this configuration can run;
+        raise BackendError with the precise reason (e.g. a ring that cannot be created).
+        A failure here is a clear startup error rather than a worker that dies later."""
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:

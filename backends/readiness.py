@@ -28,6 +28,20 @@ Kernel semantics this loop relies on:
 * ``EPOLLERR``/``EPOLLHUP`` (``POLLERR``/``POLLHUP``) are reported whether asked for
   or not; they are routed to whichever of read/write is active so that the failing
   call surfaces the error and the connection is closed (no spinning on a dead fd).
+
+Faults and limits (docs/faults.md):
+
+* ``accept(2)`` failing for want of a resource (EMFILE, ENFILE, ENOBUFS, ENOMEM)
+  would fail again at once while the listening socket stays readable: a level-triggered
+  loop would spin at 100% CPU.  The listener is instead *paused* (unregistered) and
+  re-registered after a back-off (``limits.accept_backoff``, doubling to 1 s, reset by
+  a successful accept); counted in ``extra["accept_errors"]`` / ``["accept_backoffs"]``.
+  The pending connections wait in the kernel's backlog and are served once fds free up.
+* Idle and header timeouts use a coarse timer: the wait's timeout is the next deadline
+  check (a quarter of the shortest timeout, 10 ms .. 1 s), one ``time.monotonic()``
+  (vDSO, no syscall) per wakeup stamps every connection that had an event, and a sweep
+  at most once per tick closes connections past their deadline.  No timer syscalls,
+  nothing per event but one attribute store; with no connection open the wait blocks.
 """
 
 from __future__ import annotations
@@ -39,7 +53,9 @@ import socket
 import time
 from typing import ClassVar
 
-from parallelnet.backends.base import EXCLUSIVE, Backend
+from parallelnet.backends.base import (
+    ACCEPT_BACKOFF_MAX, ACCEPT_RESOURCE_ERRORS, EXCLUSIVE, Backend,
+)
 
 log = logging.getLogger("parallelnet.worker")
 
@@ -54,9 +70,9 @@ class RegistrationRefused(OSError):
 class Connection:
     """One client connection of one worker.  Only that worker touches it."""
 
-    __slots__ = ("sock", "fd", "proto", "out", "events", "reading", "closing", "peer")
+    __slots__ = ("sock", "fd", "proto", "out", "events", "reading", "closing", "peer", "last")
 
-    def __init__(self, sock: socket.socket, proto, peer) -> None:
+    def __init__(self, sock: socket.socket, proto, peer, now: float = 0.0) -> None:
         self.sock = sock
         self.fd = sock.fileno()
         self.proto = proto
@@ -65,6 +81,7 @@ class Connection:
         self.reading = True       # False while paused (backpressure) or closing
         self.closing = False      # close once ``out`` is empty
         self.peer = peer
+        self.last = now           # monotonic time of the last event (progress) on it
 
 
 class ReadinessLoop(Backend):
@@ -114,12 +131,25 @@ class ReadinessLoop(Backend):
         self._recv_size = ctx.limits.recv_size
         self._max_output = ctx.limits.max_output
         self._logged_refusal = False
+        lim = ctx.limits
+        self._tick = lim.timer_tick()
+        self._idle = lim.idle_timeout if lim.idle_timeout and lim.idle_timeout > 0 else 0.0
+        self._hdr = lim.header_timeout if lim.header_timeout and lim.header_timeout > 0 else 0.0
+        self._paused: dict[int, float] = {}     # listener fd -> when to re-register it
+        self._backoff = lim.accept_backoff
+        self._exclusive = ctx.accept == EXCLUSIVE
+        self._now = time.monotonic()
+        self._next_sweep = self._now + (self._tick or 0.0)
+        self._peak = 0
+        extra = ctx.stats.extra
+        for k in ("accept_errors", "accept_backoffs", "idle_timeouts", "header_timeouts",
+                  "max_pending"):
+            extra.setdefault(k, 0)   # every key exists from the start: snapshots copy this dict
         self._setup()
         try:
             self._register(ctx.stop.fileno(), self.EV_READ)
-            exclusive = ctx.accept == EXCLUSIVE
             for fd in self._listeners:
-                self._register(fd, self.EV_READ, exclusive)
+                self._register(fd, self.EV_READ, self._exclusive)
             self._serve()
             self._drain()
         finally:
@@ -140,8 +170,22 @@ class ReadinessLoop(Backend):
         READ = self.EV_READ | self.EV_ERROR
         WRITE = self.EV_WRITE
         ERROR = self.EV_ERROR
+        monotonic = time.monotonic
+        tick = self._tick
+        paused = self._paused
+        timers = self._timers
         while not stop.is_set():
-            events = poll(None)
+            # The coarse timer: wake for the next deadline check only while something
+            # can time out (open connections) or a listener waits out its back-off.
+            if paused or (tick and conns):
+                wake = self._next_sweep if tick and conns else float("inf")
+                if paused:
+                    wake = min(wake, min(paused.values()))
+                timeout = max(0.001, wake - self._now + 0.001)
+            else:
+                timeout = None
+            events = poll(timeout)
+            self._now = now = monotonic()
             stats.wakeups += 1
             for fd, mask in events:
                 conn = conns.get(fd)
@@ -150,10 +194,56 @@ class ReadinessLoop(Backend):
                     if lsock is not None:
                         accept(lsock)
                     continue  # the stop eventfd: the loop condition sees it
+                conn.last = now
                 if mask & WRITE or (mask & ERROR and not conn.reading):
                     on_write(conn)
                 if mask & READ and conn.reading:
                     on_read(conn)
+            if now >= self._next_sweep or paused:
+                timers(now)
+
+    # -- timers: listener back-off, idle and header timeouts ----------------------
+
+    def _timers(self, now: float) -> None:
+        paused = self._paused
+        for fd, when in list(paused.items()):
+            if now >= when:
+                del paused[fd]
+                try:
+                    self._register(fd, self.EV_READ, self._exclusive)
+                except (OSError, ValueError, KeyError):
+                    pass  # already registered (cannot happen) or closed at stop
+        if not self._tick or now < self._next_sweep:
+            return
+        self._next_sweep = now + self._tick
+        idle, hdr = self._idle, self._hdr
+        extra = self.ctx.stats.extra
+        for conn in list(self._conns.values()):
+            age = now - conn.last
+            if idle and age >= idle:
+                extra["idle_timeouts"] += 1
+                self._close(conn)
+            elif hdr and age >= hdr and conn.proto.partial and not conn.closing:
+                extra["header_timeouts"] += 1
+                self._close(conn)
+
+    def _pause_listener(self, lsock: socket.socket, exc: OSError) -> None:
+        """Out of fds (or memory): stop watching the listener for a back-off, so a
+        level-triggered loop does not spin on a socket it cannot accept from."""
+        fd = lsock.fileno()
+        extra = self.ctx.stats.extra
+        extra["accept_backoffs"] += 1
+        if self._backoff == self.ctx.limits.accept_backoff:  # a new episode: log it once
+            log.warning("worker %d (%s): accept failed: %s; pausing the listener, retrying "
+                        "with back-off", self.ctx.index, self.name, exc)
+        if fd in self._paused:
+            return
+        try:
+            self._unregister(fd)
+        except (OSError, KeyError, ValueError):
+            pass
+        self._paused[fd] = time.monotonic() + self._backoff
+        self._backoff = min(ACCEPT_BACKOFF_MAX, self._backoff * 2)
 
     # -- accept -----------------------------------------------------------------
 
@@ -170,13 +260,20 @@ class ReadinessLoop(Backend):
             except InterruptedError:
                 continue
             except OSError as exc:
-                # EMFILE/ENFILE/ENOBUFS/ECONNABORTED: counted; the worker keeps serving.
-                stats.extra["accept_errors"] = stats.extra.get("accept_errors", 0) + 1
-                if exc.errno not in (errno.ECONNABORTED, errno.EPROTO):
-                    log.warning("worker %d: accept failed: %s", self.ctx.index, exc)
+                # EMFILE/ENFILE/ENOBUFS/ENOMEM: pause and back off; ECONNABORTED/EPROTO
+                # (the peer gave up in the queue): that one connection only.  Counted.
+                stats.extra["accept_errors"] += 1
+                if exc.errno in ACCEPT_RESOURCE_ERRORS:
+                    self._pause_listener(lsock, exc)
+                    break
+                if exc.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
+                    continue
+                log.warning("worker %d: accept failed: %s", self.ctx.index, exc)
                 break
             won += 1
             self._add_connection(sock, peer)
+        if won:
+            self._backoff = self.ctx.limits.accept_backoff
         stats.accepted += won
         if not won:
             stats.lost_races += 1
@@ -193,7 +290,7 @@ class ReadinessLoop(Backend):
             sock.setsockopt(_IPPROTO_TCP, _TCP_NODELAY, 1)
         except OSError:
             pass  # not TCP (a test's AF_UNIX socket): nothing to tune
-        conn = Connection(sock, self.ctx.protocol_factory(), peer)
+        conn = Connection(sock, self.ctx.protocol_factory(), peer, self._now)
         try:
             self._register(conn.fd, self.EV_READ)
         except RegistrationRefused as exc:
@@ -255,8 +352,9 @@ class ReadinessLoop(Backend):
 
     def _handler_failed(self, conn: Connection) -> None:
         self.ctx.stats.handler_errors += 1
-        log.exception("worker %d: protocol %s failed on connection from %s; closing it",
-                      self.ctx.index, type(conn.proto).__name__, conn.peer)
+        log.exception("worker %d (%s): protocol %s failed on connection fd %d from %s; "
+                      "closing that connection only", self.ctx.index, self.name,
+                      type(conn.proto).__name__, conn.fd, conn.peer)
         self._close(conn, error=True)
 
     def _finish(self, conn: Connection) -> None:
@@ -293,6 +391,10 @@ class ReadinessLoop(Backend):
         self._want_write(conn)
 
     def _want_write(self, conn: Connection) -> None:
+        pending = len(conn.out)
+        if pending > self._peak:  # the high-water mark of queued output (a test checks it)
+            self._peak = pending
+            self.ctx.stats.extra["max_pending"] = pending
         if conn.reading and len(conn.out) > self._max_output:
             # Backpressure: a client that does not read stops being read from,
             # so its pending output (our memory) stays bounded.
@@ -358,8 +460,13 @@ class ReadinessLoop(Backend):
         their requests may already be queued: they are accepted once more and served.
         """
         for fd, lsock in self._listeners.items():
-            self._accept(lsock)
-            self._unregister(fd)
+            if fd not in self._paused:
+                self._accept(lsock)
+            try:
+                self._unregister(fd)
+            except (OSError, KeyError, ValueError):
+                pass  # paused (out of fds) at stop: already unregistered
+        self._paused.clear()
         for conn in list(self._conns.values()):
             if conn.reading:
                 self._read_remaining(conn)

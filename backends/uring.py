@@ -45,7 +45,16 @@ completion that releases it has been seen.  Per worker:
   backlog taken once (synchronously), each connection's recv is cancelled and what its
   peer already sent is read synchronously and answered, output is flushed within
   ``limits.drain_timeout``, everything is closed.
-* **CQ overflow**: the CQ is 8x the SQ; ``io_uring_cq_has_overflow`` after a reap is
+* **Accept out of fds** (EMFILE/ENFILE/ENOBUFS/ENOMEM): the accept is not re-armed
+  (it would fail at once, a spin through the ring); the listener is paused for a
+  back-off (``limits.accept_backoff`` doubling to 1 s, reset by a successful accept) and
+  the wait is bounded by its resume time.  ``extra["accept_errors"]``/``["accept_backoffs"]``.
+* **Idle / header timeouts**: the C core stamps each connection on progress (data in,
+  send completed) with a clock read once per wait; the wait's timeout is the coarse
+  timer tick while connections are open, and a sweep per tick (``uc_idle``: one call)
+  lists the connections past the shortest timeout; Python closes those idle too long or
+  whose protocol holds a partial request (``proto.partial``).
+* **CQ overflow**: the CQ is 8x the SQ (``--uring-cq-entries`` to shrink it for tests); ``io_uring_cq_has_overflow`` after a reap is
   counted in ``extra["cq_overflows"]`` (the kernel keeps overflowed CQEs and flushes
   them at the next enter), ``-EBADR`` from an enter (CQEs lost) in ``cq_dropped``.
 """
@@ -70,7 +79,9 @@ SETUP_FLAG_NAMES = (
     (1 << 16, "NO_SQARRAY"),
 )
 EXTRA_STATS = ("entries", "sqes", "cqes", "enobufs", "cq_overflows", "cq_dropped",
-               "zc_sends", "copied_sends", "partial_sends", "recv_arms", "accept_errors")
+               "zc_sends", "copied_sends", "partial_sends", "recv_arms", "accept_errors",
+               "accept_backoffs", "max_pending")
+SWEEP_MAX = 4096   # connections closed per timer sweep at most (the rest: next tick)
 
 
 def flag_names(flags: int) -> str:
@@ -108,7 +119,8 @@ def load():
 
 
 def new_core(ffi, lib, ctx, *, raw: bool = False, multishot_accept: bool = False,
-             nbufs: int = 1024, bufsize: int = 16384, entries: int = 1024, setup_flags: int = 0):
+             nbufs: int = 1024, bufsize: int = 16384, entries: int = 1024, setup_flags: int = 0,
+             cq_entries: int = 0):
     listeners = [s.fileno() for s in ctx.listeners]
     if len(listeners) > lib.MAX_LISTENERS:
         raise BackendError(f"at most {lib.MAX_LISTENERS} listening sockets per worker")
@@ -124,13 +136,17 @@ def new_core(ffi, lib, ctx, *, raw: bool = False, multishot_accept: bool = False
     cfg.stop_fd = ctx.stop.fileno()
     cfg.multishot_accept = int(multishot_accept)
     cfg.raw = int(raw)
+    cfg.cq_entries = cq_entries
+    cfg.accept_backoff_ms = max(1, int(ctx.limits.accept_backoff * 1000))
     cfg.nlisteners = len(listeners)
     for i, fd in enumerate(listeners):
         cfg.listeners[i] = fd
     err = ffi.new("int *")
     core = lib.uc_new(cfg, err)
     if core == ffi.NULL:
-        raise BackendError(f"io_uring setup failed: {os.strerror(err[0])} (errno {err[0]})")
+        raise BackendError(f"io_uring setup failed: {os.strerror(err[0])} (errno {err[0]}); "
+                           f"entries={entries} cq_entries={cq_entries or 8 * entries} "
+                           f"buffers={nbufs}x{bufsize}")
     return core
 
 
@@ -193,6 +209,13 @@ def _probe() -> Availability:
     return Availability(True, detail=f"liburing {ver // 100}.{ver % 100}, flags {flag_names(flags)}")
 
 
+def _setup_flags(lib, name: str) -> int:
+    return {"auto": 0, "plain": lib.IORING_SETUP_SUBMIT_ALL,
+            "coop": lib.IORING_SETUP_COOP_TASKRUN | lib.IORING_SETUP_TASKRUN_FLAG,
+            "defer": lib.IORING_SETUP_SINGLE_ISSUER | lib.IORING_SETUP_DEFER_TASKRUN,
+            }[name]
+
+
 class UringBackend(Backend):
     name = "uring"
     description = "io_uring, C event core (multishot recv, buffer ring, batched submit/wait)"
@@ -204,6 +227,22 @@ class UringBackend(Backend):
     @classmethod
     def probe(cls) -> Availability:
         return probe_uring()
+
+    @classmethod
+    def preflight(cls, limits, options) -> None:
+        """Create (and free) one ring with the requested settings in the parent: a ring
+        that cannot be created is a clear startup error, not a dead worker."""
+        ffi, lib = load()
+        from types import SimpleNamespace
+
+        ctx = SimpleNamespace(listeners=[], limits=limits, stop=SimpleNamespace(fileno=lambda: -1))
+        opt = lambda name, default: getattr(options, name, default)  # noqa: E731
+        setup = _setup_flags(lib, opt("uring_setup", "auto"))
+        core = new_core(ffi, lib, ctx, nbufs=opt("uring_buffers", 1024),
+                        bufsize=max(64, min(opt("uring_buffer_size", 16384), limits.recv_size)),
+                        entries=opt("uring_entries", 1024), setup_flags=setup,
+                        cq_entries=opt("uring_cq_entries", 0) or 0)
+        lib.uc_free(core)
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
@@ -218,6 +257,8 @@ class UringBackend(Backend):
         g.add_argument("--uring-buffer-size", type=int, default=16384,
                        help="bytes per provided buffer")
         g.add_argument("--uring-entries", type=int, default=1024, help="SQ entries (CQ is 8x)")
+        g.add_argument("--uring-cq-entries", type=int, default=0,
+                       help="CQ entries (0: 8x the SQ); tiny values force CQ overflow (tests)")
         g.add_argument("--uring-setup", choices=["auto", "defer", "coop", "plain"], default="auto",
                        help="ring setup flags (auto: strongest that works)")
 
@@ -227,14 +268,12 @@ class UringBackend(Backend):
         ctx = self.ctx
         self.ffi, self.lib = ffi, lib = load()
         multishot = ctx.accept == REUSEPORT or ctx.option("uring_accept", "single") == "multishot"
-        setup = {"auto": 0, "plain": lib.IORING_SETUP_SUBMIT_ALL,
-                 "coop": lib.IORING_SETUP_COOP_TASKRUN | lib.IORING_SETUP_TASKRUN_FLAG,
-                 "defer": lib.IORING_SETUP_SINGLE_ISSUER | lib.IORING_SETUP_DEFER_TASKRUN,
-                 }[ctx.option("uring_setup", "auto")]
+        setup = _setup_flags(lib, ctx.option("uring_setup", "auto"))
         bufsize = max(64, min(ctx.option("uring_buffer_size", 16384), ctx.limits.recv_size))
         self.core = new_core(ffi, lib, ctx, raw=raw, multishot_accept=multishot,
                              nbufs=ctx.option("uring_buffers", 1024), bufsize=bufsize,
-                             entries=ctx.option("uring_entries", 1024), setup_flags=setup)
+                             entries=ctx.option("uring_entries", 1024), setup_flags=setup,
+                             cq_entries=ctx.option("uring_cq_entries", 0) or 0)
         self.bufsize = bufsize
         self.multishot = multishot
         self.pool = memoryview(ffi.buffer(lib.uc_pool(self.core), lib.uc_pool_size(self.core)))
@@ -242,8 +281,15 @@ class UringBackend(Backend):
         extra = ctx.stats.extra
         extra["setup_flags"] = flag_names(lib.uc_setup_flags(self.core))
         extra["accept_mode"] = "multishot" if multishot else "single"
-        for k in EXTRA_STATS + ("cqes_per_entry", "sqes_per_entry"):
+        for k in EXTRA_STATS + ("cqes_per_entry", "sqes_per_entry", "idle_timeouts",
+                                "header_timeouts"):
             extra[k] = 0  # every key exists from the start: snapshots iterate this dict
+        lim = ctx.limits
+        self.tick = lim.timer_tick()
+        self.idle = lim.idle_timeout if lim.idle_timeout and lim.idle_timeout > 0 else 0.0
+        self.hdr = lim.header_timeout if lim.header_timeout and lim.header_timeout > 0 else 0.0
+        self.sweep_ids = ffi.new("int32_t[]", SWEEP_MAX)
+        self.sweep_ages = ffi.new("int32_t[]", SWEEP_MAX)
 
     def _sync_stats(self) -> None:
         """Copy the C core's counters into WorkerStats (single writer: this worker)."""
@@ -281,12 +327,24 @@ class UringBackend(Backend):
         stop = self.ctx.stop
         process = self._process
         sync = self._sync_stats
+        protos = self.protos
+        monotonic = time.monotonic
+        tick = self.tick
+        tick_ms = max(1, int(tick * 1000)) if tick else -1
+        next_sweep = monotonic() + (tick or 0.0)
         it = 0
         while not self.stopping:
-            n = wait(core, -1)
+            # The coarse timer: bounded waits only while connections are open.
+            n = wait(core, tick_ms if protos else -1)
             stats.wakeups += 1
             if n:
                 process(unpack(events(core), 4 * n))
+            if tick:
+                now = monotonic()
+                if now >= next_sweep:
+                    next_sweep = now + tick
+                    self._sweep()
+                    sync()   # counters fresh at least once per tick, even when quiet
             it += 1
             if not it & 63:
                 sync()
@@ -355,10 +413,32 @@ class UringBackend(Backend):
         stats.requests += requests
         stats.bytes_in += bytes_in
 
+    def _sweep(self) -> None:
+        """Close connections past the idle timeout, or past the header timeout while
+        their protocol holds a partial request (one C call lists the candidates)."""
+        idle, hdr = self.idle, self.hdr
+        limit = min(t for t in (idle, hdr) if t)
+        n = self.lib.uc_idle(self.core, int(limit * 1000), self.sweep_ids, self.sweep_ages, SWEEP_MAX)
+        if not n:
+            return
+        extra, protos, close = self.ctx.stats.extra, self.protos, self.lib.uc_close
+        for cid, age_ms in zip(self.ffi.unpack(self.sweep_ids, n), self.ffi.unpack(self.sweep_ages, n)):
+            age = age_ms / 1000
+            proto = protos.get(cid)
+            if proto is None:
+                continue
+            if idle and age >= idle:
+                extra["idle_timeouts"] += 1
+                close(self.core, cid, 0)
+            elif hdr and age >= hdr and proto.partial:
+                extra["header_timeouts"] += 1
+                close(self.core, cid, 0)
+
     def _handler_failed(self, cid: int, proto) -> None:
         self.ctx.stats.handler_errors += 1
-        log.exception("worker %d: protocol %s failed; closing the connection",
-                      self.ctx.index, type(proto).__name__)
+        log.exception("worker %d (%s): protocol %s failed on connection id %d; "
+                      "closing that connection only", self.ctx.index, self.name,
+                      type(proto).__name__, cid)
         self.lib.uc_close(self.core, cid, 1)
 
     def _drain(self) -> None:
@@ -379,13 +459,18 @@ class UringBackend(Backend):
                 self._process(ffi.unpack(lib.uc_events(core), 4 * n))
 
     def _close_all(self) -> None:
-        lib, core = self.lib, self.core
+        lib, core, ffi = self.lib, self.core, self.ffi
         try:
             lib.uc_shutdown(core)
             # Wait (bounded) until the kernel holds no operation of ours: only then may
             # the buffer pool be freed.  Closes are reported as usual.
             self._pump(lambda: lib.uc_inflight(core) > 0 or lib.uc_nconns(core) > 0,
                        time.monotonic() + 2.0)
+            # Closes released synchronously by uc_shutdown are reported by the next
+            # wait even when nothing is left in flight: collect them.
+            n = lib.uc_wait(core, 0)
+            if n:
+                self._process(ffi.unpack(lib.uc_events(core), 4 * n))
             self._sync_stats()
         finally:
             try:

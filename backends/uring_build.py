@@ -41,13 +41,15 @@ CDEF = """
 struct uc_stats {
     uint64_t entries, sqes, cqes, waits, enobufs, cq_overflows, cq_dropped, bytes_in, bytes_out,
              accept_cqes, accepted, accept_eagain, accept_errors, refused, backpressure,
-             zc_sends, copied_sends, recv_arms, partial_sends;
+             zc_sends, copied_sends, recv_arms, partial_sends, accept_backoffs, max_pending;
 };
 struct uc_config {
     unsigned entries, nbufs, bufsize, max_conns, setup_flags;
     uint64_t max_output;
     int stop_fd, multishot_accept, nlisteners, raw;
     int listeners[...];
+    unsigned cq_entries;
+    unsigned accept_backoff_ms;
 };
 typedef struct uc_core uc_core;
 
@@ -73,6 +75,7 @@ unsigned uc_features(uc_core *c);
 int uc_nconns(uc_core *c);
 int uc_inflight(uc_core *c);
 int uc_check_opcodes(uc_core *c);
+int uc_idle(uc_core *c, int limit_ms, int32_t *ids, int32_t *ages_ms, int max);
 
 int uc_raw_accept(uc_core *c, int fd, uint64_t ud, int multishot);
 int uc_raw_recv(uc_core *c, int fd, uint64_t ud);

@@ -23,6 +23,7 @@
  *    completes.  The kernel never writes a buffer that is not in the ring.
  */
 #include <dlfcn.h>
+#include <malloc.h>
 #include <errno.h>
 #include <poll.h>
 #include <signal.h>
@@ -143,7 +144,7 @@ enum { B_RING = 0, B_LENT, B_PINNED, B_FREE };
 struct uc_stats {
     uint64_t entries, sqes, cqes, waits, enobufs, cq_overflows, cq_dropped, bytes_in, bytes_out,
              accept_cqes, accepted, accept_eagain, accept_errors, refused, backpressure,
-             zc_sends, copied_sends, recv_arms, partial_sends;
+             zc_sends, copied_sends, recv_arms, partial_sends, accept_backoffs, max_pending;
 };
 
 struct uc_config {
@@ -151,6 +152,8 @@ struct uc_config {
     uint64_t max_output;
     int stop_fd, multishot_accept, nlisteners, raw;
     int listeners[MAX_LISTENERS];
+    unsigned cq_entries;            /* 0: 8 x entries */
+    unsigned accept_backoff_ms;     /* first pause after EMFILE/ENFILE/ENOBUFS/ENOMEM on accept */
 };
 
 struct chunk { struct chunk *next; char *base; uint32_t len, off; int32_t bid; };
@@ -160,10 +163,12 @@ struct conn {
     uint8_t used, reading, paused, recv_armed, recv_cancel, sending, closing, dead,
             eof, starved, drain_read, error;
     uint64_t pending;               /* bytes queued or in flight */
+    int64_t last_ms;                /* last progress (data in, send done): idle/header timeouts */
     struct chunk *head, *tail;
 };
 
-struct listener { int fd; uint8_t armed, cancel; };
+/* paused: out of fds at accept; re-armed at resume_ms (the wait is bounded by it). */
+struct listener { int fd; uint8_t armed, cancel, paused; int64_t resume_ms; };
 
 struct uc_core {
     char ring[1024] __attribute__((aligned(64)));  /* struct io_uring, opaque */
@@ -181,9 +186,19 @@ struct uc_core {
     struct listener lis[MAX_LISTENERS];
     int stop_armed, stop_seen, draining, shutting, inflight, any_starved;
     int32_t *ev; int nev, evcap, evret;
+    int64_t now_ms;                 /* CLOCK_MONOTONIC, read once per uc_wait (vDSO, no syscall) */
+    uint64_t freed_copies;          /* bytes of copied output freed since the last malloc_trim */
+    unsigned backoff_ms;
 };
 typedef struct uc_core uc_core;
 #define RING(c) ((struct io_uring *)(c)->ring)
+
+static int64_t mono_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
 
 static void emit(uc_core *c, int kind, int id, int a, int b)
 {
@@ -304,7 +319,7 @@ static void conn_open(uc_core *c, int fd)
     int id = c->freelist[--c->nfree];
     struct conn *k = &c->conns[id];
     memset(k, 0, sizeof *k);
-    k->fd = fd; k->used = 1; k->reading = 1;
+    k->fd = fd; k->used = 1; k->reading = 1; k->last_ms = c->now_ms;
     int one = 1;
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);  /* fails harmlessly on AF_UNIX */
     c->nconns++;
@@ -351,6 +366,7 @@ static void on_cqe(uc_core *c, struct io_uring_cqe *q)
             int bid = q->flags >> IORING_CQE_BUFFER_SHIFT;
             c->ring_free--;
             if (res > 0 && !k->dead && !k->closing) {
+                k->last_ms = c->now_ms;
                 c->bstate[bid] = B_LENT; c->lent[c->nlent++] = bid;
                 c->st.bytes_in += res;
                 emit(c, EV_DATA, id, bid, res);
@@ -372,10 +388,11 @@ static void on_cqe(uc_core *c, struct io_uring_cqe *q)
         if (k->dead) { maybe_release(c, id); break; }
         if (res <= 0) { conn_kill(c, id, res != -ECANCELED); break; }
         struct chunk *h = k->head;
+        k->last_ms = c->now_ms;
         c->st.bytes_out += res; k->pending -= res; h->off += res;
         if (h->off < h->len) { c->st.partial_sends++; submit_send(c, id); break; }
         k->head = h->next; if (!k->head) k->tail = NULL;
-        if (h->bid >= 0) buf_recycle(c, h->bid); else free(h->base);
+        if (h->bid >= 0) buf_recycle(c, h->bid); else { free(h->base); c->freed_copies += h->len; }
         free(h);
         if (k->head) submit_send(c, id);
         else if (k->closing) { conn_kill(c, id, 0); break; }
@@ -388,13 +405,25 @@ static void on_cqe(uc_core *c, struct io_uring_cqe *q)
     case OP_ACCEPT: {
         struct listener *l = &c->lis[id];
         c->st.accept_cqes++;
-        if (res >= 0) conn_open(c, res);
+        if (res >= 0) { conn_open(c, res); c->backoff_ms = c->cfg.accept_backoff_ms; }
         else if (res == -EAGAIN) c->st.accept_eagain++;     /* a lost race */
-        else if (res != -ECANCELED) c->st.accept_errors++;
+        else if (res != -ECANCELED) {
+            c->st.accept_errors++;
+            if (res == -EMFILE || res == -ENFILE || res == -ENOBUFS || res == -ENOMEM) {
+                /* Out of a resource: re-arming at once would fail at once (a spin through
+                 * the ring).  Pause this listener; uc_wait re-arms it after a back-off. */
+                if (!l->paused) {
+                    l->paused = 1; c->st.accept_backoffs++;
+                    l->resume_ms = c->now_ms + c->backoff_ms;
+                    c->backoff_ms = c->backoff_ms * 2 > 1000 ? 1000 : c->backoff_ms * 2;
+                }
+                if (more && !l->cancel) { cancel_op(c, UD(OP_ACCEPT, id)); l->cancel = 1; }
+            }
+        }
         if (!more) {
             l->armed = 0; l->cancel = 0;
             if (c->draining && !c->shutting) accept_backlog(c, id);
-            else if (!c->draining) arm_accept(c, id);
+            else if (!c->draining && !l->paused) arm_accept(c, id);
         }
         break;
     }
@@ -415,6 +444,9 @@ static uc_core *uc_new(const struct uc_config *cfg, int *err)
     memset(c, 0, sizeof *c);
     c->cfg = *cfg;
     if (c->cfg.nlisteners > MAX_LISTENERS) c->cfg.nlisteners = MAX_LISTENERS;
+    if (!c->cfg.accept_backoff_ms) c->cfg.accept_backoff_ms = 50;
+    c->backoff_ms = c->cfg.accept_backoff_ms;
+    c->now_ms = mono_ms();
     /* Strongest first: one issuer thread + task work deferred to our own wait is the
      * cheapest (no IPIs, completions run when we ask); COOP avoids interrupting us;
      * plain works everywhere.  cfg.setup_flags != 0 forces one set (for experiments). */
@@ -427,7 +459,7 @@ static uc_core *uc_new(const struct uc_config *cfg, int *err)
         struct io_uring_params p;
         memset(&p, 0, sizeof p);
         p.flags = (cfg->setup_flags ? cfg->setup_flags : tries[i]) | IORING_SETUP_CQSIZE;
-        p.cq_entries = cfg->entries * 8;  /* roomy CQ: overflow is the slow path */
+        p.cq_entries = cfg->cq_entries ? cfg->cq_entries : cfg->entries * 8;  /* roomy CQ: overflow is the slow path */
         r = p_io_uring_queue_init_params(cfg->entries, RING(c), &p);
         if (r == 0) { c->flags_in_effect = p.flags; c->features = p.features; break; }
         if (r != -EINVAL || cfg->setup_flags) break;
@@ -523,6 +555,18 @@ static int uc_wait(uc_core *c, int timeout_ms)
         }
     }
     if (c->br_pending) { p_io_uring_buf_ring_advance(c->br, c->br_pending); c->br_pending = 0; }
+    for (int i = 0; i < c->cfg.nlisteners; i++) {   /* accept back-off: re-arm or bound the wait */
+        struct listener *l = &c->lis[i];
+        if (!l->paused) continue;
+        if (c->draining) { l->paused = 0; continue; }
+        int64_t left = l->resume_ms - mono_ms();
+        if (left <= 0) { l->paused = 0; if (!l->armed) arm_accept(c, i); }
+        else if (timeout_ms < 0 || left < timeout_ms) timeout_ms = (int)left;
+    }
+
+    /* A slow reader's backlog of copied output, once freed, is handed back to the OS
+     * (glibc keeps freed heap otherwise): RSS returns to its level after the fault. */
+    if (c->freed_copies > (1u << 20)) { c->freed_copies = 0; malloc_trim(0); }
 
     int busy = c->nev > 0 || p_io_uring_cq_ready(RING(c)) > 0;
     if (c->draining) busy |= drain_reads(c) || c->nev > 0;
@@ -537,6 +581,7 @@ static int uc_wait(uc_core *c, int timeout_ms)
     c->st.entries++; c->st.waits++;
     if (r > 0) c->st.sqes += r;
     if (r == -EBADR) c->st.cq_dropped++;  /* the kernel had to drop CQEs (out of memory) */
+    c->now_ms = mono_ms();
 
     struct io_uring_cqe *cqes[256];
     for (;;) {
@@ -563,6 +608,7 @@ static int queue_out(uc_core *c, int id, char *base, uint32_t len, int bid)
     if (k->tail) k->tail->next = h; else k->head = h;
     k->tail = h;
     k->pending += len;
+    if (k->pending > c->st.max_pending) c->st.max_pending = k->pending;
     if (!k->sending) submit_send(c, id);
     if (k->reading && k->pending > c->cfg.max_output) {
         /* Backpressure: stop receiving from a client that does not read.  Multishot recv
@@ -659,6 +705,22 @@ static int uc_free(uc_core *c)
     free(c->ev); free(c->conns); free(c->freelist); free(c->deferred); free(c->bstate); free(c->lent);
     free(c);
     return leaked;
+}
+
+/* Connections without progress for at least limit_ms (idle/header timeouts; Python
+ * decides which to close, since only it knows whether a request is partial).
+ * Fills ids[] and ages_ms[] (at most max); returns how many. */
+static int uc_idle(uc_core *c, int limit_ms, int32_t *ids, int32_t *ages_ms, int max)
+{
+    int n = 0;
+    int64_t now = mono_ms();
+    for (int id = 0; id < c->nconn_slots && n < max; id++) {
+        struct conn *k = &c->conns[id];
+        if (!k->used || k->dead || k->closing) continue;
+        int64_t age = now - k->last_ms;
+        if (age >= limit_ms) { ids[n] = id; ages_ms[n] = age > INT32_MAX ? INT32_MAX : (int32_t)age; n++; }
+    }
+    return n;
 }
 
 static int32_t *uc_events(uc_core *c) { return c->ev; }

@@ -22,6 +22,7 @@ import os
 import socket
 import time
 
+from parallelnet.backends.base import ACCEPT_BACKOFF_MAX, ACCEPT_RESOURCE_ERRORS
 from parallelnet.backends.uring import UringBackend
 
 log = logging.getLogger("parallelnet.worker")
@@ -33,7 +34,8 @@ BATCH = 1024
 
 class Conn:
     __slots__ = ("cid", "sock", "fd", "proto", "out", "inflight", "off", "bid", "recv_armed",
-                 "recv_cancel", "reading", "paused", "closing", "dead", "eof", "starved", "error")
+                 "recv_cancel", "reading", "paused", "closing", "dead", "eof", "starved", "error",
+                 "last")
 
     def __init__(self, cid, sock, proto):
         self.cid, self.sock, self.fd, self.proto = cid, sock, sock.fileno(), proto
@@ -43,6 +45,7 @@ class Conn:
         self.recv_armed = self.recv_cancel = self.paused = False
         self.closing = self.dead = self.eof = self.starved = self.error = False
         self.reading = True
+        self.last = time.monotonic()  # last progress (data in, send done): timeouts
 
 
 class UringPyBackend(UringBackend):
@@ -65,7 +68,14 @@ class UringPyBackend(UringBackend):
         self.steps = 0
         self.lis = {i: s for i, s in enumerate(self.ctx.listeners)}
         self.accept_armed = set()
-        self.extra = {"enobufs": 0, "zc_sends": 0, "copied_sends": 0, "partial_sends": 0}
+        self.extra = {"enobufs": 0, "zc_sends": 0, "copied_sends": 0, "partial_sends": 0,
+                      "accept_errors": 0, "accept_backoffs": 0, "idle_timeouts": 0,
+                      "header_timeouts": 0, "max_pending": 0}
+        self.ctx.stats.extra.update(self.extra)
+        self.paused_lis: dict[int, float] = {}   # listener index -> resume time (EMFILE back-off)
+        self.backoff = self.ctx.limits.accept_backoff
+        self.now = time.monotonic()
+        self.next_sweep = self.now + (self.tick or 0.0)
         lib.uc_raw_poll(core, self.ctx.stop.fileno(), STOP)
         for i in self.lis:
             self._arm_accept(i)
@@ -84,22 +94,43 @@ class UringPyBackend(UringBackend):
             if not c.dead and c.reading and not c.recv_armed:
                 self._arm_recv(c)
         self.starved.clear()
+        if not self.draining:
+            if self.tick and self.conns:
+                left = max(1, int((self.next_sweep - self.now) * 1000) + 1)
+                timeout_ms = left if timeout_ms < 0 else min(timeout_ms, left)
+            for i, when in list(self.paused_lis.items()):
+                left = int((when - self.now) * 1000) + 1
+                if left <= 0:
+                    del self.paused_lis[i]
+                    if i not in self.accept_armed:
+                        self._arm_accept(i)
+                else:
+                    timeout_ms = left if timeout_ms < 0 else min(timeout_ms, left)
         n = lib.uc_raw_wait(self.core, timeout_ms, self.ud, self.res, self.fl, BATCH)
+        self.now = now = time.monotonic()
         self.ctx.stats.wakeups += 1
         if n:
             for ud, res, fl in zip(ffi.unpack(self.ud, n), ffi.unpack(self.res, n),
                                    ffi.unpack(self.fl, n)):
                 op, cid = ud & 0xFF, ud >> 8
                 if op == RECV:
-                    self._on_recv(self.conns[cid], res, fl)
+                    c = self.conns[cid]
+                    c.last = now
+                    self._on_recv(c, res, fl)
                 elif op == SEND:
-                    self._on_send(self.conns[cid], res)
+                    c = self.conns[cid]
+                    c.last = now
+                    self._on_send(c, res)
                 elif op == ACCEPT:
                     self._on_accept(cid, res, fl)
                 elif op == STOP and res != -errno.ECANCELED:
                     self.stopping = True
         if self.ctx.stop.is_set():
             self.stopping = True
+        if self.tick and now >= self.next_sweep and not self.draining:
+            self.next_sweep = now + self.tick
+            self._sweep(now)
+            self._sync()
         self.steps += 1
         if not self.steps & 63:
             self._sync()
@@ -111,6 +142,19 @@ class UringPyBackend(UringBackend):
         extra.update(self.extra)
         extra["cqes_per_entry"] = round(cs.cqes / (cs.entries or 1), 3)
         extra["sqes_per_entry"] = round(cs.sqes / (cs.entries or 1), 3)
+
+    def _sweep(self, now: float) -> None:
+        idle, hdr = self.idle, self.hdr
+        for c in list(self.conns.values()):
+            if c.dead or c.closing:
+                continue
+            age = now - c.last
+            if idle and age >= idle:
+                self.extra["idle_timeouts"] += 1
+                self._kill(c, False)
+            elif hdr and age >= hdr and c.proto.partial:
+                self.extra["header_timeouts"] += 1
+                self._kill(c, False)
 
     # -- accept -------------------------------------------------------------------------
 
@@ -125,11 +169,24 @@ class UringPyBackend(UringBackend):
             os.close(res)
         elif res >= 0:
             self._open_conn(socket.socket(fileno=res))
+            self.backoff = self.ctx.limits.accept_backoff
         elif res == -errno.EAGAIN:
             stats.lost_races += 1
+        elif res != -errno.ECANCELED:
+            self.extra["accept_errors"] += 1
+            if -res in ACCEPT_RESOURCE_ERRORS and i not in self.paused_lis:
+                # Out of fds: re-arming now would fail now; pause, retry after a back-off.
+                if self.backoff == self.ctx.limits.accept_backoff:
+                    log.warning("worker %d (%s): accept failed: %s; pausing the listener",
+                                self.ctx.index, self.name, os.strerror(-res))
+                self.extra["accept_backoffs"] += 1
+                self.paused_lis[i] = time.monotonic() + self.backoff
+                self.backoff = min(ACCEPT_BACKOFF_MAX, self.backoff * 2)
+                if fl & F_MORE:
+                    self.lib.uc_raw_cancel(self.core, (i << 8) | ACCEPT, CANCEL)
         if not fl & F_MORE:
             self.accept_armed.discard(i)
-            if not self.draining:
+            if not self.draining and i not in self.paused_lis:
                 self._arm_accept(i)
             elif not self.shutting:
                 self._accept_backlog(self.lis[i])
@@ -212,7 +269,9 @@ class UringPyBackend(UringBackend):
             out, k = c.proto.feed(data)
         except Exception:  # noqa: BLE001
             stats.handler_errors += 1
-            log.exception("worker %d: protocol failed; closing", self.ctx.index)
+            log.exception("worker %d (%s): protocol %s failed on connection id %d fd %d; "
+                          "closing that connection only", self.ctx.index, self.name,
+                          type(c.proto).__name__, c.cid, c.fd)
             self.lib.uc_raw_recycle(self.core, bid)
             self._kill(c, True)
             return
@@ -247,14 +306,30 @@ class UringPyBackend(UringBackend):
                 self._on_eof(c)
                 return
             stats.bytes_in += len(data)
-            out, k = c.proto.feed(data)
+            try:
+                out, k = c.proto.feed(data)
+            except Exception:  # noqa: BLE001
+                stats.handler_errors += 1
+                log.exception("worker %d (%s): protocol %s failed on connection id %d; "
+                              "closing that connection only", self.ctx.index, self.name,
+                              type(c.proto).__name__, c.cid)
+                self._kill(c, True)
+                return
             stats.requests += k
             if out:
                 self._queue(c, out)
         self._finish(c)
 
     def _on_eof(self, c: Conn) -> None:
-        out = c.proto.eof()
+        try:
+            out = c.proto.eof()
+        except Exception:  # noqa: BLE001
+            self.ctx.stats.handler_errors += 1
+            log.exception("worker %d (%s): protocol %s failed at EOF on connection id %d; "
+                          "closing that connection only", self.ctx.index, self.name,
+                          type(c.proto).__name__, c.cid)
+            self._kill(c, True)
+            return
         if out:
             self._queue(c, out)
         self._finish(c)
@@ -266,6 +341,9 @@ class UringPyBackend(UringBackend):
             return
         self.extra["copied_sends"] += 1
         c.out += out
+        pending = len(c.out) + (c.inflight[1] - c.off if c.inflight is not None else 0)
+        if pending > self.extra["max_pending"]:
+            self.extra["max_pending"] = pending
         if c.inflight is None:
             self._send_queued(c)
         if c.reading and len(c.out) > self.ctx.limits.max_output:
@@ -354,6 +432,9 @@ class UringPyBackend(UringBackend):
         lib = self.lib
         for i in list(self.accept_armed):
             lib.uc_raw_cancel(self.core, (i << 8) | ACCEPT, CANCEL)
+        for i in list(self.paused_lis):   # paused (out of fds): take the backlog now
+            self._accept_backlog(self.lis[i])
+        self.paused_lis.clear()
         for c in list(self.conns.values()):
             if c.dead or c.closing:
                 continue

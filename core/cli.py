@@ -22,6 +22,7 @@ import time
 from parallelnet.backends.base import REUSEPORT, SHARED, BackendError, Limits, registry
 from parallelnet.core.cpus import parse_cpu_list
 from parallelnet.core.listeners import STRATEGIES, is_loopback
+from parallelnet.core.protocols import PROTOCOLS
 from parallelnet.core.server import MODES, Server, ServerConfig
 from parallelnet.core.stats import Fairness, format_table
 
@@ -29,6 +30,8 @@ ACCEPT_HELP = {
     SHARED: "one listening socket in every worker's loop; workers race to accept (the seed)",
     "exclusive": "the shared socket registered with EPOLLEXCLUSIVE: the kernel wakes one waiter",
     REUSEPORT: "one SO_REUSEPORT socket per worker; the kernel hashes connections to them",
+    "reuseport-cpu": "SO_REUSEPORT steered by a cBPF program to the worker on the CPU "
+                     "that processes the SYN (on loopback: the client's CPU)",
 }
 
 
@@ -48,7 +51,7 @@ def add_server_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cpus", type=_cpu_list, default=None,
                    help="CPUs to pin workers to, e.g. 0,1 or 0-3 (default: the affinity mask)")
     p.add_argument("--no-pin", action="store_true", help="do not pin workers to CPUs")
-    p.add_argument("--protocol", default="echo", choices=["echo", "http"])
+    p.add_argument("--protocol", default="echo", choices=sorted(PROTOCOLS))
     p.add_argument("--message-size", type=int, default=0,
                    help="echo: count one request per this many bytes (default: per read)")
     p.add_argument("--accept", default=SHARED, choices=list(STRATEGIES),
@@ -67,11 +70,48 @@ def add_server_arguments(p: argparse.ArgumentParser) -> None:
                    help="connections per worker; more are closed at once and counted")
     p.add_argument("--drain-timeout", type=float, default=lim.drain_timeout,
                    help="seconds to finish responses after a stop signal")
+    p.add_argument("--idle-timeout", type=float, default=None,
+                   help=f"close a connection with no bytes in or out for S seconds "
+                        f"(default {lim.idle_timeout:g}; 0: never)")
+    p.add_argument("--header-timeout", type=float, default=None,
+                   help=f"close a connection holding an incomplete request with no progress "
+                        f"for S seconds (default {lim.header_timeout:g}; 0: never)")
     for cls in backends.values():
         try:
             cls.add_arguments(p)
         except Exception:  # noqa: BLE001 - a broken plugin must not break the CLI
             pass
+
+
+LIMIT_FLAGS = {"idle_timeout": "--idle-timeout", "header_timeout": "--header-timeout",
+               "max_connections": "--max-connections", "max_output": "--max-output"}
+
+
+def _limits_from_args(args: argparse.Namespace) -> Limits:
+    """Limits from the flags.  A limit the backend declares it cannot enforce
+    (``Backend.unsupported_limits``) is refused when given explicitly and disabled,
+    with a warning, when left at its default: never ignored silently."""
+    lim = Limits(max_output=args.max_output, max_connections=args.max_connections,
+                 drain_timeout=args.drain_timeout)
+    unsupported = getattr(registry().get(args.backend), "unsupported_limits", {}) or {}
+    for name in ("idle_timeout", "header_timeout"):
+        value = getattr(args, name, None)
+        if value is not None:
+            if value < 0:
+                raise ValueError(f"{LIMIT_FLAGS[name]} must be >= 0")
+            setattr(lim, name, value)
+        elif name in unsupported:
+            setattr(lim, name, 0.0)
+            print(f"warning: backend {args.backend} does not enforce {LIMIT_FLAGS[name]} "
+                  f"({unsupported[name]}); disabled", file=sys.stderr)
+    for name, why in unsupported.items():
+        value = getattr(lim, name, None)
+        explicit = name in ("max_connections", "max_output") and value != getattr(Limits(), name)
+        explicit |= name in ("idle_timeout", "header_timeout") and bool(value)
+        if explicit:
+            raise BackendError(f"backend {args.backend} cannot enforce {LIMIT_FLAGS.get(name, name)}: "
+                               f"{why}")
+    return lim
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
@@ -83,9 +123,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         protocol=args.protocol, protocol_options=protocol_options, accept=args.accept,
         mode=args.mode, host=args.host, port=args.port, allow_remote=args.allow_remote,
         backlog=args.backlog,
-        limits=Limits(max_output=args.max_output, max_connections=args.max_connections,
-                      drain_timeout=args.drain_timeout),
-        options=args)
+        limits=_limits_from_args(args), options=args)
 
 
 def totals(snaps: list[dict]) -> dict:
@@ -149,6 +187,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         stop.wait(timeout)
         if deadline is not None and time.monotonic() >= deadline:
             break
+        dead = server.dead_workers()
+        if dead:
+            # A server missing a worker is not serving what it says: stop, report, fail.
+            for i, why in sorted(dead.items()):
+                print(f"parallelnet serve: worker {i} died: {why}", file=sys.stderr, flush=True)
+            break
         if interval and not stop.is_set():
             now = time.monotonic()
             snaps = server.snapshots()
@@ -171,7 +215,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         json_out.write(json.dumps({"type": "final", "t": elapsed, "clean": clean,
                                    "workers": snaps, "totals": totals(snaps)}) + "\n")
         json_out.close()
-    return 1 if crashed else 0
+    return 1 if crashed or server.dead_workers() else 0
 
 
 def cmd_backends(args: argparse.Namespace) -> int:

@@ -34,7 +34,7 @@ from parallelnet.backends.base import (
     Backend, BackendError, Limits, StopSignal, WorkerContext, get_backend,
 )
 from parallelnet.core.cpus import assign_cpus, pin_current_thread
-from parallelnet.core.listeners import ListenerSet, is_loopback, open_listeners
+from parallelnet.core.listeners import ListenerSet, is_loopback, layout_of, open_listeners
 from parallelnet.core.protocols import make_factory
 from parallelnet.core.stats import WorkerStats
 
@@ -74,12 +74,15 @@ class Server:
         avail = self.backend_cls.probe()
         if not avail:
             raise BackendError(f"backend {config.backend!r} unavailable: {avail.reason}")
-        if config.accept not in self.backend_cls.accept_strategies:
+        if layout_of(config.accept) not in self.backend_cls.accept_strategies:
             raise BackendError(
                 f"backend {config.backend!r} does not support --accept {config.accept} "
                 f"(it supports: {', '.join(sorted(self.backend_cls.accept_strategies))})")
         if config.mode not in self.backend_cls.modes:
             raise BackendError(f"backend {config.backend!r} cannot run in {config.mode} mode")
+        # A configuration the backend cannot run (a ring that cannot be created...) is a
+        # clear startup error here, not a worker that dies after "listening on".
+        self.backend_cls.preflight(config.limits, config.options)
         self.cpus = assign_cpus(config.workers, config.cpus)
         self.protocol_factory = make_factory(config.protocol, **config.protocol_options)
         self.listeners: ListenerSet | None = None
@@ -92,6 +95,7 @@ class Server:
         self._collector: threading.Thread | None = None
         self._started = 0.0
         self._stopped = False
+        self._dead: dict[int, str] = {}            # worker index -> why it ended early
 
     @property
     def address(self) -> tuple[str, int]:
@@ -102,7 +106,8 @@ class Server:
 
     def start(self) -> tuple[str, int]:
         cfg = self.config
-        self.listeners = open_listeners(cfg.accept, cfg.host, cfg.port, len(self.cpus), cfg.backlog)
+        self.listeners = open_listeners(cfg.accept, cfg.host, cfg.port, len(self.cpus), cfg.backlog,
+                                        cpus=[s.cpu for s in self.stats])
         self._started = time.monotonic()
         if cfg.mode == "thread":
             self._start_threads()
@@ -114,7 +119,7 @@ class Server:
         cfg = self.config
         return WorkerContext(
             index=index, cpu=self.stats[index].cpu,
-            listeners=self.listeners.for_worker(index), accept=cfg.accept,
+            listeners=self.listeners.for_worker(index), accept=layout_of(cfg.accept),
             protocol_factory=self.protocol_factory, stats=self.stats[index],
             stop=stop, limits=cfg.limits, options=cfg.options)
 
@@ -223,6 +228,24 @@ class Server:
                     snap = json.loads(line)
                     self._child_snaps[snap["index"]] = snap
         sel.close()
+
+    def dead_workers(self) -> dict[int, str]:
+        """Workers that ended before a stop was requested (crashed or exited): index -> why."""
+        if self._stopped:
+            return dict(self._dead)
+        for i, t in enumerate(self._threads):
+            if not t.is_alive() and i not in self._dead:
+                self._dead[i] = self.stats[i].crashed or "worker thread exited"
+        for pid, i in list(self._children.items()):
+            try:
+                done, status = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                done, status = pid, 0
+            if done:
+                del self._children[pid]
+                snap = self._child_snaps.get(i) or {}
+                self._dead[i] = snap.get("crashed") or f"worker process exited (status {status})"
+        return dict(self._dead)
 
     # -- stop -------------------------------------------------------------------
 

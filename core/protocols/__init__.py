@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import os
 from typing import Callable
 
 from .base import Protocol
@@ -19,6 +20,13 @@ from .http import HttpProtocol
 __all__ = ["PROTOCOLS", "Protocol", "EchoProtocol", "HttpProtocol", "make_factory"]
 
 PROTOCOLS: dict[str, type[Protocol]] = {"echo": EchoProtocol, "http": HttpProtocol}
+
+#: Test-only protocols (a handler that raises, for the fault suite) exist only when
+#: PARALLELNET_TEST_PROTOCOLS=1 is set in the server's environment.
+if os.environ.get("PARALLELNET_TEST_PROTOCOLS") == "1":
+    from .testing import TEST_PROTOCOLS
+
+    PROTOCOLS.update(TEST_PROTOCOLS)
 
 
 def make_factory(name: str, **options) -> Callable[[], Protocol]:

@@ -14,6 +14,8 @@ Contract, for every backend:
   without a copy). ``n`` is the number of requests this chunk completed (for stats).
 * ``proto.closing``: once true, the backend sends what ``feed`` returned and then
   closes the connection; it feeds nothing more.
+* ``proto.partial``: true while the protocol holds an incomplete request (read only by
+  the backends' coarse header-timeout sweep, never on the hot path).
 * ``proto.eof()``: the peer half-closed its sending side; returns final bytes to send
   (usually ``b""``), after which the backend closes once its output is flushed.
 """
@@ -34,6 +36,11 @@ class Protocol(abc.ABC):
     @abc.abstractmethod
     def feed(self, data) -> tuple[bytes, int]:
         """Consume received bytes; return (bytes to send, requests completed)."""
+
+    @property
+    def partial(self) -> bool:
+        """True while an incomplete request is buffered (for the header timeout)."""
+        return False
 
     def eof(self) -> bytes:
         """The peer will send nothing more; return any final bytes to send."""

@@ -368,6 +368,11 @@ class HttpProtocol(Protocol):
         buf.clear()
         return data, [], 0
 
+    @property
+    def partial(self) -> bool:
+        """An incomplete header section or an unread body is held (header timeout)."""
+        return bool(self._buf) or bool(self._skip)
+
     def eof(self) -> bytes:
         """Peer finished sending: a partial request is dropped unanswered."""
         self.closing = True
