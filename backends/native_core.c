@@ -1,0 +1,773 @@
+/*
+ * native_core.c - the seed's design in C: one worker's whole event loop.
+ *
+ * The worker thread (a Python thread started and pinned by the core) calls
+ * nc_serve() with the GIL released (cffi API mode releases it around every call):
+ * its own epoll instance, the listening socket(s) it was given, accept until EAGAIN,
+ * non-blocking reads and writes, echo or HTTP/1.1 plaintext, backpressure, half-close.
+ * It returns to Python only at the end of a time slice (so the Python side can copy
+ * the counters into WorkerStats and run pending signal handlers) or at stop.  Since
+ * it runs in the Python worker thread itself, the thread id the core recorded with
+ * bind_current_thread() is the thread that does the work: /proc CPU accounting holds.
+ *
+ * Semantics mirror backends/readiness.py (level-triggered):
+ *  - listener readable: accept4() until EAGAIN; a wakeup that got nothing is a lost
+ *    race.  With EXCLUSIVE the listener is added with EPOLLEXCLUSIVE.
+ *  - connection readable: one recv() per wakeup, protocol, send at once; what the
+ *    kernel does not take is queued in order, EPOLLOUT is armed.  Past max_output
+ *    pending bytes reading pauses (backpressure) until the queue drains below half.
+ *  - recv() == 0: the peer half-closed; flush what is queued, then close.
+ *  - drain (nc_drain): accept the listen backlog once, read what each connection's
+ *    kernel buffer already holds (bounded) and answer it, flush within the drain
+ *    timeout, close everything.  Listening sockets are never closed here.
+ *
+ * Counters live in struct nc_stats, written only by this thread.
+ */
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE
+#endif
+#include <errno.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <sys/epoll.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
+
+#define NC_MAX_LISTENERS 8
+#define NC_ECHO 0
+#define NC_HTTP 1
+#define NC_MAXEVENTS 1024
+
+struct nc_stats {
+    uint64_t requests, bytes_in, bytes_out, wakeups, listen_wakeups, accepted, lost_races,
+             closed, refused, errors, backpressure, open, accept_errors, slices;
+};
+
+struct nc_config {
+    int stop_fd, nlisteners, exclusive, protocol;
+    int listeners[NC_MAX_LISTENERS];
+    unsigned recv_size, max_conns, message_size, max_header_bytes;
+    uint64_t max_output, max_body_bytes;
+};
+
+/* ---- growable byte buffer with a consumed prefix ---------------------------- */
+struct buf { char *p; size_t head, len, cap; };  /* data is p[head .. head+len) */
+
+static int buf_append(struct buf *b, const char *src, size_t n)
+{
+    if (b->head + b->len + n > b->cap) {
+        if (b->head && b->len + n <= b->cap) {
+            memmove(b->p, b->p + b->head, b->len);
+        } else {
+            size_t cap = b->cap ? b->cap : 4096;
+            while (cap < b->len + n) cap *= 2;
+            char *q = malloc(cap);
+            if (!q) return -1;
+            if (b->len) memcpy(q, b->p + b->head, b->len);
+            free(b->p);
+            b->p = q;
+            b->cap = cap;
+        }
+        b->head = 0;
+    }
+    memcpy(b->p + b->head + b->len, src, n);
+    b->len += n;
+    return 0;
+}
+
+static void buf_consume(struct buf *b, size_t n)
+{
+    b->head += n;
+    b->len -= n;
+    if (!b->len) b->head = 0;
+}
+
+static void buf_free(struct buf *b) { free(b->p); memset(b, 0, sizeof *b); }
+
+/* ---- HTTP/1.1 plaintext (the behaviour of core/protocols/http.py) ----------- */
+enum { S200, S404, S405, S400, S413, S414, S431, S501, NSPEC };
+enum { C_KEEP, C_CLOSE, C_KEEP10 };
+static const char *const spec_status[NSPEC] = {
+    "200 OK", "404 Not Found", "405 Method Not Allowed", "400 Bad Request",
+    "413 Content Too Large", "414 URI Too Long", "431 Request Header Fields Too Large",
+    "501 Not Implemented"};
+static const char *const spec_body[NSPEC] = {
+    "Hello, World!", "Not Found", "Method Not Allowed", "Bad Request", "Content Too Large",
+    "URI Too Long", "Request Header Fields Too Large", "Not Implemented"};
+static const char *const conn_line[3] = {"", "Connection: close\r\n", "Connection: keep-alive\r\n"};
+
+#define RIDX(spec, head, conn) (((spec) * 2 + (head)) * 3 + (conn))
+#define NRESP (NSPEC * 6)
+
+struct resp_table { time_t sec; char *resp[NRESP]; size_t rlen[NRESP]; char store[NRESP * 256]; };
+
+static void build_table(struct resp_table *t, time_t now)
+{
+    static const char *const days[] = {"Sun", "Mon", "Tue", "Wed", "Thu", "Fri", "Sat"};
+    static const char *const months[] = {"Jan", "Feb", "Mar", "Apr", "May", "Jun",
+                                         "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"};
+    struct tm tm;
+    char date[64];
+    gmtime_r(&now, &tm);
+    snprintf(date, sizeof date, "Date: %s, %02d %s %04d %02d:%02d:%02d GMT\r\n",
+             days[tm.tm_wday], tm.tm_mday, months[tm.tm_mon], tm.tm_year + 1900,
+             tm.tm_hour, tm.tm_min, tm.tm_sec);
+    char *p = t->store;
+    for (int s = 0; s < NSPEC; s++)
+        for (int h = 0; h < 2; h++)
+            for (int c = 0; c < 3; c++) {
+                int i = RIDX(s, h, c);
+                int n = snprintf(p, 256,
+                                 "HTTP/1.1 %s\r\nServer: parallelnet\r\n%s"
+                                 "Content-Type: text/plain\r\nContent-Length: %zu\r\n%s%s\r\n%s",
+                                 spec_status[s], s == S405 ? "Allow: GET, HEAD\r\n" : "",
+                                 strlen(spec_body[s]), date, conn_line[c], h ? "" : spec_body[s]);
+                t->resp[i] = p;
+                t->rlen[i] = (size_t)n;
+                p += 256;
+            }
+    t->sec = now;
+}
+
+static int is_tchar(unsigned char c)
+{
+    if ((c >= '0' && c <= '9') || (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z')) return 1;
+    return c && strchr("!#$%&'*+-.^_`|~", c) != NULL;
+}
+
+static int lower_eq(const char *p, size_t n, const char *lit)
+{
+    size_t m = strlen(lit);
+    if (n != m) return 0;
+    for (size_t i = 0; i < n; i++) {
+        char c = p[i];
+        if (c >= 'A' && c <= 'Z') c += 32;
+        if (c != lit[i]) return 0;
+    }
+    return 1;
+}
+
+static void trim_ows(const char **p, size_t *n)
+{
+    while (*n && (**p == ' ' || **p == '\t')) { (*p)++; (*n)--; }
+    while (*n && ((*p)[*n - 1] == ' ' || (*p)[*n - 1] == '\t')) (*n)--;
+}
+
+static int valid_host(const char *p, size_t n)
+{
+    size_t i = 0;
+    if (n && p[0] == '[') {
+        i = 1;
+        size_t start = i;
+        while (i < n && p[i] != ']') {
+            unsigned char c = p[i];
+            if (!((c >= '0' && c <= '9') || (c >= 'a' && c <= 'f') || (c >= 'A' && c <= 'F') ||
+                  (c && strchr(":.vV-_~!$&'()*+,;=", c))))
+                return 0;
+            i++;
+        }
+        if (i == n || i == start) return 0;
+        i++;
+    } else {
+        while (i < n && p[i] != ':') {
+            unsigned char c = p[i];
+            if (!((c >= '0' && c <= '9') || (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') ||
+                  (c && strchr("-._~!$&'()*+,;=%", c))))
+                return 0;
+            i++;
+        }
+    }
+    if (i == n) return 1;
+    if (p[i] != ':') return 0;
+    for (i++; i < n; i++)
+        if (p[i] < '0' || p[i] > '9') return 0;
+    return 1;
+}
+
+struct parsed { int idx; uint64_t clen; int close, head; };
+
+static struct parsed perr(int spec, int head)
+{
+    struct parsed r = {RIDX(spec, head, C_CLOSE), 0, 1, head};
+    return r;
+}
+
+/* Parse one header section (no final CRLFCRLF, no leading CRLF). */
+static struct parsed http_parse(const char *b, size_t n)
+{
+    const char *le = memmem(b, n, "\r\n", 2);
+    size_t llen = le ? (size_t)(le - b) : n;
+    /* header lines: token ":" [\t\x20-\x7e\x80-\xff]*, joined by CRLF */
+    if (le) {
+        const char *p = le + 2, *end = b + n;
+        for (;;) {
+            const char *q = p;
+            while (q < end && is_tchar((unsigned char)*q)) q++;
+            if (q == p || q == end || *q != ':') return perr(S400, 0);
+            q++;
+            while (q < end) {
+                unsigned char c = *q;
+                if (c == '\t' || (c >= 0x20 && c != 0x7f)) q++;
+                else break;
+            }
+            if (q == end) break;
+            if (end - q < 2 || q[0] != '\r' || q[1] != '\n') return perr(S400, 0);
+            p = q + 2;
+        }
+    }
+    /* request line: token SP [\x21-\x7e]+ SP HTTP/1.[01] */
+    const char *p = b, *end = b + llen;
+    const char *m = p;
+    while (p < end && is_tchar((unsigned char)*p)) p++;
+    size_t mlen = (size_t)(p - m);
+    if (!mlen || p == end || *p != ' ') return perr(S400, 0);
+    const char *tgt = ++p;
+    while (p < end && *p >= 0x21 && *p <= 0x7e) p++;
+    size_t tlen = (size_t)(p - tgt);
+    if (!tlen || p == end || *p != ' ') return perr(S400, 0);
+    p++;
+    if (end - p != 8 || memcmp(p, "HTTP/1.", 7) || (p[7] != '0' && p[7] != '1')) return perr(S400, 0);
+    int http11 = p[7] == '1';
+    int head = mlen == 4 && !memcmp(m, "HEAD", 4);
+    int get = mlen == 3 && !memcmp(m, "GET", 3);
+
+    int hosts = 0, chunked = 0, has_close = 0, has_keep = 0, nlen = 0, badlen = 0;
+    const char *host = "";
+    size_t hostlen = 0;
+    const char *len0 = NULL;
+    size_t len0n = 0;
+    if (le) {
+        const char *q = le + 2, *bend = b + n;
+        while (q < bend) {
+            const char *eol = memmem(q, (size_t)(bend - q), "\r\n", 2);
+            if (!eol) eol = bend;
+            const char *colon = memchr(q, ':', (size_t)(eol - q));
+            size_t nl = (size_t)(colon - q);
+            const char *v = colon + 1;
+            size_t vn = (size_t)(eol - v);
+            if (lower_eq(q, nl, "host")) {
+                hosts++;
+                trim_ows(&v, &vn);
+                host = v;
+                hostlen = vn;
+            } else if (lower_eq(q, nl, "connection")) {
+                const char *t = v, *vend = v + vn;
+                while (t <= vend) {
+                    const char *comma = memchr(t, ',', (size_t)(vend - t));
+                    if (!comma) comma = vend;
+                    const char *tok = t;
+                    size_t tn = (size_t)(comma - t);
+                    trim_ows(&tok, &tn);
+                    if (lower_eq(tok, tn, "close")) has_close = 1;
+                    else if (lower_eq(tok, tn, "keep-alive")) has_keep = 1;
+                    t = comma + 1;
+                }
+            } else if (lower_eq(q, nl, "content-length")) {
+                const char *t = v, *vend = v + vn;
+                while (t <= vend) {
+                    const char *comma = memchr(t, ',', (size_t)(vend - t));
+                    if (!comma) comma = vend;
+                    const char *tok = t;
+                    size_t tn = (size_t)(comma - t);
+                    trim_ows(&tok, &tn);
+                    if (!nlen) { len0 = tok; len0n = tn; }
+                    else if (tn != len0n || memcmp(tok, len0, tn)) badlen = 1;
+                    nlen++;
+                    t = comma + 1;
+                }
+            } else if (lower_eq(q, nl, "transfer-encoding")) {
+                chunked = 1;
+            }
+            q = eol + 2;
+        }
+    }
+    if (hosts > 1 || (http11 && !hosts) || !valid_host(host, hostlen)) return perr(S400, head);
+    if (chunked) return perr(S501, head);
+    uint64_t clen = 0;
+    if (nlen) {
+        if (badlen || !len0n) return perr(S400, head);
+        for (size_t i = 0; i < len0n; i++) {
+            if (len0[i] < '0' || len0[i] > '9') return perr(S400, head);
+            if (clen < (1ULL << 62)) clen = clen * 10 + (uint64_t)(len0[i] - '0');
+            if (clen > (1ULL << 62)) clen = 1ULL << 62;
+        }
+    }
+    int conn = has_close ? C_CLOSE : http11 ? C_KEEP : has_keep ? C_KEEP10 : C_CLOSE;
+    int spec;
+    if (!get && !head) {
+        spec = S405;
+    } else {
+        const char *path;
+        size_t plen;
+        if (tgt[0] == '/') {
+            path = tgt;
+            const char *qm = memchr(tgt, '?', tlen);
+            plen = qm ? (size_t)(qm - tgt) : tlen;
+        } else {
+            /* absolute form: scheme "://" authority path [? query], no '#' anywhere */
+            const char *t = tgt, *tend = tgt + tlen;
+            if (memchr(tgt, '#', tlen)) return perr(S400, head);
+            if (!((*t >= 'a' && *t <= 'z') || (*t >= 'A' && *t <= 'Z'))) return perr(S400, head);
+            t++;
+            while (t < tend && ((*t >= 'a' && *t <= 'z') || (*t >= 'A' && *t <= 'Z') ||
+                                (*t >= '0' && *t <= '9') || *t == '+' || *t == '.' || *t == '-'))
+                t++;
+            if (tend - t < 3 || memcmp(t, "://", 3)) return perr(S400, head);
+            t += 3;
+            while (t < tend && *t != '/' && *t != '?') t++;
+            path = t;
+            while (t < tend && *t != '?') t++;
+            plen = (size_t)(t - path);
+            if (!plen) { path = "/"; plen = 1; }
+        }
+        int found = (plen == 1 && path[0] == '/') || (plen == 10 && !memcmp(path, "/plaintext", 10));
+        spec = found ? S200 : S404;
+    }
+    struct parsed r = {RIDX(spec, head, conn), clen, conn == C_CLOSE, head};
+    return r;
+}
+
+/* ---- connections ------------------------------------------------------------- */
+struct conn {
+    int fd, reading, closing;
+    uint32_t events;
+    struct buf out;
+    /* protocol state */
+    int pclosing;
+    uint64_t partial;          /* echo: bytes of the message in progress */
+    struct buf in;             /* http: start of a partial header section */
+    uint64_t skip;             /* http: body bytes still to discard */
+    struct parsed pending;     /* http: answered once the body is discarded */
+};
+
+typedef struct nc_core {
+    struct nc_config cfg;
+    struct nc_stats *st;
+    int ep, stopped, draining;
+    struct conn **conns;
+    size_t nconn_slots;
+    uint64_t nconns;
+    char *rbuf;
+    struct buf scratch;
+    struct resp_table table;
+} nc_core;
+
+#define TAG_CONN 0ULL
+#define TAG_LISTEN 1ULL
+#define TAG_STOP 2ULL
+#define MK(tag, v) (((tag) << 32) | (uint32_t)(v))
+
+static int ep_set(nc_core *c, struct conn *k, uint32_t events)
+{
+    if (k->events == events || k->fd < 0) return 0;
+    struct epoll_event ev = {.events = events, .data.u64 = MK(TAG_CONN, k->fd)};
+    k->events = events;
+    return epoll_ctl(c->ep, EPOLL_CTL_MOD, k->fd, &ev);
+}
+
+static void conn_close(nc_core *c, struct conn *k, int error)
+{
+    if (k->fd < 0) return;
+    epoll_ctl(c->ep, EPOLL_CTL_DEL, k->fd, NULL);
+    close(k->fd);
+    c->conns[k->fd] = NULL;
+    k->fd = -1;
+    buf_free(&k->out);
+    buf_free(&k->in);
+    free(k);
+    c->nconns--;
+    c->st->open = c->nconns;
+    c->st->closed++;
+    if (error) c->st->errors++;
+}
+
+/* Read nothing more; close as soon as pending output is flushed.  May free k. */
+static void conn_finish(nc_core *c, struct conn *k)
+{
+    k->closing = 1;
+    k->reading = 0;
+    if (k->out.len) ep_set(c, k, EPOLLOUT);
+    else conn_close(c, k, 0);
+}
+
+/* Send, keeping order with what is queued.  Returns -1 if k was closed (freed). */
+static int conn_send(nc_core *c, struct conn *k, const char *p, size_t n)
+{
+    if (!n) return 0;
+    if (!k->out.len) {
+        ssize_t s;
+        do s = send(k->fd, p, n, MSG_NOSIGNAL); while (s < 0 && errno == EINTR);
+        if (s < 0) {
+            if (errno != EAGAIN) { conn_close(c, k, 1); return -1; }
+            s = 0;
+        }
+        c->st->bytes_out += (uint64_t)s;
+        if ((size_t)s == n) return 0;
+        p += s;
+        n -= (size_t)s;
+    }
+    if (buf_append(&k->out, p, n) < 0) { conn_close(c, k, 1); return -1; }
+    if (k->reading && k->out.len > c->cfg.max_output) {
+        k->reading = 0;   /* backpressure: stop reading a client that does not read */
+        c->st->backpressure++;
+    }
+    ep_set(c, k, EPOLLOUT | (k->reading ? EPOLLIN : 0));
+    return 0;
+}
+
+/* The HTTP protocol over one received chunk; answers go to c->scratch.
+ * Returns the number of responses produced. */
+static uint64_t http_feed(nc_core *c, struct conn *k, const char *data, size_t dlen)
+{
+    struct buf *sc = &c->scratch;
+    uint64_t n = 0;
+    time_t now = time(NULL);
+    if (now != c->table.sec) build_table(&c->table, now);
+    struct resp_table *t = &c->table;
+    size_t lim = c->cfg.max_header_bytes;
+
+    if (k->pclosing) return 0;
+    if (k->skip) {
+        if (dlen < k->skip) { k->skip -= dlen; return 0; }
+        data += k->skip;
+        dlen -= k->skip;
+        k->skip = 0;
+        buf_append(sc, t->resp[k->pending.idx], t->rlen[k->pending.idx]);
+        n++;
+        if (k->pending.close) { k->pclosing = 1; return n; }
+    }
+    int from_in = 0;
+    if (k->in.len) {
+        if (buf_append(&k->in, data, dlen) < 0) { k->pclosing = 1; return n; }
+        data = k->in.p + k->in.head;
+        dlen = k->in.len;
+        from_in = 1;
+    }
+    size_t pos = 0;
+    while (pos < dlen) {
+        if (dlen - pos >= 2 && data[pos] == '\r' && data[pos + 1] == '\n') { pos += 2; continue; }
+        const char *e = memmem(data + pos, dlen - pos, "\r\n\r\n", 4);
+        size_t end = e ? (size_t)(e - data) : 0;
+        if (e && end + 4 - pos <= lim) {
+            struct parsed r = http_parse(data + pos, end - pos);
+            pos = end + 4;
+            if (r.clen) {
+                if (r.clen > c->cfg.max_body_bytes) {
+                    int i = RIDX(S413, r.head, C_CLOSE);
+                    buf_append(sc, t->resp[i], t->rlen[i]);
+                    n++;
+                    k->pclosing = 1;
+                    break;
+                }
+                if (dlen - pos < r.clen) {
+                    k->skip = r.clen - (dlen - pos);
+                    k->pending = r;
+                    pos = dlen;
+                    break;
+                }
+                pos += r.clen;
+            }
+            buf_append(sc, t->resp[r.idx], t->rlen[r.idx]);
+            n++;
+            if (r.close) { k->pclosing = 1; break; }
+            continue;
+        }
+        /* incomplete or over the limit: look only at the first lim + 1 bytes */
+        size_t wlen = dlen - pos < lim + 1 ? dlen - pos : lim + 1;
+        const char *w = data + pos;
+        size_t lf = 0, crlf = 0;
+        int have_crlf = 0;
+        for (size_t i = 0; i < wlen; i++)
+            if (w[i] == '\n') {
+                lf++;
+                if (i && w[i - 1] == '\r') { crlf++; have_crlf = 1; }
+            }
+        int err = -1;
+        if (lf != crlf) err = RIDX(S400, 0, C_CLOSE);
+        else if (dlen - pos > lim) err = RIDX(have_crlf ? S431 : S414, 0, C_CLOSE);
+        if (err >= 0) {
+            buf_append(sc, t->resp[err], t->rlen[err]);
+            n++;
+            k->pclosing = 1;
+            pos = dlen;
+            break;
+        }
+        break;  /* keep data[pos:] for later */
+    }
+    if (k->pclosing) {
+        buf_free(&k->in);
+    } else if (from_in) {
+        buf_consume(&k->in, pos);
+    } else if (pos < dlen) {
+        buf_append(&k->in, data + pos, dlen - pos);
+    }
+    return n;
+}
+
+/* Echo one chunk: count messages, send it back.  Returns -1 if k was freed. */
+static int echo_feed(nc_core *c, struct conn *k, const char *data, size_t len)
+{
+    c->st->bytes_in += len;
+    unsigned ms = c->cfg.message_size;
+    if (ms) {
+        k->partial += len;
+        c->st->requests += k->partial / ms;
+        k->partial %= ms;
+    } else {
+        c->st->requests += 1;
+    }
+    return conn_send(c, k, data, len);
+}
+
+static void conn_eof(nc_core *c, struct conn *k)
+{
+    k->pclosing = 1;  /* a partial request is dropped unanswered (http); echo has nothing */
+    buf_free(&k->in);
+    conn_finish(c, k);
+}
+
+/* One recv; returns 1 if data was handled and the connection may be read again,
+ * 0 if EAGAIN or the connection stopped reading, -1 if it is gone. */
+static int conn_read_once(nc_core *c, struct conn *k)
+{
+    ssize_t r;
+    do r = recv(k->fd, c->rbuf, c->cfg.recv_size, 0); while (r < 0 && errno == EINTR);
+    if (r < 0) {
+        if (errno == EAGAIN) return 0;
+        conn_close(c, k, 1);
+        return -1;
+    }
+    if (r == 0) {
+        int fd = k->fd;
+        conn_eof(c, k);
+        return c->conns[fd] ? 0 : -1;
+    }
+    int fd = k->fd;
+    if (c->cfg.protocol == NC_ECHO) {
+        if (echo_feed(c, k, c->rbuf, (size_t)r) < 0) return -1;
+    } else {
+        c->scratch.head = c->scratch.len = 0;
+        c->st->bytes_in += (uint64_t)r;
+        c->st->requests += http_feed(c, k, c->rbuf, (size_t)r);
+        if (conn_send(c, k, c->scratch.p, c->scratch.len) < 0) return -1;
+        if (k->pclosing && !k->closing) {
+            conn_finish(c, k);
+            if (!c->conns[fd]) return -1;
+        }
+    }
+    return k->reading ? 1 : 0;
+}
+
+static void conn_writable(nc_core *c, struct conn *k)
+{
+    struct buf *o = &k->out;
+    if (o->len) {
+        ssize_t s;
+        do s = send(k->fd, o->p + o->head, o->len, MSG_NOSIGNAL); while (s < 0 && errno == EINTR);
+        if (s < 0) {
+            if (errno != EAGAIN) { conn_close(c, k, 1); return; }
+            s = 0;
+        }
+        c->st->bytes_out += (uint64_t)s;
+        buf_consume(o, (size_t)s);
+    }
+    if (o->len) {
+        if (!k->reading && !k->closing && o->len <= c->cfg.max_output / 2) {
+            k->reading = 1;   /* below the low-water mark: resume */
+            ep_set(c, k, EPOLLIN | EPOLLOUT);
+        }
+        return;
+    }
+    if (k->closing) { conn_close(c, k, 0); return; }
+    if (o->cap > (1u << 16)) buf_free(o);  /* do not keep a big idle buffer */
+    k->reading = 1;
+    ep_set(c, k, EPOLLIN);
+}
+
+static void add_connection(nc_core *c, int fd)
+{
+    struct nc_stats *st = c->st;
+    if (c->nconns >= c->cfg.max_conns) { st->refused++; close(fd); return; }
+    int one = 1;
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    if ((size_t)fd >= c->nconn_slots) {
+        size_t n = c->nconn_slots ? c->nconn_slots : 1024;
+        while (n <= (size_t)fd) n *= 2;
+        struct conn **q = realloc(c->conns, n * sizeof *q);
+        if (!q) { st->refused++; close(fd); return; }
+        memset(q + c->nconn_slots, 0, (n - c->nconn_slots) * sizeof *q);
+        c->conns = q;
+        c->nconn_slots = n;
+    }
+    struct conn *k = calloc(1, sizeof *k);
+    if (!k) { st->refused++; close(fd); return; }
+    k->fd = fd;
+    k->reading = 1;
+    k->events = EPOLLIN;
+    struct epoll_event ev = {.events = EPOLLIN, .data.u64 = MK(TAG_CONN, fd)};
+    if (epoll_ctl(c->ep, EPOLL_CTL_ADD, fd, &ev) < 0) { free(k); st->refused++; close(fd); return; }
+    c->conns[fd] = k;
+    c->nconns++;
+    st->open = c->nconns;
+}
+
+/* Accept until EAGAIN (the seed's rule). */
+static int do_accept(nc_core *c, int lfd)
+{
+    struct nc_stats *st = c->st;
+    int won = 0;
+    st->listen_wakeups++;
+    for (;;) {
+        int fd = accept4(lfd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        if (fd < 0) {
+            if (errno == EINTR) continue;
+            if (errno != EAGAIN) st->accept_errors++;
+            break;
+        }
+        won++;
+        add_connection(c, fd);
+    }
+    st->accepted += (uint64_t)won;
+    if (!won) st->lost_races++;
+    return won;
+}
+
+/* ---- public API --------------------------------------------------------------- */
+static nc_core *nc_new(const struct nc_config *cfg, struct nc_stats *st, int *err)
+{
+    nc_core *c = calloc(1, sizeof *c);
+    if (!c) { *err = ENOMEM; return NULL; }
+    c->cfg = *cfg;
+    if (!c->cfg.recv_size) c->cfg.recv_size = 65536;
+    if (!c->cfg.max_header_bytes) c->cfg.max_header_bytes = 8192;
+    c->st = st;
+    c->rbuf = malloc(c->cfg.recv_size);
+    c->ep = epoll_create1(EPOLL_CLOEXEC);
+    if (c->ep < 0 || !c->rbuf) {
+        *err = c->ep < 0 ? errno : ENOMEM;
+        if (c->ep >= 0) close(c->ep);
+        free(c->rbuf);
+        free(c);
+        return NULL;
+    }
+    build_table(&c->table, time(NULL));
+    struct epoll_event ev = {.events = EPOLLIN, .data.u64 = MK(TAG_STOP, 0)};
+    if (cfg->stop_fd >= 0 && epoll_ctl(c->ep, EPOLL_CTL_ADD, cfg->stop_fd, &ev) < 0) goto fail;
+    for (int i = 0; i < cfg->nlisteners; i++) {
+        struct epoll_event lev = {.events = EPOLLIN | (cfg->exclusive ? EPOLLEXCLUSIVE : 0),
+                                  .data.u64 = MK(TAG_LISTEN, i)};
+        if (epoll_ctl(c->ep, EPOLL_CTL_ADD, cfg->listeners[i], &lev) < 0) goto fail;
+    }
+    return c;
+fail:
+    *err = errno;
+    close(c->ep);
+    free(c->rbuf);
+    free(c);
+    return NULL;
+}
+
+static int64_t now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static void dispatch(nc_core *c, struct epoll_event *evs, int n)
+{
+    for (int i = 0; i < n; i++) {
+        uint64_t tag = evs[i].data.u64 >> 32;
+        uint32_t v = (uint32_t)evs[i].data.u64;
+        uint32_t mask = evs[i].events;
+        if (tag == TAG_LISTEN) {
+            if (!c->draining) do_accept(c, c->cfg.listeners[v]);
+            continue;
+        }
+        if (tag == TAG_STOP) { c->stopped = 1; continue; }
+        if (v >= c->nconn_slots) continue;
+        struct conn *k = c->conns[v];
+        if (!k) continue;   /* closed earlier in this batch */
+        if (mask & EPOLLOUT || (mask & (EPOLLERR | EPOLLHUP) && !k->reading)) {
+            conn_writable(c, k);
+            if (c->conns[v] != k) continue;
+        }
+        if (mask & (EPOLLIN | EPOLLERR | EPOLLHUP) && k->reading && !c->draining)
+            conn_read_once(c, k);
+    }
+}
+
+/* Serve for up to slice_ms (or until stop).  Returns 1 when stopped, 0 when the slice
+ * is over, -errno on a fatal epoll error. */
+static int nc_serve(nc_core *c, int slice_ms)
+{
+    struct epoll_event evs[NC_MAXEVENTS];
+    int64_t deadline = now_ms() + slice_ms;
+    c->st->slices++;
+    while (!c->stopped) {
+        int64_t left = deadline - now_ms();
+        if (left <= 0) return 0;
+        int n = epoll_wait(c->ep, evs, NC_MAXEVENTS, (int)left);
+        if (n < 0) {
+            if (errno == EINTR) return 0;  /* let Python run its signal handlers */
+            return -errno;
+        }
+        if (!n) continue;
+        c->st->wakeups++;
+        dispatch(c, evs, n);
+    }
+    return 1;
+}
+
+/* Stop accepting; answer what was received; flush within timeout_ms; close all. */
+static void nc_drain(nc_core *c, int timeout_ms)
+{
+    struct epoll_event evs[NC_MAXEVENTS];
+    if (c->cfg.stop_fd >= 0) epoll_ctl(c->ep, EPOLL_CTL_DEL, c->cfg.stop_fd, NULL);
+    for (int i = 0; i < c->cfg.nlisteners; i++) {
+        do_accept(c, c->cfg.listeners[i]);
+        epoll_ctl(c->ep, EPOLL_CTL_DEL, c->cfg.listeners[i], NULL);
+    }
+    c->draining = 1;
+    for (size_t fd = 0; fd < c->nconn_slots; fd++) {
+        struct conn *k = c->conns[fd];
+        if (!k) continue;
+        for (int r = 0; r < 64 && k->reading; r++)
+            if (conn_read_once(c, k) <= 0) break;
+        if ((k = c->conns[fd]) != NULL && !k->closing) conn_finish(c, k);
+    }
+    int64_t deadline = now_ms() + timeout_ms;
+    while (c->nconns) {
+        int64_t left = deadline - now_ms();
+        if (left <= 0) break;
+        int n = epoll_wait(c->ep, evs, NC_MAXEVENTS, (int)left);
+        if (n < 0) {
+            if (errno == EINTR) continue;
+            break;
+        }
+        c->st->wakeups += n > 0;
+        dispatch(c, evs, n);
+    }
+    for (size_t fd = 0; fd < c->nconn_slots; fd++)
+        if (c->conns[fd]) conn_close(c, c->conns[fd], 0);
+}
+
+static void nc_free(nc_core *c)
+{
+    if (!c) return;
+    for (size_t fd = 0; fd < c->nconn_slots; fd++)
+        if (c->conns[fd]) conn_close(c, c->conns[fd], 0);
+    close(c->ep);
+    free(c->conns);
+    free(c->rbuf);
+    buf_free(&c->scratch);
+    free(c);
+}
+
+static int nc_gettid(void) { return (int)syscall(SYS_gettid); }

@@ -1,0 +1,154 @@
+"""``native`` (C loop) and ``asyncio``/``uvloop`` specifics beyond the conformance suite.
+
+The conformance suite already runs all three (thread, process, reuseport; exclusive for
+native).  Here: the C HTTP implementation answers byte for byte what the Python
+``HttpProtocol`` answers (Date aside), counters are live while the C loop runs, the
+accept race is counted, and the asyncio backend's listener accounting.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import time
+
+import pytest
+
+from conftest import recv_exactly, recv_until_eof, require_backend, start_server
+from parallelnet.core.client import run_clients
+from parallelnet.core.protocols import HttpProtocol
+
+DATE = re.compile(rb"Date: [^\r]*\r\n")
+
+H = b"Host: t\r\n"
+CASES = [
+    b"GET / HTTP/1.1\r\n" + H + b"\r\n",
+    b"HEAD / HTTP/1.1\r\n" + H + b"\r\n",
+    b"GET /plaintext?x=1 HTTP/1.1\r\n" + H + b"\r\n",
+    b"GET /nope HTTP/1.1\r\n" + H + b"\r\n",
+    b"HEAD /nope HTTP/1.1\r\n" + H + b"\r\n",
+    b"POST / HTTP/1.1\r\n" + H + b"Content-Length: 5\r\n\r\nhello",
+    b"GARBAGE\r\n\r\n",
+    b"GET / HTTP/1.1\n" + H + b"\r\n",
+    b"GET / HTTP/1.1\r\nHost: t\n\n",
+    b"GET / HTTP/1.0\r\n\r\n",
+    b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n" + b"GET / HTTP/1.0\r\n\r\n",
+    b"GET / HTTP/1.1\r\n" + H + b"Connection: Keep-Alive, close\r\n\r\nGET / HTTP/1.1\r\n" + H + b"\r\n",
+    b"GET / HTTP/1.1\r\n" + H + b"\r\n" * 1 + b"GET / HTTP/1.1\r\n" + H + b"\r\n",
+    b"\r\n\r\nGET / HTTP/1.1\r\n" + H + b"\r\n",
+    b"GET / HTTP/1.1\r\n" + H + b"Content-Length: 3, 3\r\n\r\nabcGET / HTTP/1.1\r\n" + H + b"\r\n",
+    b"GET / HTTP/1.1\r\n" + H + b"Content-Length: 3, 4\r\n\r\nabc",
+    b"GET / HTTP/1.1\r\n" + H + b"Content-Length: x\r\n\r\n",
+    b"GET / HTTP/1.1\r\n" + H + b"Content-Length: 99999999\r\n\r\n",
+    b"HEAD / HTTP/1.1\r\n" + H + b"Content-Length: 99999999\r\n\r\n",
+    b"GET / HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\n",
+    b"GET http://example.com/plaintext?q HTTP/1.1\r\n" + H + b"\r\n",
+    b"GET http://example.com HTTP/1.1\r\n" + H + b"\r\n",
+    b"GET http://example.com/#frag HTTP/1.1\r\n" + H + b"\r\n",
+    b"GET * HTTP/1.1\r\n" + H + b"\r\n",
+    b"GET / HTTP/1.1\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: [::1]:8080\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a b\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost : t\r\n\r\n",
+    b"GET / HTTP/1.1\r\n" + H + b" folded\r\n\r\n",
+    b"GET / HTTP/2.0\r\n" + H + b"\r\n",
+    b"get / HTTP/1.1\r\n" + H + b"\r\n",
+    b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\n" + H + b"\r\n",
+    b"GET / HTTP/1.1\r\n" + H + b"X: " + b"a" * 9000 + b"\r\n\r\n",
+    b"GET / HTTP/1.1\r\n" + H + b"X: \x01\r\n\r\n",
+    b"GET / HTTP/1.1\r\n" + H,  # incomplete: nothing
+]
+
+
+def _python_answer(req: bytes) -> bytes:
+    p = HttpProtocol()
+    out, _ = p.feed(req)
+    out = bytes(out)
+    if not p.closing:
+        out += p.eof()
+    return out
+
+
+@pytest.fixture(scope="module")
+def native_http(tmp_path_factory):
+    require_backend("native")
+    srv = start_server(tmp_path_factory.mktemp("nat"), "--backend", "native", "--workers", "1",
+                       "--protocol", "http")
+    yield srv
+    assert srv.stop()["clean"]
+
+
+@pytest.mark.parametrize("req", CASES, ids=range(len(CASES)))
+def test_c_http_matches_python_http(native_http, req):
+    with native_http.connect(timeout=10) as s:
+        s.sendall(req)
+        s.shutdown(socket.SHUT_WR)
+        got = recv_until_eof(s)
+    assert DATE.sub(b"", got) == DATE.sub(b"", _python_answer(req))
+
+
+@pytest.mark.parametrize("step", [1, 7])
+def test_c_http_split_at_every_byte(native_http, step):
+    req = (b"GET / HTTP/1.1\r\n" + H + b"Content-Length: 4\r\n\r\nbody"
+           b"HEAD /plaintext HTTP/1.1\r\n" + H + b"\r\n")
+    with native_http.connect(timeout=10) as s:
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for i in range(0, len(req), step):
+            s.sendall(req[i:i + step])
+            time.sleep(0.001)
+        s.shutdown(socket.SHUT_WR)
+        got = recv_until_eof(s)
+    assert DATE.sub(b"", got) == DATE.sub(b"", _python_answer(req))
+
+
+def _interval_records(path):
+    with open(path) as f:
+        return [json.loads(x) for x in f if x.strip() and json.loads(x)["type"] == "interval"]
+
+
+def test_native_counters_are_live_and_races_counted(tmp_path):
+    require_backend("native")
+    srv = start_server(tmp_path, "--backend", "native", "--workers", "2", "--stats-interval", "0.1")
+    res = run_clients(*srv.address, connections=20, mode="short", max_requests=200, duration=20)
+    assert res.errors == {} and res.requests == 200
+    time.sleep(0.4)  # the C loop returns to Python every 50 ms: a record must see the counts
+    recs = _interval_records(srv.stats_path)
+    assert recs and recs[-1]["totals"]["requests"] == 200
+    final = srv.stop()
+    w = final["workers"]
+    assert sum(x["accepted"] for x in w) == res.connects
+    assert sum(x["listen_wakeups"] for x in w) >= 1
+    assert all(x["extra"]["slices"] > 0 and x["cpu_ns"] > 0 for x in w)
+    assert all(x["lost_races"] <= x["listen_wakeups"] for x in w)
+
+
+def test_native_refuses_over_max_connections(tmp_path):
+    require_backend("native")
+    srv = start_server(tmp_path, "--backend", "native", "--workers", "1", "--max-connections", "2")
+    socks = [srv.connect() for _ in range(2)]
+    for s in socks:
+        s.sendall(b"x")
+        assert recv_exactly(s, 1) == b"x"
+    extra = srv.connect()
+    assert recv_until_eof(extra) == b""
+    extra.close()
+    for s in socks:
+        s.close()
+    final = srv.stop()
+    assert final["workers"][0]["refused"] == 1
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "uvloop"])
+def test_asyncio_family_counts(backend, tmp_path):
+    require_backend(backend)
+    srv = start_server(tmp_path, "--backend", backend, "--workers", "2")
+    res = run_clients(*srv.address, connections=16, mode="short", max_requests=64, duration=20)
+    assert res.errors == {} and res.requests == 64
+    final = srv.stop()
+    w = final["workers"]
+    assert sum(x["accepted"] for x in w) == res.connects
+    assert sum(x["closed"] for x in w) == res.connects
+    if backend == "asyncio":  # asyncio calls our socket's accept(): wakeups are counted
+        assert sum(x["listen_wakeups"] for x in w) >= 1
