@@ -247,10 +247,13 @@ class ReadinessLoop(Backend):
 
     # -- accept -----------------------------------------------------------------
 
-    def _accept(self, lsock: socket.socket) -> int:
-        """Accept until EAGAIN (the seed's rule); count a wakeup that got nothing as a lost race."""
+    def _accept(self, lsock: socket.socket, wakeup: bool = True) -> int:
+        """Accept until EAGAIN (the seed's rule); count a wakeup that got nothing as a lost race.
+
+        ``wakeup=False``: the drain's last look at the backlog, which is not a race.
+        """
         stats = self.ctx.stats
-        stats.listen_wakeups += 1
+        stats.listen_wakeups += wakeup
         won = 0
         while True:
             try:
@@ -275,7 +278,7 @@ class ReadinessLoop(Backend):
         if won:
             self._backoff = self.ctx.limits.accept_backoff
         stats.accepted += won
-        if not won:
+        if not won and wakeup:
             stats.lost_races += 1
         return won
 
@@ -459,9 +462,12 @@ class ReadinessLoop(Backend):
         Connections still in the listen backlog were completed by the kernel and
         their requests may already be queued: they are accepted once more and served.
         """
+        # The stop eventfd stays readable: left registered, every wait below would
+        # return at once and the drain would spin instead of waiting for writability.
+        self._unregister(self.ctx.stop.fileno())
         for fd, lsock in self._listeners.items():
             if fd not in self._paused:
-                self._accept(lsock)
+                self._accept(lsock, wakeup=False)
             try:
                 self._unregister(fd)
             except (OSError, KeyError, ValueError):

@@ -442,7 +442,7 @@ class UringBackend(Backend):
         self.lib.uc_close(self.core, cid, 1)
 
     def _drain(self) -> None:
-        lib, core, ffi = self.lib, self.core, self.ffi
+        lib, core = self.lib, self.core
         lib.uc_drain_begin(core)
         deadline = time.monotonic() + self.ctx.limits.drain_timeout
         self._pump(lambda: lib.uc_nconns(core) > 0, deadline)

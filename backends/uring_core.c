@@ -404,7 +404,7 @@ static void on_cqe(uc_core *c, struct io_uring_cqe *q)
     }
     case OP_ACCEPT: {
         struct listener *l = &c->lis[id];
-        c->st.accept_cqes++;
+        if (res != -ECANCELED) c->st.accept_cqes++;   /* our own cancel at stop is no wakeup */
         if (res >= 0) { conn_open(c, res); c->backoff_ms = c->cfg.accept_backoff_ms; }
         else if (res == -EAGAIN) c->st.accept_eagain++;     /* a lost race */
         else if (res != -ECANCELED) {

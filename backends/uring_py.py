@@ -164,7 +164,7 @@ class UringPyBackend(UringBackend):
 
     def _on_accept(self, i: int, res: int, fl: int) -> None:
         stats = self.ctx.stats
-        stats.listen_wakeups += 1
+        stats.listen_wakeups += res != -errno.ECANCELED  # our own cancel at stop is no wakeup
         if res >= 0 and self.shutting:
             os.close(res)
         elif res >= 0:

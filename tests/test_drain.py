@@ -1,0 +1,67 @@
+"""Stop and drain, for every registered backend: what a stop costs and counts.
+
+* A stop is not an accept race: the drain's last look at the listen backlog must not
+  show up as listen wakeups or lost races.
+* A drain that cannot flush (the client never reads) waits for writability or the
+  drain deadline — it must not spin on an fd that stays ready (the stop eventfd).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+
+import pytest
+
+from conftest import BACKENDS, require_backend, start_server
+
+
+@pytest.fixture(params=list(BACKENDS))
+def backend(request):
+    require_backend(request.param)
+    return request.param
+
+
+def _records(srv):
+    with open(srv.stats_path) as f:
+        return [json.loads(x) for x in f if x.strip()]
+
+
+def test_stop_without_traffic_counts_no_accept_race(backend, tmp_path):
+    srv = start_server(tmp_path, "--backend", backend, "--workers", "2")
+    time.sleep(0.3)
+    final = srv.stop()
+    for w in final["workers"]:
+        assert (w["listen_wakeups"], w["lost_races"], w["accepted"]) == (0, 0, 0), w
+
+
+def test_drain_that_cannot_flush_does_not_spin(backend, tmp_path):
+    drain = 1.5
+    srv = start_server(tmp_path, "--backend", backend, "--workers", "1", "--stats-interval", "0.1",
+                       "--max-output", "65536", "--drain-timeout", str(drain))
+    sock = srv.connect()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.settimeout(0.5)
+
+    def fill():  # send until every buffer on the way is full; never read
+        block = b"x" * 65536
+        try:
+            for _ in range(2000):
+                sock.sendall(block)
+        except OSError:
+            pass
+
+    sender = threading.Thread(target=fill, daemon=True)
+    sender.start()
+    sender.join(10)
+    time.sleep(0.4)  # a few more stats records with the output stuck
+    before = _records(srv)[-1]["workers"][0]["cpu_ns"]
+    t0 = time.monotonic()
+    final = srv.stop()
+    took = time.monotonic() - t0
+    sock.close()
+    spent = (final["workers"][0]["cpu_ns"] - before) / 1e9
+    assert took >= drain * 0.8, "the drain gave up before its deadline"
+    assert spent < 0.35 * drain, f"worker burned {spent:.2f} s of CPU in a {drain} s drain"
