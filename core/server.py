@@ -185,27 +185,27 @@ class Server:
             self._children[pid] = i
 
     def _child_main(self, index: int, wfd: int, old_mask) -> None:
+        """A forked worker: the loop runs in a thread; the main thread takes the signals
+        (Python runs handlers only there) and reports stats to the parent.
+
+        The worker thread starts with SIGTERM/SIGINT blocked (the fork left them blocked
+        and threads inherit the mask), so the kernel delivers them to the main thread,
+        whose wait they interrupt at once — even while the worker sits in C code with
+        the GIL released.
+        """
         stop = StopSignal()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
-        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         ctx = self._context(index, stop)
-        out = os.fdopen(wfd, "w", buffering=1)
-        done = threading.Event()
-
-        def report() -> None:
-            while not done.wait(_REPORT_INTERVAL):
-                out.write(json.dumps(ctx.stats.snapshot()) + "\n")
-
         if ctx.cpu is not None:
-            pin_current_thread(ctx.cpu)  # before the reporter starts, so it inherits the mask
-        reporter = threading.Thread(target=report, daemon=True)
-        reporter.start()
-        self._run_worker(ctx)
-        done.set()
-        reporter.join()
-        out.write(json.dumps(ctx.stats.snapshot()) + "\n")
-        out.flush()
+            pin_current_thread(ctx.cpu)  # the reporting main thread stays on the worker's CPU
+        worker = threading.Thread(target=self._run_worker, args=(ctx,), name=f"worker-{index}")
+        worker.start()
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        with os.fdopen(wfd, "w", buffering=1) as out:
+            while worker.is_alive():
+                worker.join(_REPORT_INTERVAL)
+                out.write(json.dumps(ctx.stats.snapshot()) + "\n")
 
     def _collect(self, pipes: list[int]) -> None:
         sel = selectors.DefaultSelector()

@@ -46,7 +46,8 @@ class WorkerStats:
     """Counters of one worker.  Single writer: the worker itself."""
 
     __slots__ = COUNTERS + ("index", "cpu", "pid", "tid", "ident", "affinity", "open",
-                            "extra", "started", "stopped", "backend", "exit_cpu", "crashed")
+                            "extra", "started", "stopped", "backend", "exit_cpu", "crashed",
+                            "refresh")
 
     def __init__(self, index: int, cpu: int | None, backend: str = "") -> None:
         for name in COUNTERS:
@@ -64,6 +65,9 @@ class WorkerStats:
         self.stopped = 0.0
         self.exit_cpu: dict | None = None
         self.crashed = ""
+        # A backend whose counters live elsewhere (in C) sets this to copy them in;
+        # snapshot() calls it first, so readers always see live figures.
+        self.refresh = None
 
     def bind_current_thread(self) -> None:
         """Record which OS thread runs this worker (call from inside it)."""
@@ -89,6 +93,8 @@ class WorkerStats:
 
     def snapshot(self) -> dict:
         """A plain dict of every counter plus kernel CPU figures for the thread."""
+        if self.refresh is not None:
+            self.refresh()
         snap = {name: getattr(self, name) for name in COUNTERS}
         snap.update(
             index=self.index, cpu=self.cpu, backend=self.backend, pid=self.pid,
