@@ -138,7 +138,6 @@ def main(argv=None) -> int:
 def summarize(runs, args) -> list[dict]:
     out = []
     for conns in args.connections:
-        base = None
         for backend in args.backends:
             rs = [r for r in runs if r["backend"] == backend and r["connections"] == conns and not r["noisy"]]
             if not rs:

@@ -255,7 +255,6 @@ class Soak:
             time.sleep(0.3)
             fds1 = _nfds(pid) if self.proc.poll() is None else -1
             rss1 = _rss_kb(pid) if self.proc.poll() is None else -1
-            rec = self.latest()
         finally:
             if self.proc.poll() is None:
                 self.proc.send_signal(signal.SIGTERM)

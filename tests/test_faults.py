@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import select
 import signal
 import socket
@@ -25,6 +24,7 @@ import pytest
 
 from conftest import (
     BACKENDS, ServerProc, read_http_responses, recv_exactly, recv_until_eof, require_backend,
+    start_server,
 )
 
 GET = b"GET / HTTP/1.1\r\nHost: t\r\n\r\n"
@@ -39,27 +39,8 @@ def backend(request):
 
 
 def launch(tmp_path, *args, env=None, nofile=None, timeout=15.0) -> ServerProc:
-    stats_path = str(tmp_path / f"stats-{time.monotonic_ns()}.jsonl")
-    cmd = [sys.executable, "-m", "parallelnet.core.cli", "serve", "--port", "0",
-           "--stats-json", stats_path, "--stats-interval", "0.1", *args]
-
-    def limit():
-        if nofile:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
-
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env, preexec_fn=limit if nofile else None)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        if line.startswith("listening on "):
-            host, _, port = line.split()[-1].rpartition(":")
-            return ServerProc(proc, host, int(port), stats_path, list(args))
-    proc.kill()
-    out, err = proc.communicate()
-    raise AssertionError(f"server {args} did not start:\n{out}\n{err}")
+    return start_server(tmp_path, "--stats-interval", "0.1", *args, env=env, nofile=nofile,
+                        timeout=timeout)
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ ENOBUFS path, the extra counters, and the probe's reasons.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import threading
