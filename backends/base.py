@@ -69,6 +69,7 @@ ENTRY_POINT_GROUP = "parallelnet.backends"
 SHARED = "shared"          # one listening socket in every worker's loop (the seed)
 EXCLUSIVE = "exclusive"    # the same, registered with EPOLLEXCLUSIVE
 REUSEPORT = "reuseport"    # one SO_REUSEPORT socket per worker
+DISPATCH = "dispatch"      # no listener: connections arrive on ctx.handoff (core/dispatch.py)
 
 
 @dataclass(frozen=True)
@@ -154,6 +155,8 @@ class WorkerContext:
     stop: StopSignal
     limits: Limits = field(default_factory=Limits)
     options: argparse.Namespace = field(default_factory=argparse.Namespace)
+    #: With --accept dispatch: the worker's end of its hand-off channel (SCM_RIGHTS).
+    handoff: socket.socket | None = None
 
     def option(self, name: str, default=None):
         return getattr(self.options, name, default)

@@ -11,14 +11,14 @@ from __future__ import annotations
 import argparse
 import select
 
-from parallelnet.backends.base import EXCLUSIVE, REUSEPORT, SHARED, Availability
+from parallelnet.backends.base import DISPATCH, EXCLUSIVE, REUSEPORT, SHARED, Availability
 from parallelnet.backends.readiness import ReadinessLoop
 
 
 class EpollBackend(ReadinessLoop):
     name = "epoll"
     description = "select.epoll, level-triggered (or edge with --epoll-edge)"
-    accept_strategies = frozenset({SHARED, EXCLUSIVE, REUSEPORT})
+    accept_strategies = frozenset({SHARED, EXCLUSIVE, REUSEPORT, DISPATCH})
 
     EV_READ = select.EPOLLIN
     EV_WRITE = select.EPOLLOUT

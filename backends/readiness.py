@@ -54,8 +54,9 @@ import time
 from typing import ClassVar
 
 from parallelnet.backends.base import (
-    ACCEPT_BACKOFF_MAX, ACCEPT_RESOURCE_ERRORS, EXCLUSIVE, Backend,
+    ACCEPT_BACKOFF_MAX, ACCEPT_RESOURCE_ERRORS, DISPATCH, EXCLUSIVE, REUSEPORT, SHARED, Backend,
 )
+from parallelnet.core.dispatch import HANDOFF_BATCH, receive_handoffs
 
 log = logging.getLogger("parallelnet.worker")
 
@@ -88,6 +89,7 @@ class ReadinessLoop(Backend):
     """The shared loop.  Subclasses supply the multiplexer primitives."""
 
     kind: ClassVar[str] = "readiness"
+    accept_strategies = frozenset({SHARED, REUSEPORT, DISPATCH})
 
     #: Backend-native event bits (set by each subclass).
     EV_READ: ClassVar[int] = 1
@@ -127,7 +129,11 @@ class ReadinessLoop(Backend):
     def run(self) -> None:
         ctx = self.ctx
         self._conns: dict[int, Connection] = {}
-        self._listeners = {s.fileno(): s for s in ctx.listeners}
+        # Sources of new connections: listening sockets, or (dispatch) the hand-off channel,
+        # which the loop watches and drains exactly like a listener.
+        self._handoff = ctx.handoff
+        sources = list(ctx.listeners) + ([ctx.handoff] if ctx.handoff is not None else [])
+        self._listeners = {s.fileno(): s for s in sources}
         self._recv_size = ctx.limits.recv_size
         self._max_output = ctx.limits.max_output
         self._logged_refusal = False
@@ -252,6 +258,8 @@ class ReadinessLoop(Backend):
 
         ``wakeup=False``: the drain's last look at the backlog, which is not a race.
         """
+        if lsock is self._handoff:
+            return self._take_handoffs()
         stats = self.ctx.stats
         stats.listen_wakeups += wakeup
         won = 0
@@ -281,6 +289,20 @@ class ReadinessLoop(Backend):
         if not won and wakeup:
             stats.lost_races += 1
         return won
+
+    def _take_handoffs(self) -> int:
+        """Connections the dispatcher passed us (SCM_RIGHTS), until the channel is empty."""
+        taken = 0
+        while True:
+            fds = receive_handoffs(self._handoff)
+            for fd in fds:
+                self._add_connection(socket.socket(fileno=fd), None)
+            taken += len(fds)
+            if len(fds) < HANDOFF_BATCH:
+                break
+        self.ctx.stats.accepted += taken
+        self.ctx.stats.extra["handoffs"] = self.ctx.stats.extra.get("handoffs", 0) + taken
+        return taken
 
     def _add_connection(self, sock: socket.socket, peer) -> None:
         stats = self.ctx.stats

@@ -21,6 +21,7 @@ import time
 
 from parallelnet.backends.base import REUSEPORT, SHARED, BackendError, Limits, registry
 from parallelnet.core.cpus import parse_cpu_list
+from parallelnet.core.dispatch import POLICIES
 from parallelnet.core.listeners import STRATEGIES, is_loopback
 from parallelnet.core.protocols import PROTOCOLS
 from parallelnet.core.server import MODES, Server, ServerConfig
@@ -32,6 +33,8 @@ ACCEPT_HELP = {
     REUSEPORT: "one SO_REUSEPORT socket per worker; the kernel hashes connections to them",
     "reuseport-cpu": "SO_REUSEPORT steered by a cBPF program to the worker on the CPU "
                      "that processes the SYN (on loopback: the client's CPU)",
+    "dispatch": "one acceptor thread hands each connection to a worker by --dispatch-policy "
+                "(no race, active balancing)",
 }
 
 
@@ -56,6 +59,10 @@ def add_server_arguments(p: argparse.ArgumentParser) -> None:
                    help="echo: count one request per this many bytes (default: per read)")
     p.add_argument("--accept", default=SHARED, choices=list(STRATEGIES),
                    help="; ".join(f"{k}: {v}" for k, v in ACCEPT_HELP.items()))
+    p.add_argument("--dispatch-policy", default="round-robin", choices=list(POLICIES),
+                   help="--accept dispatch: how the acceptor picks a worker")
+    p.add_argument("--dispatch-cpu", type=int, default=None,
+                   help="--accept dispatch: pin the acceptor thread to this CPU (default: unpinned)")
     p.add_argument("--mode", default="thread", choices=list(MODES),
                    help="workers as threads of one process, or forked processes sharing the socket")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
@@ -122,8 +129,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         backend=args.backend, workers=args.workers, cpus=args.cpus, pin=not args.no_pin,
         protocol=args.protocol, protocol_options=protocol_options, accept=args.accept,
         mode=args.mode, host=args.host, port=args.port, allow_remote=args.allow_remote,
-        backlog=args.backlog,
-        limits=_limits_from_args(args), options=args)
+        backlog=args.backlog, dispatch_policy=args.dispatch_policy,
+        dispatch_cpu=args.dispatch_cpu, limits=_limits_from_args(args), options=args)
 
 
 def totals(snaps: list[dict]) -> dict:
@@ -206,6 +213,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     clean = server.stop()
     snaps = server.snapshots()
     print(format_table(snaps, elapsed), flush=True)
+    dispatcher = server.dispatcher.snapshot() if server.dispatcher else None
+    if dispatcher:
+        print(f"dispatcher ({dispatcher['policy']}): accepted {dispatcher['accepted']}, handed "
+              f"{'/'.join(map(str, dispatcher['handed']))}, spilled {dispatcher['spills']}, "
+              f"overflow {dispatcher['overflow']}, errors {dispatcher['errors']}", flush=True)
     crashed = [s for s in snaps if s.get("crashed")]
     for s in crashed:
         print(f"worker {s['index']} crashed: {s['crashed']}", file=sys.stderr)
@@ -213,7 +225,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print("drain did not finish in time; workers were killed", file=sys.stderr)
     if json_out:
         json_out.write(json.dumps({"type": "final", "t": elapsed, "clean": clean,
-                                   "workers": snaps, "totals": totals(snaps)}) + "\n")
+                                   "workers": snaps, "totals": totals(snaps),
+                                   "dispatcher": dispatcher}) + "\n")
         json_out.close()
     return 1 if crashed or server.dead_workers() else 0
 

@@ -17,6 +17,10 @@
   every connection to the worker on that CPU.  With a NIC it is the CPU that took the
   interrupt/RPS decision, which is what the steering is for.
 
+* ``dispatch``: one listening socket owned by an acceptor thread, which hands each
+  connection to a worker of its choosing (core/dispatch.py); workers watch only their
+  hand-off channel.
+
 Backends see the socket *layout* only (``layout_of``): reuseport-cpu is reuseport to them.
 
 Sockets are bound here, before any worker starts (and before fork, in process
@@ -31,7 +35,7 @@ import socket
 import struct
 from dataclasses import dataclass
 
-STRATEGIES = ("shared", "exclusive", "reuseport", "reuseport-cpu")
+STRATEGIES = ("shared", "exclusive", "reuseport", "reuseport-cpu", "dispatch")
 DEFAULT_BACKLOG = 4096  # capped by net.core.somaxconn
 _PER_WORKER = ("reuseport", "reuseport-cpu")
 
@@ -79,6 +83,8 @@ class ListenerSet:
     port: int
 
     def for_worker(self, index: int) -> list[socket.socket]:
+        if self.strategy == "dispatch":
+            return []  # the acceptor owns it; the worker gets connections through its channel
         if self.strategy in _PER_WORKER:
             return [self.sockets[index]]
         return list(self.sockets)

@@ -34,6 +34,7 @@ from parallelnet.backends.base import (
     Backend, BackendError, Limits, StopSignal, WorkerContext, get_backend,
 )
 from parallelnet.core.cpus import assign_cpus, pin_current_thread
+from parallelnet.core.dispatch import Dispatcher, make_channels
 from parallelnet.core.listeners import ListenerSet, is_loopback, layout_of, open_listeners
 from parallelnet.core.protocols import make_factory
 from parallelnet.core.stats import WorkerStats
@@ -60,6 +61,8 @@ class ServerConfig:
     backlog: int = 4096
     limits: Limits = field(default_factory=Limits)
     options: argparse.Namespace = field(default_factory=argparse.Namespace)
+    dispatch_policy: str = "round-robin"
+    dispatch_cpu: int | None = None
 
 
 class Server:
@@ -96,6 +99,8 @@ class Server:
         self._started = 0.0
         self._stopped = False
         self._dead: dict[int, str] = {}            # worker index -> why it ended early
+        self._channels: list = []                  # --accept dispatch: (acceptor, worker) ends
+        self.dispatcher: Dispatcher | None = None
 
     @property
     def address(self) -> tuple[str, int]:
@@ -108,12 +113,25 @@ class Server:
         cfg = self.config
         self.listeners = open_listeners(cfg.accept, cfg.host, cfg.port, len(self.cpus), cfg.backlog,
                                         cpus=[s.cpu for s in self.stats])
+        if cfg.accept == "dispatch":
+            self._channels = make_channels(len(self.cpus))
         self._started = time.monotonic()
         if cfg.mode == "thread":
             self._start_threads()
         else:
             self._start_processes()
+        if self._channels:
+            self.dispatcher = Dispatcher(self.listeners.sockets[0],
+                                         [a for a, _ in self._channels], self._closed_counts,
+                                         cfg.dispatch_policy, cfg.dispatch_cpu)
+            self.dispatcher.start()  # after the forks: fork needs a single-threaded parent
         return self.address
+
+    def _closed_counts(self) -> list[int]:
+        """Connections each worker has closed (for least-connections dispatch)."""
+        if self.config.mode == "thread":
+            return [s.closed for s in self.stats]
+        return [self._child_snaps.get(i, {}).get("closed", 0) for i in range(len(self.stats))]
 
     def _context(self, index: int, stop: StopSignal) -> WorkerContext:
         cfg = self.config
@@ -121,7 +139,8 @@ class Server:
             index=index, cpu=self.stats[index].cpu,
             listeners=self.listeners.for_worker(index), accept=layout_of(cfg.accept),
             protocol_factory=self.protocol_factory, stats=self.stats[index],
-            stop=stop, limits=cfg.limits, options=cfg.options)
+            stop=stop, limits=cfg.limits, options=cfg.options,
+            handoff=self._channels[index][1] if self._channels else None)
 
     def _run_worker(self, ctx: WorkerContext) -> None:
         """Body of one worker, in its own thread (or forked process)."""
@@ -173,6 +192,10 @@ class Server:
                 os.close(r)
                 for pr in pipes:
                     os.close(pr)
+                for j, (acceptor_end, worker_end) in enumerate(self._channels):
+                    acceptor_end.close()  # so a dead acceptor reads as EOF, not silence
+                    if j != i:
+                        worker_end.close()
                 code = 0
                 try:
                     self._child_main(i, w, old_mask)
@@ -183,6 +206,8 @@ class Server:
             os.close(w)
             pipes.append(r)
             self._children[pid] = i
+        for _, worker_end in self._channels:
+            worker_end.close()  # the children hold theirs
 
     def _child_main(self, index: int, wfd: int, old_mask) -> None:
         """A forked worker: the loop runs in a thread; the main thread takes the signals
@@ -251,6 +276,8 @@ class Server:
 
     def request_stop(self) -> None:
         """Stop accepting and drain (idempotent)."""
+        if self.dispatcher is not None and not self._stopped:
+            self.dispatcher.stop()  # first: it hands over the backlog, the workers then drain
         self._stopped = True
         for stop in self._stops:
             stop.set()
@@ -296,6 +323,9 @@ class Server:
             self.listeners.close()
         for stop in self._stops:
             stop.close()
+        for pair in self._channels:
+            for end in pair:
+                end.close()
 
     def stop(self, timeout: float | None = None) -> bool:
         """request_stop + join (bounded by the drain time plus a margin) + close."""

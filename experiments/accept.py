@@ -26,12 +26,13 @@ import sys
 import time
 
 from parallelnet.backends.base import registry
+from parallelnet.core.listeners import layout_of
 from parallelnet.core.stats import jain_index, max_min_ratio
 from parallelnet.experiments.harness import (
     LOCK_PATH, NoiseProbe, result_dir, start_server, window,
 )
 
-STRATEGIES = ("shared", "exclusive", "reuseport")
+STRATEGIES = ("shared", "exclusive", "reuseport", "reuseport-cpu", "dispatch")
 
 
 def one_run(backend: str, strategy: str, mode: str, args, outdir: str, tag: str) -> dict:
@@ -92,7 +93,7 @@ def main(argv=None) -> int:
         for rep in range(args.reps):
             for name in names:
                 for strategy in args.strategies:
-                    if strategy not in backends[name].accept_strategies:
+                    if layout_of(strategy) not in backends[name].accept_strategies:
                         continue
                     tag = f"r{rep}-{name}-{strategy}"
                     rec = one_run(name, strategy, args.mode, args, outdir, tag)

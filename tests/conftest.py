@@ -162,3 +162,11 @@ def read_http_responses(sock: socket.socket, count: int) -> list[tuple[int, byte
         out.append((status, head, buf[end + 4:end + 4 + length]))
         buf = buf[end + 4 + length:]
     return out
+
+
+def run_cli_serve_error(*args: str) -> str:
+    """Run ``parallelnet serve`` expecting a startup refusal (exit 2); return stderr."""
+    res = subprocess.run([sys.executable, "-m", "parallelnet.core.cli", "serve", "--port", "0",
+                          *args], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2, res.stdout + res.stderr
+    return res.stderr
