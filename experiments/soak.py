@@ -311,6 +311,21 @@ class Soak:
         if crashed or died:
             print(err[-2000:], file=sys.stderr)
         os.unlink(self.stats_path)
+        if a.out:
+            from parallelnet.experiments.harness import result_dir
+
+            summary = {
+                "backend": a.backend, "workers": a.workers, "duration": a.duration,
+                "requests": load_req + self.requests, "load_requests": load_req,
+                "churn_connections": results["churn"].connects, "fault_client_requests": self.requests,
+                "responses_lost": lost, "mismatches": mismatches, "faults": dict(self.faults),
+                "fds": [fds0, fds1], "rss_kib": [rss0, rss1], "server_totals": t,
+                "server_extra": dict(extra), "checks": checks, "passed": not failed,
+            }
+            out_dir = result_dir(f"soak-{a.backend}", a.out)
+            with open(os.path.join(out_dir, "soak.json"), "w") as f:
+                json.dump(summary, f, indent=1)
+            print(f"  raw results: {out_dir}")
         print("PASS" if not failed else "FAIL: " + "; ".join(failed))
         return 0 if not failed else 1
 
@@ -320,6 +335,7 @@ def main(argv=None) -> int:
     p.add_argument("--backend", default="epoll")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--duration", type=float, default=60.0, help="seconds of soak (default 60)")
+    p.add_argument("--out", default=None, help="write a results directory under this folder")
     args = p.parse_args(argv)
     if not 0 < args.duration <= 3600:
         p.error("--duration must be in (0, 3600]")
