@@ -17,7 +17,12 @@ What a user would write, written as well as asyncio's documentation allows:
 * **Accept** is the loop's own: asyncio's selector loop calls ``sock.accept()`` up to
   ``backlog`` times per readiness event, until ``BlockingIOError`` (so, with the core's
   backlog of 4096, until ``EAGAIN``: the seed's rule), and creates each transport in a
-  task.  uvloop's libuv accepts in C until ``EAGAIN``.
+  task.  On EMFILE/ENFILE/ENOBUFS/ENOMEM asyncio itself unwatches the listener and
+  retries after 1 s (``ACCEPT_RETRY_DELAY``): counted in ``extra.accept_errors`` /
+  ``extra.accept_backoffs`` by our listening socket, logged once per episode.  uvloop
+  accepts in this class instead (``own_accept``; uvloop_.py says why).
+* **Max connections**: one over ``limits.max_connections`` is aborted in
+  ``connection_made`` (counted ``accepted`` and ``refused``, never ``open``).
 * **Protocol**: an ``asyncio.Protocol`` (``data_received`` gets a fresh ``bytes`` per
   read) that drives the same sans-I/O protocol objects as every backend.  Not a
   ``BufferedProtocol``: echo hands the received object straight back to
@@ -47,7 +52,10 @@ Counters, and what cannot be observed:
   socket's ``accept()``, so a subclass counts them: a listen wakeup ends with
   ``BlockingIOError``; one whose first ``accept()`` got nothing is a lost race.  (A
   wakeup that took ``backlog`` connections without reaching ``EAGAIN`` is merged with
-  the next.)  uvloop accepts inside libuv: neither is observable, both stay 0.
+  the next.)  uvloop: counted by our own accept, exactly as readiness.py.  The drain's
+  last accept of the backlog is neither (a stop is not an accept race).
+* ``extra.max_pending``: the high-water mark of a transport's write buffer, read after
+  each write.
 * ``wakeups``: the loop's waits are internal to asyncio/uvloop: not counted (0).
 """
 
@@ -60,37 +68,67 @@ import os
 import socket
 import time
 
-from parallelnet.backends.base import REUSEPORT, SHARED, Availability, Backend
+from parallelnet.backends.base import (
+    ACCEPT_BACKOFF_MAX, ACCEPT_RESOURCE_ERRORS, REUSEPORT, SHARED, Availability, Backend,
+)
 
 log = logging.getLogger("parallelnet.worker")
 
+#: What asyncio's accept loop reports (then it unwatches the listener for 1 s).
+_ACCEPT_RESOURCE_MSG = "socket.accept() out of system resource"
+
 
 class _CountingListener(socket.socket):
-    """A dup of the core's listening socket whose ``accept()`` counts lost races."""
+    """A dup of the core's listening socket whose ``accept()`` counts lost races and
+    accept errors (asyncio's own accept loop calls it)."""
 
-    def setup(self, stats) -> "_CountingListener":
-        self.stats = stats
+    def setup(self, worker: "AsyncioBackend") -> "_CountingListener":
+        self.worker = worker
+        self.stats = worker.ctx.stats
         self.won = 0
+        self.paused = False
         return self
 
+    def _end_wakeup(self) -> None:
+        st = self.stats
+        st.listen_wakeups += 1
+        if not self.won:
+            st.lost_races += 1
+        self.won = 0
+
+    def _unpause(self) -> None:
+        self.paused = False
+
     def accept(self):
+        if self.paused:
+            # asyncio's loop (CPython <= 3.12) goes on calling accept() up to ``backlog``
+            # times after EMFILE, scheduling a retry each time: end that wakeup here.
+            raise BlockingIOError(errno.EAGAIN, "listener paused after an accept error")
         try:
             pair = super().accept()
         except BlockingIOError:
-            st = self.stats
-            st.listen_wakeups += 1
-            if not self.won:
-                st.lost_races += 1
-            self.won = 0
+            self._end_wakeup()
+            raise
+        except OSError as exc:
+            self.stats.extra["accept_errors"] += 1
+            if exc.errno in ACCEPT_RESOURCE_ERRORS:
+                # asyncio unwatches the listener and re-adds it after ACCEPT_RETRY_DELAY.
+                self.stats.extra["accept_backoffs"] += 1
+                self.worker.accept_failed(exc)
+                self.paused = True
+                self.worker.loop.call_soon(self._unpause)
+            self._end_wakeup()
             raise
         self.won += 1
+        self.worker.backing_off = False
         return pair
 
 
-class _Connection(asyncio.Protocol):
+class _ConnectionBase:
     """One client connection: transport events in, sans-I/O protocol in the middle."""
 
-    __slots__ = ("worker", "stats", "proto", "transport", "write", "closing", "paused")
+    __slots__ = ("worker", "stats", "proto", "transport", "write", "closing", "paused",
+                 "refused", "pending")
 
     def __init__(self, worker: "AsyncioBackend") -> None:
         self.worker = worker
@@ -99,14 +137,24 @@ class _Connection(asyncio.Protocol):
         self.transport = None
         self.closing = False
         self.paused = False
+        self.refused = False
 
     def connection_made(self, transport) -> None:
         w = self.worker
         st = self.stats
         st.accepted += 1
-        st.open += 1
         self.transport = transport
+        if len(w.conns) >= w.max_connections:
+            # Over the per-worker limit: closed at once, never served (as readiness.py).
+            self.refused = self.closing = True
+            st.refused += 1
+            transport.abort()
+            return
+        st.open += 1
         self.write = transport.write
+        self.pending = transport.get_write_buffer_size
+        if hasattr(transport, "max_size"):
+            transport.max_size = w.recv_size   # asyncio reads 256 KiB by default
         transport.set_write_buffer_limits(high=w.max_output, low=w.max_output // 2)
         w.conns.add(self)
         if w.draining:  # accepted by the loop after stop: answer what it sent, then close
@@ -127,6 +175,9 @@ class _Connection(asyncio.Protocol):
         if out:
             st.bytes_out += len(out)
             self.write(out)
+            pending = self.pending()
+            if pending > self.worker.peak:   # high-water mark of queued output
+                self.worker.peak = st.extra["max_pending"] = pending
         if proto.closing:
             self.finish()
 
@@ -162,6 +213,8 @@ class _Connection(asyncio.Protocol):
                 self.transport.resume_reading()
 
     def connection_lost(self, exc) -> None:
+        if self.refused:
+            return
         st = self.stats
         st.open -= 1
         st.closed += 1
@@ -174,8 +227,9 @@ class _Connection(asyncio.Protocol):
 
     def _handler_failed(self) -> None:
         self.stats.handler_errors += 1
-        log.exception("worker %d: protocol %s failed; closing the connection",
-                      self.worker.ctx.index, type(self.proto).__name__)
+        log.exception("worker %d (%s): protocol %s failed on connection from %s; "
+                      "closing that connection only", self.worker.ctx.index, self.worker.name,
+                      type(self.proto).__name__, self.transport.get_extra_info("peername"))
         self.closing = True
         self.stats.errors += 1
         self.transport.abort()
@@ -211,6 +265,29 @@ class _Connection(asyncio.Protocol):
             self.finish()
 
 
+class _Connection(_ConnectionBase, asyncio.Protocol):
+    """The plain ``asyncio.Protocol``: ``data_received`` gets a fresh ``bytes`` per read."""
+
+    __slots__ = ()
+
+
+class _ReadIntoConnection(_ConnectionBase, asyncio.BufferedProtocol):
+    """For a loop whose reads ignore ``limits.recv_size`` (uvloop reads 256 000 bytes):
+    the loop reads into the worker's ``recv_size`` buffer, so backpressure stops
+    reading within one ``recv_size`` read of ``max_output``, as in readiness.py.  The
+    chunk is copied out at once (as ``data_received`` would get it): echo hands it to
+    ``transport.write``, which may keep it.  (uvloop takes the buffered path only for a
+    protocol that is not an ``asyncio.Protocol``: hence the shared plain base.)"""
+
+    __slots__ = ()
+
+    def get_buffer(self, sizehint):
+        return self.worker.rbuf
+
+    def buffer_updated(self, nbytes) -> None:
+        self.data_received(self.worker.rbuf[:nbytes].tobytes())
+
+
 class AsyncioBackend(Backend):
     name = "asyncio"
     description = "asyncio event loop per worker thread (SelectorEventLoop/epoll), Protocol"
@@ -235,16 +312,32 @@ class AsyncioBackend(Backend):
         """The one thing uvloop changes."""
         return asyncio.new_event_loop()
 
-    #: Whether the loop calls our listening socket's accept() (asyncio) or not (uvloop).
-    counts_races = True
+    #: Whether the loop's own accept serves the listeners (asyncio: it calls our socket's
+    #: accept(), which counts) or this class accepts itself (uvloop: libuv's accept drops
+    #: the backlog on EMFILE and uvloop then closes the server, see uvloop_.py).
+    own_accept = False
+    #: Whether to read through ``get_buffer`` (``_ReadIntoConnection``) to bound reads.
+    read_into = False
 
     def run(self) -> None:
         ctx = self.ctx
-        self.max_output = ctx.limits.max_output
+        lim = ctx.limits
+        self.max_output = lim.max_output
+        self.max_connections = lim.max_connections
+        self.recv_size = lim.recv_size
         self.conns: set[_Connection] = set()
         self.draining = False
         self.idle = None
+        self.peak = 0
+        self.rbuf = memoryview(bytearray(self.recv_size))
+        self._conn_cls = _ReadIntoConnection if self.read_into else _Connection
+        self.backing_off = False         # in an accept-error episode (logged once)
+        self.backoff = lim.accept_backoff
+        self.paused: dict[int, asyncio.TimerHandle] = {}   # own accept: fd -> its re-add
+        for k in ("accept_errors", "accept_backoffs", "max_pending"):
+            ctx.stats.extra.setdefault(k, 0)   # every key exists from the start
         self.loop = loop = self.new_loop()
+        loop.set_exception_handler(self._exception_handler)
         asyncio.set_event_loop(loop)
         try:
             loop.run_until_complete(self._main())
@@ -273,8 +366,11 @@ class AsyncioBackend(Backend):
         backlog = int(ctx.option("backlog", 4096) or 4096)
         servers = []
         for lsock in ctx.listeners:
+            if self.own_accept:
+                loop.add_reader(lsock.fileno(), self._on_listen, lsock)
+                continue
             dup = _CountingListener(lsock.family, lsock.type, lsock.proto,
-                                    fileno=os.dup(lsock.fileno())).setup(ctx.stats)
+                                    fileno=os.dup(lsock.fileno())).setup(self)
             servers.append(await loop.create_server(factory, sock=dup, backlog=backlog))
         if not ctx.stop.is_set():
             await stopped
@@ -282,35 +378,114 @@ class AsyncioBackend(Backend):
         await self._drain(servers)
 
     def _factory(self) -> _Connection:
-        return _Connection(self)
+        return self._conn_cls(self)
+
+    # -- accept errors ------------------------------------------------------------------
+
+    def accept_failed(self, exc: OSError) -> None:
+        """Out of fds (or memory) on accept: log once per episode (a success ends it)."""
+        if not self.backing_off:
+            self.backing_off = True
+            log.warning("worker %d (%s): accept failed: %s; pausing the listener, retrying "
+                        "with back-off", self.ctx.index, self.name, exc)
+
+    def _exception_handler(self, loop, context) -> None:
+        if context.get("message") == _ACCEPT_RESOURCE_MSG:
+            return   # counted and logged (once per episode) by _CountingListener
+        loop.default_exception_handler(context)
+
+    # -- own accept (uvloop): readiness.py's accept, over the loop's add_reader -----------
+
+    def _on_listen(self, lsock: socket.socket) -> None:
+        """Accept until EAGAIN; a wakeup that got nothing is a lost race; EMFILE & co
+        pause the listener with a doubling back-off (readiness.py's semantics)."""
+        st = self.ctx.stats
+        st.listen_wakeups += 1
+        won = 0
+        while True:
+            try:
+                conn, _ = lsock.accept()
+            except BlockingIOError:
+                break
+            except InterruptedError:
+                continue
+            except OSError as exc:
+                st.extra["accept_errors"] += 1
+                if exc.errno in ACCEPT_RESOURCE_ERRORS:
+                    self._pause_listener(lsock, exc)
+                    break
+                if exc.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
+                    continue
+                log.warning("worker %d: accept failed: %s", self.ctx.index, exc)
+                break
+            won += 1
+            self._adopt(conn)
+        if won:
+            self.backoff = self.ctx.limits.accept_backoff
+            self.backing_off = False
+        else:
+            st.lost_races += 1
+
+    def _pause_listener(self, lsock: socket.socket, exc: OSError) -> None:
+        fd = lsock.fileno()
+        self.ctx.stats.extra["accept_backoffs"] += 1
+        self.accept_failed(exc)
+        if fd in self.paused:
+            return
+        self.loop.remove_reader(fd)
+        self.paused[fd] = self.loop.call_later(self.backoff, self._resume_listener, lsock)
+        self.backoff = min(ACCEPT_BACKOFF_MAX, self.backoff * 2)
+
+    def _resume_listener(self, lsock: socket.socket) -> None:
+        if self.paused.pop(lsock.fileno(), None) is not None and not self.draining:
+            self.loop.add_reader(lsock.fileno(), self._on_listen, lsock)
+
+    def _adopt(self, conn: socket.socket) -> None:
+        conn.setblocking(False)
+        try:
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+        self.loop.create_task(self._connect(conn))
+
+    async def _connect(self, conn: socket.socket) -> None:
+        try:
+            await self.loop.connect_accepted_socket(self._factory, conn)
+        except OSError:
+            conn.close()
 
     async def _drain(self, servers) -> None:
         ctx = self.ctx
         loop = self.loop
         st = ctx.stats
         self.draining = True
+        if self.own_accept:
+            for lsock in ctx.listeners:
+                if lsock.fileno() not in self.paused:
+                    loop.remove_reader(lsock.fileno())
         # The listen backlog: completed by the kernel, requests possibly queued: serve once.
+        # Not a listen wakeup and not a race: counted as accepted connections only.
         for lsock in ctx.listeners:
-            st.listen_wakeups += 1
-            won = 0
+            if lsock.fileno() in self.paused:
+                continue   # out of fds at stop: as readiness.py, not retried
             while True:
                 try:
                     conn, _ = lsock.accept()
                 except (BlockingIOError, InterruptedError):
                     break
                 except OSError as exc:
-                    st.extra["accept_errors"] = st.extra.get("accept_errors", 0) + 1
+                    st.extra["accept_errors"] += 1
                     if exc.errno not in (errno.ECONNABORTED, errno.EPROTO):
                         log.warning("worker %d: accept failed: %s", ctx.index, exc)
                     break
-                won += 1
                 conn.setblocking(False)
                 try:
                     await loop.connect_accepted_socket(self._factory, conn)
                 except OSError:
                     conn.close()
-            if not won:
-                st.lost_races += 1
+        for handle in self.paused.values():
+            handle.cancel()
+        self.paused.clear()
         for srv in servers:
             srv.close()
         for c in list(self.conns):

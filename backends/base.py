@@ -70,6 +70,8 @@ SHARED = "shared"          # one listening socket in every worker's loop (the se
 EXCLUSIVE = "exclusive"    # the same, registered with EPOLLEXCLUSIVE
 REUSEPORT = "reuseport"    # one SO_REUSEPORT socket per worker
 DISPATCH = "dispatch"      # no listener: connections arrive on ctx.handoff (core/dispatch.py)
+EXCLUSIVE_ROTATE = "exclusive-rotate"  # EXCLUSIVE, the listener re-added every ROTATE_EVERY accepts
+ROTATE_EVERY = 16          # nginx re-adds its listener after this many accepts
 
 
 @dataclass(frozen=True)

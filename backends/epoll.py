@@ -11,14 +11,16 @@ from __future__ import annotations
 import argparse
 import select
 
-from parallelnet.backends.base import DISPATCH, EXCLUSIVE, REUSEPORT, SHARED, Availability
+from parallelnet.backends.base import (
+    DISPATCH, EXCLUSIVE, EXCLUSIVE_ROTATE, REUSEPORT, SHARED, Availability,
+)
 from parallelnet.backends.readiness import ReadinessLoop
 
 
 class EpollBackend(ReadinessLoop):
     name = "epoll"
     description = "select.epoll, level-triggered (or edge with --epoll-edge)"
-    accept_strategies = frozenset({SHARED, EXCLUSIVE, REUSEPORT, DISPATCH})
+    accept_strategies = frozenset({SHARED, EXCLUSIVE, EXCLUSIVE_ROTATE, REUSEPORT, DISPATCH})
 
     EV_READ = select.EPOLLIN
     EV_WRITE = select.EPOLLOUT

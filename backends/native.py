@@ -9,16 +9,24 @@ listening socket(s) of ``ctx.listeners`` in it (with ``EPOLLEXCLUSIVE`` for
 HTTP/1.1 plaintext implemented in C (the behaviour of ``core/protocols/http.py`` for
 what a benchmark or the conformance suite sends), backpressure at
 ``limits.max_output``, half-close honoured, and at stop the drain of readiness.py.
-No Python runs per request: only the protocol *name* and its options are taken from
-``ctx.protocol_factory``; a custom protocol object cannot run here.
+No Python runs per request for those two: only the protocol *name* and its options are
+taken from ``ctx.protocol_factory``.  Any other protocol (a plugin, the fault suite's
+``crashy``) runs in Python: the C loop calls back (cffi ``extern "Python"``, the GIL
+taken per received chunk) into ``feed``/``eof`` of one protocol object per connection,
+and a handler that raises closes that connection only (logged, ``handler_errors``).
 
-Why time slices.  ``nc_serve`` returns to Python every ``--native-slice-ms``
-(default 50 ms) or at once when the stop eventfd fires.  Between slices the worker
-copies the C counters (``struct nc_stats``, written only by the C loop) into
-``ctx.stats``, so a snapshot taken from another thread is at most one slice old; and
-a forked worker, whose Python signal handler can only run in its main thread (this
-one), gets to run it (``epoll_wait`` interrupted by a signal also ends the slice).
-The cost is one GIL acquisition per slice, i.e. ~20 per second.
+No time slices.  ``nc_serve`` blocks in ``epoll_wait`` until the stop eventfd fires (an
+idle server makes no wakeups; the wait times out only while a listener waits out an
+EMFILE back-off).  The counters live in ``struct nc_stats``, written only by the C
+loop; ``WorkerStats.refresh`` copies them into ``ctx.stats`` whenever a snapshot is
+taken, from any thread, so monitoring never interrupts the loop.  Signals are taken by
+the process's main thread (in process mode the worker runs in a thread of the forked
+child, see ``core.server._child_main``), which sets the stop eventfd.
+
+Faults: ``accept4`` failing with EMFILE/ENFILE/ENOBUFS/ENOMEM pauses the listener
+(``EPOLL_CTL_DEL``) for ``limits.accept_backoff``, doubling to 1 s, as readiness.py
+does; counted in ``extra.accept_errors`` / ``extra.accept_backoffs``, logged once per
+episode (a callback).  ``extra.max_pending`` is the high-water mark of queued output.
 
 Thread CPU: the C loop runs in the worker thread itself, so the tid recorded by
 ``WorkerStats.bind_current_thread`` is the thread doing the work; ``nc_gettid`` is
@@ -27,29 +35,63 @@ checked against it at start-up.
 
 from __future__ import annotations
 
-import argparse
 import functools
+import logging
 import os
 
 from parallelnet.backends.base import (
     EXCLUSIVE, REUSEPORT, SHARED, Availability, Backend, BackendError,
 )
 
+log = logging.getLogger("parallelnet.worker")
+
 COUNTERS = ("requests", "bytes_in", "bytes_out", "wakeups", "listen_wakeups", "accepted",
             "lost_races", "closed", "refused", "errors", "backpressure")
+EXTRA = ("accept_errors", "accept_backoffs", "max_pending")
+
+_loaded = None
 
 
 def load():
-    try:
-        from parallelnet.backends._native import ffi, lib
-    except ImportError as exc:
-        raise BackendError(f"extension parallelnet.backends._native not built ({exc}); "
-                           "reinstall the project so setup.py's cffi_modules compiles it") from None
-    return ffi, lib
+    global _loaded
+    if _loaded is None:
+        try:
+            from parallelnet.backends._native import ffi, lib
+        except ImportError as exc:
+            raise BackendError(f"extension parallelnet.backends._native not built ({exc}); "
+                               "reinstall the project so setup.py's cffi_modules compiles it"
+                               ) from None
+        _install_callbacks(ffi)
+        _loaded = ffi, lib
+    return _loaded
+
+
+def _install_callbacks(ffi) -> None:
+    """The extern "Python" functions the C loop calls (each with the GIL taken by cffi).
+    ``user`` is the worker's handle: ``ffi.from_handle`` gives its NativeBackend."""
+
+    @ffi.def_extern(error=-1)
+    def nc_py_feed(user, fd, data, n, out):
+        return ffi.from_handle(user)._py_feed(fd, ffi.buffer(data, n)[:], out)
+
+    @ffi.def_extern(error=-1)
+    def nc_py_eof(user, fd, out):
+        return ffi.from_handle(user)._py_eof(fd, out)
+
+    @ffi.def_extern()
+    def nc_py_close(user, fd):
+        ffi.from_handle(user)._protos.pop(fd, None)
+
+    @ffi.def_extern()
+    def nc_py_accept_failed(user, err):
+        b = ffi.from_handle(user)
+        log.warning("worker %d (%s): accept failed: %s; pausing the listener, retrying "
+                    "with back-off", b.ctx.index, b.name, os.strerror(err))
 
 
 def protocol_of(factory) -> tuple[str, dict]:
-    """The protocol name and options behind a factory from ``make_factory``."""
+    """The protocol name and options behind a factory from ``make_factory``: ``echo`` and
+    ``http`` run in C; anything else is ``python`` (the factory's objects, via callbacks)."""
     from parallelnet.core.protocols import EchoProtocol, HttpProtocol
 
     func = factory.func if isinstance(factory, functools.partial) else factory
@@ -58,7 +100,7 @@ def protocol_of(factory) -> tuple[str, dict]:
         return "echo", kwargs
     if func is HttpProtocol:
         return "http", kwargs
-    raise BackendError(f"native serves only the echo and http protocols, not {func!r}")
+    return "python", {}
 
 
 class NativeBackend(Backend):
@@ -81,11 +123,6 @@ class NativeBackend(Backend):
             return Availability(False, str(exc))
         return Availability(True)
 
-    @classmethod
-    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--native-slice-ms", type=int, default=50,
-                            help="native: ms between returns to Python (stats copy, signals)")
-
     def run(self) -> None:
         ctx = self.ctx
         ffi, lib = load()
@@ -93,53 +130,92 @@ class NativeBackend(Backend):
         listeners = [s.fileno() for s in ctx.listeners]
         if len(listeners) > lib.NC_MAX_LISTENERS:
             raise BackendError(f"at most {lib.NC_MAX_LISTENERS} listening sockets per worker")
+        self._ffi = ffi
+        self._protos: dict[int, object] = {}   # fd -> protocol object (python protocols)
+        self._out = None                        # what C is sending from (kept alive)
+        self._handle = handle = ffi.new_handle(self)
         cfg = ffi.new("struct nc_config *")
         cfg.stop_fd = ctx.stop.fileno()
         cfg.nlisteners = len(listeners)
         for i, fd in enumerate(listeners):
             cfg.listeners[i] = fd
         cfg.exclusive = int(ctx.accept == EXCLUSIVE)
-        cfg.protocol = lib.NC_HTTP if proto == "http" else lib.NC_ECHO
+        cfg.protocol = {"http": lib.NC_HTTP, "echo": lib.NC_ECHO}.get(proto, lib.NC_PY)
         cfg.recv_size = ctx.limits.recv_size
         cfg.max_conns = ctx.limits.max_connections
         cfg.max_output = ctx.limits.max_output
         cfg.message_size = opts.get("message_size", 0)
         cfg.max_header_bytes = opts.get("max_header_bytes", 8192)
         cfg.max_body_bytes = opts.get("max_body_bytes", 1 << 20)
-        self.cstats = cstats = ffi.new("struct nc_stats *")
+        cfg.accept_backoff_ms = max(1, round(ctx.limits.accept_backoff * 1000))
+        cfg.user = handle
+        self.cstats = ffi.new("struct nc_stats *")
         err = ffi.new("int *")
-        core = lib.nc_new(cfg, cstats, err)
+        core = lib.nc_new(cfg, self.cstats, err)
         if core == ffi.NULL:
             raise BackendError(f"native core setup failed: {os.strerror(err[0])}")
         stats = ctx.stats
-        stats.extra["accept_errors"] = 0
-        stats.extra["slices"] = 0
+        for k in EXTRA:
+            stats.extra[k] = 0   # every key exists from the start: snapshots copy this dict
         if stats.tid and lib.nc_gettid() != stats.tid:
             stats.extra["tid_mismatch"] = lib.nc_gettid()  # never expected: same thread
-        slice_ms = max(1, int(ctx.option("native_slice_ms", 50) or 50))
+        stats.refresh = self._sync   # snapshots, from any thread, read the C counters
         try:
-            serve = lib.nc_serve
-            stop = ctx.stop
-            sync = self._sync
-            while True:
-                rc = serve(core, slice_ms)  # GIL released for the whole slice
-                sync()
-                if rc < 0:
-                    raise OSError(-rc, f"epoll_wait: {os.strerror(-rc)}")
-                if rc or stop.is_set():
-                    break
+            rc = lib.nc_serve(core)  # GIL released until the stop eventfd fires
+            if rc < 0:
+                raise OSError(-rc, f"epoll_wait: {os.strerror(-rc)}")
             lib.nc_drain(core, max(0, int(ctx.limits.drain_timeout * 1000)))
         finally:
             lib.nc_free(core)  # closes whatever is still open (never the listeners)
             self._sync()
+            stats.refresh = None   # final figures stay in ctx.stats
 
     def _sync(self) -> None:
-        """Copy the C counters into WorkerStats (this thread is its only writer)."""
+        """Copy the C counters into WorkerStats (``WorkerStats.refresh``: any thread)."""
         cs, st = self.cstats, self.ctx.stats
         for k in COUNTERS:
             setattr(st, k, getattr(cs, k))
         st.open = cs.open
-        st.extra["accept_errors"] = cs.accept_errors
-        st.extra["slices"] = cs.slices
+        extra = st.extra
+        for k in EXTRA:
+            extra[k] = getattr(cs, k)
 
+    # -- python protocols (callbacks from the C loop, in this worker's thread) ----------
 
+    def _py_feed(self, fd: int, data: bytes, out) -> int:
+        proto = self._protos.get(fd)
+        if proto is None:
+            proto = self._protos[fd] = self.ctx.protocol_factory()
+        try:
+            res, n = proto.feed(data)
+        except Exception:  # noqa: BLE001 - a handler bug closes one connection only
+            self._handler_failed(fd, proto)
+            return -1
+        self._set_out(out, res, proto)
+        return n
+
+    def _py_eof(self, fd: int, out) -> int:
+        proto = self._protos.get(fd)
+        if proto is None:
+            proto = self._protos[fd] = self.ctx.protocol_factory()
+        try:
+            res = proto.eof()
+        except Exception:  # noqa: BLE001
+            self._handler_failed(fd, proto)
+            return -1
+        self._set_out(out, res, proto)
+        return 0
+
+    def _set_out(self, out, res, proto) -> None:
+        if res:
+            # C copies what the kernel does not take before the next callback.
+            self._out = buf = self._ffi.from_buffer(res)
+            out.p = buf
+            out.len = len(buf)
+        out.closing = int(proto.closing)
+
+    def _handler_failed(self, fd: int, proto) -> None:
+        self.ctx.stats.handler_errors += 1
+        log.exception("worker %d (%s): protocol %s failed on connection fd %d; "
+                      "closing that connection only", self.ctx.index, self.name,
+                      type(proto).__name__, fd)

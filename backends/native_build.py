@@ -3,7 +3,8 @@
 ``setup.py`` names ``backends/native_build.py:ffibuilder``; setuptools compiles
 ``native_core.c`` into ``parallelnet.backends._native``.  API mode: the compiler checks
 these declarations against the source, and cffi releases the GIL around every call,
-so ``nc_serve`` runs a whole time slice of the event loop without holding it.
+so ``nc_serve`` runs the whole event loop without holding it; the ``extern "Python"``
+callbacks (protocols not written in C, rare events) take it back when called.
 
 Run this file directly to build the extension in place for a quick experiment.
 """
@@ -20,21 +21,30 @@ CDEF = """
 #define NC_MAX_LISTENERS ...
 #define NC_ECHO ...
 #define NC_HTTP ...
+#define NC_PY ...
 
 struct nc_stats {
     uint64_t requests, bytes_in, bytes_out, wakeups, listen_wakeups, accepted, lost_races,
-             closed, refused, errors, backpressure, open, accept_errors, slices;
+             closed, refused, errors, backpressure, open, accept_errors, accept_backoffs,
+             max_pending;
 };
 struct nc_config {
     int stop_fd, nlisteners, exclusive, protocol;
     int listeners[...];
-    unsigned recv_size, max_conns, message_size, max_header_bytes;
+    unsigned recv_size, max_conns, message_size, max_header_bytes, accept_backoff_ms;
     uint64_t max_output, max_body_bytes;
+    void *user;
 };
+struct nc_out { const char *p; size_t len; int closing; };
 typedef struct nc_core nc_core;
 
+extern "Python" int nc_py_feed(void *, int, const char *, size_t, struct nc_out *);
+extern "Python" int nc_py_eof(void *, int, struct nc_out *);
+extern "Python" void nc_py_close(void *, int);
+extern "Python" void nc_py_accept_failed(void *, int);
+
 nc_core *nc_new(const struct nc_config *cfg, struct nc_stats *st, int *err);
-int nc_serve(nc_core *c, int slice_ms);
+int nc_serve(nc_core *c);
 void nc_drain(nc_core *c, int timeout_ms);
 void nc_free(nc_core *c);
 int nc_gettid(void);

@@ -5,10 +5,15 @@
  * nc_serve() with the GIL released (cffi API mode releases it around every call):
  * its own epoll instance, the listening socket(s) it was given, accept until EAGAIN,
  * non-blocking reads and writes, echo or HTTP/1.1 plaintext, backpressure, half-close.
- * It returns to Python only at the end of a time slice (so the Python side can copy
- * the counters into WorkerStats and run pending signal handlers) or at stop.  Since
- * it runs in the Python worker thread itself, the thread id the core recorded with
- * bind_current_thread() is the thread that does the work: /proc CPU accounting holds.
+ * It stays there until the stop eventfd fires: Python reads the counters straight
+ * from struct nc_stats (WorkerStats.refresh) and the core takes signals in another
+ * thread, so nothing needs the loop to come back.  Since it runs in the Python worker
+ * thread itself, the thread id the core recorded with bind_current_thread() is the
+ * thread that does the work: /proc CPU accounting holds.
+ *
+ * Protocols other than echo and http run in Python through extern "Python" callbacks
+ * (NC_PY: one GIL acquisition per received chunk); a protocol that raises closes that
+ * connection only (logged and counted on the Python side, `errors` here).
  *
  * Semantics mirror backends/readiness.py (level-triggered):
  *  - listener readable: accept4() until EAGAIN; a wakeup that got nothing is a lost
@@ -17,11 +22,16 @@
  *    kernel does not take is queued in order, EPOLLOUT is armed.  Past max_output
  *    pending bytes reading pauses (backpressure) until the queue drains below half.
  *  - recv() == 0: the peer half-closed; flush what is queued, then close.
- *  - drain (nc_drain): accept the listen backlog once, read what each connection's
- *    kernel buffer already holds (bounded) and answer it, flush within the drain
- *    timeout, close everything.  Listening sockets are never closed here.
+ *  - accept4() failing with EMFILE/ENFILE/ENOBUFS/ENOMEM: the listener is unwatched
+ *    (EPOLL_CTL_DEL) and re-added after a back-off (accept_backoff_ms, doubling to 1 s,
+ *    reset by a successful accept); the wait's timeout is the next re-add, so a
+ *    server out of fds does not spin.  Counted in accept_errors / accept_backoffs.
+ *  - drain (nc_drain): accept the listen backlog once (not a listen wakeup, not a
+ *    race), read what each connection's kernel buffer already holds (bounded) and
+ *    answer it, flush within the drain timeout, close everything.  Listening sockets are never closed here.
  *
- * Counters live in struct nc_stats, written only by this thread.
+ * Counters live in struct nc_stats, written only by this thread; other threads read
+ * them (aligned 64-bit words: a read never sees a torn value).
  */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE
@@ -42,19 +52,34 @@
 #define NC_MAX_LISTENERS 8
 #define NC_ECHO 0
 #define NC_HTTP 1
+#define NC_PY 2
 #define NC_MAXEVENTS 1024
+#define NC_BACKOFF_MAX_MS 1000
 
 struct nc_stats {
     uint64_t requests, bytes_in, bytes_out, wakeups, listen_wakeups, accepted, lost_races,
-             closed, refused, errors, backpressure, open, accept_errors, slices;
+             closed, refused, errors, backpressure, open, accept_errors, accept_backoffs,
+             max_pending;
 };
 
 struct nc_config {
     int stop_fd, nlisteners, exclusive, protocol;
     int listeners[NC_MAX_LISTENERS];
-    unsigned recv_size, max_conns, message_size, max_header_bytes;
+    unsigned recv_size, max_conns, message_size, max_header_bytes, accept_backoff_ms;
     uint64_t max_output, max_body_bytes;
+    void *user;   /* the Python backend (a cffi handle), passed to the callbacks */
 };
+
+/* What a Python protocol's feed/eof hands back: bytes to send (owned by Python until
+ * the next callback) and whether the protocol is closing. */
+struct nc_out { const char *p; size_t len; int closing; };
+
+/* extern "Python" callbacks (native.py), defined by cffi after this source; each takes
+ * the GIL.  Used for protocols not implemented in C (NC_PY) and for rare events only. */
+static int nc_py_feed(void *user, int fd, const char *data, size_t len, struct nc_out *out);
+static int nc_py_eof(void *user, int fd, struct nc_out *out);
+static void nc_py_close(void *user, int fd);
+static void nc_py_accept_failed(void *user, int err);
 
 /* ---- growable byte buffer with a consumed prefix ---------------------------- */
 struct buf { char *p; size_t head, len, cap; };  /* data is p[head .. head+len) */
@@ -356,6 +381,9 @@ typedef struct nc_core {
     char *rbuf;
     struct buf scratch;
     struct resp_table table;
+    int64_t paused_until[NC_MAX_LISTENERS];  /* listener back-off: 0 = watched */
+    int npaused;
+    unsigned backoff_ms;
 } nc_core;
 
 #define TAG_CONN 0ULL
@@ -375,6 +403,7 @@ static void conn_close(nc_core *c, struct conn *k, int error)
 {
     if (k->fd < 0) return;
     epoll_ctl(c->ep, EPOLL_CTL_DEL, k->fd, NULL);
+    if (c->cfg.protocol == NC_PY) nc_py_close(c->cfg.user, k->fd);
     close(k->fd);
     c->conns[k->fd] = NULL;
     k->fd = -1;
@@ -413,6 +442,7 @@ static int conn_send(nc_core *c, struct conn *k, const char *p, size_t n)
         n -= (size_t)s;
     }
     if (buf_append(&k->out, p, n) < 0) { conn_close(c, k, 1); return -1; }
+    if (k->out.len > c->st->max_pending) c->st->max_pending = k->out.len;  /* high-water mark */
     if (k->reading && k->out.len > c->cfg.max_output) {
         k->reading = 0;   /* backpressure: stop reading a client that does not read */
         c->st->backpressure++;
@@ -527,6 +557,11 @@ static int echo_feed(nc_core *c, struct conn *k, const char *data, size_t len)
 
 static void conn_eof(nc_core *c, struct conn *k)
 {
+    if (c->cfg.protocol == NC_PY) {
+        struct nc_out o = {0};
+        if (nc_py_eof(c->cfg.user, k->fd, &o) < 0) { conn_close(c, k, 1); return; }
+        if (conn_send(c, k, o.p, o.len) < 0) return;
+    }
     k->pclosing = 1;  /* a partial request is dropped unanswered (http); echo has nothing */
     buf_free(&k->in);
     conn_finish(c, k);
@@ -551,6 +586,18 @@ static int conn_read_once(nc_core *c, struct conn *k)
     int fd = k->fd;
     if (c->cfg.protocol == NC_ECHO) {
         if (echo_feed(c, k, c->rbuf, (size_t)r) < 0) return -1;
+    } else if (c->cfg.protocol == NC_PY) {
+        struct nc_out o = {0};
+        c->st->bytes_in += (uint64_t)r;
+        int n = nc_py_feed(c->cfg.user, fd, c->rbuf, (size_t)r, &o);
+        if (n < 0) { conn_close(c, k, 1); return -1; }  /* handler bug: this connection only */
+        c->st->requests += (uint64_t)n;
+        if (conn_send(c, k, o.p, o.len) < 0) return -1;
+        if (o.closing && !k->closing) {
+            k->pclosing = 1;
+            conn_finish(c, k);
+            if (!c->conns[fd]) return -1;
+        }
     } else {
         c->scratch.head = c->scratch.len = 0;
         c->st->bytes_in += (uint64_t)r;
@@ -617,24 +664,81 @@ static void add_connection(nc_core *c, int fd)
     st->open = c->nconns;
 }
 
-/* Accept until EAGAIN (the seed's rule). */
-static int do_accept(nc_core *c, int lfd)
+static int64_t now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+/* Out of fds (or memory): stop watching listener i for a back-off, so the
+ * level-triggered loop does not spin on a socket it cannot accept from.  The pending
+ * connections wait in the kernel's backlog. */
+static void pause_listener(nc_core *c, int i, int err)
+{
+    c->st->accept_backoffs++;
+    if (c->backoff_ms == c->cfg.accept_backoff_ms)   /* a new episode: log it once */
+        nc_py_accept_failed(c->cfg.user, err);
+    if (c->paused_until[i]) return;
+    epoll_ctl(c->ep, EPOLL_CTL_DEL, c->cfg.listeners[i], NULL);
+    c->paused_until[i] = now_ms() + c->backoff_ms;
+    c->npaused++;
+    c->backoff_ms = c->backoff_ms * 2 < NC_BACKOFF_MAX_MS ? c->backoff_ms * 2 : NC_BACKOFF_MAX_MS;
+}
+
+static int listener_add(nc_core *c, int i)
+{
+    struct epoll_event lev = {.events = EPOLLIN | (c->cfg.exclusive ? EPOLLEXCLUSIVE : 0),
+                              .data.u64 = MK(TAG_LISTEN, i)};
+    return epoll_ctl(c->ep, EPOLL_CTL_ADD, c->cfg.listeners[i], &lev);
+}
+
+/* Re-watch the listeners whose back-off is over; returns ms until the next one is due
+ * (-1: none paused). */
+static int resume_listeners(nc_core *c)
+{
+    int64_t now = now_ms(), next = -1;
+    for (int i = 0; i < c->cfg.nlisteners; i++) {
+        if (!c->paused_until[i]) continue;
+        if (now >= c->paused_until[i]) {
+            c->paused_until[i] = 0;
+            c->npaused--;
+            listener_add(c, i);
+        } else if (next < 0 || c->paused_until[i] - now < next) {
+            next = c->paused_until[i] - now;
+        }
+    }
+    return (int)next;
+}
+
+/* Accept until EAGAIN (the seed's rule).  `wakeup`: this is a listen wakeup (counted,
+ * and one that got nothing is a lost race); the drain's last look is not. */
+static int do_accept(nc_core *c, int i, int wakeup)
 {
     struct nc_stats *st = c->st;
+    int lfd = c->cfg.listeners[i];
     int won = 0;
-    st->listen_wakeups++;
+    if (wakeup) st->listen_wakeups++;
     for (;;) {
         int fd = accept4(lfd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
         if (fd < 0) {
-            if (errno == EINTR) continue;
-            if (errno != EAGAIN) st->accept_errors++;
+            int e = errno;
+            if (e == EINTR) continue;
+            if (e == EAGAIN || e == EWOULDBLOCK) break;
+            st->accept_errors++;
+            if (e == EMFILE || e == ENFILE || e == ENOBUFS || e == ENOMEM) {
+                pause_listener(c, i, e);
+                break;
+            }
+            if (e == ECONNABORTED || e == EPROTO || e == EPERM) continue;  /* that one only */
             break;
         }
         won++;
         add_connection(c, fd);
     }
+    if (won) c->backoff_ms = c->cfg.accept_backoff_ms;
     st->accepted += (uint64_t)won;
-    if (!won) st->lost_races++;
+    if (!won && wakeup) st->lost_races++;
     return won;
 }
 
@@ -656,14 +760,13 @@ static nc_core *nc_new(const struct nc_config *cfg, struct nc_stats *st, int *er
         free(c);
         return NULL;
     }
+    if (!c->cfg.accept_backoff_ms) c->cfg.accept_backoff_ms = 1;
+    c->backoff_ms = c->cfg.accept_backoff_ms;
     build_table(&c->table, time(NULL));
     struct epoll_event ev = {.events = EPOLLIN, .data.u64 = MK(TAG_STOP, 0)};
     if (cfg->stop_fd >= 0 && epoll_ctl(c->ep, EPOLL_CTL_ADD, cfg->stop_fd, &ev) < 0) goto fail;
-    for (int i = 0; i < cfg->nlisteners; i++) {
-        struct epoll_event lev = {.events = EPOLLIN | (cfg->exclusive ? EPOLLEXCLUSIVE : 0),
-                                  .data.u64 = MK(TAG_LISTEN, i)};
-        if (epoll_ctl(c->ep, EPOLL_CTL_ADD, cfg->listeners[i], &lev) < 0) goto fail;
-    }
+    for (int i = 0; i < cfg->nlisteners; i++)
+        if (listener_add(c, i) < 0) goto fail;
     return c;
 fail:
     *err = errno;
@@ -673,13 +776,6 @@ fail:
     return NULL;
 }
 
-static int64_t now_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
-
 static void dispatch(nc_core *c, struct epoll_event *evs, int n)
 {
     for (int i = 0; i < n; i++) {
@@ -687,7 +783,8 @@ static void dispatch(nc_core *c, struct epoll_event *evs, int n)
         uint32_t v = (uint32_t)evs[i].data.u64;
         uint32_t mask = evs[i].events;
         if (tag == TAG_LISTEN) {
-            if (!c->draining) do_accept(c, c->cfg.listeners[v]);
+            if (!c->draining && v < (uint32_t)c->cfg.nlisteners && !c->paused_until[v])
+                do_accept(c, (int)v, 1);
             continue;
         }
         if (tag == TAG_STOP) { c->stopped = 1; continue; }
@@ -703,26 +800,25 @@ static void dispatch(nc_core *c, struct epoll_event *evs, int n)
     }
 }
 
-/* Serve for up to slice_ms (or until stop).  Returns 1 when stopped, 0 when the slice
- * is over, -errno on a fatal epoll error. */
-static int nc_serve(nc_core *c, int slice_ms)
+/* Serve until the stop eventfd fires.  Returns 0 when stopped, -errno on a fatal epoll
+ * error.  The wait blocks indefinitely unless a listener waits out an accept back-off:
+ * an idle server makes no wakeups.  Signals are not this thread's business (the core
+ * takes them in the main thread and sets the stop eventfd); EINTR just waits again. */
+static int nc_serve(nc_core *c)
 {
     struct epoll_event evs[NC_MAXEVENTS];
-    int64_t deadline = now_ms() + slice_ms;
-    c->st->slices++;
+    int timeout = -1;
     while (!c->stopped) {
-        int64_t left = deadline - now_ms();
-        if (left <= 0) return 0;
-        int n = epoll_wait(c->ep, evs, NC_MAXEVENTS, (int)left);
+        int n = epoll_wait(c->ep, evs, NC_MAXEVENTS, timeout);
         if (n < 0) {
-            if (errno == EINTR) return 0;  /* let Python run its signal handlers */
+            if (errno == EINTR) continue;
             return -errno;
         }
-        if (!n) continue;
         c->st->wakeups++;
         dispatch(c, evs, n);
+        timeout = c->npaused ? resume_listeners(c) : -1;
     }
-    return 1;
+    return 0;
 }
 
 /* Stop accepting; answer what was received; flush within timeout_ms; close all. */
@@ -731,9 +827,12 @@ static void nc_drain(nc_core *c, int timeout_ms)
     struct epoll_event evs[NC_MAXEVENTS];
     if (c->cfg.stop_fd >= 0) epoll_ctl(c->ep, EPOLL_CTL_DEL, c->cfg.stop_fd, NULL);
     for (int i = 0; i < c->cfg.nlisteners; i++) {
-        do_accept(c, c->cfg.listeners[i]);
+        if (c->paused_until[i]) continue;   /* out of fds at stop: already unwatched */
+        do_accept(c, i, 0);   /* the backlog, once: not a wakeup, not a race */
         epoll_ctl(c->ep, EPOLL_CTL_DEL, c->cfg.listeners[i], NULL);
     }
+    memset(c->paused_until, 0, sizeof c->paused_until);
+    c->npaused = 0;
     c->draining = 1;
     for (size_t fd = 0; fd < c->nconn_slots; fd++) {
         struct conn *k = c->conns[fd];

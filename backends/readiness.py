@@ -54,7 +54,8 @@ import time
 from typing import ClassVar
 
 from parallelnet.backends.base import (
-    ACCEPT_BACKOFF_MAX, ACCEPT_RESOURCE_ERRORS, DISPATCH, EXCLUSIVE, REUSEPORT, SHARED, Backend,
+    ACCEPT_BACKOFF_MAX, ACCEPT_RESOURCE_ERRORS, DISPATCH, EXCLUSIVE, EXCLUSIVE_ROTATE, REUSEPORT,
+    ROTATE_EVERY, SHARED, Backend,
 )
 from parallelnet.core.dispatch import HANDOFF_BATCH, receive_handoffs
 
@@ -143,13 +144,17 @@ class ReadinessLoop(Backend):
         self._hdr = lim.header_timeout if lim.header_timeout and lim.header_timeout > 0 else 0.0
         self._paused: dict[int, float] = {}     # listener fd -> when to re-register it
         self._backoff = lim.accept_backoff
-        self._exclusive = ctx.accept == EXCLUSIVE
+        self._exclusive = ctx.accept in (EXCLUSIVE, EXCLUSIVE_ROTATE)
+        # exclusive-rotate: re-adding the listener moves this worker's waiter to the tail
+        # of the socket's wait queue, where EPOLLEXCLUSIVE wakes the head first.
+        self._rotate_every = ROTATE_EVERY if ctx.accept == EXCLUSIVE_ROTATE else 0
+        self._since_rotate = 0
         self._now = time.monotonic()
         self._next_sweep = self._now + (self._tick or 0.0)
         self._peak = 0
         extra = ctx.stats.extra
         for k in ("accept_errors", "accept_backoffs", "idle_timeouts", "header_timeouts",
-                  "max_pending"):
+                  "max_pending", "handoffs", "rotations"):
             extra.setdefault(k, 0)   # every key exists from the start: snapshots copy this dict
         self._setup()
         try:
@@ -285,10 +290,23 @@ class ReadinessLoop(Backend):
             self._add_connection(sock, peer)
         if won:
             self._backoff = self.ctx.limits.accept_backoff
+            if self._rotate_every and wakeup:
+                self._since_rotate += won
+                if self._since_rotate >= self._rotate_every:
+                    self._rotate(lsock)
         stats.accepted += won
         if not won and wakeup:
             stats.lost_races += 1
         return won
+
+    def _rotate(self, lsock: socket.socket) -> None:
+        fd = lsock.fileno()
+        if fd in self._paused:
+            return
+        self._since_rotate = 0
+        self._unregister(fd)
+        self._register(fd, self.EV_READ, True)
+        self.ctx.stats.extra["rotations"] += 1
 
     def _take_handoffs(self) -> int:
         """Connections the dispatcher passed us (SCM_RIGHTS), until the channel is empty."""
@@ -301,7 +319,7 @@ class ReadinessLoop(Backend):
             if len(fds) < HANDOFF_BATCH:
                 break
         self.ctx.stats.accepted += taken
-        self.ctx.stats.extra["handoffs"] = self.ctx.stats.extra.get("handoffs", 0) + taken
+        self.ctx.stats.extra["handoffs"] += taken
         return taken
 
     def _add_connection(self, sock: socket.socket, peer) -> None:

@@ -21,6 +21,23 @@ completion that releases it has been seen.  Per worker:
   head of the wait queue and gets (nearly) every connection (measured in
   tests/test_uring.py).  With ``--accept reuseport`` each worker's own socket gets a
   multishot accept (no race there to spread anything).
+* **Dispatch** (``--accept dispatch``): the worker has no listener; the core's acceptor
+  thread (core/dispatch.py) passes each connected socket over an AF_UNIX SOCK_SEQPACKET
+  channel as ``SCM_RIGHTS``.  The ring keeps a single-shot poll on ``ctx.handoff``,
+  re-armed after each completion; the C core then takes every waiting fd with
+  ``recvmsg`` until EAGAIN and adopts each as a connection (``stats.accepted``,
+  ``extra["handoffs"]``; ``extra["handoff_wakeups"]`` counts the polls that fired).  At
+  drain the poll is cancelled and its final completion takes what is waiting once more
+  (the drain's last look: no wakeup, no lost race).  Why not ``IORING_OP_MSG_RING``,
+  the natural io_uring hand-off (issue 5)?  MSG_RING is an SQE submitted *on a ring*
+  (with ``IORING_MSG_SEND_FD`` it installs a *fixed* file from the sender's registered
+  table into the target's): the acceptor would need a ring of its own and registered
+  files, and the receiving worker would get a direct descriptor, which the synchronous
+  drain reads and close(2) here cannot use.  The acceptor is a plain Python thread
+  shared by every backend (and, in process mode, lives in another process, where a
+  ring fd cannot be targeted without passing it over a socket anyway); the channel is
+  one mechanism for all backends and both modes, at the cost of one recvmsg per few
+  connections - off the per-request path, so it does not move CPU per request.
 * **Receive**: multishot recv with a provided buffer ring.  ``-ENOBUFS`` ends the
   multishot; the connection is re-armed as soon as buffers return (after the batch
   holding them is processed, or a send that pinned one completes); nothing is dropped,
@@ -57,6 +74,12 @@ completion that releases it has been seen.  Per worker:
 * **CQ overflow**: the CQ is 8x the SQ (``--uring-cq-entries`` to shrink it for tests); ``io_uring_cq_has_overflow`` after a reap is
   counted in ``extra["cq_overflows"]`` (the kernel keeps overflowed CQEs and flushes
   them at the next enter), ``-EBADR`` from an enter (CQEs lost) in ``cq_dropped``.
+* **Measured options, off by default** (docs/uring.md has the numbers; none won at 64 B
+  echo): ``--uring-fixed-files`` (registered fds after accept, IOSQE_FIXED_FILE),
+  ``--uring-sqpoll IDLE_MS`` (its kernel thread ``iou-sqp-<tid>`` is a task of this
+  process that ``cpu_ns`` does not cover: reported as ``extra["sqpoll_cpu_ns"]`` and
+  added to server CPU by bench_uring), ``--uring-zc-threshold BYTES`` (SEND_ZC; the
+  buffer is released at the notification CQE, ``sendzc_notifs``).
 """
 
 from __future__ import annotations
@@ -66,9 +89,13 @@ import errno
 import importlib.util
 import logging
 import os
+import resource
+import threading
 import time
 
-from parallelnet.backends.base import REUSEPORT, SHARED, Availability, Backend, BackendError
+from parallelnet.backends.base import (
+    DISPATCH, REUSEPORT, SHARED, Availability, Backend, BackendError,
+)
 
 log = logging.getLogger("parallelnet.worker")
 
@@ -80,7 +107,8 @@ SETUP_FLAG_NAMES = (
 )
 EXTRA_STATS = ("entries", "sqes", "cqes", "enobufs", "cq_overflows", "cq_dropped",
                "zc_sends", "copied_sends", "partial_sends", "recv_arms", "accept_errors",
-               "accept_backoffs", "max_pending")
+               "accept_backoffs", "max_pending", "handoffs", "handoff_wakeups", "fixed_files",
+               "sendzc_ops", "sendzc_notifs")
 SWEEP_MAX = 4096   # connections closed per timer sweep at most (the rest: next tick)
 
 
@@ -120,7 +148,8 @@ def load():
 
 def new_core(ffi, lib, ctx, *, raw: bool = False, multishot_accept: bool = False,
              nbufs: int = 1024, bufsize: int = 16384, entries: int = 1024, setup_flags: int = 0,
-             cq_entries: int = 0):
+             cq_entries: int = 0, fixed_files: bool = False, sqpoll_idle_ms: int = 0,
+             zc_threshold: int = 0):
     listeners = [s.fileno() for s in ctx.listeners]
     if len(listeners) > lib.MAX_LISTENERS:
         raise BackendError(f"at most {lib.MAX_LISTENERS} listening sockets per worker")
@@ -139,6 +168,13 @@ def new_core(ffi, lib, ctx, *, raw: bool = False, multishot_accept: bool = False
     cfg.cq_entries = cq_entries
     cfg.accept_backoff_ms = max(1, int(ctx.limits.accept_backoff * 1000))
     cfg.nlisteners = len(listeners)
+    if fixed_files:   # one table slot per connection id, within the fd limit
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        cfg.fixed_files = max(1, min(ctx.limits.max_connections, soft if soft > 0 else 1024, 1 << 16))
+    cfg.sqpoll_idle_ms = max(0, sqpoll_idle_ms)
+    cfg.zc_threshold = max(0, zc_threshold)
+    handoff = getattr(ctx, "handoff", None)
+    cfg.handoff_fd = handoff.fileno() if handoff is not None else -1
     for i, fd in enumerate(listeners):
         cfg.listeners[i] = fd
     err = ffi.new("int *")
@@ -148,6 +184,32 @@ def new_core(ffi, lib, ctx, *, raw: bool = False, multishot_accept: bool = False
                            f"entries={entries} cq_entries={cq_entries or 8 * entries} "
                            f"buffers={nbufs}x{bufsize}")
     return core
+
+
+def _sqpoll_thread_stat() -> str | None:
+    """/proc path of this thread's SQPOLL kernel thread (``iou-sqp-<our tid>``: a task of
+    this process that ``cpu_ns``, our own thread's clock, does not include)."""
+    want = f"iou-sqp-{threading.get_native_id()}"
+    for _ in range(100):   # the thread names itself once it first runs: allow it a moment
+        for tid in os.listdir("/proc/self/task"):
+            try:
+                with open(f"/proc/self/task/{tid}/comm") as f:
+                    if f.read().strip() == want:
+                        return f"/proc/self/task/{tid}/schedstat"
+            except OSError:
+                continue
+        time.sleep(0.005)
+    log.warning("SQPOLL thread %s not found: its CPU cannot be reported", want)
+    return None
+
+
+def sqpoll_cpu_ns(path: str) -> int:
+    """CPU time (ns) the SQPOLL thread has run: schedstat's first field."""
+    try:
+        with open(path) as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 _probe_cache: Availability | None = None
@@ -175,7 +237,7 @@ def _probe() -> Availability:
     if disabled == 2:
         return Availability(False, "io_uring disabled by sysctl kernel.io_uring_disabled=2")
     cfg = ffi.new("struct uc_config *", dict(entries=8, nbufs=8, bufsize=4096, max_conns=1,
-                                             max_output=1, stop_fd=-1))
+                                             max_output=1, stop_fd=-1, handoff_fd=-1))
     err = ffi.new("int *")
     core = lib.uc_new(cfg, err)
     if core == ffi.NULL:
@@ -220,9 +282,10 @@ class UringBackend(Backend):
     name = "uring"
     description = "io_uring, C event core (multishot recv, buffer ring, batched submit/wait)"
     kind = "completion"
-    accept_strategies = frozenset({SHARED, REUSEPORT})
+    accept_strategies = frozenset({SHARED, REUSEPORT, DISPATCH})
     conformance_variants = [["--uring-accept", "multishot"],
-                            ["--uring-buffers", "4", "--uring-buffer-size", "512"]]
+                            ["--uring-buffers", "4", "--uring-buffer-size", "512"],
+                            ["--uring-fixed-files", "--uring-zc-threshold", "4096"]]
 
     @classmethod
     def probe(cls) -> Availability:
@@ -241,8 +304,17 @@ class UringBackend(Backend):
         core = new_core(ffi, lib, ctx, nbufs=opt("uring_buffers", 1024),
                         bufsize=max(64, min(opt("uring_buffer_size", 16384), limits.recv_size)),
                         entries=opt("uring_entries", 1024), setup_flags=setup,
-                        cq_entries=opt("uring_cq_entries", 0) or 0)
+                        cq_entries=opt("uring_cq_entries", 0) or 0, **cls._options(options))
         lib.uc_free(core)
+
+    @staticmethod
+    def _options(ctx_or_opts) -> dict:
+        """The measured performance options (docs/uring.md), as new_core keywords."""
+        opt = ctx_or_opts.option if hasattr(ctx_or_opts, "option") else \
+            (lambda name, default: getattr(ctx_or_opts, name, default))
+        return {"fixed_files": bool(opt("uring_fixed_files", False)),
+                "sqpoll_idle_ms": opt("uring_sqpoll", 0) or 0,
+                "zc_threshold": opt("uring_zc_threshold", 0) or 0}
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
@@ -261,6 +333,13 @@ class UringBackend(Backend):
                        help="CQ entries (0: 8x the SQ); tiny values force CQ overflow (tests)")
         g.add_argument("--uring-setup", choices=["auto", "defer", "coop", "plain"], default="auto",
                        help="ring setup flags (auto: strongest that works)")
+        g.add_argument("--uring-fixed-files", action="store_true",
+                       help="uring: register each connection's fd (IOSQE_FIXED_FILE recv/send)")
+        g.add_argument("--uring-sqpoll", type=int, default=0, metavar="IDLE_MS",
+                       help="SQPOLL kernel thread, idling after IDLE_MS (0: off); its CPU is "
+                            "reported in stats extra sqpoll_cpu_ns")
+        g.add_argument("--uring-zc-threshold", type=int, default=0, metavar="BYTES",
+                       help="uring: sends of at least BYTES use IORING_OP_SEND_ZC (0: never)")
 
     # -- setup ------------------------------------------------------------------------
 
@@ -273,8 +352,10 @@ class UringBackend(Backend):
         self.core = new_core(ffi, lib, ctx, raw=raw, multishot_accept=multishot,
                              nbufs=ctx.option("uring_buffers", 1024), bufsize=bufsize,
                              entries=ctx.option("uring_entries", 1024), setup_flags=setup,
-                             cq_entries=ctx.option("uring_cq_entries", 0) or 0)
+                             cq_entries=ctx.option("uring_cq_entries", 0) or 0,
+                             **self._options(ctx))
         self.bufsize = bufsize
+        self.sqpoll_stat = _sqpoll_thread_stat() if self._options(ctx)["sqpoll_idle_ms"] else None
         self.multishot = multishot
         self.pool = memoryview(ffi.buffer(lib.uc_pool(self.core), lib.uc_pool_size(self.core)))
         self.cstats = lib.uc_stats(self.core)
@@ -282,7 +363,7 @@ class UringBackend(Backend):
         extra["setup_flags"] = flag_names(lib.uc_setup_flags(self.core))
         extra["accept_mode"] = "multishot" if multishot else "single"
         for k in EXTRA_STATS + ("cqes_per_entry", "sqes_per_entry", "idle_timeouts",
-                                "header_timeouts"):
+                                "header_timeouts", "sqpoll_cpu_ns"):
             extra[k] = 0  # every key exists from the start: snapshots iterate this dict
         lim = ctx.limits
         self.tick = lim.timer_tick()
@@ -305,6 +386,8 @@ class UringBackend(Backend):
         entries = cs.entries or 1
         extra["cqes_per_entry"] = round(cs.cqes / entries, 3)
         extra["sqes_per_entry"] = round(cs.sqes / entries, 3)
+        if self.sqpoll_stat:
+            extra["sqpoll_cpu_ns"] = sqpoll_cpu_ns(self.sqpoll_stat)
 
     # -- the loop -----------------------------------------------------------------------
 

@@ -41,7 +41,8 @@ CDEF = """
 struct uc_stats {
     uint64_t entries, sqes, cqes, waits, enobufs, cq_overflows, cq_dropped, bytes_in, bytes_out,
              accept_cqes, accepted, accept_eagain, accept_errors, refused, backpressure,
-             zc_sends, copied_sends, recv_arms, partial_sends, accept_backoffs, max_pending;
+             zc_sends, copied_sends, recv_arms, partial_sends, accept_backoffs, max_pending,
+             handoffs, handoff_wakeups, fixed_files, sendzc_ops, sendzc_notifs;
 };
 struct uc_config {
     unsigned entries, nbufs, bufsize, max_conns, setup_flags;
@@ -50,6 +51,8 @@ struct uc_config {
     int listeners[...];
     unsigned cq_entries;
     unsigned accept_backoff_ms;
+    int handoff_fd;
+    unsigned fixed_files, sqpoll_idle_ms, zc_threshold;
 };
 typedef struct uc_core uc_core;
 

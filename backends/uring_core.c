@@ -36,6 +36,7 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <sys/socket.h>
+#include <sys/uio.h>
 
 /* ---- kernel ABI (include/uapi/linux/io_uring.h), only what we use ---------------- */
 struct io_uring_sqe {               /* 64 bytes */
@@ -62,7 +63,9 @@ struct io_uring_probe;
 #define IORING_SETUP_TASKRUN_FLAG  (1U << 9)
 #define IORING_SETUP_SINGLE_ISSUER (1U << 12)
 #define IORING_SETUP_DEFER_TASKRUN (1U << 13)
+#define IOSQE_FIXED_FILE           (1U << 0)
 #define IOSQE_BUFFER_SELECT        (1U << 5)
+#define IORING_CQE_F_NOTIF         (1U << 3)
 #define IORING_CQE_F_BUFFER        (1U << 0)
 #define IORING_CQE_F_MORE          (1U << 1)
 #define IORING_CQE_BUFFER_SHIFT    16
@@ -72,6 +75,7 @@ struct io_uring_probe;
 #define IORING_OP_ASYNC_CANCEL 14
 #define IORING_OP_SEND 26
 #define IORING_OP_RECV 27
+#define IORING_OP_SEND_ZC 47
 
 /* ---- liburing entry points, resolved at init ------------------------------------ */
 #define LU_FUNCS(X) \
@@ -99,6 +103,10 @@ struct io_uring_probe;
     X(void, io_uring_prep_send, (struct io_uring_sqe *, int, const void *, size_t, int)) \
     X(void, io_uring_prep_cancel64, (struct io_uring_sqe *, uint64_t, int)) \
     X(void, io_uring_prep_poll_add, (struct io_uring_sqe *, int, unsigned)) \
+    X(void, io_uring_prep_send_zc, (struct io_uring_sqe *, int, const void *, size_t, int, unsigned)) \
+    X(int, io_uring_register_files_sparse, (struct io_uring *, unsigned)) \
+    X(int, io_uring_register_files_update, (struct io_uring *, unsigned, const int *, unsigned)) \
+    X(int, io_uring_sqring_wait, (struct io_uring *)) \
     X(struct io_uring_probe *, io_uring_get_probe_ring, (struct io_uring *)) \
     X(int, io_uring_opcode_supported, (const struct io_uring_probe *, int)) \
     X(void, io_uring_free_probe, (struct io_uring_probe *))
@@ -134,7 +142,7 @@ static int uc_nop(int x) { return x + 1; }  /* for measuring the bare cost of on
 
 /* ---- the core ------------------------------------------------------------------ */
 enum { EV_OPEN = 1, EV_DATA, EV_EOF, EV_CLOSED, EV_STOP, EV_DRAINED };
-enum { OP_ACCEPT = 1, OP_RECV, OP_SEND, OP_STOP, OP_CANCEL };
+enum { OP_ACCEPT = 1, OP_RECV, OP_SEND, OP_STOP, OP_CANCEL, OP_HANDOFF };
 enum { B_RING = 0, B_LENT, B_PINNED, B_FREE };
 #define UD(op, id) (((uint64_t)(uint32_t)(id) << 8) | (op))
 #define BGID 1
@@ -144,7 +152,8 @@ enum { B_RING = 0, B_LENT, B_PINNED, B_FREE };
 struct uc_stats {
     uint64_t entries, sqes, cqes, waits, enobufs, cq_overflows, cq_dropped, bytes_in, bytes_out,
              accept_cqes, accepted, accept_eagain, accept_errors, refused, backpressure,
-             zc_sends, copied_sends, recv_arms, partial_sends, accept_backoffs, max_pending;
+             zc_sends, copied_sends, recv_arms, partial_sends, accept_backoffs, max_pending,
+             handoffs, handoff_wakeups, fixed_files, sendzc_ops, sendzc_notifs;
 };
 
 struct uc_config {
@@ -154,6 +163,11 @@ struct uc_config {
     int listeners[MAX_LISTENERS];
     unsigned cq_entries;            /* 0: 8 x entries */
     unsigned accept_backoff_ms;     /* first pause after EMFILE/ENFILE/ENOBUFS/ENOMEM on accept */
+    int handoff_fd;                 /* --accept dispatch: AF_UNIX channel carrying SCM_RIGHTS; -1: none */
+    /* Options measured in docs/uring.md (all off by default): */
+    unsigned fixed_files;           /* >0: a sparse registered-file table of this size; conn id = index */
+    unsigned sqpoll_idle_ms;        /* >0: IORING_SETUP_SQPOLL, the kernel thread idles after this */
+    unsigned zc_threshold;          /* >0: sends of at least this many bytes use IORING_OP_SEND_ZC */
 };
 
 struct chunk { struct chunk *next; char *base; uint32_t len, off; int32_t bid; };
@@ -161,7 +175,8 @@ struct chunk { struct chunk *next; char *base; uint32_t len, off; int32_t bid; }
 struct conn {
     int fd;
     uint8_t used, reading, paused, recv_armed, recv_cancel, sending, closing, dead,
-            eof, starved, drain_read, error;
+            eof, starved, drain_read, error, fixed;
+    int32_t zc_res;                 /* SEND_ZC: the result, held until its notification */
     uint64_t pending;               /* bytes queued or in flight */
     int64_t last_ms;                /* last progress (data in, send done): idle/header timeouts */
     struct chunk *head, *tail;
@@ -184,7 +199,7 @@ struct uc_core {
     struct conn *conns; int nconn_slots, nconns;
     int *freelist, nfree; int *deferred, ndeferred;
     struct listener lis[MAX_LISTENERS];
-    int stop_armed, stop_seen, draining, shutting, inflight, any_starved;
+    int stop_armed, stop_seen, draining, shutting, inflight, any_starved, handoff_armed;
     int32_t *ev; int nev, evcap, evret;
     int64_t now_ms;                 /* CLOCK_MONOTONIC, read once per uc_wait (vDSO, no syscall) */
     uint64_t freed_copies;          /* bytes of copied output freed since the last malloc_trim */
@@ -221,6 +236,10 @@ static struct io_uring_sqe *sqe_get(uc_core *c)
         c->st.entries++;
         if (r > 0) c->st.sqes += r;
         s = p_io_uring_get_sqe(RING(c));
+        while (!s && (c->flags_in_effect & IORING_SETUP_SQPOLL)) {  /* the SQ thread has not */
+            p_io_uring_sqring_wait(RING(c));                         /* consumed them yet */
+            s = p_io_uring_get_sqe(RING(c));
+        }
         if (!s) abort();  /* cannot happen once the SQ has been submitted */
     }
     c->inflight++;
@@ -242,6 +261,7 @@ static void arm_recv(uc_core *c, int id)
     struct io_uring_sqe *s = sqe_get(c);
     p_io_uring_prep_recv_multishot(s, k->fd, NULL, 0, 0);
     s->flags |= IOSQE_BUFFER_SELECT;
+    if (k->fixed) { s->fd = id; s->flags |= IOSQE_FIXED_FILE; }
     s->buf_group = BGID;
     s->user_data = UD(OP_RECV, id);
     k->recv_armed = 1; k->starved = 0;
@@ -269,7 +289,12 @@ static void submit_send(uc_core *c, int id)
     struct conn *k = &c->conns[id];
     struct chunk *h = k->head;
     struct io_uring_sqe *s = sqe_get(c);
-    p_io_uring_prep_send(s, k->fd, h->base + h->off, h->len - h->off, MSG_NOSIGNAL);
+    uint32_t len = h->len - h->off;
+    if (c->cfg.zc_threshold && len >= c->cfg.zc_threshold) {
+        p_io_uring_prep_send_zc(s, k->fd, h->base + h->off, len, MSG_NOSIGNAL, 0);
+        c->st.sendzc_ops++;
+    } else p_io_uring_prep_send(s, k->fd, h->base + h->off, len, MSG_NOSIGNAL);
+    if (k->fixed) { s->fd = id; s->flags |= IOSQE_FIXED_FILE; }
     s->user_data = UD(OP_SEND, id);
     k->sending = 1;
 }
@@ -279,6 +304,7 @@ static void maybe_release(uc_core *c, int id)
 {
     struct conn *k = &c->conns[id];
     if (!k->dead || k->recv_armed || k->sending || !k->used) return;
+    if (k->fixed) { int none = -1; p_io_uring_register_files_update(RING(c), id, &none, 1); }
     close(k->fd);
     for (struct chunk *h = k->head, *n; h; h = n) {
         n = h->next;
@@ -322,6 +348,12 @@ static void conn_open(uc_core *c, int fd)
     k->fd = fd; k->used = 1; k->reading = 1; k->last_ms = c->now_ms;
     int one = 1;
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);  /* fails harmlessly on AF_UNIX */
+    /* Registered file: recv/send then name the table slot (no fget/fput per op); the
+     * plain fd stays for the synchronous drain reads and close(2).  One extra syscall
+     * at open and one at close: worth it only for long-lived connections. */
+    if ((unsigned)id < c->cfg.fixed_files && p_io_uring_register_files_update(RING(c), id, &fd, 1) == 1) {
+        k->fixed = 1; c->st.fixed_files++;
+    }
     c->nconns++;
     c->st.accepted++;
     emit(c, EV_OPEN, id, fd, 0);
@@ -337,6 +369,40 @@ static void accept_backlog(uc_core *c, int i)
         int fd = accept4(c->lis[i].fd, NULL, NULL, SOCK_CLOEXEC);
         if (fd < 0) { if (errno == EINTR || errno == ECONNABORTED) continue; break; }
         conn_open(c, fd);
+    }
+}
+
+/* --accept dispatch: the core's acceptor thread passes connected sockets over an
+ * AF_UNIX SOCK_SEQPACKET channel as SCM_RIGHTS (core/dispatch.py).  A single-shot poll
+ * on the channel, re-armed after each completion, wakes the ring; then every waiting
+ * fd is taken here with recvmsg until EAGAIN (one message per fd, a few per call). */
+static void arm_handoff(uc_core *c)
+{
+    struct io_uring_sqe *s = sqe_get(c);
+    p_io_uring_prep_poll_add(s, c->cfg.handoff_fd, POLLIN);
+    s->user_data = UD(OP_HANDOFF, 0);
+    c->handoff_armed = 1;
+}
+
+static void handoff_take(uc_core *c)
+{
+    for (;;) {
+        char byte, ctl[CMSG_SPACE(16 * sizeof(int))];
+        struct iovec iov = { &byte, 1 };
+        struct msghdr m = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = ctl, .msg_controllen = sizeof ctl };
+        ssize_t r = recvmsg(c->cfg.handoff_fd, &m, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
+        if (r < 0 && errno == EINTR) continue;
+        if (r <= 0) return;         /* EAGAIN: empty; 0: the acceptor closed its end */
+        for (struct cmsghdr *h = CMSG_FIRSTHDR(&m); h; h = CMSG_NXTHDR(&m, h)) {
+            if (h->cmsg_level != SOL_SOCKET || h->cmsg_type != SCM_RIGHTS) continue;
+            int n = (int)((h->cmsg_len - CMSG_LEN(0)) / sizeof(int));
+            for (int i = 0; i < n; i++) {
+                int fd;
+                memcpy(&fd, CMSG_DATA(h) + i * sizeof(int), sizeof fd);
+                c->st.handoffs++;
+                conn_open(c, fd);
+            }
+        }
     }
 }
 
@@ -384,6 +450,10 @@ static void on_cqe(uc_core *c, struct io_uring_cqe *q)
     }
     case OP_SEND: {
         struct conn *k = &c->conns[id];
+        /* SEND_ZC: a result CQE (F_MORE) then a notification once the kernel no longer
+         * reads the buffer; the send is done (buffer released) only at the notification. */
+        if (q->flags & IORING_CQE_F_NOTIF) { c->st.sendzc_notifs++; res = k->zc_res; }
+        else if (more) { k->zc_res = res; break; }
         k->sending = 0;
         if (k->dead) { maybe_release(c, id); break; }
         if (res <= 0) { conn_kill(c, id, res != -ECANCELED); break; }
@@ -427,6 +497,13 @@ static void on_cqe(uc_core *c, struct io_uring_cqe *q)
         }
         break;
     }
+    case OP_HANDOFF:
+        c->handoff_armed = 0;
+        if (res != -ECANCELED) c->st.handoff_wakeups++;   /* our own cancel at stop is none */
+        if (c->shutting) break;
+        handoff_take(c);            /* while draining: the drain's last look, not a wakeup */
+        if (!c->draining) arm_handoff(c);
+        break;
     case OP_STOP:
         c->stop_armed = 0;
         if (res != -ECANCELED) { c->stop_seen = 1; emit(c, EV_STOP, 0, 0, 0); }
@@ -454,11 +531,19 @@ static uc_core *uc_new(const struct uc_config *cfg, int *err)
         IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN | IORING_SETUP_SUBMIT_ALL,
         IORING_SETUP_COOP_TASKRUN | IORING_SETUP_TASKRUN_FLAG | IORING_SETUP_SUBMIT_ALL,
         0 };
+    /* SQPOLL: a kernel thread (iou-sqp-<tid>, a task of this process: its CPU must be
+     * counted with ours, see uring.py) polls the SQ; DEFER_TASKRUN is not allowed with it. */
+    static const unsigned sqpoll_tries[] = {
+        IORING_SETUP_SQPOLL | IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_SUBMIT_ALL,
+        IORING_SETUP_SQPOLL | IORING_SETUP_SUBMIT_ALL,
+        IORING_SETUP_SQPOLL };
     int r = -EINVAL;
     for (unsigned i = 0; i < 3; i++) {
         struct io_uring_params p;
         memset(&p, 0, sizeof p);
-        p.flags = (cfg->setup_flags ? cfg->setup_flags : tries[i]) | IORING_SETUP_CQSIZE;
+        p.flags = (cfg->setup_flags ? cfg->setup_flags : cfg->sqpoll_idle_ms ? sqpoll_tries[i] : tries[i])
+                  | IORING_SETUP_CQSIZE;
+        if (cfg->sqpoll_idle_ms) { p.flags |= IORING_SETUP_SQPOLL; p.sq_thread_idle = cfg->sqpoll_idle_ms; }
         p.cq_entries = cfg->cq_entries ? cfg->cq_entries : cfg->entries * 8;  /* roomy CQ: overflow is the slow path */
         r = p_io_uring_queue_init_params(cfg->entries, RING(c), &p);
         if (r == 0) { c->flags_in_effect = p.flags; c->features = p.features; break; }
@@ -480,6 +565,10 @@ static uc_core *uc_new(const struct uc_config *cfg, int *err)
     if (!c->ev || !c->conns || !c->freelist || !c->deferred || !c->pool || !c->bstate || !c->lent) { *err = ENOMEM; goto fail; }
     c->br = p_io_uring_setup_buf_ring(RING(c), cfg->nbufs, BGID, 0, &r);
     if (!c->br) { *err = -r; goto fail; }
+    if (cfg->fixed_files && (r = p_io_uring_register_files_sparse(RING(c), cfg->fixed_files)) < 0) {
+        p_io_uring_free_buf_ring(RING(c), c->br, cfg->nbufs, BGID);
+        *err = -r; goto fail;
+    }
     c->br_mask = p_io_uring_buf_ring_mask(cfg->nbufs);
     for (unsigned b = 0; b < total; b++) buf_recycle(c, b);
     for (int i = 0; i < c->cfg.nlisteners; i++) c->lis[i].fd = cfg->listeners[i];
@@ -498,6 +587,7 @@ static void uc_start(uc_core *c)
     s->user_data = UD(OP_STOP, 0);
     c->stop_armed = 1;
     for (int i = 0; i < c->cfg.nlisteners; i++) arm_accept(c, i);
+    if (c->cfg.handoff_fd >= 0) arm_handoff(c);
 }
 
 /* Synchronous reads during drain (what the peer sent before stop). */
@@ -670,6 +760,8 @@ static void uc_drain_begin(uc_core *c)
         else if (!c->lis[i].armed) accept_backlog(c, i);
     }
     if (c->stop_armed) { cancel_op(c, UD(OP_STOP, 0)); }
+    if (c->handoff_armed) cancel_op(c, UD(OP_HANDOFF, 0));   /* its CQE takes what waits */
+    else if (c->cfg.handoff_fd >= 0) handoff_take(c);
     for (int id = 0; id < c->nconn_slots; id++) {
         struct conn *k = &c->conns[id];
         if (!k->used || k->dead || k->closing || k->eof) continue;
@@ -686,6 +778,7 @@ static void uc_shutdown(uc_core *c)
     for (int i = 0; i < c->cfg.nlisteners; i++)
         if (c->lis[i].armed && !c->lis[i].cancel) { cancel_op(c, UD(OP_ACCEPT, i)); c->lis[i].cancel = 1; }
     if (c->stop_armed) { cancel_op(c, UD(OP_STOP, 0)); c->stop_armed = 0; }
+    if (c->handoff_armed) { cancel_op(c, UD(OP_HANDOFF, 0)); c->handoff_armed = 0; }
     for (int id = 0; id < c->nconn_slots; id++) conn_kill(c, id, 0);
 }
 

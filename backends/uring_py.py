@@ -11,7 +11,10 @@ those per-completion mechanics into C (``uring``) buys; semantics are the same a
   recycled at once);
 * close = cancel the connection's operations, wait for their final CQEs, close;
 * drain = cancel accepts and take the backlog synchronously, cancel each recv, then
-  read what the peer already sent with MSG_DONTWAIT, answer, flush, close.
+  read what the peer already sent with MSG_DONTWAIT, answer, flush, close;
+* ``--accept dispatch``: a poll on ``ctx.handoff``, re-armed after each completion; the
+  fds are taken with ``core.dispatch.receive_handoffs`` until EAGAIN and adopted like
+  accepted sockets (see ``uring``'s docstring for why SCM_RIGHTS and not MSG_RING).
 """
 
 from __future__ import annotations
@@ -23,11 +26,12 @@ import socket
 import time
 
 from parallelnet.backends.base import ACCEPT_BACKOFF_MAX, ACCEPT_RESOURCE_ERRORS
-from parallelnet.backends.uring import UringBackend
+from parallelnet.backends.uring import UringBackend, sqpoll_cpu_ns
+from parallelnet.core.dispatch import HANDOFF_BATCH, receive_handoffs
 
 log = logging.getLogger("parallelnet.worker")
 
-ACCEPT, RECV, SEND, STOP, CANCEL = 1, 2, 3, 4, 5
+ACCEPT, RECV, SEND, STOP, CANCEL, HANDOFF = 1, 2, 3, 4, 5, 6
 F_BUFFER, F_MORE, BUF_SHIFT = 1, 2, 16
 BATCH = 1024
 
@@ -70,7 +74,8 @@ class UringPyBackend(UringBackend):
         self.accept_armed = set()
         self.extra = {"enobufs": 0, "zc_sends": 0, "copied_sends": 0, "partial_sends": 0,
                       "accept_errors": 0, "accept_backoffs": 0, "idle_timeouts": 0,
-                      "header_timeouts": 0, "max_pending": 0}
+                      "header_timeouts": 0, "max_pending": 0, "handoffs": 0,
+                      "handoff_wakeups": 0}
         self.ctx.stats.extra.update(self.extra)
         self.paused_lis: dict[int, float] = {}   # listener index -> resume time (EMFILE back-off)
         self.backoff = self.ctx.limits.accept_backoff
@@ -79,6 +84,10 @@ class UringPyBackend(UringBackend):
         lib.uc_raw_poll(core, self.ctx.stop.fileno(), STOP)
         for i in self.lis:
             self._arm_accept(i)
+        self.handoff = self.ctx.handoff
+        self.handoff_armed = False
+        if self.handoff is not None:
+            self._arm_handoff()
         try:
             while not self.stopping:
                 self._step(-1)
@@ -123,6 +132,8 @@ class UringPyBackend(UringBackend):
                     self._on_send(c, res)
                 elif op == ACCEPT:
                     self._on_accept(cid, res, fl)
+                elif op == HANDOFF:
+                    self._on_handoff(res)
                 elif op == STOP and res != -errno.ECANCELED:
                     self.stopping = True
         if self.ctx.stop.is_set():
@@ -142,6 +153,8 @@ class UringPyBackend(UringBackend):
         extra.update(self.extra)
         extra["cqes_per_entry"] = round(cs.cqes / (cs.entries or 1), 3)
         extra["sqes_per_entry"] = round(cs.sqes / (cs.entries or 1), 3)
+        if self.sqpoll_stat:
+            extra["sqpoll_cpu_ns"] = sqpoll_cpu_ns(self.sqpoll_stat)
 
     def _sweep(self, now: float) -> None:
         idle, hdr = self.idle, self.hdr
@@ -161,6 +174,28 @@ class UringPyBackend(UringBackend):
     def _arm_accept(self, i: int) -> None:
         self.lib.uc_raw_accept(self.core, self.lis[i].fileno(), (i << 8) | ACCEPT, self.multishot)
         self.accept_armed.add(i)
+
+    def _arm_handoff(self) -> None:
+        self.lib.uc_raw_poll(self.core, self.handoff.fileno(), HANDOFF)
+        self.handoff_armed = True
+
+    def _on_handoff(self, res: int) -> None:
+        self.handoff_armed = False
+        self.extra["handoff_wakeups"] += res != -errno.ECANCELED
+        if self.shutting:
+            return
+        self._take_handoffs()   # while draining: the drain's last look, not a wakeup
+        if not self.draining:
+            self._arm_handoff()
+
+    def _take_handoffs(self) -> None:
+        while True:
+            fds = receive_handoffs(self.handoff)
+            self.extra["handoffs"] += len(fds)
+            for fd in fds:
+                self._open_conn(socket.socket(fileno=fd))
+            if len(fds) < HANDOFF_BATCH:
+                return
 
     def _on_accept(self, i: int, res: int, fl: int) -> None:
         stats = self.ctx.stats
@@ -435,6 +470,10 @@ class UringPyBackend(UringBackend):
         for i in list(self.paused_lis):   # paused (out of fds): take the backlog now
             self._accept_backlog(self.lis[i])
         self.paused_lis.clear()
+        if self.handoff_armed:   # its final CQE takes what is waiting
+            lib.uc_raw_cancel(self.core, HANDOFF, CANCEL)
+        elif self.handoff is not None:
+            self._take_handoffs()
         for c in list(self.conns.values()):
             if c.dead or c.closing:
                 continue
@@ -445,7 +484,7 @@ class UringPyBackend(UringBackend):
             else:
                 self._read_remaining(c)
         deadline = time.monotonic() + self.ctx.limits.drain_timeout
-        while (self.conns or self.accept_armed) and time.monotonic() < deadline:
+        while (self.conns or self.accept_armed or self.handoff_armed) and time.monotonic() < deadline:
             self._step(max(1, int((deadline - time.monotonic()) * 1000)))
 
     def _shutdown(self) -> None:
@@ -454,6 +493,8 @@ class UringPyBackend(UringBackend):
         for i in list(self.accept_armed):
             lib.uc_raw_cancel(self.core, (i << 8) | ACCEPT, CANCEL)
         lib.uc_raw_cancel(self.core, STOP, CANCEL)
+        if self.handoff_armed:
+            lib.uc_raw_cancel(self.core, HANDOFF, CANCEL)
         for c in list(self.conns.values()):
             self._kill(c, False)
         deadline = time.monotonic() + 2.0

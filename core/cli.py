@@ -33,6 +33,8 @@ ACCEPT_HELP = {
     REUSEPORT: "one SO_REUSEPORT socket per worker; the kernel hashes connections to them",
     "reuseport-cpu": "SO_REUSEPORT steered by a cBPF program to the worker on the CPU "
                      "that processes the SYN (on loopback: the client's CPU)",
+    "exclusive-rotate": "exclusive, each worker re-adding the listener every 16 accepts "
+                        "(nginx's fix for EPOLLEXCLUSIVE's head-of-queue bias)",
     "dispatch": "one acceptor thread hands each connection to a worker by --dispatch-policy "
                 "(no race, active balancing)",
 }

@@ -17,6 +17,9 @@
   every connection to the worker on that CPU.  With a NIC it is the CPU that took the
   interrupt/RPS decision, which is what the steering is for.
 
+* ``exclusive-rotate``: ``exclusive``, with each worker re-adding the listener to its
+  epoll after every 16 accepts (nginx's remedy): EPOLLEXCLUSIVE wakes the waiter at the
+  head of the wait queue, and re-adding moves a busy worker to the tail.
 * ``dispatch``: one listening socket owned by an acceptor thread, which hands each
   connection to a worker of its choosing (core/dispatch.py); workers watch only their
   hand-off channel.
@@ -35,7 +38,7 @@ import socket
 import struct
 from dataclasses import dataclass
 
-STRATEGIES = ("shared", "exclusive", "reuseport", "reuseport-cpu", "dispatch")
+STRATEGIES = ("shared", "exclusive", "exclusive-rotate", "reuseport", "reuseport-cpu", "dispatch")
 DEFAULT_BACKLOG = 4096  # capped by net.core.somaxconn
 _PER_WORKER = ("reuseport", "reuseport-cpu")
 

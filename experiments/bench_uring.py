@@ -1,6 +1,10 @@
 """Server CPU per request: uring vs uring-py vs epoll, 64-byte echo, on a 2-core box.
 
-    python -m parallelnet.experiments.bench_uring [--reps 4] [--duration 5] [--warmup 1]
+    flock /tmp/bench.lock python -m parallelnet.experiments.bench_uring [--reps 4] [--duration 5]
+        [--warmup 1] [--variants 'uring:--uring-fixed-files' 'bufs64=uring:--uring-buffers 64']
+
+``--variants LABEL=BACKEND:ARGS`` (the label defaults to ``BACKEND:ARGS``) adds a server
+configuration that runs side by side with the baselines, in the same rotated alternation.
 
 Server: ``parallelnet serve --cpus 0 --workers 1 --backend B --message-size 64`` (one
 worker thread pinned to CPU 0).  Load: the project's C closed-loop load generator
@@ -12,9 +16,13 @@ Server CPU per request comes from the server's own stats JSON: two interval reco
 (every 0.25 s) that both lie inside the measured window, ``cpu_ns`` (the worker
 thread's CPU clock, user + sys, ns resolution) and ``requests`` differenced between
 them.  user/sys split from the same records (clock ticks).  req/s is the load
-generator's figure for the window.  /proc/stat deltas over the window flag noisy runs
+generator's figure for the window.  Accounting: a backend that moves work onto a
+kernel thread of its own (``--uring-sqpoll``: the ``iou-sqp-*`` thread, a task of the server
+process) reports that thread's CPU in ``extra["sqpoll_cpu_ns"]``; it is added to the
+server's CPU (and to sys) here, or SQPOLL would hide CPU rather than save it.  /proc/stat deltas over the window flag noisy runs
 (steal or other load > 5% of a CPU).  Every timed run holds ``/tmp/bench.lock``
-(flock), so two benchmarks never overlap.  Raw JSON: results/<timestamp>-bench_uring/.
+(flock), so two benchmarks never overlap; run under ``flock /tmp/bench.lock`` it
+uses the lock flock(1) already holds (an inherited descriptor) instead of waiting on it.  Raw JSON: results/<timestamp>-bench_uring/.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import argparse
 import fcntl
 import json
 import os
+import shlex
 import statistics
 import sys
 import time
@@ -37,15 +46,39 @@ SERVER_CPU, CLIENT_CPU = ALL_CPUS[0], ALL_CPUS[-1]  # 0 and 1 on the 2-core box
 BACKENDS = ("uring", "uring-py", "epoll")
 
 
-def one_run(backend: str, conns: int, args, outdir: str, tag: str) -> dict:
+def parse_variant(spec: str) -> tuple[str, str, list[str]]:
+    """``[LABEL=]BACKEND[:ARGS]`` -> (label, backend, args)."""
+    label, eq, rest = spec.partition("=")
+    if not eq or ":" in label:
+        label, rest = "", spec
+    backend, _, argstr = rest.partition(":")
+    return label or spec, backend, shlex.split(argstr)
+
+
+def hold_lock(lock) -> None:
+    """Hold LOCK_PATH: reuse a descriptor inherited from flock(1) (same open file
+    description, so flock on it succeeds at once), else take it ourselves."""
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}") == os.path.realpath(LOCK_PATH):
+                fcntl.flock(int(fd), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+        except OSError:
+            continue
+    fcntl.flock(lock, fcntl.LOCK_EX)
+
+
+def one_run(label: str, backend: str, extra_args: list[str], conns: int, args, outdir: str,
+            tag: str) -> dict:
     from parallelnet.experiments.loadgen import LoadSpec, run
 
     srv = start_server(["--cpus", str(SERVER_CPU), "--workers", "1", "--backend", backend,
-                        "--message-size", "64"], os.path.join(outdir, f"{tag}-stats.jsonl"),
+                        "--message-size", str(args.size), *extra_args],
+                       os.path.join(outdir, f"{tag}-stats.jsonl"),
                        cpus=set(ALL_CPUS))
     try:
         time.sleep(0.3)
-        spec = LoadSpec(port=srv.port, connections=conns, threads=1, cpus=[CLIENT_CPU], size=64,
+        spec = LoadSpec(port=srv.port, connections=conns, threads=1, cpus=[CLIENT_CPU], size=args.size,
                         duration=args.duration, warmup=args.warmup)
         probe = NoiseProbe([os.getpid()] + srv.worker_pids()).start()
         t_lg = time.monotonic()
@@ -60,14 +93,18 @@ def one_run(backend: str, conns: int, args, outdir: str, tag: str) -> dict:
     win = window(srv.stats_path, w0, w1)
     tot, extra = win["total"], win["workers"][0]["extra"]
     req = max(tot["requests"], 1)
-    rec = {"backend": backend, "connections": conns, "rps": res.rps, "errors": res.errors_total,
+    # SQPOLL's kernel thread: CPU of the server process that cpu_ns (the worker thread's
+    # clock) does not see.  Counted in, as sys time.
+    sqp_us = sum(w["extra"].get("sqpoll_cpu_ns", 0) for w in win["workers"]) / 1e3 / req
+    rec = {"backend": label, "server": backend, "args": extra_args, "connections": conns, "rps": res.rps, "errors": res.errors_total,
            "client_cpu_us_per_req": res.client_cpu_us_per_req,
            "steal": noise["steal_max"], "others_cpu": noise["others_cpu"],
            "busy_cpu0": noise["per_cpu"].get("cpu0", {}).get("busy"),
            "noisy": noise["noisy"], "requests": tot["requests"], "seconds": tot["seconds"],
-           "cpu_us_per_req": tot["cpu_us_per_req"], "user_us_per_req": tot["user_us_per_req"],
-           "sys_us_per_req": tot["sys_us_per_req"], "wakeups_per_req": tot["wakeups"] / req}
-    for k in ("entries", "cqes", "sqes"):
+           "cpu_us_per_req": tot["cpu_us_per_req"] + sqp_us, "user_us_per_req": tot["user_us_per_req"],
+           "sys_us_per_req": tot["sys_us_per_req"] + sqp_us, "sqpoll_us_per_req": sqp_us,
+           "wakeups_per_req": tot["wakeups"] / req}
+    for k in ("entries", "cqes", "sqes", "sendzc_notifs"):
         if k in extra:
             rec[f"{k}_per_req"] = extra[k] / req
     return rec
@@ -97,23 +134,32 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=float, default=1.0)
     p.add_argument("--connections", type=int, nargs="+", default=[16, 256])
     p.add_argument("--backends", nargs="+", default=list(BACKENDS))
+    p.add_argument("--variants", nargs="*", default=[], metavar="[LABEL=]BACKEND:ARGS",
+                   help="extra server configurations run alongside the backends, e.g. "
+                        "'fixed=uring:--uring-fixed-files'")
+    p.add_argument("--size", type=int, default=64, help="echo message size (bytes)")
     p.add_argument("--out", default="results")
     args = p.parse_args(argv)
 
     outdir = result_dir("bench_uring", args.out)
+    configs = [(b, b, []) for b in args.backends] + [parse_variant(v) for v in args.variants]
+    labels = [c[0] for c in configs]
+    if len(set(labels)) != len(labels):
+        p.error(f"duplicate labels: {labels}")
+    args.labels = labels
     runs = []
-    with open(LOCK_PATH, "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # the same lock flock(1) takes: never two benchmarks
+    with open(LOCK_PATH, "a") as lock:
+        hold_lock(lock)  # the same lock flock(1) takes: never two benchmarks
         micro = cffi_call_cost()
         for rep in range(args.reps):
             for conns in args.connections:
-                order = args.backends[rep % len(args.backends):] + args.backends[:rep % len(args.backends)]
-                for backend in order:
-                    tag = f"r{rep}-c{conns}-{backend}"
-                    rec = one_run(backend, conns, args, outdir, tag)
+                order = configs[rep % len(configs):] + configs[:rep % len(configs)]
+                for i, (label, backend, extra_args) in enumerate(order):
+                    tag = f"r{rep}-c{conns}-v{labels.index(label)}-{backend}"
+                    rec = one_run(label, backend, extra_args, conns, args, outdir, tag)
                     rec["rep"] = rep
                     runs.append(rec)
-                    print(f"{tag:22s} {rec['rps']:9.0f} req/s  server {rec['cpu_us_per_req']:6.2f} us/req "
+                    print(f"{label[:28]:28s} r{rep} c{conns:<4d} {rec['rps']:9.0f} req/s  server {rec['cpu_us_per_req']:6.2f} us/req "
                           f"(user {rec['user_us_per_req']:.2f} sys {rec['sys_us_per_req']:.2f})"
                           f"  steal {100 * rec['steal']:.1f}% others {100 * rec['others_cpu']:.1f}%"
                           f"{'  NOISY' if rec['noisy'] else ''}",
@@ -127,7 +173,7 @@ def main(argv=None) -> int:
     write_pyperf(os.path.join(outdir, "pyperf.json"),
                  {f"{b}-c{c}": [r["cpu_us_per_req"] / 1e6 for r in runs
                                 if r["backend"] == b and r["connections"] == c and not r["noisy"]]
-                  for b in args.backends for c in args.connections})
+                  for b in args.labels for c in args.connections})
     print(f"\ncffi API-mode call (GIL released and re-taken): {micro['cffi_call_ns']:.0f} ns "
           f"(empty Python loop iteration: {micro['python_loop_ns']:.0f} ns)")
     print(format_summary(summary))
@@ -138,7 +184,7 @@ def main(argv=None) -> int:
 def summarize(runs, args) -> list[dict]:
     out = []
     for conns in args.connections:
-        for backend in args.backends:
+        for backend in args.labels:
             rs = [r for r in runs if r["backend"] == backend and r["connections"] == conns and not r["noisy"]]
             if not rs:
                 continue
@@ -149,7 +195,7 @@ def summarize(runs, args) -> list[dict]:
                    "sys_us": statistics.median(r["sys_us_per_req"] for r in rs),
                    "rps": statistics.median(r["rps"] for r in rs),
                    "rps_min": min(r["rps"] for r in rs), "rps_max": max(r["rps"] for r in rs)}
-            for k in ("entries_per_req", "cqes_per_req", "wakeups_per_req"):
+            for k in ("entries_per_req", "cqes_per_req", "wakeups_per_req", "sqpoll_us_per_req"):
                 vals = [r[k] for r in rs if k in r]
                 if vals:
                     row[k] = statistics.median(vals)
@@ -163,12 +209,13 @@ def summarize(runs, args) -> list[dict]:
 
 
 def format_summary(rows) -> str:
-    lines = [f"{'backend':9s} {'conns':>5s} {'n':>2s} {'srv us/req':>10s} {'(min-max)':>13s} "
+    w = max([9] + [len(r["backend"]) for r in rows])
+    lines = [f"{'backend':{w}s} {'conns':>5s} {'n':>2s} {'srv us/req':>10s} {'(min-max)':>13s} "
              f"{'user':>5s} {'sys':>5s} {'vs epoll':>8s} {'req/s':>9s} {'(min-max)':>17s} "
              f"{'entries/req':>11s} {'cqes/req':>8s}"]
     for r in rows:
         lines.append(
-            f"{r['backend']:9s} {r['connections']:5d} {r['n']:2d} {r['cpu_us_per_req']:10.2f} "
+            f"{r['backend']:{w}s} {r['connections']:5d} {r['n']:2d} {r['cpu_us_per_req']:10.2f} "
             f"({r['cpu_min']:5.2f}-{r['cpu_max']:5.2f}) {r['user_us']:5.2f} {r['sys_us']:5.2f} "
             f"{r.get('vs_epoll', float('nan')):8.2f} {r['rps']:9.0f} ({r['rps_min']:7.0f}-{r['rps_max']:7.0f}) "
             f"{r.get('entries_per_req', float('nan')):11.3f} {r.get('cqes_per_req', float('nan')):8.3f}")

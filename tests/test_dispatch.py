@@ -6,7 +6,7 @@ import socket
 
 import pytest
 
-from conftest import run_cli_serve_error, start_server
+from conftest import start_server
 from parallelnet.core.client import run_clients
 from parallelnet.core.dispatch import Dispatcher, make_channels, receive_handoffs, send_handoff
 
@@ -98,6 +98,19 @@ def test_dispatch_round_robin_end_to_end(tmp_path, mode):
     assert "dispatcher (round-robin)" in srv.output
 
 
-def test_backends_without_a_handoff_channel_refuse_dispatch_clearly():
-    err = run_cli_serve_error("--backend", "uring", "--accept", "dispatch")
-    assert "does not support --accept dispatch" in err
+def test_backends_without_a_handoff_channel_refuse_dispatch_clearly(monkeypatch):
+    # A tiny backend registered nowhere (every real one may gain dispatch): the core must
+    # refuse the strategy it does not declare, before any worker starts, saying why.
+    from parallelnet.backends.base import REUSEPORT, SHARED, Backend, BackendError
+    from parallelnet.core import server as server_mod
+
+    class NoHandoff(Backend):
+        name = "no-handoff"
+        accept_strategies = frozenset({SHARED, REUSEPORT})
+
+        def run(self) -> None:  # pragma: no cover - never started
+            raise AssertionError("a refused configuration must not start a worker")
+
+    monkeypatch.setattr(server_mod, "get_backend", lambda name: NoHandoff)
+    with pytest.raises(BackendError, match="does not support --accept dispatch"):
+        server_mod.Server(server_mod.ServerConfig(backend="no-handoff", accept="dispatch"))

@@ -57,8 +57,8 @@ def test_accept_experiment_smoke(tmp_path):
                         "--connections", "16", "--out", str(tmp_path)]) == 0
     (run_dir,) = tmp_path.iterdir()
     data = json.loads((run_dir / "accept.json").read_text())
-    assert {r["strategy"] for r in data["runs"]} == {"shared", "exclusive", "reuseport",
-                                                    "reuseport-cpu", "dispatch"}
+    assert {r["strategy"] for r in data["runs"]} == {"shared", "exclusive", "exclusive-rotate",
+                                                    "reuseport", "reuseport-cpu", "dispatch"}
     for r in data["runs"]:
         assert r["client_errors"] == 0 and not r["server_crashed"]
         assert sum(r["accepted"]) > 0 and 0 < r["jain"] <= 1.0

@@ -159,3 +159,50 @@ def test_one_cffi_call_is_cheap():
         lib.uc_nop(i)
     per_call = (time.perf_counter() - t) / n
     assert per_call < 5e-6, per_call
+
+
+# -- the measured performance options (docs/uring.md) -------------------------------------
+
+@pytest.mark.parametrize("option,counter", [
+    (("--uring-fixed-files",), "fixed_files"),
+    (("--uring-zc-threshold", "1000"), "sendzc_notifs"),
+    (("--uring-sqpoll", "20"), "sqpoll_cpu_ns"),
+])
+def test_performance_options_serve_byte_exact_and_count(tmp_path, option, counter):
+    """Each option keeps the echo byte-exact (large payloads: partial sends, many buffers)
+    and shows up in its own counter: registered files, SEND_ZC notifications (one per
+    zero-copy send, the buffer held until it arrives), the SQPOLL thread's CPU."""
+    require_backend("uring")
+    srv = start_server(tmp_path, "--backend", "uring", "--workers", "1", *option)
+    payload = bytes(range(256)) * 2048   # 512 KiB
+    socks = [srv.connect() for _ in range(3)]
+    try:
+        for s in socks:
+            s.sendall(payload)
+        for s in socks:
+            assert recv_exactly(s, len(payload)) == payload
+        res = run_clients(srv.host, srv.port, connections=4, max_requests=400, duration=20)
+        assert res.errors == {} and res.requests == 400
+    finally:
+        for s in socks:
+            s.close()
+    final = srv.stop()
+    extra = final["workers"][0]["extra"]
+    assert extra[counter] > 0, extra
+    if counter == "sendzc_notifs":
+        assert extra["sendzc_notifs"] == extra["sendzc_ops"]
+    if counter == "sqpoll_cpu_ns":
+        assert "SQPOLL" in extra["setup_flags"]
+
+
+def test_dispatch_counts_handoffs_not_races(backend, tmp_path):
+    srv = start_server(tmp_path, "--backend", backend, "--workers", "2", "--accept", "dispatch")
+    res = run_clients(srv.host, srv.port, connections=4, mode="short", max_requests=30,
+                      duration=20)
+    final = srv.stop()
+    assert res.errors == {} and res.requests == 30
+    workers = final["workers"]
+    assert sum(w["accepted"] for w in workers) == res.connects == final["dispatcher"]["accepted"]
+    for w in workers:
+        assert w["extra"]["handoffs"] == w["accepted"]
+        assert (w["listen_wakeups"], w["lost_races"]) == (0, 0)
