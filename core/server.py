@@ -65,6 +65,16 @@ class ServerConfig:
     dispatch_cpu: int | None = None
 
 
+def _set_parent_death_signal(sig: int) -> None:
+    """prctl(PR_SET_PDEATHSIG, sig): Linux signals this process when its parent exits."""
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
+        log.warning("prctl(PR_SET_PDEATHSIG) failed: %s", os.strerror(ctypes.get_errno()))
+
+
 class Server:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
@@ -183,6 +193,7 @@ class Server:
         self._collector.start()
 
     def _fork_workers(self, pipes: list[int], old_mask) -> None:
+        parent = os.getpid()
         for i in range(len(self.cpus)):
             r, w = os.pipe()
             sys.stdout.flush()
@@ -198,7 +209,7 @@ class Server:
                         worker_end.close()
                 code = 0
                 try:
-                    self._child_main(i, w, old_mask)
+                    self._child_main(i, w, old_mask, parent)
                 except BaseException:  # noqa: BLE001
                     code = 1
                 finally:
@@ -209,7 +220,7 @@ class Server:
         for _, worker_end in self._channels:
             worker_end.close()  # the children hold theirs
 
-    def _child_main(self, index: int, wfd: int, old_mask) -> None:
+    def _child_main(self, index: int, wfd: int, old_mask, parent: int) -> None:
         """A forked worker: the loop runs in a thread; the main thread takes the signals
         (Python runs handlers only there) and reports stats to the parent.
 
@@ -221,16 +232,33 @@ class Server:
         stop = StopSignal()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
+        # If the parent dies (even by SIGKILL), the kernel sends us SIGTERM: a worker
+        # never lingers as an orphan holding the port.  Checked once more afterwards,
+        # for a parent that died before the request took effect.
+        _set_parent_death_signal(signal.SIGTERM)
+        if os.getppid() != parent:
+            stop.set()
         ctx = self._context(index, stop)
         if ctx.cpu is not None:
             pin_current_thread(ctx.cpu)  # the reporting main thread stays on the worker's CPU
         worker = threading.Thread(target=self._run_worker, args=(ctx,), name=f"worker-{index}")
         worker.start()
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
-        with os.fdopen(wfd, "w", buffering=1) as out:
-            while worker.is_alive():
-                worker.join(_REPORT_INTERVAL)
+        out = os.fdopen(wfd, "w", buffering=1)
+        while worker.is_alive():
+            worker.join(_REPORT_INTERVAL)
+            if out is None:
+                continue
+            try:
                 out.write(json.dumps(ctx.stats.snapshot()) + "\n")
+            except OSError:  # EPIPE: the parent is gone; drain and stop rather than die mid-drain
+                out = None
+                stop.set()
+        if out is not None:
+            try:
+                out.close()
+            except OSError:
+                pass
 
     def _collect(self, pipes: list[int]) -> None:
         sel = selectors.DefaultSelector()

@@ -18,7 +18,6 @@ should win fewer races).  Raw JSON and a table: results/<timestamp>-accept/.
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
 import os
 import statistics
@@ -29,10 +28,10 @@ from parallelnet.backends.base import registry
 from parallelnet.core.listeners import layout_of
 from parallelnet.core.stats import jain_index, max_min_ratio
 from parallelnet.experiments.harness import (
-    LOCK_PATH, NoiseProbe, result_dir, start_server, window,
+    NoiseProbe, bench_lock, result_dir, start_server, window,
 )
 
-STRATEGIES = ("shared", "exclusive", "reuseport", "reuseport-cpu", "dispatch")
+STRATEGIES = ("shared", "exclusive", "exclusive-rotate", "reuseport", "reuseport-cpu", "dispatch")
 
 
 def one_run(backend: str, strategy: str, mode: str, args, outdir: str, tag: str) -> dict:
@@ -88,8 +87,7 @@ def main(argv=None) -> int:
     names = args.backends or [n for n, cls in backends.items() if cls.probe()]
     outdir = result_dir("accept", args.out)
     runs = []
-    with open(LOCK_PATH, "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # the same lock flock(1) takes: never two benchmarks
+    with bench_lock():  # the same lock flock(1) takes: never two benchmarks
         for rep in range(args.reps):
             for name in names:
                 for strategy in args.strategies:

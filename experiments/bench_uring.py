@@ -28,7 +28,6 @@ uses the lock flock(1) already holds (an inherited descriptor) instead of waitin
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
 import os
 import shlex
@@ -37,7 +36,7 @@ import sys
 import time
 
 from parallelnet.experiments.harness import (
-    LOCK_PATH, NoiseProbe, machine_metadata, result_dir, start_server, window, write_pyperf,
+    NoiseProbe, bench_lock, machine_metadata, result_dir, start_server, window, write_pyperf,
 )
 
 ALL_CPUS = sorted(os.sched_getaffinity(0))
@@ -53,19 +52,6 @@ def parse_variant(spec: str) -> tuple[str, str, list[str]]:
         label, rest = "", spec
     backend, _, argstr = rest.partition(":")
     return label or spec, backend, shlex.split(argstr)
-
-
-def hold_lock(lock) -> None:
-    """Hold LOCK_PATH: reuse a descriptor inherited from flock(1) (same open file
-    description, so flock on it succeeds at once), else take it ourselves."""
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            if os.readlink(f"/proc/self/fd/{fd}") == os.path.realpath(LOCK_PATH):
-                fcntl.flock(int(fd), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return
-        except OSError:
-            continue
-    fcntl.flock(lock, fcntl.LOCK_EX)
 
 
 def one_run(label: str, backend: str, extra_args: list[str], conns: int, args, outdir: str,
@@ -148,8 +134,7 @@ def main(argv=None) -> int:
         p.error(f"duplicate labels: {labels}")
     args.labels = labels
     runs = []
-    with open(LOCK_PATH, "a") as lock:
-        hold_lock(lock)  # the same lock flock(1) takes: never two benchmarks
+    with bench_lock():  # the same lock flock(1) takes: never two benchmarks
         micro = cffi_call_cost()
         for rep in range(args.reps):
             for conns in args.connections:

@@ -65,3 +65,28 @@ def test_drain_that_cannot_flush_does_not_spin(backend, tmp_path):
     spent = (final["workers"][0]["cpu_ns"] - before) / 1e9
     assert took >= drain * 0.8, "the drain gave up before its deadline"
     assert spent < 0.35 * drain, f"worker burned {spent:.2f} s of CPU in a {drain} s drain"
+
+
+def test_forked_workers_stop_when_the_parent_dies(tmp_path):
+    """A SIGKILLed parent cannot tell its workers to stop: the kernel does (PDEATHSIG)."""
+    import os
+    import signal
+
+    srv = start_server(tmp_path, "--mode", "process", "--workers", "2", "--stats-interval", "0.1")
+    deadline = time.monotonic() + 10
+    pids = set()
+    while time.monotonic() < deadline and len(pids) < 2:
+        recs = [r for r in _records(srv) if r["type"] == "interval"]
+        pids = {w["pid"] for w in recs[-1]["workers"] if w["pid"]} if recs else set()
+        time.sleep(0.1)
+    assert len(pids) == 2 and srv.proc.pid not in pids
+    os.kill(srv.proc.pid, signal.SIGKILL)
+    srv.proc.communicate(timeout=10)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(os.path.exists(f"/proc/{p}") for p in pids):
+        time.sleep(0.1)
+    alive = [p for p in pids if os.path.exists(f"/proc/{p}")
+             and open(f"/proc/{p}/stat").read().split(") ")[1][0] != "Z"]
+    for p in alive:
+        os.kill(p, signal.SIGKILL)  # our own workers, by PID: do not leave them behind
+    assert not alive, "forked workers outlived their parent"
