@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import signal
 import socket
 import subprocess
@@ -71,19 +70,14 @@ class ServerProc:
         return self.proc.poll() is None
 
 
-def start_server(tmp_path, *args: str, timeout: float = 15.0, env: dict | None = None,
-                 nofile: int | None = None) -> ServerProc:
-    """``parallelnet serve --port 0 --stats-json … ARGS`` as a subprocess; ``nofile``
-    lowers its RLIMIT_NOFILE (fd-exhaustion tests)."""
+def start_server(tmp_path, *args: str, timeout: float = 15.0,
+                 env: dict | None = None) -> ServerProc:
+    """``parallelnet serve --port 0 --stats-json … ARGS`` as a subprocess."""
     stats_path = str(tmp_path / f"stats-{time.monotonic_ns()}.jsonl")
     cmd = [sys.executable, "-m", "parallelnet.core.cli", "serve", "--port", "0",
            "--stats-json", stats_path, *args]
-
-    def limit_fds():
-        resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
-
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env, preexec_fn=limit_fds if nofile else None)
+                            env=env)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         line = proc.stdout.readline()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import select
 import signal
 import socket
@@ -38,9 +39,8 @@ def backend(request):
     return request.param
 
 
-def launch(tmp_path, *args, env=None, nofile=None, timeout=15.0) -> ServerProc:
-    return start_server(tmp_path, "--stats-interval", "0.1", *args, env=env, nofile=nofile,
-                        timeout=timeout)
+def launch(tmp_path, *args, env=None, timeout=15.0) -> ServerProc:
+    return start_server(tmp_path, "--stats-interval", "0.1", *args, env=env, timeout=timeout)
 
 
 @pytest.fixture
@@ -56,7 +56,8 @@ def servers():
 def latest(srv: ServerProc) -> dict:
     """The most recent interval record's summed extra counters and totals."""
     with open(srv.stats_path) as f:
-        recs = [json.loads(x) for x in f if x.strip()]
+        # A line without its newline is still being written: skip it.
+        recs = [json.loads(x) for x in f if x.endswith("\n") and x.strip()]
     if not recs:
         return {}
     return recs[-1]
@@ -126,9 +127,14 @@ def _payload(n: int, seed: int = 0) -> bytes:
 # -- fd exhaustion ---------------------------------------------------------------------
 
 def test_fd_exhaustion_backs_off_without_spinning_and_recovers(backend, tmp_path, servers):
-    srv = launch(tmp_path, "--backend", backend, "--workers", "1", nofile=48)
+    srv = launch(tmp_path, "--backend", backend, "--workers", "1")
     servers.append(srv)
-    socks = [srv.connect() for _ in range(72)]   # more than the server has fds for
+    # Leave the running server exactly HEADROOM free fds, whatever its backend keeps open
+    # itself (libuv holds more than epoll), then offer more connections than that.
+    headroom = 24
+    limit = nfds(srv.proc.pid) + headroom
+    resource.prlimit(srv.proc.pid, resource.RLIMIT_NOFILE, (limit, limit))
+    socks = [srv.connect() for _ in range(2 * headroom - 8)]
     for s in socks:
         s.sendall(b"ping")
     served, stuck = [], []
@@ -151,7 +157,8 @@ def test_fd_exhaustion_backs_off_without_spinning_and_recovers(backend, tmp_path
     assert extra_sum(rec, "accept_errors") >= 1 and extra_sum(rec, "accept_backoffs") >= 1
     assert not any(w.get("crashed") for w in rec["workers"])
     # Free fds: every stuck connection is served.
-    for s in served[: len(stuck) + 8]:
+    assert len(served) >= len(stuck), (len(served), len(stuck))
+    for s in served:
         s.close()
     for s in stuck:
         s.settimeout(5)
