@@ -21,6 +21,18 @@ What a user would write, written as well as asyncio's documentation allows:
   retries after 1 s (``ACCEPT_RETRY_DELAY``): counted in ``extra.accept_errors`` /
   ``extra.accept_backoffs`` by our listening socket, logged once per episode.  uvloop
   accepts in this class instead (``own_accept``; uvloop_.py says why).
+* **Dispatch** (``--accept dispatch``): no listener; ``loop.add_reader`` on
+  ``ctx.handoff`` (the worker's end of its AF_UNIX SOCK_SEQPACKET channel,
+  core/dispatch.py).  Readable: take the waiting fds with ``recvmsg``/``SCM_RIGHTS`` until
+  ``EAGAIN`` (``core.dispatch.receive_handoffs``, which also reports
+  ``MSG_CTRUNC``) and hand each socket to the loop as the backend's own accept does
+  (``connect_accepted_socket``): ``accepted`` (in ``connection_made``) and
+  ``extra.handoffs``, never a listen wakeup or a lost race; ``max_connections`` applies
+  (refused, counted).  Out of fds (EMFILE/ENFILE) the kernel cannot install the passed
+  descriptor: ``recvmsg`` consumes the message anyway and reports ``MSG_CTRUNC`` - **that
+  connection is lost** (closed by the kernel, never served); counted in
+  ``extra.handoff_lost``, logged once per episode.  At drain the channel is taken once
+  more (what the acceptor handed over before stop), then unwatched.
 * **Max connections**: one over ``limits.max_connections`` is aborted in
   ``connection_made`` (counted ``accepted`` and ``refused``, never ``open``).
 * **Protocol**: an ``asyncio.Protocol`` (``data_received`` gets a fresh ``bytes`` per
@@ -69,13 +81,16 @@ import socket
 import time
 
 from parallelnet.backends.base import (
-    ACCEPT_BACKOFF_MAX, ACCEPT_RESOURCE_ERRORS, REUSEPORT, SHARED, Availability, Backend,
+    ACCEPT_BACKOFF_MAX, ACCEPT_RESOURCE_ERRORS, DISPATCH, REUSEPORT, SHARED, Availability,
+    Backend,
 )
+from parallelnet.core.dispatch import HANDOFF_BATCH, receive_handoffs
 
 log = logging.getLogger("parallelnet.worker")
 
 #: What asyncio's accept loop reports (then it unwatches the listener for 1 s).
 _ACCEPT_RESOURCE_MSG = "socket.accept() out of system resource"
+
 
 
 class _CountingListener(socket.socket):
@@ -292,7 +307,7 @@ class AsyncioBackend(Backend):
     name = "asyncio"
     description = "asyncio event loop per worker thread (SelectorEventLoop/epoll), Protocol"
     kind = "readiness"
-    accept_strategies = frozenset({SHARED, REUSEPORT})
+    accept_strategies = frozenset({SHARED, REUSEPORT, DISPATCH})
     #: Not implemented yet in this backend (issue 4 delivered it before the fault work):
     #: asking for them is refused at startup by the core, never silently ignored.
     unsupported_limits = {
@@ -334,7 +349,8 @@ class AsyncioBackend(Backend):
         self.backing_off = False         # in an accept-error episode (logged once)
         self.backoff = lim.accept_backoff
         self.paused: dict[int, asyncio.TimerHandle] = {}   # own accept: fd -> its re-add
-        for k in ("accept_errors", "accept_backoffs", "max_pending"):
+        self.handoff_losing = False      # in a MSG_CTRUNC episode (logged once)
+        for k in ("accept_errors", "accept_backoffs", "max_pending", "handoffs", "handoff_lost"):
             ctx.stats.extra.setdefault(k, 0)   # every key exists from the start
         self.loop = loop = self.new_loop()
         loop.set_exception_handler(self._exception_handler)
@@ -372,6 +388,8 @@ class AsyncioBackend(Backend):
             dup = _CountingListener(lsock.family, lsock.type, lsock.proto,
                                     fileno=os.dup(lsock.fileno())).setup(self)
             servers.append(await loop.create_server(factory, sock=dup, backlog=backlog))
+        if ctx.handoff is not None:
+            loop.add_reader(ctx.handoff.fileno(), self._on_handoff)
         if not ctx.stop.is_set():
             await stopped
         loop.remove_reader(ctx.stop.fileno())
@@ -454,6 +472,38 @@ class AsyncioBackend(Backend):
         except OSError:
             conn.close()
 
+    # -- dispatch: connections handed over on ctx.handoff ------------------------------
+
+    def _take_handoffs(self) -> tuple[list[socket.socket], bool]:
+        """Every connection waiting on the channel (recvmsg until EAGAIN), counted.
+        Returns the sockets and whether the acceptor closed its end."""
+        channel = self.ctx.handoff
+        extra = self.ctx.stats.extra
+        socks: list[socket.socket] = []
+        while True:
+            fds, lost, closed = receive_handoffs(channel)
+            socks.extend(socket.socket(fileno=fd) for fd in fds)
+            if lost:
+                extra["handoff_lost"] += lost
+                if not self.handoff_losing:
+                    self.handoff_losing = True
+                    log.warning("worker %d (%s): a handed-over connection was lost: the fd "
+                                "could not be installed (MSG_CTRUNC, out of fds); counted in "
+                                "handoff_lost", self.ctx.index, self.name)
+            elif fds:
+                self.handoff_losing = False
+            if closed or len(fds) + lost < HANDOFF_BATCH:
+                break
+        extra["handoffs"] += len(socks)
+        return socks, closed
+
+    def _on_handoff(self) -> None:
+        socks, closed = self._take_handoffs()
+        if closed:   # the acceptor is gone: an EOF channel would stay readable forever
+            self.loop.remove_reader(self.ctx.handoff.fileno())
+        for sock in socks:
+            self._adopt(sock)   # accepted/refused are counted in connection_made
+
     async def _drain(self, servers) -> None:
         ctx = self.ctx
         loop = self.loop
@@ -478,6 +528,15 @@ class AsyncioBackend(Backend):
                     if exc.errno not in (errno.ECONNABORTED, errno.EPROTO):
                         log.warning("worker %d: accept failed: %s", ctx.index, exc)
                     break
+                conn.setblocking(False)
+                try:
+                    await loop.connect_accepted_socket(self._factory, conn)
+                except OSError:
+                    conn.close()
+        if ctx.handoff is not None:
+            # What the acceptor handed over before stop, once: no wakeup, no race.
+            loop.remove_reader(ctx.handoff.fileno())
+            for conn in self._take_handoffs()[0]:
                 conn.setblocking(False)
                 try:
                     await loop.connect_accepted_socket(self._factory, conn)

@@ -28,6 +28,17 @@ Faults: ``accept4`` failing with EMFILE/ENFILE/ENOBUFS/ENOMEM pauses the listene
 does; counted in ``extra.accept_errors`` / ``extra.accept_backoffs``, logged once per
 episode (a callback).  ``extra.max_pending`` is the high-water mark of queued output.
 
+``--accept dispatch``: the worker has no listener; ``ctx.handoff`` (the worker's end of
+its AF_UNIX SOCK_SEQPACKET channel from core/dispatch.py) is in the epoll set like a
+listener.  Readable: the C loop takes every waiting fd with ``recvmsg``/``SCM_RIGHTS``
+until ``EAGAIN`` and adopts each (``accepted`` and ``extra.handoffs``; over
+``limits.max_connections`` it is closed at once and counted ``refused``).  A hand-off is
+neither a listen wakeup nor a lost race.  Out of fds (EMFILE/ENFILE) the kernel cannot
+install the passed descriptor: ``recvmsg`` consumes the message anyway and reports
+``MSG_CTRUNC`` - **that connection is lost** (closed by the kernel, never served);
+counted in ``extra.handoff_lost`` and logged once per episode.  At drain the channel is
+taken once more (the backlog the acceptor handed over before stop: no wakeup, no race).
+
 Thread CPU: the C loop runs in the worker thread itself, so the tid recorded by
 ``WorkerStats.bind_current_thread`` is the thread doing the work; ``nc_gettid`` is
 checked against it at start-up.
@@ -40,14 +51,14 @@ import logging
 import os
 
 from parallelnet.backends.base import (
-    EXCLUSIVE, REUSEPORT, SHARED, Availability, Backend, BackendError,
+    DISPATCH, EXCLUSIVE, REUSEPORT, SHARED, Availability, Backend, BackendError,
 )
 
 log = logging.getLogger("parallelnet.worker")
 
 COUNTERS = ("requests", "bytes_in", "bytes_out", "wakeups", "listen_wakeups", "accepted",
             "lost_races", "closed", "refused", "errors", "backpressure")
-EXTRA = ("accept_errors", "accept_backoffs", "max_pending")
+EXTRA = ("accept_errors", "accept_backoffs", "max_pending", "handoffs", "handoff_lost")
 
 _loaded = None
 
@@ -88,6 +99,13 @@ def _install_callbacks(ffi) -> None:
         log.warning("worker %d (%s): accept failed: %s; pausing the listener, retrying "
                     "with back-off", b.ctx.index, b.name, os.strerror(err))
 
+    @ffi.def_extern()
+    def nc_py_handoff_lost(user, err):
+        b = ffi.from_handle(user)
+        log.warning("worker %d (%s): a handed-over connection was lost: the fd could not be "
+                    "installed (MSG_CTRUNC, %s); counted in handoff_lost", b.ctx.index, b.name,
+                    os.strerror(err))
+
 
 def protocol_of(factory) -> tuple[str, dict]:
     """The protocol name and options behind a factory from ``make_factory``: ``echo`` and
@@ -107,7 +125,7 @@ class NativeBackend(Backend):
     name = "native"
     description = "the seed's design in C: epoll loop with the GIL released, echo/http in C"
     kind = "readiness"
-    accept_strategies = frozenset({SHARED, EXCLUSIVE, REUSEPORT})
+    accept_strategies = frozenset({SHARED, EXCLUSIVE, REUSEPORT, DISPATCH})
     #: Not implemented yet in this backend (issue 4 delivered it before the fault work):
     #: asking for them is refused at startup by the core, never silently ignored.
     unsupported_limits = {
@@ -140,6 +158,7 @@ class NativeBackend(Backend):
         for i, fd in enumerate(listeners):
             cfg.listeners[i] = fd
         cfg.exclusive = int(ctx.accept == EXCLUSIVE)
+        cfg.handoff_fd = ctx.handoff.fileno() if ctx.handoff is not None else -1
         cfg.protocol = {"http": lib.NC_HTTP, "echo": lib.NC_ECHO}.get(proto, lib.NC_PY)
         cfg.recv_size = ctx.limits.recv_size
         cfg.max_conns = ctx.limits.max_connections

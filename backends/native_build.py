@@ -26,11 +26,12 @@ CDEF = """
 struct nc_stats {
     uint64_t requests, bytes_in, bytes_out, wakeups, listen_wakeups, accepted, lost_races,
              closed, refused, errors, backpressure, open, accept_errors, accept_backoffs,
-             max_pending;
+             max_pending, handoffs, handoff_lost;
 };
 struct nc_config {
     int stop_fd, nlisteners, exclusive, protocol;
     int listeners[...];
+    int handoff_fd;
     unsigned recv_size, max_conns, message_size, max_header_bytes, accept_backoff_ms;
     uint64_t max_output, max_body_bytes;
     void *user;
@@ -42,6 +43,7 @@ extern "Python" int nc_py_feed(void *, int, const char *, size_t, struct nc_out 
 extern "Python" int nc_py_eof(void *, int, struct nc_out *);
 extern "Python" void nc_py_close(void *, int);
 extern "Python" void nc_py_accept_failed(void *, int);
+extern "Python" void nc_py_handoff_lost(void *, int);
 
 nc_core *nc_new(const struct nc_config *cfg, struct nc_stats *st, int *err);
 int nc_serve(nc_core *c);

@@ -29,6 +29,15 @@
  *  - drain (nc_drain): accept the listen backlog once (not a listen wakeup, not a
  *    race), read what each connection's kernel buffer already holds (bounded) and
  *    answer it, flush within the drain timeout, close everything.  Listening sockets are never closed here.
+ *  - --accept dispatch (handoff_fd >= 0): no listener; the core's acceptor passes each
+ *    connected socket over an AF_UNIX SOCK_SEQPACKET channel as SCM_RIGHTS (one fd per
+ *    message).  The channel is watched like a listener; readable: recvmsg until EAGAIN,
+ *    each fd counted in accepted and handoffs and adopted (max_conns applies: refused).
+ *    Not a listen wakeup, never a lost race.  Out of fds (EMFILE/ENFILE), the kernel
+ *    cannot install the passed fd: recvmsg still consumes the message and reports
+ *    MSG_CTRUNC, and that connection is LOST (its only reference is dropped, the peer
+ *    sees a reset/close).  Counted in handoff_lost, logged once per episode.  At drain
+ *    the channel is taken once more (the drain's last look), then unwatched.
  *
  * Counters live in struct nc_stats, written only by this thread; other threads read
  * them (aligned 64-bit words: a read never sees a torn value).
@@ -37,6 +46,7 @@
 #define _GNU_SOURCE
 #endif
 #include <errno.h>
+#include <fcntl.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -59,12 +69,13 @@
 struct nc_stats {
     uint64_t requests, bytes_in, bytes_out, wakeups, listen_wakeups, accepted, lost_races,
              closed, refused, errors, backpressure, open, accept_errors, accept_backoffs,
-             max_pending;
+             max_pending, handoffs, handoff_lost;
 };
 
 struct nc_config {
     int stop_fd, nlisteners, exclusive, protocol;
     int listeners[NC_MAX_LISTENERS];
+    int handoff_fd;   /* --accept dispatch: the worker's end of its hand-off channel; -1: none */
     unsigned recv_size, max_conns, message_size, max_header_bytes, accept_backoff_ms;
     uint64_t max_output, max_body_bytes;
     void *user;   /* the Python backend (a cffi handle), passed to the callbacks */
@@ -80,6 +91,7 @@ static int nc_py_feed(void *user, int fd, const char *data, size_t len, struct n
 static int nc_py_eof(void *user, int fd, struct nc_out *out);
 static void nc_py_close(void *user, int fd);
 static void nc_py_accept_failed(void *user, int err);
+static void nc_py_handoff_lost(void *user, int err);
 
 /* ---- growable byte buffer with a consumed prefix ---------------------------- */
 struct buf { char *p; size_t head, len, cap; };  /* data is p[head .. head+len) */
@@ -384,11 +396,13 @@ typedef struct nc_core {
     int64_t paused_until[NC_MAX_LISTENERS];  /* listener back-off: 0 = watched */
     int npaused;
     unsigned backoff_ms;
+    int handoff_watched, handoff_losing;   /* channel in epoll; in a MSG_CTRUNC episode */
 } nc_core;
 
 #define TAG_CONN 0ULL
 #define TAG_LISTEN 1ULL
 #define TAG_STOP 2ULL
+#define TAG_HANDOFF 3ULL
 #define MK(tag, v) (((tag) << 32) | (uint32_t)(v))
 
 static int ep_set(nc_core *c, struct conn *k, uint32_t events)
@@ -742,6 +756,63 @@ static int do_accept(nc_core *c, int i, int wakeup)
     return won;
 }
 
+/* --accept dispatch: take every connection waiting on the hand-off channel (recvmsg
+ * until EAGAIN).  Called on readiness and once more by the drain; neither counts a listen
+ * wakeup or a lost race.  Returns the number of fds received. */
+static int handoff_take(nc_core *c)
+{
+    struct nc_stats *st = c->st;
+    int taken = 0;
+    for (;;) {
+        char byte;
+        union { struct cmsghdr h; char b[CMSG_SPACE(8 * sizeof(int))]; } ctl;
+        struct iovec iov = {&byte, 1};
+        struct msghdr m = {.msg_iov = &iov, .msg_iovlen = 1,
+                           .msg_control = ctl.b, .msg_controllen = sizeof ctl.b};
+        ssize_t r = recvmsg(c->cfg.handoff_fd, &m, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
+        if (r < 0) {
+            if (errno == EINTR) continue;
+            break;   /* EAGAIN: empty (anything else: nothing to take now either) */
+        }
+        int got = 0;
+        for (struct cmsghdr *h = CMSG_FIRSTHDR(&m); h; h = CMSG_NXTHDR(&m, h)) {
+            if (h->cmsg_level != SOL_SOCKET || h->cmsg_type != SCM_RIGHTS) continue;
+            int n = (int)((h->cmsg_len - CMSG_LEN(0)) / sizeof(int));
+            for (int i = 0; i < n; i++) {
+                int fd;
+                memcpy(&fd, CMSG_DATA(h) + i * sizeof(int), sizeof fd);
+                /* The acceptor's socket was not made non-blocking (accept4 here sets
+                 * SOCK_NONBLOCK; Python's accept does not): a blocking send would stall
+                 * the whole loop on one slow reader. */
+                int fl = fcntl(fd, F_GETFL);
+                if (fl >= 0 && !(fl & O_NONBLOCK)) fcntl(fd, F_SETFL, fl | O_NONBLOCK);
+                got++;
+                st->accepted++;
+                st->handoffs++;
+                add_connection(c, fd);   /* over max_conns: closed, counted refused */
+            }
+        }
+        taken += got;
+        if (m.msg_flags & MSG_CTRUNC) {
+            /* The kernel could not install the fd (EMFILE/ENFILE): the message is consumed
+             * and the connection lost.  One fd per message: one connection per CTRUNC. */
+            st->handoff_lost += got ? 0 : 1;
+            if (!c->handoff_losing) {
+                c->handoff_losing = 1;
+                nc_py_handoff_lost(c->cfg.user, EMFILE);
+            }
+            continue;
+        }
+        if (got) c->handoff_losing = 0;
+        if (r == 0 && !got) {   /* the acceptor closed its end: stop watching (no spin) */
+            if (c->handoff_watched) epoll_ctl(c->ep, EPOLL_CTL_DEL, c->cfg.handoff_fd, NULL);
+            c->handoff_watched = 0;
+            break;
+        }
+    }
+    return taken;
+}
+
 /* ---- public API --------------------------------------------------------------- */
 static nc_core *nc_new(const struct nc_config *cfg, struct nc_stats *st, int *err)
 {
@@ -767,6 +838,11 @@ static nc_core *nc_new(const struct nc_config *cfg, struct nc_stats *st, int *er
     if (cfg->stop_fd >= 0 && epoll_ctl(c->ep, EPOLL_CTL_ADD, cfg->stop_fd, &ev) < 0) goto fail;
     for (int i = 0; i < cfg->nlisteners; i++)
         if (listener_add(c, i) < 0) goto fail;
+    if (cfg->handoff_fd >= 0) {
+        struct epoll_event hev = {.events = EPOLLIN, .data.u64 = MK(TAG_HANDOFF, 0)};
+        if (epoll_ctl(c->ep, EPOLL_CTL_ADD, cfg->handoff_fd, &hev) < 0) goto fail;
+        c->handoff_watched = 1;
+    }
     return c;
 fail:
     *err = errno;
@@ -788,6 +864,10 @@ static void dispatch(nc_core *c, struct epoll_event *evs, int n)
             continue;
         }
         if (tag == TAG_STOP) { c->stopped = 1; continue; }
+        if (tag == TAG_HANDOFF) {
+            if (!c->draining && c->handoff_watched) handoff_take(c);
+            continue;
+        }
         if (v >= c->nconn_slots) continue;
         struct conn *k = c->conns[v];
         if (!k) continue;   /* closed earlier in this batch */
@@ -830,6 +910,11 @@ static void nc_drain(nc_core *c, int timeout_ms)
         if (c->paused_until[i]) continue;   /* out of fds at stop: already unwatched */
         do_accept(c, i, 0);   /* the backlog, once: not a wakeup, not a race */
         epoll_ctl(c->ep, EPOLL_CTL_DEL, c->cfg.listeners[i], NULL);
+    }
+    if (c->handoff_watched) {   /* what the acceptor handed over before stop, once */
+        handoff_take(c);
+        if (c->handoff_watched) epoll_ctl(c->ep, EPOLL_CTL_DEL, c->cfg.handoff_fd, NULL);
+        c->handoff_watched = 0;
     }
     memset(c->paused_until, 0, sizeof c->paused_until);
     c->npaused = 0;

@@ -154,7 +154,7 @@ class ReadinessLoop(Backend):
         self._peak = 0
         extra = ctx.stats.extra
         for k in ("accept_errors", "accept_backoffs", "idle_timeouts", "header_timeouts",
-                  "max_pending", "handoffs", "rotations"):
+                  "max_pending", "handoffs", "handoff_lost", "rotations"):
             extra.setdefault(k, 0)   # every key exists from the start: snapshots copy this dict
         self._setup()
         try:
@@ -310,16 +310,27 @@ class ReadinessLoop(Backend):
 
     def _take_handoffs(self) -> int:
         """Connections the dispatcher passed us (SCM_RIGHTS), until the channel is empty."""
+        extra = self.ctx.stats.extra
         taken = 0
         while True:
-            fds = receive_handoffs(self._handoff)
-            for fd in fds:
+            batch = receive_handoffs(self._handoff)
+            for fd in batch.fds:
                 self._add_connection(socket.socket(fileno=fd), None)
-            taken += len(fds)
-            if len(fds) < HANDOFF_BATCH:
+            taken += len(batch.fds)
+            if batch.lost:
+                if not extra["handoff_lost"]:
+                    log.warning("worker %d (%s): out of fds, connections handed over were lost "
+                                "(handoff_lost)", self.ctx.index, self.name)
+                extra["handoff_lost"] += batch.lost
+            if batch.closed:  # the acceptor is gone: stop watching, or EOF would spin us
+                fd = self._handoff.fileno()
+                self._listeners.pop(fd, None)
+                self._unregister(fd)
+                break
+            if len(batch.fds) + batch.lost < HANDOFF_BATCH:
                 break
         self.ctx.stats.accepted += taken
-        self.ctx.stats.extra["handoffs"] += taken
+        extra["handoffs"] += taken
         return taken
 
     def _add_connection(self, sock: socket.socket, peer) -> None:

@@ -107,8 +107,8 @@ SETUP_FLAG_NAMES = (
 )
 EXTRA_STATS = ("entries", "sqes", "cqes", "enobufs", "cq_overflows", "cq_dropped",
                "zc_sends", "copied_sends", "partial_sends", "recv_arms", "accept_errors",
-               "accept_backoffs", "max_pending", "handoffs", "handoff_wakeups", "fixed_files",
-               "sendzc_ops", "sendzc_notifs")
+               "accept_backoffs", "max_pending", "handoffs", "handoff_lost", "handoff_wakeups",
+               "fixed_files", "sendzc_ops", "sendzc_notifs")
 SWEEP_MAX = 4096   # connections closed per timer sweep at most (the rest: next tick)
 
 
@@ -379,6 +379,10 @@ class UringBackend(Backend):
         st.listen_wakeups = cs.accept_cqes
         st.lost_races = cs.accept_eagain
         st.refused = cs.refused
+        st.accepted = cs.accepted
+        if cs.handoff_lost and not st.extra.get("handoff_lost"):
+            log.warning("worker %d (%s): out of fds, connections handed over were lost "
+                        "(handoff_lost)", self.ctx.index, self.name)
         st.backpressure = cs.backpressure
         extra = st.extra
         for k in EXTRA_STATS:
@@ -471,7 +475,6 @@ class UringBackend(Backend):
                     finish(core, cid)
             elif kind == 1:  # EV_OPEN
                 protos[cid] = self.ctx.protocol_factory()
-                stats.accepted += 1
                 stats.open += 1
             elif kind == 4:  # EV_CLOSED
                 del protos[cid]

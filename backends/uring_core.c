@@ -153,7 +153,7 @@ struct uc_stats {
     uint64_t entries, sqes, cqes, waits, enobufs, cq_overflows, cq_dropped, bytes_in, bytes_out,
              accept_cqes, accepted, accept_eagain, accept_errors, refused, backpressure,
              zc_sends, copied_sends, recv_arms, partial_sends, accept_backoffs, max_pending,
-             handoffs, handoff_wakeups, fixed_files, sendzc_ops, sendzc_notifs;
+             handoffs, handoff_lost, handoff_wakeups, fixed_files, sendzc_ops, sendzc_notifs;
 };
 
 struct uc_config {
@@ -331,6 +331,7 @@ static void conn_kill(uc_core *c, int id, int error)
 
 static void conn_open(uc_core *c, int fd)
 {
+    c->st.accepted++;               /* taken, whether kept or refused (as every backend counts) */
     if (c->nconns >= (int)c->cfg.max_conns) { close(fd); c->st.refused++; return; }
     if (!c->nfree) {                /* grow the table; ids stay valid */
         int n = c->nconn_slots * 2;
@@ -355,7 +356,6 @@ static void conn_open(uc_core *c, int fd)
         k->fixed = 1; c->st.fixed_files++;
     }
     c->nconns++;
-    c->st.accepted++;
     emit(c, EV_OPEN, id, fd, 0);
     if (c->shutting) conn_kill(c, id, 0);
     else if (c->draining) k->drain_read = 1;   /* read what it sent before stop, then finish */
@@ -393,6 +393,9 @@ static void handoff_take(uc_core *c)
         ssize_t r = recvmsg(c->cfg.handoff_fd, &m, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
         if (r < 0 && errno == EINTR) continue;
         if (r <= 0) return;         /* EAGAIN: empty; 0: the acceptor closed its end */
+        /* Out of fds the kernel cannot install the passed one: the message is consumed,
+         * MSG_CTRUNC set, and that connection is lost.  Counted, never silent. */
+        if ((m.msg_flags & MSG_CTRUNC) && !CMSG_FIRSTHDR(&m)) { c->st.handoff_lost++; continue; }
         for (struct cmsghdr *h = CMSG_FIRSTHDR(&m); h; h = CMSG_NXTHDR(&m, h)) {
             if (h->cmsg_level != SOL_SOCKET || h->cmsg_type != SCM_RIGHTS) continue;
             int n = (int)((h->cmsg_len - CMSG_LEN(0)) / sizeof(int));

@@ -75,7 +75,7 @@ class UringPyBackend(UringBackend):
         self.extra = {"enobufs": 0, "zc_sends": 0, "copied_sends": 0, "partial_sends": 0,
                       "accept_errors": 0, "accept_backoffs": 0, "idle_timeouts": 0,
                       "header_timeouts": 0, "max_pending": 0, "handoffs": 0,
-                      "handoff_wakeups": 0}
+                      "handoff_lost": 0, "handoff_wakeups": 0}
         self.ctx.stats.extra.update(self.extra)
         self.paused_lis: dict[int, float] = {}   # listener index -> resume time (EMFILE back-off)
         self.backoff = self.ctx.limits.accept_backoff
@@ -86,6 +86,7 @@ class UringPyBackend(UringBackend):
             self._arm_accept(i)
         self.handoff = self.ctx.handoff
         self.handoff_armed = False
+        self.handoff_closed = False
         if self.handoff is not None:
             self._arm_handoff()
         try:
@@ -185,16 +186,23 @@ class UringPyBackend(UringBackend):
         if self.shutting:
             return
         self._take_handoffs()   # while draining: the drain's last look, not a wakeup
-        if not self.draining:
+        if not self.draining and not self.handoff_closed:
             self._arm_handoff()
 
     def _take_handoffs(self) -> None:
         while True:
-            fds = receive_handoffs(self.handoff)
-            self.extra["handoffs"] += len(fds)
-            for fd in fds:
+            batch = receive_handoffs(self.handoff)
+            self.extra["handoffs"] += len(batch.fds)
+            if batch.lost and not self.extra["handoff_lost"]:
+                log.warning("worker %d (%s): out of fds, connections handed over were lost "
+                            "(handoff_lost)", self.ctx.index, self.name)
+            self.extra["handoff_lost"] += batch.lost
+            for fd in batch.fds:
                 self._open_conn(socket.socket(fileno=fd))
-            if len(fds) < HANDOFF_BATCH:
+            if batch.closed:
+                self.handoff_closed = True  # the acceptor is gone: do not re-arm the poll
+                return
+            if len(batch.fds) + batch.lost < HANDOFF_BATCH:
                 return
 
     def _on_accept(self, i: int, res: int, fl: int) -> None:
@@ -239,6 +247,7 @@ class UringPyBackend(UringBackend):
 
     def _open_conn(self, sock) -> None:
         stats = self.ctx.stats
+        stats.accepted += 1  # as every backend counts it: taken, whether kept or refused
         if len(self.conns) >= self.ctx.limits.max_connections:
             stats.refused += 1
             sock.close()
@@ -250,7 +259,6 @@ class UringPyBackend(UringBackend):
         cid = self.next_cid
         self.next_cid += 1  # never reused: a late CQE can only name its own connection
         c = self.conns[cid] = Conn(cid, sock, self.ctx.protocol_factory())
-        stats.accepted += 1
         stats.open += 1
         if self.draining:
             self._read_remaining(c)

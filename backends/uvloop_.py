@@ -21,6 +21,9 @@ limits, half-close, stop and drain.  What differs with uvloop:
   reading pauses; the connection is a ``BufferedProtocol`` instead whose buffer is
   ``recv_size`` bytes (copied out per read, as uvloop itself does for
   ``data_received``): backpressure holds within one ``recv_size`` read, as readiness.py.
+* ``--accept dispatch`` is AsyncioBackend's (``add_reader`` on ``ctx.handoff``, fds
+  taken with ``recvmsg`` until ``EAGAIN``, adopted through ``connect_accepted_socket``):
+  inherited unchanged, including the lost-connection accounting under ``MSG_CTRUNC``.
 * uvloop is a pip dependency of the project; the probe reports its version, or why it
   cannot be imported.
 """

@@ -10,7 +10,9 @@ worker by a policy, then passes the connected socket over a per-worker channel:
   in thread mode the duplicate-then-close costs two extra syscalls per connection,
   which the accept experiment measures as part of the dispatcher's price.
 * the worker watches its end like a listener: readable means "connections waiting";
-  it takes them with ``recvmsg`` until ``EAGAIN`` (see ``receive_handoffs``).
+  it takes them with ``recvmsg`` until ``EAGAIN`` (see ``receive_handoffs``).  A worker
+  out of fds cannot receive one: the kernel drops it (``MSG_CTRUNC``), counted by the
+  worker as ``handoff_lost``.
 * policies: ``round-robin``; ``least-connections`` — fewest connections handed over and
   not yet closed, from the workers' own ``closed`` counters (live in thread mode; in
   process mode from the 0.25 s snapshots, so the estimate lags a little).
@@ -31,7 +33,7 @@ import os
 import select
 import socket
 import threading
-from typing import Callable
+from typing import Callable, NamedTuple
 
 from parallelnet.core.cpus import pin_current_thread
 
@@ -40,6 +42,7 @@ log = logging.getLogger("parallelnet.dispatch")
 POLICIES = ("round-robin", "least-connections")
 HANDOFF_BATCH = 64  # connections taken per recvmsg round
 _FD_SIZE = array.array("i").itemsize
+_HANDOFF_SPACE = socket.CMSG_SPACE(_FD_SIZE)
 
 
 def make_channels(n: int) -> list[tuple[socket.socket, socket.socket]]:
@@ -59,22 +62,39 @@ def send_handoff(channel: socket.socket, conn: socket.socket) -> None:
                               array.array("i", [conn.fileno()]))])
 
 
-def receive_handoffs(channel: socket.socket, limit: int = HANDOFF_BATCH) -> list[int]:
-    """Take up to ``limit`` waiting connections (their new fds) without blocking."""
+class Handoffs(NamedTuple):
+    fds: list[int]     # new connections, now ours
+    lost: int          # messages whose fd the kernel could not install (MSG_CTRUNC)
+    closed: bool       # the acceptor closed its end: stop watching the channel
+
+
+def receive_handoffs(channel: socket.socket, limit: int = HANDOFF_BATCH) -> Handoffs:
+    """Take up to ``limit`` waiting connections without blocking.
+
+    Out of fds (EMFILE/ENFILE), the kernel cannot install the passed descriptor:
+    ``recvmsg`` consumes the message anyway and sets ``MSG_CTRUNC`` — that connection is
+    lost (the kernel closes it).  It is reported in ``lost`` so workers can count it.
+    """
     fds: list[int] = []
-    space = socket.CMSG_SPACE(_FD_SIZE)
-    while len(fds) < limit:
+    lost = 0
+    for _ in range(limit):
         try:
-            _, ancdata, _, _ = channel.recvmsg(1, space)
+            data, ancdata, flags, _ = channel.recvmsg(1, _HANDOFF_SPACE, socket.MSG_CMSG_CLOEXEC)
         except (BlockingIOError, InterruptedError):
             break
-        for level, kind, data in ancdata:
+        got = 0
+        for level, kind, payload in ancdata:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                usable = len(data) - len(data) % _FD_SIZE
-                fds.extend(array.array("i", data[:usable]))
-        if not ancdata:
-            break  # the acceptor closed its end
-    return fds
+                usable = len(payload) - len(payload) % _FD_SIZE
+                new = array.array("i", payload[:usable])
+                fds.extend(new)
+                got += len(new)
+        if flags & socket.MSG_CTRUNC:
+            lost += not got
+            continue
+        if not data and not got:
+            return Handoffs(fds, lost, True)
+    return Handoffs(fds, lost, False)
 
 
 class Dispatcher:

@@ -28,7 +28,7 @@ from parallelnet.backends.base import registry
 from parallelnet.core.listeners import layout_of
 from parallelnet.core.stats import jain_index, max_min_ratio
 from parallelnet.experiments.harness import (
-    NoiseProbe, bench_lock, result_dir, start_server, window,
+    NoiseProbe, bench_lock, read_records, result_dir, start_server, window,
 )
 
 STRATEGIES = ("shared", "exclusive", "exclusive-rotate", "reuseport", "reuseport-cpu", "dispatch")
@@ -54,6 +54,7 @@ def one_run(backend: str, strategy: str, mode: str, args, outdir: str, tag: str)
     t0 = t_start - srv.t_listen + args.warmup
     win = window(srv.stats_path, t0, t0 + args.duration)
     accepted = [w["accepted"] for w in win["workers"]]
+    over_time = share_over_time(srv.stats_path, t0, t0 + args.duration)
     lost = sum(w["lost_races"] for w in win["workers"])
     lwake = sum(w["listen_wakeups"] for w in win["workers"])
     total = sum(accepted)
@@ -66,8 +67,23 @@ def one_run(backend: str, strategy: str, mode: str, args, outdir: str, tag: str)
         "conn_rate": res.rps, "p99_us": res.latency.get("p99"),
         "p50_us": res.latency.get("p50"), "client_errors": res.errors_total,
         "server_crashed": [w["crashed"] for w in final.get("workers", []) if w.get("crashed")],
+        "share_over_time": over_time,
+        "w0_share_range": ([min(x[1][0] for x in over_time), max(x[1][0] for x in over_time)]
+                           if over_time else None),
         "noise": noise,
     }
+
+
+def share_over_time(stats_path: str, t0: float, t1: float) -> list:
+    """[t, [share of each worker]] of the connections accepted in each stats interval."""
+    recs = [r for r in read_records(stats_path) if r["type"] == "interval" and t0 <= r["t"] <= t1]
+    out = []
+    for a, b in zip(recs, recs[1:]):
+        got = [wb["accepted"] - wa["accepted"] for wa, wb in zip(a["workers"], b["workers"])]
+        total = sum(got)
+        if total:
+            out.append([round(b["t"], 2), [round(g / total, 3) for g in got]])
+    return out
 
 
 def main(argv=None) -> int:
@@ -123,6 +139,9 @@ def summarize(runs: list[dict]) -> list[dict]:
             "lost_per_accept": med("lost_per_accept"), "max_min": med("max_min"), "jain": med("jain"),
             "conn_rate": med("conn_rate"), "p99_us": med("p99_us"),
             "jain_range": (min(r["jain"] for r in clean), max(r["jain"] for r in clean)),
+            # worker 0's share per 0.25 s interval: lowest and highest seen over the runs
+            "share_w0_time": (min((r["w0_share_range"] or [0, 0])[0] for r in clean),
+                              max((r["w0_share_range"] or [0, 0])[1] for r in clean)),
         })
     return rows
 

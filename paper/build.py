@@ -76,7 +76,10 @@ def accept(results: str, tables: dict, values: dict) -> None:
     run_dir, data = found
     rows = []
     for r in data["summary"]:
-        rows.append([r["backend"], r["strategy"], str(r["n"]), f"{100 * r['share_w0']:.0f}%",
+        time_range = r.get("share_w0_time")
+        rows.append([r["backend"], r["strategy"], str(r["n"]),
+                     f"{100 * r['share_w0']:.0f}%" + (f" ({100 * time_range[0]:.0f}–{100 * time_range[1]:.0f}%)"
+                                                      if time_range else ""),
                      fmt(r["lost_per_accept"], ".3f"), fmt(r["max_min"]), fmt(r["jain"], ".3f"),
                      f"{r['conn_rate']:.0f}", f"{r['p99_us']:.0f}"])
         key = f"accept.{r['backend']}.{r['strategy']}"
@@ -90,7 +93,7 @@ def accept(results: str, tables: dict, values: dict) -> None:
             meta = json.load(f)
     args = data.get("args", {})
     tables["accept"] = (
-        md_table(["backend", "strategy", "n", "worker 0 share", "lost races/accept", "max/min",
+        md_table(["backend", "strategy", "n", "worker 0 share (range per 0.25 s)", "lost races/accept", "max/min",
                   "Jain", "conn/s", "p99 µs (connect+echo+close)"], rows)
         + f"\n\n*Source: `{run_dir}` — {args.get('workers')} workers, {args.get('connections')} "
           f"concurrent churning clients, {args.get('duration')} s × {args.get('reps')} reps; "

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import resource
+import signal
 import socket
+import time
 
 import pytest
 
-from conftest import start_server
+from conftest import BACKENDS, recv_exactly, recv_until_eof, require_backend, start_server
 from parallelnet.core.client import run_clients
 from parallelnet.core.dispatch import Dispatcher, make_channels, receive_handoffs, send_handoff
 
@@ -27,8 +31,8 @@ def test_a_connection_survives_the_handoff(tcp_pair):
     with acceptor_end, worker_end:
         send_handoff(acceptor_end, server)
         server.close()  # the acceptor's copy goes; the worker's stays open
-        (fd,) = receive_handoffs(worker_end)
-        assert receive_handoffs(worker_end) == []
+        (fd,) = receive_handoffs(worker_end).fds
+        assert receive_handoffs(worker_end) == ([], 0, False)
     with socket.socket(fileno=fd) as moved:
         client.sendall(b"ping")
         assert moved.recv(4) == b"ping"
@@ -75,11 +79,20 @@ def test_full_channels_spill_then_overflow_without_blocking(tcp_pair):
             break
     d._hand_over(server)
     assert d.overflow == 1  # everyone full: refused, not blocked
-    for fd in receive_handoffs(chans[0][1], limit=10**6) + receive_handoffs(chans[1][1], limit=10**6):
+    for fd in (receive_handoffs(chans[0][1], limit=10**6).fds
+               + receive_handoffs(chans[1][1], limit=10**6).fds):
         socket.socket(fileno=fd).close()
     for a, b in chans:
         a.close()
         b.close()
+    d.listener.close()
+
+
+def test_a_closed_acceptor_end_reads_as_closed():
+    [(acceptor_end, worker_end)] = make_channels(1)
+    acceptor_end.close()
+    with worker_end:
+        assert receive_handoffs(worker_end) == ([], 0, True)
 
 
 @pytest.mark.parametrize("mode", ["thread", "process"])
@@ -114,3 +127,115 @@ def test_backends_without_a_handoff_channel_refuse_dispatch_clearly(monkeypatch)
     monkeypatch.setattr(server_mod, "get_backend", lambda name: NoHandoff)
     with pytest.raises(BackendError, match="does not support --accept dispatch"):
         server_mod.Server(server_mod.ServerConfig(backend="no-handoff", accept="dispatch"))
+
+
+# -- --accept dispatch: connections handed over on the worker's channel ---------------
+
+# Every registered backend that serves the dispatch layout: tested the moment it declares it.
+DISPATCH_BACKENDS = [name for name, cls in BACKENDS.items() if "dispatch" in cls.accept_strategies]
+
+
+@pytest.mark.parametrize("backend", DISPATCH_BACKENDS)
+@pytest.mark.parametrize("mode", ["thread", "process"])
+def test_dispatch_counts_handoffs_not_races(backend, mode, tmp_path):
+    require_backend(backend)
+    srv = start_server(tmp_path, "--backend", backend, "--mode", mode, "--workers", "2",
+                       "--accept", "dispatch")
+    res = run_clients(*srv.address, connections=8, mode="short", max_requests=60, duration=20)
+    assert res.errors == {} and res.requests == 60
+    final = srv.stop()
+    assert final["clean"], srv.output
+    workers = final["workers"]
+    disp = final["dispatcher"]
+    assert sum(w["accepted"] for w in workers) == res.connects == disp["accepted"]
+    assert [w["accepted"] for w in workers] == disp["handed"]
+    for w in workers:
+        assert w["extra"]["handoffs"] == w["accepted"]
+        assert w["extra"]["handoff_lost"] == 0
+        assert w["lost_races"] == 0 and w["listen_wakeups"] == 0
+
+
+@pytest.mark.parametrize("backend", DISPATCH_BACKENDS)
+def test_dispatch_refuses_over_max_connections(backend, tmp_path):
+    require_backend(backend)
+    srv = start_server(tmp_path, "--backend", backend, "--workers", "1", "--accept", "dispatch",
+                       "--max-connections", "2")
+    socks = [srv.connect() for _ in range(2)]
+    for s in socks:
+        s.sendall(b"x")
+        assert recv_exactly(s, 1) == b"x"
+    extra = srv.connect()
+    assert recv_until_eof(extra) == b""
+    extra.close()
+    for s in socks:
+        s.close()
+    final = srv.stop()
+    w = final["workers"][0]
+    assert w["refused"] == 1 and w["accepted"] == 3 and w["extra"]["handoffs"] == 3
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{tid}/children") as f:
+            out += [int(x) for x in f.read().split()]
+    return out
+
+
+@pytest.mark.parametrize("backend", DISPATCH_BACKENDS)
+def test_dispatch_out_of_fds_loses_the_connection_counted(backend, tmp_path):
+    """Process mode: the acceptor (parent) has fds, the worker (child) has none left.
+    recvmsg consumes the message with MSG_CTRUNC: that connection is lost, counted,
+    and the worker goes on serving once fds are free again."""
+    require_backend(backend)
+    srv = start_server(tmp_path, "--backend", backend, "--mode", "process", "--workers", "1",
+                       "--accept", "dispatch", "--stats-interval", "0.1")
+    try:
+        deadline = time.monotonic() + 5
+        while not (kids := _children(srv.proc.pid)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        (child,) = kids
+        headroom = 12
+        limit = len(os.listdir(f"/proc/{child}/fd")) + headroom
+        resource.prlimit(child, resource.RLIMIT_NOFILE, (limit, limit))
+        socks = [srv.connect(timeout=2) for _ in range(2 * headroom)]
+        served, lost = [], []
+        for s in socks:
+            try:
+                s.sendall(b"ping")
+                got = s.recv(4)
+            except (ConnectionError, TimeoutError, OSError):
+                got = b""
+            (served if got == b"ping" else lost).append(s)
+        assert served and lost, (len(served), len(lost))
+        for s in socks:
+            s.close()
+        time.sleep(0.3)
+        with srv.connect() as again:   # fds free again: served
+            again.sendall(b"pong")
+            assert recv_exactly(again, 4) == b"pong"
+    finally:
+        final = srv.stop()
+    w = final["workers"][0]
+    assert final["clean"], srv.output
+    assert w["extra"]["handoff_lost"] >= len(lost) - 1 >= 1, (w, len(lost))
+    assert w["extra"]["handoffs"] + w["extra"]["handoff_lost"] == final["dispatcher"]["accepted"]
+    assert "handoff_lost" in srv.output
+
+
+@pytest.mark.parametrize("backend", DISPATCH_BACKENDS)
+def test_dispatch_drain_answers_what_was_handed_over(backend, tmp_path):
+    require_backend(backend)
+    srv = start_server(tmp_path, "--backend", backend, "--workers", "2", "--accept", "dispatch")
+    socks = [srv.connect() for _ in range(20)]
+    for i, s in enumerate(socks):
+        s.sendall(b"req-%02d" % i)
+    srv.proc.send_signal(signal.SIGTERM)   # at once: some may still be in flight
+    for i, s in enumerate(socks):
+        assert recv_until_eof(s) == b"req-%02d" % i
+        s.close()
+    srv.proc.wait(20)   # drained and exited: stop() must not send a second SIGTERM
+    final = srv.stop()
+    assert final["clean"], srv.output
+    assert sum(w["extra"]["handoffs"] for w in final["workers"]) == 20
+    assert all(w["lost_races"] == 0 for w in final["workers"])

@@ -11,6 +11,7 @@ listener accounting.
 from __future__ import annotations
 
 import json
+import os
 import re
 import socket
 import time
@@ -152,7 +153,6 @@ def test_native_idle_server_makes_no_wakeups(tmp_path, mode):
 def test_native_runs_python_protocols_through_callbacks(tmp_path):
     """A protocol with no C implementation runs in Python, called from the C loop."""
     require_backend("native")
-    import os
     env = dict(os.environ, PARALLELNET_TEST_PROTOCOLS="1")
     srv = start_server(tmp_path, "--backend", "native", "--workers", "1", "--protocol", "crashy",
                        env=env)
