@@ -220,11 +220,12 @@ def machine_metadata() -> dict:
             "ci": os.environ.get("CI", "")}
 
 
-def result_dir(name: str, root: str = "results") -> str:
+def result_dir(name: str, root: str = "results", extra: dict | None = None) -> str:
+    """``ROOT/<UTC stamp>-NAME/`` with ``meta.json`` (machine, kernel, commit, argv + extra)."""
     path = os.path.join(root, time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + name)
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, "meta.json"), "w") as f:
-        json.dump(machine_metadata(), f, indent=1)
+        json.dump({**machine_metadata(), **(extra or {})}, f, indent=1)
     return path
 
 

@@ -6,114 +6,64 @@ pipelining, open-loop pacing.  Reproduces the numbers in docs/loadgen.md.
 Server: ``parallelnet serve --cpus 0 --workers 1`` (one pinned worker on CPU 0); client:
 the C load generator's threads pinned to CPU 1 (``LoadSpec.cpus``), or ``wrk`` under
 ``taskset -c 1``.  Every run's raw figures go to results/<UTC>-validate_loadgen/
-(one JSON per step plus metadata.json), with /proc/stat deltas (steal, softirq, and CPU
-used by neither the server nor the client) so a noisy run can be recognised.
+(one JSON per step, meta.json, the server's stats records), with /proc/stat deltas
+(steal, softirq, and CPU used by neither the server nor the client) so a noisy run can
+be recognised.  Server CPU per request comes from the server's own stats records inside
+each measured window, as in every experiment (experiments/harness.py).
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
+import contextlib
 import json
 import os
-import platform
 import re
 import resource
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 
+from parallelnet.experiments.harness import (
+    NoiseProbe, ServerHandle, bench_lock, result_dir, start_server, window,
+)
 from parallelnet.experiments.loadgen import LoadSpec, run
 
 SERVER_CPU, CLIENT_CPU = 0, 1
-_TCK = os.sysconf("SC_CLK_TCK")
 
 
-# ---- machine state ---------------------------------------------------------------------
+# ---- server and measurement (the shared harness) --------------------------------------
 
-def proc_stat() -> dict:
-    with open("/proc/stat") as f:
-        fields = f.readline().split()[1:]
-    names = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
-    return {n: int(v) / _TCK for n, v in zip(names, fields)}
-
-
-def proc_cpu(pid: int) -> float:
-    """utime + stime (s) of every thread of ``pid``."""
-    with open(f"/proc/{pid}/stat") as f:
-        raw = f.read()
-    fields = raw[raw.rindex(")") + 2:].split()
-    return (int(fields[11]) + int(fields[12])) / _TCK
-
-
-def metadata(argv: list[str]) -> dict:
-    model = ""
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
+@contextlib.contextmanager
+def serving(backend: str, protocol: str, folder: str, extra=()):
+    """``parallelnet serve`` pinned to SERVER_CPU, with stats records every 0.25 s."""
+    stats = os.path.join(folder, f"{backend}-{protocol}-{time.monotonic_ns()}-stats.jsonl")
+    srv = start_server(["--backend", backend, "--protocol", protocol, "--workers", "1",
+                        "--cpus", str(SERVER_CPU), *extra], stats)
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-    except OSError:
-        commit = ""
-    return {
-        "command": [sys.executable, "-m", "parallelnet.experiments.validate_loadgen", *argv],
-        "date_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "kernel": platform.release(), "uname": " ".join(platform.uname()),
-        "cpu_model": model, "ncpus": os.cpu_count(), "python": sys.version,
-        "git_commit": commit, "wrk": shutil.which("wrk"),
-        "server_cpu": SERVER_CPU, "client_cpu": CLIENT_CPU,
-    }
+        yield srv
+    finally:
+        srv.stop()
 
 
-# ---- server ----------------------------------------------------------------------------
+def measured(srv: ServerHandle, fn, warmup: float = 0.0):
+    """Run ``fn()``; return (its result, the server's window totals, machine noise).
 
-class Server:
-    """``parallelnet serve`` as a child process (ours; stopped by its PID)."""
-
-    def __init__(self, backend: str, protocol: str, extra=()):
-        self.cmd = [sys.executable, "-m", "parallelnet.core.cli", "serve", "--backend", backend,
-                    "--protocol", protocol, "--workers", "1", "--cpus", str(SERVER_CPU),
-                    "--port", "0", *extra]
-        self.proc = subprocess.Popen(self.cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True)
-        line = self.proc.stdout.readline()
-        if not line.startswith("listening on "):
-            self.proc.kill()
-            raise RuntimeError(f"server did not start: {line}{self.proc.stderr.read()}")
-        self.port = int(line.rsplit(":", 1)[1])
-
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.communicate(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.communicate()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.stop()
-
-
-def measured(srv: Server, fn):
-    """Run ``fn()``; return (its result, server CPU s, /proc/stat deltas)."""
-    s0, c0 = proc_stat(), proc_cpu(srv.proc.pid)
+    The server's CPU per request comes from its own stats records inside the measured
+    part of the call (after ``warmup``), as in every experiment."""
+    probe = NoiseProbe([os.getpid(), *srv.worker_pids()]).start()
     t0 = time.monotonic()
     out = fn()
-    wall = time.monotonic() - t0
-    s1, c1 = proc_stat(), proc_cpu(srv.proc.pid)
-    delta = {k: round(s1[k] - s0[k], 3) for k in s0}
-    busy = sum(v for k, v in delta.items() if k not in ("idle", "iowait"))
-    return out, c1 - c0, dict(delta, wall_s=round(wall, 3), busy_s=round(busy, 3))
+    t1 = time.monotonic()
+    noise = probe.stop()
+    try:
+        win = window(srv.stats_path, t0 - srv.t_listen + warmup, t1 - srv.t_listen)["total"]
+    except RuntimeError:
+        win = None  # too short a window for two records
+    return out, win, noise
 
 
 def lg(port: int, **kw):
@@ -121,7 +71,7 @@ def lg(port: int, **kw):
     return run(spec)
 
 
-def summary(r, server_cpu: float | None = None, noise: dict | None = None) -> dict:
+def summary(r, win: dict | None = None, noise: dict | None = None) -> dict:
     d = {
         "requests": r.requests, "rps": round(r.rps, 1), "errors": r.errors_total,
         "error_kinds": {k: v for k, v in r.errors.items() if v},
@@ -133,28 +83,19 @@ def summary(r, server_cpu: float | None = None, noise: dict | None = None) -> di
         "bytes_sent": r.bytes_sent, "bytes_received": r.bytes_received,
         "spec": r.spec, "latency": r.latency,
     }
-    if server_cpu is not None and r.requests:
-        # Server process CPU over the whole call (warm-up included) / requests of the
-        # measured window scaled to the same span: use rps * wall for the denominator.
-        d["server_cpu_s"] = round(server_cpu, 3)
+    if win is not None:
+        d["server_cpu_us_per_req"] = round(win["cpu_us_per_req"], 2)
     if noise is not None:
-        d["proc_stat"] = noise
-        wall = noise["wall_s"]
-        if r.requests and wall:
-            total_req = r.rps * wall  # requests served over the whole call, approximately
-            d["server_cpu_us_per_req"] = round(server_cpu * 1e6 / total_req, 2) if server_cpu else None
-        # CPU used by neither server nor client (client ≈ its own threads' CPU).
-        client = r.client_cpu_user_s + r.client_cpu_sys_s
-        d["other_cpu_s"] = round(noise["busy_s"] - (server_cpu or 0) - client, 3)
-        d["noisy"] = noise["steal"] > 0.05 * wall
+        d["noise"] = noise
+        d["noisy"] = noise["noisy"]
     return d
 
 
 # ---- steps -----------------------------------------------------------------------------
 
-def step_echo_sizes(a) -> list[dict]:
+def step_echo_sizes(a, folder) -> list[dict]:
     out = []
-    with Server("native", "echo") as srv:
+    with serving("native", "echo", folder) as srv:
         for size in (1, 64, 65536, 4 << 20):
             conns = 4 if size >= 65536 else 16
             r = lg(srv.port, size=size, connections=conns, duration=a.short, warmup=0.5)
@@ -188,21 +129,21 @@ def wrk(port: int, conns: int, duration: float) -> dict:
             "socket_errors": errs.group(0) if errs else "", "stdout": p.stdout}
 
 
-def step_wrk(a) -> list[dict]:
+def step_wrk(a, folder) -> list[dict]:
     out = []
     for backend in ("native", "epoll"):
-        with Server(backend, "http") as srv:
+        with serving(backend, "http", folder) as srv:
             w_rps, l_rps, runs = [], [], []
             for _ in range(a.repeat):
-                w, wscpu, wnoise = measured(srv, lambda: wrk(srv.port, 64, a.duration))
-                w.update(server_cpu_s=round(wscpu, 3), proc_stat=wnoise)
-                if w["rps"]:
-                    w["server_cpu_us_per_req"] = round(wscpu * 1e6 / (w["rps"] * wnoise["wall_s"]), 2)
-                r, scpu, noise = measured(srv, lambda: lg(srv.port, protocol="http", connections=64,
-                                                          duration=a.duration, warmup=1.0))
+                w, wwin, wnoise = measured(srv, lambda: wrk(srv.port, 64, a.duration))
+                w.update(noise=wnoise, noisy=wnoise["noisy"])
+                if wwin:
+                    w["server_cpu_us_per_req"] = round(wwin["cpu_us_per_req"], 2)
+                r, win, noise = measured(srv, lambda: lg(srv.port, protocol="http", connections=64,
+                                                         duration=a.duration, warmup=1.0), 1.0)
                 w_rps.append(w["rps"] or 0.0)
                 l_rps.append(r.rps)
-                runs.append({"wrk": w, "loadgen": summary(r, scpu, noise)})
+                runs.append({"wrk": w, "loadgen": summary(r, win, noise)})
             wm, lm = statistics.median(w_rps), statistics.median(l_rps)
             diff = (lm - wm) / wm * 100 if wm else None
             wc = statistics.median(x["wrk"]["client_cpu_us_per_req"] or 0 for x in runs)
@@ -215,25 +156,26 @@ def step_wrk(a) -> list[dict]:
     return out
 
 
-def step_capacity(a) -> list[dict]:
+def step_capacity(a, folder) -> list[dict]:
     out = []
-    with Server("native", "echo", ["--message-size", "64"]) as srv:
-        for conns, depth in ((16, 1), (256, 1), (16, 4), (16, 16), (256, 4), (16, 64)):
-            r, scpu, noise = measured(srv, lambda: lg(srv.port, size=64, connections=conns,
-                                                      depth=depth, duration=a.duration, warmup=1.0))
-            d = summary(r, scpu, noise)
+    with serving("native", "echo", folder, ["--message-size", "64"]) as srv:
+        for conns, depth in a.capacity_configs:
+            r, win, noise = measured(srv, lambda: lg(srv.port, size=64, connections=conns,
+                                                     depth=depth, duration=a.duration, warmup=1.0),
+                                     1.0)
+            d = summary(r, win, noise)
             d.update(connections=conns, depth=depth)
             print(f"capacity c{conns:<3} depth {depth:<2}: {r.rps:9.0f} req/s, client "
                   f"{r.client_cpu_us_per_req:.2f} µs/req, server "
                   f"{d.get('server_cpu_us_per_req')} µs/req, p50 {r.latency['p50']:.0f} µs, "
-                  f"steal {noise['steal']}", flush=True)
+                  f"steal {noise['steal_max']:.3f}{' NOISY' if noise['noisy'] else ''}", flush=True)
             out.append(d)
     return out
 
 
-def step_open_loop(a, capacity_rps: float) -> list[dict]:
+def step_open_loop(a, folder, capacity_rps: float) -> list[dict]:
     out = []
-    with Server("native", "echo", ["--message-size", "64"]) as srv:
+    with serving("native", "echo", folder, ["--message-size", "64"]) as srv:
         r1 = lg(srv.port, size=64, connections=1, duration=a.duration, warmup=1.0)
         d = summary(r1)
         d.update(kind="closed depth 1, 1 connection")
@@ -269,31 +211,31 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeat", type=int, default=3, help="wrk/loadgen pairs per backend")
     p.add_argument("--out", default="results", help="parent folder of the run folder")
     p.add_argument("--steps", default="echo,wrk,capacity,open")
+    p.add_argument("--capacity-configs", default="16x1,256x1,16x4,16x16,256x4,16x64",
+                   type=lambda text: [tuple(int(x) for x in item.split("x")) for item in text.split(",")],
+                   help="capacity step: CONNECTIONSxDEPTH,...")
     a = p.parse_args(argv)
     if len(os.sched_getaffinity(0)) < 2:
         print("needs two CPUs (server on 0, client on 1)", file=sys.stderr)
         return 2
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    folder = os.path.join(a.out, f"{stamp}-validate_loadgen")
-    os.makedirs(folder, exist_ok=True)
-    meta = metadata(argv)
-    with open(os.path.join(folder, "metadata.json"), "w") as f:
-        json.dump(meta, f, indent=1)
+    folder = result_dir("validate_loadgen", a.out, extra={
+        "wrk": shutil.which("wrk"), "server_cpu": SERVER_CPU, "client_cpu": CLIENT_CPU})
     steps = a.steps.split(",")
     results: dict = {}
-    if "echo" in steps:
-        results["echo_sizes"] = step_echo_sizes(a)
-    if "wrk" in steps:
-        if shutil.which("wrk"):
-            results["wrk_vs_loadgen"] = step_wrk(a)
-        else:
-            print("wrk not installed: skipping the cross-check", file=sys.stderr)
-    cap = 0.0
-    if "capacity" in steps:
-        results["capacity"] = step_capacity(a)
-        cap = results["capacity"][0]["rps"]
-    if "open" in steps:
-        results["open_loop"] = step_open_loop(a, cap)
+    with bench_lock():  # the same lock flock(1) takes: never two benchmarks
+        if "echo" in steps:
+            results["echo_sizes"] = step_echo_sizes(a, folder)
+        if "wrk" in steps:
+            if shutil.which("wrk"):
+                results["wrk_vs_loadgen"] = step_wrk(a, folder)
+            else:
+                print("wrk not installed: skipping the cross-check", file=sys.stderr)
+        cap = 0.0
+        if "capacity" in steps:
+            results["capacity"] = step_capacity(a, folder)
+            cap = results["capacity"][0]["rps"]
+        if "open" in steps:
+            results["open_loop"] = step_open_loop(a, folder, cap)
     for name, data in results.items():
         with tempfile.NamedTemporaryFile("w", dir=folder, delete=False, suffix=".tmp") as f:
             json.dump(data, f, indent=1)

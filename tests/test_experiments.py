@@ -79,3 +79,21 @@ def test_bench_uring_smoke(tmp_path):
     for r in data["runs"]:
         assert r["errors"] == 0 and r["requests"] > 0 and r["cpu_us_per_req"] > 0
     assert (run_dir / "pyperf.json").exists()
+
+
+def test_validate_loadgen_smoke(tmp_path):
+    from parallelnet.experiments import validate_loadgen
+
+    args = ["--steps", "echo,capacity", "--capacity-configs", "16x1", "--duration", "2",
+            "--short", "0.5", "--out", str(tmp_path)]
+    if len(os.sched_getaffinity(0)) < 2:  # server and client need a CPU each: a clear refusal
+        assert validate_loadgen.main(args) == 2
+        return
+    assert validate_loadgen.main(args) == 0
+    (run_dir,) = tmp_path.iterdir()
+    sizes = json.loads((run_dir / "echo_sizes.json").read_text())
+    assert [r["size"] for r in sizes] == [1, 64, 65536, 4 << 20]
+    assert all(r["byte_exact"] for r in sizes)
+    (cap,) = json.loads((run_dir / "capacity.json").read_text())
+    assert cap["errors"] == 0 and cap["server_cpu_us_per_req"] > 0
+    assert isinstance(cap["noisy"], bool)
