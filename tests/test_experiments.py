@@ -50,6 +50,14 @@ def test_noise_probe_reports_every_cpu():
     for cpu in out["per_cpu"].values():
         assert 0.0 <= cpu["busy"] <= 1.0 and 0.0 <= cpu["steal"] <= 1.0
     assert isinstance(out["noisy"], bool)
+    assert out["others_cpu"] >= 0 and out["kthreads_cpu"] >= 0
+
+
+def test_noise_counts_our_descendants_as_ours():
+    from parallelnet.experiments.harness import _descendants
+
+    procs = {1: (0, 0, 0), 10: (1, 0, 5), 11: (10, 0, 5), 12: (11, 0, 5), 20: (1, 0, 5)}
+    assert _descendants([10], procs) == {10, 11, 12}
 
 
 def test_accept_experiment_smoke(tmp_path):
