@@ -56,6 +56,11 @@ def bench_uring(results: str, tables: dict, values: dict) -> None:
         values[f"bench_uring.{r['backend']}.c{r['connections']}.vs_epoll"] = fmt(r.get("vs_epoll"))
         values[f"bench_uring.{r['backend']}.c{r['connections']}.cpu"] = fmt(r["cpu_us_per_req"])
         values[f"bench_uring.{r['backend']}.c{r['connections']}.user"] = fmt(r["user_us"])
+        values[f"bench_uring.{r['backend']}.c{r['connections']}.sys"] = fmt(r["sys_us"])
+        values[f"bench_uring.{r['backend']}.c{r['connections']}.entries"] = fmt(r.get("entries_per_req"), ".3f")
+    ratios = [r["vs_epoll"] for r in data["summary"] if r["backend"] == "uring" and r.get("vs_epoll")]
+    values["bench_uring.target"] = ("was met" if ratios and max(ratios) <= 0.80 else
+                                    "was not met" if ratios else "could not be judged")
     noisy = sum(1 for r in data["runs"] if r.get("noisy"))
     meta = data.get("meta", {})
     values["bench_uring.cffi_call_ns"] = fmt(meta.get("micro", {}).get("cffi_call_ns"), ".0f")
@@ -86,6 +91,8 @@ def accept(results: str, tables: dict, values: dict) -> None:
         values[key + ".lost"] = fmt(r["lost_per_accept"], ".3f")
         values[key + ".jain"] = fmt(r["jain"], ".3f")
         values[key + ".share_w0"] = f"{100 * r['share_w0']:.0f}%"
+        values[key + ".rate"] = f"{r['conn_rate'] / 1e3:.1f}k"
+        values[key + ".p99"] = f"{r['p99_us'] / 1e3:.1f} ms"
     meta = {}
     meta_path = os.path.join(ROOT, run_dir, "meta.json")
     if os.path.exists(meta_path):
