@@ -186,7 +186,9 @@ def step_open_loop(a, folder, capacity_rps: float) -> list[dict]:
         d.update(kind="closed depth 1, 16 connections")
         out.append(d)
         print(f"closed c16 d1: {r16.rps:.0f} req/s, p50 {r16.latency['p50']:.1f} µs", flush=True)
-        cap = capacity_rps or r16.rps
+        # "Above capacity" must be above it: the larger of the two closed-loop measurements
+        # (a transiently slow capacity run must not turn 2x into a rate the server can meet).
+        cap = max(capacity_rps, r16.rps)
         for frac in (0.1, 0.25, 2.0):
             rate = round(cap * frac, -2)
             r = lg(srv.port, size=64, connections=16, mode="open", rate=rate,
