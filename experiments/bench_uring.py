@@ -125,9 +125,11 @@ def main(argv=None) -> int:
                         "'fixed=uring:--uring-fixed-files'")
     p.add_argument("--size", type=int, default=64, help="echo message size (bytes)")
     p.add_argument("--out", default="results")
+    p.add_argument("--name", default="bench_uring",
+                   help="results folder suffix (e.g. bench_uring-options for a variants study)")
     args = p.parse_args(argv)
 
-    outdir = result_dir("bench_uring", args.out)
+    outdir = result_dir(args.name, args.out)
     configs = [(b, b, []) for b in args.backends] + [parse_variant(v) for v in args.variants]
     labels = [c[0] for c in configs]
     if len(set(labels)) != len(labels):
