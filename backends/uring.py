@@ -108,7 +108,7 @@ SETUP_FLAG_NAMES = (
 EXTRA_STATS = ("entries", "sqes", "cqes", "enobufs", "cq_overflows", "cq_dropped",
                "zc_sends", "copied_sends", "partial_sends", "recv_arms", "accept_errors",
                "accept_backoffs", "max_pending", "handoffs", "handoff_lost", "handoff_wakeups",
-               "fixed_files", "sendzc_ops", "sendzc_notifs")
+               "fixed_files", "sendzc_ops", "sendzc_notifs", "idle_trims")
 SWEEP_MAX = 4096   # connections closed per timer sweep at most (the rest: next tick)
 
 

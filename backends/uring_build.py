@@ -42,7 +42,8 @@ struct uc_stats {
     uint64_t entries, sqes, cqes, waits, enobufs, cq_overflows, cq_dropped, bytes_in, bytes_out,
              accept_cqes, accepted, accept_eagain, accept_errors, refused, backpressure,
              zc_sends, copied_sends, recv_arms, partial_sends, accept_backoffs, max_pending,
-             handoffs, handoff_lost, handoff_wakeups, fixed_files, sendzc_ops, sendzc_notifs;
+             handoffs, handoff_lost, handoff_wakeups, fixed_files, sendzc_ops, sendzc_notifs,
+             idle_trims;
 };
 struct uc_config {
     unsigned entries, nbufs, bufsize, max_conns, setup_flags;

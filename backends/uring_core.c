@@ -35,6 +35,7 @@
 #include <unistd.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
 
@@ -148,12 +149,14 @@ enum { B_RING = 0, B_LENT, B_PINNED, B_FREE };
 #define BGID 1
 #define MAX_LISTENERS 8
 #define DRAIN_READS 64
+#define IDLE_TRIM_MS 100            /* no connection for this long: give pool pages back */
 
 struct uc_stats {
     uint64_t entries, sqes, cqes, waits, enobufs, cq_overflows, cq_dropped, bytes_in, bytes_out,
              accept_cqes, accepted, accept_eagain, accept_errors, refused, backpressure,
              zc_sends, copied_sends, recv_arms, partial_sends, accept_backoffs, max_pending,
-             handoffs, handoff_lost, handoff_wakeups, fixed_files, sendzc_ops, sendzc_notifs;
+             handoffs, handoff_lost, handoff_wakeups, fixed_files, sendzc_ops, sendzc_notifs,
+             idle_trims;
 };
 
 struct uc_config {
@@ -203,6 +206,8 @@ struct uc_core {
     int32_t *ev; int nev, evcap, evret;
     int64_t now_ms;                 /* CLOCK_MONOTONIC, read once per uc_wait (vDSO, no syscall) */
     uint64_t freed_copies;          /* bytes of copied output freed since the last malloc_trim */
+    int pool_dirty;                 /* the kernel (or a drain read) wrote the pool since the last trim */
+    int64_t idle_since_ms;          /* when nconns last became 0; -1: connections open */
     unsigned backoff_ms;
 };
 typedef struct uc_core uc_core;
@@ -345,6 +350,7 @@ static void conn_open(uc_core *c, int fd)
     }
     int id = c->freelist[--c->nfree];
     struct conn *k = &c->conns[id];
+    c->idle_since_ms = -1;
     memset(k, 0, sizeof *k);
     k->fd = fd; k->used = 1; k->reading = 1; k->last_ms = c->now_ms;
     int one = 1;
@@ -433,7 +439,7 @@ static void on_cqe(uc_core *c, struct io_uring_cqe *q)
         struct conn *k = &c->conns[id];
         if (q->flags & IORING_CQE_F_BUFFER) {
             int bid = q->flags >> IORING_CQE_BUFFER_SHIFT;
-            c->ring_free--;
+            c->ring_free--; c->pool_dirty = 1;
             if (res > 0 && !k->dead && !k->closing) {
                 k->last_ms = c->now_ms;
                 c->bstate[bid] = B_LENT; c->lent[c->nlent++] = bid;
@@ -527,6 +533,7 @@ static uc_core *uc_new(const struct uc_config *cfg, int *err)
     if (!c->cfg.accept_backoff_ms) c->cfg.accept_backoff_ms = 50;
     c->backoff_ms = c->cfg.accept_backoff_ms;
     c->now_ms = mono_ms();
+    c->idle_since_ms = -1;
     /* Strongest first: one issuer thread + task work deferred to our own wait is the
      * cheapest (no IPIs, completions run when we ask); COOP avoids interrupting us;
      * plain works everywhere.  cfg.setup_flags != 0 forces one set (for experiments). */
@@ -606,6 +613,7 @@ static int drain_reads(uc_core *c)
                 if (c->bstate[b] == B_FREE) { bid = (int)b; break; }
             if (bid < 0) return 1;  /* Python holds them all: continue next batch */
             ssize_t r = recv(k->fd, c->pool + (size_t)bid * c->cfg.bufsize, c->cfg.bufsize, MSG_DONTWAIT);
+            c->pool_dirty = 1;
             if (r > 0) {
                 c->bstate[bid] = B_LENT; c->lent[c->nlent++] = bid; c->st.bytes_in += r;
                 emit(c, EV_DATA, id, bid, (int)r);
@@ -620,6 +628,24 @@ static int drain_reads(uc_core *c)
         if (k->drain_read) { k->drain_read = 0; emit(c, EV_DRAINED, id, 0, 0); }  /* read enough */
     }
     return 0;
+}
+
+/* The provided-buffer pool is a FIFO ring: the kernel hands out every buffer in turn,
+ * and one large read dirties all of a buffer's pages, so under varied traffic the
+ * pool's RSS climbs to its full size (nbufs x bufsize per worker) and, being one
+ * allocation that is never freed, stays there.  With no connection left no recv is
+ * in the kernel (a slot is released only after its last CQE) and Python holds no
+ * buffer (lent ones were recycled at the top of uc_wait), so nothing can read or
+ * write the pool: its pages go back to the OS (they come back zero-filled on the
+ * next write), and glibc's free heap with them. */
+static void pool_trim(uc_core *c)
+{
+    size_t len = c->pool_size & ~(size_t)(sysconf(_SC_PAGESIZE) - 1);  /* pool is page-aligned */
+    if (len) madvise(c->pool, len, MADV_DONTNEED);
+    malloc_trim(0);
+    c->freed_copies = 0;
+    c->pool_dirty = 0;
+    c->st.idle_trims++;
 }
 
 /* One loop iteration: return the previous batch's buffers, submit, wait (GIL released),
@@ -660,6 +686,17 @@ static int uc_wait(uc_core *c, int timeout_ms)
     /* A slow reader's backlog of copied output, once freed, is handed back to the OS
      * (glibc keeps freed heap otherwise): RSS returns to its level after the fault. */
     if (c->freed_copies > (1u << 20)) { c->freed_copies = 0; malloc_trim(0); }
+
+    /* Idle trim: IDLE_TRIM_MS after the last connection closed (not on every dip to
+     * zero under churn), the pool's pages are handed back; the wait is bounded so that
+     * an idle worker still gets there. */
+    if (c->nconns == 0 && c->pool_dirty && !c->draining && !c->cfg.raw) {
+        int64_t now = mono_ms();
+        if (c->idle_since_ms < 0) c->idle_since_ms = now;
+        int64_t left = c->idle_since_ms + IDLE_TRIM_MS - now;
+        if (left <= 0) pool_trim(c);
+        else if (timeout_ms < 0 || left < timeout_ms) timeout_ms = (int)left;
+    }
 
     int busy = c->nev > 0 || p_io_uring_cq_ready(RING(c)) > 0;
     if (c->draining) busy |= drain_reads(c) || c->nev > 0;

@@ -88,7 +88,8 @@ class Soak:
 
     def latest(self) -> dict:
         with open(self.stats_path) as f:
-            recs = [json.loads(x) for x in f if x.strip()]
+            # A line without its newline is still being written: skip it.
+            recs = [json.loads(x) for x in f if x.endswith("\n") and x.strip()]
         return recs[-1] if recs else {}
 
     def wait_quiet(self, timeout: float) -> bool:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
@@ -206,3 +207,72 @@ def test_dispatch_counts_handoffs_not_races(backend, tmp_path):
     for w in workers:
         assert w["extra"]["handoffs"] == w["accepted"]
         assert (w["listen_wakeups"], w["lost_races"]) == (0, 0)
+
+
+def _rss_anon_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1])
+    raise AssertionError("no RssAnon in /proc/PID/status")
+
+
+def _wait_rss_settles(srv, timeout: float = 5.0) -> int:
+    """RssAnon once it has stopped falling (the idle trim runs shortly after the last close)."""
+    deadline = time.monotonic() + timeout
+    last = _rss_anon_kib(srv.proc.pid)
+    while time.monotonic() < deadline:
+        time.sleep(0.4)
+        now = _rss_anon_kib(srv.proc.pid)
+        if now >= last - 64:
+            return now
+        last = now
+    return last
+
+
+def test_idle_worker_gives_provided_buffer_pages_back(tmp_path):
+    """The provided-buffer pool (1024 x 16 KiB per worker) is a FIFO ring: over time
+    every buffer is handed out, and a large read dirties all of its pages, so the
+    pool's RSS climbs towards its full size and stayed there (the 60 s soak saw
+    34 -> 61 MiB).  Once a worker has no connection left, its idle trim must hand
+    those pages back (MADV_DONTNEED): RSS returns to the level it started at."""
+    require_backend("uring")
+    srv = _serve(tmp_path, "uring")
+    try:
+        warm = _hold_connections(srv, 4)
+        for s in warm:
+            s.close()
+        rss0 = _wait_rss_settles(srv)
+        # 4 connections x 8 MiB of echo in 256 KiB writes: every provided buffer of
+        # both workers is used (the ring has 1024 each) and most are filled whole.
+        n, chunk, rounds = 4, 256 * 1024, 32
+        payload = bytes(range(256)) * (chunk // 256)
+        socks = [srv.connect(timeout=20) for _ in range(n)]
+        got = [0] * n
+
+        def reader(i):
+            want = chunk * rounds
+            while got[i] < want:
+                data = socks[i].recv(1 << 20)
+                if not data:
+                    break
+                got[i] += len(data)
+
+        readers = [threading.Thread(target=reader, args=(i,)) for i in range(n)]
+        for t in readers:
+            t.start()
+        for _ in range(rounds):
+            for s in socks:
+                s.sendall(payload)
+        for t in readers:
+            t.join(30)
+        for s in socks:
+            s.close()
+        assert got == [chunk * rounds] * n
+        rss1 = _wait_rss_settles(srv)
+        # Without the trim: about +2 x 16 MiB (the two pools, fully dirtied).
+        assert rss1 - rss0 < 4 * 1024, (rss0, rss1)
+        assert srv.alive()
+    finally:
+        final = srv.stop()
+    assert final["clean"]
