@@ -133,10 +133,10 @@ def validate_loadgen(results: str, tables: dict, values: dict) -> None:
     for r in load("capacity"):
         spec = r["spec"]
         rows.append([str(spec["connections"]), str(spec["depth"]), f"{r['rps'] / 1e3:.0f}k",
-                     fmt(r["client_cpu_us_per_req"]), fmt(r.get("p50_us"), ".0f"),
-                     fmt(r.get("p99_us"), ".0f")])
+                     fmt(r["client_cpu_us_per_req"]), fmt(r.get("server_cpu_us_per_req")),
+                     fmt(r.get("p50_us"), ".0f"), fmt(r.get("p99_us"), ".0f")])
     tables["validate_capacity"] = (md_table(["connections", "depth", "req/s", "client CPU µs/req",
-                                             "p50 µs", "p99 µs"], rows)
+                                             "server CPU µs/req", "p50 µs", "p99 µs"], rows)
                                    + f"\n\n*Source: `{rel}` — 64 B echo against `native`.*")
     rows = []
     for r in load("open_loop"):
