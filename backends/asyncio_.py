@@ -82,7 +82,7 @@ import time
 
 from parallelnet.backends.base import (
     ACCEPT_BACKOFF_MAX, ACCEPT_RESOURCE_ERRORS, DISPATCH, REUSEPORT, SHARED, Availability,
-    Backend,
+    Backend, accept_pending,
 )
 from parallelnet.core.dispatch import HANDOFF_BATCH, receive_handoffs
 
@@ -419,25 +419,12 @@ class AsyncioBackend(Backend):
         pause the listener with a doubling back-off (readiness.py's semantics)."""
         st = self.ctx.stats
         st.listen_wakeups += 1
-        won = 0
-        while True:
-            try:
-                conn, _ = lsock.accept()
-            except BlockingIOError:
-                break
-            except InterruptedError:
-                continue
-            except OSError as exc:
-                st.extra["accept_errors"] += 1
-                if exc.errno in ACCEPT_RESOURCE_ERRORS:
-                    self._pause_listener(lsock, exc)
-                    break
-                if exc.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
-                    continue
-                log.warning("worker %d: accept failed: %s", self.ctx.index, exc)
-                break
-            won += 1
+        accepted, exhausted = accept_pending(lsock, st.extra, f"worker {self.ctx.index}")
+        for conn, _ in accepted:
             self._adopt(conn)
+        if exhausted is not None:
+            self._pause_listener(lsock, exhausted)
+        won = len(accepted)
         if won:
             self.backoff = self.ctx.limits.accept_backoff
             self.backing_off = False

@@ -55,6 +55,8 @@ from __future__ import annotations
 
 import abc
 import argparse
+import errno
+import logging
 import os
 import socket
 from dataclasses import dataclass, field
@@ -109,8 +111,38 @@ class Limits:
 
 #: errno values of accept(2) that mean "out of a resource", not "this connection failed":
 #: retrying at once would fail again, so the listener is paused and retried after a back-off.
-ACCEPT_RESOURCE_ERRORS = frozenset({24, 23, 105, 12})   # EMFILE, ENFILE, ENOBUFS, ENOMEM
+ACCEPT_RESOURCE_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 ACCEPT_BACKOFF_MAX = 1.0
+#: accept(2) errors that lose one connection (the peer gave up in the queue...), not the listener.
+_ACCEPT_ONE_LOST = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM})
+
+_accept_log = logging.getLogger("parallelnet.worker")
+
+
+def accept_pending(lsock: socket.socket, extra: dict, who: str
+                   ) -> tuple[list[tuple[socket.socket, object]], OSError | None]:
+    """Accept until EAGAIN (the seed's rule), for loops that accept themselves.
+
+    Returns the (socket, peer) pairs accepted and, when accept failed for want of fds or
+    memory, that error: the caller must pause the listener, since retrying at once would
+    fail at once (a level-triggered loop would spin).  Every failure is counted in
+    ``extra["accept_errors"]``.
+    """
+    accepted = []
+    while True:
+        try:
+            accepted.append(lsock.accept())
+        except BlockingIOError:
+            return accepted, None
+        except InterruptedError:
+            continue
+        except OSError as exc:
+            extra["accept_errors"] += 1
+            if exc.errno in ACCEPT_RESOURCE_ERRORS:
+                return accepted, exc
+            if exc.errno not in _ACCEPT_ONE_LOST:
+                _accept_log.warning("%s: accept failed: %s", who, exc)
+                return accepted, None
 
 
 class StopSignal:

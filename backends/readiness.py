@@ -47,15 +47,14 @@ Faults and limits (docs/faults.md):
 from __future__ import annotations
 
 import abc
-import errno
 import logging
 import socket
 import time
 from typing import ClassVar
 
 from parallelnet.backends.base import (
-    ACCEPT_BACKOFF_MAX, ACCEPT_RESOURCE_ERRORS, DISPATCH, EXCLUSIVE, EXCLUSIVE_ROTATE, REUSEPORT,
-    ROTATE_EVERY, SHARED, Backend,
+    ACCEPT_BACKOFF_MAX, DISPATCH, EXCLUSIVE, EXCLUSIVE_ROTATE, REUSEPORT,
+    ROTATE_EVERY, SHARED, Backend, accept_pending,
 )
 from parallelnet.core.dispatch import HANDOFF_BATCH, receive_handoffs
 
@@ -267,27 +266,12 @@ class ReadinessLoop(Backend):
             return self._take_handoffs()
         stats = self.ctx.stats
         stats.listen_wakeups += wakeup
-        won = 0
-        while True:
-            try:
-                sock, peer = lsock.accept()
-            except BlockingIOError:
-                break
-            except InterruptedError:
-                continue
-            except OSError as exc:
-                # EMFILE/ENFILE/ENOBUFS/ENOMEM: pause and back off; ECONNABORTED/EPROTO
-                # (the peer gave up in the queue): that one connection only.  Counted.
-                stats.extra["accept_errors"] += 1
-                if exc.errno in ACCEPT_RESOURCE_ERRORS:
-                    self._pause_listener(lsock, exc)
-                    break
-                if exc.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
-                    continue
-                log.warning("worker %d: accept failed: %s", self.ctx.index, exc)
-                break
-            won += 1
+        accepted, exhausted = accept_pending(lsock, stats.extra, f"worker {self.ctx.index}")
+        for sock, peer in accepted:
             self._add_connection(sock, peer)
+        if exhausted is not None:
+            self._pause_listener(lsock, exhausted)
+        won = len(accepted)
         if won:
             self._backoff = self.ctx.limits.accept_backoff
             if self._rotate_every and wakeup:

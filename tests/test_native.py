@@ -170,22 +170,6 @@ def test_native_runs_python_protocols_through_callbacks(tmp_path):
     assert final["clean"]
 
 
-def test_native_refuses_over_max_connections(tmp_path):
-    require_backend("native")
-    srv = start_server(tmp_path, "--backend", "native", "--workers", "1", "--max-connections", "2")
-    socks = [srv.connect() for _ in range(2)]
-    for s in socks:
-        s.sendall(b"x")
-        assert recv_exactly(s, 1) == b"x"
-    extra = srv.connect()
-    assert recv_until_eof(extra) == b""
-    extra.close()
-    for s in socks:
-        s.close()
-    final = srv.stop()
-    assert final["workers"][0]["refused"] == 1
-
-
 @pytest.mark.parametrize("backend", ["asyncio", "uvloop"])
 def test_asyncio_family_counts(backend, tmp_path):
     require_backend(backend)
