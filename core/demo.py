@@ -11,28 +11,15 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
-import time
 
 from parallelnet.core.client import run_clients
 from parallelnet.core.cpus import allowed_cpus
+from parallelnet.core.launch import spawn_server
 
 
 def start_server(extra: list[str], timeout: float = 10.0) -> tuple[subprocess.Popen, str, int]:
     """Start ``parallelnet serve --port 0 …``; return the process and the address it printed."""
-    cmd = [sys.executable, "-m", "parallelnet.core.cli", "serve", "--port", "0", *extra]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        if line.startswith("listening on "):
-            host, _, port = line.split()[-1].rpartition(":")
-            return proc, host, int(port)
-    proc.kill()
-    _, err = proc.communicate()
-    raise RuntimeError(f"server did not start: {err.strip()}")
+    return spawn_server(extra, timeout=timeout)
 
 
 def stop_server(proc: subprocess.Popen, timeout: float = 15.0) -> str:

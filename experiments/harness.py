@@ -26,6 +26,8 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+from parallelnet.core.launch import spawn_server
+
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 LOCK_PATH = "/tmp/bench.lock"
 NOISE_LIMIT = 0.05  # steal or others' CPU above 5% of one CPU over the window: noisy
@@ -184,22 +186,11 @@ class ServerHandle:
 def start_server(args: list[str], stats_path: str, cpus: set[int] | None = None,
                  interval: float = 0.25, timeout: float = 15.0) -> ServerHandle:
     """``parallelnet serve --port 0 --stats-json PATH --stats-interval S ARGS``."""
-    cmd = [sys.executable, "-m", "parallelnet.core.cli", "serve", "--port", "0",
-           "--stats-json", stats_path, "--stats-interval", str(interval), *args]
     allowed = cpus or set(range(os.cpu_count() or 1))
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            preexec_fn=lambda: os.sched_setaffinity(0, allowed))
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        if line.startswith("listening on "):
-            host, _, port = line.split()[-1].rpartition(":")
-            return ServerHandle(proc, host, int(port), stats_path, time.monotonic())
-    proc.kill()
-    out, _ = proc.communicate()
-    raise RuntimeError(f"server {args} did not start:\n{out}")
+    proc, host, port = spawn_server(
+        ["--stats-json", stats_path, "--stats-interval", str(interval), *args],
+        merge_stderr=True, timeout=timeout, preexec_fn=lambda: os.sched_setaffinity(0, allowed))
+    return ServerHandle(proc, host, port, stats_path, time.monotonic())
 
 
 def read_records(stats_path: str) -> list[dict]:

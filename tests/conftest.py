@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from parallelnet.backends.base import registry
+from parallelnet.core.launch import spawn_server
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 BACKENDS = registry()
@@ -74,21 +75,12 @@ def start_server(tmp_path, *args: str, timeout: float = 15.0,
                  env: dict | None = None) -> ServerProc:
     """``parallelnet serve --port 0 --stats-json … ARGS`` as a subprocess."""
     stats_path = str(tmp_path / f"stats-{time.monotonic_ns()}.jsonl")
-    cmd = [sys.executable, "-m", "parallelnet.core.cli", "serve", "--port", "0",
-           "--stats-json", stats_path, *args]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        if line.startswith("listening on "):
-            host, _, port = line.split()[-1].rpartition(":")
-            return ServerProc(proc, host, int(port), stats_path, list(args))
-    proc.kill()
-    out, err = proc.communicate()
-    raise AssertionError(f"server {args} did not start:\n{out}\n{err}")
+    try:
+        proc, host, port = spawn_server(["--stats-json", stats_path, *args], env=env,
+                                        timeout=timeout)
+    except RuntimeError as exc:
+        raise AssertionError(str(exc)) from None
+    return ServerProc(proc, host, port, stats_path, list(args))
 
 
 @pytest.fixture
