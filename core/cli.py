@@ -22,7 +22,7 @@ import time
 from parallelnet.backends.base import REUSEPORT, SHARED, BackendError, Limits, registry
 from parallelnet.core.cpus import parse_cpu_list
 from parallelnet.core.dispatch import POLICIES
-from parallelnet.core.listeners import STRATEGIES, is_loopback
+from parallelnet.core.listeners import STRATEGIES, is_loopback, layout_of
 from parallelnet.core.protocols import PROTOCOLS
 from parallelnet.core.server import MODES, Server, ServerConfig
 from parallelnet.core.stats import Fairness, format_table
@@ -239,14 +239,13 @@ def cmd_backends(args: argparse.Namespace) -> int:
         avail = cls.probe()
         status = "available" if avail else "unavailable"
         why = avail.reason if not avail else avail.detail
-        strategies = ",".join(sorted(getattr(cls, "accept_strategies", ())))
+        served = getattr(cls, "accept_strategies", ())
+        strategies = ",".join(s for s in STRATEGIES if layout_of(s) in served)
         rows.append((name, status, strategies, cls.description, why))
     w = max(len(r[0]) for r in rows)
     for name, status, strategies, desc, why in rows:
-        line = f"{name:<{w}}  {status:<11}  accept={strategies:<26} {desc}"
-        if why:
-            line += f"  [{why}]"
-        print(line)
+        print(f"{name:<{w}}  {status:<11}  {desc}" + (f"  [{why}]" if why else ""))
+        print(f"{'':<{w}}  {'':<11}  accept: {strategies}")
     return 0
 
 
