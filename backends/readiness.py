@@ -525,7 +525,10 @@ class ReadinessLoop(Backend):
             self._close(conn)
 
     def _read_remaining(self, conn: Connection, max_reads: int = 64) -> None:
-        """Read what the kernel already holds (bounded), so those requests get answers."""
+        """Read what the kernel already holds (bounded), so those requests get answers.
+
+        The drain's bounded twin of ``_on_readable``, kept apart so the per-event path
+        carries no read counter."""
         recv = conn.sock.recv
         for _ in range(max_reads):
             if not conn.reading:

@@ -648,6 +648,23 @@ static void pool_trim(uc_core *c)
     c->st.idle_trims++;
 }
 
+/* The one kernel entry per loop iteration: submit what is queued and, unless timeout_ms
+ * is 0, wait for at least one completion (timeout_ms < 0: no limit).  Counted. */
+static int submit_and_wait(uc_core *c, int timeout_ms)
+{
+    int r;
+    if (timeout_ms == 0) r = p_io_uring_submit_and_get_events(RING(c));
+    else if (timeout_ms < 0) r = p_io_uring_submit_and_wait(RING(c), 1);
+    else {
+        struct __kernel_timespec ts = { timeout_ms / 1000, (long long)(timeout_ms % 1000) * 1000000 };
+        struct io_uring_cqe *unused;
+        r = p_io_uring_submit_and_wait_timeout(RING(c), &unused, 1, &ts, NULL);
+    }
+    c->st.entries++; c->st.waits++;
+    if (r > 0) c->st.sqes += r;
+    return r;
+}
+
 /* One loop iteration: return the previous batch's buffers, submit, wait (GIL released),
  * reap, and leave a batch of application events in c->ev.  timeout_ms < 0: no limit. */
 static int uc_wait(uc_core *c, int timeout_ms)
@@ -700,16 +717,7 @@ static int uc_wait(uc_core *c, int timeout_ms)
 
     int busy = c->nev > 0 || p_io_uring_cq_ready(RING(c)) > 0;
     if (c->draining) busy |= drain_reads(c) || c->nev > 0;
-    int r;
-    if (busy || timeout_ms == 0) r = p_io_uring_submit_and_get_events(RING(c));
-    else if (timeout_ms < 0) r = p_io_uring_submit_and_wait(RING(c), 1);
-    else {
-        struct __kernel_timespec ts = { timeout_ms / 1000, (long long)(timeout_ms % 1000) * 1000000 };
-        struct io_uring_cqe *unused;
-        r = p_io_uring_submit_and_wait_timeout(RING(c), &unused, 1, &ts, NULL);
-    }
-    c->st.entries++; c->st.waits++;
-    if (r > 0) c->st.sqes += r;
+    int r = submit_and_wait(c, busy ? 0 : timeout_ms);
     if (r == -EBADR) c->st.cq_dropped++;  /* the kernel had to drop CQEs (out of memory) */
     c->now_ms = mono_ms();
 
@@ -922,16 +930,7 @@ static void uc_raw_recycle(uc_core *c, int bid) { buf_recycle(c, bid); }
 static int uc_raw_wait(uc_core *c, int timeout_ms, uint64_t *ud, int32_t *res, uint32_t *fl, int max)
 {
     if (c->br_pending) { p_io_uring_buf_ring_advance(c->br, c->br_pending); c->br_pending = 0; }
-    int r;
-    if (p_io_uring_cq_ready(RING(c)) || timeout_ms == 0) r = p_io_uring_submit_and_get_events(RING(c));
-    else if (timeout_ms < 0) r = p_io_uring_submit_and_wait(RING(c), 1);
-    else {
-        struct __kernel_timespec ts = { timeout_ms / 1000, (long long)(timeout_ms % 1000) * 1000000 };
-        struct io_uring_cqe *unused;
-        r = p_io_uring_submit_and_wait_timeout(RING(c), &unused, 1, &ts, NULL);
-    }
-    c->st.entries++; c->st.waits++;
-    if (r > 0) c->st.sqes += r;
+    int r = submit_and_wait(c, p_io_uring_cq_ready(RING(c)) ? 0 : timeout_ms);
     struct io_uring_cqe *cqes[256];
     int got = 0;
     while (got < max) {
