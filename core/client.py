@@ -169,3 +169,34 @@ def run_clients(host: str, port: int, *, connections: int = 16, mode: str = "kee
     sel.close()
     res.elapsed = time.monotonic() - start
     return res
+
+
+def read_http_responses(sock: socket.socket, count: int) -> list[tuple[int, bytes, bytes]]:
+    """Read up to ``count`` responses framed by Content-Length: (status, head, body) each.
+
+    Stops early at EOF and returns what arrived; the caller decides whether fewer is an error.
+    """
+    buf = b""
+    out: list[tuple[int, bytes, bytes]] = []
+    while len(out) < count:
+        end = buf.find(b"\r\n\r\n")
+        if end < 0:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            buf += chunk
+            continue
+        head = buf[:end]
+        length = 0
+        for line in head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value)
+        while len(buf) < end + 4 + length:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return out
+            buf += chunk
+        out.append((int(head.split(b" ", 2)[1]), head, buf[end + 4:end + 4 + length]))
+        buf = buf[end + 4 + length:]
+    return out

@@ -34,6 +34,8 @@ import threading
 import time
 from collections import Counter
 
+from parallelnet.core.client import read_http_responses, run_clients
+
 GET = b"GET / HTTP/1.1\r\nHost: soak\r\n\r\n"
 BODY = b"Hello, World!"
 RSS_MARGIN_KB = 8 * 1024      # RSS may settle this much above the start (allocator caches)
@@ -110,33 +112,13 @@ class Soak:
 
     def read_responses(self, s: socket.socket, n: int) -> int:
         """Read n responses; count mismatches; return how many arrived."""
-        buf, got = b"", 0
-        while got < n:
-            end = buf.find(b"\r\n\r\n")
-            if end < 0:
-                chunk = s.recv(1 << 16)
-                if not chunk:
-                    break
-                buf += chunk
-                continue
-            head = buf[:end]
-            length = 0
-            for line in head.split(b"\r\n")[1:]:
-                k, _, v = line.partition(b":")
-                if k.strip().lower() == b"content-length":
-                    length = int(v)
-            while len(buf) < end + 4 + length:
-                chunk = s.recv(1 << 16)
-                if not chunk:
-                    return got
-                buf += chunk
-            body = buf[end + 4:end + 4 + length]
-            if not head.startswith(b"HTTP/1.1 200 ") or body != BODY:
-                with self.lock:
-                    self.mismatches += 1
-            buf = buf[end + 4 + length:]
-            got += 1
-        return got
+        responses = read_http_responses(s, n)
+        bad = sum(1 for status, head, body in responses
+                  if not head.startswith(b"HTTP/1.1 200 ") or body != BODY)
+        if bad:
+            with self.lock:
+                self.mismatches += bad
+        return len(responses)
 
     def checked(self, sent: int, got: int) -> None:
         with self.lock:
@@ -218,8 +200,6 @@ class Soak:
     # -- the run ------------------------------------------------------------------------------------
 
     def run(self) -> int:
-        from parallelnet.core.client import run_clients
-
         a = self.args
         self.start_server()
         pid = self.proc.pid

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from parallelnet.backends.base import registry
+from parallelnet.core import client
 from parallelnet.core.launch import spawn_server
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -122,31 +123,10 @@ def recv_until_eof(sock: socket.socket, limit: int = 1 << 26) -> bytes:
 
 
 def read_http_responses(sock: socket.socket, count: int) -> list[tuple[int, bytes, bytes]]:
-    """Read ``count`` responses framed by Content-Length: (status, head, body)."""
-    buf = b""
-    out = []
-    while len(out) < count:
-        end = buf.find(b"\r\n\r\n")
-        if end < 0:
-            chunk = sock.recv(65536)
-            if not chunk:
-                raise EOFError(f"EOF after {len(out)} of {count} responses")
-            buf += chunk
-            continue
-        head = buf[:end]
-        length = 0
-        for line in head.split(b"\r\n")[1:]:
-            name, _, value = line.partition(b":")
-            if name.strip().lower() == b"content-length":
-                length = int(value)
-        while len(buf) < end + 4 + length:
-            chunk = sock.recv(65536)
-            if not chunk:
-                raise EOFError("EOF inside a response body")
-            buf += chunk
-        status = int(head.split(b" ", 2)[1])
-        out.append((status, head, buf[end + 4:end + 4 + length]))
-        buf = buf[end + 4 + length:]
+    """Exactly ``count`` responses (status, head, body); EOF before that is an error."""
+    out = client.read_http_responses(sock, count)
+    if len(out) < count:
+        raise EOFError(f"EOF after {len(out)} of {count} responses")
     return out
 
 
