@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import socket
-import threading
 import time
 
 import pytest
@@ -45,18 +44,35 @@ def test_drain_that_cannot_flush_does_not_spin(backend, tmp_path):
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.settimeout(0.5)
 
-    def fill():  # send until every buffer on the way is full; never read
+    def stuck_round() -> bool | None:
+        """Send until 0.5 s pass without room for one byte; True if no byte went at all."""
         block = b"x" * 65536
-        try:
-            for _ in range(2000):
-                sock.sendall(block)
-        except OSError:
-            pass
+        first = True
+        for _ in range(2000):
+            try:
+                sock.send(block)
+            except TimeoutError:
+                return first
+            except OSError:
+                return None
+            first = False
+        return None
 
-    sender = threading.Thread(target=fill, daemon=True)
-    sender.start()
-    sender.join(10)
+    # The output is stuck in the server's user space only once the server has paused
+    # reading and its kernel send buffer is full.  One round that times out is not
+    # proof: a server stalled by the scheduler for 0.5 s looks the same, and after it
+    # it may take in everything (its kernel buffers can hold megabytes) and pause no
+    # more.  A round that cannot send a single byte can: the server stopped reading.
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        outcome = stuck_round()
+        assert outcome is not None, "the connection failed or never filled"
+        if outcome:
+            break
+    else:
+        pytest.fail("the server never stopped reading from a client that does not read")
     time.sleep(0.4)  # a few more stats records with the output stuck
+    assert _records(srv)[-1]["workers"][0]["backpressure"] >= 1
     before = _records(srv)[-1]["workers"][0]["cpu_ns"]
     t0 = time.monotonic()
     final = srv.stop()
