@@ -390,6 +390,9 @@ class AsyncioBackend(Backend):
             servers.append(await loop.create_server(factory, sock=dup, backlog=backlog))
         if ctx.handoff is not None:
             loop.add_reader(ctx.handoff.fileno(), self._on_handoff)
+        # asyncio's selector registers each reader at once; uvloop's (libuv) on its next
+        # poll, which is the very next thing this loop does.
+        ctx.stats.mark_ready()
         if not ctx.stop.is_set():
             await stopped
         loop.remove_reader(ctx.stop.fileno())

@@ -3,7 +3,9 @@
 The core (``parallelnet.core.server``) owns everything that is not the event loop:
 binding the listening sockets, starting workers (threads or forked processes),
 pinning each to its CPU, stats collection, signals.  A backend gets a
-``WorkerContext`` and runs one worker's loop in the calling thread until
+``WorkerContext`` and runs one worker's loop in the calling thread: it registers
+its sources of connections with the kernel, calls ``ctx.stats.mark_ready()`` (the
+server says "listening on" only once every worker has), and serves until
 ``ctx.stop`` is set, then drains (finishes responses to requests already received,
 within ``ctx.limits.drain_timeout``) and closes its connections.  It never closes
 the listening sockets: the core owns them.
@@ -15,7 +17,8 @@ Two families:
   backpressure and close once; a subclass supplies only register / modify /
   unregister / poll.
 * completion backends (io_uring) own their loop: they submit operations and reap
-  completions, with buffers pinned until the kernel is done with them.
+  completions, with buffers pinned until the kernel is done with them.  They, and
+  any backend that owns its loop, call ``ctx.stats.mark_ready()`` themselves.
 
 Adding a backend
 ----------------

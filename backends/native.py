@@ -179,6 +179,7 @@ class NativeBackend(Backend):
         if stats.tid and lib.nc_gettid() != stats.tid:
             stats.extra["tid_mismatch"] = lib.nc_gettid()  # never expected: same thread
         stats.refresh = self._sync   # snapshots, from any thread, read the C counters
+        stats.mark_ready()           # nc_new has added the listeners to its epoll
         try:
             rc = lib.nc_serve(core)  # GIL released until the stop eventfd fires
             if rc < 0:

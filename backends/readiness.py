@@ -160,6 +160,7 @@ class ReadinessLoop(Backend):
             self._register(ctx.stop.fileno(), self.EV_READ)
             for fd in self._listeners:
                 self._register(fd, self.EV_READ, self._exclusive)
+            ctx.stats.mark_ready()
             self._serve()
             self._drain()
         finally:

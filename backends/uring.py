@@ -402,6 +402,8 @@ class UringBackend(Backend):
         self.stopping = False
         try:
             lib.uc_start(self.core)
+            lib.uc_submit(self.core)
+            self.ctx.stats.mark_ready()
             self._serve()
             self._drain()
         finally:

@@ -62,6 +62,7 @@ int uc_lib_version(void);
 int uc_nop(int x);
 uc_core *uc_new(const struct uc_config *cfg, int *err);
 void uc_start(uc_core *c);
+int uc_submit(uc_core *c);
 int uc_wait(uc_core *c, int timeout_ms);
 int uc_send_copy(uc_core *c, int id, const char *p, size_t len);
 int uc_send_buf(uc_core *c, int id, int bid, unsigned off, unsigned len);

@@ -89,6 +89,8 @@ class UringPyBackend(UringBackend):
         self.handoff_closed = False
         if self.handoff is not None:
             self._arm_handoff()
+        lib.uc_submit(core)
+        self.ctx.stats.mark_ready()
         try:
             while not self.stopping:
                 self._step(-1)

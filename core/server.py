@@ -43,6 +43,7 @@ log = logging.getLogger("parallelnet.server")
 
 MODES = ("thread", "process")
 _REPORT_INTERVAL = 0.25  # seconds between a forked worker's snapshots to the parent
+READY_TIMEOUT = 15.0     # seconds start() waits for every worker's loop to be armed
 
 
 @dataclass
@@ -135,7 +136,34 @@ class Server:
                                          [a for a, _ in self._channels], self._closed_counts,
                                          cfg.dispatch_policy, cfg.dispatch_cpu)
             self.dispatcher.start()  # after the forks: fork needs a single-threaded parent
+        missing = self.wait_ready(READY_TIMEOUT)
+        if missing:
+            self.stop()
+            raise BackendError("; ".join(f"worker {i} did not start: {why}"
+                                         for i, why in sorted(missing.items())))
         return self.address
+
+    def wait_ready(self, timeout: float) -> dict[int, str]:
+        """Wait until every worker's loop is armed (``WorkerStats.mark_ready``).
+
+        Until then a connection sits in the backlog or goes to whichever workers are
+        up: a slow-starting worker would lose the first accept races for a reason
+        that has nothing to do with the design under test.  Returns the workers that
+        never got there (index -> why): they died first, or ``timeout`` passed.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            snaps = ([{"ready": bool(s.ready), "crashed": s.crashed} for s in self.stats]
+                     if self.config.mode == "thread"
+                     else [self._child_snaps.get(i) or {} for i in range(len(self.stats))])
+            dead = self.dead_workers()
+            missing = {i: dead.get(i) or snap.get("crashed") or f"its loop was not armed within {timeout:g} s (a backend calls ctx.stats.mark_ready() once it is)"
+                       for i, snap in enumerate(snaps) if not snap.get("ready")}
+            if not missing:
+                return {}
+            if time.monotonic() >= deadline or any(i in dead for i in missing):
+                return missing
+            time.sleep(0.002)
 
     def _closed_counts(self) -> list[int]:
         """Connections each worker has closed (for least-connections dispatch)."""
@@ -245,8 +273,14 @@ class Server:
         worker.start()
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         out = os.fdopen(wfd, "w", buffering=1)
+        told_ready = False
         while worker.is_alive():
-            worker.join(_REPORT_INTERVAL)
+            # The parent waits for "ready" before it says it is listening: tell it at once.
+            worker.join(_REPORT_INTERVAL if told_ready else 0.002)
+            if not told_ready:
+                if not ctx.stats.ready and worker.is_alive():
+                    continue
+                told_ready = True
             if out is None:
                 continue
             try:

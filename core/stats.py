@@ -47,7 +47,7 @@ class WorkerStats:
 
     __slots__ = COUNTERS + ("index", "cpu", "pid", "tid", "ident", "affinity", "open",
                             "extra", "started", "stopped", "backend", "exit_cpu", "crashed",
-                            "refresh")
+                            "ready", "refresh")
 
     def __init__(self, index: int, cpu: int | None, backend: str = "") -> None:
         for name in COUNTERS:
@@ -65,6 +65,7 @@ class WorkerStats:
         self.stopped = 0.0
         self.exit_cpu: dict | None = None
         self.crashed = ""
+        self.ready = 0.0        # monotonic time the worker's loop could first take a connection
         # A backend whose counters live elsewhere (in C) sets this to copy them in;
         # snapshot() calls it first, so readers always see live figures.
         self.refresh = None
@@ -78,6 +79,14 @@ class WorkerStats:
         self.ident = threading.get_ident()
         self.affinity = sorted(os.sched_getaffinity(0))
         self.started = time.monotonic()
+
+    def mark_ready(self) -> None:
+        """The backend calls this once its sources of connections (listeners, hand-off
+        channel) are registered with the kernel, right before its first wait: from then
+        on a new connection can wake it.  ``Server.start`` returns only when every worker
+        has, so no worker begins a measurement late or misses the first accept races."""
+        if not self.ready:
+            self.ready = time.monotonic()
 
     def record_exit(self) -> None:
         """Keep the thread's final CPU figures (call from inside it, last thing):
@@ -99,7 +108,7 @@ class WorkerStats:
         snap.update(
             index=self.index, cpu=self.cpu, backend=self.backend, pid=self.pid,
             tid=self.tid, affinity=list(self.affinity), open=self.open,
-            extra=dict(self.extra), crashed=self.crashed,
+            extra=dict(self.extra), crashed=self.crashed, ready=bool(self.ready),
             elapsed=(self.stopped or time.monotonic()) - self.started if self.started else 0.0,
         )
         snap.update(self.exit_cpu if self.exit_cpu is not None
