@@ -28,7 +28,7 @@ from parallelnet.backends.base import registry
 from parallelnet.core.listeners import layout_of
 from parallelnet.core.stats import jain_index, max_min_ratio
 from parallelnet.experiments.harness import (
-    NoiseProbe, bench_lock, read_records, result_dir, start_server, window,
+    NoiseProbe, bench_lock, prefer_quiet, read_records, result_dir, start_server, window,
 )
 
 STRATEGIES = ("shared", "exclusive", "exclusive-rotate", "reuseport", "reuseport-cpu", "dispatch")
@@ -131,10 +131,11 @@ def summarize(runs: list[dict]) -> list[dict]:
     keys = sorted({(r["backend"], r["strategy"]) for r in runs}, key=lambda k: (k[0], STRATEGIES.index(k[1])))
     for backend, strategy in keys:
         rs = [r for r in runs if r["backend"] == backend and r["strategy"] == strategy]
-        clean = [r for r in rs if not r["noise"]["noisy"]] or rs
+        clean, dropped, all_noisy = prefer_quiet(rs, lambda r: r["noise"]["noisy"])
         med = lambda k: statistics.median(r[k] for r in clean if r[k] is not None)  # noqa: E731
         rows.append({
-            "backend": backend, "strategy": strategy, "n": len(clean), "noisy": len(rs) - len(clean),
+            "backend": backend, "strategy": strategy, "n": len(clean), "noisy": dropped,
+            "all_noisy": all_noisy,
             "share_w0": statistics.median(r["shares"][0] for r in clean),
             "lost_per_accept": med("lost_per_accept"), "max_min": med("max_min"), "jain": med("jain"),
             "conn_rate": med("conn_rate"), "p99_us": med("p99_us"),
@@ -153,7 +154,7 @@ def format_summary(rows: list[dict]) -> str:
         out.append(f"{r['backend']:9s} {r['strategy']:10s} {r['n']:2d} {100 * r['share_w0']:7.0f}% "
                    f"{r['lost_per_accept']:11.3f} {r['max_min']:7.2f} {r['jain']:5.3f} "
                    f"({r['jain_range'][0]:.3f}-{r['jain_range'][1]:.3f}) {r['conn_rate']:7.0f} "
-                   f"{r['p99_us']:7.0f}")
+                   f"{r['p99_us']:7.0f}{'  NOISY (every run)' if r.get('all_noisy') else ''}")
     return "\n".join(out)
 
 

@@ -36,7 +36,8 @@ import sys
 import time
 
 from parallelnet.experiments.harness import (
-    NoiseProbe, bench_lock, machine_metadata, result_dir, start_server, window, write_pyperf,
+    NoiseProbe, bench_lock, machine_metadata, prefer_quiet, result_dir, start_server, window,
+    write_pyperf,
 )
 
 ALL_CPUS = sorted(os.sched_getaffinity(0))
@@ -158,8 +159,7 @@ def main(argv=None) -> int:
     # Server CPU seconds per request, one pyperf benchmark per backend and connection count:
     # `python -m pyperf compare_to --table pyperf.json` (lower is faster).
     write_pyperf(os.path.join(outdir, "pyperf.json"),
-                 {f"{b}-c{c}": [r["cpu_us_per_req"] / 1e6 for r in runs
-                                if r["backend"] == b and r["connections"] == c and not r["noisy"]]
+                 {f"{b}-c{c}": [r["cpu_us_per_req"] / 1e6 for r in _used(runs, b, c)[0]]
                   for b in args.labels for c in args.connections})
     print(f"\ncffi API-mode call (GIL released and re-taken): {micro['cffi_call_ns']:.0f} ns "
           f"(empty Python loop iteration: {micro['python_loop_ns']:.0f} ns)")
@@ -168,11 +168,17 @@ def main(argv=None) -> int:
     return 0
 
 
+def _used(runs, backend, conns):
+    """(runs, dropped, all_noisy) of one configuration: see ``harness.prefer_quiet``."""
+    return prefer_quiet([r for r in runs if r["backend"] == backend and r["connections"] == conns],
+                        lambda r: r["noisy"])
+
+
 def summarize(runs, args) -> list[dict]:
     out = []
     for conns in args.connections:
         for backend in args.labels:
-            rs = [r for r in runs if r["backend"] == backend and r["connections"] == conns and not r["noisy"]]
+            rs, dropped, all_noisy = _used(runs, backend, conns)
             if not rs:
                 continue
             cpu = [r["cpu_us_per_req"] for r in rs]
@@ -181,7 +187,8 @@ def summarize(runs, args) -> list[dict]:
                    "user_us": statistics.median(r["user_us_per_req"] for r in rs),
                    "sys_us": statistics.median(r["sys_us_per_req"] for r in rs),
                    "rps": statistics.median(r["rps"] for r in rs),
-                   "rps_min": min(r["rps"] for r in rs), "rps_max": max(r["rps"] for r in rs)}
+                   "rps_min": min(r["rps"] for r in rs), "rps_max": max(r["rps"] for r in rs),
+                   "noisy_dropped": dropped, "all_noisy": all_noisy}
             for k in ("entries_per_req", "cqes_per_req", "wakeups_per_req", "sqpoll_us_per_req"):
                 vals = [r[k] for r in rs if k in r]
                 if vals:
@@ -205,7 +212,8 @@ def format_summary(rows) -> str:
             f"{r['backend']:{w}s} {r['connections']:5d} {r['n']:2d} {r['cpu_us_per_req']:10.2f} "
             f"({r['cpu_min']:5.2f}-{r['cpu_max']:5.2f}) {r['user_us']:5.2f} {r['sys_us']:5.2f} "
             f"{r.get('vs_epoll', float('nan')):8.2f} {r['rps']:9.0f} ({r['rps_min']:7.0f}-{r['rps_max']:7.0f}) "
-            f"{r.get('entries_per_req', float('nan')):11.3f} {r.get('cqes_per_req', float('nan')):8.3f}")
+            f"{r.get('entries_per_req', float('nan')):11.3f} {r.get('cqes_per_req', float('nan')):8.3f}"
+            f"{'  NOISY (every run)' if r.get('all_noisy') else ''}")
     return "\n".join(lines)
 
 

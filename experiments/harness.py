@@ -227,6 +227,19 @@ def window(stats_path: str, t0: float, t1: float) -> dict:
     return {"workers": workers, "total": total}
 
 
+def prefer_quiet(runs: list[dict], is_noisy) -> tuple[list[dict], int, bool]:
+    """The runs a summary row uses: ``(used, dropped, all_noisy)``.
+
+    The quiet runs when there are any (the noisy ones are counted, not used); when
+    every run of a configuration was noisy, all of them, and the row says so - an
+    empty summary would hide that the machine was busy instead of showing it.
+    """
+    quiet = [r for r in runs if not is_noisy(r)]
+    if quiet:
+        return quiet, len(runs) - len(quiet), False
+    return list(runs), 0, True
+
+
 # -- result files ------------------------------------------------------------------
 
 def machine_metadata() -> dict:

@@ -48,7 +48,8 @@ def bench_uring(results: str, tables: dict, values: dict) -> None:
     run_dir, data = found
     rows = []
     for r in data["summary"]:
-        rows.append([r["backend"], str(r["connections"]), str(r["n"]),
+        rows.append([r["backend"] + (" (noisy)" if r.get("all_noisy") else ""),
+                     str(r["connections"]), str(r["n"]),
                      f"{fmt(r['cpu_us_per_req'])} ({fmt(r['cpu_min'])}–{fmt(r['cpu_max'])})",
                      fmt(r["user_us"]), fmt(r["sys_us"]), fmt(r.get("vs_epoll")),
                      f"{r['rps'] / 1e3:.0f}k ({r['rps_min'] / 1e3:.0f}–{r['rps_max'] / 1e3:.0f}k)",
@@ -61,7 +62,11 @@ def bench_uring(results: str, tables: dict, values: dict) -> None:
     ratios = [r["vs_epoll"] for r in data["summary"] if r["backend"] == "uring" and r.get("vs_epoll")]
     values["bench_uring.target"] = ("was met" if ratios and max(ratios) <= 0.80 else
                                     "was not met" if ratios else "could not be judged")
-    noisy = sum(1 for r in data["runs"] if r.get("noisy"))
+    noisy = (sum(r["noisy_dropped"] for r in data["summary"])
+             if all("noisy_dropped" in r for r in data["summary"])
+             else sum(1 for r in data["runs"] if r.get("noisy")))
+    all_noisy = ("; a row marked *(noisy)* had no quiet run and uses its noisy ones"
+                 if any(r.get("all_noisy") for r in data["summary"]) else "")
     meta = data.get("meta", {})
     values["bench_uring.cffi_call_ns"] = fmt(meta.get("micro", {}).get("cffi_call_ns"), ".0f")
     values["bench_uring.noisy"] = str(noisy)
@@ -71,7 +76,7 @@ def bench_uring(results: str, tables: dict, values: dict) -> None:
                   "sys", "× epoll", "req/s (min–max)", "kernel entries/req"], rows)
         + f"\n\n*Source: `{run_dir}` — {meta.get('cpu_model', '?')}, kernel "
           f"{meta.get('kernel', '?')}, Python {meta.get('python', '?')}, {meta.get('date', '?')}; "
-          f"{noisy} of {len(data['runs'])} runs flagged noisy and left out of the medians.*")
+          f"{noisy} of {len(data['runs'])} runs flagged noisy and left out of the medians{all_noisy}.*")
 
 
 def accept(results: str, tables: dict, values: dict) -> None:
@@ -82,7 +87,7 @@ def accept(results: str, tables: dict, values: dict) -> None:
     rows = []
     for r in data["summary"]:
         time_range = r.get("share_w0_time")
-        rows.append([r["backend"], r["strategy"], str(r["n"]),
+        rows.append([r["backend"], r["strategy"] + (" (noisy)" if r.get("all_noisy") else ""), str(r["n"]),
                      f"{100 * r['share_w0']:.0f}%" + (f" ({100 * time_range[0]:.0f}–{100 * time_range[1]:.0f}%)"
                                                       if time_range else ""),
                      fmt(r["lost_per_accept"], ".3f"), fmt(r["max_min"]), fmt(r["jain"], ".3f"),

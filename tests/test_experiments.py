@@ -86,7 +86,20 @@ def test_bench_uring_smoke(tmp_path):
     assert {r["backend"] for r in data["runs"]} == {"uring", "epoll"}
     for r in data["runs"]:
         assert r["errors"] == 0 and r["requests"] > 0 and r["cpu_us_per_req"] > 0
+    # A busy machine flags runs noisy; the summary still has every row, marked.
+    assert {r["backend"] for r in data["summary"]} == {"uring", "epoll"}
+    for row in data["summary"]:
+        assert row["all_noisy"] == all(r["noisy"] for r in data["runs"] if r["backend"] == row["backend"])
     assert (run_dir / "pyperf.json").exists()
+
+
+def test_summaries_prefer_quiet_runs_and_say_when_there_were_none():
+    from parallelnet.experiments.harness import prefer_quiet
+
+    runs = [{"v": 1, "noisy": True}, {"v": 2, "noisy": False}, {"v": 3, "noisy": False}]
+    assert prefer_quiet(runs, lambda r: r["noisy"]) == (runs[1:], 1, False)
+    loud = [{"v": 1, "noisy": True}, {"v": 2, "noisy": True}]
+    assert prefer_quiet(loud, lambda r: r["noisy"]) == (loud, 0, True)
 
 
 def test_validate_loadgen_smoke(tmp_path):
