@@ -81,7 +81,26 @@ def start_server(tmp_path, *args: str, timeout: float = 15.0,
                                         timeout=timeout)
     except RuntimeError as exc:
         raise AssertionError(str(exc)) from None
-    return ServerProc(proc, host, port, stats_path, list(args))
+    srv = ServerProc(proc, host, port, stats_path, list(args))
+    _STARTED.append(srv)
+    return srv
+
+
+_STARTED: list[ServerProc] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_server_outlives_its_test():
+    """A test that fails before its ``stop()`` must not leave its server running into
+    the next tests (it would hold CPU and skew them): kill what it started, by PID.
+    Module-scoped servers start before this fixture's mark and are left alone."""
+    mark = len(_STARTED)
+    yield
+    for srv in _STARTED[mark:]:
+        if srv.proc.poll() is None:
+            srv.proc.kill()   # forked workers follow through PR_SET_PDEATHSIG
+            srv.proc.wait(10)
+    del _STARTED[mark:]
 
 
 @pytest.fixture
