@@ -233,6 +233,21 @@ class Backend(abc.ABC):
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
         """Add backend-specific options to ``parallelnet serve`` (names prefixed by backend)."""
 
+    @classmethod
+    def own_handoff(cls, options: argparse.Namespace) -> str | None:
+        """The name of this backend's own ``--accept dispatch`` channel if ``options``
+        select one (e.g. uring's ``msg-ring``), else None: the socketpair every backend
+        waits on.  An own channel targets the worker inside this process, so the core
+        allows it only with ``--accept dispatch`` in thread mode."""
+        return None
+
+    def handoff_channel(self):
+        """Called by the core once this worker is ready, when ``own_handoff`` named one:
+        the object the dispatcher hands connections through (see core/dispatch.py's
+        ``SocketChannel`` for the interface: ``send(fd)``, ``transfers``, ``kind``,
+        ``close()``)."""
+        return None
+
     @abc.abstractmethod
     def run(self) -> None:
         """Serve until ``ctx.stop`` is set, drain, close every connection, return."""

@@ -28,16 +28,16 @@ completion that releases it has been seen.  Per worker:
   ``recvmsg`` until EAGAIN and adopts each as a connection (``stats.accepted``,
   ``extra["handoffs"]``; ``extra["handoff_wakeups"]`` counts the polls that fired).  At
   drain the poll is cancelled and its final completion takes what is waiting once more
-  (the drain's last look: no wakeup, no lost race).  Why not ``IORING_OP_MSG_RING``,
-  the natural io_uring hand-off (issue 5)?  MSG_RING is an SQE submitted *on a ring*
-  (with ``IORING_MSG_SEND_FD`` it installs a *fixed* file from the sender's registered
-  table into the target's): the acceptor would need a ring of its own and registered
-  files, and the receiving worker would get a direct descriptor, which the synchronous
-  drain reads and close(2) here cannot use.  The acceptor is a plain Python thread
-  shared by every backend (and, in process mode, lives in another process, where a
-  ring fd cannot be targeted without passing it over a socket anyway); the channel is
-  one mechanism for all backends and both modes, at the cost of one recvmsg per few
-  connections - off the per-request path, so it does not move CPU per request.
+  (the drain's last look: no wakeup, no lost race).  That channel is one mechanism for
+  every backend and both modes.  ``--uring-handoff msg-ring`` (thread mode) is the
+  io_uring-native alternative issue 5 asked to measure: the dispatcher submits
+  ``IORING_OP_MSG_RING`` (``IORING_MSG_DATA``) on a small ring of its own, and the fd
+  number arrives in the worker's CQ as a completion (``extra["msg_handoffs"]``) - no
+  poll, no recvmsg, no duplicate fd; the worker adopts the acceptor's fd (one fd table).
+  ``IORING_MSG_SEND_FD`` would also serve forked workers, but it installs a *direct*
+  descriptor, which the synchronous drain reads and close(2) here cannot use.  At drain
+  the worker takes one look without waiting, so a connection posted just before the
+  dispatcher stopped is answered like any other.
 * **Receive**: multishot recv with a provided buffer ring.  ``-ENOBUFS`` ends the
   multishot; the connection is re-armed as soon as buffers return (after the batch
   holding them is processed, or a send that pinned one completes); nothing is dropped,
@@ -108,7 +108,7 @@ SETUP_FLAG_NAMES = (
 EXTRA_STATS = ("entries", "sqes", "cqes", "enobufs", "cq_overflows", "cq_dropped",
                "zc_sends", "copied_sends", "partial_sends", "recv_arms", "accept_errors",
                "accept_backoffs", "max_pending", "handoffs", "handoff_lost", "handoff_wakeups",
-               "fixed_files", "sendzc_ops", "sendzc_notifs", "idle_trims")
+               "fixed_files", "sendzc_ops", "sendzc_notifs", "idle_trims", "msg_handoffs")
 SWEEP_MAX = 4096   # connections closed per timer sweep at most (the rest: next tick)
 
 
@@ -278,6 +278,61 @@ def _setup_flags(lib, name: str) -> int:
             }[name]
 
 
+IORING_OP_MSG_RING = 40
+
+
+def _check_msg_ring(ffi, lib, core) -> None:
+    """--uring-handoff msg-ring needs the opcode and a ring fd we can name."""
+    if lib.uc_opcode_supported(core, IORING_OP_MSG_RING) != 1:
+        raise BackendError("--uring-handoff msg-ring: this kernel's io_uring lacks "
+                           "IORING_OP_MSG_RING (Linux 5.18+)")
+    if lib.uc_ring_fd(core) < 0:
+        raise BackendError("--uring-handoff msg-ring: cannot find the ring's fd in liburing's "
+                           "struct io_uring (layout differs from liburing 2.15's)")
+    err = ffi.new("int *")
+    sender = lib.uc_sender_new(err)
+    if sender == ffi.NULL:
+        raise BackendError(f"--uring-handoff msg-ring: sender ring: {os.strerror(err[0])}")
+    lib.uc_sender_free(sender)
+
+
+class RingHandoff:
+    """The dispatcher's channel into one worker's ring (``--uring-handoff msg-ring``).
+
+    ``send(fd)`` submits ``IORING_OP_MSG_RING`` on a small ring of the dispatcher's own
+    (created on first use, in the dispatcher's thread) and waits for its completion: the
+    worker's CQ then holds a CQE carrying fd, which the worker adopts as it is
+    (``transfers``: the acceptor must not close it).  See uring_core.c.
+    """
+
+    kind = "msg-ring"
+    transfers = True
+
+    def __init__(self, ffi, lib, target_fd: int) -> None:
+        if target_fd < 0:
+            raise BackendError("--uring-handoff msg-ring: the worker's ring fd is unknown")
+        self.ffi, self.lib, self.target = ffi, lib, target_fd
+        self._sender = None
+
+    def send(self, fd: int) -> None:
+        if self._sender is None:
+            err = self.ffi.new("int *")
+            sender = self.lib.uc_sender_new(err)
+            if sender == self.ffi.NULL:
+                raise OSError(err[0], f"msg-ring sender: {os.strerror(err[0])}")
+            self._sender = sender
+        r = self.lib.uc_sender_send(self._sender, self.target, fd)
+        if r in (-errno.EAGAIN, -errno.EBUSY, -errno.EOVERFLOW):
+            raise BlockingIOError(-r, os.strerror(-r))  # the target cannot take it now
+        if r < 0:
+            raise OSError(-r, f"IORING_OP_MSG_RING: {os.strerror(-r)}")
+
+    def close(self) -> None:
+        if self._sender is not None:
+            self.lib.uc_sender_free(self._sender)
+            self._sender = None
+
+
 class UringBackend(Backend):
     name = "uring"
     description = "io_uring, C event core (multishot recv, buffer ring, batched submit/wait)"
@@ -285,7 +340,8 @@ class UringBackend(Backend):
     accept_strategies = frozenset({SHARED, REUSEPORT, DISPATCH})
     conformance_variants = [["--uring-accept", "multishot"],
                             ["--uring-buffers", "4", "--uring-buffer-size", "512"],
-                            ["--uring-fixed-files", "--uring-zc-threshold", "4096"]]
+                            ["--uring-fixed-files", "--uring-zc-threshold", "4096"],
+                            ["--accept", "dispatch", "--uring-handoff", "msg-ring"]]
 
     @classmethod
     def probe(cls) -> Availability:
@@ -305,7 +361,11 @@ class UringBackend(Backend):
                         bufsize=max(64, min(opt("uring_buffer_size", 16384), limits.recv_size)),
                         entries=opt("uring_entries", 1024), setup_flags=setup,
                         cq_entries=opt("uring_cq_entries", 0) or 0, **cls._options(options))
-        lib.uc_free(core)
+        try:
+            if cls.own_handoff(options):
+                _check_msg_ring(ffi, lib, core)
+        finally:
+            lib.uc_free(core)
 
     @staticmethod
     def _options(ctx_or_opts) -> dict:
@@ -340,6 +400,18 @@ class UringBackend(Backend):
                             "reported in stats extra sqpoll_cpu_ns")
         g.add_argument("--uring-zc-threshold", type=int, default=0, metavar="BYTES",
                        help="uring: sends of at least BYTES use IORING_OP_SEND_ZC (0: never)")
+        g.add_argument("--uring-handoff", choices=["scm", "msg-ring"], default="scm",
+                       help="with --accept dispatch (thread mode): scm = SCM_RIGHTS over a "
+                            "socketpair, a poll wakes the ring (every backend's channel); "
+                            "msg-ring = IORING_OP_MSG_RING posts the fd into the ring's CQ")
+
+    @classmethod
+    def own_handoff(cls, options) -> str | None:
+        return "msg-ring" if getattr(options, "uring_handoff", "scm") == "msg-ring" else None
+
+    def handoff_channel(self):
+        """--uring-handoff msg-ring: the dispatcher posts fds into this worker's ring."""
+        return RingHandoff(self.ffi, self.lib, self.ring_fd)
 
     # -- setup ------------------------------------------------------------------------
 
@@ -355,6 +427,7 @@ class UringBackend(Backend):
                              cq_entries=ctx.option("uring_cq_entries", 0) or 0,
                              **self._options(ctx))
         self.bufsize = bufsize
+        self.ring_fd = lib.uc_ring_fd(self.core)   # -1 if it cannot be told (msg-ring refused)
         self.sqpoll_stat = _sqpoll_thread_stat() if self._options(ctx)["sqpoll_idle_ms"] else None
         self.multishot = multishot
         self.pool = memoryview(ffi.buffer(lib.uc_pool(self.core), lib.uc_pool_size(self.core)))
@@ -532,6 +605,11 @@ class UringBackend(Backend):
     def _drain(self) -> None:
         lib, core = self.lib, self.core
         lib.uc_drain_begin(core)
+        # One look without waiting: connections the dispatcher posted (msg-ring) before it
+        # stopped are still task work of ours; they become CQEs, then connections to drain.
+        n = lib.uc_wait(core, 0)
+        if n:
+            self._process(self.ffi.unpack(lib.uc_events(core), 4 * n))
         deadline = time.monotonic() + self.ctx.limits.drain_timeout
         self._pump(lambda: lib.uc_nconns(core) > 0, deadline)
 

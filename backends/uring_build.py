@@ -43,7 +43,7 @@ struct uc_stats {
              accept_cqes, accepted, accept_eagain, accept_errors, refused, backpressure,
              zc_sends, copied_sends, recv_arms, partial_sends, accept_backoffs, max_pending,
              handoffs, handoff_lost, handoff_wakeups, fixed_files, sendzc_ops, sendzc_notifs,
-             idle_trims;
+             idle_trims, msg_handoffs;
 };
 struct uc_config {
     unsigned entries, nbufs, bufsize, max_conns, setup_flags;
@@ -80,7 +80,14 @@ unsigned uc_features(uc_core *c);
 int uc_nconns(uc_core *c);
 int uc_inflight(uc_core *c);
 int uc_check_opcodes(uc_core *c);
+int uc_opcode_supported(uc_core *c, int op);
 int uc_idle(uc_core *c, int limit_ms, int32_t *ids, int32_t *ages_ms, int max);
+
+int uc_ring_fd(uc_core *c);
+typedef struct uc_sender uc_sender;
+uc_sender *uc_sender_new(int *err);
+int uc_sender_send(uc_sender *s, int target_fd, int fd);
+void uc_sender_free(uc_sender *s);
 
 int uc_raw_accept(uc_core *c, int fd, uint64_t ud, int multishot);
 int uc_raw_recv(uc_core *c, int fd, uint64_t ud);

@@ -76,6 +76,7 @@ struct io_uring_probe;
 #define IORING_OP_ASYNC_CANCEL 14
 #define IORING_OP_SEND 26
 #define IORING_OP_RECV 27
+#define IORING_OP_MSG_RING 40
 #define IORING_OP_SEND_ZC 47
 
 /* ---- liburing entry points, resolved at init ------------------------------------ */
@@ -105,6 +106,7 @@ struct io_uring_probe;
     X(void, io_uring_prep_cancel64, (struct io_uring_sqe *, uint64_t, int)) \
     X(void, io_uring_prep_poll_add, (struct io_uring_sqe *, int, unsigned)) \
     X(void, io_uring_prep_send_zc, (struct io_uring_sqe *, int, const void *, size_t, int, unsigned)) \
+    X(void, io_uring_prep_msg_ring, (struct io_uring_sqe *, int, unsigned, uint64_t, unsigned)) \
     X(int, io_uring_register_files_sparse, (struct io_uring *, unsigned)) \
     X(int, io_uring_register_files_update, (struct io_uring *, unsigned, const int *, unsigned)) \
     X(int, io_uring_sqring_wait, (struct io_uring *)) \
@@ -143,7 +145,8 @@ static int uc_nop(int x) { return x + 1; }  /* for measuring the bare cost of on
 
 /* ---- the core ------------------------------------------------------------------ */
 enum { EV_OPEN = 1, EV_DATA, EV_EOF, EV_CLOSED, EV_STOP, EV_DRAINED };
-enum { OP_ACCEPT = 1, OP_RECV, OP_SEND, OP_STOP, OP_CANCEL, OP_HANDOFF };
+/* OP_MSG is never submitted by this ring: the acceptor's IORING_OP_MSG_RING posts it. */
+enum { OP_ACCEPT = 1, OP_RECV, OP_SEND, OP_STOP, OP_CANCEL, OP_HANDOFF, OP_MSG };
 enum { B_RING = 0, B_LENT, B_PINNED, B_FREE };
 #define UD(op, id) (((uint64_t)(uint32_t)(id) << 8) | (op))
 #define BGID 1
@@ -156,7 +159,7 @@ struct uc_stats {
              accept_cqes, accepted, accept_eagain, accept_errors, refused, backpressure,
              zc_sends, copied_sends, recv_arms, partial_sends, accept_backoffs, max_pending,
              handoffs, handoff_lost, handoff_wakeups, fixed_files, sendzc_ops, sendzc_notifs,
-             idle_trims;
+             idle_trims, msg_handoffs;
 };
 
 struct uc_config {
@@ -433,7 +436,7 @@ static void on_cqe(uc_core *c, struct io_uring_cqe *q)
 {
     int op = q->user_data & 0xff, id = (int)(q->user_data >> 8), res = q->res;
     int more = q->flags & IORING_CQE_F_MORE;
-    if (!more) c->inflight--;
+    if (!more && op != OP_MSG) c->inflight--;
     switch (op) {
     case OP_RECV: {
         struct conn *k = &c->conns[id];
@@ -512,6 +515,10 @@ static void on_cqe(uc_core *c, struct io_uring_cqe *q)
         if (c->shutting) break;
         handoff_take(c);            /* while draining: the drain's last look, not a wakeup */
         if (!c->draining) arm_handoff(c);
+        break;
+    case OP_MSG:                    /* --uring-handoff msg-ring: res is the fd handed over */
+        c->st.handoffs++; c->st.msg_handoffs++;
+        conn_open(c, res);          /* draining: read what it sent; shutting: closed at once */
         break;
     case OP_STOP:
         c->stop_armed = 0;
@@ -885,6 +892,76 @@ static unsigned uc_features(uc_core *c) { return c->features; }
 static int uc_nconns(uc_core *c) { return c->nconns; }
 static int uc_inflight(uc_core *c) { return c->inflight; }
 
+/* ---- --uring-handoff msg-ring: the acceptor's side ----------------------------------
+ * The dispatcher (core/dispatch.py) posts each accepted fd straight into the chosen
+ * worker's CQ with IORING_OP_MSG_RING (IORING_MSG_DATA: the target's CQE carries
+ * res = len = the fd, user_data = OP_MSG).  No poll to wake the worker, no recvmsg,
+ * no SCM_RIGHTS duplicate: the worker adopts the acceptor's very fd, which is only
+ * meaningful where both share one fd table - thread mode (the server refuses process
+ * mode).  A DEFER_TASKRUN target gets the CQE through its own task work, run at its
+ * next wait.  The sender's ring is a small plain one (no SINGLE_ISSUER: created by
+ * one thread, used by the dispatcher's); each send waits for its own completion, so
+ * the result is known before the acceptor lets go of the fd. */
+
+/* liburing 2.x's struct io_uring, as far as ring_fd (part of its ABI: applications
+ * embed the struct).  Checked at use: the fd found must be an io_uring. */
+struct lu_sq_mirror { void *k[8]; unsigned sqe_head, sqe_tail; size_t ring_sz; void *ring_ptr;
+                      unsigned ring_mask, ring_entries, pad[2]; };
+struct lu_cq_mirror { void *k[7]; size_t ring_sz; void *ring_ptr; unsigned ring_mask, ring_entries, pad[2]; };
+struct lu_ring_mirror { struct lu_sq_mirror sq; struct lu_cq_mirror cq; unsigned flags; int ring_fd; };
+
+/* The ring's fd, or -1 if what sits where liburing 2.x keeps it is not an io_uring. */
+static int uc_ring_fd(uc_core *c)
+{
+    const struct lu_ring_mirror *m = (const void *)c->ring;
+    char path[64], link[64];
+    snprintf(path, sizeof path, "/proc/self/fd/%d", m->ring_fd);
+    ssize_t n = readlink(path, link, sizeof link - 1);
+    if (n <= 0) return -1;
+    link[n] = 0;
+    return strcmp(link, "anon_inode:[io_uring]") == 0 && m->flags == c->flags_in_effect ? m->ring_fd : -1;
+}
+
+typedef struct uc_sender { char ring[1024] __attribute__((aligned(64))); } uc_sender;
+
+static uc_sender *uc_sender_new(int *err)
+{
+    *err = 0;
+    if (!uc_ready) { *err = ENOENT; return NULL; }
+    uc_sender *s = aligned_alloc(64, sizeof *s);
+    if (!s) { *err = ENOMEM; return NULL; }
+    struct io_uring_params p;
+    memset(&p, 0, sizeof p);
+    int r = p_io_uring_queue_init_params(8, (struct io_uring *)s->ring, &p);
+    if (r < 0) { *err = -r; free(s); return NULL; }
+    return s;
+}
+
+/* Post fd to the ring target_fd.  0, or -errno (the fd stays the caller's). */
+static int uc_sender_send(uc_sender *s, int target_fd, int fd)
+{
+    struct io_uring *ring = (struct io_uring *)s->ring;
+    struct io_uring_sqe *q = p_io_uring_get_sqe(ring);
+    if (!q) return -EBUSY;
+    p_io_uring_prep_msg_ring(q, target_fd, (unsigned)fd, UD(OP_MSG, 0), 0);
+    q->user_data = 1;
+    int r;
+    do r = p_io_uring_submit_and_wait(ring, 1); while (r == -EINTR);
+    if (r < 0) return r;
+    struct io_uring_cqe *cqe;
+    if (p_io_uring_peek_batch_cqe(ring, &cqe, 1) != 1) return -EIO;
+    int res = cqe->res;
+    p_io_uring_cq_advance(ring, 1);
+    return res;
+}
+
+static void uc_sender_free(uc_sender *s)
+{
+    if (!s) return;
+    p_io_uring_queue_exit((struct io_uring *)s->ring);
+    free(s);
+}
+
 /* Which opcodes this kernel's io_uring supports (the probe's "needed feature" check):
  * returns 0 if all are, else the first missing opcode number. */
 static int uc_check_opcodes(uc_core *c)
@@ -897,6 +974,16 @@ static int uc_check_opcodes(uc_core *c)
         if (!p_io_uring_opcode_supported(p, need[i])) missing = need[i];
     p_io_uring_free_probe(p);
     return missing;
+}
+
+/* 1 if this kernel's io_uring supports opcode op, 0 if not, -1 if it cannot be probed. */
+static int uc_opcode_supported(uc_core *c, int op)
+{
+    struct io_uring_probe *p = p_io_uring_get_probe_ring(RING(c));
+    if (!p) return -1;
+    int ok = p_io_uring_opcode_supported(p, op) ? 1 : 0;
+    p_io_uring_free_probe(p);
+    return ok;
 }
 
 /* ---- the raw API of `uring-py`: Python handles each completion itself ------------- */
@@ -950,7 +1037,7 @@ static int uc_raw_wait(uc_core *c, int timeout_ms, uint64_t *ud, int32_t *res, u
         if (!n) break;
         for (unsigned i = 0; i < n; i++, got++) {
             ud[got] = cqes[i]->user_data; res[got] = cqes[i]->res; fl[got] = cqes[i]->flags;
-            if (!(cqes[i]->flags & IORING_CQE_F_MORE)) c->inflight--;
+            if (!(cqes[i]->flags & IORING_CQE_F_MORE) && (cqes[i]->user_data & 0xff) != OP_MSG) c->inflight--;
             if ((cqes[i]->flags & IORING_CQE_F_BUFFER)) c->ring_free--;
         }
         p_io_uring_cq_advance(RING(c), n);

@@ -14,7 +14,8 @@ those per-completion mechanics into C (``uring``) buys; semantics are the same a
   read what the peer already sent with MSG_DONTWAIT, answer, flush, close;
 * ``--accept dispatch``: a poll on ``ctx.handoff``, re-armed after each completion; the
   fds are taken with ``core.dispatch.receive_handoffs`` until EAGAIN and adopted like
-  accepted sockets (see ``uring``'s docstring for why SCM_RIGHTS and not MSG_RING).
+  accepted sockets; with ``--uring-handoff msg-ring`` each fd arrives as a CQE of its
+  own (see ``uring``'s docstring).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from parallelnet.core.dispatch import HANDOFF_BATCH, receive_handoffs
 log = logging.getLogger("parallelnet.worker")
 
 ACCEPT, RECV, SEND, STOP, CANCEL, HANDOFF = 1, 2, 3, 4, 5, 6
+MSG = 7   # posted by the dispatcher's IORING_OP_MSG_RING (--uring-handoff msg-ring): res = fd
 F_BUFFER, F_MORE, BUF_SHIFT = 1, 2, 16
 BATCH = 1024
 
@@ -75,7 +77,7 @@ class UringPyBackend(UringBackend):
         self.extra = {"enobufs": 0, "zc_sends": 0, "copied_sends": 0, "partial_sends": 0,
                       "accept_errors": 0, "accept_backoffs": 0, "idle_timeouts": 0,
                       "header_timeouts": 0, "max_pending": 0, "handoffs": 0,
-                      "handoff_lost": 0, "handoff_wakeups": 0}
+                      "handoff_lost": 0, "handoff_wakeups": 0, "msg_handoffs": 0}
         self.ctx.stats.extra.update(self.extra)
         self.paused_lis: dict[int, float] = {}   # listener index -> resume time (EMFILE back-off)
         self.backoff = self.ctx.limits.accept_backoff
@@ -137,6 +139,13 @@ class UringPyBackend(UringBackend):
                     self._on_accept(cid, res, fl)
                 elif op == HANDOFF:
                     self._on_handoff(res)
+                elif op == MSG:
+                    self.extra["handoffs"] += 1
+                    self.extra["msg_handoffs"] += 1
+                    if self.shutting:
+                        os.close(res)
+                    else:
+                        self._open_conn(socket.socket(fileno=res))
                 elif op == STOP and res != -errno.ECANCELED:
                     self.stopping = True
         if self.ctx.stop.is_set():
@@ -493,6 +502,7 @@ class UringPyBackend(UringBackend):
                 self._finish(c)
             else:
                 self._read_remaining(c)
+        self._step(0)   # msg-ring: what the dispatcher posted before it stopped becomes CQEs now
         deadline = time.monotonic() + self.ctx.limits.drain_timeout
         while (self.conns or self.accept_armed or self.handoff_armed) and time.monotonic() < deadline:
             self._step(max(1, int((deadline - time.monotonic()) * 1000)))

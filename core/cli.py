@@ -217,7 +217,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(format_table(snaps, elapsed), flush=True)
     dispatcher = server.dispatcher.snapshot() if server.dispatcher else None
     if dispatcher:
-        print(f"dispatcher ({dispatcher['policy']}): accepted {dispatcher['accepted']}, handed "
+        print(f"dispatcher ({dispatcher['policy']}, {dispatcher.get('channel', 'scm')}): accepted {dispatcher['accepted']}, handed "
               f"{'/'.join(map(str, dispatcher['handed']))}, spilled {dispatcher['spills']}, "
               f"overflow {dispatcher['overflow']}, errors {dispatcher['errors']}", flush=True)
     crashed = [s for s in snaps if s.get("crashed")]

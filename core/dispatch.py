@@ -16,6 +16,10 @@ worker by a policy, then passes the connected socket over a per-worker channel:
 * policies: ``round-robin``; ``least-connections`` — fewest connections handed over and
   not yet closed, from the workers' own ``closed`` counters (live in thread mode; in
   process mode from the 0.25 s snapshots, so the estimate lags a little).
+* a backend may bring its own channel into its worker (``Backend.handoff_channel``):
+  ``uring --uring-handoff msg-ring`` posts the acceptor's fd straight into the worker's
+  completion queue with ``IORING_OP_MSG_RING`` (thread mode: one fd table, so the worker
+  adopts the very fd and the acceptor lets go of it without closing it).
 * a full channel (the worker is not taking connections) sends the connection to the
   next worker in policy order; when every channel is full the connection is closed and
   counted as ``overflow`` — a defined behaviour, never a blocked acceptor.
@@ -56,10 +60,30 @@ def make_channels(n: int) -> list[tuple[socket.socket, socket.socket]]:
     return pairs
 
 
+class SocketChannel:
+    """The acceptor's end of one worker's socketpair: every backend's channel.
+
+    ``send(fd)`` passes a duplicate (``SCM_RIGHTS``); raises BlockingIOError when the
+    channel is full, OSError when the worker's end is gone.  ``transfers`` is False: the
+    acceptor still owns its fd afterwards and closes it.
+    """
+
+    kind = "scm"
+    transfers = False
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    def send(self, fd: int) -> None:
+        self.sock.sendmsg([b"c"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))])
+
+    def close(self) -> None:
+        pass  # the server owns the socketpair
+
+
 def send_handoff(channel: socket.socket, conn: socket.socket) -> None:
     """Pass one connected socket; raises BlockingIOError when the channel is full."""
-    channel.sendmsg([b"c"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
-                              array.array("i", [conn.fileno()]))])
+    SocketChannel(channel).send(conn.fileno())
 
 
 class Handoffs(NamedTuple):
@@ -100,13 +124,15 @@ def receive_handoffs(channel: socket.socket, limit: int = HANDOFF_BATCH) -> Hand
 class Dispatcher:
     """The acceptor thread: accept, choose a worker, hand over."""
 
-    def __init__(self, listener: socket.socket, channels: list[socket.socket],
+    def __init__(self, listener: socket.socket, channels: list,
                  closed_counts: Callable[[], list[int]], policy: str = "round-robin",
                  cpu: int | None = None) -> None:
         if policy not in POLICIES:
             raise ValueError(f"unknown dispatch policy {policy!r}; known: {', '.join(POLICIES)}")
         self.listener = listener
-        self.channels = channels
+        # A plain socket is the acceptor's end of a socketpair; anything else is a
+        # channel object (send(fd), transfers, kind, close()).
+        self.channels = [SocketChannel(c) if isinstance(c, socket.socket) else c for c in channels]
         self.closed_counts = closed_counts
         self.policy = policy
         self.cpu = cpu
@@ -130,10 +156,14 @@ class Dispatcher:
             self._thread.join(5.0)
         for fd in (self._stop_r, self._stop_w):
             os.close(fd)
+        if self._thread is None or not self._thread.is_alive():
+            for ch in self.channels:  # never under a send still running
+                ch.close()
 
     def snapshot(self) -> dict:
         return {"policy": self.policy, "accepted": self.accepted, "handed": list(self.handed),
-                "overflow": self.overflow, "spills": self.spills, "errors": self.errors}
+                "overflow": self.overflow, "spills": self.spills, "errors": self.errors,
+                "channel": "/".join(sorted({c.kind for c in self.channels}))}
 
     def _order(self) -> list[int]:
         n = len(self.channels)
@@ -144,12 +174,13 @@ class Dispatcher:
         start = self._next
         return [(start + k) % n for k in range(n)]
 
-    def _hand_over(self, conn: socket.socket) -> None:
+    def _hand_over(self, fd: int):
+        """Give fd to a worker; returns the channel that took it (None: overflow)."""
         order = self._order()
         self._next = (order[0] + 1) % len(self.channels)
         for rank, i in enumerate(order):
             try:
-                send_handoff(self.channels[i], conn)
+                self.channels[i].send(fd)
             except BlockingIOError:
                 continue
             except OSError as exc:  # the worker's end is gone: try another
@@ -158,8 +189,9 @@ class Dispatcher:
                 continue
             self.handed[i] += 1
             self.spills += rank > 0
-            return
+            return self.channels[i]
         self.overflow += 1  # every worker's channel is full: refuse rather than block
+        return None
 
     def _accept_all(self) -> bool:
         """Accept until EAGAIN; False if accept failed for want of fds/memory."""
@@ -175,8 +207,10 @@ class Dispatcher:
                     return False
                 continue  # ECONNABORTED and friends: that connection only
             self.accepted += 1
-            with conn:
-                self._hand_over(conn)
+            fd = conn.detach()
+            taken = self._hand_over(fd)
+            if taken is None or not taken.transfers:
+                os.close(fd)
 
     def _run(self) -> None:
         if self.cpu is not None:

@@ -97,6 +97,11 @@ class Server:
         # A configuration the backend cannot run (a ring that cannot be created...) is a
         # clear startup error here, not a worker that dies after "listening on".
         self.backend_cls.preflight(config.limits, config.options)
+        own = self.backend_cls.own_handoff(config.options)
+        if own and (config.accept != "dispatch" or config.mode != "thread"):
+            raise BackendError(f"backend {config.backend!r}: the {own} hand-off needs "
+                               "--accept dispatch in thread mode (it targets the worker's "
+                               "ring inside this process)")
         self.cpus = assign_cpus(config.workers, config.cpus)
         self.protocol_factory = make_factory(config.protocol, **config.protocol_options)
         self.listeners: ListenerSet | None = None
@@ -111,6 +116,7 @@ class Server:
         self._stopped = False
         self._dead: dict[int, str] = {}            # worker index -> why it ended early
         self._channels: list = []                  # --accept dispatch: (acceptor, worker) ends
+        self._backends: dict[int, Backend] = {}   # thread mode: worker index -> its backend
         self.dispatcher: Dispatcher | None = None
 
     @property
@@ -131,16 +137,25 @@ class Server:
             self._start_threads()
         else:
             self._start_processes()
-        if self._channels:
-            self.dispatcher = Dispatcher(self.listeners.sockets[0],
-                                         [a for a, _ in self._channels], self._closed_counts,
-                                         cfg.dispatch_policy, cfg.dispatch_cpu)
-            self.dispatcher.start()  # after the forks: fork needs a single-threaded parent
         missing = self.wait_ready(READY_TIMEOUT)
         if missing:
             self.stop()
             raise BackendError("; ".join(f"worker {i} did not start: {why}"
                                          for i, why in sorted(missing.items())))
+        if self._channels:
+            # After the forks (fork needs a single-threaded parent) and once every worker
+            # is ready (a backend's own channel targets its live loop); until then new
+            # connections wait in the listen backlog.
+            channels = [a for a, _ in self._channels]
+            if self.backend_cls.own_handoff(cfg.options):
+                try:
+                    channels = [self._backends[i].handoff_channel() for i in range(len(channels))]
+                except BaseException:
+                    self.stop()
+                    raise
+            self.dispatcher = Dispatcher(self.listeners.sockets[0], channels, self._closed_counts,
+                                         cfg.dispatch_policy, cfg.dispatch_cpu)
+            self.dispatcher.start()
         return self.address
 
     def wait_ready(self, timeout: float) -> dict[int, str]:
@@ -187,7 +202,8 @@ class Server:
             if ctx.cpu is not None:
                 pin_current_thread(ctx.cpu)
             stats.bind_current_thread()
-            self.backend_cls(ctx).run()
+            backend = self._backends[ctx.index] = self.backend_cls(ctx)
+            backend.run()
         except BaseException as exc:  # noqa: BLE001 - reported in stats and the log
             stats.crashed = f"{type(exc).__name__}: {exc}"
             log.exception("worker %d crashed", ctx.index)

@@ -34,7 +34,13 @@ def _combos():
         for strategy in sorted(cls.accept_strategies - {"shared"}):
             out.append(pytest.param((name, modes[0], strategy, ()), id=f"{name}-{modes[0]}-{strategy}"))
         for variant in getattr(cls, "conformance_variants", ()):
-            out.append(pytest.param((name, modes[0], "shared", tuple(variant)),
+            variant = list(variant)
+            accept = "shared"
+            if "--accept" in variant:   # a variant may name its strategy (e.g. a hand-off channel)
+                at = variant.index("--accept")
+                accept = variant[at + 1]
+                del variant[at:at + 2]
+            out.append(pytest.param((name, modes[0], accept, tuple(variant)),
                                     id=f"{name}-{modes[0]}-{'-'.join(a.strip('-') for a in variant)}"))
     return out
 

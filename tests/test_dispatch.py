@@ -6,6 +6,8 @@ import os
 import resource
 import signal
 import socket
+import subprocess
+import sys
 import time
 
 import pytest
@@ -70,14 +72,14 @@ def test_full_channels_spill_then_overflow_without_blocking(tcp_pair):
     else:
         pytest.fail("the channel never filled")
     d._next = 0
-    d._hand_over(server)
+    d._hand_over(server.fileno())
     assert (d.handed, d.spills, d.overflow) == ([0, 1], 1, 0)  # worker 0 full: spilled to 1
     while True:
         try:
             send_handoff(chans[1][0], server)
         except BlockingIOError:
             break
-    d._hand_over(server)
+    d._hand_over(server.fileno())
     assert d.overflow == 1  # everyone full: refused, not blocked
     for fd in (receive_handoffs(chans[0][1], limit=10**6).fds
                + receive_handoffs(chans[1][1], limit=10**6).fds):
@@ -108,7 +110,7 @@ def test_dispatch_round_robin_end_to_end(tmp_path, mode):
     assert disp["handed"] == accepted
     assert abs(accepted[0] - accepted[1]) <= 1  # round-robin, nothing full
     assert all(w["lost_races"] == 0 and w["listen_wakeups"] == 0 for w in final["workers"])
-    assert "dispatcher (round-robin)" in srv.output
+    assert "dispatcher (round-robin, scm)" in srv.output
 
 
 def test_backends_without_a_handoff_channel_refuse_dispatch_clearly(monkeypatch):
@@ -133,14 +135,22 @@ def test_backends_without_a_handoff_channel_refuse_dispatch_clearly(monkeypatch)
 
 # Every registered backend that serves the dispatch layout: tested the moment it declares it.
 DISPATCH_BACKENDS = [name for name, cls in BACKENDS.items() if "dispatch" in cls.accept_strategies]
+# Channels a backend brings itself (thread mode only): io_uring's IORING_OP_MSG_RING.
+MSG_RING = ("--uring-handoff", "msg-ring")
+OWN_CHANNELS = [pytest.param((b, MSG_RING), id=f"{b}-msg-ring") for b in ("uring", "uring-py")]
+# (backend, extra args): the socketpair channel for all, plus the backends' own.
+CHANNELS = [pytest.param((b, ()), id=b) for b in DISPATCH_BACKENDS] + OWN_CHANNELS
 
 
-@pytest.mark.parametrize("backend", DISPATCH_BACKENDS)
-@pytest.mark.parametrize("mode", ["thread", "process"])
-def test_dispatch_counts_handoffs_not_races(backend, mode, tmp_path):
+@pytest.mark.parametrize("case", [pytest.param((b, (), m), id=f"{b}-{m}")
+                                  for b in DISPATCH_BACKENDS for m in ("thread", "process")]
+                         + [pytest.param((b, MSG_RING, "thread"), id=f"{b}-msg-ring")
+                            for b in ("uring", "uring-py")])
+def test_dispatch_counts_handoffs_not_races(case, tmp_path):
+    backend, extra, mode = case
     require_backend(backend)
     srv = start_server(tmp_path, "--backend", backend, "--mode", mode, "--workers", "2",
-                       "--accept", "dispatch")
+                       "--accept", "dispatch", *extra)
     res = run_clients(*srv.address, connections=8, mode="short", max_requests=60, duration=20)
     assert res.errors == {} and res.requests == 60
     final = srv.stop()
@@ -149,17 +159,22 @@ def test_dispatch_counts_handoffs_not_races(backend, mode, tmp_path):
     disp = final["dispatcher"]
     assert sum(w["accepted"] for w in workers) == res.connects == disp["accepted"]
     assert [w["accepted"] for w in workers] == disp["handed"]
+    assert disp["channel"] == ("msg-ring" if extra else "scm")
     for w in workers:
         assert w["extra"]["handoffs"] == w["accepted"]
         assert w["extra"]["handoff_lost"] == 0
         assert w["lost_races"] == 0 and w["listen_wakeups"] == 0
+        if extra:   # every connection came as a completion of its own: no poll fired
+            assert w["extra"]["msg_handoffs"] == w["accepted"] > 0
+            assert w["extra"]["handoff_wakeups"] == 0
 
 
-@pytest.mark.parametrize("backend", DISPATCH_BACKENDS)
-def test_dispatch_refuses_over_max_connections(backend, tmp_path):
+@pytest.mark.parametrize("case", CHANNELS)
+def test_dispatch_refuses_over_max_connections(case, tmp_path):
+    backend, extra = case
     require_backend(backend)
     srv = start_server(tmp_path, "--backend", backend, "--workers", "1", "--accept", "dispatch",
-                       "--max-connections", "2")
+                       "--max-connections", "2", *extra)
     socks = [srv.connect() for _ in range(2)]
     for s in socks:
         s.sendall(b"x")
@@ -223,10 +238,12 @@ def test_dispatch_out_of_fds_loses_the_connection_counted(backend, tmp_path):
     assert "handoff_lost" in srv.output
 
 
-@pytest.mark.parametrize("backend", DISPATCH_BACKENDS)
-def test_dispatch_drain_answers_what_was_handed_over(backend, tmp_path):
+@pytest.mark.parametrize("case", CHANNELS)
+def test_dispatch_drain_answers_what_was_handed_over(case, tmp_path):
+    backend, extra = case
     require_backend(backend)
-    srv = start_server(tmp_path, "--backend", backend, "--workers", "2", "--accept", "dispatch")
+    srv = start_server(tmp_path, "--backend", backend, "--workers", "2", "--accept", "dispatch",
+                       *extra)
     socks = [srv.connect() for _ in range(20)]
     for i, s in enumerate(socks):
         s.sendall(b"req-%02d" % i)
@@ -239,3 +256,40 @@ def test_dispatch_drain_answers_what_was_handed_over(backend, tmp_path):
     assert final["clean"], srv.output
     assert sum(w["extra"]["handoffs"] for w in final["workers"]) == 20
     assert all(w["lost_races"] == 0 for w in final["workers"])
+
+
+@pytest.mark.parametrize("args, why", [
+    (("--mode", "process", "--accept", "dispatch"), "needs --accept dispatch in thread mode"),
+    (("--accept", "shared"), "needs --accept dispatch in thread mode"),
+])
+def test_msg_ring_handoff_refuses_what_it_cannot_serve(args, why):
+    require_backend("uring")
+    out = subprocess.run([sys.executable, "-m", "parallelnet.core.cli", "serve", "--backend", "uring",
+                          "--port", "0", *MSG_RING, *args],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 2 and why in out.stderr, out.stderr
+
+
+def test_msg_ring_handoff_survives_a_connection_storm(tmp_path):
+    """Many connections at once through IORING_OP_MSG_RING into DEFER_TASKRUN rings:
+    every one answered, none lost, fds back to where they were."""
+    require_backend("uring")
+    srv = start_server(tmp_path, "--backend", "uring", "--workers", "2", "--accept", "dispatch",
+                       "--dispatch-policy", "least-connections", *MSG_RING)
+    try:
+        # One short round first: the dispatcher's sender rings (one fd each) open on first use.
+        warm = run_clients(*srv.address, connections=2, mode="short", max_requests=4, duration=10)
+        assert warm.requests == 4
+        time.sleep(0.2)
+        fds_before = len(os.listdir(f"/proc/{srv.proc.pid}/fd"))
+        res = run_clients(*srv.address, connections=64, mode="short", max_requests=2000, duration=30)
+        assert res.errors == {} and res.requests == 2000
+        deadline = time.monotonic() + 5
+        while len(os.listdir(f"/proc/{srv.proc.pid}/fd")) > fds_before and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(os.listdir(f"/proc/{srv.proc.pid}/fd")) <= fds_before
+    finally:
+        final = srv.stop()
+    disp = final["dispatcher"]
+    assert disp["overflow"] == 0 and disp["errors"] == 0
+    assert sum(w["extra"]["msg_handoffs"] for w in final["workers"]) == disp["accepted"]
