@@ -178,7 +178,38 @@ def soak(results: str, tables: dict, values: dict) -> None:
                           + "\n\n*Sources: " + ", ".join(sources) + ".*")
 
 
-BUILDERS = [bench_uring, accept, validate_loadgen, soak]
+
+
+def handoff(results: str, tables: dict, values: dict) -> None:
+    found = newest(results, "handoff", "handoff.json")
+    if not found:
+        return
+    run_dir, data = found
+    rows = []
+    first = data["summary"][0]["label"] if data["summary"] else ""
+    for r in data["summary"]:
+        rows.append([r["label"] + (" (noisy)" if r.get("all_noisy") else ""), r["backend"], str(r["n"]),
+                     f"{fmt(r['us_per_conn'])} ({fmt(r['us_min'])}–{fmt(r['us_max'])})",
+                     fmt(r.get("vs_first"), ".3f"),
+                     f"{r['conn_rate'] / 1e3:.1f}k ({r['rate_min'] / 1e3:.1f}–{r['rate_max'] / 1e3:.1f}k)",
+                     f"{r['p50_us']:.0f}", f"{r['p99_us']:.0f}"])
+        key = f"handoff.{r['label']}"
+        values[key + ".us"] = fmt(r["us_per_conn"])
+        values[key + ".vs"] = fmt(r.get("vs_first"), ".3f")
+        values[key + ".rate"] = f"{r['conn_rate'] / 1e3:.1f}k"
+        values[key + ".rate_vs"] = fmt(r.get("rate_vs_first"), ".3f")
+        values[key + ".p99"] = f"{r['p99_us'] / 1e3:.1f} ms"
+        values[key + ".range"] = f"{fmt(r['us_min'])}–{fmt(r['us_max'])}"
+    meta, args = data.get("meta", {}), data.get("args", {})
+    tables["handoff"] = (
+        md_table(["channel", "backend", "n", "server CPU µs/connection, median (min–max)",
+                  f"× {first}", "conn/s (min–max)", "p50 µs", "p99 µs"], rows)
+        + f"\n\n*Source: `{run_dir}` — {args.get('connections')} churning clients, "
+          f"{args.get('duration')} s × {args.get('reps')} reps, rotated order; {meta.get('cpu_model', '?')}, "
+          f"kernel {meta.get('kernel', '?')}, {meta.get('date', '?')}.*")
+
+
+BUILDERS = [bench_uring, accept, handoff, validate_loadgen, soak]
 
 
 def render(template: str, tables: dict, values: dict) -> str:

@@ -102,6 +102,36 @@ def test_summaries_prefer_quiet_runs_and_say_when_there_were_none():
     assert prefer_quiet(loud, lambda r: r["noisy"]) == (loud, 0, True)
 
 
+def test_handoff_smoke(tmp_path):
+    from parallelnet.experiments import handoff
+
+    require_backend("uring")
+    assert handoff.main(["--reps", "1", "--duration", "0.5", "--warmup", "0.2",
+                         "--connections", "8", "--out", str(tmp_path)]) == 0
+    (run_dir,) = tmp_path.iterdir()
+    data = json.loads((run_dir / "handoff.json").read_text())
+    by_label = {r["label"]: r for r in data["runs"]}
+    assert set(by_label) == {"scm", "msg-ring", "epoll-scm"}
+    assert by_label["msg-ring"]["channel"] == "msg-ring" and by_label["scm"]["channel"] == "scm"
+    # Every connection went through the channel under test, and nothing else woke a worker.
+    assert by_label["msg-ring"]["msg_handoffs"] >= by_label["msg-ring"]["completed"] > 0
+    assert by_label["msg-ring"]["handoff_wakeups"] == 0
+    assert by_label["scm"]["msg_handoffs"] == 0 and by_label["scm"]["handoff_wakeups"] > 0
+    for r in data["runs"]:
+        assert r["client_errors"] == 0 and r["server_us_per_conn"] > 0 and not r["server_crashed"]
+    assert {r["label"] for r in data["summary"]} == set(by_label)
+    assert (run_dir / "pyperf.json").exists()
+
+
+def test_handoff_config_syntax():
+    from parallelnet.experiments.handoff import parse_config
+
+    assert parse_config("m=uring:--uring-handoff=msg-ring") == ("m", "uring", ["--uring-handoff", "msg-ring"])
+    assert parse_config("e=epoll") == ("e", "epoll", [])
+    with pytest.raises(ValueError):
+        parse_config("uring")
+
+
 def test_validate_loadgen_smoke(tmp_path):
     from parallelnet.experiments import validate_loadgen
 
