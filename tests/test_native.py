@@ -4,8 +4,8 @@ The conformance suite already runs all three (thread, process, reuseport; exclus
 native).  Here: the C HTTP implementation answers byte for byte what the Python
 ``HttpProtocol`` answers (Date aside), counters are live while the C loop runs (without
 it ever returning to Python: an idle server makes no wakeups), the accept race is
-counted, other protocols run in Python through callbacks, and the asyncio backend's
-listener accounting.
+counted (and the kernel fact behind its lost races under EPOLLEXCLUSIVE), other protocols
+run in Python through callbacks, and the asyncio backend's listener accounting.
 """
 
 from __future__ import annotations
@@ -13,7 +13,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import select
 import socket
+import threading
 import time
 
 import pytest
@@ -168,6 +170,67 @@ def test_native_runs_python_protocols_through_callbacks(tmp_path):
     w = final["workers"][0]
     assert (w["requests"], w["handler_errors"], w["errors"], w["open"]) == (1, 1, 1, 0), w
     assert final["clean"]
+
+
+def _blocked_in_epoll_wait(thread: threading.Thread, timeout: float = 5.0) -> None:
+    path = f"/proc/self/task/{thread.native_id}/wchan"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with open(path) as f:
+                if "epoll" in f.read():
+                    return
+        except OSError:   # no /proc wchan: fall back to a generous sleep
+            time.sleep(0.3)
+            return
+        time.sleep(0.01)
+    raise AssertionError("the waiter never blocked in epoll_wait")
+
+
+@pytest.mark.parametrize("head_waiting", [False, True])
+def test_epollexclusive_busy_head_still_gets_the_listener(head_waiting):
+    """The kernel fact behind native's lost races under --accept exclusive (docs/server.md).
+
+    Two epolls hold one listener with EPOLLEXCLUSIVE; A registered first (head of the
+    listener's wait queue).  If A has a thread in epoll_wait, a connection wakes A only.
+    If A is busy (no thread waiting in it), ep_poll_callback still puts the listener on
+    A's ready list *and* passes the wakeup on to B: one connection, reported by both, so
+    whichever accepts second loses the race.  A fast loop (C) returns to epoll_wait within
+    microseconds and collides with the worker that was woken; a slower one finds the queue
+    already empty, which epoll_wait never reports (nothing is counted).
+    """
+    if not hasattr(select, "EPOLLEXCLUSIVE"):
+        pytest.skip("no EPOLLEXCLUSIVE")
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(8)
+    lsock.setblocking(False)
+    a, b = select.epoll(), select.epoll()
+    for ep in (a, b):
+        ep.register(lsock.fileno(), select.EPOLLIN | select.EPOLLEXCLUSIVE)
+    got: dict[str, list] = {}
+    waiters = [threading.Thread(target=lambda: got.__setitem__("b", b.poll(1.0)))]
+    if head_waiting:
+        waiters.append(threading.Thread(target=lambda: got.__setitem__("a", a.poll(5.0))))
+    try:
+        for t in waiters:
+            t.start()
+        for t in waiters:
+            _blocked_in_epoll_wait(t)
+        client = socket.create_connection(lsock.getsockname())
+        for t in waiters:
+            t.join()
+        listener = [(lsock.fileno(), select.EPOLLIN)]
+        if head_waiting:
+            assert got == {"a": listener, "b": []}   # one waiter woken, B never sees it
+        else:
+            assert got == {"b": listener}            # B woken ...
+            assert a.poll(0) == listener             # ... and busy A has it ready too
+        client.close()
+    finally:
+        a.close()
+        b.close()
+        lsock.close()
 
 
 @pytest.mark.parametrize("backend", ["asyncio", "uvloop"])
