@@ -199,19 +199,43 @@ def summarize(runs, args) -> list[dict]:
             for r in out:
                 if r["connections"] == conns:
                     r["vs_epoll"] = r["cpu_us_per_req"] / epoll[0]["cpu_us_per_req"]
+                    paired = paired_ratios(runs, r["backend"], conns)
+                    if paired:
+                        r["vs_epoll_paired"] = statistics.median(paired)
+                        r["paired_min"], r["paired_max"] = min(paired), max(paired)
     return out
+
+
+def paired_ratios(runs, backend, conns, baseline="epoll") -> list[float]:
+    """backend / baseline server CPU per request within each repetition.
+
+    The configurations of one repetition run back to back, so a slow drift of the
+    host's speed (which this VM shows, with no steal) moves both alike and cancels in
+    the ratio; the ratio of medians across repetitions does not cancel it.  Pairs with
+    a noisy member are left out when quiet pairs exist (harness.prefer_quiet).
+    """
+    pairs = []
+    for rep in sorted({r["rep"] for r in runs}):
+        a = [r for r in runs if r["rep"] == rep and r["connections"] == conns and r["backend"] == backend]
+        b = [r for r in runs if r["rep"] == rep and r["connections"] == conns and r["backend"] == baseline]
+        if a and b and b[0]["cpu_us_per_req"]:
+            pairs.append({"ratio": a[0]["cpu_us_per_req"] / b[0]["cpu_us_per_req"],
+                          "noisy": a[0]["noisy"] or b[0]["noisy"]})
+    used, _, _ = prefer_quiet(pairs, lambda p: p["noisy"])
+    return [p["ratio"] for p in used]
 
 
 def format_summary(rows) -> str:
     w = max([9] + [len(r["backend"]) for r in rows])
     lines = [f"{'backend':{w}s} {'conns':>5s} {'n':>2s} {'srv us/req':>10s} {'(min-max)':>13s} "
-             f"{'user':>5s} {'sys':>5s} {'vs epoll':>8s} {'req/s':>9s} {'(min-max)':>17s} "
+             f"{'user':>5s} {'sys':>5s} {'vs epoll':>8s} {'paired (min-max)':>19s} {'req/s':>9s} {'(min-max)':>17s} "
              f"{'entries/req':>11s} {'cqes/req':>8s}"]
     for r in rows:
         lines.append(
             f"{r['backend']:{w}s} {r['connections']:5d} {r['n']:2d} {r['cpu_us_per_req']:10.2f} "
             f"({r['cpu_min']:5.2f}-{r['cpu_max']:5.2f}) {r['user_us']:5.2f} {r['sys_us']:5.2f} "
-            f"{r.get('vs_epoll', float('nan')):8.2f} {r['rps']:9.0f} ({r['rps_min']:7.0f}-{r['rps_max']:7.0f}) "
+            f"{r.get('vs_epoll', float('nan')):8.2f} {r.get('vs_epoll_paired', float('nan')):6.3f} "
+            f"({r.get('paired_min', float('nan')):5.3f}-{r.get('paired_max', float('nan')):5.3f}) {r['rps']:9.0f} ({r['rps_min']:7.0f}-{r['rps_max']:7.0f}) "
             f"{r.get('entries_per_req', float('nan')):11.3f} {r.get('cqes_per_req', float('nan')):8.3f}"
             f"{'  NOISY (every run)' if r.get('all_noisy') else ''}")
     return "\n".join(lines)

@@ -21,18 +21,19 @@ def test_tables_and_values_come_from_the_newest_run(tmp_path):
     for stamp, cpu in (("20260101T000000", 9.0), ("20260202T000000", 5.0)):
         run = tmp_path / f"{stamp}-bench_uring"
         run.mkdir()
-        row = {"backend": "uring", "connections": 16, "n": 3, "cpu_us_per_req": cpu,
-               "cpu_min": cpu - 0.1, "cpu_max": cpu + 0.1, "user_us": 0.5, "sys_us": cpu - 0.5,
-               "rps": 1e5, "rps_min": 9e4, "rps_max": 1.1e5, "vs_epoll": cpu / 10}
+        # Raw runs only: the builder recomputes the summary with the experiment's own code.
+        runs = [{"backend": b, "connections": 16, "rep": rep, "noisy": False, "cpu_us_per_req": c,
+                 "user_us_per_req": 0.5, "sys_us_per_req": c - 0.5, "rps": 1e5}
+                for rep in range(3) for b, c in (("uring", cpu), ("epoll", 10.0))]
         (run / "bench_uring.json").write_text(json.dumps(
-            {"meta": {"kernel": "k", "micro": {"cffi_call_ns": 70}}, "runs": [{}], "summary": [row]}))
+            {"meta": {"kernel": "k", "micro": {"cffi_call_ns": 70}}, "runs": runs, "summary": []}))
     tables, values = {}, {}
     build.bench_uring(str(tmp_path), tables, values)
     assert values["bench_uring.uring.c16.cpu"] == "5.00"  # the newer run wins
     assert "20260202T000000-bench_uring" in tables["bench_uring"]
     text = build.render("a <!-- table:bench_uring --> b {{bench_uring.uring.c16.vs_epoll}} "
                         "<!-- table:missing --> {{nope}}", tables, values)
-    assert "| uring | 16 |" in text and " 0.50 " in text
+    assert "| uring | 16 |" in text and " 0.500 " in text   # paired: uring / epoll per rep
     assert "no `missing` results yet" in text and "n/a" in text
 
 
