@@ -132,6 +132,27 @@ def test_handoff_config_syntax():
         parse_config("uring")
 
 
+def test_pyperf_driven_smoke(tmp_path):
+    """pyperf's worker/calibration machinery around the server: one value per backend."""
+    import subprocess
+    import sys
+
+    require_backend("uring")
+    out = tmp_path / "cpu.json"
+    proc = subprocess.run([sys.executable, "-m", "parallelnet.experiments.pyperf_cpu",
+                           "--debug-single-value", "--quiet", "-o", str(out),
+                           "--backends", "uring", "epoll", "--connections", "4"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    import pyperf
+
+    suite = pyperf.BenchmarkSuite.load(str(out))
+    assert sorted(suite.get_benchmark_names()) == ["epoll-c4", "uring-c4"]
+    for bench in suite.get_benchmarks():
+        assert bench.get_unit() == "second" and 0 < bench.median() < 0.1
+    assert "x epoll" in proc.stdout
+
+
 def test_validate_loadgen_smoke(tmp_path):
     from parallelnet.experiments import validate_loadgen
 
