@@ -46,20 +46,35 @@ def bench_uring(results: str, tables: dict, values: dict) -> None:
     if not found:
         return
     run_dir, data = found
+    # The summary is recomputed from the raw runs by the experiment's own code, so every
+    # committed run gets the current statistics (the paired ratios among them).
+    from types import SimpleNamespace
+
+    from parallelnet.experiments.bench_uring import summarize
+
+    runs = data["runs"]
+    data["summary"] = summarize(runs, SimpleNamespace(
+        connections=sorted({r["connections"] for r in runs}),
+        labels=list(dict.fromkeys(r["backend"] for r in runs))))
     rows = []
     for r in data["summary"]:
+        paired = (f"{fmt(r['vs_epoll_paired'], '.3f')} ({fmt(r['paired_min'], '.3f')}–{fmt(r['paired_max'], '.3f')})"
+                  if "vs_epoll_paired" in r else "–")
         rows.append([r["backend"] + (" (noisy)" if r.get("all_noisy") else ""),
                      str(r["connections"]), str(r["n"]),
                      f"{fmt(r['cpu_us_per_req'])} ({fmt(r['cpu_min'])}–{fmt(r['cpu_max'])})",
-                     fmt(r["user_us"]), fmt(r["sys_us"]), fmt(r.get("vs_epoll")),
+                     fmt(r["user_us"]), fmt(r["sys_us"]), paired,
                      f"{r['rps'] / 1e3:.0f}k ({r['rps_min'] / 1e3:.0f}–{r['rps_max'] / 1e3:.0f}k)",
                      fmt(r.get("entries_per_req"), ".3f")])
-        values[f"bench_uring.{r['backend']}.c{r['connections']}.vs_epoll"] = fmt(r.get("vs_epoll"))
+        values[f"bench_uring.{r['backend']}.c{r['connections']}.vs_epoll"] = fmt(r.get("vs_epoll_paired"), ".3f")
+        values[f"bench_uring.{r['backend']}.c{r['connections']}.paired_range"] = (
+            f"{fmt(r.get('paired_min'), '.3f')}–{fmt(r.get('paired_max'), '.3f')}")
         values[f"bench_uring.{r['backend']}.c{r['connections']}.cpu"] = fmt(r["cpu_us_per_req"])
         values[f"bench_uring.{r['backend']}.c{r['connections']}.user"] = fmt(r["user_us"])
         values[f"bench_uring.{r['backend']}.c{r['connections']}.sys"] = fmt(r["sys_us"])
         values[f"bench_uring.{r['backend']}.c{r['connections']}.entries"] = fmt(r.get("entries_per_req"), ".3f")
-    ratios = [r["vs_epoll"] for r in data["summary"] if r["backend"] == "uring" and r.get("vs_epoll")]
+    ratios = [r["vs_epoll_paired"] for r in data["summary"]
+              if r["backend"] == "uring" and r.get("vs_epoll_paired")]
     values["bench_uring.target"] = ("was met" if ratios and max(ratios) <= 0.80 else
                                     "was not met" if ratios else "could not be judged")
     noisy = (sum(r["noisy_dropped"] for r in data["summary"])
@@ -73,10 +88,29 @@ def bench_uring(results: str, tables: dict, values: dict) -> None:
     values["bench_uring.runs"] = str(len(data["runs"]))
     tables["bench_uring"] = (
         md_table(["backend", "conns", "n", "server CPU µs/req, median (min–max)", "user",
-                  "sys", "× epoll", "req/s (min–max)", "kernel entries/req"], rows)
+                  "sys", "× epoll, paired per rep: median (min–max)", "req/s (min–max)",
+                  "kernel entries/req"], rows)
         + f"\n\n*Source: `{run_dir}` — {meta.get('cpu_model', '?')}, kernel "
           f"{meta.get('kernel', '?')}, Python {meta.get('python', '?')}, {meta.get('date', '?')}; "
           f"{noisy} of {len(data['runs'])} runs flagged noisy and left out of the medians{all_noisy}.*")
+
+
+def drift(results: str, tables: dict, values: dict) -> None:
+    """The same configuration (epoll, 16 connections) across every bench_uring run."""
+    seen = []
+    for path in sorted(glob.glob(os.path.join(results, "*-bench_uring", "bench_uring.json"))):
+        with open(path) as f:
+            data = json.load(f)
+        for r in data["summary"]:
+            if r["backend"] == "epoll" and r["connections"] == 16:
+                seen.append((r["cpu_us_per_req"], r["sys_us"], data.get("meta", {}).get("date", "?"),
+                             os.path.relpath(os.path.dirname(path), ROOT)))
+    if len(seen) < 2:
+        return
+    lo, hi = min(seen), max(seen)
+    values["drift.epoll.lo"] = f"{lo[0]:.2f} µs (sys {lo[1]:.2f}) at {lo[2]} (`{lo[3]}`)"
+    values["drift.epoll.hi"] = f"{hi[0]:.2f} µs (sys {hi[1]:.2f}) at {hi[2]} (`{hi[3]}`)"
+    values["drift.epoll.ratio"] = f"{hi[0] / lo[0]:.2f}"
 
 
 def accept(results: str, tables: dict, values: dict) -> None:
@@ -209,7 +243,41 @@ def handoff(results: str, tables: dict, values: dict) -> None:
           f"kernel {meta.get('kernel', '?')}, {meta.get('date', '?')}.*")
 
 
-BUILDERS = [bench_uring, accept, handoff, validate_loadgen, soak]
+def pyperf_cpu(results: str, tables: dict, values: dict) -> None:
+    runs = sorted(glob.glob(os.path.join(results, "*-pyperf_cpu", "pyperf.json")))
+    if not runs:
+        return
+    import pyperf  # the bench extra; only needed once such a run exists
+
+    path = runs[-1]
+    run_dir = os.path.relpath(os.path.dirname(path), ROOT)
+    suite = pyperf.BenchmarkSuite.load(path)
+    benches = suite.get_benchmarks()
+    base = next((b for b in benches if b.get_name().startswith("epoll-")), None)
+    rows = []
+    for b in benches:
+        name = b.get_name()
+        backend = name.rsplit("-c", 1)[0]
+        ratio = b.median() / base.median() if base else None
+        rows.append([backend, str(b.get_nrun()), str(b.get_nvalue()), f"{b.median() * 1e6:.2f}",
+                     f"{b.median_abs_dev() * 1e6:.2f}", f"{b.mean() * 1e6:.2f} ± {b.stdev() * 1e6:.2f}",
+                     fmt(ratio, ".3f")])
+        values[f"pyperf_cpu.{backend}.median"] = f"{b.median() * 1e6:.2f}"
+        values[f"pyperf_cpu.{backend}.vs_epoll"] = fmt(ratio, ".3f")
+    meta = benches[0].get_metadata() if benches else {}
+    dates = benches[0].get_dates() if benches else None
+    meta["date"] = dates[0].strftime("%Y-%m-%dT%H:%M:%S") if dates else "?"
+    conns = benches[0].get_name().rsplit("-c", 1)[1] if benches else "?"
+    values["pyperf_cpu.connections"] = conns
+    values["pyperf_cpu.loops"] = str(meta.get("loops", "?"))
+    tables["pyperf_cpu"] = (
+        md_table(["backend", "pyperf runs", "values", "median µs/req", "MAD", "mean ± std dev", "× epoll"], rows)
+        + f"\n\n*Source: `{run_dir}` — pyperf {pyperf.__version__} worker processes, calibrated loops "
+          f"({meta.get('loops', '?')} requests per value), {conns} connections; "
+          f"{meta.get('cpu_model_name', '?')}, kernel {meta.get('platform', '?')}, {meta.get('date', '?')}.*")
+
+
+BUILDERS = [bench_uring, drift, pyperf_cpu, accept, handoff, validate_loadgen, soak]
 
 
 def render(template: str, tables: dict, values: dict) -> str:
