@@ -57,9 +57,16 @@ class ServerProc:
         try:
             out, err = self.proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
-            self.proc.kill()
-            out, err = self.proc.communicate()
-            pytest.fail(f"server did not stop within {timeout}s after SIGTERM")
+            # Servers run with PYTHONFAULTHANDLER: SIGABRT makes it print every thread's
+            # stack before it dies, so a hang leaves its cause in the failure.
+            self.proc.send_signal(signal.SIGABRT)
+            try:
+                out, err = self.proc.communicate(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                out, err = self.proc.communicate()
+            pytest.fail(f"server did not stop within {timeout}s after SIGTERM; it said:\n"
+                        f"{(out or '')[-4000:]}\n{(err or '')[-8000:]}")
         self.output = (out or "") + (err or "")
         with open(self.stats_path) as f:
             records = [json.loads(line) for line in f if line.strip()]
@@ -76,6 +83,7 @@ def start_server(tmp_path, *args: str, timeout: float = 15.0,
                  env: dict | None = None) -> ServerProc:
     """``parallelnet serve --port 0 --stats-json … ARGS`` as a subprocess."""
     stats_path = str(tmp_path / f"stats-{time.monotonic_ns()}.jsonl")
+    env = {**os.environ, "PYTHONFAULTHANDLER": "1", **(env or {})}
     try:
         proc, host, port = spawn_server(["--stats-json", stats_path, *args], env=env,
                                         timeout=timeout)
