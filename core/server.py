@@ -172,7 +172,9 @@ class Server:
                      if self.config.mode == "thread"
                      else [self._child_snaps.get(i) or {} for i in range(len(self.stats))])
             dead = self.dead_workers()
-            missing = {i: dead.get(i) or snap.get("crashed") or f"its loop was not armed within {timeout:g} s (a backend calls ctx.stats.mark_ready() once it is)"
+            late = (f"its loop was not armed within {timeout:g} s "
+                    "(a backend calls ctx.stats.mark_ready() once it is)")
+            missing = {i: dead.get(i) or snap.get("crashed") or late
                        for i, snap in enumerate(snaps) if not snap.get("ready")}
             if not missing:
                 return {}
