@@ -23,6 +23,7 @@ import argparse
 import json
 import logging
 import os
+import select
 import selectors
 import signal
 import sys
@@ -117,6 +118,7 @@ class Server:
         self._dead: dict[int, str] = {}            # worker index -> why it ended early
         self._channels: list = []                  # --accept dispatch: (acceptor, worker) ends
         self._backends: dict[int, Backend] = {}   # thread mode: worker index -> its backend
+        self._pipe_bufs: dict[int, bytes] = {}     # process mode: stats bytes read before the collector
         self.dispatcher: Dispatcher | None = None
 
     @property
@@ -212,15 +214,24 @@ class Server:
         finally:
             stats.record_exit()
 
+    # Workers start one after another, each once the previous one is armed.  The order in
+    # which loops register a shared listener is the order of its wait queue, and with
+    # EPOLLEXCLUSIVE (or io_uring's accept, which waits the same way) the head is offered
+    # every new connection first: left to a start-up race, it made the accept split of
+    # identical runs fall into two regimes (results/20261126T141500-accept-regimes).
+    # Started in order, worker 0 is always the head, and runs are reproducible.
+
     def _start_threads(self) -> None:
+        deadline = time.monotonic() + READY_TIMEOUT
         for i in range(len(self.cpus)):
             stop = StopSignal()
             self._stops.append(stop)
             t = threading.Thread(target=self._run_worker, args=(self._context(i, stop),),
                                  name=f"worker-{i}", daemon=True)
             self._threads.append(t)
-        for t in self._threads:
             t.start()
+            while not self.stats[i].ready and t.is_alive() and time.monotonic() < deadline:
+                time.sleep(0.001)
 
     def _start_processes(self) -> None:
         if threading.active_count() > 1:
@@ -238,8 +249,26 @@ class Server:
                                            name="stats-collector", daemon=True)
         self._collector.start()
 
+    def _read_until_ready(self, r: int, index: int, deadline: float) -> bytes:
+        """Before the next fork: read worker ``index``'s snapshots until one says ready
+        (the child sends one at once), it exits, or ``deadline``.  Returns what was read
+        past the last whole line, for the collector to go on from."""
+        buf = b""
+        while time.monotonic() < deadline and not (self._child_snaps.get(index) or {}).get("ready"):
+            if not select.select([r], [], [], max(0.0, deadline - time.monotonic()))[0]:
+                break
+            chunk = os.read(r, 65536)
+            if not chunk:
+                break   # it died: the collector will see the EOF too
+            *lines, buf = (buf + chunk).split(b"\n")
+            for line in lines:
+                snap = json.loads(line)
+                self._child_snaps[snap["index"]] = snap
+        return buf
+
     def _fork_workers(self, pipes: list[int], old_mask) -> None:
         parent = os.getpid()
+        deadline = time.monotonic() + READY_TIMEOUT
         for i in range(len(self.cpus)):
             r, w = os.pipe()
             sys.stdout.flush()
@@ -263,6 +292,7 @@ class Server:
             os.close(w)
             pipes.append(r)
             self._children[pid] = i
+            self._pipe_bufs[r] = self._read_until_ready(r, i, deadline)
         for _, worker_end in self._channels:
             worker_end.close()  # the children hold theirs
 
@@ -317,7 +347,7 @@ class Server:
         bufs: dict[int, bytes] = {}
         for fd in pipes:
             sel.register(fd, selectors.EVENT_READ)
-            bufs[fd] = b""
+            bufs[fd] = self._pipe_bufs.get(fd, b"")
         while bufs:
             for key, _ in sel.select():
                 fd = key.fd
