@@ -218,7 +218,7 @@ class Server:
     # which loops register a shared listener is the order of its wait queue, and with
     # EPOLLEXCLUSIVE (or io_uring's accept, which waits the same way) the head is offered
     # every new connection first: left to a start-up race, it made the accept split of
-    # identical runs fall into two regimes (results/20261126T141500-accept-regimes).
+    # identical runs fall into two regimes (results/20261126T135400-accept-regimes).
     # Started in order, worker 0 is always the head, and runs are reproducible.
 
     def _start_threads(self) -> None:
