@@ -34,8 +34,8 @@ import statistics
 import sys
 
 from parallelnet.experiments.harness import (
-    NoiseProbe, bench_lock, machine_metadata, prefer_quiet, result_dir, start_server,
-    write_pyperf,
+    NoiseProbe, bench_lock, machine_metadata, prefer_quiet, process_cpu_ns, result_dir,
+    start_server, write_pyperf,
 )
 
 ALL_CPUS = sorted(os.sched_getaffinity(0))
@@ -53,18 +53,6 @@ def parse_config(spec: str) -> tuple[str, str, list[str]]:
     for a in filter(None, argstr.split(",")):
         args += a.split("=", 1) if a.startswith("--") else [a]
     return label, backend, args
-
-
-def process_cpu_ns(pid: int) -> int:
-    """CPU time of every live thread of pid, in ns (schedstat: sum_exec_runtime)."""
-    total = 0
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
-                total += int(f.read().split()[0])
-        except (OSError, ValueError, IndexError):
-            pass  # a thread that just ended: the server's threads all outlive the window
-    return total
 
 
 def one_run(label: str, backend: str, extra: list[str], args, outdir: str, tag: str) -> dict:

@@ -227,6 +227,22 @@ def window(stats_path: str, t0: float, t1: float) -> dict:
     return {"workers": workers, "total": total}
 
 
+def process_cpu_ns(pid: int) -> int:
+    """CPU time of every live thread of ``pid`` in ns (``schedstat``: sum_exec_runtime).
+
+    Differenced around a window it counts a whole server process - acceptor, main
+    thread and workers - where ``WorkerStats.cpu_ns`` counts one worker thread.
+    """
+    total = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            pass  # a thread that just ended: the server's threads all outlive the window
+    return total
+
+
 def prefer_quiet(runs: list[dict], is_noisy) -> tuple[list[dict], int, bool]:
     """The runs a summary row uses: ``(used, dropped, all_noisy)``.
 

@@ -36,7 +36,7 @@ import sys
 import pyperf
 
 from parallelnet.core.launch import spawn_server
-from parallelnet.experiments.harness import result_dir
+from parallelnet.experiments.harness import process_cpu_ns, result_dir
 
 ALL_CPUS = sorted(os.sched_getaffinity(0))
 SERVER_CPU, CLIENT_CPU = ALL_CPUS[0], ALL_CPUS[-1]
@@ -61,17 +61,6 @@ def _stop(proc) -> None:
     except Exception:  # noqa: BLE001 - last resort at exit
         proc.kill()
         proc.communicate()
-
-
-def process_cpu_ns(pid: int) -> int:
-    total = 0
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
-                total += int(f.read().split()[0])
-        except (OSError, ValueError, IndexError):
-            pass
-    return total
 
 
 def server_cpu(loops: int, backend: str, connections: int) -> float:
