@@ -107,24 +107,18 @@ def _no_server_outlives_its_test():
     for srv in _STARTED[mark:]:
         if srv.proc.poll() is None:
             srv.proc.kill()   # forked workers follow through PR_SET_PDEATHSIG
-            srv.proc.wait(10)
+            srv.proc.communicate(timeout=10)
     del _STARTED[mark:]
 
 
 @pytest.fixture
 def server_factory(tmp_path):
-    started: list[ServerProc] = []
-
+    """start_server bound to this test's tmp_path (the autouse fixture above ends what
+    the test leaves running)."""
     def make(*args: str) -> ServerProc:
-        srv = start_server(tmp_path, *args)
-        started.append(srv)
-        return srv
+        return start_server(tmp_path, *args)
 
-    yield make
-    for srv in started:
-        if srv.alive():
-            srv.proc.kill()  # only the processes this test started, by PID
-            srv.proc.communicate()
+    return make
 
 
 def recv_exactly(sock: socket.socket, n: int) -> bytes:

@@ -43,16 +43,6 @@ def launch(tmp_path, *args, env=None, timeout=15.0) -> ServerProc:
     return start_server(tmp_path, "--stats-interval", "0.1", *args, env=env, timeout=timeout)
 
 
-@pytest.fixture
-def servers():
-    started: list[ServerProc] = []
-    yield started
-    for srv in started:
-        if srv.alive():
-            srv.proc.kill()  # only the processes this test started, by PID
-            srv.proc.communicate()
-
-
 def latest(srv: ServerProc) -> dict:
     """The most recent interval record's summed extra counters and totals."""
     with open(srv.stats_path) as f:
@@ -126,9 +116,8 @@ def _payload(n: int, seed: int = 0) -> bytes:
 
 # -- fd exhaustion ---------------------------------------------------------------------
 
-def test_fd_exhaustion_backs_off_without_spinning_and_recovers(backend, tmp_path, servers):
+def test_fd_exhaustion_backs_off_without_spinning_and_recovers(backend, tmp_path):
     srv = launch(tmp_path, "--backend", backend, "--workers", "1")
-    servers.append(srv)
     # Leave the running server exactly HEADROOM free fds, whatever its backend keeps open
     # itself (libuv holds more than epoll), then offer more connections than that.
     headroom = 24
@@ -171,12 +160,11 @@ def test_fd_exhaustion_backs_off_without_spinning_and_recovers(backend, tmp_path
 
 # -- http server: timeouts, client vanishes, malformed input --------------------------
 
-def test_timeouts_vanishing_clients_and_bad_input_leak_nothing(backend, tmp_path, servers):
+def test_timeouts_vanishing_clients_and_bad_input_leak_nothing(backend, tmp_path):
     if not supported(backend, tmp_path, "idle_timeout", "header_timeout"):
         return
     srv = launch(tmp_path, "--backend", backend, "--workers", "1", "--protocol", "http",
                  "--idle-timeout", "0.6", "--header-timeout", "0.3")
-    servers.append(srv)
     pid = srv.proc.pid
     with srv.connect() as warm:
         warm.sendall(GET)
@@ -235,7 +223,7 @@ def test_timeouts_vanishing_clients_and_bad_input_leak_nothing(backend, tmp_path
 
 # -- echo server: handler bug, slow reader, max connections, forced shutdown -----------
 
-def test_handler_bug_slow_reader_max_connections_and_second_signal(backend, tmp_path, servers):
+def test_handler_bug_slow_reader_max_connections_and_second_signal(backend, tmp_path):
     if not supported(backend, tmp_path, "max_output", "max_connections"):
         return
     max_output = 256 * 1024
@@ -243,7 +231,6 @@ def test_handler_bug_slow_reader_max_connections_and_second_signal(backend, tmp_
     srv = launch(tmp_path, "--backend", backend, "--workers", "1", "--protocol", "crashy",
                  "--max-output", str(max_output), "--max-connections", "4",
                  "--drain-timeout", "30", env=env)
-    servers.append(srv)
     good = srv.connect()
     good.sendall(b"hello")
     assert recv_exactly(good, 5) == b"hello"
@@ -323,9 +310,8 @@ def test_handler_bug_slow_reader_max_connections_and_second_signal(backend, tmp_
 
 # -- shutdown: every fully received request answered ---------------------------------------
 
-def test_sigterm_answers_every_received_request(backend, tmp_path, servers):
+def test_sigterm_answers_every_received_request(backend, tmp_path):
     srv = launch(tmp_path, "--backend", backend, "--workers", "2", "--protocol", "http")
-    servers.append(srv)
     conns = []
     for _ in range(6):
         s = srv.connect()
@@ -359,9 +345,8 @@ def test_limits_defaults_and_flags():
     assert cfg.host == "127.0.0.1"
 
 
-def test_binds_loopback_by_default(tmp_path, servers):
+def test_binds_loopback_by_default(tmp_path):
     srv = launch(tmp_path, "--backend", "epoll", "--workers", "1")
-    servers.append(srv)
     assert srv.host == "127.0.0.1"
     res = subprocess.run([sys.executable, "-m", "parallelnet.core.cli", "serve", "--port", "0",
                           "--host", "0.0.0.0", "--duration", "1"],
@@ -390,11 +375,10 @@ def _burst(srv, n, size):
         s.close()
 
 
-def test_uring_enobufs_burst_and_cq_overflow_lose_nothing(uring_backend, tmp_path, servers):
+def test_uring_enobufs_burst_and_cq_overflow_lose_nothing(uring_backend, tmp_path):
     srv = launch(tmp_path, "--backend", uring_backend, "--workers", "1",
                  "--uring-buffers", "4", "--uring-buffer-size", "512",
                  "--uring-entries", "4", "--uring-cq-entries", "8")
-    servers.append(srv)
     _burst(srv, 96, 8192)
     final = srv.stop()
     extra = final["workers"][0]["extra"]
@@ -404,14 +388,13 @@ def test_uring_enobufs_burst_and_cq_overflow_lose_nothing(uring_backend, tmp_pat
     assert final["clean"] and final["totals"]["open"] == 0
 
 
-def test_uring_ring_that_cannot_be_created_is_a_clear_error(uring_backend, tmp_path, servers):
+def test_uring_ring_that_cannot_be_created_is_a_clear_error(uring_backend, tmp_path):
     res = subprocess.run([sys.executable, "-m", "parallelnet.core.cli", "serve", "--port", "0",
                           "--backend", uring_backend, "--uring-entries", "65536",
                           "--duration", "1"], capture_output=True, text=True, timeout=30)
     assert res.returncode == 2
     assert "io_uring setup failed" in res.stderr and "Traceback" not in res.stderr, res.stderr
     srv = launch(tmp_path, "--backend", "epoll", "--workers", "1")   # others unaffected
-    servers.append(srv)
     with srv.connect() as s:
         s.sendall(b"ok")
         assert recv_exactly(s, 2) == b"ok"
