@@ -160,8 +160,9 @@ class Server:
             self.dispatcher.start()
         return self.address
 
-    def wait_ready(self, timeout: float) -> dict[int, str]:
-        """Wait until every worker's loop is armed (``WorkerStats.mark_ready``).
+    def wait_ready(self, timeout: float, workers: int | None = None) -> dict[int, str]:
+        """Wait until every worker's loop (or the first ``workers``) is armed
+        (``WorkerStats.mark_ready``).
 
         Until then a connection sits in the backlog or goes to whichever workers are
         up: a slow-starting worker would lose the first accept races for a reason
@@ -170,9 +171,10 @@ class Server:
         """
         deadline = time.monotonic() + timeout
         while True:
-            snaps = ([{"ready": bool(s.ready), "crashed": s.crashed} for s in self.stats]
+            count = len(self.stats) if workers is None else workers
+            snaps = ([{"ready": bool(s.ready), "crashed": s.crashed} for s in self.stats[:count]]
                      if self.config.mode == "thread"
-                     else [self._child_snaps.get(i) or {} for i in range(len(self.stats))])
+                     else [self._child_snaps.get(i) or {} for i in range(count)])
             dead = self.dead_workers()
             late = (f"its loop was not armed within {timeout:g} s "
                     "(a backend calls ctx.stats.mark_ready() once it is)")
@@ -230,8 +232,7 @@ class Server:
                                  name=f"worker-{i}", daemon=True)
             self._threads.append(t)
             t.start()
-            while not self.stats[i].ready and t.is_alive() and time.monotonic() < deadline:
-                time.sleep(0.001)
+            self.wait_ready(max(0.0, deadline - time.monotonic()), workers=i + 1)
 
     def _start_processes(self) -> None:
         if threading.active_count() > 1:
