@@ -1,27 +1,37 @@
 # `make run` and `make test` each work on a fresh clone with nothing installed:
 # they create .venv with pip, install the project (compiling its cffi extensions)
-# with its test extras, then act.
+# with its test, bench and plot extras, then act.
+#   make run        every available backend at a fixed rate and at saturation: table + PNG
+#   make test       the whole test suite (what CI runs)
+#   make paper      paper/paper.md and its figures from the pinned results
+#   make reproduce  every experiment the paper cites (standard preset), then the paper
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 SOURCES := pyproject.toml setup.py $(wildcard backends/*.c backends/*_build.py experiments/*.c experiments/*_build.py)
 
-.PHONY: run test install clean
+.PHONY: run test install clean paper reproduce
 
 $(STAMP): $(SOURCES)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[test,bench]'
+	$(BIN)/python -m pip install -q -e '.[test,bench,plot]'
 	touch $(STAMP)
 
 install: $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/parallelnet demo
+	$(BIN)/parallelnet compare
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+paper: $(STAMP)
+	$(BIN)/python paper/build.py
+
+reproduce: $(STAMP)
+	$(BIN)/parallelnet reproduce --preset standard
 
 clean:
 	rm -rf $(VENV) build *.egg-info

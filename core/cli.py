@@ -261,6 +261,24 @@ def cmd_loadgen(argv: list[str]) -> int:
     return loadgen_main(argv)
 
 
+def cmd_experiments(command: str, argv: list[str]) -> int:
+    """experiment / reproduce / compare: handed over unparsed to the experiments package
+    (imported only here, so the server never depends on it)."""
+    from parallelnet.experiments import cli as experiments_cli
+
+    entry = {"experiment": experiments_cli.main, "reproduce": experiments_cli.reproduce_main,
+             "compare": experiments_cli.compare_main}[command]
+    return entry(argv)
+
+
+EXPERIMENT_COMMANDS = {
+    "experiment": "run an experiment by name and preset, list them, rebuild a summary "
+                  "(see: parallelnet experiment -h)",
+    "reproduce": "run every experiment the paper cites, then rebuild the paper",
+    "compare": "every available backend at a fixed rate and at saturation (what `make run` does)",
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="parallelnet", description=__doc__.split("\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -283,6 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="drive a server with the C load generator (see: parallelnet loadgen -h)")
     # Its options are the load generator's own: main() hands them over unparsed.
 
+    for name, text in EXPERIMENT_COMMANDS.items():
+        sub.add_parser(name, add_help=False, help=text)   # options: their own -h
+
     p = sub.add_parser("demo", help="start a server, drive it briefly, print the per-worker table")
     p.add_argument("--backend", default="epoll")
     p.add_argument("--mode", default="thread", choices=list(MODES))
@@ -297,6 +318,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["loadgen"]:
         return cmd_loadgen(argv[1:])
+    if argv[:1] and argv[0] in EXPERIMENT_COMMANDS:
+        return cmd_experiments(argv[0], argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")

@@ -20,13 +20,12 @@ import contextlib
 import fcntl
 import json
 import os
-import platform
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 
 from parallelnet.core.launch import spawn_server
+from parallelnet.experiments.analysis import prefer_quiet  # noqa: F401 - re-exported
 
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 LOCK_PATH = "/tmp/bench.lock"
@@ -212,13 +211,15 @@ def window(stats_path: str, t0: float, t1: float) -> dict:
             "bytes_out", "cpu_ns", "user_s", "sys_s")
     workers = []
     for a, b in zip(first["workers"], last["workers"]):
-        d = {k: b[k] - a[k] for k in keys}
+        # A counter a backend cannot observe is None (io_uring's lost races): it stays None.
+        d = {k: None if a.get(k) is None or b.get(k) is None else b[k] - a[k] for k in keys}
         d["index"], d["cpu"] = b["index"], b["cpu"]
         ea, eb = a.get("extra", {}), b.get("extra", {})
         d["extra"] = {k: eb[k] - ea[k] for k in eb
                       if isinstance(eb[k], (int, float)) and isinstance(ea.get(k), (int, float))}
         workers.append(d)
-    total = {k: sum(w[k] for w in workers) for k in keys}
+    total = {k: None if any(w[k] is None for w in workers) else sum(w[k] for w in workers)
+             for k in keys}
     req = max(total["requests"], 1)
     total.update(seconds=last["t"] - first["t"],
                  cpu_us_per_req=total["cpu_ns"] / 1e3 / req,
@@ -243,47 +244,26 @@ def process_cpu_ns(pid: int) -> int:
     return total
 
 
-def prefer_quiet(runs: list[dict], is_noisy) -> tuple[list[dict], int, bool]:
-    """The runs a summary row uses: ``(used, dropped, all_noisy)``.
-
-    The quiet runs when there are any (the noisy ones are counted, not used); when
-    every run of a configuration was noisy, all of them, and the row says so - an
-    empty summary would hide that the machine was busy instead of showing it.
-    """
-    quiet = [r for r in runs if not is_noisy(r)]
-    if quiet:
-        return quiet, len(runs) - len(quiet), False
-    return list(runs), 0, True
-
-
 # -- result files ------------------------------------------------------------------
 
 def machine_metadata() -> dict:
-    model = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "")
-    except OSError:
-        pass
-    commit = ""
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, cwd=os.path.dirname(__file__), timeout=5).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "argv": sys.argv, "python": sys.version.split()[0],
-            "kernel": platform.release(), "cpu_model": model, "cpus": os.cpu_count(),
-            "affinity": sorted(os.sched_getaffinity(0)), "commit": commit,
-            "ci": os.environ.get("CI", "")}
+    """The provenance of a run (experiments.provenance), for scripts that write their own
+    summary file."""
+    from parallelnet.experiments import provenance
+
+    return provenance.collect(os.environ.get("PARALLELNET_EXPERIMENT", ""),
+                              os.environ.get("PARALLELNET_PRESET") or None)
 
 
 def result_dir(name: str, root: str = "results", extra: dict | None = None) -> str:
-    """``ROOT/<UTC stamp>-NAME/`` with ``meta.json`` (machine, kernel, commit, argv + extra)."""
-    path = os.path.join(root, time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + name)
+    """``ROOT/<UTC stamp>-NAME/`` with ``meta.json`` (experiments.provenance + extra)."""
+    preset = os.environ.get("PARALLELNET_PRESET")
+    path = os.path.join(root, time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + name
+                        + (f"-{preset}" if preset else ""))
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, "meta.json"), "w") as f:
-        json.dump({**machine_metadata(), **(extra or {})}, f, indent=1)
+        json.dump({**machine_metadata(), "experiment": os.environ.get("PARALLELNET_EXPERIMENT") or name,
+                   **(extra or {})}, f, indent=1)
     return path
 
 

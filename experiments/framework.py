@@ -1,0 +1,426 @@
+"""The experiment runner: presets, the grid, progress, provenance, raw records, pyperf, figures.
+
+An experiment is a small module with one :class:`Experiment` object.  It declares its
+parameter grid per preset (``smoke``: the test suite runs it, under 2 minutes on a
+2-core machine; ``standard``: what the paper cites; ``full``: more repetitions and
+points) and four functions:
+
+* ``plan(params) -> [Point]``: every measurement, in execution order.  Configurations
+  alternate within each repetition (rotated order), so drift hits them alike and a
+  ratio of two configurations can be *paired* within a repetition.
+* ``run_point(point, ctx) -> dict``: one measurement (usually experiments.measure).
+* ``summarize(records, params) -> Summary``: tables, named values, verdict lines.
+* ``figures(summary, records, ctx) -> [path]``: PNGs (matplotlib is optional: without
+  it the data and tables are still written, and the run says so).
+
+:func:`run` does the rest, the same way for every experiment: a results directory
+``results/<UTC>-<name>-<preset>/`` with ``meta.json`` (experiments.provenance: refusing a
+dirty tree for ``standard``/``full`` unless ``--allow-dirty``), ``records.jsonl`` (one
+raw record per point, appended as it is measured, so an interrupted run keeps what it
+measured), ``summary.json`` and ``summary.md``, ``pyperf.json`` (one pyperf benchmark per
+configuration, one pyperf run per repetition, lower is better: seconds of server CPU per
+request, ``loops`` = requests), and the figures.  Progress is printed as ``[k/N]`` with
+an ETA from the points' own estimates, corrected by the time the finished ones took.
+Every timed point holds ``/tmp/bench.lock`` (harness.bench_lock), so two experiments
+never overlap.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import shutil
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Callable
+
+from parallelnet.experiments import provenance
+from parallelnet.experiments.harness import ServerHandle, bench_lock, start_server
+
+PRESETS = ("smoke", "standard", "full")
+CLEAN_PRESETS = ("standard", "full")   # a dirty tree is refused for these (unless allowed)
+
+
+@dataclass
+class Point:
+    """One measurement: ``config`` names what is compared (stable across runs of the same
+    experiment, e.g. ``epoll/load=0.30``), ``rep`` the repetition, ``params`` the rest."""
+
+    config: str
+    rep: int
+    params: dict
+    est_s: float = 5.0
+
+    def label(self) -> str:
+        return f"{self.config} r{self.rep}"
+
+
+@dataclass
+class Table:
+    title: str
+    header: list[str]
+    rows: list[list[str]]
+    note: str = ""
+
+    def markdown(self) -> str:
+        out = [f"### {self.title}", "", "| " + " | ".join(self.header) + " |",
+               "|" + "|".join(" --- " for _ in self.header) + "|"]
+        out += ["| " + " | ".join(str(c) for c in r) + " |" for r in self.rows]
+        if self.note:
+            out += ["", self.note]
+        return "\n".join(out)
+
+    def text(self) -> str:
+        cells = [self.header] + [[str(c) for c in r] for r in self.rows]
+        widths = [max(len(r[i]) for r in cells) for i in range(len(self.header))]
+        lines = [self.title]
+        for r in cells:
+            lines.append("  ".join(c.rjust(w) if i else c.ljust(w)
+                                   for i, (c, w) in enumerate(zip(r, widths))))
+        if self.note:
+            lines.append(self.note)
+        return "\n".join(lines)
+
+
+@dataclass
+class Summary:
+    tables: list[Table] = field(default_factory=list)
+    values: dict = field(default_factory=dict)      # named figures the paper may cite
+    findings: list[str] = field(default_factory=list)  # one line each, with its numbers
+
+    def to_dict(self) -> dict:
+        return {"tables": [t.__dict__ for t in self.tables], "values": self.values,
+                "findings": self.findings}
+
+    def markdown(self) -> str:
+        parts = [t.markdown() for t in self.tables]
+        if self.findings:
+            parts.append("### Findings\n\n" + "\n".join(f"- {f}" for f in self.findings))
+        return "\n\n".join(parts) + "\n"
+
+    def text(self) -> str:
+        parts = [t.text() for t in self.tables]
+        if self.findings:
+            parts.append("findings:\n" + "\n".join(f"  - {f}" for f in self.findings))
+        return "\n\n".join(parts)
+
+
+@dataclass
+class Context:
+    """What run_point and figures get from the runner."""
+
+    outdir: str
+    params: dict
+    keep_server_stats: bool = False
+    state: dict = field(default_factory=dict)   # what earlier points found (e.g. capacities)
+    _servers: list = field(default_factory=list)
+
+    def server(self, args: list[str], tag: str, cpus=None, interval: float = 0.25) -> ServerHandle:
+        """Start ``parallelnet serve ARGS`` with its stats in the results directory."""
+        os.makedirs(os.path.join(self.outdir, "servers"), exist_ok=True)
+        path = os.path.join(self.outdir, "servers", f"{tag}.jsonl")
+        srv = start_server(args, path, cpus=set(cpus) if cpus else None, interval=interval)
+        self._servers.append(srv)
+        return srv
+
+    def stop_server(self, srv: ServerHandle) -> dict:
+        """Stop it (SIGTERM, bounded) and return its final stats record.  Its stats file is
+        deleted unless asked to keep it: the record already holds the window's figures."""
+        final = srv.stop()
+        if srv in self._servers:
+            self._servers.remove(srv)
+        if not self.keep_server_stats:
+            try:
+                os.unlink(srv.stats_path)
+            except OSError:
+                pass
+        crashed = [w.get("crashed") for w in final.get("workers", []) if w.get("crashed")]
+        if srv.proc.returncode not in (0, None) or crashed:
+            raise RuntimeError(f"server exited with {srv.proc.returncode}; crashed workers: "
+                               f"{crashed}; it said:\n{srv.output[-2000:]}")
+        return final
+
+    def measure(self, server_args: list[str], load: dict, layout, tag: str,
+                extra_pids: tuple = (), per_worker: bool = True, interval: float = 0.25) -> dict:
+        """A fresh server confined to ``layout.server`` (workers pinned there), one load
+        point from the CPUs of ``layout.client`` (experiments.measure), the server stopped
+        and checked.  ``load``: LoadSpec fields other than host, port and cpus."""
+        from parallelnet.experiments.loadgen import LoadSpec
+        from parallelnet.experiments.measure import measure
+
+        srv = self.server([*server_args, "--cpus", ",".join(map(str, layout.server))], tag,
+                          cpus=layout.server, interval=interval)
+        try:
+            spec = LoadSpec(host=srv.host, port=srv.port, cpus=list(layout.client), **load)
+            rec = measure(srv, spec, layout, extra_pids, per_worker=per_worker)
+        finally:
+            final = self.stop_server(srv)
+        rec["server"]["final_requests"] = (final.get("totals") or {}).get("requests")
+        return rec
+
+    def cleanup(self) -> None:
+        for srv in list(self._servers):
+            try:
+                srv.stop(timeout=10)
+            except Exception:  # noqa: BLE001 - best effort at the end of a failed point
+                pass
+        self._servers.clear()
+
+
+@dataclass
+class Experiment:
+    name: str
+    title: str
+    presets: dict[str, dict]
+    plan: Callable[[dict], list[Point]]
+    run_point: Callable[[Point, Context], dict]
+    summarize: Callable[[list[dict], dict], Summary]
+    figures: Callable[[Summary, list[dict], Context], list[str]] | None = None
+    #: (record) -> seconds per unit of work (lower is better) and the units, for pyperf
+    pyperf_value: Callable[[dict], tuple[float, int] | None] | None = None
+    cited: bool = True             # part of `parallelnet reproduce`
+    description: str = ""
+
+
+# -- the registry ------------------------------------------------------------------------
+
+#: name -> "module:attribute" (imported on use, so listing costs nothing)
+REGISTRY = {
+    "compare": "parallelnet.experiments.load_curve:COMPARE",
+    "load-curve": "parallelnet.experiments.load_curve:EXPERIMENT",
+    "imbalance": "parallelnet.experiments.imbalance:EXPERIMENT",
+    "herd": "parallelnet.experiments.herd:EXPERIMENT",
+    "scaling": "parallelnet.experiments.scaling:EXPERIMENT",
+    "sizes": "parallelnet.experiments.sizes:EXPERIMENT",
+    "bench_uring": "parallelnet.experiments.legacy:BENCH_URING",
+    "accept": "parallelnet.experiments.legacy:ACCEPT",
+    "handoff": "parallelnet.experiments.legacy:HANDOFF",
+    "soak": "parallelnet.experiments.legacy:SOAK",
+    "validate_loadgen": "parallelnet.experiments.legacy:VALIDATE_LOADGEN",
+}
+
+
+def get(name: str):
+    try:
+        target = REGISTRY[name]
+    except KeyError:
+        raise SystemExit(f"unknown experiment {name!r}; known: {', '.join(REGISTRY)}") from None
+    module, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+# -- running -----------------------------------------------------------------------------
+
+def _fmt_s(s: float) -> str:
+    s = max(0, int(round(s)))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+class Progress:
+    """``[k/N] label ... ETA`` from each point's estimate, scaled by how long the finished
+    points took against their estimates."""
+
+    def __init__(self, points: list[Point], out=sys.stdout) -> None:
+        self.points, self.out = points, out
+        self.done_est = self.done_real = 0.0
+        self.t0 = time.monotonic()
+
+    def total_estimate(self) -> float:
+        return sum(p.est_s for p in self.points)
+
+    def start(self, k: int) -> None:
+        left = sum(p.est_s for p in self.points[k:])
+        scale = self.done_real / self.done_est if self.done_est else 1.0
+        print(f"[{k + 1}/{len(self.points)}] {self.points[k].label()}  "
+              f"(elapsed {_fmt_s(time.monotonic() - self.t0)}, ETA {_fmt_s(left * scale)})",
+              file=self.out, flush=True)
+
+    def finish(self, k: int, took: float) -> None:
+        self.done_est += self.points[k].est_s
+        self.done_real += took
+
+
+def result_dir(name: str, preset: str, root: str) -> str:
+    path = os.path.join(root, time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f"-{name}-{preset}")
+    os.makedirs(path, exist_ok=False)
+    return path
+
+
+def write_meta(outdir: str, meta: dict) -> None:
+    with open(os.path.join(outdir, "meta.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+        f.write("\n")
+
+
+def run(exp: Experiment, preset: str = "smoke", out: str = "results", overrides: dict | None = None,
+        allow_dirty: bool = False, keep_server_stats: bool = False, stream=sys.stdout) -> str:
+    """Run one experiment; return its results directory.  Raises RuntimeError if any point
+    failed (after writing everything that was measured)."""
+    if preset not in exp.presets:
+        raise SystemExit(f"experiment {exp.name} has no preset {preset!r} "
+                         f"(it has: {', '.join(exp.presets)})")
+    params = {**exp.presets[preset], **(overrides or {})}
+    points = exp.plan(params)   # may note in params what it had to leave out, and why
+    meta = provenance.collect(exp.name, preset, {"params": params})
+    if preset in CLEAN_PRESETS and meta["code"]["dirty"]:
+        if not allow_dirty:
+            raise SystemExit(f"refusing a {preset} run of {exp.name} on a dirty tree "
+                             f"({len(meta['code']['changed'])} changed paths, e.g. "
+                             f"{meta['code']['changed'][:3]}): commit first, or pass "
+                             "--allow-dirty (the run is then marked dirty in meta.json)")
+        print(f"WARNING: dirty tree: {exp.name} {preset} results are marked dirty",
+              file=stream, flush=True)
+    outdir = result_dir(exp.name, preset, out)
+    write_meta(outdir, meta)
+    ctx = Context(outdir, params, keep_server_stats=keep_server_stats)
+    progress = Progress(points, stream)
+    print(f"{exp.name} ({preset}): {len(points)} runs, about "
+          f"{_fmt_s(progress.total_estimate())}; results: {outdir}", file=stream, flush=True)
+    records, failed = [], 0
+    with bench_lock(), open(os.path.join(outdir, "records.jsonl"), "w") as rf:
+        for k, point in enumerate(points):
+            progress.start(k)
+            t = time.monotonic()
+            try:
+                rec = exp.run_point(point, ctx)
+            except Exception as exc:  # noqa: BLE001 - recorded, the run goes on
+                failed += 1
+                rec = {"error": f"{type(exc).__name__}: {exc}",
+                       "traceback": traceback.format_exc()[-4000:]}
+                print(f"  FAILED: {rec['error'].splitlines()[0]}", file=stream, flush=True)
+            finally:
+                ctx.cleanup()
+            rec = {"config": point.config, "rep": point.rep, "params": point.params, **rec}
+            records.append(rec)
+            rf.write(json.dumps(rec) + "\n")
+            rf.flush()
+            progress.finish(k, time.monotonic() - t)
+            _print_point(rec, stream)
+    finish(exp, records, params, ctx, meta, failed, stream)
+    if failed:
+        raise RuntimeError(f"{failed} of {len(points)} points of {exp.name} failed; "
+                           f"see {os.path.join(outdir, 'records.jsonl')}")
+    return outdir
+
+
+def finish(exp: Experiment, records: list[dict], params: dict, ctx: Context, meta: dict,
+           failed: int, stream=sys.stdout) -> Summary:
+    """Summary, pyperf JSON, figures, meta completion: also used to rebuild them from a
+    results directory's records (``parallelnet experiment rebuild DIR``)."""
+    outdir = ctx.outdir
+    good = [r for r in records if "error" not in r]
+    summary = exp.summarize(good, params)
+    with open(os.path.join(outdir, "summary.json"), "w") as f:
+        json.dump(summary.to_dict(), f, indent=1, sort_keys=True)
+        f.write("\n")
+    with open(os.path.join(outdir, "summary.md"), "w") as f:
+        f.write(f"# {exp.title} ({meta.get('preset')})\n\n" + summary.markdown())
+    if exp.pyperf_value is not None:
+        write_pyperf(os.path.join(outdir, "pyperf.json"), exp, good)
+    figs = []
+    if exp.figures is not None:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            print("matplotlib not installed: no figures (pip install 'parallelnet[plot]')",
+                  file=stream)
+        else:
+            figs = exp.figures(summary, good, ctx)
+    meta.update(ended=provenance.utc_now(), outcome="ok" if not failed else f"{failed} points failed",
+                points=len(records), failed=failed, figures=[os.path.basename(p) for p in figs])
+    write_meta(outdir, meta)
+    servers = os.path.join(outdir, "servers")
+    if os.path.isdir(servers) and not os.listdir(servers):
+        shutil.rmtree(servers)
+    print("\n" + summary.text(), file=stream)
+    for p in figs:
+        print(f"figure: {p}", file=stream)
+    print(f"results: {outdir}", file=stream, flush=True)
+    return summary
+
+
+def _print_point(rec: dict, stream) -> None:
+    if "error" in rec:
+        return
+    srv, cli = rec.get("server") or {}, rec.get("client") or {}
+    lat = cli.get("latency_us") or {}
+    cpu = srv.get("cpu_us_per_req")
+    print(f"  {rec.get('rps', 0):9.0f}/s  server {cpu if cpu is not None else float('nan'):7.2f} us/req "
+          f"(cpu {100 * srv.get('cpu_util', 0):3.0f}%)  client cpu {100 * cli.get('cpu_util', 0):3.0f}%  "
+          f"p50 {lat.get('p50', 0):7.0f} p99 {lat.get('p99', 0):7.0f} us  bound {rec.get('bound')}"
+          f"{'  NOISY' if (rec.get('noise') or {}).get('noisy') else ''}"
+          f"{'  RATE NOT MET' if cli.get('mode') == 'open' and not cli.get('rate_met') else ''}",
+          file=stream, flush=True)
+
+
+def write_pyperf(path: str, exp: Experiment, records: list[dict]) -> None:
+    """One pyperf benchmark per configuration, one pyperf run per repetition.
+
+    The value is seconds (of server CPU) per unit of work and ``loops`` the number of
+    units, so pyperf's raw value is the window's total server CPU.  pyperf's own metadata
+    is collected, with the interpreter path made relative, plus ours: the point's
+    parameters, its bottleneck and its noise figures.
+    """
+    import pyperf
+
+    by_config: dict[str, list] = {}
+    host = provenance.host_hash()
+    for rec in records:
+        got = exp.pyperf_value(rec)
+        if not got:
+            continue
+        value, loops = got
+        meta = {"name": f"{exp.name}/{rec['config']}", "unit": "second", "loops": max(1, int(loops)),
+                "rep": rec["rep"], "bound": str(rec.get("bound")),
+                "noisy": str(bool((rec.get("noise") or {}).get("noisy"))).lower()}
+        for k, v in rec["params"].items():
+            if isinstance(v, (str, int, float)) and not isinstance(v, bool):
+                meta[f"p_{k}"] = v
+            else:
+                meta[f"p_{k}"] = json.dumps(v)
+        noise = rec.get("noise") or {}
+        meta["steal_max"] = round(float(noise.get("steal_max", 0.0)), 4)
+        meta["others_cpu"] = round(float(noise.get("others_cpu", 0.0)), 4)
+        # Given keys win over collected ones: no absolute interpreter path, no host name.
+        meta["python_executable"] = provenance.relative_argv([sys.executable])[0]
+        meta["hostname"] = host
+        run = pyperf.Run([value], metadata=meta, collect_metadata=True)
+        by_config.setdefault(rec["config"], []).append(run)
+    benches = [pyperf.Benchmark(runs) for runs in by_config.values()]
+    if benches:
+        pyperf.BenchmarkSuite(benches).dump(path, replace=True)
+
+
+def available_backends(names) -> tuple[list[str], dict[str, str]]:
+    """(the available ones among ``names`` — "all" for every registered backend — and
+    {name: why not} for the others).  Summaries list the skipped ones with the reason."""
+    from parallelnet.backends.base import registry
+
+    reg = registry()
+    wanted = list(reg) if names in ("all", None) else list(names)
+    ok, skipped = [], {}
+    for name in wanted:
+        cls = reg.get(name)
+        if cls is None:
+            skipped[name] = "not registered"
+            continue
+        avail = cls.probe()
+        if avail:
+            ok.append(name)
+        else:
+            skipped[name] = avail.reason
+    return ok, skipped
+
+
+def load_records(outdir: str) -> list[dict]:
+    with open(os.path.join(outdir, "records.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def rotated(configs: list, rep: int) -> list:
+    """Rotate the order of configurations by repetition (each goes first once in a while)."""
+    k = rep % len(configs) if configs else 0
+    return configs[k:] + configs[:k]

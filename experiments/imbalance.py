@@ -1,0 +1,345 @@
+"""imbalance: does an overloaded CPU win fewer accept races, so that load evens out by itself?
+
+The design's central claim, as a dose-response.  Two workers, one per CPU (worker 0 on the
+first, worker 1 on the second); a CPU hog (experiments.hog) with a duty cycle of 0, 25, 50,
+75 or 100% pinned to worker 0's CPU; a *light* open-loop churn client (new connections
+at a fixed rate, one 64-byte echo each, latency from the intended connect time) on the
+second CPU, its own CPU recorded.  For each accept strategy and backend, per worker: the
+share of connections accepted, the share of requests served, CPU, lost races per listen
+wakeup; overall: connections/s, p50/p99/p99.9 and server CPU per connection.
+
+Then the **step**: the hog (100%) switches on halfway through the window; the share of
+connections worker 0 accepts in each 0.25 s stats interval shows whether and how fast
+the load moves.
+
+What the claim predicts: under ``shared`` (and ``exclusive``) worker 0's share falls as
+the duty rises, at little cost in latency; under ``reuseport`` the kernel's hash does not
+know about the hog, so the split stays 50/50 and the hogged worker's connections wait;
+``dispatch`` (least-connections) balances actively.  ``reuseport-cpu`` steers by the CPU
+that processes the SYN, which on loopback is the client's: every connection goes to the
+worker on the client's CPU, hog or not (recorded as the degenerate case it is here).
+
+Limits of the apparatus, stated with the data: on 2 CPUs the client shares worker 1's
+CPU (hence a light client); latency is the client's, not split per worker.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+
+from parallelnet.experiments import analysis
+from parallelnet.experiments.framework import (
+    Context, Experiment, Point, Summary, Table, available_backends, rotated,
+)
+from parallelnet.experiments.harness import read_records
+from parallelnet.experiments.hog import Hog
+from parallelnet.experiments.measure import Layout, measure
+
+STEP = "step"
+
+
+def strategies_for(backend: str, wanted: list[str]) -> list[str]:
+    from parallelnet.backends.base import registry
+    from parallelnet.core.listeners import layout_of
+
+    served = registry()[backend].accept_strategies
+    return [s for s in wanted if layout_of(s) in served]
+
+
+def configs(p: dict) -> list[tuple[str, str]]:
+    backends, skipped = available_backends(p["backends"])
+    p["skipped"] = skipped
+    out = []
+    for b in backends:
+        out += [(b, s) for s in strategies_for(b, p["strategies"])]
+    p["ran"] = [f"{b}/{s}" for b, s in out]
+    return out
+
+
+def plan(p: dict) -> list[Point]:
+    cfgs = configs(p)
+    per = p["warmup"] + p["duration"] + 1.5
+    points = []
+    for rep in range(p["reps"]):
+        for duty in p["duties"]:
+            for b, s in rotated(cfgs, rep):
+                points.append(Point(f"{b}/{s}/duty={duty:.2f}", rep,
+                                    {"backend": b, "strategy": s, "duty": duty}, est_s=per))
+        if p.get("step"):
+            for b, s in rotated(cfgs, rep):
+                points.append(Point(f"{b}/{s}/{STEP}", rep,
+                                    {"backend": b, "strategy": s, "duty": 1.0, "step": True},
+                                    est_s=p["warmup"] + p["step_duration"] + 1.5))
+    return points
+
+
+def two_cpu_layout() -> Layout:
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        raise RuntimeError("imbalance needs two CPUs (worker 0's, with the hog, and worker 1's)")
+    return Layout(server=cpus[:2], client=[cpus[1]])
+
+
+def run_point(point: Point, ctx: Context) -> dict:
+    from parallelnet.experiments.loadgen import LoadSpec
+
+    p, q = ctx.params, point.params
+    layout = two_cpu_layout()
+    step = bool(q.get("step"))
+    duration = p["step_duration"] if step else p["duration"]
+    args = ["--backend", q["backend"], "--accept", q["strategy"], "--workers", "2",
+            "--cpus", ",".join(map(str, layout.server)), "--message-size", str(p["size"])]
+    if q["strategy"] == "dispatch":
+        args += ["--dispatch-policy", p.get("dispatch_policy", "least-connections")]
+    tag = point.label().replace("/", "_").replace(" ", "-")
+    srv = ctx.server(args, tag, cpus=layout.server)
+    try:
+        # The hog runs on worker 0's CPU; in the step it switches on halfway through the
+        # window (its process is started now, so no start-up lands inside the window).
+        delay = p["warmup"] + duration / 2 if step else 0.0
+        with Hog(layout.server[0], q["duty"], seconds=delay + duration + p["warmup"] + 5,
+                 delay=delay) as hog:
+            if not step and q["duty"]:
+                time.sleep(0.2)   # the hog is spinning before the load starts
+            spec = LoadSpec(host=srv.host, port=srv.port, mode="churn", rate=p["rate"],
+                            connections=p["connections"], cpus=layout.client, size=p["size"],
+                            duration=duration, warmup=p["warmup"])
+            t_start = time.monotonic()
+            rec = measure(srv, spec, layout, extra_pids=(hog.pid,) if hog.pid else ())
+        if step:
+            t0 = t_start + p["warmup"] - srv.t_listen
+            rec["series"] = share_series(srv.stats_path, t0, t0 + duration)
+            rec["step_at"] = duration / 2
+    finally:
+        ctx.stop_server(srv)
+    ws = rec.get("workers") or []
+    acc = [w["accepted"] for w in ws]
+    req = [w["requests"] for w in ws]
+    cpu = [w["cpu_ns"] / 1e9 for w in ws]
+    rec["accepted"] = acc
+    rec["accept_share"] = [a / sum(acc) if sum(acc) else None for a in acc]
+    rec["request_share"] = [r / sum(req) if sum(req) else None for r in req]
+    rec["worker_cpu_util"] = [c / rec["window_s"] for c in cpu]
+    rec["lost_per_wakeup"] = [w["lost_races"] / w["listen_wakeups"] if w["listen_wakeups"] else None
+                              for w in ws]
+    return rec
+
+
+def share_series(stats_path: str, t0: float, t1: float) -> list:
+    """[[t since the window started, worker 0's share of the connections accepted in that
+    stats interval, connections in it]] for each interval inside [t0, t1]."""
+    recs = [r for r in read_records(stats_path) if r["type"] == "interval" and t0 <= r["t"] <= t1]
+    out = []
+    for a, b in zip(recs, recs[1:]):
+        got = [wb["accepted"] - wa["accepted"] for wa, wb in zip(a["workers"], b["workers"])]
+        if sum(got):
+            out.append([round(b["t"] - t0, 3), round(got[0] / sum(got), 4), sum(got)])
+    return out
+
+
+def pyperf_value(rec: dict):
+    cpu = (rec.get("server") or {}).get("cpu_us_per_req")
+    return (cpu / 1e6, rec["requests"]) if cpu is not None else None
+
+
+# -- summary ------------------------------------------------------------------------------
+
+def _w0(r):
+    return r["accept_share"][0] if r.get("accept_share") and r["accept_share"][0] is not None else None
+
+
+def _by(records, **kw):
+    return [r for r in records if all(r["params"].get(k) == v for k, v in kw.items())]
+
+
+def _med(vals):
+    vals = [v for v in vals if v is not None]
+    return statistics.median(vals) if vals else None
+
+
+def paired_delta(records, b, s, key, d_hi, d_lo, ratio=False):
+    """key(duty d_hi) - key(duty d_lo) (or their ratio) paired within each repetition."""
+    hi = {r["rep"]: key(r) for r in _by(records, backend=b, strategy=s, duty=d_hi) if not r["params"].get("step")}
+    lo = {r["rep"]: key(r) for r in _by(records, backend=b, strategy=s, duty=d_lo) if not r["params"].get("step")}
+    reps = sorted(k for k in set(hi) & set(lo) if hi[k] is not None and lo[k] is not None)
+    if ratio:
+        vals = [hi[k] / lo[k] for k in reps if lo[k]]
+        return analysis.ratio_summary(vals)
+    vals = [hi[k] - lo[k] for k in reps]
+    if not vals:
+        return None
+    ci = analysis.bootstrap_ci(vals)
+    return {"median": statistics.median(vals), "ci95": list(ci), "n": len(vals),
+            "min": min(vals), "max": max(vals)}
+
+
+def summarize(records: list[dict], p: dict) -> Summary:
+    s = Summary()
+    steady = [r for r in records if not r["params"].get("step")]
+    duties = p["duties"]
+    cfgs = p.get("ran") or sorted({f"{r['params']['backend']}/{r['params']['strategy']}" for r in steady})
+    rows = []
+    for cfg in cfgs:
+        b, st = cfg.split("/", 1)
+        cells = []
+        for d in duties:
+            rs = _by(steady, backend=b, strategy=st, duty=d)
+            used, _, _ = analysis.prefer_quiet(rs, lambda r: r["noise"]["noisy"])
+            mr = analysis.median_range(_w0(r) for r in used)
+            s.values[f"share.{cfg}.{d:.2f}"] = mr
+            cells.append(f"{100 * mr['median']:.0f}% ({100 * mr['min']:.0f}–{100 * mr['max']:.0f})" if mr else "–")
+        delta = paired_delta(steady, b, st, _w0, max(duties), min(duties)) if len(duties) > 1 else None
+        s.values[f"delta_share.{cfg}"] = delta
+        rows.append([b, st, *cells,
+                     f"{100 * delta['median']:+.1f} pp [{100 * delta['ci95'][0]:+.1f}, {100 * delta['ci95'][1]:+.1f}] n={delta['n']}"
+                     if delta else "–"])
+    s.tables.append(Table(
+        "Worker 0's share of accepted connections vs the hog's duty on its CPU",
+        ["backend", "strategy"] + [f"duty {100 * d:.0f}%" for d in duties]
+        + [f"Δ share {100 * max(duties):.0f}% − {100 * min(duties):.0f}% (paired, 95% CI)"], rows,
+        note="Median (min–max) over repetitions. 50% = an even split."))
+    rows = []
+    for cfg in cfgs:
+        b, st = cfg.split("/", 1)
+        for d in (min(duties), max(duties)):
+            rs = _by(steady, backend=b, strategy=st, duty=d)
+            if not rs:
+                continue
+            used, dropped, all_noisy = analysis.prefer_quiet(rs, lambda r: r["noise"]["noisy"])
+            lat = {k: _med(r["client"]["latency_us"].get(k) for r in used) for k in ("p50", "p99", "p99.9")}
+            reqshare = _med(r["request_share"][0] for r in used if r.get("request_share"))
+            lost = [_med(r["lost_per_wakeup"][i] for r in used if r.get("lost_per_wakeup")) for i in (0, 1)]
+            util = [_med(r["worker_cpu_util"][i] for r in used if r.get("worker_cpu_util")) for i in (0, 1)]
+            cpu = _med(r["server"]["cpu_us_per_req"] for r in used)
+            rate = _med(r["rps"] for r in used)
+            ccpu = _med(r["client"]["cpu_util"] for r in used)
+            met = all(r["client"]["rate_met"] for r in used)
+            s.values[f"cost.{cfg}.{d:.2f}"] = {"lat": lat, "cpu_us_per_conn": cpu, "conn_rate": rate,
+                                               "lost_per_wakeup": lost, "worker_util": util}
+            rows.append([b, st, f"{100 * d:.0f}%", f"{rate:.0f}" + ("" if met else " (rate not met)"),
+                         f"{100 * reqshare:.0f}%" if reqshare is not None else "–",
+                         f"{cpu:.1f}" if cpu is not None else "–",
+                         " / ".join(f"{100 * u:.0f}%" if u is not None else "–" for u in util),
+                         " / ".join(f"{x:.3f}" if x is not None else "n/a" for x in lost),
+                         f"{lat['p50']:.0f}", f"{lat['p99']:.0f}", f"{lat['p99.9']:.0f}",
+                         f"{100 * ccpu:.0f}%" + (" noisy" if all_noisy else "")])
+        ratio = paired_delta(steady, b, st, lambda r: r["client"]["latency_us"].get("p99"),
+                             max(duties), min(duties), ratio=True)
+        s.values[f"p99_ratio.{cfg}"] = ratio
+    s.tables.append(Table(
+        "What the hog costs: the extremes of the dose",
+        ["backend", "strategy", "duty", "conn/s", "w0 request share", "server µs/conn",
+         "worker CPU w0 / w1", "lost races per listen wakeup w0 / w1", "p50 µs", "p99 µs",
+         "p99.9 µs", "client CPU"], rows,
+        note="Lost races are not observable under io_uring (its accept waits inside the "
+             "kernel): n/a. Latency is the client's, from the intended connect time."))
+    # The step.
+    steps = [r for r in records if r["params"].get("step") and r.get("series")]
+    rows = []
+    for cfg in cfgs:
+        b, st = cfg.split("/", 1)
+        rs = _by(steps, backend=b, strategy=st)
+        if not rs:
+            continue
+        before = _med(_med(x[1] for x in r["series"] if x[0] <= r["step_at"]) for r in rs)
+        after = _med(_med(x[1] for x in r["series"] if x[0] > r["step_at"] + 0.5) for r in rs)
+        settle = _med(settle_time(r) for r in rs)
+        s.values[f"step.{cfg}"] = {"before": before, "after": after, "settle_s": settle}
+        rows.append([b, st, f"{100 * before:.0f}%" if before is not None else "–",
+                     f"{100 * after:.0f}%" if after is not None else "–",
+                     f"{settle:.2f}" if settle is not None else "–", str(len(rs))])
+    if rows:
+        s.tables.append(Table(
+            "The step: worker 0's share before and after a 100% hog switches on mid-run",
+            ["backend", "strategy", "share before", "share after (from +0.5 s)",
+             "settle time s", "n"], rows,
+            note="Settle time: from the step until the first 0.25 s interval whose share is "
+                 "within 5 points of the after-median."))
+    for cfg in cfgs:
+        d = s.values.get(f"delta_share.{cfg}")
+        r = s.values.get(f"p99_ratio.{cfg}")
+        if d:
+            s.findings.append(
+                f"{cfg}: worker 0's share moved {100 * d['median']:+.1f} points "
+                f"[{100 * d['ci95'][0]:+.1f}, {100 * d['ci95'][1]:+.1f}] from duty "
+                f"{100 * min(duties):.0f}% to {100 * max(duties):.0f}%"
+                + (f"; p99 ×{r['median']:.2f} [{r['ci95'][0]:.2f}–{r['ci95'][1]:.2f}]" if r else ""))
+    if p.get("skipped"):
+        s.tables.append(Table("Backends not run", ["backend", "why"],
+                              [[b, why] for b, why in p["skipped"].items()]))
+    return s
+
+
+def settle_time(r: dict) -> float | None:
+    after = [x[1] for x in r["series"] if x[0] > r["step_at"] + 0.5]
+    if not after:
+        return None
+    target = statistics.median(after)
+    for t, share, _ in r["series"]:
+        if t > r["step_at"] and abs(share - target) <= 0.05:
+            return t - r["step_at"]
+    return None
+
+
+def figures(summary: Summary, records: list[dict], ctx: Context) -> list[str]:
+    from parallelnet.experiments import plots
+
+    p = ctx.params
+    cfgs = p.get("ran") or []
+    backends = sorted({c.split("/")[0] for c in cfgs})
+    series, lat = {}, {}
+    for cfg in cfgs:
+        b, st = cfg.split("/", 1)
+        pts, lpts = [], []
+        for d in p["duties"]:
+            mr = summary.values.get(f"share.{cfg}.{d:.2f}")
+            if mr:
+                pts.append((100 * d, 100 * mr["median"], 100 * mr["min"], 100 * mr["max"]))
+            rs = [r for r in _by(records, backend=b, strategy=st, duty=d) if not r["params"].get("step")]
+            p99 = [r["client"]["latency_us"].get("p99") for r in rs]
+            if p99:
+                lpts.append((100 * d, statistics.median(p99), min(p99), max(p99)))
+        series[f"{b}|{st}"] = pts
+        lat[f"{b}|{st}"] = lpts
+    out = [plots.lines(series, f"{ctx.outdir}/imbalance-share.png", "hog duty on worker 0's CPU (%)",
+                       "worker 0's share of accepted connections (%)",
+                       title="Does a busy CPU win fewer accept races? (50% = even split)",
+                       hline=50.0, panels=backends),
+           plots.lines(lat, f"{ctx.outdir}/imbalance-p99.png", "hog duty on worker 0's CPU (%)",
+                       "p99 latency of connect+echo+close (µs)", title="What the imbalance costs",
+                       logy=True, panels=backends)]
+    steps = {}
+    for cfg in cfgs:
+        b, st = cfg.split("/", 1)
+        rs = [r for r in _by(records, backend=b, strategy=st) if r["params"].get("step") and r.get("series")]
+        if rs:
+            r = rs[0]
+            steps[f"{b}|{st}"] = [(x[0] - r["step_at"], 100 * x[1], 100 * x[1], 100 * x[1]) for x in r["series"]]
+    if steps:
+        out.append(plots.lines(steps, f"{ctx.outdir}/imbalance-step.png",
+                               "seconds since the hog switched on", "worker 0's share per 0.25 s (%)",
+                               title="The step (first repetition)", hline=50.0, panels=backends))
+    return out
+
+
+EXPERIMENT = Experiment(
+    name="imbalance", title="Does load even out by itself? A CPU-hog dose-response per accept strategy",
+    presets={
+        "smoke": dict(backends=["epoll"], strategies=["shared", "reuseport"], duties=[0.0, 1.0],
+                      rate=500, connections=32, size=64, reps=1, duration=0.8, warmup=0.3,
+                      step=True, step_duration=1.2),
+        "standard": dict(backends=["epoll", "uring", "native"],
+                         strategies=["shared", "exclusive", "reuseport", "reuseport-cpu", "dispatch"],
+                         duties=[0.0, 0.25, 0.5, 0.75, 1.0], rate=3000, connections=64, size=64,
+                         reps=3, duration=2.0, warmup=0.5, step=True, step_duration=4.0),
+        "full": dict(backends=["epoll", "uring", "native", "uring-py", "uvloop"],
+                     strategies=["shared", "exclusive", "exclusive-rotate", "reuseport",
+                                 "reuseport-cpu", "dispatch"],
+                     duties=[0.0, 0.25, 0.5, 0.75, 1.0], rate=3000, connections=64, size=64,
+                     reps=5, duration=4.0, warmup=1.0, step=True, step_duration=6.0),
+    },
+    plan=plan, run_point=run_point, summarize=summarize, figures=figures,
+    pyperf_value=pyperf_value,
+    description="2 workers, a hog of 0-100% duty on worker 0's CPU, a light open-loop churn client")

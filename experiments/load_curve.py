@@ -1,0 +1,280 @@
+"""load-curve: what each backend costs per request, from light load to saturation.
+
+The figure that ranks backends on a small machine without measuring the client.  One
+worker on the server CPU (CPU 0 on a 2-core box), the C load generator on the other,
+64-byte echo over 16 connections, and for each backend:
+
+1. **calibration**: a short closed-loop run gives each backend's capacity; the open-loop
+   rates are fractions (~10% to ~90%) of the *slowest* backend's capacity, so every
+   backend is measured at the same offered loads, all of them below its capacity;
+2. **open loop** at each of those rates (and at any fixed rate the preset adds, e.g. the
+   40,000 req/s the io_uring issue targets), latency from each request's intended send
+   time (no coordinated omission);
+3. **saturation**: closed loop, one request in flight per connection.
+
+Per point: server CPU per request (exact schedstat total of the server process, with
+the tick-sampled user/sys split), p50/p99/p99.9, the achieved rate, and the bottleneck
+(experiments.measure.bottleneck): a point whose client CPU was saturated is marked and
+never ranked.  Backends alternate within each (repetition, load) in rotated order, a
+fresh server each time; ratios to the baseline (``native``, the C ceiling, and
+``epoll``) are paired within a repetition and given with a bootstrap 95% interval.
+
+``compare`` (``make run``) is this experiment with one fixed rate below every backend's
+capacity plus saturation, every available backend, the ratio to ``native``.
+"""
+
+from __future__ import annotations
+
+import statistics
+
+from parallelnet.experiments import analysis
+from parallelnet.experiments.framework import (
+    Context, Experiment, Point, Summary, Table, available_backends, rotated,
+)
+from parallelnet.experiments.measure import Layout
+
+RANKABLE = ("offered", "server")   # a client-bound point ranks the client, not the server
+
+
+def load_label(kind: str, value) -> str:
+    if kind == "frac":
+        return f"load={value:.2f}"
+    if kind == "rate":
+        return f"rate={int(value)}"
+    return "sat"
+
+
+def plan(p: dict) -> list[Point]:
+    backends, skipped = available_backends(p["backends"])
+    p["skipped"] = skipped
+    p["ran"] = backends
+    per = p["warmup"] + p["duration"] + 0.4
+    points = []
+    if any(k == "frac" for k, _ in p["loads"]):
+        points += [Point(f"calibrate/{b}", 0, {"backend": b, "kind": "calibrate"},
+                         est_s=p["calibrate_s"] + 1.5) for b in backends]
+    for rep in range(p["reps"]):
+        for kind, value in p["loads"]:
+            for b in rotated(backends, rep):
+                points.append(Point(f"{b}/{load_label(kind, value)}", rep,
+                                    {"backend": b, "kind": kind, "value": value}, est_s=per))
+    return points
+
+
+def run_point(point: Point, ctx: Context) -> dict:
+    p, q = ctx.params, point.params
+    layout = Layout.default(1)
+    server = ["--backend", q["backend"], "--workers", "1", "--message-size", str(p["size"]),
+              *p.get("server_args", [])]
+    base = {"connections": p["connections"], "size": p["size"], "warmup": p["warmup"],
+            "duration": p["duration"]}
+    if q["kind"] == "calibrate":
+        rec = ctx.measure(server, {**base, "mode": "closed", "duration": p["calibrate_s"],
+                                   "warmup": 0.3}, layout, point.label().replace("/", "_"))
+        ctx.state.setdefault("capacity", {})[q["backend"]] = rec["rps"]
+        return rec
+    if q["kind"] == "sat":
+        load = {**base, "mode": "closed"}
+    else:
+        rate = q["value"] if q["kind"] == "rate" else q["value"] * capacity_floor(ctx)
+        load = {**base, "mode": "open", "rate": round(rate)}
+    rec = ctx.measure(server, load, layout, point.label().replace("/", "_").replace(" ", "-"))
+    rec["offered"] = load.get("rate")
+    return rec
+
+
+def capacity_floor(ctx: Context) -> float:
+    caps = ctx.state.get("capacity") or {}
+    if not caps:
+        raise RuntimeError("no backend's capacity was measured (every calibration failed)")
+    return min(caps.values())
+
+
+def pyperf_value(rec: dict):
+    cpu = (rec.get("server") or {}).get("cpu_us_per_req")
+    if cpu is None or rec["params"].get("kind") == "calibrate":
+        return None
+    return cpu / 1e6, rec["requests"]
+
+
+# -- summary ------------------------------------------------------------------------
+
+def _cpu(r):
+    return r["server"]["cpu_us_per_req"]
+
+
+def row_stats(rs: list[dict]) -> dict:
+    """The medians (and spread) of one configuration's repetitions."""
+    used, dropped, all_noisy = analysis.prefer_quiet(rs, lambda r: r["noise"]["noisy"])
+    lat = lambda k: statistics.median(r["client"]["latency_us"][k] for r in used)  # noqa: E731
+    bounds = [r["bound"] for r in used]
+    return {
+        "n": len(used), "noisy_dropped": dropped, "all_noisy": all_noisy,
+        "cpu": analysis.median_range(_cpu(r) for r in used),
+        "user": statistics.median(r["server"]["user_us_per_req"] or 0 for r in used),
+        "sys": statistics.median(r["server"]["sys_us_per_req"] or 0 for r in used),
+        "rps": statistics.median(r["rps"] for r in used),
+        "offered": used[0].get("offered"),
+        "p50": lat("p50"), "p99": lat("p99"), "p99.9": lat("p99.9"),
+        "server_util": statistics.median(r["server"]["cpu_util"] for r in used),
+        "client_util": statistics.median(r["client"]["cpu_util"] for r in used),
+        "bound": max(set(bounds), key=bounds.count),
+        "rankable": all(b in RANKABLE for b in bounds),
+        "rate_met": all(r["client"]["rate_met"] for r in used if r["client"]["mode"] == "open"),
+        "errors": sum(r["client"]["errors"] for r in rs),
+    }
+
+
+def paired_ratio(records: list[dict], config_a: str, config_b: str) -> dict | None:
+    """config_a / config_b server CPU per request, paired per repetition, over the
+    repetitions where both were rankable and quiet (all of them if none was quiet)."""
+    def by_rep(cfg):
+        return {r["rep"]: r for r in records if r["config"] == cfg}
+
+    a, b = by_rep(config_a), by_rep(config_b)
+    pairs = [(a[k], b[k]) for k in sorted(set(a) & set(b))
+             if a[k]["bound"] in RANKABLE and b[k]["bound"] in RANKABLE]
+    used, _, _ = analysis.prefer_quiet(pairs, lambda ab: ab[0]["noise"]["noisy"] or ab[1]["noise"]["noisy"])
+    return analysis.ratio_summary([_cpu(x) / _cpu(y) for x, y in used if _cpu(y)])
+
+
+def loads_of(records: list[dict], p: dict) -> list[str]:
+    return [load_label(k, v) for k, v in p["loads"]]
+
+
+def summarize(records: list[dict], p: dict) -> Summary:
+    curve = [r for r in records if r["params"].get("kind") != "calibrate"]
+    backends = p.get("ran") or sorted({r["params"]["backend"] for r in curve})
+    baselines = [b for b in p.get("baselines", ["native", "epoll"]) if b in backends]
+    s = Summary()
+    caps = {r["params"]["backend"]: r["rps"] for r in records if r["params"].get("kind") == "calibrate"}
+    if caps:
+        floor = min(caps.values())
+        s.values["capacity_floor"] = floor
+        s.values["capacity"] = caps
+        s.tables.append(Table(
+            "Calibration: closed-loop capacity (req/s), one worker",
+            ["backend", "req/s", "bound"],
+            [[b, f"{caps[b]:.0f}", next(r["bound"] for r in records if r["config"] == f"calibrate/{b}")]
+             for b in sorted(caps, key=caps.get)],
+            note=f"Open-loop rates are fractions of the slowest: {floor:.0f} req/s."))
+    rows, stats = [], {}
+    for load in loads_of(curve, p):
+        for b in backends:
+            rs = [r for r in curve if r["config"] == f"{b}/{load}"]
+            if not rs:
+                continue
+            st = stats[(b, load)] = row_stats(rs)
+            cpu = st["cpu"]
+            ratio_cells = []
+            for base in baselines:
+                if base == b:
+                    ratio_cells.append("1")
+                    continue
+                rr = paired_ratio(curve, f"{b}/{load}", f"{base}/{load}")
+                if rr:
+                    s.values[f"ratio.{b}.vs.{base}.{load}"] = rr
+                ratio_cells.append(analysis.fmt_ratio(rr) if rr else
+                                   ("not ranked (" + st["bound"] + "-bound)" if not st["rankable"] else "–"))
+            s.values[f"cpu.{b}.{load}"] = cpu
+            s.values[f"lat.{b}.{load}"] = {k: st[k] for k in ("p50", "p99", "p99.9")}
+            s.values[f"bound.{b}.{load}"] = st["bound"]
+            flags = []
+            if not st["rankable"]:
+                flags.append(f"{st['bound']}-bound")
+            if not st["rate_met"]:
+                flags.append("rate not met")
+            if st["all_noisy"]:
+                flags.append("noisy")
+            elif st["noisy_dropped"]:
+                flags.append(f"{st['noisy_dropped']} noisy dropped")
+            rows.append([load, b, str(st["n"]),
+                         f"{cpu['median']:.2f} ({cpu['min']:.2f}–{cpu['max']:.2f})" if cpu else "–",
+                         f"{st['user']:.2f}/{st['sys']:.2f}", f"{st['rps']:.0f}",
+                         f"{st['p50']:.0f}", f"{st['p99']:.0f}", f"{st['p99.9']:.0f}",
+                         f"{100 * st['server_util']:.0f}/{100 * st['client_util']:.0f}",
+                         *ratio_cells, ", ".join(flags) or "ok"])
+    s.tables.append(Table(
+        "Server CPU per request and latency by offered load",
+        ["load", "backend", "n", "server µs/req (min–max)", "user/sys µs", "req/s", "p50 µs",
+         "p99 µs", "p99.9 µs", "CPU % srv/cli"] + [f"× {b} (paired, 95% CI)" for b in baselines]
+        + ["flags"], rows,
+        note="load=F: open loop at F × the slowest backend's capacity; rate=R: open loop at R "
+             "req/s; sat: closed loop.  Ratios are paired within each repetition; a point whose "
+             "client (or both sides) was saturated is not ranked."))
+    if p.get("skipped"):
+        s.tables.append(Table("Backends not run", ["backend", "why"],
+                              [[b, why] for b, why in p["skipped"].items()]))
+    # Findings: the ranking at each load where every row is rankable.
+    for load in loads_of(curve, p):
+        ranked = [(stats[(b, load)]["cpu"]["median"], b) for b in backends
+                  if (b, load) in stats and stats[(b, load)]["rankable"] and stats[(b, load)]["cpu"]]
+        unranked = [b for b in backends if (b, load) in stats and not stats[(b, load)]["rankable"]]
+        if ranked:
+            order = " < ".join(f"{b} {c:.2f}" for c, b in sorted(ranked))
+            s.findings.append(f"{load}: server µs/request {order}"
+                              + (f" (not ranked, client-bound or both: {', '.join(unranked)})"
+                                 if unranked else ""))
+    return s
+
+
+def figures(summary: Summary, records: list[dict], ctx: Context) -> list[str]:
+    from parallelnet.experiments import plots
+
+    p = ctx.params
+    curve = [r for r in records if r["params"].get("kind") != "calibrate"]
+    backends = p.get("ran") or sorted({r["params"]["backend"] for r in curve})
+    series = {}
+    for b in backends:
+        pts = []
+        for load in loads_of(curve, p):
+            rs = [r for r in curve if r["config"] == f"{b}/{load}"]
+            if not rs:
+                continue
+            st = row_stats(rs)
+            pts.append({"x": st["rps"], "cpu": st["cpu"], "p99": st["p99"], "sat": load == "sat",
+                        "rankable": st["rankable"]})
+        series[b] = pts
+    return [plots.load_curves(series, f"{ctx.outdir}/load-curve.png",
+                              title=f"{p['size']} B echo, {p['connections']} connections, one worker")]
+
+
+def _experiment(name: str, title: str, presets: dict, description: str, cited=True) -> Experiment:
+    return Experiment(name=name, title=title, presets=presets, plan=plan, run_point=run_point,
+                      summarize=summarize, figures=figures, pyperf_value=pyperf_value,
+                      cited=cited, description=description)
+
+
+FRACTIONS = [("frac", f) for f in (0.1, 0.3, 0.5, 0.7, 0.9)]
+
+EXPERIMENT = _experiment(
+    "load-curve", "Server CPU per request and latency vs offered load",
+    {
+        "smoke": dict(backends=["epoll", "native"], size=64, connections=16, reps=1,
+                      loads=[("frac", 0.2), ("sat", None)], duration=0.6, warmup=0.3,
+                      calibrate_s=0.6, baselines=["native", "epoll"]),
+        "standard": dict(backends="all", size=64, connections=16, reps=3,
+                         loads=FRACTIONS + [("rate", 40000), ("sat", None)], duration=2.0,
+                         warmup=0.5, calibrate_s=1.5, baselines=["native", "epoll"]),
+        "full": dict(backends="all", size=64, connections=16, reps=5,
+                     loads=[("frac", f) for f in (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)]
+                     + [("rate", 40000), ("sat", None)], duration=4.0, warmup=1.0,
+                     calibrate_s=2.0, baselines=["native", "epoll"]),
+    },
+    "open loop at fractions of the slowest backend's capacity, then saturation; every backend")
+
+COMPARE = _experiment(
+    "compare", "Every backend at one fixed rate and at saturation (make run)",
+    {
+        "smoke": dict(backends=["epoll", "native"], size=64, connections=16, reps=1,
+                      loads=[("rate", 10000), ("sat", None)], duration=0.5, warmup=0.3,
+                      calibrate_s=0, baselines=["native"]),
+        "standard": dict(backends="all", size=64, connections=16, reps=3,
+                         loads=[("rate", 20000), ("sat", None)], duration=1.0, warmup=0.3,
+                         calibrate_s=0, baselines=["native"]),
+        "full": dict(backends="all", size=64, connections=16, reps=5,
+                     loads=[("rate", 20000), ("sat", None)], duration=3.0, warmup=0.5,
+                     calibrate_s=0, baselines=["native"]),
+    },
+    "every available backend at 20,000 req/s (below every backend's capacity) and at "
+    "saturation, with the paired ratio to native", cited=False)

@@ -1,0 +1,267 @@
+"""One measured load point: a running server, one load generator run, everything the kernel says.
+
+:func:`measure` runs the C load generator in a thread (it releases the GIL for the whole
+run) and, from this thread, snapshots ``/proc`` exactly at the start and the end of the
+generator's measured window (after its warm-up).  The window is what every figure of the
+record refers to.
+
+Kernel facts relied on:
+
+* ``/proc/PID/task/TID/schedstat`` field 1 is the task's time on a CPU in ns (exact, not
+  sampled).  Summed over every task of the server's process tree it is the **server
+  CPU**: workers, the main thread, a dispatcher, SQPOLL or io-wq kernel threads of the
+  process (``iou-sqp-*`` and ``iou-wrk-*`` are tasks of the process that owns the ring).
+* ``/proc/PID/stat`` fields 14/15 (utime/stime, ticks of ``USER_HZ``) cover every thread
+  the process ever had; the kernel apportions them by sampling at the tick, so the
+  user/sys split is approximate (±1 tick per process per window) while the schedstat
+  total is exact.
+* ``/proc/PID/task/TID/status`` ``voluntary_ctxt_switches`` counts the times a thread
+  slept (blocked in a wait); ``nonvoluntary_ctxt_switches`` the times it was preempted.
+  A woken epoll waiter that finds nothing to do and sleeps again inside ``epoll_wait``
+  never returns to user space, so it shows here and nowhere else.
+* ``/proc/stat`` per-CPU jiffies say how busy each CPU was (harness.NoiseProbe), which is
+  what decides the **bottleneck** of a point (:func:`bottleneck`).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+
+from parallelnet.experiments.harness import (
+    NoiseProbe, ServerHandle, _descendants, all_processes, read_records, window,
+)
+
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+BUSY = 0.90   # a CPU busy at least this fraction of the window counts as saturated
+
+
+@dataclass
+class Layout:
+    """Which CPUs the server's workers and the load generator's threads run on."""
+
+    server: list[int]
+    client: list[int]
+
+    @property
+    def shared(self) -> bool:
+        return bool(set(self.server) & set(self.client))
+
+    @classmethod
+    def default(cls, workers: int = 1) -> "Layout":
+        """The 2-core rule generalised: the client takes the last CPU (the last half on a
+        bigger machine), the server the others; with more workers than server CPUs the
+        workers wrap around the server CPUs (several per CPU)."""
+        cpus = sorted(os.sched_getaffinity(0))
+        if len(cpus) == 1:
+            return cls(cpus, cpus)
+        half = max(1, len(cpus) // 2) if len(cpus) > 2 else 1
+        client = cpus[-half:]
+        server = [c for c in cpus if c not in client]
+        return cls(server, client)
+
+
+def _tasks(pids) -> list[tuple[int, int]]:
+    out = []
+    for pid in pids:
+        try:
+            out += [(pid, int(t)) for t in os.listdir(f"/proc/{pid}/task")]
+        except OSError:
+            continue
+    return out
+
+
+def _schedstat_ns(pid: int, tid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _proc_ticks(pid: int) -> tuple[int, int]:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return 0, 0
+    fields = raw[raw.rindex(b")") + 2:].split()
+    return int(fields[11]), int(fields[12])
+
+
+def ctx_switches(pid: int, tid: int) -> tuple[int, int]:
+    """(voluntary, nonvoluntary) context switches of one thread; (0, 0) once it is gone."""
+    vol = inv = 0
+    try:
+        with open(f"/proc/{pid}/task/{tid}/status") as f:
+            for line in f:
+                if line.startswith("voluntary_ctxt_switches"):
+                    vol = int(line.split()[1])
+                elif line.startswith("nonvoluntary_ctxt_switches"):
+                    inv = int(line.split()[1])
+    except OSError:
+        pass
+    return vol, inv
+
+
+@dataclass
+class TreeSample:
+    """CPU of a process tree at one instant."""
+
+    t: float
+    cpu_ns: int
+    user_ticks: int
+    sys_ticks: int
+    ctx: dict = field(default_factory=dict)   # (pid, tid) of a worker -> (vol, invol)
+
+    @classmethod
+    def take(cls, root: int, workers: list[tuple[int, int]]) -> "TreeSample":
+        pids = sorted(_descendants([root], {p: v for p, v in all_processes().items()}))
+        cpu = sum(_schedstat_ns(p, t) for p, t in _tasks(pids))
+        ut = st = 0
+        for p in pids:
+            u, s = _proc_ticks(p)
+            ut, st = ut + u, st + s
+        return cls(time.monotonic(), cpu, ut, st, {w: ctx_switches(*w) for w in workers})
+
+
+def worker_tasks(stats_path: str) -> list[tuple[int, int]]:
+    """(pid, tid) of every worker, in worker order, from the server's stats records."""
+    for rec in read_records(stats_path):
+        ws = rec.get("workers") or []
+        if ws and all(w.get("tid") for w in ws):
+            return [(w["pid"], w["tid"]) for w in ws]
+    return []
+
+
+def bottleneck(per_cpu: dict, layout: Layout, open_loop: bool, rate_met: bool) -> str:
+    """What limited this point, from how busy each CPU was over the window.
+
+    * ``offered``: an open loop that met its rate with no CPU saturated: the numbers
+      describe the server at that load, not a limit;
+    * ``server`` / ``client``: the CPUs of that side were saturated (at least BUSY) and
+      the other side's were not;
+    * ``both``: both sides saturated (or they share a saturated CPU);
+    * ``neither``: nothing saturated yet the rate was not met (latency-bound: too few
+      connections in flight for the rate).
+
+    A run ranked on a ``client`` or ``both`` point ranks the client: summaries mark those
+    rows and never rank backends on them.
+    """
+    def busy(cpus):
+        vals = [per_cpu.get(f"cpu{c}", {}).get("busy", 0.0) for c in cpus]
+        return max(vals) if vals else 0.0
+
+    srv, cli = busy(layout.server), busy(layout.client)
+    srv_sat, cli_sat = srv >= BUSY, cli >= BUSY
+    if open_loop and rate_met and not (srv_sat or cli_sat):
+        return "offered"
+    if srv_sat and cli_sat:
+        return "both"
+    if srv_sat:
+        return "server"
+    if cli_sat:
+        return "client"
+    return "offered" if open_loop and rate_met else "neither"
+
+
+def measure(srv: ServerHandle, spec, layout: Layout, extra_pids: tuple = (),
+            per_worker: bool = True) -> dict:
+    """Run ``spec`` (a loadgen.LoadSpec) against ``srv`` and return one record.
+
+    CPU figures are deltas between two snapshots taken at the start and the end of the
+    generator's measured window; ``requests`` is what the generator completed in it.
+    """
+    from parallelnet.experiments.loadgen import run
+
+    workers = worker_tasks(srv.stats_path)
+    result: dict = {}
+
+    def client():
+        try:
+            result["lg"] = run(spec)
+        except BaseException as exc:  # noqa: BLE001 - re-raised below, in this thread
+            result["error"] = exc
+
+    probe = NoiseProbe([os.getpid(), srv.proc.pid, *extra_pids])
+    th = threading.Thread(target=client, name="loadgen", daemon=True)
+    t_start = time.monotonic()
+    th.start()
+    _sleep_until(t_start + spec.warmup)
+    probe.start()
+    a = TreeSample.take(srv.proc.pid, workers)
+    _sleep_until(t_start + spec.warmup + spec.duration)
+    b = TreeSample.take(srv.proc.pid, workers)
+    noise = probe.stop()
+    th.join(spec.timeout + spec.warmup + spec.duration + 30)
+    if th.is_alive():
+        raise RuntimeError("load generator did not return (it is bounded by its timeout; "
+                           "this is a bug)")
+    if "error" in result:
+        raise result["error"]
+    lg = result["lg"]
+    wall = b.t - a.t
+    req = lg.requests
+    cpu_s = (b.cpu_ns - a.cpu_ns) / 1e9
+    user_s = (b.user_ticks - a.user_ticks) / _CLK_TCK
+    sys_s = (b.sys_ticks - a.sys_ticks) / _CLK_TCK
+    split = user_s + sys_s
+    # The tick-sampled split, scaled to the exact total (schedstat).
+    user_share = user_s / split if split else 0.0
+    client_cpu = lg.client_cpu_user_s + lg.client_cpu_sys_s
+    rec = {
+        "window_s": wall,
+        "requests": req,
+        "rps": lg.rps,
+        "server": {
+            "cpu_s": cpu_s, "cpu_util": cpu_s / wall if wall else 0.0,
+            "cpu_us_per_req": cpu_s * 1e6 / req if req else None,
+            "user_us_per_req": cpu_s * user_share * 1e6 / req if req else None,
+            "sys_us_per_req": cpu_s * (1 - user_share) * 1e6 / req if req else None,
+            "ticks_user": user_s, "ticks_sys": sys_s,
+        },
+        "client": {
+            "mode": spec.mode, "rate": getattr(spec, "rate", 0.0), "rate_met": lg.rate_met,
+            "achieved": lg.achieved_rate, "latency_us": lg.latency,
+            "latency_max_us": lg.latency_max_us, "errors": lg.errors_total,
+            "errors_by_kind": {k: v for k, v in lg.errors.items() if v},
+            "backlog": lg.backlog, "scheduled": lg.scheduled, "connects": lg.connects,
+            "cpu_s": client_cpu, "cpu_util": client_cpu / spec.duration if spec.duration else 0.0,
+            "cpu_us_per_req": lg.client_cpu_us_per_req, "aborted": lg.aborted,
+            "message": lg.message, "non2xx": lg.non2xx,
+        },
+        "noise": {k: noise[k] for k in ("steal_max", "others_cpu", "kthreads_cpu", "noisy")},
+        "busy": {c: round(v["busy"], 4) for c, v in noise["per_cpu"].items()},
+        "softirq": {c: round(v["softirq"], 4) for c, v in noise["per_cpu"].items()},
+        "bound": bottleneck(noise["per_cpu"], layout, spec.mode == "open" or
+                            (spec.mode == "churn" and getattr(spec, "rate", 0) > 0), lg.rate_met),
+        "layout": {"server": layout.server, "client": layout.client},
+    }
+    if workers:
+        vol = [b.ctx[w][0] - a.ctx[w][0] for w in workers]
+        inv = [b.ctx[w][1] - a.ctx[w][1] for w in workers]
+        rec["server"]["voluntary_cs"] = vol
+        rec["server"]["involuntary_cs"] = inv
+    if per_worker:
+        rec["workers"] = _worker_window(srv, t_start + spec.warmup, t_start + spec.warmup + spec.duration)
+    return rec
+
+
+def _worker_window(srv: ServerHandle, t0: float, t1: float) -> list[dict] | None:
+    """Per-worker counter deltas from the server's own stats records inside [t0, t1]
+    (our monotonic clock, mapped to the server's: seconds since it said "listening")."""
+    try:
+        win = window(srv.stats_path, t0 - srv.t_listen, t1 - srv.t_listen)
+    except RuntimeError:
+        return None
+    return win["workers"]
+
+
+def _sleep_until(t: float) -> None:
+    while True:
+        left = t - time.monotonic()
+        if left <= 0:
+            return
+        time.sleep(min(left, 0.5))

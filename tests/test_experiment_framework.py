@@ -1,0 +1,231 @@
+"""The experiment framework: every experiment under its smoke preset, checked for structure
+and consistency (never for speed), plus the arithmetic and the bookkeeping it relies on."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from parallelnet.experiments import analysis, framework, provenance
+from parallelnet.experiments.legacy import Script
+from parallelnet.experiments.measure import Layout, bottleneck
+
+FRAMEWORK = [n for n in framework.REGISTRY if not isinstance(framework.get(n), Script)]
+
+
+def _run_smoke(name, out, **overrides):
+    exp = framework.get(name)
+    return framework.run(exp, "smoke", str(out), overrides or None, stream=sys.stderr)
+
+
+def _records(d):
+    return framework.load_records(d)
+
+
+@pytest.mark.parametrize("name", FRAMEWORK)
+def test_smoke_preset_runs_and_its_output_is_consistent(name, tmp_path):
+    if name in ("imbalance",) and len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("imbalance needs two CPUs (worker 0's, with the hog, and worker 1's)")
+    outdir = _run_smoke(name, tmp_path)
+    exp = framework.get(name)
+    meta = json.loads(open(os.path.join(outdir, "meta.json")).read())
+    params = meta["params"]
+    # Provenance: a full commit, the dirty flag, versions, the preset, an end.
+    assert len(meta["code"]["commit"]) == 40 and isinstance(meta["code"]["dirty"], bool)
+    assert meta["preset"] == "smoke" and meta["ended"] and meta["outcome"] == "ok"
+    assert meta["versions"]["python"] and "liburing" in meta["versions"]
+    assert not any(a.startswith(provenance.REPO) for a in meta["argv"])
+    # One record per planned point, none failed, every wanted backend ran or has a reason.
+    recs = _records(outdir)
+    assert len(recs) == meta["points"] == len(exp.plan(dict(exp.presets["smoke"])))
+    assert not [r for r in recs if "error" in r]
+    ran = set(params["ran"])
+    assert ran, "nothing ran"
+    for rec in recs:
+        assert rec["requests"] > 0 and rec["client"]["errors"] == 0
+        assert rec["server"]["cpu_us_per_req"] > 0
+        assert rec["bound"] in ("offered", "server", "client", "both", "neither")
+        if rec["client"]["mode"] == "open":
+            assert rec["client"]["achieved"] > 0
+        ws = rec.get("workers")
+        if ws:
+            # Counts add up: the workers' accepts are the server's, shares sum to one.
+            if "accept_share" in rec and sum(rec["accepted"]):
+                assert sum(rec["accept_share"]) == pytest.approx(1.0)
+    summary = json.loads(open(os.path.join(outdir, "summary.json")).read())
+    assert summary["tables"] and all(t["rows"] for t in summary["tables"][:1])
+    assert open(os.path.join(outdir, "summary.md")).read().startswith("# ")
+    # pyperf: one benchmark per configuration, one run per repetition, seconds per request.
+    import pyperf
+
+    suite = pyperf.BenchmarkSuite.load(os.path.join(outdir, "pyperf.json"))
+    for bench in suite.get_benchmarks():
+        assert bench.get_unit() == "second"
+        assert bench.get_nrun() == params["reps"]
+        assert all(0 < v < 0.1 for v in bench.get_values())
+    # Figures, where matplotlib is installed (it is, in CI: the plot extra).
+    figs = meta["figures"]
+    assert figs, "no figure written"
+    for f in figs:
+        assert open(os.path.join(outdir, f), "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_two_runs_of_one_experiment_compare_with_pyperf(tmp_path):
+    a = _run_smoke("compare", tmp_path / "a")
+    b = _run_smoke("compare", tmp_path / "b")
+    res = subprocess.run([sys.executable, "-m", "pyperf", "compare_to", "--table",
+                          os.path.join(a, "pyperf.json"), os.path.join(b, "pyperf.json")],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "compare/native/rate=10000" in res.stdout and "compare/epoll/sat" in res.stdout
+
+
+def test_rebuild_gives_the_same_summary(tmp_path):
+    outdir = _run_smoke("compare", tmp_path)
+    before = open(os.path.join(outdir, "summary.json")).read()
+    from parallelnet.experiments.cli import main
+
+    assert main(["rebuild", outdir]) == 0
+    assert open(os.path.join(outdir, "summary.json")).read() == before
+
+
+def test_a_failed_point_is_recorded_and_the_run_fails(tmp_path):
+    with pytest.raises(RuntimeError, match="1 of 1 points"):
+        _run_smoke("compare", tmp_path, backends=["epoll"], loads=[["rate", 1000]],
+                   server_args=["--no-such-flag"])
+    (run_dir,) = tmp_path.iterdir()
+    (rec,) = _records(str(run_dir))
+    assert "error" in rec and "did not start" in rec["error"]
+    meta = json.loads((run_dir / "meta.json").read_text())
+    assert meta["outcome"] == "1 points failed"
+
+
+def test_standard_refuses_a_dirty_tree(tmp_path, monkeypatch):
+    monkeypatch.setattr(provenance, "code_state",
+                        lambda: {"commit": "0" * 40, "dirty": True, "changed": ["core/x.py"]})
+    with pytest.raises(SystemExit, match="dirty tree"):
+        framework.run(framework.get("compare"), "standard", str(tmp_path))
+    assert not list(tmp_path.iterdir())
+
+
+def test_unavailable_backends_are_listed_with_the_reason():
+    ok, skipped = framework.available_backends(["epoll", "no-such-backend"])
+    assert ok == ["epoll"] and skipped == {"no-such-backend": "not registered"}
+
+
+# -- the statistics -------------------------------------------------------------------------
+
+def test_bootstrap_interval_is_deterministic_and_contains_the_median():
+    vals = [0.81, 0.85, 0.86, 0.88, 0.93]
+    lo, hi = analysis.bootstrap_ci(vals)
+    assert (lo, hi) == analysis.bootstrap_ci(list(reversed(vals)))
+    assert lo <= 0.86 <= hi and vals[0] <= lo and hi <= vals[-1]
+    s = analysis.ratio_summary(vals)
+    assert s["median"] == 0.86 and s["n"] == 5 and s["below_1"] == 5
+    assert analysis.bootstrap_ci([2.0]) == (2.0, 2.0)
+
+
+def test_paired_ratios_use_common_repetitions_only():
+    assert analysis.paired({0: 2.0, 1: 3.0, 2: 4.0}, {0: 1.0, 2: 2.0, 3: 9.0}) == [2.0, 2.0]
+
+
+# -- bottleneck attribution --------------------------------------------------------------------
+
+@pytest.mark.parametrize("srv,cli,open_loop,met,want", [
+    (0.30, 0.20, True, True, "offered"),
+    (0.99, 0.20, True, False, "server"),
+    (0.40, 0.97, False, True, "client"),
+    (0.95, 0.96, False, True, "both"),
+    (0.30, 0.30, True, False, "neither"),
+    (0.97, 0.20, False, True, "server"),
+])
+def test_bottleneck_attribution(srv, cli, open_loop, met, want):
+    per_cpu = {"cpu0": {"busy": srv}, "cpu1": {"busy": cli}}
+    assert bottleneck(per_cpu, Layout([0], [1]), open_loop, met) == want
+
+
+def test_default_layout_keeps_server_and_client_apart_when_it_can():
+    lay = Layout.default(1)
+    if len(os.sched_getaffinity(0)) > 1:
+        assert not lay.shared
+    else:
+        assert lay.shared
+
+
+# -- provenance, index, pins ---------------------------------------------------------------------
+
+def test_relative_argv_hides_host_paths():
+    repo = provenance.REPO
+    argv = [os.path.join(repo, ".venv", "bin", "python"), "-m", "x", "--out",
+            os.path.join(repo, "results")]
+    assert provenance.relative_argv(argv) == [os.path.join(".venv", "bin", "python"), "-m", "x",
+                                              "--out", "results"]
+    assert provenance.relative_argv(["/usr/bin/python3"]) == ["python3"]
+
+
+def test_index_marks_cited_current_superseded_and_legacy(tmp_path, monkeypatch):
+    from parallelnet.experiments import index
+
+    def mk(name, meta):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "meta.json").write_text(json.dumps(meta))
+
+    full = {"code": {"commit": "a" * 40, "dirty": False}, "preset": "standard", "outcome": "ok"}
+    mk("20260101T000000-herd-standard", {**full, "experiment": "herd"})
+    mk("20260102T000000-herd-standard", {**full, "experiment": "herd"})
+    mk("20260103T000000-herd-standard", {**full, "experiment": "herd"})
+    mk("20250101T000000-accept", {"commit": "abc1234"})
+    monkeypatch.setattr(index, "read_pins", lambda: {"herd": ["results/20260102T000000-herd-standard"]})
+    rows = {r["dir"]: r for r in index.runs(str(tmp_path))}
+    index.statuses(list(rows.values()), {"20260102T000000-herd-standard"})
+    assert rows["20260101T000000-herd-standard"]["status"] == "superseded"
+    assert rows["20260102T000000-herd-standard"]["status"] == "cited"
+    assert rows["20260103T000000-herd-standard"]["status"] == "current"
+    assert rows["20250101T000000-accept"]["status"] == "legacy"
+    assert "| `20260102T000000-herd-standard` | herd | standard |" in index.render(str(tmp_path))
+
+
+def test_pins_are_read_and_rewritten(tmp_path):
+    from parallelnet.experiments import paper_pins
+
+    tpl = tmp_path / "paper.in.md"
+    tpl.write_text("# x\n<!-- pin herd: results/A -->\ntext\n")
+    assert paper_pins.read_pins(str(tpl)) == {"herd": ["results/A"]}
+    paper_pins.repin({"herd": [os.path.join(provenance.REPO, "results", "B")],
+                      "sizes": [os.path.join(provenance.REPO, "results", "C")]}, str(tpl))
+    assert paper_pins.read_pins(str(tpl)) == {"sizes": ["results/C"], "herd": ["results/B"]}
+    assert paper_pins.cited_experiments(str(tpl)) == ["sizes", "herd"]
+
+
+def test_cli_lists_every_experiment():
+    res = subprocess.run([sys.executable, "-m", "parallelnet.core.cli", "experiment", "list"],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    for name in framework.REGISTRY:
+        assert name in res.stdout
+    for name in ("load-curve", "imbalance", "herd", "scaling", "sizes", "bench_uring", "accept",
+                 "handoff", "soak", "validate_loadgen"):
+        assert name in framework.REGISTRY
+
+
+def test_every_preset_is_declared_for_every_experiment():
+    for name in framework.REGISTRY:
+        exp = framework.get(name)
+        assert set(exp.presets) == set(framework.PRESETS), name
+
+
+def test_hog_is_bounded_and_duty_zero_starts_nothing():
+    from parallelnet.experiments.hog import Hog, spin
+
+    with Hog(cpu=sorted(os.sched_getaffinity(0))[0], duty=0.0, seconds=5) as idle:
+        assert idle.pid is None
+    with Hog(cpu=sorted(os.sched_getaffinity(0))[0], duty=0.5, seconds=0.3) as hog:
+        assert hog.proc.wait(timeout=20) == 0          # it stopped by itself
+    assert 5 <= spin(0.5, 0.2) <= 21                    # 10 ms periods, fewer if preempted
+    with pytest.raises(ValueError):
+        Hog(cpu=0, duty=1.5, seconds=1)
