@@ -80,7 +80,7 @@ def _complete_meta(outdir: str, preset: str, rc: int) -> None:
 BENCH_URING = Script(
     "bench_uring", "Server CPU per request at saturation: uring vs uring-py vs epoll (closed loop)",
     "parallelnet.experiments.bench_uring",
-    {"smoke": [["--reps", "1", "--duration", "0.5", "--warmup", "0.3", "--connections", "16"]],
+    {"smoke": [["--reps", "1", "--duration", "1.5", "--warmup", "0.3", "--connections", "16"]],
      "standard": [["--reps", "5", "--duration", "4"]],
      "full": [["--reps", "8", "--duration", "6"]]},
     needs=("uring", "uring-py", "epoll"),
@@ -89,14 +89,14 @@ ACCEPT = Script(
     "accept", "How connections spread over two workers, per accept strategy (closed-loop churn)",
     "parallelnet.experiments.accept",
     {"smoke": [["--backends", "epoll", "--reps", "1", "--duration", "0.6", "--warmup", "0.2",
-                "--connections", "16", "--strategies", "shared", "reuseport"]],
+                "--connections", "16"]],
      "standard": [["--reps", "3", "--duration", "2"]],
      "full": [["--reps", "5", "--duration", "3"]]},
     description="every backend × strategy, 2 workers, churn clients on the last CPU")
 HANDOFF = Script(
     "handoff", "The dispatch channel: SCM_RIGHTS vs IORING_OP_MSG_RING",
     "parallelnet.experiments.handoff",
-    {"smoke": [["--reps", "1", "--duration", "0.5", "--warmup", "0.2"]],
+    {"smoke": [["--reps", "1", "--duration", "0.5", "--warmup", "0.2", "--connections", "8"]],
      "standard": [["--reps", "5", "--duration", "3"]],
      "full": [["--reps", "8", "--duration", "4"]]},
     needs=("uring", "epoll"), description="server CPU per connection under --accept dispatch")
@@ -110,7 +110,8 @@ SOAK = Script(
 VALIDATE_LOADGEN = Script(
     "validate_loadgen", "The instrument: byte checks, wrk cross-check, capacity, open loop",
     "parallelnet.experiments.validate_loadgen",
-    {"smoke": [["--duration", "0.5", "--short", "0.3", "--repeat", "1", "--steps", "echo,open"]],
+    {"smoke": [["--steps", "echo,capacity", "--capacity-configs", "16x1", "--duration", "1",
+                "--short", "0.5"]],
      "standard": [["--duration", "3", "--short", "1", "--repeat", "3"]],
      "full": [["--duration", "5", "--short", "2", "--repeat", "5"]]},
     description="the C load generator against native and wrk")

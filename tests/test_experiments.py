@@ -8,8 +8,18 @@ import os
 import pytest
 
 from conftest import require_backend
-from parallelnet.experiments import accept, bench_uring
+from parallelnet.experiments.cli import run_one
 from parallelnet.experiments.harness import NoiseProbe, window
+
+
+def smoke(name, tmp_path):
+    """Run experiment NAME under its smoke preset through the entry point; its one results dir."""
+    (run_dir,) = run_one(name, "smoke", str(tmp_path))
+    meta = json.loads(open(os.path.join(run_dir, "meta.json")).read())
+    assert meta["preset"] == "smoke" and meta["outcome"] == "ok" and len(meta["code"]["commit"]) == 40
+    from pathlib import Path
+
+    return Path(run_dir)
 
 
 def _stats_file(tmp_path, records):
@@ -61,9 +71,7 @@ def test_noise_counts_our_descendants_as_ours():
 
 
 def test_accept_experiment_smoke(tmp_path):
-    assert accept.main(["--backends", "epoll", "--reps", "1", "--duration", "1",
-                        "--connections", "16", "--out", str(tmp_path)]) == 0
-    (run_dir,) = tmp_path.iterdir()
+    run_dir = smoke("accept", tmp_path)
     data = json.loads((run_dir / "accept.json").read_text())
     assert {r["strategy"] for r in data["runs"]} == {"shared", "exclusive", "exclusive-rotate",
                                                     "reuseport", "reuseport-cpu", "dispatch"}
@@ -73,21 +81,18 @@ def test_accept_experiment_smoke(tmp_path):
     for r in data["runs"]:
         if r["strategy"] in ("reuseport", "reuseport-cpu", "dispatch"):
             assert r["lost_races"] == 0  # one queue per worker, or no queue: nothing to race for
-    assert json.loads((run_dir / "meta.json").read_text())["kernel"]
+    assert json.loads((run_dir / "meta.json").read_text())["machine"]["kernel"]
 
 
 def test_bench_uring_smoke(tmp_path):
     require_backend("uring")
-    assert bench_uring.main(["--reps", "1", "--duration", "2", "--warmup", "0.5",
-                             "--connections", "16", "--backends", "uring", "epoll",
-                             "--out", str(tmp_path)]) == 0
-    (run_dir,) = tmp_path.iterdir()
+    run_dir = smoke("bench_uring", tmp_path)
     data = json.loads((run_dir / "bench_uring.json").read_text())
-    assert {r["backend"] for r in data["runs"]} == {"uring", "epoll"}
+    assert {r["backend"] for r in data["runs"]} == {"uring", "uring-py", "epoll"}
     for r in data["runs"]:
         assert r["errors"] == 0 and r["requests"] > 0 and r["cpu_us_per_req"] > 0
     # A busy machine flags runs noisy; the summary still has every row, marked.
-    assert {r["backend"] for r in data["summary"]} == {"uring", "epoll"}
+    assert {r["backend"] for r in data["summary"]} == {"uring", "uring-py", "epoll"}
     for row in data["summary"]:
         assert row["all_noisy"] == all(r["noisy"] for r in data["runs"] if r["backend"] == row["backend"])
     assert (run_dir / "pyperf.json").exists()
@@ -103,12 +108,8 @@ def test_summaries_prefer_quiet_runs_and_say_when_there_were_none():
 
 
 def test_handoff_smoke(tmp_path):
-    from parallelnet.experiments import handoff
-
     require_backend("uring")
-    assert handoff.main(["--reps", "1", "--duration", "0.5", "--warmup", "0.2",
-                         "--connections", "8", "--out", str(tmp_path)]) == 0
-    (run_dir,) = tmp_path.iterdir()
+    run_dir = smoke("handoff", tmp_path)
     data = json.loads((run_dir / "handoff.json").read_text())
     by_label = {r["label"]: r for r in data["runs"]}
     assert set(by_label) == {"scm", "msg-ring", "epoll-scm"}
@@ -154,18 +155,20 @@ def test_pyperf_driven_smoke(tmp_path):
 
 
 def test_validate_loadgen_smoke(tmp_path):
-    from parallelnet.experiments import validate_loadgen
-
-    args = ["--steps", "echo,capacity", "--capacity-configs", "16x1", "--duration", "2",
-            "--short", "0.5", "--out", str(tmp_path)]
     if len(os.sched_getaffinity(0)) < 2:  # server and client need a CPU each: a clear refusal
-        assert validate_loadgen.main(args) == 2
+        with pytest.raises(RuntimeError, match="exited with 2"):
+            run_one("validate_loadgen", "smoke", str(tmp_path))
         return
-    assert validate_loadgen.main(args) == 0
-    (run_dir,) = tmp_path.iterdir()
+    run_dir = smoke("validate_loadgen", tmp_path)
     sizes = json.loads((run_dir / "echo_sizes.json").read_text())
     assert [r["size"] for r in sizes] == [1, 64, 65536, 4 << 20]
     assert all(r["byte_exact"] for r in sizes)
     (cap,) = json.loads((run_dir / "capacity.json").read_text())
     assert cap["errors"] == 0 and cap["server_cpu_us_per_req"] > 0
     assert isinstance(cap["noisy"], bool)
+
+
+def test_soak_smoke(tmp_path):
+    run_dir = smoke("soak", tmp_path)
+    data = json.loads((run_dir / "soak.json").read_text())
+    assert data["passed"] and data["responses_lost"] == 0 and data["requests"] > 0
