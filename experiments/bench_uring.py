@@ -36,8 +36,8 @@ import sys
 import time
 
 from parallelnet.experiments.harness import (
-    NoiseProbe, bench_lock, machine_metadata, prefer_quiet, result_dir, start_server, window,
-    write_pyperf,
+    NoiseProbe, RunCounter, bench_lock, bound_of, common_bound, machine_metadata, prefer_quiet, result_dir,
+    start_server, window, write_pyperf,
 )
 
 ALL_CPUS = sorted(os.sched_getaffinity(0))
@@ -87,7 +87,8 @@ def one_run(label: str, backend: str, extra_args: list[str], conns: int, args, o
            "client_cpu_us_per_req": res.client_cpu_us_per_req,
            "steal": noise["steal_max"], "others_cpu": noise["others_cpu"],
            "busy_cpu0": noise["per_cpu"].get("cpu0", {}).get("busy"),
-           "noisy": noise["noisy"], "requests": tot["requests"], "seconds": tot["seconds"],
+           "noisy": noise["noisy"], "bound": bound_of(noise, [SERVER_CPU], [CLIENT_CPU]),
+           "requests": tot["requests"], "seconds": tot["seconds"],
            "cpu_us_per_req": tot["cpu_us_per_req"] + sqp_us, "user_us_per_req": tot["user_us_per_req"],
            "sys_us_per_req": tot["sys_us_per_req"] + sqp_us, "sqpoll_us_per_req": sqp_us,
            "wakeups_per_req": tot["wakeups"] / req}
@@ -139,6 +140,7 @@ def main(argv=None) -> int:
     runs = []
     with bench_lock():  # the same lock flock(1) takes: never two benchmarks
         micro = cffi_call_cost()
+        counter = RunCounter(args.reps * len(args.connections) * len(configs))
         for rep in range(args.reps):
             for conns in args.connections:
                 order = configs[rep % len(configs):] + configs[:rep % len(configs)]
@@ -147,10 +149,10 @@ def main(argv=None) -> int:
                     rec = one_run(label, backend, extra_args, conns, args, outdir, tag)
                     rec["rep"] = rep
                     runs.append(rec)
-                    print(f"{label[:28]:28s} r{rep} c{conns:<4d} {rec['rps']:9.0f} req/s  server {rec['cpu_us_per_req']:6.2f} us/req "
+                    print(f"{counter.tick()} {label[:28]:28s} r{rep} c{conns:<4d} {rec['rps']:9.0f} req/s  server {rec['cpu_us_per_req']:6.2f} us/req "
                           f"(user {rec['user_us_per_req']:.2f} sys {rec['sys_us_per_req']:.2f})"
                           f"  steal {100 * rec['steal']:.1f}% others {100 * rec['others_cpu']:.1f}%"
-                          f"{'  NOISY' if rec['noisy'] else ''}",
+                          f"  bound {rec['bound']}{'  NOISY' if rec['noisy'] else ''}",
                           flush=True)
     summary = summarize(runs, args)
     meta = {**machine_metadata(), "micro": micro}
@@ -182,7 +184,7 @@ def summarize(runs, args) -> list[dict]:
             if not rs:
                 continue
             cpu = [r["cpu_us_per_req"] for r in rs]
-            row = {"backend": backend, "connections": conns, "n": len(rs),
+            row = {"backend": backend, "connections": conns, "n": len(rs), "bound": common_bound(rs),
                    "cpu_us_per_req": statistics.median(cpu), "cpu_min": min(cpu), "cpu_max": max(cpu),
                    "user_us": statistics.median(r["user_us_per_req"] for r in rs),
                    "sys_us": statistics.median(r["sys_us_per_req"] for r in rs),
@@ -237,6 +239,7 @@ def format_summary(rows) -> str:
             f"{r.get('vs_epoll', float('nan')):8.2f} {r.get('vs_epoll_paired', float('nan')):6.3f} "
             f"({r.get('paired_min', float('nan')):5.3f}-{r.get('paired_max', float('nan')):5.3f}) {r['rps']:9.0f} ({r['rps_min']:7.0f}-{r['rps_max']:7.0f}) "
             f"{r.get('entries_per_req', float('nan')):11.3f} {r.get('cqes_per_req', float('nan')):8.3f}"
+            f"  bound {r.get('bound', '?')}"
             f"{'  NOISY (every run)' if r.get('all_noisy') else ''}")
     return "\n".join(lines)
 

@@ -34,8 +34,8 @@ import statistics
 import sys
 
 from parallelnet.experiments.harness import (
-    NoiseProbe, bench_lock, machine_metadata, prefer_quiet, process_cpu_ns, result_dir,
-    start_server, write_pyperf,
+    NoiseProbe, RunCounter, bench_lock, bound_of, common_bound, machine_metadata, prefer_quiet, process_cpu_ns,
+    result_dir, start_server, write_pyperf,
 )
 
 ALL_CPUS = sorted(os.sched_getaffinity(0))
@@ -87,7 +87,7 @@ def one_run(label: str, backend: str, extra: list[str], args, outdir: str, tag: 
         "msg_handoffs": sum(w.get("extra", {}).get("msg_handoffs", 0) for w in workers),
         "handoff_wakeups": sum(w.get("extra", {}).get("handoff_wakeups", 0) for w in workers),
         "server_crashed": [w["crashed"] for w in workers if w.get("crashed")],
-        "noisy": noise["noisy"], "noise": noise,
+        "noisy": noise["noisy"], "noise": noise, "bound": bound_of(noise, [SERVER_CPU], [CLIENT_CPU]),
     }
 
 
@@ -101,7 +101,7 @@ def summarize(runs: list[dict], labels: list[str]) -> list[dict]:
             continue
         cpu = [r["server_us_per_conn"] for r in rs]
         rate = [r["conn_rate"] for r in rs]
-        rows.append({"label": label, "backend": rs[0]["backend"], "n": len(rs),
+        rows.append({"label": label, "backend": rs[0]["backend"], "n": len(rs), "bound": common_bound(rs),
                      "noisy_dropped": dropped, "all_noisy": all_noisy,
                      "us_per_conn": statistics.median(cpu), "us_min": min(cpu), "us_max": max(cpu),
                      "conn_rate": statistics.median(rate), "rate_min": min(rate), "rate_max": max(rate),
@@ -122,7 +122,8 @@ def format_summary(rows: list[dict], first: str) -> str:
         out.append(f"{r['label']:12s} {r['n']:2d} {r['us_per_conn']:14.2f} "
                    f"({r['us_min']:6.2f}-{r['us_max']:6.2f}) {r.get('vs_first', float('nan')):8.3f} "
                    f"{r['conn_rate']:8.0f} ({r['rate_min']:7.0f}-{r['rate_max']:7.0f}) "
-                   f"{r['p50_us']:7.0f} {r['p99_us']:7.0f}{'  NOISY (every run)' if r['all_noisy'] else ''}")
+                   f"{r['p50_us']:7.0f} {r['p99_us']:7.0f} {r.get('bound', '?')}"
+                   f"{'  NOISY (every run)' if r['all_noisy'] else ''}")
     return "\n".join(out)
 
 
@@ -147,15 +148,17 @@ def main(argv=None) -> int:
     outdir = result_dir("handoff", args.out, {"configs": args.configs})
     runs = []
     with bench_lock():
+        counter = RunCounter(args.reps * len(configs))
         for rep in range(args.reps):
             order = configs[rep % len(configs):] + configs[:rep % len(configs)]
             for label, backend, extra in order:
                 rec = one_run(label, backend, extra, args, outdir, f"r{rep}-{label}")
                 rec["rep"] = rep
                 runs.append(rec)
-                print(f"{label:12s} r{rep} {rec['conn_rate']:8.0f} conn/s  server "
+                print(f"{counter.tick()} {label:12s} r{rep} {rec['conn_rate']:8.0f} conn/s  server "
                       f"{rec['server_us_per_conn'] or 0:7.2f} us/conn  p99 {rec['p99_us'] or 0:6.0f} us"
-                      f"  channel {rec['channel']}{'  NOISY' if rec['noisy'] else ''}", flush=True)
+                      f"  channel {rec['channel']}  bound {rec['bound']}{'  NOISY' if rec['noisy'] else ''}",
+                      flush=True)
     summary = summarize(runs, labels)
     with open(os.path.join(outdir, "handoff.json"), "w") as f:
         json.dump({"meta": machine_metadata(), "args": vars(args), "runs": runs,

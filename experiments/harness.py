@@ -244,6 +244,35 @@ def process_cpu_ns(pid: int) -> int:
     return total
 
 
+class RunCounter:
+    """``[k/N, ETA mm:ss]`` for scripts that loop over runs of about equal length."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.done, self.t0 = total, 0, time.monotonic()
+
+    def tick(self) -> str:
+        self.done += 1
+        el = time.monotonic() - self.t0
+        left = el / self.done * (self.total - self.done)
+        return f"[{self.done}/{self.total}, ETA {int(left) // 60}m{int(left) % 60:02d}s]"
+
+
+def bound_of(noise: dict, server_cpus, client_cpus, open_loop: bool = False,
+             rate_met: bool = True) -> str:
+    """The bottleneck of a run from its NoiseProbe figures (experiments.measure.bottleneck)."""
+    from parallelnet.experiments.measure import Layout, bottleneck
+
+    return bottleneck(noise["per_cpu"], Layout(sorted(set(server_cpus)), sorted(set(client_cpus))),
+                      open_loop, rate_met)
+
+
+def common_bound(runs: list[dict]) -> str:
+    """The most frequent bottleneck of a summary row's runs ('?' for runs recorded before
+    bottlenecks were)."""
+    bounds = [r.get("bound") or "?" for r in runs]
+    return max(sorted(set(bounds)), key=bounds.count) if bounds else "?"
+
+
 # -- result files ------------------------------------------------------------------
 
 def machine_metadata() -> dict:
