@@ -57,7 +57,7 @@ def plan(p: dict) -> list[Point]:
     p["skipped"] = skipped
     cfgs = [(b, s) for b in backends for s in strategies_for(b, p["strategies"])]
     p["ran"] = [f"{b}/{s}" for b, s in cfgs]
-    per = p["warmup"] + p["duration"] + 1.5
+    per = p["warmup"] + p["duration"] + 0.4
     points = []
     for rep in range(p["reps"]):
         for placement in p["placements"]:
@@ -65,7 +65,7 @@ def plan(p: dict) -> list[Point]:
                 for b, s in rotated(cfgs, rep):
                     points.append(Point(f"{b}/{s}/{placement}/n={n}", rep,
                                         {"backend": b, "strategy": s, "placement": placement,
-                                         "n": n}, est_s=per + 0.05 * n))
+                                         "n": n}, est_s=per + 0.03 * n))
     return points
 
 
@@ -211,7 +211,7 @@ EXPERIMENT = Experiment(
         "standard": dict(backends=["epoll", "uring", "native"],
                          strategies=["shared", "reuseport", "dispatch"], workers=[1, 2, 4, 8, 16],
                          placements=["packed", "spread"], rate=3000, connections=64, size=64,
-                         reps=3, duration=2.0, warmup=0.5),
+                         reps=3, duration=1.5, warmup=0.5),
         "full": dict(backends=["epoll", "uring", "native", "select", "uvloop"],
                      strategies=["shared", "exclusive", "reuseport", "dispatch"],
                      workers=[1, 2, 4, 8, 16, 32], placements=["packed", "spread"], rate=3000,

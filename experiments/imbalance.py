@@ -60,7 +60,7 @@ def configs(p: dict) -> list[tuple[str, str]]:
 
 def plan(p: dict) -> list[Point]:
     cfgs = configs(p)
-    per = p["warmup"] + p["duration"] + 1.5
+    per = p["warmup"] + p["duration"] + 0.6
     points = []
     for rep in range(p["reps"]):
         for duty in p["duties"]:
@@ -71,7 +71,7 @@ def plan(p: dict) -> list[Point]:
             for b, s in rotated(cfgs, rep):
                 points.append(Point(f"{b}/{s}/{STEP}", rep,
                                     {"backend": b, "strategy": s, "duty": 1.0, "step": True},
-                                    est_s=p["warmup"] + p["step_duration"] + 1.5))
+                                    est_s=p["warmup"] + p["step_duration"] + 0.6))
     return points
 
 
@@ -333,7 +333,7 @@ EXPERIMENT = Experiment(
         "standard": dict(backends=["epoll", "uring", "native"],
                          strategies=["shared", "exclusive", "reuseport", "reuseport-cpu", "dispatch"],
                          duties=[0.0, 0.25, 0.5, 0.75, 1.0], rate=3000, connections=64, size=64,
-                         reps=3, duration=2.0, warmup=0.5, step=True, step_duration=4.0),
+                         reps=3, duration=1.5, warmup=0.5, step=True, step_duration=4.0),
         "full": dict(backends=["epoll", "uring", "native", "uring-py", "uvloop"],
                      strategies=["shared", "exclusive", "exclusive-rotate", "reuseport",
                                  "reuseport-cpu", "dispatch"],

@@ -62,7 +62,7 @@ def plan(p: dict) -> list[Point]:
     cfgs = [(b, m) for b in backends for m in p["modes"] if m in reg[b].modes]
     p["ran"] = [f"{b}/{m}" for b, m in cfgs]
     p["worker_counts"] = counts = worker_counts(p)
-    per = p["warmup"] + p["duration"] + 1.5
+    per = p["warmup"] + p["duration"] + 0.4
     points = []
     for rep in range(p["reps"]):
         for n in counts:

@@ -44,7 +44,7 @@ def plan(p: dict) -> list[Point]:
     p["skipped"] = skipped
     configs = [c for c in configs if c[1] in ok]
     p["ran"] = [c[0] for c in configs]
-    per = p["warmup"] + p["duration"] + 1.2
+    per = p["warmup"] + p["duration"] + 0.4
     points = []
     for rep in range(p["reps"]):
         for proto, size, rate in workloads(p):
@@ -161,9 +161,9 @@ EXPERIMENT = Experiment(
         "smoke": dict(configs=["epoll", "native"], echo=[[64, 5000], [16384, 2000]], http=[],
                       connections=16, reps=1, duration=0.5, warmup=0.3, baseline="epoll"),
         "standard": dict(configs=CONFIGS,
-                         echo=[[64, 20000], [1024, 20000], [4096, 15000], [16384, 8000], [65536, 3000]],
-                         http=[[1024, 10000], [16384, 6000], [262144, 1000], [1048576, 250]],
-                         connections=16, reps=3, duration=1.5, warmup=0.5, baseline="epoll"),
+                         echo=[[64, 20000], [1024, 20000], [16384, 8000], [65536, 3000]],
+                         http=[[1024, 10000], [65536, 3000], [1048576, 250]],
+                         connections=16, reps=3, duration=1.0, warmup=0.5, baseline="epoll"),
         "full": dict(configs=CONFIGS,
                      echo=[[64, 20000], [256, 20000], [1024, 20000], [4096, 15000], [16384, 8000],
                            [65536, 3000]],
