@@ -34,6 +34,8 @@ import sys
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+from parallelnet.core.stats import fmt_jain, jain_index
+
 PROTOCOLS = ("echo", "http")
 MODES = ("closed", "open", "churn")
 #: Error kinds, in the order of ``LG_E_*`` in loadgen.c.
@@ -182,17 +184,11 @@ class LoadResult:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["histogram"] = [list(b) for b in self.histogram]
+        if math.isnan(d["jain"]):
+            d["jain"] = None                    # undefined; strict JSON has no NaN
         d["errors_total"] = self.errors_total
         d["ok"] = self.ok
         return d
-
-
-def jain_index(values) -> float:
-    """Jain's fairness (sum x)^2 / (n sum x^2): 1 = perfectly even, 1/n = one took all.
-    0.0 when nothing completed (undefined)."""
-    vals = list(values)
-    sq = sum(v * v for v in vals)
-    return (sum(vals) ** 2) / (len(vals) * sq) if sq else 0.0
 
 
 def percentiles_from_histogram(hist: list[tuple[int, int]], pcts=PERCENTILES,
@@ -349,7 +345,7 @@ def format_report(r: LoadResult) -> str:
     ]
     if r.per_connection:
         lines.append(f"  Per connection: min {min(r.per_connection)}, max {max(r.per_connection)}, "
-                     f"Jain {r.jain:.3f}")
+                     f"Jain {fmt_jain(r.jain)}")
     if s["mode"] == "churn" or r.connects > s["connections"]:
         lines.append(f"  Connects: {r.connects}")
     if r.client_cpu_us_per_req is not None:
