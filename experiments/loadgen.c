@@ -969,26 +969,21 @@ static void churn_ticks(struct worker *w, uint64_t now)
     }
 }
 
-/* When the measured window closes: what was scheduled in it and never sent. */
-static void churn_account(struct worker *w)
+/* When the measured window closes: what was scheduled in it and never sent.  The
+ * open loop's ticks belong to connections (each has its own cursor); churn's ticks
+ * go out in order, so the one cursor tick_k says what is still waiting. */
+static void account(struct worker *w)
 {
     struct shared *sh = w->sh;
     uint64_t kme = ticks_before(w, sh->me), kms = ticks_before(w, sh->ms);
     w->scheduled = kme - kms;
     if (w->no_more)
         return;                         /* the budget ended the schedule on purpose */
-    uint64_t from = w->tick_k > kms ? w->tick_k : kms;
-    w->backlog = kme > from ? kme - from : 0;
-}
-
-/* When the measured window closes: what was scheduled in it and never sent. */
-static void open_account(struct worker *w)
-{
-    struct shared *sh = w->sh;
-    uint64_t kme = ticks_before(w, sh->me), kms = ticks_before(w, sh->ms);
-    w->scheduled = kme - kms;
-    if (w->no_more)
-        return;                         /* the budget ended the schedule on purpose */
+    if (sh->churn_rate) {
+        uint64_t from = w->tick_k > kms ? w->tick_k : kms;
+        w->backlog = kme > from ? kme - from : 0;
+        return;
+    }
     for (int j = 0; j < w->n; j++) {
         uint64_t due = kme > (uint64_t)j ? (kme - (uint64_t)j + (uint64_t)w->n - 1) / (uint64_t)w->n : 0;
         if (due > w->conns[j].sched_k)
@@ -1048,10 +1043,8 @@ static void *worker_main(void *arg)
             break;
         if (!w->draining && (now >= sh->me || w->no_more)) {
             w->draining = 1;            /* nothing new from here on; wait for answers */
-            if (cfg->mode == LG_OPEN)
-                open_account(w);
-            else if (sh->churn_rate)
-                churn_account(w);
+            if (cfg->rate > 0)
+                account(w);
         }
         /* At a rate a slot is busy from its connect on, so wait for those too. */
         if (w->draining && (sh->churn_rate ? w->nidle == w->n : w->inflight == 0))
@@ -1095,10 +1088,8 @@ static void *worker_main(void *arg)
     getrusage(RUSAGE_THREAD, &w->ru1);
     if (!w->ru_started)
         w->ru0 = w->ru1;
-    if (cfg->mode == LG_OPEN && !w->draining)
-        open_account(w);
-    if (sh->churn_rate && !w->draining)
-        churn_account(w);
+    if (cfg->rate > 0 && !w->draining)
+        account(w);
     for (int i = 0; i < w->n; i++)
         if (w->conns[i].fd >= 0)
             close(w->conns[i].fd);

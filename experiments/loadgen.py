@@ -342,6 +342,10 @@ def run(spec: LoadSpec) -> LoadResult:
         return _run_here(spec)
     from parallelnet.experiments import netns
 
+    # Load the extension here: a dlopen in the forked child of a threaded process could
+    # block on a loader lock some other thread held at the fork.
+    _lib()
+
     limit = spec.warmup + spec.duration + spec.timeout + 30
     try:
         return netns.call_in_netns(spec.netns, _run_here, spec, timeout=limit)

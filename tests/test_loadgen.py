@@ -457,7 +457,8 @@ def test_churn_at_rate_stall_shows_in_the_tail(echo_process):
     """Latency counts from each connect's scheduled time: a connect due while the server
     was stopped waits for SIGCONT, and that wait is in its latency."""
     proc, port = echo_process()
-    timers = [signal_later(proc.pid, signal.SIGSTOP, 0.3), signal_later(proc.pid, signal.SIGCONT, 0.7)]
+    timers = [signal_later(proc.pid, signal.SIGSTOP, 0.3),
+              signal_later(proc.pid, signal.SIGCONT, 0.7)]
     try:
         r = run(LoadSpec(port=port, mode="churn", rate=200, connections=4, duration=1.5,
                          warmup=0, timeout=3))
@@ -656,7 +657,8 @@ def test_cli_several_targets(server, tmp_path, capsys):
                               "--warmup", "0", "--json", str(out)])
     assert loadgen.main_from_args(args) == 0, capsys.readouterr()
     data = json.loads(out.read_text())
-    assert [(t["protocol"], t["port"]) for t in data["targets"]] == [("echo", a.port), ("http", b.port)]
+    assert [(t["protocol"], t["port"]) for t in data["targets"]] == [("echo", a.port),
+                                                                     ("http", b.port)]
     assert data["targets"][1]["path"] == "/y"
     assert data["requests"] == sum(t["requests"] for t in data["targets"]) > 0
 
@@ -665,7 +667,7 @@ def test_cli_churn_at_rate(server, capsys):
     srv = server(echo)
     parser = argparse.ArgumentParser()
     loadgen.add_arguments(parser)
-    args = parser.parse_args([f"127.0.0.1:{srv.port}", "--mode", "churn", "-R", "100", "-c", "2", "-d", "300ms",
-                              "--warmup", "0"])
+    args = parser.parse_args([f"127.0.0.1:{srv.port}", "--mode", "churn", "-R", "100", "-c", "2",
+                              "-d", "300ms", "--warmup", "0"])
     assert loadgen.main_from_args(args) == 0
     assert "churn at 100 conn/s" in capsys.readouterr().out
