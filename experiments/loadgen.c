@@ -364,9 +364,9 @@ static int charge(struct worker *w, uint64_t now)
 
 /* Queue one request on c.  `start` is its latency origin; the budget is charged only
  * for measured requests so warm-up never eats into max_requests (churn at a rate
- * charged it when the connect went out).  A connect scheduled
- * inside the window still gets its request after the window closed (churn at a rate):
- * it belongs to the measurement, and dropping it would hide a slow handshake. */
+ * charged it when the connect went out).  Churn at a rate: a connect scheduled inside
+ * the window still gets its request after the window closed; it belongs to the
+ * measurement, and dropping it would hide a slow handshake. */
 static int issue(struct conn *c, uint64_t start, uint64_t now)
 {
     struct worker *w = c->w;
@@ -387,9 +387,9 @@ static int issue(struct conn *c, uint64_t start, uint64_t now)
 
 /* Open loop.  Thread t ticks at t0 + (t/T + k) * interval; conn j of its n owns ticks
  * j, j+n, j+2n...  (Churn at a rate: tick k is a connect, on whichever slot is free.)
- * Every time on the schedule comes from this one function, so the
- * tick that wakes a connection and the connection's own notion of "due" agree to the
- * nanosecond (two roundings could leave a request waiting a whole extra period). */
+ * Every time on the schedule comes from this one function, so the tick that wakes a
+ * connection and the connection's own notion of "due" agree to the nanosecond (two
+ * roundings could leave a request waiting a whole extra period). */
 static inline uint64_t tick_time(const struct worker *w, uint64_t k)
 {
     return w->sh->t0 + (uint64_t)(((double)w->index / (double)w->sh->cfg->threads + (double)k)

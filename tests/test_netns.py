@@ -58,7 +58,8 @@ def test_refused_without_root_naming_what_is_missing(monkeypatch):
 def test_refused_without_ip(monkeypatch):
     monkeypatch.setattr(netns.shutil, "which", lambda name: None)
     with pytest.raises(netns.NetnsError, match=r"iproute2's `ip` command"):
-        netns.ClientNamespace().__enter__()
+        with netns.ClientNamespace():
+            pass
 
 
 def test_loadspec_refuses_unknown_namespace():
@@ -100,17 +101,21 @@ def test_removed_after_a_signal(sig):
     """)
     proc = subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
+    name = host_if = ns_if = ""
     try:
         name, host_if, ns_if = proc.stdout.readline().split()
         assert name in ip_out("netns", "list")
         proc.send_signal(sig)
         proc.communicate(timeout=20)
+        assert proc.returncode != 0
+        assert_gone(name, host_if, ns_if)
     finally:
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait()
-    assert proc.returncode != 0
-    assert_gone(name, host_if, ns_if)
+        if name and netns.exists(name):         # failed: still leave nothing behind
+            subprocess.run(["ip", "netns", "del", name], timeout=30)
+            subprocess.run(["ip", "link", "del", host_if], capture_output=True, timeout=30)
 
 
 @needs_netns
