@@ -590,8 +590,9 @@ def test_spec_validation(kwargs, message):
 
 
 def test_error_kinds_match_c_enum():
-    from parallelnet.experiments._loadgen import lib
+    from parallelnet.experiments._loadgen import ffi, lib
     assert lib.LG_NERR == len(loadgen.ERROR_KINDS)
+    assert len(ffi.new("struct lg_tresult *").errors) == lib.LG_NERR   # the cdef's array
     for i, kind in enumerate(loadgen.ERROR_KINDS):
         cname = {"connect_refused": "REFUSED", "echo_mismatch": "MISMATCH"}.get(kind, kind.upper())
         assert kind == "addr_not_avail" or "addr" not in kind
