@@ -18,6 +18,7 @@ CPU time per worker comes from the kernel, never from wall-clock guesses:
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -151,15 +152,24 @@ def thread_cpu(pid: int, tid: int, ident: int = 0) -> dict:
 # Fairness arithmetic.
 
 def jain_index(values) -> float:
-    """Jain's fairness index: (sum x)^2 / (n * sum x^2); 1.0 = perfectly even, 1/n = one takes all."""
+    """Jain's fairness index (sum x)^2 / (n * sum x^2): 1.0 = perfectly even, 1/n = one
+    took all.  The project's only implementation (the server's table, the load
+    generator, the experiments all call this one).
+
+    Empty or all-zero input returns ``float('nan')``: with nothing shared there is no
+    fairness to speak of, and any number (1.0 "fair", 0.0 "unfair") would be read as a
+    finding.  Printers show it as "n/a" (:func:`fmt_jain`)."""
     values = list(values)
-    if not values:
-        return 1.0
-    total = sum(values)
     squares = sum(v * v for v in values)
-    if squares == 0:
-        return 1.0
+    if not squares:
+        return float("nan")
+    total = sum(values)
     return total * total / (len(values) * squares)
+
+
+def fmt_jain(value: float, spec: str = ".3f") -> str:
+    """A Jain index for a table: "n/a" where it is undefined (nan)."""
+    return "n/a" if math.isnan(value) else format(value, spec)
 
 
 def max_min_ratio(values) -> float:
@@ -204,7 +214,7 @@ def format_table(snaps: list[dict], elapsed: float | None = None) -> str:
     for name in ("accepted", "requests"):
         fair = Fairness.of(s[name] for s in snaps)
         lines.append(f"{name}: total {fair.total}, max/min {fair.max_min:.2f}, "
-                     f"Jain {fair.jain:.3f}, shares "
+                     f"Jain {fmt_jain(fair.jain)}, shares "
                      + "/".join(f"{100 * x:.0f}%" for x in fair.shares))
     lost = sum(s["lost_races"] for s in snaps)
     lwake = sum(s["listen_wakeups"] for s in snaps)

@@ -6,14 +6,37 @@
  * offer.  Here one Python call (cffi API mode, GIL released) runs a whole test: N
  * pthreads, each pinned to a CPU, each with its own epoll set and its own share of
  * the connections, so threads share nothing on the hot path but one atomic request
- * budget and a stop flag.
+ * budget and a stop flag.  Connections are spread over the targets round robin
+ * (connection i -> target i % ntargets); each thread keeps its figures per target.
  *
  * Time: CLOCK_MONOTONIC ns.  The run is [t0, ms) warm-up, [ms, me) measured, then a
  * drain of at most `timeout` for requests already in flight.  A request belongs to
  * the measurement iff its start stamp is in [ms, me); the stamp is the actual send
  * time (closed loop), the intended send time (open loop, so a stalled server cannot
- * hide its stall: wrk2's coordinated-omission correction) or the connect start
- * (churn, so the handshake is part of what is measured).
+ * hide its stall: wrk2's coordinated-omission correction), the connect start (churn,
+ * so the handshake is part of what is measured) or the connect's intended time (churn
+ * at a rate: connects on a fixed schedule, at most `connections` in flight).
+ *
+ * Kernel semantics relied on:
+ * - Non-blocking connect() returns EINPROGRESS (on loopback too) and the socket turns
+ *   writable when the handshake is over; SO_ERROR then says whether it worked
+ *   (ECONNREFUSED for an RST, ETIMEDOUT after the SYN retries).  Errors known at once
+ *   come back from connect() itself.  Connect completion means the server's kernel
+ *   queued the connection, not that the server accepted it: a stopped server's listen
+ *   backlog still fills, so its stall shows as reads that never end, then as SYNs that
+ *   go unanswered.
+ * - Edge-triggered epoll: every event source is drained until EAGAIN (or a short
+ *   read, see conn_readable), since an edge is reported once.  close() removes the fd
+ *   from the epoll set (we never dup it, so no other reference keeps it there).
+ * - Churn and the local port range: the side that closes first keeps the 4-tuple in
+ *   TIME_WAIT for 60 s, and each connect to one server needs a local port whose
+ *   4-tuple is not in use.  With net.ipv4.ip_local_port_range at its default
+ *   (32768-60999, ~28k ports) that caps churn to one destination near 470 conn/s
+ *   unless net.ipv4.tcp_tw_reuse lets connect() reuse a TIME_WAIT port (1: always,
+ *   2, the default: loopback only).  When no port is left, connect() fails with
+ *   EADDRNOTAVAIL: counted as its own error kind, never folded into "other".
+ * - getrusage(RUSAGE_THREAD) gives each thread's own user/sys time, so the client's
+ *   CPU excludes any other thread in the process (a Python test server, say).
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -41,27 +64,40 @@ enum { LG_ECHO = 0, LG_HTTP = 1 };
 enum { LG_CLOSED = 0, LG_OPEN = 1, LG_CHURN = 2 };
 enum {
     LG_E_REFUSED, LG_E_CONNECT_TIMEOUT, LG_E_RESET, LG_E_READ_TIMEOUT, LG_E_EOF,
-    LG_E_MISMATCH, LG_E_HTTP_PARSE, LG_E_OTHER, LG_NERR
+    LG_E_MISMATCH, LG_E_HTTP_PARSE, LG_E_ADDR_NOT_AVAIL, LG_E_OTHER, LG_NERR
+};
+
+struct lg_target {
+    const char *host;           /* name or numeric address, IPv6 literals without brackets */
+    int port, protocol;
+    const char *path;           /* HTTP only */
 };
 
 struct lg_config {
-    const char *host;
-    int port, protocol, mode, connections, threads;
+    const struct lg_target *targets;   /* connection (or churn connect) i -> targets[i % n] */
+    int ntargets, mode, connections, threads;
     const int *cpus;            /* thread i runs on cpus[i % ncpus]; ncpus 0: unpinned */
     int ncpus, size, depth;
-    double rate, duration, warmup, timeout;   /* req/s, seconds */
+    double rate, duration, warmup, timeout;   /* req/s (conn/s in churn), seconds */
     uint64_t max_requests;      /* measured requests; 0: no cap */
-    const char *path;
     int abort_on_mismatch;
 };
 
-struct lg_result {
+/* One target's figures; the caller sums them for the total. */
+struct lg_tresult {
     uint64_t requests, bytes_sent, bytes_received;
-    uint64_t errors[8];
-    uint64_t non2xx, connects, scheduled, backlog, min_ns, max_ns;
-    double elapsed, cpu_user, cpu_sys;
-    int aborted;
+    uint64_t errors[LG_NERR];
+    uint64_t non2xx, connects, min_ns, max_ns;
     uint64_t *hist;             /* caller's array of lg_hist_buckets() counts */
+};
+
+struct lg_result {
+    uint64_t scheduled, backlog;
+    double elapsed, cpu_user, cpu_sys;
+    double span;                /* s of schedule measured: the window, or up to the moment
+                                 * max_requests ran out if that came first */
+    int aborted;
+    struct lg_tresult *targets; /* caller's array of ntargets */
     uint64_t *per_conn;         /* caller's array of `connections` counts */
     char message[256];
 };
@@ -118,12 +154,23 @@ enum { H_HDR, H_BODY, H_UNTIL_CLOSE, H_CHUNK_SIZE, H_CHUNK_DATA, H_CHUNK_CRLF, H
 
 struct worker;
 
+/* A target as the threads use it: resolved once, its HTTP request built once. */
+struct tgt {
+    int index, protocol;
+    struct sockaddr_storage addr;
+    socklen_t alen;
+    char *req;                  /* the HTTP request, identical for every send */
+    size_t msglen;              /* bytes of one request: echo size or HTTP request */
+};
+
 struct conn {
     struct worker *w;
+    const struct tgt *t;        /* where this connection goes (churn-at-rate: this connect) */
     int fd, state, lidx, gidx;
     int fails;                  /* consecutive failures: drives reconnect back-off */
     int closing;                /* server said Connection: close: send nothing more */
     uint64_t t_state;           /* connect start, or earliest reconnect time when idle */
+    uint64_t t_sched;           /* churn at a rate: this connect's intended start */
     uint64_t t_progress;        /* last sign of life while requests are in flight */
     uint64_t *ring;             /* start stamps of issued requests, capacity depth */
     int rhead, rcount;
@@ -140,12 +187,12 @@ struct conn {
 
 struct shared {
     const struct lg_config *cfg;
-    struct sockaddr_storage addr;
-    socklen_t alen;
-    char *req;                  /* the HTTP request, identical for every send */
-    size_t reqlen, msglen;
+    struct tgt *tg;
+    int ntg;
+    int churn_rate;             /* churn with rate > 0: connects on a fixed schedule */
     uint64_t t0, ms, me, deadline, timeout_ns, seed;
     uint64_t budget_used;       /* atomic: measured requests issued so far */
+    uint64_t t_spent;           /* atomic: when the first request over budget was due */
     int stop;                   /* atomic: abort everything (echo mismatch) */
     pthread_barrier_t bar;
     pthread_mutex_t lock;       /* guards gate and message */
@@ -160,12 +207,12 @@ struct worker {
     int index, cpu, ep, n, no_more, draining;
     struct conn *conns;
     uint64_t inflight;          /* ring entries over all connections */
-    uint64_t *hist;
-    uint64_t requests, bytes_sent, bytes_received, non2xx, connects, min_ns, max_ns;
-    uint64_t errors[LG_NERR];
+    struct lg_tresult *ts;      /* this thread's figures per target (hist its own) */
     uint64_t scheduled, backlog;
-    double interval;            /* open loop: ns between this thread's sends */
-    uint64_t tick_k;            /* open loop: next tick of this thread's schedule */
+    double interval;            /* open loop, churn at a rate: ns between this thread's ticks */
+    uint64_t tick_k;            /* open loop, churn at a rate: next tick of the schedule */
+    struct conn **idle;         /* churn at a rate: free slots (a stack) */
+    int nidle;
     uint64_t t_end;
     struct rusage ru0, ru1;
     int ru_started;
@@ -246,9 +293,36 @@ static void conn_close(struct conn *c)
     c->hlen = 0;
 }
 
+/* Churn at a rate: the slot is free for the next scheduled connect.  Slots are
+ * never retried on their own: every connect is one scheduled attempt, counted as
+ * completed or as one error, so a failing server cannot make us offer more than the
+ * schedule does. */
+static void slot_release(struct conn *c)
+{
+    conn_close(c);
+    c->w->idle[c->w->nidle++] = c;
+}
+
+/* A connection finished its business (answered, or closed by the server between
+ * requests): keep the load going on this slot. */
+static void conn_recycle(struct conn *c, uint64_t now)
+{
+    if (c->w->sh->churn_rate) {
+        slot_release(c);
+        return;
+    }
+    conn_close(c);
+    if (may_send(c->w, now))
+        conn_start(c, now);
+}
+
 static void conn_fail(struct conn *c, int kind, uint64_t now)
 {
-    c->w->errors[kind]++;
+    c->w->ts[c->t->index].errors[kind]++;
+    if (c->w->sh->churn_rate) {
+        slot_release(c);
+        return;
+    }
     conn_close(c);
     c->fails++;
     /* Back off exponentially so a dead or hostile server costs us almost no CPU,
@@ -267,37 +341,55 @@ static int errno_kind(int e)
     case ECONNREFUSED: return LG_E_REFUSED;
     case ETIMEDOUT: return LG_E_CONNECT_TIMEOUT;
     case ECONNRESET: case EPIPE: case ECONNABORTED: return LG_E_RESET;
+    /* connect() found no free local port for this destination: the ephemeral range
+     * (net.ipv4.ip_local_port_range) is used up, mostly by our own TIME_WAITs. */
+    case EADDRNOTAVAIL: return LG_E_ADDR_NOT_AVAIL;
     default: return LG_E_OTHER;
     }
 }
 
+/* Take one measured request from the max_requests budget; 0 when it is spent.  The
+ * moment the first one over budget was wanted ends the schedule's measured span. */
+static int charge(struct worker *w, uint64_t now)
+{
+    struct shared *sh = w->sh;
+    uint64_t used = __atomic_fetch_add(&sh->budget_used, 1, __ATOMIC_RELAXED);
+    if (used < sh->cfg->max_requests)
+        return 1;
+    if (used == sh->cfg->max_requests)  /* exactly one caller sees this */
+        __atomic_store_n(&sh->t_spent, now, __ATOMIC_RELAXED);
+    w->no_more = 1;
+    return 0;
+}
+
 /* Queue one request on c.  `start` is its latency origin; the budget is charged only
- * for measured requests so warm-up never eats into max_requests. */
+ * for measured requests so warm-up never eats into max_requests (churn at a rate
+ * charged it when the connect went out).  Churn at a rate: a connect scheduled inside
+ * the window still gets its request after the window closed; it belongs to the
+ * measurement, and dropping it would hide a slow handshake. */
 static int issue(struct conn *c, uint64_t start, uint64_t now)
 {
     struct worker *w = c->w;
     struct shared *sh = w->sh;
-    if (!may_send(w, now) || c->closing || c->state != C_OPEN || start >= sh->me)
+    if (w->no_more || __atomic_load_n(&sh->stop, __ATOMIC_RELAXED) || c->closing ||
+        c->state != C_OPEN || start >= sh->me || (now >= sh->me && !sh->churn_rate))
         return 0;
-    if (start >= sh->ms && sh->cfg->max_requests) {
-        if (__atomic_fetch_add(&sh->budget_used, 1, __ATOMIC_RELAXED) >= sh->cfg->max_requests) {
-            w->no_more = 1;
-            return 0;
-        }
-    }
+    if (start >= sh->ms && sh->cfg->max_requests && !sh->churn_rate && !charge(w, now))
+        return 0;
     int depth = sh->cfg->depth;
     c->ring[(c->rhead + c->rcount) % depth] = start;
     if (c->rcount++ == 0)
         c->t_progress = now;
     w->inflight++;
-    c->pend += sh->msglen;
+    c->pend += c->t->msglen;
     return 1;
 }
 
 /* Open loop.  Thread t ticks at t0 + (t/T + k) * interval; conn j of its n owns ticks
- * j, j+n, j+2n...  Every time on the schedule comes from this one function, so the
- * tick that wakes a connection and the connection's own notion of "due" agree to the
- * nanosecond (two roundings could leave a request waiting a whole extra period). */
+ * j, j+n, j+2n...  (Churn at a rate: tick k is a connect, on whichever slot is free.)
+ * Every time on the schedule comes from this one function, so the tick that wakes a
+ * connection and the connection's own notion of "due" agree to the nanosecond (two
+ * roundings could leave a request waiting a whole extra period). */
 static inline uint64_t tick_time(const struct worker *w, uint64_t k)
 {
     return w->sh->t0 + (uint64_t)(((double)w->index / (double)w->sh->cfg->threads + (double)k)
@@ -348,12 +440,19 @@ static void refill(struct conn *c, uint64_t now)
 static void connected(struct conn *c, uint64_t now)
 {
     struct worker *w = c->w;
+    struct shared *sh = w->sh;
     c->state = C_OPEN;
-    if (now >= w->sh->ms && now < w->sh->me)
-        w->connects++;
-    if (w->sh->cfg->mode == LG_CHURN) {
-        if (!issue(c, c->t_state, now)) {  /* latency includes the handshake */
-            conn_close(c);                 /* window over or budget spent */
+    /* Churn at a rate counts a connect by its scheduled time, like its latency. */
+    uint64_t when = sh->churn_rate ? c->t_sched : now;
+    if (when >= sh->ms && when < sh->me)
+        w->ts[c->t->index].connects++;
+    if (sh->cfg->mode == LG_CHURN) {
+        /* latency includes the handshake (and, at a rate, any wait for a free slot) */
+        if (!issue(c, sh->churn_rate ? c->t_sched : c->t_state, now)) {
+            if (sh->churn_rate)
+                slot_release(c);
+            else
+                conn_close(c);             /* window over or budget spent */
             return;
         }
     } else {
@@ -365,8 +464,7 @@ static void connected(struct conn *c, uint64_t now)
 static void conn_start(struct conn *c, uint64_t now)
 {
     struct worker *w = c->w;
-    struct shared *sh = w->sh;
-    int fd = socket(sh->addr.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    int fd = socket(c->t->addr.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
     if (fd < 0) {
         conn_fail(c, LG_E_OTHER, now);     /* EMFILE and friends: back off, retry */
         return;
@@ -377,7 +475,9 @@ static void conn_start(struct conn *c, uint64_t now)
     c->t_state = now;
     struct epoll_event ev = { .events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET, .data.ptr = c };
     epoll_ctl(w->ep, EPOLL_CTL_ADD, fd, &ev);
-    if (connect(fd, (struct sockaddr *)&sh->addr, sh->alen) == 0) {
+    /* Non-blocking connect: EINPROGRESS, then EPOLLOUT with SO_ERROR telling how the
+     * handshake went.  Errors known at once (EADDRNOTAVAIL, ENETUNREACH) come here. */
+    if (connect(fd, (struct sockaddr *)&c->t->addr, c->t->alen) == 0) {
         connected(c, now);
     } else if (errno == EINPROGRESS) {
         c->state = C_CONNECTING;
@@ -398,15 +498,15 @@ static int conn_flush(struct conn *c, uint64_t now)
         /* Generate the bytes instead of buffering them per connection: memory stays
          * flat with many connections and big messages, and the cursor is all state. */
         while (n < cap) {
-            size_t take = sh->msglen - off;
+            size_t take = c->t->msglen - off;
             if (take > cap - n)
                 take = cap - n;
-            if (sh->cfg->protocol == LG_ECHO)
+            if (c->t->protocol == LG_ECHO)
                 pattern(msg_key(sh, c->gidx, seq), off, w->sbuf + n, take);
             else
-                memcpy(w->sbuf + n, sh->req + off, take);
+                memcpy(w->sbuf + n, c->t->req + off, take);
             n += take, off += take;
-            if (off == sh->msglen)
+            if (off == c->t->msglen)
                 off = 0, seq++;
         }
         ssize_t r = send(c->fd, w->sbuf, n, MSG_NOSIGNAL | MSG_DONTWAIT);
@@ -420,10 +520,10 @@ static int conn_flush(struct conn *c, uint64_t now)
         }
         c->pend -= (uint64_t)r;
         c->soff += (uint64_t)r;
-        c->sseq += c->soff / sh->msglen;
-        c->soff %= sh->msglen;
+        c->sseq += c->soff / c->t->msglen;
+        c->soff %= c->t->msglen;
         if (now >= sh->ms)
-            w->bytes_sent += (uint64_t)r;
+            w->ts[c->t->index].bytes_sent += (uint64_t)r;
         if ((size_t)r < n)
             return 0;                 /* socket buffer full */
     }
@@ -441,14 +541,15 @@ static void complete(struct conn *c, int ok2xx, uint64_t now)
     c->fails = 0;
     c->t_progress = now;
     if (start >= sh->ms && start < sh->me) {
+        struct lg_tresult *ts = &w->ts[c->t->index];
         uint64_t lat = now > start ? now - start : 0;
-        w->hist[hist_index(lat)]++;
-        if (lat > w->max_ns) w->max_ns = lat;
-        if (lat < w->min_ns) w->min_ns = lat;
-        w->requests++;
+        ts->hist[hist_index(lat)]++;
+        if (lat > ts->max_ns) ts->max_ns = lat;
+        if (lat < ts->min_ns) ts->min_ns = lat;
+        ts->requests++;
         c->completed++;
         if (!ok2xx)
-            w->non2xx++;
+            ts->non2xx++;
     }
 }
 
@@ -465,7 +566,7 @@ static int echo_input(struct conn *c, const char *data, size_t n, uint64_t now)
             set_message(sh, "echo mismatch: server sent bytes that were never sent to it");
             goto mismatch;
         }
-        size_t take = sh->msglen - c->roff;
+        size_t take = c->t->msglen - c->roff;
         if (take > n - pos)
             take = n - pos;
         uint64_t key = msg_key(sh, c->gidx, c->rseq);
@@ -478,14 +579,14 @@ static int echo_input(struct conn *c, const char *data, size_t n, uint64_t now)
             snprintf(text, sizeof text,
                      "echo mismatch: connection %d, message %llu, byte %llu of %zu: "
                      "expected 0x%02x, got 0x%02x", c->gidx, (unsigned long long)c->rseq,
-                     (unsigned long long)(c->roff + i), sh->msglen,
+                     (unsigned long long)(c->roff + i), c->t->msglen,
                      (uint8_t)w->sbuf[i], (uint8_t)data[pos + i]);
             set_message(sh, text);
             goto mismatch;
         }
         pos += take;
         c->roff += take;
-        if (c->roff == sh->msglen) {
+        if (c->roff == c->t->msglen) {
             c->roff = 0;
             c->rseq++;
             complete(c, 1, now);
@@ -743,23 +844,16 @@ static void conn_readable(struct conn *c, uint32_t events, uint64_t now)
         ssize_t r = recv(c->fd, w->rbuf, SCRATCH, 0);
         if (r > 0) {
             if (now >= sh->ms)
-                w->bytes_received += (uint64_t)r;
+                w->ts[c->t->index].bytes_received += (uint64_t)r;
             c->t_progress = now;
-            int rc = sh->cfg->protocol == LG_ECHO ? echo_input(c, w->rbuf, (size_t)r, now)
-                                                  : http_input(c, w->rbuf, (size_t)r, now);
+            int rc = c->t->protocol == LG_ECHO ? echo_input(c, w->rbuf, (size_t)r, now)
+                                               : http_input(c, w->rbuf, (size_t)r, now);
             if (rc < 0)
                 return;
-            if (sh->cfg->mode == LG_CHURN && c->rcount == 0) {
-                conn_close(c);          /* one request per connection, then a new one */
-                c->fails = 0;
-                if (may_send(w, now))
-                    conn_start(c, now);
-                return;
-            }
-            if (c->closing && c->rcount == 0) {
-                conn_close(c);          /* server asked to close; reconnect quietly */
-                if (may_send(w, now))
-                    conn_start(c, now);
+            if ((sh->cfg->mode == LG_CHURN || c->closing) && c->rcount == 0) {
+                /* churn: one request per connection, then the next connect;
+                 * Connection: close from the server: reconnect quietly */
+                conn_recycle(c, now);
                 return;
             }
             /* A short read means the socket is drained and the next arrival is a new
@@ -773,13 +867,10 @@ static void conn_readable(struct conn *c, uint32_t events, uint64_t now)
                 c->closing = 1;
                 http_done(c, now);
             }
-            if (c->rcount > 0) {
+            if (c->rcount > 0)
                 conn_fail(c, LG_E_EOF, now);
-            } else {
-                conn_close(c);
-                if (may_send(w, now))
-                    conn_start(c, now);
-            }
+            else
+                conn_recycle(c, now);
             return;
         } else {
             if (errno == EINTR)
@@ -827,7 +918,8 @@ static void sweep(struct worker *w, uint64_t now)
     for (int i = 0; i < w->n; i++) {
         struct conn *c = &w->conns[i];
         if (c->state == C_IDLE) {
-            if (now >= c->t_state && may_send(w, now))
+            /* (a free churn slot waits for its tick, not for a back-off) */
+            if (!w->sh->churn_rate && now >= c->t_state && may_send(w, now))
                 conn_start(c, now);
         } else if (c->state == C_CONNECTING) {
             if (now - c->t_state > to)
@@ -856,14 +948,42 @@ static void open_ticks(struct worker *w, uint64_t now)
     w->tick_k = due;
 }
 
-/* When the measured window closes: what was scheduled in it and never sent. */
-static void open_account(struct worker *w)
+/* Churn at a rate: start every connect that is due, as far as free slots allow.  A
+ * due connect that finds no free slot stays due (tick_k does not move past it) and
+ * goes out late, as soon as a slot frees; its latency still counts from its tick, so
+ * a server that stops accepting shows in the tail instead of slowing the schedule.
+ * Thread t's k-th connect goes to target (t + k) % ntargets: round robin. */
+static void churn_ticks(struct worker *w, uint64_t now)
+{
+    struct shared *sh = w->sh;
+    uint64_t due = ticks_before(w, now + 1);
+    while (w->tick_k < due && w->nidle > 0 && may_send(w, now)) {
+        uint64_t t = tick_time(w, w->tick_k);
+        if (t >= sh->ms && sh->cfg->max_requests && !charge(w, now))
+            break;
+        struct conn *c = w->idle[--w->nidle];
+        c->t = &sh->tg[(w->tick_k + (uint64_t)w->index) % (uint64_t)sh->ntg];
+        c->t_sched = t;
+        w->tick_k++;
+        conn_start(c, now);             /* a connect that fails at once frees the slot */
+    }
+}
+
+/* When the measured window closes: what was scheduled in it and never sent.  The
+ * open loop's ticks belong to connections (each has its own cursor); churn's ticks
+ * go out in order, so the one cursor tick_k says what is still waiting. */
+static void account(struct worker *w)
 {
     struct shared *sh = w->sh;
     uint64_t kme = ticks_before(w, sh->me), kms = ticks_before(w, sh->ms);
     w->scheduled = kme - kms;
     if (w->no_more)
         return;                         /* the budget ended the schedule on purpose */
+    if (sh->churn_rate) {
+        uint64_t from = w->tick_k > kms ? w->tick_k : kms;
+        w->backlog = kme > from ? kme - from : 0;
+        return;
+    }
     for (int j = 0; j < w->n; j++) {
         uint64_t due = kme > (uint64_t)j ? (kme - (uint64_t)j + (uint64_t)w->n - 1) / (uint64_t)w->n : 0;
         if (due > w->conns[j].sched_k)
@@ -908,7 +1028,7 @@ static void *worker_main(void *arg)
         __atomic_store_n(&sh->stop, 1, __ATOMIC_RELAXED);
 
     uint64_t now = now_ns();
-    for (int i = 0; i < w->n && may_send(w, now); i++)
+    for (int i = 0; i < w->n && !sh->churn_rate && may_send(w, now); i++)
         conn_start(&w->conns[i], now);
     uint64_t next_sweep = now + SWEEP_NS;
     struct epoll_event evs[NEVENTS];
@@ -923,27 +1043,34 @@ static void *worker_main(void *arg)
             break;
         if (!w->draining && (now >= sh->me || w->no_more)) {
             w->draining = 1;            /* nothing new from here on; wait for answers */
-            if (cfg->mode == LG_OPEN)
-                open_account(w);
+            if (cfg->rate > 0)
+                account(w);
         }
-        if (w->draining && w->inflight == 0)
+        /* At a rate a slot is busy from its connect on, so wait for those too. */
+        if (w->draining && (sh->churn_rate ? w->nidle == w->n : w->inflight == 0))
             break;
         if (now >= sh->deadline) {
-            for (int i = 0; i < w->n; i++)
-                if (w->conns[i].rcount > 0)
-                    w->errors[LG_E_READ_TIMEOUT]++;
+            for (int i = 0; i < w->n; i++) {
+                struct conn *c = &w->conns[i];
+                if (c->rcount > 0)
+                    w->ts[c->t->index].errors[LG_E_READ_TIMEOUT]++;
+                else if (sh->churn_rate && c->state == C_CONNECTING)
+                    w->ts[c->t->index].errors[LG_E_CONNECT_TIMEOUT]++;
+            }
             break;
         }
         if (cfg->mode == LG_OPEN && !w->draining)
             open_ticks(w, now);
+        if (sh->churn_rate && !w->draining)
+            churn_ticks(w, now);
         if (now >= next_sweep) {
             sweep(w, now);
             next_sweep = now + SWEEP_NS;
         }
 
         uint64_t wake = next_sweep;
-        if (cfg->mode == LG_OPEN && !w->draining) {
-            uint64_t t = tick_time(w, w->tick_k);
+        if (!w->draining && (cfg->mode == LG_OPEN || (sh->churn_rate && w->nidle > 0))) {
+            uint64_t t = tick_time(w, w->tick_k);   /* (no free slot: an answer wakes us) */
             if (t < wake) wake = t;
         }
         if (!w->ru_started && sh->ms < wake) wake = sh->ms;
@@ -961,8 +1088,8 @@ static void *worker_main(void *arg)
     getrusage(RUSAGE_THREAD, &w->ru1);
     if (!w->ru_started)
         w->ru0 = w->ru1;
-    if (cfg->mode == LG_OPEN && !w->draining)
-        open_account(w);
+    if (cfg->rate > 0 && !w->draining)
+        account(w);
     for (int i = 0; i < w->n; i++)
         if (w->conns[i].fd >= 0)
             close(w->conns[i].fd);
@@ -976,6 +1103,41 @@ static double tv_s(struct timeval a, struct timeval b)
     return (double)(b.tv_sec - a.tv_sec) + (double)(b.tv_usec - a.tv_usec) * 1e-6;
 }
 
+/* Resolve a target and build its request.  0, or -1 with the reason in `msg`. */
+static int tgt_init(struct tgt *t, const struct lg_target *spec, int index, size_t size,
+                    char *msg, size_t msgcap)
+{
+    char port[16];
+    snprintf(port, sizeof port, "%d", spec->port);
+    struct addrinfo hints = { .ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM }, *ai;
+    int gai = getaddrinfo(spec->host, port, &hints, &ai);
+    if (gai != 0) {
+        snprintf(msg, msgcap, "cannot resolve %s: %s", spec->host, gai_strerror(gai));
+        return -1;
+    }
+    memcpy(&t->addr, ai->ai_addr, ai->ai_addrlen);
+    t->alen = ai->ai_addrlen;
+    freeaddrinfo(ai);
+    t->index = index;
+    t->protocol = spec->protocol;
+    if (spec->protocol != LG_HTTP) {
+        t->msglen = size;
+        return 0;
+    }
+    /* Host header: an IPv6 literal needs its brackets back. */
+    int v6 = strchr(spec->host, ':') != NULL;
+    size_t cap = strlen(spec->path) + strlen(spec->host) + 64;
+    t->req = malloc(cap);
+    if (!t->req) {
+        snprintf(msg, msgcap, "out of memory");
+        return -1;
+    }
+    t->msglen = (size_t)snprintf(t->req, cap, "GET %s HTTP/1.1\r\nHost: %s%s%s:%d\r\n\r\n",
+                                 spec->path, v6 ? "[" : "", spec->host, v6 ? "]" : "",
+                                 spec->port);
+    return 0;
+}
+
 int lg_run(const struct lg_config *cfg, struct lg_result *res)
 {
     struct shared sh;
@@ -983,45 +1145,33 @@ int lg_run(const struct lg_config *cfg, struct lg_result *res)
     sh.cfg = cfg;
     res->message[0] = 0;
     if (cfg->connections < 1 || cfg->threads < 1 || cfg->threads > cfg->connections ||
-        cfg->depth < 1 || cfg->size < 1 || !(cfg->duration > 0) || !(cfg->timeout > 0) ||
-        (cfg->mode == LG_OPEN && !(cfg->rate > 0))) {
+        cfg->ntargets < 1 || cfg->depth < 1 || cfg->size < 1 || !(cfg->duration > 0) ||
+        !(cfg->timeout > 0) || !(cfg->rate >= 0) ||
+        (cfg->mode == LG_OPEN && !(cfg->rate > 0)) || (cfg->mode == LG_CLOSED && cfg->rate > 0)) {
         snprintf(res->message, sizeof res->message, "invalid configuration");
         return -1;
     }
-
-    char port[16];
-    snprintf(port, sizeof port, "%d", cfg->port);
-    struct addrinfo hints = { .ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM }, *ai;
-    int gai = getaddrinfo(cfg->host, port, &hints, &ai);
-    if (gai != 0) {
-        snprintf(res->message, sizeof res->message, "cannot resolve %s: %s", cfg->host, gai_strerror(gai));
+    sh.churn_rate = cfg->mode == LG_CHURN && cfg->rate > 0;
+    sh.ntg = cfg->ntargets;
+    sh.tg = calloc((size_t)sh.ntg, sizeof *sh.tg);
+    if (!sh.tg) {
+        snprintf(res->message, sizeof res->message, "out of memory");
         return -1;
     }
-    memcpy(&sh.addr, ai->ai_addr, ai->ai_addrlen);
-    sh.alen = ai->ai_addrlen;
-    freeaddrinfo(ai);
-
-    if (cfg->protocol == LG_HTTP) {
-        /* Host header: an IPv6 literal needs its brackets back. */
-        int v6 = strchr(cfg->host, ':') != NULL;
-        size_t cap = strlen(cfg->path) + strlen(cfg->host) + 64;
-        sh.req = malloc(cap);
-        if (!sh.req) {
-            snprintf(res->message, sizeof res->message, "out of memory");
+    for (int i = 0; i < sh.ntg; i++)
+        if (tgt_init(&sh.tg[i], &cfg->targets[i], i, (size_t)cfg->size,
+                     res->message, sizeof res->message) < 0) {
+            for (int j = 0; j <= i; j++)
+                free(sh.tg[j].req);
+            free(sh.tg);
             return -1;
         }
-        sh.reqlen = (size_t)snprintf(sh.req, cap, "GET %s HTTP/1.1\r\nHost: %s%s%s:%d\r\n\r\n",
-                                     cfg->path, v6 ? "[" : "", cfg->host, v6 ? "]" : "", cfg->port);
-        sh.msglen = sh.reqlen;
-    } else {
-        sh.msglen = (size_t)cfg->size;
-    }
     sh.timeout_ns = (uint64_t)(cfg->timeout * 1e9);
     sh.seed = now_ns() * 0x9e3779b97f4a7c15ull;
     pthread_mutex_init(&sh.lock, NULL);
     pthread_cond_init(&sh.gate_cv, NULL);
 
-    int T = cfg->threads, C = cfg->connections;
+    int T = cfg->threads, C = cfg->connections, NT = sh.ntg;
     struct worker *ws = calloc((size_t)T, sizeof *ws);
     struct conn *conns = calloc((size_t)C, sizeof *conns);
     uint64_t *rings = calloc((size_t)C * (size_t)cfg->depth, sizeof *rings);
@@ -1032,7 +1182,8 @@ int lg_run(const struct lg_config *cfg, struct lg_result *res)
         goto out;
     }
     /* Per-connection period C / rate; thread t's n_t connections take turns, so the
-     * thread ticks every C / (rate * n_t) and all threads together tick at `rate`. */
+     * thread ticks every C / (rate * n_t) and all threads together tick at `rate`.
+     * Churn at a rate uses the same schedule, one connect per tick. */
     for (int t = 0; t < T; t++) {
         struct worker *w = &ws[t];
         int lo = (int)((int64_t)C * t / T), hi = (int)((int64_t)C * (t + 1) / T);
@@ -1042,24 +1193,36 @@ int lg_run(const struct lg_config *cfg, struct lg_result *res)
         w->ep = -1;
         w->n = hi - lo;
         w->conns = conns + lo;
-        w->min_ns = UINT64_MAX;
-        if (cfg->mode == LG_OPEN)
+        if (cfg->rate > 0)
             w->interval = 1e9 * (double)C / (cfg->rate * (double)w->n);
-        w->hist = calloc(HIST_BUCKETS, sizeof *w->hist);
+        w->ts = calloc((size_t)NT, sizeof *w->ts);
+        w->idle = calloc((size_t)w->n, sizeof *w->idle);
         w->sbuf = malloc(SCRATCH);
         w->rbuf = malloc(SCRATCH);
-        if (!w->hist || !w->sbuf || !w->rbuf) {
+        if (!w->ts || !w->idle || !w->sbuf || !w->rbuf) {
             snprintf(res->message, sizeof res->message, "out of memory");
             rc = -1;
             goto out;
         }
+        for (int k = 0; k < NT; k++) {
+            w->ts[k].min_ns = UINT64_MAX;
+            w->ts[k].hist = calloc(HIST_BUCKETS, sizeof *w->ts[k].hist);
+            if (!w->ts[k].hist) {
+                snprintf(res->message, sizeof res->message, "out of memory");
+                rc = -1;
+                goto out;
+            }
+        }
         for (int j = 0; j < w->n; j++) {
             struct conn *c = &w->conns[j];
             c->w = w;
+            c->t = &sh.tg[(lo + j) % NT];       /* round robin over the targets */
             c->fd = -1;
             c->lidx = j;
             c->gidx = lo + j;
             c->ring = rings + (size_t)(lo + j) * (size_t)cfg->depth;
+            if (sh.churn_rate)
+                w->idle[w->nidle++] = &w->conns[w->n - 1 - j];  /* slot 0 on top */
         }
     }
     /* Threads wait at a gate until all exist, so a failed pthread_create can size
@@ -1081,12 +1244,16 @@ int lg_run(const struct lg_config *cfg, struct lg_result *res)
     for (int t = 0; t < started; t++)
         pthread_join(ws[t].tid, NULL);
 
-    memset(res->errors, 0, sizeof res->errors);
-    res->requests = res->bytes_sent = res->bytes_received = 0;
-    res->non2xx = res->connects = res->scheduled = res->backlog = res->max_ns = 0;
-    res->min_ns = UINT64_MAX;
+    res->scheduled = res->backlog = 0;
     res->cpu_user = res->cpu_sys = 0;
-    memset(res->hist, 0, HIST_BUCKETS * sizeof *res->hist);
+    for (int k = 0; k < NT; k++) {
+        struct lg_tresult *r = &res->targets[k];
+        r->requests = r->bytes_sent = r->bytes_received = r->non2xx = r->connects = 0;
+        r->max_ns = 0;
+        r->min_ns = UINT64_MAX;
+        memset(r->errors, 0, sizeof r->errors);
+        memset(r->hist, 0, HIST_BUCKETS * sizeof *r->hist);
+    }
     uint64_t t_last = sh.ms;
     for (int t = 0; t < T; t++) {
         struct worker *w = &ws[t];
@@ -1094,28 +1261,34 @@ int lg_run(const struct lg_config *cfg, struct lg_result *res)
             snprintf(res->message, sizeof res->message, "%s", w->err);
             rc = -1;
         }
-        res->requests += w->requests;
-        res->bytes_sent += w->bytes_sent;
-        res->bytes_received += w->bytes_received;
-        res->non2xx += w->non2xx;
-        res->connects += w->connects;
+        for (int k = 0; k < NT; k++) {
+            struct lg_tresult *r = &res->targets[k], *x = &w->ts[k];
+            r->requests += x->requests;
+            r->bytes_sent += x->bytes_sent;
+            r->bytes_received += x->bytes_received;
+            r->non2xx += x->non2xx;
+            r->connects += x->connects;
+            for (int e = 0; e < LG_NERR; e++)
+                r->errors[e] += x->errors[e];
+            for (int b = 0; b < HIST_BUCKETS; b++)
+                r->hist[b] += x->hist[b];
+            if (x->max_ns > r->max_ns) r->max_ns = x->max_ns;
+            if (x->min_ns < r->min_ns) r->min_ns = x->min_ns;
+        }
         res->scheduled += w->scheduled;
         res->backlog += w->backlog;
-        for (int k = 0; k < LG_NERR; k++)
-            res->errors[k] += w->errors[k];
-        for (int k = 0; k < HIST_BUCKETS; k++)
-            res->hist[k] += w->hist[k];
-        if (w->max_ns > res->max_ns) res->max_ns = w->max_ns;
-        if (w->min_ns < res->min_ns) res->min_ns = w->min_ns;
         res->cpu_user += tv_s(w->ru0.ru_utime, w->ru1.ru_utime);
         res->cpu_sys += tv_s(w->ru0.ru_stime, w->ru1.ru_stime);
         if (w->t_end > t_last) t_last = w->t_end;
         for (int j = 0; j < w->n; j++)
             res->per_conn[w->conns[j].gidx] = w->conns[j].completed;
     }
-    if (res->min_ns == UINT64_MAX)
-        res->min_ns = 0;
+    for (int k = 0; k < NT; k++)
+        if (res->targets[k].min_ns == UINT64_MAX)
+            res->targets[k].min_ns = 0;
     res->elapsed = sh.ms ? (double)(t_last - sh.ms) * 1e-9 : 0.0;
+    uint64_t spent = __atomic_load_n(&sh.t_spent, __ATOMIC_RELAXED);
+    res->span = (double)((spent && spent < sh.me ? spent : sh.me) - sh.ms) * 1e-9;
     res->aborted = __atomic_load_n(&sh.stop, __ATOMIC_RELAXED);
     if (sh.message[0] && !res->message[0])
         snprintf(res->message, sizeof res->message, "%s", sh.message);
@@ -1123,7 +1296,11 @@ int lg_run(const struct lg_config *cfg, struct lg_result *res)
 out:
     if (ws)
         for (int t = 0; t < T; t++) {
-            free(ws[t].hist);
+            if (ws[t].ts)
+                for (int k = 0; k < NT; k++)
+                    free(ws[t].ts[k].hist);
+            free(ws[t].ts);
+            free(ws[t].idle);
             free(ws[t].sbuf);
             free(ws[t].rbuf);
         }
@@ -1133,7 +1310,9 @@ out:
     free(ws);
     free(conns);
     free(rings);
-    free(sh.req);
+    for (int k = 0; k < NT; k++)
+        free(sh.tg[k].req);
+    free(sh.tg);
     if (started)
         pthread_barrier_destroy(&sh.bar);
     pthread_cond_destroy(&sh.gate_cv);

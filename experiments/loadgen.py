@@ -8,7 +8,18 @@ measured figures mean:
   (after ``warmup``, before ``warmup + duration``).  Start = actual send (closed loop),
   intended send time on the fixed schedule (open loop, so a stalled server cannot hide
   its stall: the latency includes the time the request should already have been out),
-  connect start (churn: the handshake is part of each request).
+  connect start (churn: the handshake is part of each request), or the connect's
+  intended time on the fixed schedule (churn at a rate).  In churn every request is one
+  connection, so ``requests`` is also the number of connections completed.
+* ``scheduled``/``backlog`` (open loop, churn at a rate): sends (connects) due in the
+  window, and how many of them never went out before it closed.
+* ``achieved_rate`` (open loop, churn at a rate): ``requests`` over the span they were
+  scheduled in (``duration``, or up to the due time of the first request over
+  ``max_requests``), not over ``elapsed``: the drain is not part of the schedule.  ``rate_met``, the
+  generator's rule: not aborted, achieved >= 99% of the target, and backlog <= 1% of
+  scheduled.  How late the answers came is the latency's business (from intended
+  times); the in-flight cap (``connections`` x ``depth``, or ``connections`` in
+  churn) bounds how far behind a server can fall before the backlog shows it.
 * ``elapsed``: from the start of the measured window until the last worker thread
   finished, i.e. the window plus the drain of requests still in flight (at most
   ``timeout``); ``rps = requests / elapsed``.
@@ -18,6 +29,18 @@ measured figures mean:
 * ``client_cpu_*``: CPU time of the generator's own threads over the measured window
   (``getrusage(RUSAGE_THREAD)`` deltas), so other threads in this process, e.g. a
   Python test server, are not charged to the client.
+* ``targets``: the same figures per target (several targets in one run: connection i
+  goes to target ``i % len(targets)``; churn at a rate sends thread t's k-th connect to
+  target ``(t + k) % len(targets)``); the top-level figures are their total.
+
+Modes: ``closed`` (``depth`` requests in flight per connection), ``open`` (requests at a
+fixed total ``rate`` over persistent connections, as wrk2), ``churn`` (connect, one
+request, read the whole response, close).  ``churn`` with ``rate > 0`` is open-loop
+churn: connects at a fixed total rate (connections/s) on a fixed schedule per thread,
+at most ``connections`` in flight; a connect due with no free slot waits for one (and
+is ``backlog`` if the window closes first), and every scheduled connect is one attempt
+(no retries: a failure is one error of its kind).  ``netns=NAME`` runs the generator in
+a network namespace (experiments/netns.py).
 """
 
 from __future__ import annotations
@@ -34,11 +57,13 @@ import sys
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+from parallelnet.core.stats import fmt_jain, jain_index
+
 PROTOCOLS = ("echo", "http")
 MODES = ("closed", "open", "churn")
 #: Error kinds, in the order of ``LG_E_*`` in loadgen.c.
 ERROR_KINDS = ("connect_refused", "connect_timeout", "reset", "read_timeout", "eof",
-               "echo_mismatch", "http_parse", "other")
+               "echo_mismatch", "http_parse", "addr_not_avail", "other")
 PERCENTILES = (50.0, 90.0, 99.0, 99.9, 99.99)
 MAX_SIZE = 64 * 1024 * 1024
 MAX_DEPTH = 4096
@@ -54,11 +79,31 @@ def _lib():
 
 
 @dataclass
+class Target:
+    """One server to drive.  ``protocol``/``path`` None: the LoadSpec's."""
+
+    host: str
+    port: int
+    protocol: str | None = None
+    path: str | None = None
+
+    @property
+    def address(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass
 class LoadSpec:
     """What to run.  ``rate`` is the total request rate of the open loop (req/s),
-    spread evenly over the connections; ``depth`` is the number of requests in flight
-    per connection (closed loop) or the cap on them (open loop: 1 behaves like wrk2,
-    more lets a connection pipeline to catch up)."""
+    spread evenly over the connections, or the total connect rate of churn (conn/s);
+    ``depth`` is the number of requests in flight per connection (closed loop) or the
+    cap on them (open loop: 1 behaves like wrk2, more lets a connection pipeline to
+    catch up).
+
+    One target: ``host``/``port``/``protocol``/``path``.  Several: ``targets``, a list
+    of :class:`Target` (or ``(host, port[, protocol[, path]])`` tuples), whose missing
+    protocol/path default to this spec's; then leave ``host``/``port`` unset.
+    ``netns``: run the client inside that network namespace (``/run/netns/NAME``)."""
 
     host: str = "127.0.0.1"
     port: int = 0
@@ -76,6 +121,25 @@ class LoadSpec:
     path: str = "/"
     timeout: float = 5.0
     abort_on_mismatch: bool = True
+    targets: list[Target] | None = None
+    netns: str | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.targets, (list, tuple)):
+            self.targets = [t if isinstance(t, Target) else
+                            Target(**t) if isinstance(t, dict) else Target(*t)
+                            for t in self.targets]
+
+    @property
+    def churn_rate(self) -> bool:
+        """Open-loop churn: connects on a fixed schedule."""
+        return self.mode == "churn" and bool(self.rate)
+
+    def resolved_targets(self) -> list[Target]:
+        """Every target with its protocol and path filled in."""
+        given = self.targets if self.targets is not None else [Target(self.host, self.port)]
+        return [Target(t.host, t.port, t.protocol or self.protocol,
+                       self.path if t.path is None else t.path) for t in given]
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field."""
@@ -94,14 +158,21 @@ class LoadSpec:
             if v < lo or (strict and v == lo):
                 raise ValueError(f"{name} must be {'>' if strict else '>='} {lo}, got {v}")
 
-        if not isinstance(self.host, str) or not self.host:
-            raise ValueError("host must be a non-empty string")
-        integer("port", 1, 65535)
         if self.protocol not in PROTOCOLS:
             raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {self.protocol!r}")
+        if self.targets is not None:
+            if not isinstance(self.targets, list) or not self.targets:
+                raise ValueError("targets must be None or a non-empty list of Target")
+            if self.port != 0 or self.host != "127.0.0.1":
+                raise ValueError("give either targets or host/port (the one-target "
+                                 "shorthand), not both")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         integer("connections", 1)
+        targets = self.resolved_targets()
+        if len(targets) > self.connections and not self.churn_rate:
+            raise ValueError(f"connections ({self.connections}) must be at least the number "
+                             f"of targets ({len(targets)}): each target needs a connection")
         integer("threads", 1)
         if self.threads > self.connections:
             raise ValueError(f"threads ({self.threads}) must not exceed connections "
@@ -121,20 +192,63 @@ class LoadSpec:
         number("rate", 0, strict=False)
         if self.mode == "open" and self.rate <= 0:
             raise ValueError("open loop needs rate > 0 (total requests per second)")
-        if self.mode != "open" and self.rate:
-            raise ValueError(f"rate is only for mode='open' (mode is {self.mode!r})")
+        if self.mode == "closed" and self.rate:
+            raise ValueError("rate is for mode='open' (requests/s) or mode='churn' "
+                             "(connections/s), not the closed loop")
         number("duration", 0, strict=True)
         number("warmup", 0, strict=False)
         number("timeout", 0, strict=True)
         integer("max_requests", 0)
-        if not isinstance(self.path, str) or not self.path.startswith("/") \
-                or re.search(r"[\x00-\x20\x7f]", self.path):
-            raise ValueError(f"path must start with '/' and contain no spaces or control "
-                             f"characters, got {self.path!r}")
-        try:
-            socket.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)
-        except socket.gaierror as exc:
-            raise ValueError(f"cannot resolve host {self.host!r}: {exc}") from None
+        for t in targets:
+            _validate_target(t)
+        if self.netns is not None:
+            from parallelnet.experiments import netns
+            if not netns.exists(self.netns):
+                raise ValueError(f"netns {self.netns!r}: no such network namespace "
+                                 f"({netns.netns_path(str(self.netns))} does not exist)")
+
+
+def _validate_target(t: Target) -> None:
+    if not isinstance(t.host, str) or not t.host:
+        raise ValueError(f"host must be a non-empty string, got {t.host!r}")
+    if isinstance(t.port, bool) or not isinstance(t.port, int) or not 1 <= t.port <= 65535:
+        raise ValueError(f"port must be an integer in 1..65535, got {t.port!r}")
+    if t.protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {t.protocol!r}")
+    if not isinstance(t.path, str) or not t.path.startswith("/") \
+            or re.search(r"[\x00-\x20\x7f]", t.path):
+        raise ValueError(f"path must start with '/' and contain no spaces or control "
+                         f"characters, got {t.path!r}")
+    try:
+        socket.getaddrinfo(t.host, t.port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise ValueError(f"cannot resolve host {t.host!r}: {exc}") from None
+
+
+@dataclass
+class TargetResult:
+    """One target's share of a run (the figures mean what LoadResult's do)."""
+
+    host: str
+    port: int
+    protocol: str
+    path: str
+    requests: int
+    bytes_sent: int
+    bytes_received: int
+    rps: float
+    latency: dict[str, float]
+    latency_min_us: float
+    latency_mean_us: float
+    latency_max_us: float
+    histogram: list[tuple[int, int]]
+    errors: dict[str, int]
+    non2xx: int
+    connects: int
+
+    @property
+    def address(self) -> str:
+        return Target(self.host, self.port).address
 
 
 @dataclass
@@ -157,13 +271,15 @@ class LoadResult:
     connects: int
     target_rate: float
     achieved_rate: float
-    rate_met: bool                             # always True without a target (not open)
-    scheduled: int                             # open loop: sends due in the window
-    backlog: int                               # open loop: of those, never sent
+    rate_met: bool                             # always True without a rate to meet
+    scheduled: int                             # open loop / churn at a rate: due in the window
+    backlog: int                               # of those, never sent (connected)
     client_cpu_user_s: float
     client_cpu_sys_s: float
     client_cpu_us_per_req: float | None
+    client_cpu_us_per_conn: float | None       # churn: the same per connection completed
     aborted: bool
+    targets: list[TargetResult]                # per target; the fields above are the total
     message: str = ""
 
     @property
@@ -182,17 +298,13 @@ class LoadResult:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["histogram"] = [list(b) for b in self.histogram]
+        for t in d["targets"]:
+            t["histogram"] = [list(b) for b in t["histogram"]]
+        if math.isnan(d["jain"]):
+            d["jain"] = None                    # undefined; strict JSON has no NaN
         d["errors_total"] = self.errors_total
         d["ok"] = self.ok
         return d
-
-
-def jain_index(values) -> float:
-    """Jain's fairness (sum x)^2 / (n sum x^2): 1 = perfectly even, 1/n = one took all.
-    0.0 when nothing completed (undefined)."""
-    vals = list(values)
-    sq = sum(v * v for v in vals)
-    return (sum(vals) ** 2) / (len(vals) * sq) if sq else 0.0
 
 
 def percentiles_from_histogram(hist: list[tuple[int, int]], pcts=PERCENTILES,
@@ -222,18 +334,39 @@ def percentiles_from_histogram(hist: list[tuple[int, int]], pcts=PERCENTILES,
 
 
 def run(spec: LoadSpec) -> LoadResult:
-    """Run one load test; blocks (GIL released) for about warmup + duration."""
+    """Run one load test; blocks (GIL released) for about warmup + duration.  With
+    ``spec.netns`` it runs in a forked child inside that namespace, killed if it is
+    still running ``timeout + 30`` s after the window should have closed."""
     spec.validate()
+    if spec.netns is None:
+        return _run_here(spec)
+    from parallelnet.experiments import netns
+
+    # Load the extension here: a dlopen in the forked child of a threaded process could
+    # block on a loader lock some other thread held at the fork.
+    _lib()
+
+    limit = spec.warmup + spec.duration + spec.timeout + 30
+    try:
+        return netns.call_in_netns(spec.netns, _run_here, spec, timeout=limit)
+    except netns.NetnsError as exc:
+        raise RuntimeError(f"load generator failed: {exc}") from exc
+
+
+def _run_here(spec: LoadSpec) -> LoadResult:
     ffi, lib = _lib()
     _ensure_fd_limit(spec.connections + 64)
+    targets = spec.resolved_targets()
 
     keep = []                                  # cdata that must outlive the call
+    ctargets = ffi.new("struct lg_target[]", len(targets))
+    for ct, t in zip(ctargets, targets):
+        host, path = ffi.new("char[]", t.host.encode()), ffi.new("char[]", t.path.encode())
+        keep += [host, path]
+        ct.host, ct.path, ct.port = host, path, t.port
+        ct.protocol = lib.LG_ECHO if t.protocol == "echo" else lib.LG_HTTP
     cfg = ffi.new("struct lg_config *")
-    host = ffi.new("char[]", spec.host.encode())
-    path = ffi.new("char[]", spec.path.encode())
-    keep += [host, path]
-    cfg.host, cfg.path, cfg.port = host, path, spec.port
-    cfg.protocol = lib.LG_ECHO if spec.protocol == "echo" else lib.LG_HTTP
+    cfg.targets, cfg.ntargets = ctargets, len(targets)
     cfg.mode = {"closed": lib.LG_CLOSED, "open": lib.LG_OPEN, "churn": lib.LG_CHURN}[spec.mode]
     cfg.connections, cfg.threads = spec.connections, spec.threads
     if spec.cpus:
@@ -248,44 +381,104 @@ def run(spec: LoadSpec) -> LoadResult:
 
     nb = lib.lg_hist_buckets()
     res = ffi.new("struct lg_result *")
-    hist = ffi.new("uint64_t[]", nb)
+    tres = ffi.new("struct lg_tresult[]", len(targets))
+    hists = [ffi.new("uint64_t[]", nb) for _ in targets]
+    for tr, h in zip(tres, hists):
+        tr.hist = h
     per_conn = ffi.new("uint64_t[]", spec.connections)
-    res.hist, res.per_conn = hist, per_conn
+    res.targets, res.per_conn = tres, per_conn
 
     rc = lib.lg_run(cfg, res)
     message = ffi.string(res.message).decode(errors="replace")
     if rc != 0:
         raise RuntimeError(f"load generator failed: {message or 'unknown error'}")
 
-    buckets = [((lib.lg_hist_low(i) + lib.lg_hist_high(i)) // 2, hist[i])
-               for i in range(nb) if hist[i]]
-    requests = res.requests
-    lat = percentiles_from_histogram(buckets, lo=res.min_ns, hi=res.max_ns)
-    mean = sum(v * c for v, c in buckets) / requests / 1000.0 if requests else 0.0
-    per = [per_conn[i] for i in range(spec.connections)]
     elapsed = res.elapsed
-    rps = requests / elapsed if elapsed > 0 else 0.0
-    errors = {kind: res.errors[i] for i, kind in enumerate(ERROR_KINDS)}
-    target = float(spec.rate) if spec.mode == "open" else 0.0
-    if spec.mode == "open":
-        rate_met = (not res.aborted and rps >= 0.99 * target
+    mids = [(lib.lg_hist_low(i) + lib.lg_hist_high(i)) // 2 for i in range(nb)]
+    raws = []
+    for tr, h in zip(tres, hists):
+        counts = ffi.unpack(h, nb)
+        raws.append(_Raw(tr.requests, tr.bytes_sent, tr.bytes_received,
+                         {mids[i]: c for i, c in enumerate(counts) if c},
+                         tr.min_ns, tr.max_ns,
+                         {k: tr.errors[i] for i, k in enumerate(ERROR_KINDS)},
+                         tr.non2xx, tr.connects))
+    per_target = [_figures(t, raw, elapsed) for t, raw in zip(targets, raws)]
+    total = _figures(Target("", 0, "", ""), _Raw.total(raws), elapsed)
+
+    per = [per_conn[i] for i in range(spec.connections)]
+    requests = total.requests
+    target = float(spec.rate) if spec.mode == "open" or spec.churn_rate else 0.0
+    achieved = total.rps
+    rate_met = True
+    if target:
+        # The work scheduled in the window, over the window (or up to the due time of
+        # the first request over max_requests): the drain after it is not part of the
+        # schedule, and one late answer must not decide "met".  How late answers
+        # came is what the latency from the intended time shows.
+        achieved = requests / res.span if res.span > 0 else 0.0
+        rate_met = (not res.aborted and achieved >= 0.99 * target
                     and res.backlog * 100 <= res.scheduled)
-    else:
-        rate_met = True
     cpu = res.cpu_user + res.cpu_sys
+    per_req = cpu * 1e6 / requests if requests else None
     return LoadResult(
         spec=dataclasses.asdict(spec),
-        requests=requests, bytes_sent=res.bytes_sent, bytes_received=res.bytes_received,
-        elapsed=elapsed, rps=rps, latency=lat,
-        latency_min_us=res.min_ns / 1000.0, latency_mean_us=mean,
-        latency_max_us=res.max_ns / 1000.0, histogram=buckets, per_connection=per,
-        jain=jain_index(per), errors=errors, non2xx=res.non2xx, connects=res.connects,
-        target_rate=target, achieved_rate=rps, rate_met=rate_met,
+        requests=requests, bytes_sent=total.bytes_sent, bytes_received=total.bytes_received,
+        elapsed=elapsed, rps=total.rps, latency=total.latency,
+        latency_min_us=total.latency_min_us, latency_mean_us=total.latency_mean_us,
+        latency_max_us=total.latency_max_us, histogram=total.histogram, per_connection=per,
+        jain=jain_index(per), errors=total.errors, non2xx=total.non2xx, connects=total.connects,
+        target_rate=target, achieved_rate=achieved, rate_met=rate_met,
         scheduled=res.scheduled, backlog=res.backlog,
         client_cpu_user_s=res.cpu_user, client_cpu_sys_s=res.cpu_sys,
-        client_cpu_us_per_req=cpu * 1e6 / requests if requests else None,
-        aborted=bool(res.aborted), message=message,
+        client_cpu_us_per_req=per_req,
+        client_cpu_us_per_conn=per_req if spec.mode == "churn" else None,
+        aborted=bool(res.aborted), targets=per_target,
+        message=message,
     )
+
+
+@dataclass
+class _Raw:
+    """A target's counts as C left them (histogram: bucket midpoint ns -> count)."""
+
+    requests: int
+    bytes_sent: int
+    bytes_received: int
+    hist: dict[int, int]
+    min_ns: int
+    max_ns: int
+    errors: dict[str, int]
+    non2xx: int
+    connects: int
+
+    @classmethod
+    def total(cls, parts: list["_Raw"]) -> "_Raw":
+        hist: dict[int, int] = {}
+        for p in parts:
+            for v, c in p.hist.items():
+                hist[v] = hist.get(v, 0) + c
+        served = [p for p in parts if p.requests]
+        return cls(sum(p.requests for p in parts), sum(p.bytes_sent for p in parts),
+                   sum(p.bytes_received for p in parts), hist,
+                   min((p.min_ns for p in served), default=0),
+                   max((p.max_ns for p in served), default=0),
+                   {k: sum(p.errors[k] for p in parts) for k in ERROR_KINDS},
+                   sum(p.non2xx for p in parts), sum(p.connects for p in parts))
+
+
+def _figures(t: Target, raw: _Raw, elapsed: float) -> TargetResult:
+    buckets = sorted(raw.hist.items())
+    n = raw.requests
+    return TargetResult(
+        host=t.host, port=t.port, protocol=t.protocol, path=t.path, requests=n,
+        bytes_sent=raw.bytes_sent, bytes_received=raw.bytes_received,
+        rps=n / elapsed if elapsed > 0 else 0.0,
+        latency=percentiles_from_histogram(buckets, lo=raw.min_ns, hi=raw.max_ns),
+        latency_min_us=raw.min_ns / 1000.0,
+        latency_mean_us=sum(v * c for v, c in buckets) / n / 1000.0 if n else 0.0,
+        latency_max_us=raw.max_ns / 1000.0, histogram=buckets, errors=raw.errors,
+        non2xx=raw.non2xx, connects=raw.connects)
 
 
 def _ensure_fd_limit(need: int) -> None:
@@ -323,21 +516,30 @@ def _problems(r: LoadResult) -> str:
     if errs:
         parts.append(f"errors: {errs}")
     if not r.rate_met:
-        parts.append(f"target rate NOT met: {r.achieved_rate:.1f} of {r.target_rate:g} req/s, "
-                     f"{r.backlog} of {r.scheduled} scheduled sends never went out")
+        unit, what = ("conn/s", "connects") if r.spec["mode"] == "churn" else ("req/s", "sends")
+        parts.append(f"target rate NOT met: {r.achieved_rate:.1f} of {r.target_rate:g} {unit}, "
+                     f"{r.backlog} of {r.scheduled} scheduled {what} never went out")
     return "; ".join(parts) or "ok"
 
 
+def _target_label(t: TargetResult) -> str:
+    return t.address + (t.path if t.protocol == "http" else "")
+
+
 def format_report(r: LoadResult) -> str:
-    """A few lines in wrk's spirit."""
+    """A few lines in wrk's spirit (and a line per target when there are several)."""
     s = r.spec
-    target = f"{s['host']}:{s['port']}" + (s["path"] if s["protocol"] == "http" else "")
-    what = f"{s['protocol']}" + (f" {s['size']}B" if s["protocol"] == "echo" else "")
+    protocols = sorted({t.protocol for t in r.targets})
+    what = "/".join(p + (f" {s['size']}B" if p == "echo" else "") for p in protocols)
+    churn_unit = "conn/s" if s["mode"] == "churn" else "req/s"
     mode = {"closed": f"closed loop, depth {s['depth']}",
             "open": f"open loop at {s['rate']:g} req/s, depth cap {s['depth']}",
-            "churn": "churn (one request per connection)"}[s["mode"]]
+            "churn": f"churn at {s['rate']:g} conn/s, at most {s['connections']} in flight"
+            if s["rate"] else "churn (one request per connection)"}[s["mode"]]
+    where = ", ".join(_target_label(t) for t in r.targets)
     lines = [
-        f"Running {s['duration']:g}s test @ {target} ({what}, {mode}, warm-up {s['warmup']:g}s)",
+        f"Running {s['duration']:g}s test @ {where} ({what}, {mode}, warm-up {s['warmup']:g}s)"
+        + (f" in netns {s['netns']}" if s.get("netns") else ""),
         f"  {s['threads']} thread(s) and {s['connections']} connections"
         + (f" on CPUs {','.join(map(str, s['cpus']))}" if s["cpus"] else ""),
         "  Latency " + "".join(f"{k:>10}" for k in list(r.latency) + ["max"]),
@@ -347,18 +549,32 @@ def format_report(r: LoadResult) -> str:
         f"Requests/sec: {r.rps:10.2f}",
         f"Transfer/sec: {_fmt_bytes(r.bytes_received / r.elapsed if r.elapsed else 0):>10}",
     ]
-    if r.per_connection:
+    if len(r.targets) > 1:
+        w = max(len(_target_label(t)) for t in r.targets) + 7
+        lines.append(f"  {'target':<{w}} {'requests':>9} {'errors':>7} {'non2xx':>7} "
+                     f"{'p50':>9} {'p99':>9} {'max':>9}")
+        for t in r.targets:
+            lines.append(f"  {_target_label(t) + ' (' + t.protocol + ')':<{w}} {t.requests:>9} "
+                         f"{sum(t.errors.values()):>7} {t.non2xx:>7} "
+                         f"{_fmt_us(t.latency['p50']):>9} {_fmt_us(t.latency['p99']):>9} "
+                         f"{_fmt_us(t.latency_max_us):>9}")
+    if r.per_connection and not (s["mode"] == "churn" and s["rate"]):
+        # (at a rate, slots are interchangeable: completions per slot say nothing)
         lines.append(f"  Per connection: min {min(r.per_connection)}, max {max(r.per_connection)}, "
-                     f"Jain {r.jain:.3f}")
+                     f"Jain {fmt_jain(r.jain)}")
     if s["mode"] == "churn" or r.connects > s["connections"]:
         lines.append(f"  Connects: {r.connects}")
     if r.client_cpu_us_per_req is not None:
-        lines.append(f"  Client CPU: {r.client_cpu_us_per_req:.2f}us/request "
+        per = "connection" if s["mode"] == "churn" else "request"
+        lines.append(f"  Client CPU: {r.client_cpu_us_per_req:.2f}us/{per} "
                      f"(user {r.client_cpu_user_s:.2f}s, sys {r.client_cpu_sys_s:.2f}s)")
-    if s["mode"] == "open":
-        lines.append(f"  Target {r.target_rate:g} req/s, achieved {r.achieved_rate:.1f} req/s: "
-                     + ("met" if r.rate_met else "NOT MET"))
-    if s["protocol"] == "http":
+    if r.target_rate:
+        drain = r.elapsed - s["duration"]
+        lines.append(f"  Target {r.target_rate:g} {churn_unit}, achieved {r.achieved_rate:.1f} "
+                     f"{churn_unit}, {r.backlog} of {r.scheduled} scheduled never went out"
+                     + (f", last answer {drain * 1e3:.1f}ms after the window" if drain > 0 else "")
+                     + ": " + ("met" if r.rate_met else "NOT MET"))
+    if "http" in protocols:
         lines.append(f"  Non-2xx responses: {r.non2xx}")
     if not r.ok:
         lines.append(f"  {_problems(r)}")
@@ -416,11 +632,15 @@ def parse_target(target: str) -> tuple[str, int, str | None]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``parallelnet loadgen``, wrk-style."""
     parser.description = (
-        "Drive a server with the C load generator: N pinned threads, each with its own "
-        "epoll and share of the connections.  Closed loop (depth requests in flight per "
-        "connection), open loop at a fixed total rate (latency from the intended send "
-        "time, as wrk2), or churn (connect, one request, close).")
-    parser.add_argument("target", help="HOST:PORT (echo), [::1]:PORT, or http://HOST:PORT/path")
+        "Drive one or more servers with the C load generator: N pinned threads, each with "
+        "its own epoll and share of the connections (spread over the targets round robin). "
+        "Closed loop (depth requests in flight per connection), open loop at a fixed total "
+        "rate (latency from the intended send time, as wrk2), or churn (connect, one "
+        "request, close), closed or, with --rate, at a fixed connect rate.")
+    parser.add_argument("target", nargs="+",
+                        help="HOST:PORT (echo unless --protocol http), [::1]:PORT, or "
+                             "http://HOST:PORT/path; several: connection i goes to the "
+                             "(i mod n)-th")
     parser.add_argument("-c", "--connections", type=int, default=16,
                         help="connections to keep open (default 16)")
     parser.add_argument("-t", "--threads", type=int, default=1,
@@ -428,13 +648,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-d", "--duration", type=_duration, default=5.0,
                         help="measured duration, e.g. 10s, 2m (default 5s)")
     parser.add_argument("-R", "--rate", type=float, default=0.0,
-                        help="open loop: total requests/sec (implies --mode open)")
+                        help="open loop: total requests/sec (implies --mode open); with "
+                             "--mode churn: total connections/sec")
     parser.add_argument("--depth", type=int, default=1,
                         help="requests in flight per connection (pipelining; default 1)")
     parser.add_argument("--size", type=_size, default=64,
                         help="echo message size, e.g. 64, 4k (default 64)")
     parser.add_argument("--mode", choices=MODES, default=None,
-                        help="closed (default), open (needs --rate) or churn")
+                        help="closed (default), open (needs --rate) or churn "
+                             "(closed, or at --rate connections/s)")
     parser.add_argument("--protocol", choices=PROTOCOLS, default=None,
                         help="echo or http (default: http for http:// targets, else echo)")
     parser.add_argument("--cpus", type=_cpus, default=None,
@@ -447,21 +669,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="connect and response timeout (default 5s)")
     parser.add_argument("--no-abort", action="store_true",
                         help="count echo mismatches but keep going")
+    parser.add_argument("--netns", metavar="NAME", default=None,
+                        help="run the client inside network namespace NAME "
+                             "(/run/netns/NAME; root needed)")
     parser.add_argument("--json", metavar="PATH", default=None,
                         help="also write the full result (histogram included) as JSON")
 
 
 def spec_from_args(args: argparse.Namespace) -> LoadSpec:
-    host, port, path = parse_target(args.target)
-    protocol = args.protocol or ("http" if path is not None else "echo")
-    if path is not None and protocol != "http":
-        raise ValueError("an http:// target implies --protocol http")
+    given = [args.target] if isinstance(args.target, str) else list(args.target)
+    targets = []
+    for text in given:
+        host, port, path = parse_target(text)
+        protocol = args.protocol or ("http" if path is not None else "echo")
+        if path is not None and protocol != "http":
+            raise ValueError(f"an http:// target implies --protocol http ({text})")
+        targets.append(Target(host, port, protocol, path or "/"))
     mode = args.mode or ("open" if args.rate else "closed")
-    spec = LoadSpec(host=host, port=port, protocol=protocol, mode=mode,
-                    connections=args.connections, threads=args.threads, cpus=args.cpus,
-                    size=args.size, depth=args.depth, rate=args.rate, duration=args.duration,
-                    warmup=args.warmup, max_requests=args.max_requests, path=path or "/",
-                    timeout=args.timeout, abort_on_mismatch=not args.no_abort)
+    common = dict(mode=mode, connections=args.connections, threads=args.threads,
+                  cpus=args.cpus, size=args.size, depth=args.depth, rate=args.rate,
+                  duration=args.duration, warmup=args.warmup, max_requests=args.max_requests,
+                  timeout=args.timeout, abort_on_mismatch=not args.no_abort,
+                  netns=getattr(args, "netns", None))
+    if len(targets) == 1:
+        t = targets[0]
+        spec = LoadSpec(host=t.host, port=t.port, protocol=t.protocol, path=t.path, **common)
+    else:
+        spec = LoadSpec(targets=targets, **common)
     spec.validate()
     return spec
 

@@ -33,26 +33,38 @@ CDEF = """
 #define LG_E_EOF ...
 #define LG_E_MISMATCH ...
 #define LG_E_HTTP_PARSE ...
+#define LG_E_ADDR_NOT_AVAIL ...
 #define LG_E_OTHER ...
 
-struct lg_config {
+struct lg_target {
     const char *host;
-    int port, protocol, mode, connections, threads;
+    int port, protocol;
+    const char *path;
+};
+
+struct lg_config {
+    const struct lg_target *targets;
+    int ntargets, mode, connections, threads;
     const int *cpus;
     int ncpus, size, depth;
     double rate, duration, warmup, timeout;
     uint64_t max_requests;
-    const char *path;
     int abort_on_mismatch;
 };
 
-struct lg_result {
+struct lg_tresult {
     uint64_t requests, bytes_sent, bytes_received;
-    uint64_t errors[8];
-    uint64_t non2xx, connects, scheduled, backlog, min_ns, max_ns;
-    double elapsed, cpu_user, cpu_sys;
-    int aborted;
+    uint64_t errors[9];             /* LG_NERR; test_loadgen checks the two agree */
+    uint64_t non2xx, connects, min_ns, max_ns;
     uint64_t *hist;
+};
+
+struct lg_result {
+    uint64_t scheduled, backlog;
+    double elapsed, cpu_user, cpu_sys;
+    double span;
+    int aborted;
+    struct lg_tresult *targets;
     uint64_t *per_conn;
     char message[256];
 };

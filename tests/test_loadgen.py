@@ -10,15 +10,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 
 import pytest
 
 from parallelnet.experiments import loadgen
-from parallelnet.experiments.loadgen import LoadSpec, format_report, run
+from parallelnet.experiments.loadgen import LoadSpec, Target, format_report, run
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -158,6 +162,71 @@ def closed_port() -> int:
     return port
 
 
+# A one-thread selectors echo server in its own process, so a test can SIGSTOP it (a
+# stopped process still completes handshakes into its listen backlog; it answers none).
+ECHO_PROCESS = r"""
+import selectors, socket, sys
+sel = selectors.DefaultSelector()
+lsock = socket.socket()
+lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+lsock.bind(("127.0.0.1", 0))
+lsock.listen(1024)
+lsock.setblocking(False)
+sel.register(lsock, selectors.EVENT_READ)
+print(lsock.getsockname()[1], flush=True)
+while True:
+    for key, _ in sel.select():
+        s = key.fileobj
+        if s is lsock:
+            try:
+                c, _ = lsock.accept()
+            except BlockingIOError:
+                continue
+            c.setblocking(False)
+            sel.register(c, selectors.EVENT_READ)
+            continue
+        try:
+            data = s.recv(65536)
+        except (BlockingIOError, ConnectionError):
+            data = None if isinstance(sys.exc_info()[1], BlockingIOError) else b""
+        if data is None:
+            continue
+        if not data:
+            sel.unregister(s)
+            s.close()
+            continue
+        s.setblocking(True)       # small echoes: the send completes at once
+        s.sendall(data)
+        s.setblocking(False)
+"""
+
+
+@pytest.fixture
+def echo_process():
+    """Start the echo server process; yields (process, port); killed by PID afterwards
+    (continued first, in case the test left it stopped)."""
+    procs = []
+
+    def start():
+        p = subprocess.Popen([sys.executable, "-c", ECHO_PROCESS], stdout=subprocess.PIPE,
+                             text=True)
+        procs.append(p)
+        port = int(p.stdout.readline())
+        return p, port
+    yield start
+    for p in procs:
+        if p.poll() is None:
+            os.kill(p.pid, signal.SIGCONT)
+            os.kill(p.pid, signal.SIGKILL)
+        p.wait(timeout=10)
+
+
+def signal_later(pid: int, sig: int, delay: float) -> threading.Timer:
+    t = threading.Timer(delay, os.kill, (pid, sig))
+    t.start()
+    return t
+
+
 # ---- closed loop, counts ---------------------------------------------------------------
 
 def test_max_requests_is_exact(server):
@@ -231,6 +300,9 @@ def test_connect_refused(server):
     assert time.monotonic() - t < 2
     assert r.errors["connect_refused"] >= 4
     assert r.requests == 0 and not r.ok
+    # nothing completed anywhere: fairness is undefined, and the report says so
+    assert math.isnan(r.jain) and "Jain n/a" in format_report(r)
+    assert r.to_dict()["jain"] is None          # strict JSON has no NaN
     # back-off: a dead port must not be hammered thousands of times
     assert r.errors["connect_refused"] < 4 * 50
 
@@ -334,6 +406,154 @@ def test_open_loop_flags_unreachable_rate(server):
     assert "NOT MET" in format_report(r)
 
 
+# ---- churn at a fixed rate (open-loop connections) ---------------------------------------
+
+def test_churn_at_rate_meets_modest_target_every_byte_checked(server):
+    srv = server(echo)
+    t = time.monotonic()
+    r = run(LoadSpec(port=srv.port, mode="churn", rate=200, connections=8, size=100,
+                     duration=1.0, warmup=0, timeout=2))
+    assert time.monotonic() - t < 4
+    assert r.ok and r.rate_met, format_report(r)
+    assert r.target_rate == 200
+    # the generator's rule: achieved = completed / window, within 1%, backlog <= 1%
+    assert r.achieved_rate == pytest.approx(r.requests / 1.0) and r.achieved_rate >= 198
+    assert abs(r.scheduled - 200) <= 1 and r.backlog == 0
+    # every scheduled connect made it, once: connected, one request, answered
+    assert r.requests == r.scheduled == r.connects
+    assert srv.accepted == r.connects              # no warm-up: nothing outside the window
+    # every byte of every connection was compared (a mismatch is an error) and counted
+    assert r.bytes_sent == r.bytes_received == r.requests * 100
+    assert 0 < r.latency["p50"] <= r.latency["p99"] <= r.latency_max_us
+    assert r.client_cpu_user_s + r.client_cpu_sys_s > 0
+    assert r.client_cpu_us_per_conn == pytest.approx(
+        (r.client_cpu_user_s + r.client_cpu_sys_s) * 1e6 / r.requests)
+    text = format_report(r)
+    assert "churn at 200 conn/s" in text and ": met" in text
+
+
+def test_churn_at_rate_server_stopped_reports_backlog(echo_process):
+    proc, port = echo_process()
+    timer = signal_later(proc.pid, signal.SIGSTOP, 0.3)
+    t = time.monotonic()
+    try:
+        r = run(LoadSpec(port=port, mode="churn", rate=200, connections=4, duration=1.0,
+                         warmup=0, timeout=0.4))
+    finally:
+        timer.cancel()
+    took = time.monotonic() - t
+    os.kill(proc.pid, signal.SIGCONT)
+    assert took < 1.0 + 0.4 + 1.5, "window + timeout bound the run, stalled server or not"
+    assert not r.rate_met and not r.ok
+    assert abs(r.scheduled - 200) <= 1
+    # 4 slots, each stuck for a timeout at a time: most of the schedule never went out
+    assert r.backlog > 50
+    assert r.requests + r.backlog + r.errors_total >= r.scheduled - 4
+    assert r.errors["read_timeout"] + r.errors["connect_timeout"] >= 4
+    assert "NOT MET" in format_report(r)
+
+
+def test_churn_at_rate_stall_shows_in_the_tail(echo_process):
+    """Latency counts from each connect's scheduled time: a connect due while the server
+    was stopped waits for SIGCONT, and that wait is in its latency."""
+    proc, port = echo_process()
+    timers = [signal_later(proc.pid, signal.SIGSTOP, 0.3),
+              signal_later(proc.pid, signal.SIGCONT, 0.7)]
+    try:
+        r = run(LoadSpec(port=port, mode="churn", rate=200, connections=4, duration=1.5,
+                         warmup=0, timeout=3))
+    finally:
+        for tm in timers:
+            tm.cancel()
+        os.kill(proc.pid, signal.SIGCONT)
+    assert r.errors_total == 0 and r.backlog == 0
+    assert r.requests == r.scheduled
+    assert r.latency_max_us >= 300_000              # the stall was 400 ms
+
+
+def test_churn_at_rate_corrupt_byte_aborts(server):
+    srv = server(corrupt_echo)
+    t = time.monotonic()
+    r = run(LoadSpec(port=srv.port, mode="churn", rate=500, connections=4, size=64,
+                     duration=5, warmup=0))
+    assert time.monotonic() - t < 2
+    assert r.aborted and r.errors["echo_mismatch"] == 1
+
+
+def test_churn_at_rate_refused_counts_each_scheduled_connect_once(server):
+    r = run(LoadSpec(port=closed_port(), mode="churn", rate=100, connections=4, duration=0.3,
+                     warmup=0))
+    assert 25 <= r.scheduled <= 35
+    # no retries of its own: every scheduled connect that went out is one error
+    assert r.errors["connect_refused"] == r.scheduled - r.backlog
+    assert r.requests == 0 and not r.rate_met
+
+
+def test_churn_at_rate_with_max_requests(server):
+    srv = server(echo)
+    t = time.monotonic()
+    r = run(LoadSpec(port=srv.port, mode="churn", rate=500, connections=4, max_requests=50,
+                     duration=5, warmup=0))
+    assert time.monotonic() - t < 3
+    assert r.requests == r.connects == srv.accepted == 50   # no connect past the budget
+    assert r.errors_total == 0 and not r.aborted and r.backlog == 0
+
+
+def test_churn_at_rate_http(server):
+    srv = server(http_server(200))
+    r = run(LoadSpec(port=srv.port, protocol="http", mode="churn", rate=100, connections=2,
+                     duration=0.5, warmup=0.1))
+    assert r.ok and r.requests == r.scheduled and r.non2xx == 0
+
+
+# ---- several targets in one run ----------------------------------------------------------
+
+def test_two_targets_ipv4_and_ipv6_round_robin(server):
+    a, b = server(echo), server(echo, "::1")
+    r = run(LoadSpec(targets=[Target("127.0.0.1", a.port), Target("::1", b.port)],
+                     connections=4, max_requests=400, warmup=0, duration=5))
+    assert r.ok and r.requests == 400
+    assert a.accepted == 2 and b.accepted == 2     # connections 0, 2 -> a; 1, 3 -> b
+    ta, tb = r.targets
+    assert (ta.host, ta.port, tb.host, tb.port) == ("127.0.0.1", a.port, "::1", b.port)
+    assert ta.requests > 0 and tb.requests > 0 and ta.requests + tb.requests == 400
+    assert sum(c for _, c in ta.histogram) == ta.requests
+    assert ta.latency["p50"] > 0 and tb.latency["p50"] > 0
+    assert r.bytes_received == ta.bytes_received + tb.bytes_received
+    text = format_report(r)
+    assert f"[::1]:{b.port}" in text and f"127.0.0.1:{a.port}" in text
+
+
+def test_targets_of_different_protocols(server):
+    e, h = server(echo), server(http_server(404))
+    r = run(LoadSpec(targets=[Target("127.0.0.1", e.port), ("127.0.0.1", h.port, "http", "/x")],
+                     connections=2, duration=0.3, warmup=0))
+    te, th = r.targets
+    assert (te.protocol, th.protocol, th.path) == ("echo", "http", "/x")
+    assert te.requests > 0 and th.requests > 0
+    assert te.non2xx == 0 and th.non2xx == th.requests == r.non2xx
+
+
+def test_errors_are_charged_to_their_target(server):
+    live = server(echo)
+    r = run(LoadSpec(targets=[("127.0.0.1", live.port), ("127.0.0.1", closed_port())],
+                     connections=2, duration=0.3, warmup=0))
+    ok, dead = r.targets
+    assert ok.requests > 0 and sum(ok.errors.values()) == 0
+    assert dead.requests == 0 and dead.errors["connect_refused"] >= 1
+    assert r.errors["connect_refused"] == dead.errors["connect_refused"]
+    assert not r.ok
+
+
+def test_churn_at_rate_alternates_targets(server):
+    a, b = server(echo), server(echo)
+    r = run(LoadSpec(targets=[("127.0.0.1", a.port), ("127.0.0.1", b.port)], mode="churn",
+                     rate=200, connections=2, duration=0.5, warmup=0))
+    ta, tb = r.targets
+    assert r.ok and abs(ta.requests - tb.requests) <= 1
+    assert a.accepted == ta.connects and b.accepted == tb.connects
+
+
 # ---- spec, histogram, CLI --------------------------------------------------------------
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -348,6 +568,13 @@ def test_open_loop_flags_unreachable_rate(server):
     (dict(port=1, mode="churn", depth=2), "depth"),
     (dict(port=1, mode="open"), "rate"),
     (dict(port=1, rate=10), "rate"),
+    (dict(port=1, mode="churn", rate=-1), "rate"),
+    (dict(targets=[]), "targets"),
+    (dict(targets=[("127.0.0.1", 1)], port=2), "targets"),
+    (dict(targets=[("127.0.0.1", 0)]), "port"),
+    (dict(targets=[("127.0.0.1", 1, "ftp")]), "protocol"),
+    (dict(targets=[("127.0.0.1", 1), ("127.0.0.1", 2)], connections=1), "connections"),
+    (dict(port=1, netns="pn-no-such-namespace"), "netns"),
     (dict(port=1, duration=0), "duration"),
     (dict(port=1, warmup=-1), "warmup"),
     (dict(port=1, timeout=0), "timeout"),
@@ -363,10 +590,12 @@ def test_spec_validation(kwargs, message):
 
 
 def test_error_kinds_match_c_enum():
-    from parallelnet.experiments._loadgen import lib
+    from parallelnet.experiments._loadgen import ffi, lib
     assert lib.LG_NERR == len(loadgen.ERROR_KINDS)
+    assert len(ffi.new("struct lg_tresult *").errors) == lib.LG_NERR   # the cdef's array
     for i, kind in enumerate(loadgen.ERROR_KINDS):
         cname = {"connect_refused": "REFUSED", "echo_mismatch": "MISMATCH"}.get(kind, kind.upper())
+        assert kind == "addr_not_avail" or "addr" not in kind
         assert getattr(lib, "LG_E_" + cname) == i
 
 
@@ -388,8 +617,6 @@ def test_percentiles_from_histogram():
     p = loadgen.percentiles_from_histogram(hist)
     assert p["p50"] == 1.0 and p["p90"] == 2.0 and p["p99"] == 10.0 and p["p99.9"] == 1000.0
     assert loadgen.percentiles_from_histogram(hist, hi=500_000)["p99.99"] == 500.0
-    assert loadgen.jain_index([1, 1, 1, 1]) == 1.0
-    assert loadgen.jain_index([4, 0, 0, 0]) == 0.25
 
 
 def test_parse_target():
@@ -419,3 +646,29 @@ def test_cli_runs_and_writes_json(server, tmp_path, capsys):
     args = parser.parse_args([f"127.0.0.1:{srv.port}", "-c", "1", "-t", "2"])
     assert loadgen.main_from_args(args) == 2
     assert "threads" in capsys.readouterr().err
+
+
+def test_cli_several_targets(server, tmp_path, capsys):
+    a, b = server(echo), server(http_server(200))
+    parser = argparse.ArgumentParser()
+    loadgen.add_arguments(parser)
+    out = tmp_path / "r.json"
+    args = parser.parse_args([f"127.0.0.1:{a.port}", f"http://127.0.0.1:{b.port}/y",
+                              "-c", "2", "-d", "200ms",
+                              "--warmup", "0", "--json", str(out)])
+    assert loadgen.main_from_args(args) == 0, capsys.readouterr()
+    data = json.loads(out.read_text())
+    assert [(t["protocol"], t["port"]) for t in data["targets"]] == [("echo", a.port),
+                                                                     ("http", b.port)]
+    assert data["targets"][1]["path"] == "/y"
+    assert data["requests"] == sum(t["requests"] for t in data["targets"]) > 0
+
+
+def test_cli_churn_at_rate(server, capsys):
+    srv = server(echo)
+    parser = argparse.ArgumentParser()
+    loadgen.add_arguments(parser)
+    args = parser.parse_args([f"127.0.0.1:{srv.port}", "--mode", "churn", "-R", "100", "-c", "2",
+                              "-d", "300ms", "--warmup", "0"])
+    assert loadgen.main_from_args(args) == 0
+    assert "churn at 100 conn/s" in capsys.readouterr().out
