@@ -127,13 +127,18 @@ class TreeSample:
         return cls(time.monotonic(), cpu, ut, st, {w: ctx_switches(*w) for w in workers})
 
 
-def worker_tasks(stats_path: str) -> list[tuple[int, int]]:
-    """(pid, tid) of every worker, in worker order, from the server's stats records."""
-    for rec in read_records(stats_path):
-        ws = rec.get("workers") or []
-        if ws and all(w.get("tid") for w in ws):
-            return [(w["pid"], w["tid"]) for w in ws]
-    return []
+def worker_tasks(stats_path: str, wait: float = 2.0) -> list[tuple[int, int]]:
+    """(pid, tid) of every worker, in worker order, from the server's stats records
+    (waiting, bounded, for the first record: a server writes one per stats interval)."""
+    deadline = time.monotonic() + wait
+    while True:
+        for rec in read_records(stats_path):
+            ws = rec.get("workers") or []
+            if ws and all(w.get("tid") for w in ws):
+                return [(w["pid"], w["tid"]) for w in ws]
+        if time.monotonic() >= deadline:
+            return []
+        time.sleep(0.02)
 
 
 def bottleneck(per_cpu: dict, layout: Layout, open_loop: bool, rate_met: bool) -> str:
