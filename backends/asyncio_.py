@@ -158,6 +158,10 @@ class _ConnectionBase(ConnState):
             self.transport.resume_reading()
 
     def connection_lost(self, exc) -> None:
+        # Drop our references to the transport: a loop whose transport owns the socket
+        # (rloop closes the fd when its transport is freed) must not be kept from it by
+        # the protocol <-> transport cycle.
+        self.transport = self.write = self.pending = None
         if self.refused:
             return
         st = self.stats
@@ -171,7 +175,7 @@ class _ConnectionBase(ConnState):
             w.idle.set_result(None)
 
     def _where(self) -> str:
-        return str(self.transport.get_extra_info("peername"))
+        return str(self.transport.get_extra_info("peername")) if self.transport else "(closed)"
 
     def _handler_failed(self) -> None:
         self.worker.policy.handler_failed(self.proto, self._where())
@@ -376,9 +380,13 @@ class AsyncioBackend(Backend):
 
     async def _connect(self, conn: socket.socket) -> None:
         try:
-            await self.loop.connect_accepted_socket(self._factory, conn)
+            await self.transport_for(conn)
         except OSError:
             conn.close()
+
+    async def transport_for(self, sock: socket.socket):
+        """Wrap an accepted socket in the loop's transport (the loops differ here)."""
+        return await self.loop.connect_accepted_socket(self._factory, sock)
 
     def _on_handoff(self) -> None:
         socks, closed = self.receiver.take()
