@@ -20,6 +20,27 @@ from parallelnet.core.launch import spawn_server
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 BACKENDS = registry()
 
+#: Skips that stay skips under CI: (test id substring, why CI may lack the facility).
+#: Anything else skipped while CI is set is a failure: a skip must not hide a check.
+CI_SKIP_ALLOWED = (
+    ("test_loadgen.py::test_ipv6", "the CI machine may have no IPv6 loopback (::1)"),
+    ("test_native.py::test_epollexclusive_busy_head", "a kernel without EPOLLEXCLUSIVE (Linux < 4.5)"),
+)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Under CI, a skip is a failure unless CI_SKIP_ALLOWED names it (xfail is not a skip)."""
+    outcome = yield
+    report = outcome.get_result()
+    if not IN_CI or not report.skipped or hasattr(report, "wasxfail"):
+        return
+    if any(pattern in item.nodeid for pattern, _ in CI_SKIP_ALLOWED):
+        return
+    reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+    report.outcome = "failed"
+    report.longrepr = f"skipped under CI (CI=true), which counts as a failure: {reason}"
+
 
 def require_backend(name: str) -> None:
     """Skip with the probe's precise reason — except in CI, where every registered
