@@ -59,6 +59,7 @@ class ServerProc:
     port: int
     stats_path: str
     args: list[str]
+    output_path: str = ""
     output: str = ""
     final: dict = field(default_factory=dict)
 
@@ -71,24 +72,35 @@ class ServerProc:
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return s
 
+    def read_output(self) -> str:
+        """Everything the server printed so far (it writes to a file, never a pipe)."""
+        with open(self.output_path, errors="replace") as f:
+            return f.read()
+
+    def communicate(self, timeout: float) -> str:
+        """Wait for the server to exit; return what it printed."""
+        self.proc.wait(timeout)
+        self.output = self.read_output()
+        return self.output
+
     def stop(self, timeout: float = 20.0) -> dict:
         """SIGTERM, wait for the drain, return the final stats record."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
         try:
-            out, err = self.proc.communicate(timeout=timeout)
+            self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             # Servers run with PYTHONFAULTHANDLER: SIGABRT makes it print every thread's
             # stack before it dies, so a hang leaves its cause in the failure.
             self.proc.send_signal(signal.SIGABRT)
             try:
-                out, err = self.proc.communicate(timeout=5)
+                self.proc.wait(5)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
-                out, err = self.proc.communicate()
+                self.proc.wait()
             pytest.fail(f"server did not stop within {timeout}s after SIGTERM; it said:\n"
-                        f"{(out or '')[-4000:]}\n{(err or '')[-8000:]}")
-        self.output = (out or "") + (err or "")
+                        f"{self.read_output()[-12000:]}")
+        self.output = self.read_output()
         with open(self.stats_path) as f:
             records = [json.loads(line) for line in f if line.strip()]
         finals = [r for r in records if r["type"] == "final"]
@@ -103,14 +115,16 @@ class ServerProc:
 def start_server(tmp_path, *args: str, timeout: float = 15.0,
                  env: dict | None = None) -> ServerProc:
     """``parallelnet serve --port 0 --stats-json … ARGS`` as a subprocess."""
-    stats_path = str(tmp_path / f"stats-{time.monotonic_ns()}.jsonl")
+    stamp = time.monotonic_ns()
+    stats_path = str(tmp_path / f"stats-{stamp}.jsonl")
+    output_path = str(tmp_path / f"output-{stamp}.log")
     env = {**os.environ, "PYTHONFAULTHANDLER": "1", **(env or {})}
     try:
         proc, host, port = spawn_server(["--stats-json", stats_path, *args], env=env,
-                                        timeout=timeout)
+                                        timeout=timeout, output=output_path)
     except RuntimeError as exc:
         raise AssertionError(str(exc)) from None
-    srv = ServerProc(proc, host, port, stats_path, list(args))
+    srv = ServerProc(proc, host, port, stats_path, list(args), output_path)
     _STARTED.append(srv)
     return srv
 
@@ -128,7 +142,7 @@ def _no_server_outlives_its_test():
     for srv in _STARTED[mark:]:
         if srv.proc.poll() is None:
             srv.proc.kill()   # forked workers follow through PR_SET_PDEATHSIG
-            srv.proc.communicate(timeout=10)
+            srv.proc.wait(10)
     del _STARTED[mark:]
 
 
@@ -213,3 +227,27 @@ def policy_outcome(request, backend: str, *limits: str, new_rule: bool = True) -
     if new_rule and not cls.follows_policy:
         request.applymarker(pytest.mark.xfail(
             strict=True, reason=f"{backend} predates the connection policy (follows_policy False)"))
+
+
+def _backend_of(test_id: str) -> str | None:
+    """The registered backend a parametrised test id starts with (the longest match:
+    ``uring-py-thread`` is uring-py's, not uring's)."""
+    names = [n for n in BACKENDS if test_id == n or test_id.startswith(n + "-")]
+    return max(names, key=len) if names else None
+
+
+def pytest_collection_modifyitems(config, items):
+    """``-k NAME`` with NAME a registered backend selects that backend's tests only:
+    pytest matches substrings, so ``-k poll`` would also take epoll's (and ``-k uring``
+    uring-py's).  Tests that name no backend are left to pytest's own matching."""
+    name = (config.getoption("keyword") or "").strip()
+    if name not in BACKENDS:
+        return
+    keep, drop = [], []
+    for item in items:
+        spec = getattr(item, "callspec", None)
+        owner = _backend_of(spec.id) if spec is not None else None
+        (drop if owner is not None and owner != name else keep).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep

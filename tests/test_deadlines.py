@@ -22,6 +22,9 @@ TICK = HEADER_TIMEOUT / 4          # Limits.timer_tick(): a quarter of the short
 SLACK = 0.75                        # a loaded 2-vCPU machine: scheduling, not the rule
 
 
+pytestmark = pytest.mark.slow   # seconds of trickling per backend
+
+
 @pytest.fixture(params=list(BACKENDS))
 def backend(request):
     require_backend(request.param)

@@ -102,6 +102,7 @@ def _payload(n: int, seed: int = 0) -> bytes:
 
 # -- fd exhaustion ---------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_fd_exhaustion_backs_off_without_spinning_and_recovers(backend, tmp_path):
     srv = launch(tmp_path, "--backend", backend, "--workers", "1")
     # Leave the running server exactly HEADROOM free fds, whatever its backend keeps open
@@ -288,7 +289,7 @@ def test_handler_bug_slow_reader_max_connections_and_second_signal(request, back
     assert srv.alive()
     t0 = time.monotonic()
     srv.proc.send_signal(signal.SIGTERM)
-    out, err = srv.proc.communicate(timeout=10)
+    err = srv.communicate(timeout=10)
     assert time.monotonic() - t0 < 5
     assert srv.proc.returncode == 130
     assert err.count("HandlerBug: crashy protocol: injected handler bug in feed") == 1, err
@@ -395,6 +396,7 @@ def test_uring_ring_that_cannot_be_created_is_a_clear_error(uring_backend, tmp_p
 
 # -- the soak, short form ---------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["epoll", "uring"])
 def test_soak_short(name):
     if name not in BACKENDS:
