@@ -1,158 +1,89 @@
 """``asyncio``: each worker thread runs its own asyncio event loop over the shared socket.
 
-What a user would write, written as well as asyncio's documentation allows:
+What a user would write, as asyncio's documentation allows, with the project's rules:
 
 * **One loop per worker**, created in the worker's own (pinned) thread:
-  ``asyncio.new_event_loop()`` — on Linux a ``SelectorEventLoop`` over ``epoll``.
-  ``uvloop_.py`` swaps only this factory.
-* **Listening**: ``loop.create_server(factory, sock=dup, backlog=...)`` for each socket of
-  ``ctx.listeners``.  The socket handed over is a ``dup`` of the core's: asyncio closes
-  the sockets it serves at ``Server.close()`` (uvloop detaches them and lets libuv close
-  the fd), and the core's listening socket is shared with the other workers and owned by
-  the core.  A dup is another fd for the same open file, so the kernel's accept queue and
-  wait queue are the same as with the original: every worker's loop still races for one
-  accept queue (``--accept shared``), or has its own (``--accept reuseport``).
-  ``create_server`` calls ``listen()`` again; the core's ``--backlog`` is passed so this
-  changes nothing.  There is no ``EPOLLEXCLUSIVE``: the loops register the socket plainly.
-* **Accept** is the loop's own: asyncio's selector loop calls ``sock.accept()`` up to
-  ``backlog`` times per readiness event, until ``BlockingIOError`` (so, with the core's
-  backlog of 4096, until ``EAGAIN``: the seed's rule), and creates each transport in a
-  task.  On EMFILE/ENFILE/ENOBUFS/ENOMEM asyncio itself unwatches the listener and
-  retries after 1 s (``ACCEPT_RETRY_DELAY``): counted in ``extra.accept_errors`` /
-  ``extra.accept_backoffs`` by our listening socket, logged once per episode.  uvloop
-  accepts in this class instead (``own_accept``; uvloop_.py says why).
-* **Dispatch** (``--accept dispatch``): no listener; ``loop.add_reader`` on
-  ``ctx.handoff`` (the worker's end of its AF_UNIX SOCK_SEQPACKET channel,
-  core/dispatch.py).  Readable: take the waiting fds with ``recvmsg``/``SCM_RIGHTS`` until
-  ``EAGAIN`` (``core.dispatch.receive_handoffs``, which also reports
-  ``MSG_CTRUNC``) and hand each socket to the loop as the backend's own accept does
-  (``connect_accepted_socket``): ``accepted`` (in ``connection_made``) and
-  ``extra.handoffs``, never a listen wakeup or a lost race; ``max_connections`` applies
-  (refused, counted).  Out of fds (EMFILE/ENFILE) the kernel cannot install the passed
-  descriptor: ``recvmsg`` consumes the message anyway and reports ``MSG_CTRUNC`` - **that
-  connection is lost** (closed by the kernel, never served); counted in
-  ``extra.handoff_lost``, logged once per episode.  At drain the channel is taken once
-  more (what the acceptor handed over before stop), then unwatched.
+  ``asyncio.new_event_loop()`` - on Linux a ``SelectorEventLoop`` over ``epoll``.
+  ``uvloop_.py`` and ``rloop_.py`` swap only this factory (``new_loop``).
+* **Accept** is this class's, over the loop's public ``add_reader``: readable listener ->
+  core/accept.py's rule (accept until ``EAGAIN``; a wakeup that got nothing is a lost
+  race; EMFILE/ENFILE/ENOBUFS/ENOMEM pause the listener with ``remove_reader`` for the
+  ``AcceptPacer``'s back-off, doubling from ``limits.accept_backoff`` to 1 s, logged once
+  per episode).  Each socket becomes a transport through ``connect_accepted_socket`` (a
+  task per connection, as asyncio's own accept path creates one).  Not ``create_server``:
+  asyncio's own accept retries after a fixed 1 s and counts nothing, libuv's drops the
+  whole backlog on EMFILE and uvloop then closes the server for good
+  (``uv__emfile_trick``, ``__uv_streamserver_on_listen``).  The listening sockets are
+  the core's, never closed here.  There is no ``EPOLLEXCLUSIVE``: ``add_reader``
+  registers the socket plainly.
+* **Dispatch** (``--accept dispatch``): ``add_reader`` on ``ctx.handoff``; readable ->
+  core/handoff.py's ``HandoffReceiver`` (``recvmsg`` until ``EAGAIN``, ``handoffs`` and
+  ``handoff_lost`` counted, a loss logged once per episode), each socket adopted as above.
+* **Protocol**: an ``asyncio.Protocol`` (``data_received`` gets a fresh ``bytes`` per read)
+  that drives the same sans-I/O protocol objects as every backend, by core/policy.py's
+  rules.  Not a ``BufferedProtocol`` by default: echo hands the received object straight
+  back to ``transport.write``, and when the kernel does not take all of it the transport
+  keeps a reference - a recycled ``get_buffer`` area would be overwritten under it.  A
+  loop whose reads ignore ``recv_size`` (uvloop: 256 000 bytes) reads through
+  ``_ReadIntoConnection`` instead, copying each chunk out.
+* **Backpressure**: the transport's own marks, set to the policy's
+  (``set_write_buffer_limits(high=max_output, low=max_output // 2)``): ``pause_writing``
+  and ``resume_writing`` ask the policy and pause/resume reading.
+* **Half-close**: ``eof_received`` sends ``proto.eof()``'s bytes, closes the transport
+  (``close()`` flushes buffered output first) and returns True.
+* **Timeouts**: one ``call_later`` per tick while a connection is open (the policy's
+  coarse timer).  A connection notes activity with one store per read (``active``); the
+  sweep turns that, or a change of its transport's buffered output, into ``last``, so
+  idle time is measured from the tick after the last bytes (never early, at most one
+  tick late).  The request deadline's start is exact: ``time.monotonic()`` is read only
+  when a feed leaves a request incomplete.
 * **Max connections**: one over ``limits.max_connections`` is aborted in
   ``connection_made`` (counted ``accepted`` and ``refused``, never ``open``).
-* **Protocol**: an ``asyncio.Protocol`` (``data_received`` gets a fresh ``bytes`` per
-  read) that drives the same sans-I/O protocol objects as every backend.  Not a
-  ``BufferedProtocol``: echo hands the received object straight back to
-  ``transport.write``, and when the kernel does not take all of it the transport keeps
-  a reference (uvloop) — a recycled ``get_buffer`` area would be overwritten under it;
-  for small messages ``data_received`` is also the cheaper path in both loops.
-* **Backpressure**: ``transport.set_write_buffer_limits(high=max_output,
-  low=max_output // 2)``; ``pause_writing`` pauses reading (``transport.pause_reading``,
-  counted in ``backpressure``) and ``resume_writing`` resumes it: the semantics of
-  readiness.py.
-* **Half-close**: ``eof_received`` sends ``proto.eof()``'s bytes, closes the transport
-  (``close()`` flushes buffered output first) and returns True, so the loop does not
-  close it before the flush.
-* **Stop**: ``loop.add_reader(ctx.stop.fileno())`` (the eventfd) wakes the loop.  Drain:
-  the listen backlog is accepted once (``connect_accepted_socket``), the servers are
-  closed, each connection's reading is paused and what its kernel buffer already holds
-  is read directly from the fd (bounded) and answered; connections close once flushed;
-  after ``limits.drain_timeout`` the rest are aborted.
+* **Stop**: ``add_reader(ctx.stop.fileno())`` (the eventfd) wakes the loop.  Drain: the
+  listen backlog and the hand-off channel are taken once more, each connection's reading
+  is paused and what its kernel buffer already holds is read directly from the fd
+  (bounded) and answered; connections close once flushed; after
+  ``limits.drain_timeout`` the rest are aborted.
 
 Counters, and what cannot be observed:
 
-* ``accepted``, ``open``, ``closed``, ``errors`` (``connection_lost`` with an
-  exception), ``requests``, ``bytes_in``, ``backpressure``: exact.
+* exact: ``accepted``, ``listen_wakeups``, ``lost_races`` (this class accepts), ``open``,
+  ``closed``, ``errors``, ``requests``, ``bytes_in``, ``backpressure``.
 * ``bytes_out``: bytes handed to ``transport.write``; output still buffered when a
   connection is aborted (a reset, the drain deadline) is counted though never sent.
-* ``lost_races`` / ``listen_wakeups``: asyncio's accept loop calls our listening
-  socket's ``accept()``, so a subclass counts them: a listen wakeup ends with
-  ``BlockingIOError``; one whose first ``accept()`` got nothing is a lost race.  (A
-  wakeup that took ``backlog`` connections without reaching ``EAGAIN`` is merged with
-  the next.)  uvloop: counted by our own accept, exactly as readiness.py.  The drain's
-  last accept of the backlog is neither (a stop is not an accept race).
 * ``extra.max_pending``: the high-water mark of a transport's write buffer, read after
   each write.
-* ``wakeups``: the loop's waits are internal to asyncio/uvloop: not counted (0).
+* ``wakeups``: the loop's waits are internal to the event loop: not counted (0).
 """
 
 from __future__ import annotations
 
 import asyncio
-import errno
-import logging
 import os
 import socket
 import time
 
-from parallelnet.backends.base import (
-    ACCEPT_BACKOFF_MAX, ACCEPT_RESOURCE_ERRORS, DISPATCH, REUSEPORT, SHARED, Availability,
-    Backend, accept_pending,
-)
-from parallelnet.core.dispatch import HANDOFF_BATCH, receive_handoffs
-
-log = logging.getLogger("parallelnet.worker")
-
-#: What asyncio's accept loop reports (then it unwatches the listener for 1 s).
-_ACCEPT_RESOURCE_MSG = "socket.accept() out of system resource"
+from parallelnet.core.accept import AcceptPacer, accept_pending
+from parallelnet.core.backend import DISPATCH, REUSEPORT, SHARED, Availability, Backend
+from parallelnet.core.handoff import HandoffReceiver
+from parallelnet.core.policy import DRAIN_READS, ConnectionPolicy, ConnState, tracks_requests
 
 
-
-class _CountingListener(socket.socket):
-    """A dup of the core's listening socket whose ``accept()`` counts lost races and
-    accept errors (asyncio's own accept loop calls it)."""
-
-    def setup(self, worker: "AsyncioBackend") -> "_CountingListener":
-        self.worker = worker
-        self.stats = worker.ctx.stats
-        self.won = 0
-        self.paused = False
-        return self
-
-    def _end_wakeup(self) -> None:
-        st = self.stats
-        st.listen_wakeups += 1
-        if not self.won:
-            st.lost_races += 1
-        self.won = 0
-
-    def _unpause(self) -> None:
-        self.paused = False
-
-    def accept(self):
-        if self.paused:
-            # asyncio's loop (CPython <= 3.12) goes on calling accept() up to ``backlog``
-            # times after EMFILE, scheduling a retry each time: end that wakeup here.
-            raise BlockingIOError(errno.EAGAIN, "listener paused after an accept error")
-        try:
-            pair = super().accept()
-        except BlockingIOError:
-            self._end_wakeup()
-            raise
-        except OSError as exc:
-            self.stats.extra["accept_errors"] += 1
-            if exc.errno in ACCEPT_RESOURCE_ERRORS:
-                # asyncio unwatches the listener and re-adds it after ACCEPT_RETRY_DELAY.
-                self.stats.extra["accept_backoffs"] += 1
-                self.worker.accept_failed(exc)
-                self.paused = True
-                self.worker.loop.call_soon(self._unpause)
-            self._end_wakeup()
-            raise
-        self.won += 1
-        self.worker.backing_off = False
-        return pair
-
-
-class _ConnectionBase:
+class _ConnectionBase(ConnState):
     """One client connection: transport events in, sans-I/O protocol in the middle."""
 
-    __slots__ = ("worker", "stats", "proto", "transport", "write", "closing", "paused",
-                 "refused", "pending")
+    __slots__ = ("worker", "stats", "proto", "transport", "write", "refused", "pending",
+                 "active", "seen_pending")
 
     def __init__(self, worker: "AsyncioBackend") -> None:
         self.worker = worker
         self.stats = worker.ctx.stats
         self.proto = worker.ctx.protocol_factory()
         self.transport = None
-        self.closing = False
-        self.paused = False
         self.refused = False
+        self.active = False          # bytes arrived since the last tick
+        self.seen_pending = 0        # buffered output at the last tick
+        self.init_state(time.monotonic())
 
     def connection_made(self, transport) -> None:
         w = self.worker
@@ -170,14 +101,16 @@ class _ConnectionBase:
         self.pending = transport.get_write_buffer_size
         if hasattr(transport, "max_size"):
             transport.max_size = w.recv_size   # asyncio reads 256 KiB by default
-        transport.set_write_buffer_limits(high=w.max_output, low=w.max_output // 2)
+        transport.set_write_buffer_limits(high=w.policy.high, low=w.policy.low)
         w.conns.add(self)
+        w.arm_timer()
         if w.draining:  # accepted by the loop after stop: answer what it sent, then close
             w.loop.call_soon(self.drain_read)
 
     def data_received(self, data) -> None:
         if self.closing:
             return
+        self.active = True
         st = self.stats
         st.bytes_in += len(data)
         proto = self.proto
@@ -187,21 +120,23 @@ class _ConnectionBase:
             self._handler_failed()
             return
         st.requests += n
+        w = self.worker
+        if w.track and (self.req_start or proto.partial):
+            w.policy.progress(self, proto, n, len(data), time.monotonic())
         if out:
             st.bytes_out += len(out)
             self.write(out)
             pending = self.pending()
-            if pending > self.worker.peak:   # high-water mark of queued output
-                self.worker.peak = st.extra["max_pending"] = pending
+            if pending > w.policy.peak:
+                w.policy.queued(self, pending)
         if proto.closing:
             self.finish()
 
     def eof_received(self) -> bool:
         if not self.closing:
-            try:
-                out = self.proto.eof()
-            except Exception:  # noqa: BLE001
-                self._handler_failed()
+            out = self.worker.policy.eof(self.proto, self._where())
+            if out is None:
+                self._abort(error=True)
                 return True
             if out:
                 self.stats.bytes_out += len(out)
@@ -210,24 +145,23 @@ class _ConnectionBase:
         return True  # keep the transport: close() above flushes, then closes
 
     def finish(self) -> None:
-        """Read nothing more; close once pending output is flushed."""
-        self.closing = True
+        """Read nothing more; close once pending output is flushed (transport.close)."""
+        self.worker.policy.finish(self, 1)
         self.transport.close()
 
     def pause_writing(self) -> None:
-        # The peer does not read: stop reading from it so our buffered output stays bounded.
-        if not self.closing and not self.paused:
-            self.paused = True
+        if self.worker.policy.pause(self):
             self.transport.pause_reading()
-            self.stats.backpressure += 1
 
     def resume_writing(self) -> None:
-        if self.paused:
-            self.paused = False
-            if not self.closing:
-                self.transport.resume_reading()
+        if self.worker.policy.resume(self):
+            self.transport.resume_reading()
 
     def connection_lost(self, exc) -> None:
+        # Drop our references to the transport: a loop whose transport owns the socket
+        # (rloop closes the fd when its transport is freed) must not be kept from it by
+        # the protocol <-> transport cycle.
+        self.transport = self.write = self.pending = None
         if self.refused:
             return
         st = self.stats
@@ -240,37 +174,41 @@ class _ConnectionBase:
         if w.draining and not w.conns and w.idle is not None and not w.idle.done():
             w.idle.set_result(None)
 
+    def _where(self) -> str:
+        return str(self.transport.get_extra_info("peername")) if self.transport else "(closed)"
+
     def _handler_failed(self) -> None:
-        self.stats.handler_errors += 1
-        log.exception("worker %d (%s): protocol %s failed on connection from %s; "
-                      "closing that connection only", self.worker.ctx.index, self.worker.name,
-                      type(self.proto).__name__, self.transport.get_extra_info("peername"))
+        self.worker.policy.handler_failed(self.proto, self._where())
+        self._abort(error=True)
+
+    def _abort(self, error: bool = False) -> None:
         self.closing = True
-        self.stats.errors += 1
+        self.reading = False
+        if error:
+            self.stats.errors += 1
         self.transport.abort()
 
-    def drain_read(self, max_reads: int = 64) -> None:
+    def drain_read(self) -> None:
         """At stop: answer what the kernel already holds for us (bounded), then finish."""
         if self.closing or self.transport is None or self.transport.is_closing():
             return
-        if self.paused:  # backpressured: what it sent is not read, as in readiness.py
+        if not self.reading:  # backpressured: what it sent is not read (policy rule 9)
             self.finish()
             return
         tr = self.transport
         tr.pause_reading()
         sock = tr.get_extra_info("socket")
         fd = sock.fileno() if sock is not None else -1
-        size = self.worker.ctx.limits.recv_size
-        for _ in range(max_reads if fd >= 0 else 0):
-            if self.closing or self.paused:
+        size = self.worker.recv_size
+        for _ in range(DRAIN_READS if fd >= 0 else 0):
+            if self.closing or not self.reading:
                 break
             try:
                 data = os.read(fd, size)
             except (BlockingIOError, InterruptedError):
                 break
             except OSError:
-                self.closing = True
-                tr.abort()
+                self._abort()
                 return
             if not data:
                 self.eof_received()
@@ -307,13 +245,10 @@ class AsyncioBackend(Backend):
     name = "asyncio"
     description = "asyncio event loop per worker thread (SelectorEventLoop/epoll), Protocol"
     kind = "readiness"
+    follows_policy = True
     accept_strategies = frozenset({SHARED, REUSEPORT, DISPATCH})
-    #: Not implemented yet in this backend (issue 4 delivered it before the fault work):
-    #: asking for them is refused at startup by the core, never silently ignored.
-    unsupported_limits = {
-        "idle_timeout": "not implemented in this backend yet",
-        "header_timeout": "not implemented in this backend yet",
-    }
+    #: Whether to read through ``get_buffer`` (``_ReadIntoConnection``) to bound reads.
+    read_into = False
 
     @classmethod
     def probe(cls) -> Availability:
@@ -324,36 +259,28 @@ class AsyncioBackend(Backend):
         return "asyncio.SelectorEventLoop"
 
     def new_loop(self) -> asyncio.AbstractEventLoop:
-        """The one thing uvloop changes."""
+        """The one thing the other asyncio loops change."""
         return asyncio.new_event_loop()
-
-    #: Whether the loop's own accept serves the listeners (asyncio: it calls our socket's
-    #: accept(), which counts) or this class accepts itself (uvloop: libuv's accept drops
-    #: the backlog on EMFILE and uvloop then closes the server, see uvloop_.py).
-    own_accept = False
-    #: Whether to read through ``get_buffer`` (``_ReadIntoConnection``) to bound reads.
-    read_into = False
 
     def run(self) -> None:
         ctx = self.ctx
         lim = ctx.limits
-        self.max_output = lim.max_output
+        self.who = who = f"worker {ctx.index} ({self.name})"
         self.max_connections = lim.max_connections
         self.recv_size = lim.recv_size
-        self.conns: set[_Connection] = set()
+        self.policy = ConnectionPolicy(lim, ctx.stats, who, time.monotonic())
+        self.track = tracks_requests(ctx.protocol_factory())
+        self.conns: set[_ConnectionBase] = set()
         self.draining = False
         self.idle = None
-        self.peak = 0
+        self.timer = None                 # the tick's handle while connections are open
         self.rbuf = memoryview(bytearray(self.recv_size))
         self._conn_cls = _ReadIntoConnection if self.read_into else _Connection
-        self.backing_off = False         # in an accept-error episode (logged once)
-        self.backoff = lim.accept_backoff
-        self.paused: dict[int, asyncio.TimerHandle] = {}   # own accept: fd -> its re-add
-        self.handoff_losing = False      # in a MSG_CTRUNC episode (logged once)
-        for k in ("accept_errors", "accept_backoffs", "max_pending", "handoffs", "handoff_lost"):
-            ctx.stats.extra.setdefault(k, 0)   # every key exists from the start
+        self.pacer = AcceptPacer(lim.accept_backoff, ctx.stats.extra, who)
+        self.paused: dict[int, asyncio.TimerHandle] = {}   # listener fd -> its re-add
+        self.receiver = (HandoffReceiver(ctx.handoff, ctx.stats.extra, who)
+                         if ctx.handoff is not None else None)
         self.loop = loop = self.new_loop()
-        loop.set_exception_handler(self._exception_handler)
         asyncio.set_event_loop(loop)
         try:
             loop.run_until_complete(self._main())
@@ -378,16 +305,8 @@ class AsyncioBackend(Backend):
                 stopped.set_result(None)
 
         loop.add_reader(ctx.stop.fileno(), on_stop)
-        factory = self._factory
-        backlog = int(ctx.option("backlog", 4096) or 4096)
-        servers = []
         for lsock in ctx.listeners:
-            if self.own_accept:
-                loop.add_reader(lsock.fileno(), self._on_listen, lsock)
-                continue
-            dup = _CountingListener(lsock.family, lsock.type, lsock.proto,
-                                    fileno=os.dup(lsock.fileno())).setup(self)
-            servers.append(await loop.create_server(factory, sock=dup, backlog=backlog))
+            loop.add_reader(lsock.fileno(), self._on_listen, lsock)
         if ctx.handoff is not None:
             loop.add_reader(ctx.handoff.fileno(), self._on_handoff)
         # asyncio's selector registers each reader at once; uvloop's (libuv) on its next
@@ -396,53 +315,56 @@ class AsyncioBackend(Backend):
         if not ctx.stop.is_set():
             await stopped
         loop.remove_reader(ctx.stop.fileno())
-        await self._drain(servers)
+        await self._drain()
 
-    def _factory(self) -> _Connection:
+    def _factory(self) -> _ConnectionBase:
         return self._conn_cls(self)
 
-    # -- accept errors ------------------------------------------------------------------
+    # -- the policy's timer ------------------------------------------------------------
 
-    def accept_failed(self, exc: OSError) -> None:
-        """Out of fds (or memory) on accept: log once per episode (a success ends it)."""
-        if not self.backing_off:
-            self.backing_off = True
-            log.warning("worker %d (%s): accept failed: %s; pausing the listener, retrying "
-                        "with back-off", self.ctx.index, self.name, exc)
+    def arm_timer(self) -> None:
+        if self.timer is None and self.policy.tick is not None:
+            self.timer = self.loop.call_later(self.policy.tick, self._tick)
 
-    def _exception_handler(self, loop, context) -> None:
-        if context.get("message") == _ACCEPT_RESOURCE_MSG:
-            return   # counted and logged (once per episode) by _CountingListener
-        loop.default_exception_handler(context)
+    def _tick(self) -> None:
+        self.timer = None
+        now = time.monotonic()
+        expired = self.policy.expired
+        for c in list(self.conns):
+            if c.closing:
+                continue
+            pending = c.pending()
+            if c.active or pending != c.seen_pending:
+                c.active = False
+                c.seen_pending = pending
+                c.last = now
+            if expired(c, now):
+                c._abort()
+        if self.conns:
+            self.arm_timer()
 
-    # -- own accept (uvloop): readiness.py's accept, over the loop's add_reader -----------
+    # -- accept: core/accept.py's rule over the loop's add_reader ------------------------
 
     def _on_listen(self, lsock: socket.socket) -> None:
-        """Accept until EAGAIN; a wakeup that got nothing is a lost race; EMFILE & co
-        pause the listener with a doubling back-off (readiness.py's semantics)."""
         st = self.ctx.stats
         st.listen_wakeups += 1
-        accepted, exhausted = accept_pending(lsock, st.extra, f"worker {self.ctx.index}")
+        accepted, exhausted = accept_pending(lsock, st.extra, self.who)
         for conn, _ in accepted:
             self._adopt(conn)
         if exhausted is not None:
             self._pause_listener(lsock, exhausted)
-        won = len(accepted)
-        if won:
-            self.backoff = self.ctx.limits.accept_backoff
-            self.backing_off = False
+        if accepted:
+            self.pacer.succeeded()
         else:
             st.lost_races += 1
 
     def _pause_listener(self, lsock: socket.socket, exc: OSError) -> None:
         fd = lsock.fileno()
-        self.ctx.stats.extra["accept_backoffs"] += 1
-        self.accept_failed(exc)
+        delay = self.pacer.failed(exc)
         if fd in self.paused:
             return
         self.loop.remove_reader(fd)
-        self.paused[fd] = self.loop.call_later(self.backoff, self._resume_listener, lsock)
-        self.backoff = min(ACCEPT_BACKOFF_MAX, self.backoff * 2)
+        self.paused[fd] = self.loop.call_later(delay, self._resume_listener, lsock)
 
     def _resume_listener(self, lsock: socket.socket) -> None:
         if self.paused.pop(lsock.fileno(), None) is not None and not self.draining:
@@ -458,90 +380,50 @@ class AsyncioBackend(Backend):
 
     async def _connect(self, conn: socket.socket) -> None:
         try:
-            await self.loop.connect_accepted_socket(self._factory, conn)
+            await self.transport_for(conn)
         except OSError:
             conn.close()
 
-    # -- dispatch: connections handed over on ctx.handoff ------------------------------
-
-    def _take_handoffs(self) -> tuple[list[socket.socket], bool]:
-        """Every connection waiting on the channel (recvmsg until EAGAIN), counted.
-        Returns the sockets and whether the acceptor closed its end."""
-        channel = self.ctx.handoff
-        extra = self.ctx.stats.extra
-        socks: list[socket.socket] = []
-        while True:
-            fds, lost, closed = receive_handoffs(channel)
-            socks.extend(socket.socket(fileno=fd) for fd in fds)
-            if lost:
-                extra["handoff_lost"] += lost
-                if not self.handoff_losing:
-                    self.handoff_losing = True
-                    log.warning("worker %d (%s): a handed-over connection was lost: the fd "
-                                "could not be installed (MSG_CTRUNC, out of fds); counted in "
-                                "handoff_lost", self.ctx.index, self.name)
-            elif fds:
-                self.handoff_losing = False
-            if closed or len(fds) + lost < HANDOFF_BATCH:
-                break
-        extra["handoffs"] += len(socks)
-        return socks, closed
+    async def transport_for(self, sock: socket.socket):
+        """Wrap an accepted socket in the loop's transport (the loops differ here)."""
+        return await self.loop.connect_accepted_socket(self._factory, sock)
 
     def _on_handoff(self) -> None:
-        socks, closed = self._take_handoffs()
+        socks, closed = self.receiver.take()
         if closed:   # the acceptor is gone: an EOF channel would stay readable forever
             self.loop.remove_reader(self.ctx.handoff.fileno())
         for sock in socks:
             self._adopt(sock)   # accepted/refused are counted in connection_made
 
-    async def _drain(self, servers) -> None:
+    # -- stop ---------------------------------------------------------------------------
+
+    async def _drain(self) -> None:
         ctx = self.ctx
         loop = self.loop
-        st = ctx.stats
         self.draining = True
-        if self.own_accept:
-            for lsock in ctx.listeners:
-                if lsock.fileno() not in self.paused:
-                    loop.remove_reader(lsock.fileno())
-        # The listen backlog: completed by the kernel, requests possibly queued: serve once.
-        # Not a listen wakeup and not a race: counted as accepted connections only.
         for lsock in ctx.listeners:
-            if lsock.fileno() in self.paused:
-                continue   # out of fds at stop: as readiness.py, not retried
-            while True:
-                try:
-                    conn, _ = lsock.accept()
-                except (BlockingIOError, InterruptedError):
-                    break
-                except OSError as exc:
-                    st.extra["accept_errors"] += 1
-                    if exc.errno not in (errno.ECONNABORTED, errno.EPROTO):
-                        log.warning("worker %d: accept failed: %s", ctx.index, exc)
-                    break
-                conn.setblocking(False)
-                try:
-                    await loop.connect_accepted_socket(self._factory, conn)
-                except OSError:
-                    conn.close()
+            if lsock.fileno() not in self.paused:
+                loop.remove_reader(lsock.fileno())
+        # The listen backlog and the channel: completed or handed over before stop, with
+        # requests possibly queued: served once.  Not a listen wakeup and not a race.
+        late = []
+        for lsock in ctx.listeners:
+            if lsock.fileno() not in self.paused:   # out of fds at stop: not retried
+                late += [conn for conn, _ in accept_pending(lsock, ctx.stats.extra, self.who)[0]]
         if ctx.handoff is not None:
-            # What the acceptor handed over before stop, once: no wakeup, no race.
             loop.remove_reader(ctx.handoff.fileno())
-            for conn in self._take_handoffs()[0]:
-                conn.setblocking(False)
-                try:
-                    await loop.connect_accepted_socket(self._factory, conn)
-                except OSError:
-                    conn.close()
+            late += self.receiver.take()[0]
+        for conn in late:
+            conn.setblocking(False)
+            await self._connect(conn)
         for handle in self.paused.values():
             handle.cancel()
         self.paused.clear()
-        for srv in servers:
-            srv.close()
         for c in list(self.conns):
             c.drain_read()
         deadline = time.monotonic() + ctx.limits.drain_timeout
-        # Connections the loop accepted just before close() get their transport in a task:
-        # let those run, then wait for every connection to flush and close.
+        # Connections adopted just before stop get their transport in a task: let those
+        # run, then wait for every connection to flush and close.
         await asyncio.sleep(0)
         while self.conns:
             remaining = deadline - time.monotonic()
@@ -552,7 +434,8 @@ class AsyncioBackend(Backend):
                 await asyncio.wait_for(self.idle, remaining)
             except asyncio.TimeoutError:
                 break
+        if self.timer is not None:
+            self.timer.cancel()
         for c in list(self.conns):
-            c.closing = True
-            c.transport.abort()
+            c._abort()
         await asyncio.sleep(0)

@@ -21,6 +21,7 @@ class EpollBackend(ReadinessLoop):
     name = "epoll"
     description = "select.epoll, level-triggered (or edge with --epoll-edge)"
     accept_strategies = frozenset({SHARED, EXCLUSIVE, EXCLUSIVE_ROTATE, REUSEPORT, DISPATCH})
+    conformance_variants = (("--epoll-edge",),)
 
     EV_READ = select.EPOLLIN
     EV_WRITE = select.EPOLLOUT

@@ -29,19 +29,21 @@ Kernel semantics this loop relies on:
   or not; they are routed to whichever of read/write is active so that the failing
   call surfaces the error and the connection is closed (no spinning on a dead fd).
 
-Faults and limits (docs/faults.md):
+Faults and limits: the rules are core/policy.py's (backpressure marks, finish-after-flush,
+handler failure, idle timeout, request deadline), core/accept.py's (accept until EAGAIN,
+the back-off of a listener out of fds: unregistered, re-registered when its pause ends)
+and core/handoff.py's (the dispatch channel).  This loop calls them at the thresholds
+only: whole requests in and output the kernel takes at once never reach them.
 
-* ``accept(2)`` failing for want of a resource (EMFILE, ENFILE, ENOBUFS, ENOMEM)
-  would fail again at once while the listening socket stays readable: a level-triggered
-  loop would spin at 100% CPU.  The listener is instead *paused* (unregistered) and
-  re-registered after a back-off (``limits.accept_backoff``, doubling to 1 s, reset by
-  a successful accept); counted in ``extra["accept_errors"]`` / ``["accept_backoffs"]``.
-  The pending connections wait in the kernel's backlog and are served once fds free up.
-* Idle and header timeouts use a coarse timer: the wait's timeout is the next deadline
-  check (a quarter of the shortest timeout, 10 ms .. 1 s), one ``time.monotonic()``
-  (vDSO, no syscall) per wakeup stamps every connection that had an event, and a sweep
-  at most once per tick closes connections past their deadline.  No timer syscalls,
-  nothing per event but one attribute store; with no connection open the wait blocks.
+The timer is coarse: the wait's timeout is the next deadline check, one
+``time.monotonic()`` (vDSO, no syscall) per wakeup stamps every connection that had an
+event, and a sweep at most once per tick closes connections past their deadline.  No
+timer syscalls; with no connection open the wait blocks.
+
+A subclass must set the three event-bit constants ``EV_READ``, ``EV_WRITE``, ``EV_ERROR``
+to its multiplexer's own bits (``EV_ERROR`` may be 0 where errors show as readable): a
+concrete subclass that does not is refused when the class is created, since a wrong
+write mask parks a connection silently.
 """
 
 from __future__ import annotations
@@ -52,26 +54,31 @@ import socket
 import time
 from typing import ClassVar
 
-from parallelnet.backends.base import (
-    ACCEPT_BACKOFF_MAX, DISPATCH, EXCLUSIVE, EXCLUSIVE_ROTATE, REUSEPORT,
-    ROTATE_EVERY, SHARED, Backend, accept_pending,
+from parallelnet.core.accept import AcceptPacer, accept_pending
+from parallelnet.core.backend import (
+    DISPATCH, EXCLUSIVE, EXCLUSIVE_ROTATE, REUSEPORT, ROTATE_EVERY, SHARED, Backend,
 )
-from parallelnet.core.dispatch import HANDOFF_BATCH, receive_handoffs
+from parallelnet.core.handoff import HandoffReceiver
+from parallelnet.core.policy import (
+    CLOSE, DRAIN_READS, RESUME, ConnectionPolicy, ConnState, tracks_requests,
+)
 
 log = logging.getLogger("parallelnet.worker")
 
 _TCP_NODELAY = socket.TCP_NODELAY
 _IPPROTO_TCP = socket.IPPROTO_TCP
+_PRIMITIVES = ("_setup", "_register", "_modify", "_unregister", "_poll")
+_MASKS = ("EV_READ", "EV_WRITE", "EV_ERROR")
 
 
 class RegistrationRefused(OSError):
     """The multiplexer cannot watch this fd (e.g. select's FD_SETSIZE)."""
 
 
-class Connection:
+class Connection(ConnState):
     """One client connection of one worker.  Only that worker touches it."""
 
-    __slots__ = ("sock", "fd", "proto", "out", "events", "reading", "closing", "peer", "last")
+    __slots__ = ("sock", "fd", "proto", "out", "events", "peer")
 
     def __init__(self, sock: socket.socket, proto, peer, now: float = 0.0) -> None:
         self.sock = sock
@@ -79,25 +86,37 @@ class Connection:
         self.proto = proto
         self.out = bytearray()    # output the kernel has not taken yet
         self.events = 0           # interest currently registered
-        self.reading = True       # False while paused (backpressure) or closing
-        self.closing = False      # close once ``out`` is empty
         self.peer = peer
-        self.last = now           # monotonic time of the last event (progress) on it
+        self.init_state(now)
 
 
 class ReadinessLoop(Backend):
-    """The shared loop.  Subclasses supply the multiplexer primitives."""
+    """The shared loop.  Subclasses supply the multiplexer primitives and event bits."""
 
     kind: ClassVar[str] = "readiness"
+    follows_policy: ClassVar[bool] = True
     accept_strategies = frozenset({SHARED, REUSEPORT, DISPATCH})
 
-    #: Backend-native event bits (set by each subclass).
-    EV_READ: ClassVar[int] = 1
-    EV_WRITE: ClassVar[int] = 4
-    EV_ERROR: ClassVar[int] = 8
+    #: Backend-native event bits: every concrete subclass sets all three.
+    EV_READ: ClassVar[int]
+    EV_WRITE: ClassVar[int]
+    EV_ERROR: ClassVar[int]
 
     #: Edge-triggered subclasses (or instances) read and write until EAGAIN.
     edge_triggered = False
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if any(getattr(getattr(cls, p), "__isabstractmethod__", False) for p in _PRIMITIVES):
+            return  # still a template: its concrete subclasses are checked
+        missing = [m for m in _MASKS if not isinstance(getattr(cls, m, None), int)]
+        if missing:
+            raise TypeError(f"{cls.__qualname__}: a readiness backend must set {', '.join(missing)} "
+                            "to its multiplexer's own event bits (docs/adding-a-backend.md)")
+        if not cls.EV_READ or not cls.EV_WRITE or cls.EV_READ & cls.EV_WRITE \
+                or (cls.EV_READ | cls.EV_WRITE) & cls.EV_ERROR:
+            raise TypeError(f"{cls.__qualname__}: EV_READ and EV_WRITE must be distinct non-zero "
+                            "bits and EV_ERROR disjoint from both (0 if errors show as readable)")
 
     # -- the primitives a subclass supplies ---------------------------------
 
@@ -107,7 +126,8 @@ class ReadinessLoop(Backend):
 
     @abc.abstractmethod
     def _register(self, fd: int, events: int, exclusive: bool = False) -> None:
-        """Start watching fd; raise RegistrationRefused if it cannot be watched."""
+        """Start watching fd; raise RegistrationRefused if it cannot be watched.
+        ``exclusive``: a shared listener under --accept exclusive (EPOLLEXCLUSIVE)."""
 
     @abc.abstractmethod
     def _modify(self, fd: int, events: int) -> None:
@@ -128,33 +148,28 @@ class ReadinessLoop(Backend):
 
     def run(self) -> None:
         ctx = self.ctx
+        lim = ctx.limits
+        self._who = who = f"worker {ctx.index} ({self.name})"
         self._conns: dict[int, Connection] = {}
         # Sources of new connections: listening sockets, or (dispatch) the hand-off channel,
         # which the loop watches and drains exactly like a listener.
         self._handoff = ctx.handoff
+        self._receiver = (HandoffReceiver(ctx.handoff, ctx.stats.extra, who)
+                          if ctx.handoff is not None else None)
         sources = list(ctx.listeners) + ([ctx.handoff] if ctx.handoff is not None else [])
         self._listeners = {s.fileno(): s for s in sources}
-        self._recv_size = ctx.limits.recv_size
-        self._max_output = ctx.limits.max_output
+        self._recv_size = lim.recv_size
         self._logged_refusal = False
-        lim = ctx.limits
-        self._tick = lim.timer_tick()
-        self._idle = lim.idle_timeout if lim.idle_timeout and lim.idle_timeout > 0 else 0.0
-        self._hdr = lim.header_timeout if lim.header_timeout and lim.header_timeout > 0 else 0.0
+        self._now = time.monotonic()
+        self._policy = ConnectionPolicy(lim, ctx.stats, who, self._now)
+        self._track = tracks_requests(ctx.protocol_factory())
         self._paused: dict[int, float] = {}     # listener fd -> when to re-register it
-        self._backoff = lim.accept_backoff
+        self._pacer = AcceptPacer(lim.accept_backoff, ctx.stats.extra, who)
         self._exclusive = ctx.accept in (EXCLUSIVE, EXCLUSIVE_ROTATE)
         # exclusive-rotate: re-adding the listener moves this worker's waiter to the tail
         # of the socket's wait queue, where EPOLLEXCLUSIVE wakes the head first.
         self._rotate_every = ROTATE_EVERY if ctx.accept == EXCLUSIVE_ROTATE else 0
         self._since_rotate = 0
-        self._now = time.monotonic()
-        self._next_sweep = self._now + (self._tick or 0.0)
-        self._peak = 0
-        extra = ctx.stats.extra
-        for k in ("accept_errors", "accept_backoffs", "idle_timeouts", "header_timeouts",
-                  "max_pending", "handoffs", "handoff_lost", "rotations"):
-            extra.setdefault(k, 0)   # every key exists from the start: snapshots copy this dict
         self._setup()
         try:
             self._register(ctx.stop.fileno(), self.EV_READ)
@@ -182,14 +197,15 @@ class ReadinessLoop(Backend):
         WRITE = self.EV_WRITE
         ERROR = self.EV_ERROR
         monotonic = time.monotonic
-        tick = self._tick
-        paused = self._paused
+        policy = self._policy
+        timed = policy.tick is not None
         timers = self._timers
+        paused = self._paused
         while not stop.is_set():
             # The coarse timer: wake for the next deadline check only while something
             # can time out (open connections) or a listener waits out its back-off.
-            if paused or (tick and conns):
-                wake = self._next_sweep if tick and conns else float("inf")
+            if paused or (timed and conns):
+                wake = policy.next_sweep if timed and conns else float("inf")
                 if paused:
                     wake = min(wake, min(paused.values()))
                 timeout = max(0.001, wake - self._now + 0.001)
@@ -210,10 +226,10 @@ class ReadinessLoop(Backend):
                     on_write(conn)
                 if mask & READ and conn.reading:
                     on_read(conn)
-            if now >= self._next_sweep or paused:
+            if paused or now >= policy.next_sweep:
                 timers(now)
 
-    # -- timers: listener back-off, idle and header timeouts ----------------------
+    # -- timers: listener back-off, idle and request deadlines --------------------
 
     def _timers(self, now: float) -> None:
         paused = self._paused
@@ -224,37 +240,25 @@ class ReadinessLoop(Backend):
                     self._register(fd, self.EV_READ, self._exclusive)
                 except (OSError, ValueError, KeyError):
                     pass  # already registered (cannot happen) or closed at stop
-        if not self._tick or now < self._next_sweep:
-            return
-        self._next_sweep = now + self._tick
-        idle, hdr = self._idle, self._hdr
-        extra = self.ctx.stats.extra
-        for conn in list(self._conns.values()):
-            age = now - conn.last
-            if idle and age >= idle:
-                extra["idle_timeouts"] += 1
-                self._close(conn)
-            elif hdr and age >= hdr and conn.proto.partial and not conn.closing:
-                extra["header_timeouts"] += 1
-                self._close(conn)
+        policy = self._policy
+        if policy.due(now):
+            expired = policy.expired
+            for conn in list(self._conns.values()):
+                if expired(conn, now):
+                    self._close(conn)
 
     def _pause_listener(self, lsock: socket.socket, exc: OSError) -> None:
         """Out of fds (or memory): stop watching the listener for a back-off, so a
         level-triggered loop does not spin on a socket it cannot accept from."""
         fd = lsock.fileno()
-        extra = self.ctx.stats.extra
-        extra["accept_backoffs"] += 1
-        if self._backoff == self.ctx.limits.accept_backoff:  # a new episode: log it once
-            log.warning("worker %d (%s): accept failed: %s; pausing the listener, retrying "
-                        "with back-off", self.ctx.index, self.name, exc)
+        delay = self._pacer.failed(exc)
         if fd in self._paused:
             return
         try:
             self._unregister(fd)
         except (OSError, KeyError, ValueError):
             pass
-        self._paused[fd] = time.monotonic() + self._backoff
-        self._backoff = min(ACCEPT_BACKOFF_MAX, self._backoff * 2)
+        self._paused[fd] = time.monotonic() + delay
 
     # -- accept -----------------------------------------------------------------
 
@@ -267,14 +271,14 @@ class ReadinessLoop(Backend):
             return self._take_handoffs()
         stats = self.ctx.stats
         stats.listen_wakeups += wakeup
-        accepted, exhausted = accept_pending(lsock, stats.extra, f"worker {self.ctx.index}")
+        accepted, exhausted = accept_pending(lsock, stats.extra, self._who)
         for sock, peer in accepted:
             self._add_connection(sock, peer)
         if exhausted is not None:
             self._pause_listener(lsock, exhausted)
         won = len(accepted)
         if won:
-            self._backoff = self.ctx.limits.accept_backoff
+            self._pacer.succeeded()
             if self._rotate_every and wakeup:
                 self._since_rotate += won
                 if self._since_rotate >= self._rotate_every:
@@ -295,28 +299,15 @@ class ReadinessLoop(Backend):
 
     def _take_handoffs(self) -> int:
         """Connections the dispatcher passed us (SCM_RIGHTS), until the channel is empty."""
-        extra = self.ctx.stats.extra
-        taken = 0
-        while True:
-            batch = receive_handoffs(self._handoff)
-            for fd in batch.fds:
-                self._add_connection(socket.socket(fileno=fd), None)
-            taken += len(batch.fds)
-            if batch.lost:
-                if not extra["handoff_lost"]:
-                    log.warning("worker %d (%s): out of fds, connections handed over were lost "
-                                "(handoff_lost)", self.ctx.index, self.name)
-                extra["handoff_lost"] += batch.lost
-            if batch.closed:  # the acceptor is gone: stop watching, or EOF would spin us
-                fd = self._handoff.fileno()
-                self._listeners.pop(fd, None)
-                self._unregister(fd)
-                break
-            if len(batch.fds) + batch.lost < HANDOFF_BATCH:
-                break
-        self.ctx.stats.accepted += taken
-        extra["handoffs"] += taken
-        return taken
+        socks, closed = self._receiver.take()
+        for sock in socks:
+            self._add_connection(sock, None)
+        if closed:  # the acceptor is gone: stop watching, or EOF would spin us
+            fd = self._handoff.fileno()
+            self._listeners.pop(fd, None)
+            self._unregister(fd)
+        self.ctx.stats.accepted += len(socks)
+        return len(socks)
 
     def _add_connection(self, sock: socket.socket, peer) -> None:
         stats = self.ctx.stats
@@ -336,8 +327,7 @@ class ReadinessLoop(Backend):
             stats.refused += 1
             if not self._logged_refusal:
                 self._logged_refusal = True
-                log.warning("worker %d (%s): refusing connection: %s",
-                            self.ctx.index, self.name, exc)
+                log.warning("%s: refusing connection: %s", self._who, exc)
             sock.close()
             return
         conn.events = self.EV_READ
@@ -374,38 +364,34 @@ class ReadinessLoop(Backend):
             self._handler_failed(conn)
             return
         stats.requests += n
+        if self._track and (conn.req_start or proto.partial):
+            self._policy.progress(conn, proto, n, len(data), self._now)
         if out:
             self._send(conn, out)
         if proto.closing and not conn.closing:
             self._finish(conn)
 
     def _on_eof(self, conn: Connection) -> None:
-        try:
-            out = conn.proto.eof()
-        except Exception:  # noqa: BLE001
-            self._handler_failed(conn)
+        out = self._policy.eof(conn.proto, _where(conn))
+        if out is None:
+            self._close(conn, error=True)
             return
         if out:
             self._send(conn, out)
         self._finish(conn)
 
     def _handler_failed(self, conn: Connection) -> None:
-        self.ctx.stats.handler_errors += 1
-        log.exception("worker %d (%s): protocol %s failed on connection fd %d from %s; "
-                      "closing that connection only", self.ctx.index, self.name,
-                      type(conn.proto).__name__, conn.fd, conn.peer)
+        self._policy.handler_failed(conn.proto, _where(conn))
         self._close(conn, error=True)
 
     def _finish(self, conn: Connection) -> None:
         """Read nothing more; close as soon as pending output is flushed."""
         if conn.fd < 0:
             return
-        conn.closing = True
-        conn.reading = False
-        if conn.out:
-            self._set_events(conn, self.EV_WRITE)
-        else:
+        if self._policy.finish(conn, len(conn.out)) == CLOSE:
             self._close(conn)
+        else:
+            self._set_events(conn, self.EV_WRITE)
 
     # -- writing ------------------------------------------------------------------
 
@@ -427,20 +413,8 @@ class ReadinessLoop(Backend):
             if sent == len(out):
                 return
             conn.out += memoryview(out)[sent:]
-        self._want_write(conn)
-
-    def _want_write(self, conn: Connection) -> None:
-        pending = len(conn.out)
-        if pending > self._peak:  # the high-water mark of queued output (a test checks it)
-            self._peak = pending
-            self.ctx.stats.extra["max_pending"] = pending
-        if conn.reading and len(conn.out) > self._max_output:
-            # Backpressure: a client that does not read stops being read from,
-            # so its pending output (our memory) stays bounded.
-            conn.reading = False
-            self.ctx.stats.backpressure += 1
-        events = self.EV_WRITE | (self.EV_READ if conn.reading else 0)
-        self._set_events(conn, events)
+        self._policy.queued(conn, len(conn.out))
+        self._set_events(conn, self.EV_WRITE | (self.EV_READ if conn.reading else 0))
 
     def _on_writable(self, conn: Connection) -> None:
         out = conn.out
@@ -457,16 +431,13 @@ class ReadinessLoop(Backend):
             del out[:sent]  # O(1) at the front of a bytearray in CPython
             if not self.edge_triggered:
                 break
-        if out:
-            if not conn.reading and not conn.closing and len(out) <= self._max_output // 2:
-                conn.reading = True  # drained below the low-water mark: resume
-                self._set_events(conn, self.EV_READ | self.EV_WRITE)
-            return
-        if conn.closing:
+        action = self._policy.sent(conn, len(out))
+        if action == CLOSE:
             self._close(conn)
-            return
-        conn.reading = True
-        self._set_events(conn, self.EV_READ)
+        elif not out:
+            self._set_events(conn, self.EV_READ if conn.reading else 0)
+        elif action == RESUME:
+            self._set_events(conn, self.EV_READ | self.EV_WRITE)
 
     def _set_events(self, conn: Connection, events: int) -> None:
         if conn.events != events and conn.fd >= 0:
@@ -525,13 +496,12 @@ class ReadinessLoop(Backend):
         for conn in list(self._conns.values()):
             self._close(conn)
 
-    def _read_remaining(self, conn: Connection, max_reads: int = 64) -> None:
-        """Read what the kernel already holds (bounded), so those requests get answers.
-
-        The drain's bounded twin of ``_on_readable``, kept apart so the per-event path
-        carries no read counter."""
+    def _read_remaining(self, conn: Connection) -> None:
+        """Read what the kernel already holds (bounded: rule 9), so those requests get
+        answers.  The drain's bounded twin of ``_on_readable``, kept apart so the
+        per-event path carries no read counter."""
         recv = conn.sock.recv
-        for _ in range(max_reads):
+        for _ in range(DRAIN_READS):
             if not conn.reading:
                 return
             try:
@@ -545,3 +515,7 @@ class ReadinessLoop(Backend):
                 self._on_eof(conn)
                 return
             self._feed(conn, data)
+
+
+def _where(conn: Connection) -> str:
+    return f"fd {conn.fd} from {conn.peer}"

@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 
-from parallelnet.backends.base import REUSEPORT, SHARED, BackendError, Limits, registry
+from parallelnet.core.backend import REUSEPORT, SHARED, BackendError, Limits, registry
 from parallelnet.core.cpus import parse_cpu_list
 from parallelnet.core.dispatch import POLICIES
 from parallelnet.core.listeners import STRATEGIES, is_loopback, layout_of
@@ -83,47 +83,69 @@ def add_server_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"close a connection with no bytes in or out for S seconds "
                         f"(default {lim.idle_timeout:g}; 0: never)")
     p.add_argument("--header-timeout", type=float, default=None,
-                   help=f"close a connection holding an incomplete request with no progress "
-                        f"for S seconds (default {lim.header_timeout:g}; 0: never)")
-    for cls in backends.values():
+                   help=f"close a connection whose request is still incomplete S seconds after "
+                        f"its first byte, however steadily it trickles (default "
+                        f"{lim.header_timeout:g}; 0: never)")
+    p.add_argument("--header-min-rate", type=float, default=None, metavar="BYTES_PER_S",
+                   help="with --header-timeout: each byte of an incomplete request extends its "
+                        "deadline by 1/RATE s, so a request arriving at RATE B/s or faster is "
+                        "never cut (default 0: off)")
+    ARGUMENT_ERRORS.clear()
+    for name, cls in backends.items():
         try:
             cls.add_arguments(p)
-        except Exception:  # noqa: BLE001 - a broken plugin must not break the CLI
-            pass
+        except Exception as exc:  # noqa: BLE001 - reported below and when the backend is chosen
+            # A broken plugin must not break the CLI for the others, nor pass unnoticed.
+            ARGUMENT_ERRORS[name] = f"{type(exc).__name__}: {exc}"
+            print(f"warning: backend {name}: add_arguments failed ({ARGUMENT_ERRORS[name]}); "
+                  "its options are missing", file=sys.stderr)
+
+
+#: Backends whose ``add_arguments`` raised: name -> the error (serving them is refused).
+ARGUMENT_ERRORS: dict[str, str] = {}
 
 
 LIMIT_FLAGS = {"idle_timeout": "--idle-timeout", "header_timeout": "--header-timeout",
+               "header_min_rate": "--header-min-rate",
                "max_connections": "--max-connections", "max_output": "--max-output"}
+_OPTIONAL_LIMITS = ("idle_timeout", "header_timeout", "header_min_rate")   # flags default to None
 
 
 def _limits_from_args(args: argparse.Namespace) -> Limits:
-    """Limits from the flags.  A limit the backend declares it cannot enforce
-    (``Backend.unsupported_limits``) is refused when given explicitly and disabled,
-    with a warning, when left at its default: never ignored silently."""
+    """Limits from the flags.  A limit the backend does not enforce (``Backend.unsupported``)
+    is refused when given explicitly and disabled, with a warning, when left at its
+    default: never ignored silently."""
     lim = Limits(max_output=args.max_output, max_connections=args.max_connections,
                  drain_timeout=args.drain_timeout)
-    unsupported = getattr(registry().get(args.backend), "unsupported_limits", {}) or {}
-    for name in ("idle_timeout", "header_timeout"):
+    cls = registry().get(args.backend)
+    unsupported = (lambda name: cls.unsupported(name)) if cls is not None else (lambda name: None)
+    for name in _OPTIONAL_LIMITS:
         value = getattr(args, name, None)
         if value is not None:
             if value < 0:
                 raise ValueError(f"{LIMIT_FLAGS[name]} must be >= 0")
             setattr(lim, name, value)
-        elif name in unsupported:
+        elif unsupported(name) and getattr(lim, name):
             setattr(lim, name, 0.0)
             print(f"warning: backend {args.backend} does not enforce {LIMIT_FLAGS[name]} "
-                  f"({unsupported[name]}); disabled", file=sys.stderr)
-    for name, why in unsupported.items():
-        value = getattr(lim, name, None)
-        explicit = name in ("max_connections", "max_output") and value != getattr(Limits(), name)
-        explicit |= name in ("idle_timeout", "header_timeout") and bool(value)
-        if explicit:
-            raise BackendError(f"backend {args.backend} cannot enforce {LIMIT_FLAGS.get(name, name)}: "
-                               f"{why}")
+                  f"({unsupported(name)}); disabled", file=sys.stderr)
+    for name, flag in LIMIT_FLAGS.items():
+        why = unsupported(name)
+        value = getattr(lim, name)
+        explicit = bool(value) if name in _OPTIONAL_LIMITS else value != getattr(Limits(), name)
+        if why and explicit:
+            raise BackendError(f"backend {args.backend} cannot enforce {flag}: {why}")
+    if cls is not None and not cls.follows_policy and getattr(args, "header_timeout", None):
+        print(f"warning: backend {args.backend} predates the connection policy: its "
+              f"--header-timeout closes a request after S seconds without progress, not S "
+              f"seconds after its first byte (docs/faults.md)", file=sys.stderr)
     return lim
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    if args.backend in ARGUMENT_ERRORS:
+        raise BackendError(f"backend {args.backend}: its add_arguments failed "
+                           f"({ARGUMENT_ERRORS[args.backend]})")
     protocol_options = {}
     if args.protocol == "echo" and args.message_size:
         protocol_options["message_size"] = args.message_size

@@ -30,95 +30,23 @@ competes for the GIL in thread mode, which is part of what the experiment shows.
 
 from __future__ import annotations
 
-import array
-import errno
 import logging
 import os
 import select
 import socket
 import threading
-from typing import Callable, NamedTuple
+from typing import Callable
 
+from parallelnet.core.accept import AcceptPacer, accept_pending
 from parallelnet.core.cpus import pin_current_thread
+# The channel lives in core/handoff.py; re-exported here, where callers first found it.
+from parallelnet.core.handoff import (  # noqa: F401
+    HANDOFF_BATCH, Handoffs, SocketChannel, make_channels, receive_handoffs, send_handoff,
+)
 
 log = logging.getLogger("parallelnet.dispatch")
 
 POLICIES = ("round-robin", "least-connections")
-HANDOFF_BATCH = 64  # connections taken per recvmsg round
-_FD_SIZE = array.array("i").itemsize
-_HANDOFF_SPACE = socket.CMSG_SPACE(_FD_SIZE)
-
-
-def make_channels(n: int) -> list[tuple[socket.socket, socket.socket]]:
-    """(acceptor end, worker end) per worker, both non-blocking."""
-    pairs = []
-    for _ in range(n):
-        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        a.setblocking(False)
-        b.setblocking(False)
-        pairs.append((a, b))
-    return pairs
-
-
-class SocketChannel:
-    """The acceptor's end of one worker's socketpair: every backend's channel.
-
-    ``send(fd)`` passes a duplicate (``SCM_RIGHTS``); raises BlockingIOError when the
-    channel is full, OSError when the worker's end is gone.  ``transfers`` is False: the
-    acceptor still owns its fd afterwards and closes it.
-    """
-
-    kind = "scm"
-    transfers = False
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-
-    def send(self, fd: int) -> None:
-        self.sock.sendmsg([b"c"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))])
-
-    def close(self) -> None:
-        pass  # the server owns the socketpair
-
-
-def send_handoff(channel: socket.socket, conn: socket.socket) -> None:
-    """Pass one connected socket; raises BlockingIOError when the channel is full."""
-    SocketChannel(channel).send(conn.fileno())
-
-
-class Handoffs(NamedTuple):
-    fds: list[int]     # new connections, now ours
-    lost: int          # messages whose fd the kernel could not install (MSG_CTRUNC)
-    closed: bool       # the acceptor closed its end: stop watching the channel
-
-
-def receive_handoffs(channel: socket.socket, limit: int = HANDOFF_BATCH) -> Handoffs:
-    """Take up to ``limit`` waiting connections without blocking.
-
-    Out of fds (EMFILE/ENFILE), the kernel cannot install the passed descriptor:
-    ``recvmsg`` consumes the message anyway and sets ``MSG_CTRUNC`` — that connection is
-    lost (the kernel closes it).  It is reported in ``lost`` so workers can count it.
-    """
-    fds: list[int] = []
-    lost = 0
-    for _ in range(limit):
-        try:
-            data, ancdata, flags, _ = channel.recvmsg(1, _HANDOFF_SPACE, socket.MSG_CMSG_CLOEXEC)
-        except (BlockingIOError, InterruptedError):
-            break
-        got = 0
-        for level, kind, payload in ancdata:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                usable = len(payload) - len(payload) % _FD_SIZE
-                new = array.array("i", payload[:usable])
-                fds.extend(new)
-                got += len(new)
-        if flags & socket.MSG_CTRUNC:
-            lost += not got
-            continue
-        if not data and not got:
-            return Handoffs(fds, lost, True)
-    return Handoffs(fds, lost, False)
 
 
 class Dispatcher:
@@ -126,7 +54,7 @@ class Dispatcher:
 
     def __init__(self, listener: socket.socket, channels: list,
                  closed_counts: Callable[[], list[int]], policy: str = "round-robin",
-                 cpu: int | None = None) -> None:
+                 cpu: int | None = None, backoff: float = 0.05) -> None:
         if policy not in POLICIES:
             raise ValueError(f"unknown dispatch policy {policy!r}; known: {', '.join(POLICIES)}")
         self.listener = listener
@@ -140,7 +68,9 @@ class Dispatcher:
         self.accepted = 0
         self.overflow = 0
         self.spills = 0         # handed to another worker than the policy's first choice
-        self.errors = 0
+        self.errors = 0         # accept(2) failures
+        self.extra = {"accept_errors": 0, "accept_backoffs": 0}
+        self.pacer = AcceptPacer(backoff, self.extra, "dispatcher")
         self._next = 0
         self._stop_r, self._stop_w = os.pipe()
         self._thread: threading.Thread | None = None
@@ -193,24 +123,19 @@ class Dispatcher:
         self.overflow += 1  # every worker's channel is full: refuse rather than block
         return None
 
-    def _accept_all(self) -> bool:
-        """Accept until EAGAIN; False if accept failed for want of fds/memory."""
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return True
-            except OSError as exc:
-                self.errors += 1
-                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    log.warning("dispatcher: accept failed: %s; backing off", exc)
-                    return False
-                continue  # ECONNABORTED and friends: that connection only
+    def _accept_all(self) -> OSError | None:
+        """Accept until EAGAIN and hand each over; the resource error that stopped it, if any."""
+        accepted, exhausted = accept_pending(self.listener, self.extra, "dispatcher")
+        self.errors = self.extra["accept_errors"]
+        for conn, _ in accepted:
             self.accepted += 1
             fd = conn.detach()
             taken = self._hand_over(fd)
             if taken is None or not taken.transfers:
                 os.close(fd)
+        if accepted:
+            self.pacer.succeeded()
+        return exhausted
 
     def _run(self) -> None:
         if self.cpu is not None:
@@ -228,11 +153,10 @@ class Dispatcher:
                 if not watching:
                     ep.register(lfd, select.EPOLLIN)
                     watching = True
-                if self._accept_all():
-                    backoff = 0.0
-                else:  # level-triggered and unacceptable: stop watching it for a while
+                exhausted = self._accept_all()
+                if exhausted is not None:  # level-triggered and unacceptable: unwatch a while
                     ep.unregister(lfd)
-                    watching, backoff = False, min(1.0, backoff * 2 or 0.05)
+                    watching, backoff = False, self.pacer.failed(exhausted)
             self._accept_all()  # the backlog the kernel already completed
         finally:
             ep.close()

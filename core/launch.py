@@ -15,12 +15,18 @@ import time
 
 
 def spawn_server(serve_args: list[str], *, merge_stderr: bool = False, env: dict | None = None,
-                 preexec_fn=None, timeout: float = 15.0) -> tuple[subprocess.Popen, str, int]:
+                 preexec_fn=None, timeout: float = 15.0,
+                 output: str | None = None) -> tuple[subprocess.Popen, str, int]:
     """``parallelnet serve --port 0 SERVE_ARGS``; returns (process, host, port).
 
+    ``output``: a file for everything the server prints (stdout and stderr), so a long
+    run never blocks on a pipe nobody reads; the address is read from it.  Without it,
+    stdout (and stderr) are pipes the caller must read.
     On failure the child is killed and RuntimeError carries what it printed.
     """
     cmd = [sys.executable, "-m", "parallelnet.core.cli", "serve", "--port", "0", *serve_args]
+    if output is not None:
+        return _spawn_to_file(cmd, output, env, preexec_fn, timeout)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env,
                             stderr=subprocess.STDOUT if merge_stderr else subprocess.PIPE,
                             preexec_fn=preexec_fn)
@@ -41,3 +47,25 @@ def spawn_server(serve_args: list[str], *, merge_stderr: bool = False, env: dict
     out, err = proc.communicate()
     raise RuntimeError(f"server {serve_args} did not start within {timeout:g} s:\n"
                        + "".join(seen) + (out or "") + (err or ""))
+
+
+def _spawn_to_file(cmd, output, env, preexec_fn, timeout):
+    with open(output, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
+                                preexec_fn=preexec_fn)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with open(output, errors="replace") as f:
+            text = f.read()
+        for line in text.splitlines(keepends=True):
+            if line.startswith("listening on ") and line.endswith("\n"):
+                host, _, port = line.split()[-1].rpartition(":")
+                return proc, host, int(port)
+        if proc.poll() is not None:
+            break
+        time.sleep(0.01)
+    proc.kill()
+    proc.wait()
+    with open(output, errors="replace") as f:
+        text = f.read()
+    raise RuntimeError(f"server {cmd[5:]} did not start within {timeout:g} s:\n{text}")

@@ -25,8 +25,7 @@ from dataclasses import dataclass, field
 
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 
-#: Counters every backend maintains (the hot-path ones first).  A backend may add its
-#: own entries to ``WorkerStats.extra`` (e.g. io_uring kernel entries).
+#: Counters every backend maintains (the hot-path ones first).
 COUNTERS = (
     "requests",
     "bytes_in",
@@ -41,6 +40,22 @@ COUNTERS = (
     "handler_errors",   # exceptions raised by protocol code (the connection is closed)
     "backpressure",     # times reading was paused because output exceeded the limit
 )
+
+#: The declared schema of ``WorkerStats.extra``: every worker starts with each of these at
+#: 0, whatever its backend, so a record always has them (a rule a backend does not
+#: exercise stays 0).  A backend adds only what is its own (io_uring kernel entries...).
+#: Who counts what: core/accept.py (accept_*), core/handoff.py (handoff*),
+#: core/policy.py (the per-connection rules), readiness.py (rotations).
+EXTRA_COUNTERS = {
+    "accept_errors": "accept(2) failures of any kind",
+    "accept_backoffs": "times a listener was paused after EMFILE/ENFILE/ENOBUFS/ENOMEM",
+    "idle_timeouts": "connections closed by --idle-timeout",
+    "header_timeouts": "connections closed by the request deadline (--header-timeout, --header-min-rate)",
+    "max_pending": "high-water mark of one connection's pending output (bytes)",
+    "handoffs": "connections received from the dispatcher (--accept dispatch)",
+    "handoff_lost": "hand-offs the kernel dropped (MSG_CTRUNC: out of fds)",
+    "rotations": "listener re-adds of --accept exclusive-rotate",
+}
 
 
 class WorkerStats:
@@ -61,7 +76,7 @@ class WorkerStats:
         self.ident = 0
         self.affinity: list[int] = []
         self.open = 0
-        self.extra: dict[str, object] = {}
+        self.extra: dict[str, object] = dict.fromkeys(EXTRA_COUNTERS, 0)
         self.started = 0.0
         self.stopped = 0.0
         self.exit_cpu: dict | None = None

@@ -97,7 +97,7 @@ def test_forked_workers_stop_when_the_parent_dies(tmp_path):
         time.sleep(0.1)
     assert len(pids) == 2 and srv.proc.pid not in pids
     os.kill(srv.proc.pid, signal.SIGKILL)
-    srv.proc.communicate(timeout=10)
+    srv.proc.wait(10)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and any(os.path.exists(f"/proc/{p}") for p in pids):
         time.sleep(0.1)

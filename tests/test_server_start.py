@@ -82,7 +82,7 @@ def test_a_worker_that_dies_while_starting_fails_start_at_once(monkeypatch):
     with pytest.raises(BackendError, match=r"worker 1 did not start: OSError.*cannot allocate"):
         srv.start()
     assert time.monotonic() - t0 < server_mod.READY_TIMEOUT / 2  # not a wait for the timeout
-    assert not any(t.is_alive() for t in srv._threads), "the healthy worker was left running"
+    assert not srv.workers.alive(), "the healthy worker was left running"
 
 
 def test_a_backend_that_never_says_ready_is_named(monkeypatch):
@@ -90,7 +90,7 @@ def test_a_backend_that_never_says_ready_is_named(monkeypatch):
     srv = _server(monkeypatch, NeverReady, workers=1)
     with pytest.raises(BackendError, match=r"worker 0 did not start: .*mark_ready"):
         srv.start()
-    assert not any(t.is_alive() for t in srv._threads)
+    assert not srv.workers.alive()
 
 
 @pytest.mark.parametrize("backend", list(BACKENDS))

@@ -1,0 +1,135 @@
+"""The hand-off channel of ``--accept dispatch``: the acceptor's end and the worker's end.
+
+Kernel semantics relied on:
+
+* an ``AF_UNIX``/``SOCK_SEQPACKET`` socketpair per worker keeps message boundaries:
+  one message = one connection, its fd travelling as ``SCM_RIGHTS`` ancillary data.
+  The kernel installs a new fd in the receiver (the sender then closes its own).
+* the worker's end is readable while messages wait; ``recvmsg`` takes one at a time
+  until ``EAGAIN``.
+* out of fds (``EMFILE``/``ENFILE``), the kernel cannot install the passed fd:
+  ``recvmsg`` consumes the message anyway and sets ``MSG_CTRUNC`` - that connection is
+  lost (the kernel closes it).  Counted as ``handoff_lost``.
+* the acceptor closing its end makes the worker's end readable with a zero-length
+  message (EOF): a level-triggered loop must stop watching it, or it would spin.
+
+``HandoffReceiver`` is the worker side every Python loop uses; the C cores follow the
+same counting and logging rule.
+"""
+
+from __future__ import annotations
+
+import array
+import logging
+import socket
+from typing import NamedTuple
+
+HANDOFF_BATCH = 64  # connections taken per recvmsg round
+_FD_SIZE = array.array("i").itemsize
+_HANDOFF_SPACE = socket.CMSG_SPACE(_FD_SIZE)
+
+log = logging.getLogger("parallelnet.worker")
+
+
+def make_channels(n: int) -> list[tuple[socket.socket, socket.socket]]:
+    """(acceptor end, worker end) per worker, both non-blocking."""
+    pairs = []
+    for _ in range(n):
+        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        a.setblocking(False)
+        b.setblocking(False)
+        pairs.append((a, b))
+    return pairs
+
+
+class SocketChannel:
+    """The acceptor's end of one worker's socketpair: every backend's channel.
+
+    ``send(fd)`` passes a duplicate (``SCM_RIGHTS``); raises BlockingIOError when the
+    channel is full, OSError when the worker's end is gone.  ``transfers`` is False: the
+    acceptor still owns its fd afterwards and closes it.
+    """
+
+    kind = "scm"
+    transfers = False
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    def send(self, fd: int) -> None:
+        self.sock.sendmsg([b"c"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))])
+
+    def close(self) -> None:
+        pass  # the server owns the socketpair
+
+
+def send_handoff(channel: socket.socket, conn: socket.socket) -> None:
+    """Pass one connected socket; raises BlockingIOError when the channel is full."""
+    SocketChannel(channel).send(conn.fileno())
+
+
+class Handoffs(NamedTuple):
+    fds: list[int]     # new connections, now ours
+    lost: int          # messages whose fd the kernel could not install (MSG_CTRUNC)
+    closed: bool       # the acceptor closed its end: stop watching the channel
+
+
+def receive_handoffs(channel: socket.socket, limit: int = HANDOFF_BATCH) -> Handoffs:
+    """Take up to ``limit`` waiting connections without blocking."""
+    fds: list[int] = []
+    lost = 0
+    for _ in range(limit):
+        try:
+            data, ancdata, flags, _ = channel.recvmsg(1, _HANDOFF_SPACE, socket.MSG_CMSG_CLOEXEC)
+        except (BlockingIOError, InterruptedError):
+            break
+        got = 0
+        for level, kind, payload in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                usable = len(payload) - len(payload) % _FD_SIZE
+                new = array.array("i", payload[:usable])
+                fds.extend(new)
+                got += len(new)
+        if flags & socket.MSG_CTRUNC:
+            lost += not got
+            continue
+        if not data and not got:
+            return Handoffs(fds, lost, True)
+    return Handoffs(fds, lost, False)
+
+
+class HandoffReceiver:
+    """A worker's side of its channel: take every waiting connection, count, log once.
+
+    ``take()`` returns ``(sockets, closed)``: the connections waiting now (``recvmsg``
+    until ``EAGAIN``) and whether the acceptor has closed its end (stop watching).
+    Counts ``extra["handoffs"]`` and ``extra["handoff_lost"]``.  The rule for the log:
+    a loss starts an *episode*, logged once; a connection received whole ends it.
+    """
+
+    __slots__ = ("channel", "extra", "who", "losing")
+
+    def __init__(self, channel: socket.socket, extra: dict, who: str) -> None:
+        self.channel = channel
+        self.extra = extra
+        self.who = who
+        self.losing = False
+
+    def take(self) -> tuple[list[socket.socket], bool]:
+        extra = self.extra
+        socks: list[socket.socket] = []
+        while True:
+            fds, lost, closed = receive_handoffs(self.channel)
+            socks.extend(socket.socket(fileno=fd) for fd in fds)
+            if lost:
+                extra["handoff_lost"] += lost
+                if not self.losing:
+                    self.losing = True
+                    log.warning("%s: out of fds, a connection handed over was lost (MSG_CTRUNC); "
+                                "counted in handoff_lost", self.who)
+            elif fds:
+                self.losing = False
+            if closed or len(fds) + lost < HANDOFF_BATCH:
+                break
+        extra["handoffs"] += len(socks)
+        return socks, closed
