@@ -10,24 +10,34 @@ What rloop 0.5.0 lacks, found by running the suites, and how this module adapts:
 * ``loop.connect_accepted_socket`` raises ``NotImplementedError``.  The documented
   alternative for an already-connected socket, ``loop.create_connection(factory,
   sock=sock)``, is implemented (rloop detaches the socket and builds its TCP transport on
-  the fd): ``transport_for`` uses it.
+  the fd) - but its transports cannot close (below).
 * ``loop.create_server(sock=...)`` takes ownership of the socket (``sock.detach()``): the
   core's shared listener would be closed with the server.  Not used: accept is ours.
 
-What cannot be adapted, and why rloop is not registered yet (pyproject.toml has its entry
-point line commented out; tests/test_rloop.py checks the defect as a strict expected
-failure, so the day rloop fixes it the suite says so):
+What cannot be used, and what this module does instead:
 
-* **``transport.close()`` and ``transport.abort()`` never close the socket** (0.4.1 and
-  0.5.0, with ``create_server`` as with ``create_connection(sock=)``): the protocol's
-  ``connection_lost`` is called, but the fd stays open - the peer never sees FIN (a
+* **rloop's TCP transports never close their socket** (0.4.1 and 0.5.0, with
+  ``create_server`` as with ``create_connection(sock=)``): ``close()``/``abort()`` call the
+  protocol's ``connection_lost``, but the fd stays open - the peer never sees FIN (a
   half-closed echo, an HTTP ``Connection: close``, a 400 answer all leave the client
-  waiting) and the fd leaks.  rloop closes the fd when its Rust ``TCPTransport`` is freed
-  (its ``TcpStream`` is dropped), and the loop keeps references to it after
-  ``connection_lost`` (refcount 8 there, none of them ours).  Closing the fd behind the
-  loop's back would close a reused fd number when rloop finally frees the transport; a
-  ``shutdown`` would still leak one fd per connection.  Neither is acceptable for a
-  server, so the backend waits for rloop.
+  waiting) and one fd leaks per connection.  rloop closes the fd only when its Rust
+  ``TCPTransport`` is freed, and the loop keeps references to it after
+  ``connection_lost``; closing the fd behind its back could close a reused fd number
+  later.  So the connections here use ``backends/reactor_transport.py``: the same
+  ``asyncio.Protocol`` contract, with the socket read and written by Python from rloop's
+  reactor (``add_reader``/``add_writer``, which work).  What this backend measures is
+  therefore **rloop's event loop** (its reactor, timers and callbacks) under the
+  asyncio backend's protocol; not rloop's Rust transports.  tests/test_rloop.py keeps
+  the transport defect as a strict expected failure, so the day rloop fixes it the suite
+  says so and ``transport_for`` can go back to ``create_connection(sock=)``.
+* **rloop closes its signal self-socket twice** at the end of every ``run_forever``:
+  ``_ssock_stop`` hands both fds of the socketpair to the Rust side, which closes them,
+  then drops the Python ``socket`` objects, whose finaliser closes the same numbers
+  again.  In a process with other threads (every worker is one) the second close can
+  hit a file another thread has just opened under that number: seen here as a worker's
+  ``/proc`` read failing with EBADF at shutdown (strace: ``close(8) = 0`` twice).
+  ``_Loop`` detaches the Python objects once Rust has closed the fds;
+  tests/test_rloop.py checks it.
 """
 
 from __future__ import annotations
@@ -36,12 +46,30 @@ import asyncio
 import socket
 
 from parallelnet.backends.asyncio_ import AsyncioBackend
+from parallelnet.backends.reactor_transport import ReactorTransport
 from parallelnet.core.backend import Availability
+
+
+def _loop_class():
+    import rloop
+
+    class _Loop(rloop.RLoop):
+        """rloop's loop, its self-socket closed once (see the module docstring)."""
+
+        def _ssock_stop(self):
+            socks = (self._ssock_r, self._ssock_w)
+            super()._ssock_stop()        # the Rust side closes both fds ...
+            for sock in socks:
+                if sock is not None:
+                    sock.detach()        # ... so the Python objects must not close them again
+
+    return _Loop
 
 
 class RloopBackend(AsyncioBackend):
     name = "rloop"
-    description = "rloop (Rust) event loop per worker thread, asyncio Protocol"
+    description = ("rloop (Rust) event loop per worker thread: its reactor drives the asyncio "
+                   "Protocol through a Python socket transport (rloop's own cannot close)")
 
     @classmethod
     def probe(cls) -> Availability:
@@ -56,9 +84,7 @@ class RloopBackend(AsyncioBackend):
         return "rloop.RLoop"
 
     def new_loop(self) -> asyncio.AbstractEventLoop:
-        import rloop
-
-        return rloop.new_event_loop()
+        return _loop_class()()
 
     async def transport_for(self, sock: socket.socket):
-        return await self.loop.create_connection(self._factory, sock=sock)
+        return ReactorTransport(self.loop, sock, self._factory(), self.ctx.limits.recv_size)
