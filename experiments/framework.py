@@ -64,6 +64,7 @@ class Table:
     header: list[str]
     rows: list[list[str]]
     note: str = ""
+    key: str = ""          # a stable name the paper's template refers to
 
     def markdown(self) -> str:
         out = [f"### {self.title}", "", "| " + " | ".join(self.header) + " |",

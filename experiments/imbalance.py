@@ -40,12 +40,15 @@ from parallelnet.experiments.measure import Layout, measure
 STEP = "step"
 
 
+TAIL = "@tail"   # variant: the hogged worker registers the listener last
+
+
 def strategies_for(backend: str, wanted: list[str]) -> list[str]:
     from parallelnet.backends.base import registry
     from parallelnet.core.listeners import layout_of
 
     served = registry()[backend].accept_strategies
-    return [s for s in wanted if layout_of(s) in served]
+    return [s for s in wanted if layout_of(s.removesuffix(TAIL)) in served]
 
 
 def configs(p: dict) -> list[tuple[str, str]]:
@@ -89,9 +92,14 @@ def run_point(point: Point, ctx: Context) -> dict:
     layout = two_cpu_layout()
     step = bool(q.get("step"))
     duration = p["step_duration"] if step else p["duration"]
-    args = ["--backend", q["backend"], "--accept", q["strategy"], "--workers", "2",
-            "--cpus", ",".join(map(str, layout.server)), "--message-size", str(p["size"])]
-    if q["strategy"] == "dispatch":
+    strategy = q["strategy"].removesuffix(TAIL)
+    hog_cpu = layout.server[0]
+    # Workers start (and register the listener) in index order: worker 0 heads the wait
+    # queue.  "@tail" puts worker 0 on the other CPU, so the hogged worker is the tail.
+    cpus = list(reversed(layout.server)) if q["strategy"].endswith(TAIL) else layout.server
+    args = ["--backend", q["backend"], "--accept", strategy, "--workers", "2",
+            "--cpus", ",".join(map(str, cpus)), "--message-size", str(p["size"])]
+    if strategy == "dispatch":
         args += ["--dispatch-policy", p.get("dispatch_policy", "least-connections")]
     tag = point.label().replace("/", "_").replace(" ", "-")
     srv = ctx.server(args, tag, cpus=layout.server)
@@ -99,7 +107,7 @@ def run_point(point: Point, ctx: Context) -> dict:
         # The hog runs on worker 0's CPU; in the step it switches on halfway through the
         # window (its process is started now, so no start-up lands inside the window).
         delay = p["warmup"] + duration / 2 if step else 0.0
-        with Hog(layout.server[0], q["duty"], seconds=delay + duration + p["warmup"] + 5,
+        with Hog(hog_cpu, q["duty"], seconds=delay + duration + p["warmup"] + 5,
                  delay=delay) as hog:
             if not step and q["duty"]:
                 time.sleep(0.2)   # the hog is spinning before the load starts
@@ -110,7 +118,7 @@ def run_point(point: Point, ctx: Context) -> dict:
             rec = measure(srv, spec, layout, extra_pids=(hog.pid,) if hog.pid else ())
         if step:
             t0 = t_start + p["warmup"] - srv.t_listen
-            rec["series"] = share_series(srv.stats_path, t0, t0 + duration)
+            rec["series"] = share_series(srv.stats_path, t0, t0 + duration, cpus.index(hog_cpu))
             rec["step_at"] = duration / 2
     finally:
         ctx.stop_server(srv)
@@ -118,6 +126,7 @@ def run_point(point: Point, ctx: Context) -> dict:
     acc = [w["accepted"] for w in ws]
     req = [w["requests"] for w in ws]
     cpu = [w["cpu_ns"] / 1e9 for w in ws]
+    rec["hog_worker"] = cpus.index(hog_cpu)
     rec["accepted"] = acc
     rec["accept_share"] = [a / sum(acc) if sum(acc) else None for a in acc]
     rec["request_share"] = [r / sum(req) if sum(req) else None for r in req]
@@ -127,15 +136,15 @@ def run_point(point: Point, ctx: Context) -> dict:
     return rec
 
 
-def share_series(stats_path: str, t0: float, t1: float) -> list:
-    """[[t since the window started, worker 0's share of the connections accepted in that
+def share_series(stats_path: str, t0: float, t1: float, worker: int = 0) -> list:
+    """[[t since the window started, ``worker``'s share of the connections accepted in that
     stats interval, connections in it]] for each interval inside [t0, t1]."""
     recs = [r for r in read_records(stats_path) if r["type"] == "interval" and t0 <= r["t"] <= t1]
     out = []
     for a, b in zip(recs, recs[1:]):
         got = [wb["accepted"] - wa["accepted"] for wa, wb in zip(a["workers"], b["workers"])]
         if sum(got):
-            out.append([round(b["t"] - t0, 3), round(got[0] / sum(got), 4), sum(got)])
+            out.append([round(b["t"] - t0, 3), round(got[worker] / sum(got), 4), sum(got)])
     return out
 
 
@@ -147,7 +156,15 @@ def pyperf_value(rec: dict):
 # -- summary ------------------------------------------------------------------------------
 
 def _w0(r):
-    return r["accept_share"][0] if r.get("accept_share") and r["accept_share"][0] is not None else None
+    """The hogged worker's share of accepted connections (worker 0 unless "@tail")."""
+    h = r.get("hog_worker", 0)
+    return r["accept_share"][h] if r.get("accept_share") and r["accept_share"][h] is not None else None
+
+
+def _other(i, r):
+    """Index of the hogged (i=0) or the other (i=1) worker."""
+    h = r.get("hog_worker", 0)
+    return h if i == 0 else 1 - h
 
 
 def _by(records, **kw):
@@ -196,10 +213,12 @@ def summarize(records: list[dict], p: dict) -> Summary:
                      f"{100 * delta['median']:+.1f} pp [{100 * delta['ci95'][0]:+.1f}, {100 * delta['ci95'][1]:+.1f}] n={delta['n']}"
                      if delta else "–"])
     s.tables.append(Table(
-        "Worker 0's share of accepted connections vs the hog's duty on its CPU",
+        "The hogged worker's share of accepted connections vs the hog's duty on its CPU",
         ["backend", "strategy"] + [f"duty {100 * d:.0f}%" for d in duties]
         + [f"Δ share {100 * max(duties):.0f}% − {100 * min(duties):.0f}% (paired, 95% CI)"], rows,
-        note="Median (min–max) over repetitions. 50% = an even split."))
+        note="Median (min–max) over repetitions. 50% = an even split. The hogged worker is "
+             "worker 0, which registers the listener first (heads its wait queue); in "
+             "'@tail' rows it registers last.", key="share"))
     rows = []
     for cfg in cfgs:
         b, st = cfg.split("/", 1)
@@ -209,9 +228,11 @@ def summarize(records: list[dict], p: dict) -> Summary:
                 continue
             used, dropped, all_noisy = analysis.prefer_quiet(rs, lambda r: r["noise"]["noisy"])
             lat = {k: _med(r["client"]["latency_us"].get(k) for r in used) for k in ("p50", "p99", "p99.9")}
-            reqshare = _med(r["request_share"][0] for r in used if r.get("request_share"))
-            lost = [_med(r["lost_per_wakeup"][i] for r in used if r.get("lost_per_wakeup")) for i in (0, 1)]
-            util = [_med(r["worker_cpu_util"][i] for r in used if r.get("worker_cpu_util")) for i in (0, 1)]
+            reqshare = _med(r["request_share"][_other(0, r)] for r in used if r.get("request_share"))
+            lost = [_med(r["lost_per_wakeup"][_other(i, r)] for r in used if r.get("lost_per_wakeup"))
+                    for i in (0, 1)]
+            util = [_med(r["worker_cpu_util"][_other(i, r)] for r in used if r.get("worker_cpu_util"))
+                    for i in (0, 1)]
             cpu = _med(r["server"]["cpu_us_per_req"] for r in used)
             rate = _med(r["rps"] for r in used)
             ccpu = _med(r["client"]["cpu_util"] for r in used)
@@ -230,11 +251,12 @@ def summarize(records: list[dict], p: dict) -> Summary:
         s.values[f"p99_ratio.{cfg}"] = ratio
     s.tables.append(Table(
         "What the hog costs: the extremes of the dose",
-        ["backend", "strategy", "duty", "conn/s", "w0 request share", "server µs/conn",
-         "worker CPU w0 / w1", "lost races per listen wakeup w0 / w1", "p50 µs", "p99 µs",
-         "p99.9 µs", "client CPU"], rows,
+        ["backend", "strategy", "duty", "conn/s", "hogged worker's request share", "server µs/conn",
+         "worker CPU hogged / other", "lost races per listen wakeup hogged / other", "p50 µs",
+         "p99 µs", "p99.9 µs", "client CPU"], rows,
         note="Lost races are not observable under io_uring (its accept waits inside the "
-             "kernel): n/a. Latency is the client's, from the intended connect time."))
+             "kernel): n/a. Latency is the client's, from the intended connect time.",
+        key="cost"))
     # The step.
     steps = [r for r in records if r["params"].get("step") and r.get("series")]
     rows = []
@@ -252,17 +274,17 @@ def summarize(records: list[dict], p: dict) -> Summary:
                      f"{settle:.2f}" if settle is not None else "–", str(len(rs))])
     if rows:
         s.tables.append(Table(
-            "The step: worker 0's share before and after a 100% hog switches on mid-run",
+            "The step: the hogged worker's share before and after a 100% hog switches on mid-run",
             ["backend", "strategy", "share before", "share after (from +0.5 s)",
              "settle time s", "n"], rows,
             note="Settle time: from the step until the first 0.25 s interval whose share is "
-                 "within 5 points of the after-median."))
+                 "within 5 points of the after-median.", key="step"))
     for cfg in cfgs:
         d = s.values.get(f"delta_share.{cfg}")
         r = s.values.get(f"p99_ratio.{cfg}")
         if d:
             s.findings.append(
-                f"{cfg}: worker 0's share moved {100 * d['median']:+.1f} points "
+                f"{cfg}: the hogged worker's share moved {100 * d['median']:+.1f} points "
                 f"[{100 * d['ci95'][0]:+.1f}, {100 * d['ci95'][1]:+.1f}] from duty "
                 f"{100 * min(duties):.0f}% to {100 * max(duties):.0f}%"
                 + (f"; p99 ×{r['median']:.2f} [{r['ci95'][0]:.2f}–{r['ci95'][1]:.2f}]" if r else ""))
@@ -304,7 +326,7 @@ def figures(summary: Summary, records: list[dict], ctx: Context) -> list[str]:
         series[f"{b}|{st}"] = pts
         lat[f"{b}|{st}"] = lpts
     out = [plots.lines(series, f"{ctx.outdir}/imbalance-share.png", "hog duty on worker 0's CPU (%)",
-                       "worker 0's share of accepted connections (%)",
+                       "hogged worker's share of accepted connections (%)",
                        title="Does a busy CPU win fewer accept races? (50% = even split)",
                        hline=50.0, panels=backends),
            plots.lines(lat, f"{ctx.outdir}/imbalance-p99.png", "hog duty on worker 0's CPU (%)",
@@ -319,7 +341,7 @@ def figures(summary: Summary, records: list[dict], ctx: Context) -> list[str]:
             steps[f"{b}|{st}"] = [(x[0] - r["step_at"], 100 * x[1], 100 * x[1], 100 * x[1]) for x in r["series"]]
     if steps:
         out.append(plots.lines(steps, f"{ctx.outdir}/imbalance-step.png",
-                               "seconds since the hog switched on", "worker 0's share per 0.25 s (%)",
+                               "seconds since the hog switched on", "hogged worker's share per 0.25 s (%)",
                                title="The step (first repetition)", hline=50.0, panels=backends))
     return out
 
@@ -327,16 +349,17 @@ def figures(summary: Summary, records: list[dict], ctx: Context) -> list[str]:
 EXPERIMENT = Experiment(
     name="imbalance", title="Does load even out by itself? A CPU-hog dose-response per accept strategy",
     presets={
-        "smoke": dict(backends=["epoll"], strategies=["shared", "reuseport"], duties=[0.0, 1.0],
+        "smoke": dict(backends=["epoll"], strategies=["shared", "exclusive@tail"], duties=[0.0, 1.0],
                       rate=500, connections=32, size=64, reps=1, duration=0.8, warmup=0.3,
                       step=True, step_duration=1.2),
         "standard": dict(backends=["epoll", "uring", "native"],
-                         strategies=["shared", "exclusive", "reuseport", "reuseport-cpu", "dispatch"],
+                         strategies=["shared", "exclusive", "exclusive@tail", "reuseport",
+                                     "reuseport-cpu", "dispatch"],
                          duties=[0.0, 0.25, 0.5, 0.75, 1.0], rate=3000, connections=64, size=64,
                          reps=3, duration=1.5, warmup=0.5, step=True, step_duration=4.0),
         "full": dict(backends=["epoll", "uring", "native", "uring-py", "uvloop"],
-                     strategies=["shared", "exclusive", "exclusive-rotate", "reuseport",
-                                 "reuseport-cpu", "dispatch"],
+                     strategies=["shared", "exclusive", "exclusive@tail", "exclusive-rotate",
+                                 "reuseport", "reuseport-cpu", "dispatch"],
                      duties=[0.0, 0.25, 0.5, 0.75, 1.0], rate=3000, connections=64, size=64,
                      reps=5, duration=4.0, warmup=1.0, step=True, step_duration=6.0),
     },

@@ -1,18 +1,33 @@
-"""Regenerate paper/paper.md from paper/paper.in.md and the raw results in results/.
+"""Regenerate paper/paper.md and paper/figures/ from paper/paper.in.md and the pinned results.
 
-    python paper/build.py [--results results] [--check]
+    python paper/build.py [--check]          # make paper
 
-Every table and every number in the paper comes from a results directory; none is typed
-by hand.  In the template, ``<!-- table:NAME -->`` is replaced by a generated table and
-``{{NAME}}`` by a generated value; each section names the run directory it was built
-from.  For each experiment the newest run directory is used (``--results`` to point
-elsewhere).  ``--check`` exits non-zero if paper.md is not what the results give.
+Every table, figure and number of the paper comes from a results directory that the
+template *pins* (``<!-- pin EXPERIMENT: results/DIR [results/DIR2 ...] -->``, see
+experiments/paper_pins.py); nothing is typed by hand, and a new run changes the paper
+only once it is pinned (``parallelnet reproduce`` pins what it has just produced).
+
+Template syntax, each resolved against the pinned run of EXPERIMENT:
+
+* ``{{EXPERIMENT:KEY|FORMAT}}`` - a named value of the experiment's summary (recomputed
+  here from its raw records with the experiment's own ``summarize``, so every pinned run
+  gets the current statistics).  KEY may descend into a value (``cpu.epoll.sat.median``);
+  FORMAT is a Python format spec or one of ``ratio`` (median [95% CI] n=), ``pct``,
+  ``pp`` (percentage points, signed), ``x`` (×ratio), ``int``.
+* ``<!-- table:EXPERIMENT:TABLEKEY -->`` - a summary table, with its source line.
+* ``<!-- figure:EXPERIMENT:FILE|CAPTION -->`` - a figure, regenerated from the records by
+  the experiment's own plotting code into ``paper/figures/EXPERIMENT-FILE`` and embedded.
+* ``{{meta:EXPERIMENT:KEY}}`` - provenance of the pinned run (commit, date, kernel, cpu).
+
+The earlier stand-alone experiments (validate_loadgen, soak, handoff) keep their own
+builders below, pinned the same way.  A missing pin, run, value or table is an error
+listing every one of them: the build never prints "n/a" for something it could not find.
+``--check`` fails if paper.md is not what the pinned results give.
 """
 
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
 import re
@@ -20,299 +35,305 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+FIGURES = os.path.join(HERE, "figures")
 
 
-def newest(results: str, name: str, filename: str) -> tuple[str, dict] | None:
-    runs = sorted(glob.glob(os.path.join(results, f"*-{name}", filename)))
-    if not runs:
-        return None
-    path = runs[-1]
-    with open(path) as f:
-        return os.path.relpath(os.path.dirname(path), ROOT), json.load(f)
-
-
-def fmt(x, spec=".2f") -> str:
-    return "–" if x is None else format(x, spec)
+class BuildError(RuntimeError):
+    pass
 
 
 def md_table(header: list[str], rows: list[list[str]]) -> str:
     out = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
-    out += ["| " + " | ".join(r) + " |" for r in rows]
+    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
     return "\n".join(out)
 
 
-def bench_uring(results: str, tables: dict, values: dict) -> None:
-    found = newest(results, "bench_uring", "bench_uring.json")
-    if not found:
-        return
-    run_dir, data = found
-    # The summary is recomputed from the raw runs by the experiment's own code, so every
-    # committed run gets the current statistics (the paired ratios among them).
-    from types import SimpleNamespace
+def fmt(x, spec=".2f") -> str:
+    if x is None:
+        raise BuildError("a value the paper shows is missing")
+    return format(x, spec)
 
-    from parallelnet.experiments.bench_uring import summarize
 
-    runs = data["runs"]
-    data["summary"] = summarize(runs, SimpleNamespace(
-        connections=sorted({r["connections"] for r in runs}),
-        labels=list(dict.fromkeys(r["backend"] for r in runs))))
+# -- pinned framework runs -------------------------------------------------------------------
+
+class Run:
+    """One pinned run of a framework experiment: its records, recomputed summary, meta."""
+
+    def __init__(self, name: str, rel: str) -> None:
+        from parallelnet.experiments import framework
+
+        path = os.path.join(ROOT, rel)
+        if not os.path.isdir(path):
+            raise BuildError(f"pinned run {rel} of {name} does not exist")
+        self.name, self.rel, self.path = name, rel, path
+        with open(os.path.join(path, "meta.json")) as f:
+            self.meta = json.load(f)
+        self.exp = framework.get(self.meta["experiment"])
+        self.records = [r for r in framework.load_records(path) if "error" not in r]
+        self.params = self.meta["params"]
+        self.summary = self.exp.summarize(self.records, self.params)
+
+    def source(self) -> str:
+        code = self.meta["code"]
+        commit = (code["commit"] or "?")[:12] + ("+dirty" if code.get("dirty") else "")
+        m = self.meta["machine"]
+        return (f"*Source: `{self.rel}` ({self.meta['preset']} preset, commit {commit}, "
+                f"{self.meta['started'][:16].replace('T', ' ')} UTC; {m['cpu_model']}, "
+                f"{m['cpus']} CPUs, kernel {m['kernel']}, Python {self.meta['versions']['python']}).*")
+
+
+def lookup(values: dict, key: str):
+    """values[key], where key may continue into a dict value: the longest key present wins
+    (keys themselves contain dots, e.g. ``cpu.epoll.load=0.30``)."""
+    parts = key.split(".")
+    for i in range(len(parts), 0, -1):
+        head = ".".join(parts[:i])
+        if head in values:
+            obj = values[head]
+            for part in parts[i:]:
+                if isinstance(obj, dict) and part in obj:
+                    obj = obj[part]
+                elif isinstance(obj, list) and part.isdigit() and int(part) < len(obj):
+                    obj = obj[int(part)]
+                else:
+                    raise KeyError(key)
+            return obj
+    raise KeyError(key)
+
+
+def render_value(obj, spec: str) -> str:
+    if obj is None:
+        raise BuildError("value is None (not measured or not observable)")
+    if spec == "ratio":
+        return (f"{obj['median']:.2f} [95% CI {obj['ci95'][0]:.2f}–{obj['ci95'][1]:.2f}, "
+                f"n={obj['n']}]")
+    if spec == "x":
+        return f"{obj:.2f}×"
+    if spec == "pct":
+        return f"{100 * obj:.0f}%"
+    if spec == "pp":
+        if isinstance(obj, dict):
+            return (f"{100 * obj['median']:+.1f} points [95% CI {100 * obj['ci95'][0]:+.1f}, "
+                    f"{100 * obj['ci95'][1]:+.1f}; n={obj['n']}]")
+        return f"{100 * obj:+.1f} points"
+    if spec == "int":
+        return f"{obj:,.0f}"
+    if spec == "":
+        return str(obj)
+    return format(obj, spec)
+
+
+# -- the earlier experiments (one results file each) -----------------------------------------
+
+def _load(rel: str, name: str):
+    path = os.path.join(ROOT, rel, name)
+    if not os.path.exists(path):
+        raise BuildError(f"{path} missing")
+    with open(path) as f:
+        return json.load(f)
+
+
+def validate_loadgen(dirs: list[str], tables: dict, values: dict) -> None:
+    (rel,) = dirs
     rows = []
-    for r in data["summary"]:
-        paired = (f"{fmt(r['vs_epoll_paired'], '.3f')} ({fmt(r['paired_min'], '.3f')}–{fmt(r['paired_max'], '.3f')})"
-                  if "vs_epoll_paired" in r else "–")
-        rows.append([r["backend"] + (" (noisy)" if r.get("all_noisy") else ""),
-                     str(r["connections"]), str(r["n"]),
-                     f"{fmt(r['cpu_us_per_req'])} ({fmt(r['cpu_min'])}–{fmt(r['cpu_max'])})",
-                     fmt(r["user_us"]), fmt(r["sys_us"]), paired,
-                     f"{r['rps'] / 1e3:.0f}k ({r['rps_min'] / 1e3:.0f}–{r['rps_max'] / 1e3:.0f}k)",
-                     fmt(r.get("entries_per_req"), ".3f")])
-        values[f"bench_uring.{r['backend']}.c{r['connections']}.vs_epoll"] = fmt(r.get("vs_epoll_paired"), ".3f")
-        values[f"bench_uring.{r['backend']}.c{r['connections']}.paired_range"] = (
-            f"{fmt(r.get('paired_min'), '.3f')}–{fmt(r.get('paired_max'), '.3f')}")
-        values[f"bench_uring.{r['backend']}.c{r['connections']}.cpu"] = fmt(r["cpu_us_per_req"])
-        values[f"bench_uring.{r['backend']}.c{r['connections']}.user"] = fmt(r["user_us"])
-        values[f"bench_uring.{r['backend']}.c{r['connections']}.sys"] = fmt(r["sys_us"])
-        values[f"bench_uring.{r['backend']}.c{r['connections']}.entries"] = fmt(r.get("entries_per_req"), ".3f")
-    ratios = [r["vs_epoll_paired"] for r in data["summary"]
-              if r["backend"] == "uring" and r.get("vs_epoll_paired")]
-    values["bench_uring.target"] = ("was met" if ratios and max(ratios) <= 0.80 else
-                                    "was not met" if ratios else "could not be judged")
-    noisy = (sum(r["noisy_dropped"] for r in data["summary"])
-             if all("noisy_dropped" in r for r in data["summary"])
-             else sum(1 for r in data["runs"] if r.get("noisy")))
-    all_noisy = ("; a row marked *(noisy)* had no quiet run and uses its noisy ones"
-                 if any(r.get("all_noisy") for r in data["summary"]) else "")
-    meta = data.get("meta", {})
-    values["bench_uring.cffi_call_ns"] = fmt(meta.get("micro", {}).get("cffi_call_ns"), ".0f")
-    values["bench_uring.noisy"] = str(noisy)
-    values["bench_uring.runs"] = str(len(data["runs"]))
-    tables["bench_uring"] = (
-        md_table(["backend", "conns", "n", "server CPU µs/req, median (min–max)", "user",
-                  "sys", "× epoll, paired per rep: median (min–max)", "req/s (min–max)",
-                  "kernel entries/req"], rows)
-        + f"\n\n*Source: `{run_dir}` — {meta.get('cpu_model', '?')}, kernel "
-          f"{meta.get('kernel', '?')}, Python {meta.get('python', '?')}, {meta.get('date', '?')}; "
-          f"{noisy} of {len(data['runs'])} runs flagged noisy and left out of the medians{all_noisy}.*")
-
-
-def drift(results: str, tables: dict, values: dict) -> None:
-    """The same configuration (epoll, 16 connections) across every bench_uring run."""
-    seen = []
-    for path in sorted(glob.glob(os.path.join(results, "*-bench_uring", "bench_uring.json"))):
-        with open(path) as f:
-            data = json.load(f)
-        for r in data["summary"]:
-            if r["backend"] == "epoll" and r["connections"] == 16:
-                seen.append((r["cpu_us_per_req"], r["sys_us"], data.get("meta", {}).get("date", "?"),
-                             os.path.relpath(os.path.dirname(path), ROOT)))
-    if len(seen) < 2:
-        return
-    lo, hi = min(seen), max(seen)
-    values["drift.epoll.lo"] = f"{lo[0]:.2f} µs (sys {lo[1]:.2f}) at {lo[2]} (`{lo[3]}`)"
-    values["drift.epoll.hi"] = f"{hi[0]:.2f} µs (sys {hi[1]:.2f}) at {hi[2]} (`{hi[3]}`)"
-    values["drift.epoll.ratio"] = f"{hi[0] / lo[0]:.2f}"
-
-
-def accept(results: str, tables: dict, values: dict) -> None:
-    found = newest(results, "accept", "accept.json")
-    if not found:
-        return
-    run_dir, data = found
-    rows = []
-    for r in data["summary"]:
-        time_range = r.get("share_w0_time")
-        rows.append([r["backend"], r["strategy"] + (" (noisy)" if r.get("all_noisy") else ""), str(r["n"]),
-                     f"{100 * r['share_w0']:.0f}%" + (f" ({100 * time_range[0]:.0f}–{100 * time_range[1]:.0f}%)"
-                                                      if time_range else ""),
-                     fmt(r["lost_per_accept"], ".3f"), fmt(r["max_min"]), fmt(r["jain"], ".3f"),
-                     f"{r['conn_rate']:.0f}", f"{r['p99_us']:.0f}"])
-        key = f"accept.{r['backend']}.{r['strategy']}"
-        values[key + ".lost"] = fmt(r["lost_per_accept"], ".3f")
-        values[key + ".jain"] = fmt(r["jain"], ".3f")
-        values[key + ".share_w0"] = f"{100 * r['share_w0']:.0f}%"
-        values[key + ".rate"] = f"{r['conn_rate'] / 1e3:.1f}k"
-        values[key + ".p99"] = f"{r['p99_us'] / 1e3:.1f} ms"
-    meta = {}
-    meta_path = os.path.join(ROOT, run_dir, "meta.json")
-    if os.path.exists(meta_path):
-        with open(meta_path) as f:
-            meta = json.load(f)
-    args = data.get("args", {})
-    tables["accept"] = (
-        md_table(["backend", "strategy", "n", "worker 0 share (range per 0.25 s)", "lost races/accept", "max/min",
-                  "Jain", "conn/s", "p99 µs (connect+echo+close)"], rows)
-        + f"\n\n*Source: `{run_dir}` — {args.get('workers')} workers, {args.get('connections')} "
-          f"concurrent churning clients, {args.get('duration')} s × {args.get('reps')} reps; "
-          f"{meta.get('cpu_model', '?')}, kernel {meta.get('kernel', '?')}, {meta.get('date', '?')}.*")
-
-
-def validate_loadgen(results: str, tables: dict, values: dict) -> None:
-    runs = sorted(glob.glob(os.path.join(results, "*-validate_loadgen")))
-    if not runs:
-        return
-    run_dir = runs[-1]
-    rel = os.path.relpath(run_dir, ROOT)
-
-    def load(name):
-        path = os.path.join(run_dir, f"{name}.json")
-        if not os.path.exists(path):
-            return []
-        with open(path) as f:
-            return json.load(f)
-
-    rows = []
-    for r in load("wrk_vs_loadgen"):
+    for r in _load(rel, "wrk_vs_loadgen.json"):
         rows.append([r["backend"], f"{r['wrk_median'] / 1e3:.0f}k", f"{r['loadgen_median'] / 1e3:.0f}k",
                      f"{r['diff_pct']:+.1f}%", "yes" if r["within_10pct"] else "no"])
-        values[f"validate.wrk.{r['backend']}.diff"] = f"{r['diff_pct']:+.1f}%"
-    tables["validate_wrk"] = (md_table(["server", "wrk req/s (median of 3)", "loadgen req/s",
-                                        "difference", "within 10%"], rows)
-                              + f"\n\n*Source: `{rel}`.*")
+        values[f"validate_loadgen:wrk.{r['backend']}.diff"] = f"{r['diff_pct']:+.1f}%"
+    src = f"\n\n*Source: `{rel}`.*"
+    tables["validate_loadgen:wrk"] = md_table(["server", "wrk req/s (median)", "loadgen req/s",
+                                               "difference", "within 10%"], rows) + src
     rows = []
-    for r in load("capacity"):
+    for r in _load(rel, "capacity.json"):
         spec = r["spec"]
         rows.append([str(spec["connections"]), str(spec["depth"]), f"{r['rps'] / 1e3:.0f}k",
                      fmt(r["client_cpu_us_per_req"]), fmt(r.get("server_cpu_us_per_req")),
                      fmt(r.get("p50_us"), ".0f"), fmt(r.get("p99_us"), ".0f")])
-    tables["validate_capacity"] = (md_table(["connections", "depth", "req/s", "client CPU µs/req",
-                                             "server CPU µs/req", "p50 µs", "p99 µs"], rows)
-                                   + f"\n\n*Source: `{rel}` — 64 B echo against `native`.*")
+    tables["validate_loadgen:capacity"] = md_table(
+        ["connections", "depth", "req/s", "client CPU µs/req", "server CPU µs/req", "p50 µs",
+         "p99 µs"], rows) + src
     rows = []
-    for r in load("open_loop"):
+    for r in _load(rel, "open_loop.json"):
         spec = r["spec"]
         rows.append([spec["mode"], str(spec["connections"]),
                      f"{r['target_rate'] / 1e3:.0f}k" if r["target_rate"] else "–",
                      f"{r['achieved_rate'] / 1e3:.1f}k", "yes" if r["rate_met"] else "**no**",
                      fmt(r.get("p50_us"), ".0f"), fmt(r.get("p99_us"), ".0f"),
                      fmt(r.get("max_us"), ".0f")])
-    tables["validate_open_loop"] = (md_table(["mode", "connections", "target rate", "achieved",
-                                              "rate met", "p50 µs", "p99 µs", "max µs"], rows)
-                                    + f"\n\n*Source: `{rel}`.*")
+    tables["validate_loadgen:open"] = md_table(["mode", "connections", "target rate", "achieved",
+                                                "rate met", "p50 µs", "p99 µs", "max µs"], rows) + src
 
 
-def soak(results: str, tables: dict, values: dict) -> None:
+def soak(dirs: list[str], tables: dict, values: dict) -> None:
     rows = []
-    sources = []
-    for backend_dir in sorted({os.path.basename(p).split("-soak-", 1)[1]
-                               for p in glob.glob(os.path.join(results, "*-soak-*"))}):
-        found = newest(results, f"soak-{backend_dir}", "soak.json")
-        if not found:
-            continue
-        run_dir, d = found
-        sources.append(f"`{run_dir}`")
+    for rel in dirs:
+        d = _load(rel, "soak.json")
         faults = ", ".join(f"{k} {v}" for k, v in sorted(d["faults"].items()))
         rows.append([d["backend"], f"{d['duration']:.0f} s", f"{d['requests']:,}", faults,
                      str(d["responses_lost"]), str(d["mismatches"]),
                      f"{d['fds'][0]} → {d['fds'][1]}",
                      f"{d['rss_kib'][0] / 1024:.1f} → {d['rss_kib'][1] / 1024:.1f}",
                      "PASS" if d["passed"] else "**FAIL**"])
-    if rows:
-        tables["soak"] = (md_table(["backend", "duration", "well-formed requests", "faults injected",
+        values[f"soak:{d['backend']}.lost"] = str(d["responses_lost"])
+    tables["soak:all"] = (md_table(["backend", "duration", "well-formed requests", "faults injected",
                                     "lost", "mismatches", "fds", "RSS MiB", "verdict"], rows)
-                          + "\n\n*Sources: " + ", ".join(sources) + ".*")
+                          + "\n\n*Sources: " + ", ".join(f"`{d}`" for d in dirs) + ".*")
 
 
+def handoff(dirs: list[str], tables: dict, values: dict) -> None:
+    (rel,) = dirs
+    data = _load(rel, "handoff.json")
+    from parallelnet.experiments.handoff import summarize
 
-
-def handoff(results: str, tables: dict, values: dict) -> None:
-    found = newest(results, "handoff", "handoff.json")
-    if not found:
-        return
-    run_dir, data = found
+    labels = list(dict.fromkeys(r["label"] for r in data["runs"]))
+    summary = summarize(data["runs"], labels)
     rows = []
-    first = data["summary"][0]["label"] if data["summary"] else ""
-    for r in data["summary"]:
+    for r in summary:
         rows.append([r["label"] + (" (noisy)" if r.get("all_noisy") else ""), r["backend"], str(r["n"]),
                      f"{fmt(r['us_per_conn'])} ({fmt(r['us_min'])}–{fmt(r['us_max'])})",
                      fmt(r.get("vs_first"), ".3f"),
                      f"{r['conn_rate'] / 1e3:.1f}k ({r['rate_min'] / 1e3:.1f}–{r['rate_max'] / 1e3:.1f}k)",
-                     f"{r['p50_us']:.0f}", f"{r['p99_us']:.0f}"])
-        key = f"handoff.{r['label']}"
-        values[key + ".us"] = fmt(r["us_per_conn"])
-        values[key + ".vs"] = fmt(r.get("vs_first"), ".3f")
-        values[key + ".rate"] = f"{r['conn_rate'] / 1e3:.1f}k"
-        values[key + ".rate_vs"] = fmt(r.get("rate_vs_first"), ".3f")
-        values[key + ".p99"] = f"{r['p99_us'] / 1e3:.1f} ms"
-        values[key + ".range"] = f"{fmt(r['us_min'])}–{fmt(r['us_max'])}"
-    meta, args = data.get("meta", {}), data.get("args", {})
-    tables["handoff"] = (
+                     f"{r['p50_us']:.0f}", f"{r['p99_us']:.0f}", r.get("bound", "?")])
+        for k in ("us_per_conn", "vs_first", "rate_vs_first"):
+            values[f"handoff:{r['label']}.{k}"] = r.get(k)
+    tables["handoff:all"] = (
         md_table(["channel", "backend", "n", "server CPU µs/connection, median (min–max)",
-                  f"× {first}", "conn/s (min–max)", "p50 µs", "p99 µs"], rows)
-        + f"\n\n*Source: `{run_dir}` — {args.get('connections')} churning clients, "
-          f"{args.get('duration')} s × {args.get('reps')} reps, rotated order; {meta.get('cpu_model', '?')}, "
-          f"kernel {meta.get('kernel', '?')}, {meta.get('date', '?')}.*")
+                  f"× {labels[0]}", "conn/s (min–max)", "p50 µs", "p99 µs", "bound"], rows)
+        + f"\n\n*Source: `{rel}`.*")
 
 
-def pyperf_cpu(results: str, tables: dict, values: dict) -> None:
-    runs = sorted(glob.glob(os.path.join(results, "*-pyperf_cpu", "pyperf.json")))
-    if not runs:
-        return
-    import pyperf  # the bench extra; only needed once such a run exists
-
-    path = runs[-1]
-    run_dir = os.path.relpath(os.path.dirname(path), ROOT)
-    suite = pyperf.BenchmarkSuite.load(path)
-    benches = suite.get_benchmarks()
-    base = next((b for b in benches if b.get_name().startswith("epoll-")), None)
-    rows = []
-    for b in benches:
-        name = b.get_name()
-        backend = name.rsplit("-c", 1)[0]
-        ratio = b.median() / base.median() if base else None
-        rows.append([backend, str(b.get_nrun()), str(b.get_nvalue()), f"{b.median() * 1e6:.2f}",
-                     f"{b.median_abs_dev() * 1e6:.2f}", f"{b.mean() * 1e6:.2f} ± {b.stdev() * 1e6:.2f}",
-                     fmt(ratio, ".3f")])
-        values[f"pyperf_cpu.{backend}.median"] = f"{b.median() * 1e6:.2f}"
-        values[f"pyperf_cpu.{backend}.vs_epoll"] = fmt(ratio, ".3f")
-    meta = benches[0].get_metadata() if benches else {}
-    dates = benches[0].get_dates() if benches else None
-    meta["date"] = dates[0].strftime("%Y-%m-%dT%H:%M:%S") if dates else "?"
-    conns = benches[0].get_name().rsplit("-c", 1)[1] if benches else "?"
-    values["pyperf_cpu.connections"] = conns
-    values["pyperf_cpu.loops"] = str(meta.get("loops", "?"))
-    tables["pyperf_cpu"] = (
-        md_table(["backend", "pyperf runs", "values", "median µs/req", "MAD", "mean ± std dev", "× epoll"], rows)
-        + f"\n\n*Source: `{run_dir}` — pyperf {pyperf.__version__} worker processes, calibrated loops "
-          f"({meta.get('loops', '?')} requests per value), {conns} connections; "
-          f"{meta.get('cpu_model_name', '?')}, kernel {meta.get('platform', '?')}, {meta.get('date', '?')}.*")
+LEGACY = {"validate_loadgen": validate_loadgen, "soak": soak, "handoff": handoff}
 
 
-BUILDERS = [bench_uring, drift, pyperf_cpu, accept, handoff, validate_loadgen, soak]
+# -- rendering -----------------------------------------------------------------------------
 
+def build(template: str, regenerate_figures: bool = True) -> str:
+    from parallelnet.experiments.paper_pins import PIN
 
-def render(template: str, tables: dict, values: dict) -> str:
+    pins = {m.group(1): m.group(2).split() for m in PIN.finditer(template)}
+    missing: list[str] = []
+    runs: dict[str, Run] = {}
+    tables: dict[str, str] = {}
+    legacy_values: dict = {}
+    for name, dirs in pins.items():
+        try:
+            if name in LEGACY:
+                LEGACY[name](dirs, tables, legacy_values)
+            else:
+                (rel,) = dirs
+                runs[name] = run = Run(name, rel)
+                for t in run.summary.tables:
+                    if t.key:
+                        tables[f"{name}:{t.key}"] = _table_md(t) + "\n\n" + run.source()
+        except BuildError as exc:
+            missing.append(f"pin {name}: {exc}")
+
     def table(m):
-        name = m.group(1)
-        return tables.get(name, f"*(no `{name}` results yet: run the experiment, then `make paper`)*")
+        key = m.group(1)
+        if key not in tables:
+            missing.append(f"table {key}")
+            return ""
+        return tables[key]
 
     def value(m):
-        return values.get(m.group(1), "n/a")
+        ref, _, spec = m.group(1).partition("|")
+        if ref.startswith("meta:"):
+            _, name, key = ref.split(":", 2)
+            try:
+                return str(lookup(runs[name].meta, key))
+            except KeyError:
+                missing.append(f"value {ref}")
+                return ""
+        name, _, key = ref.partition(":")
+        try:
+            if name in LEGACY:
+                obj = legacy_values[ref]
+            else:
+                obj = lookup(runs[name].summary.values, key)
+            return render_value(obj, spec)
+        except (KeyError, BuildError, TypeError, ValueError) as exc:
+            missing.append(f"value {m.group(1)} ({type(exc).__name__}: {exc})")
+            return ""
 
-    text = re.sub(r"<!-- table:([\w.-]+) -->", table, template)
-    return re.sub(r"\{\{([\w.:-]+)\}\}", value, text)
+    def figure(m):
+        ref, _, caption = m.group(1).partition("|")
+        name, _, file = ref.partition(":")
+        run = runs.get(name)
+        if run is None:
+            missing.append(f"figure {ref}: {name} is not pinned")
+            return ""
+        out = f"{name}-{file}"
+        if regenerate_figures:
+            made = _regenerate(run)
+            if file not in made:
+                missing.append(f"figure {ref}: the experiment drew {sorted(made)}")
+                return ""
+            os.replace(made[file], os.path.join(FIGURES, out))
+        elif not os.path.exists(os.path.join(FIGURES, out)):
+            missing.append(f"figure {ref}: paper/figures/{out} missing")
+        return f"![{caption}](figures/{out})\n\n*Figure: {caption} Source: `{run.rel}`.*"
+
+    text = re.sub(r"<!-- table:([\w.:-]+) -->", table, template)
+    text = re.sub(r"<!-- figure:([^>]+?) -->", figure, text)
+    text = re.sub(r"\{\{([^}]+)\}\}", value, text)
+    if missing:
+        raise BuildError("the paper cannot be built; missing:\n  " + "\n  ".join(missing))
+    return text
+
+
+_figure_cache: dict[str, dict[str, str]] = {}
+
+
+def _regenerate(run: Run) -> dict[str, str]:
+    """Draw the run's figures into a scratch folder; {file name: path}."""
+    if run.rel in _figure_cache:
+        return _figure_cache[run.rel]
+    from parallelnet.experiments.framework import Context
+
+    scratch = os.path.join(FIGURES, ".build", run.name)
+    os.makedirs(scratch, exist_ok=True)
+    ctx = Context(scratch, run.params)
+    paths = run.exp.figures(run.summary, run.records, ctx) if run.exp.figures else []
+    made = {os.path.basename(p): p for p in paths}
+    _figure_cache[run.rel] = made
+    return made
+
+
+def _table_md(t) -> str:
+    out = md_table(t.header, t.rows)
+    return out + (f"\n\n{t.note}" if t.note else "")
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--results", default=os.path.join(ROOT, "results"))
     p.add_argument("--check", action="store_true", help="fail if paper.md is stale")
     args = p.parse_args(argv)
-    tables: dict[str, str] = {}
-    values: dict[str, str] = {}
-    for build in BUILDERS:
-        build(args.results, tables, values)
     with open(os.path.join(HERE, "paper.in.md")) as f:
-        text = render(f.read(), tables, values)
+        template = f.read()
+    os.makedirs(FIGURES, exist_ok=True)
+    try:
+        text = build(template, regenerate_figures=not args.check)
+    except BuildError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    finally:
+        import shutil
+
+        shutil.rmtree(os.path.join(FIGURES, ".build"), ignore_errors=True)
     out = os.path.join(HERE, "paper.md")
     if args.check:
         with open(out) as f:
             if f.read() != text:
-                print("paper/paper.md is stale: run python paper/build.py", file=sys.stderr)
+                print("paper/paper.md is stale: run `make paper`", file=sys.stderr)
                 return 1
         return 0
     with open(out, "w") as f:
         f.write(text)
-    print(f"wrote {os.path.relpath(out, ROOT)} ({len(tables)} tables, {len(values)} values)")
+    from parallelnet.experiments.index import write_index
+
+    write_index(os.path.join(ROOT, "results"))
+    print(f"wrote {os.path.relpath(out, ROOT)} and {len(os.listdir(FIGURES))} figures; "
+          f"results/index.md")
     return 0
 
 
