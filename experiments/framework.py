@@ -192,6 +192,7 @@ class Experiment:
 REGISTRY = {
     "compare": "parallelnet.experiments.load_curve:COMPARE",
     "load-curve": "parallelnet.experiments.load_curve:EXPERIMENT",
+    "uring-window": "parallelnet.experiments.load_curve:WINDOW",
     "imbalance": "parallelnet.experiments.imbalance:EXPERIMENT",
     "herd": "parallelnet.experiments.herd:EXPERIMENT",
     "scaling": "parallelnet.experiments.scaling:EXPERIMENT",

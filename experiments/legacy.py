@@ -83,8 +83,9 @@ BENCH_URING = Script(
     {"smoke": [["--reps", "1", "--duration", "1.5", "--warmup", "0.3", "--connections", "16"]],
      "standard": [["--reps", "5", "--duration", "4"]],
      "full": [["--reps", "8", "--duration", "6"]]},
-    needs=("uring", "uring-py", "epoll"),
-    description="closed loop at 16 and 256 connections, 64 B echo, one worker")
+    needs=("uring", "uring-py", "epoll"), cited=False,
+    description="closed loop at 16 and 256 connections, 64 B echo, one worker "
+                "(superseded by load-curve and uring-window)")
 ACCEPT = Script(
     "accept", "How connections spread over two workers, per accept strategy (closed-loop churn)",
     "parallelnet.experiments.accept",
@@ -92,7 +93,9 @@ ACCEPT = Script(
                 "--connections", "16"]],
      "standard": [["--reps", "3", "--duration", "2"]],
      "full": [["--reps", "5", "--duration", "3"]]},
-    description="every backend × strategy, 2 workers, churn clients on the last CPU")
+    cited=False,
+    description="every backend × strategy, 2 workers, churn clients on the last CPU "
+                "(superseded by imbalance, which controls the client's load)")
 HANDOFF = Script(
     "handoff", "The dispatch channel: SCM_RIGHTS vs IORING_OP_MSG_RING",
     "parallelnet.experiments.handoff",

@@ -25,6 +25,7 @@ capacity plus saturation, every available backend, the ratio to ``native``.
 
 from __future__ import annotations
 
+import shlex
 import statistics
 
 from parallelnet.experiments import analysis
@@ -44,20 +45,45 @@ def load_label(kind: str, value) -> str:
     return "sat"
 
 
-def plan(p: dict) -> list[Point]:
-    backends, skipped = available_backends(p["backends"])
+def parse_config(spec: str) -> tuple[str, str, list[str]]:
+    """``LABEL=BACKEND[:ARGS]`` or ``BACKEND`` -> (label, backend, server args)."""
+    label, eq, rest = spec.partition("=")
+    if not eq:
+        return spec, spec, []
+    backend, _, argstr = rest.partition(":")
+    return label, backend, shlex.split(argstr)
+
+
+def configs_of(p: dict) -> list[tuple[str, str, list[str]]]:
+    """The configurations to run: ``configs`` (labelled, with server arguments) if the
+    preset gives them, else one per backend of ``backends`` ("all": every registered one);
+    those whose backend is unavailable are noted in ``p["skipped"]`` with the reason."""
+    if p.get("configs"):
+        cfgs = [parse_config(c) for c in p["configs"]]
+        ok, skipped = available_backends(sorted({b for _, b, _ in cfgs}))
+    else:
+        ok, skipped = available_backends(p["backends"])
+        cfgs = [(b, b, []) for b in ok]
     p["skipped"] = skipped
-    p["ran"] = backends
+    cfgs = [c for c in cfgs if c[1] in ok]
+    p["ran"] = [c[0] for c in cfgs]
+    return cfgs
+
+
+def plan(p: dict) -> list[Point]:
+    cfgs = configs_of(p)
     per = p["warmup"] + p["duration"] + 0.4
     points = []
     if any(k == "frac" for k, _ in p["loads"]):
-        points += [Point(f"calibrate/{b}", 0, {"backend": b, "kind": "calibrate"},
-                         est_s=p["calibrate_s"] + 1.5) for b in backends]
+        points += [Point(f"calibrate/{label}", 0, {"label": label, "backend": b, "args": a,
+                                                   "kind": "calibrate"},
+                         est_s=p["calibrate_s"] + 1.5) for label, b, a in cfgs]
     for rep in range(p["reps"]):
         for kind, value in p["loads"]:
-            for b in rotated(backends, rep):
-                points.append(Point(f"{b}/{load_label(kind, value)}", rep,
-                                    {"backend": b, "kind": kind, "value": value}, est_s=per))
+            for label, b, a in rotated(cfgs, rep):
+                points.append(Point(f"{label}/{load_label(kind, value)}", rep,
+                                    {"label": label, "backend": b, "args": a, "kind": kind,
+                                     "value": value}, est_s=per))
     return points
 
 
@@ -65,13 +91,13 @@ def run_point(point: Point, ctx: Context) -> dict:
     p, q = ctx.params, point.params
     layout = Layout.default(1)
     server = ["--backend", q["backend"], "--workers", "1", "--message-size", str(p["size"]),
-              *p.get("server_args", [])]
+              *q.get("args", []), *p.get("server_args", [])]
     base = {"connections": p["connections"], "size": p["size"], "warmup": p["warmup"],
             "duration": p["duration"]}
     if q["kind"] == "calibrate":
         rec = ctx.measure(server, {**base, "mode": "closed", "duration": p["calibrate_s"],
                                    "warmup": 0.3}, layout, point.label().replace("/", "_"))
-        ctx.state.setdefault("capacity", {})[q["backend"]] = rec["rps"]
+        ctx.state.setdefault("capacity", {})[q.get("label", q["backend"])] = rec["rps"]
         return rec
     if q["kind"] == "sat":
         load = {**base, "mode": "closed"}
@@ -98,6 +124,10 @@ def pyperf_value(rec: dict):
 
 
 # -- summary ------------------------------------------------------------------------
+
+def _label(r: dict) -> str:
+    return r["params"].get("label", r["params"]["backend"])
+
 
 def _cpu(r):
     return r["server"]["cpu_us_per_req"]
@@ -144,10 +174,10 @@ def loads_of(records: list[dict], p: dict) -> list[str]:
 
 def summarize(records: list[dict], p: dict) -> Summary:
     curve = [r for r in records if r["params"].get("kind") != "calibrate"]
-    backends = p.get("ran") or sorted({r["params"]["backend"] for r in curve})
+    backends = p.get("ran") or sorted({_label(r) for r in curve})
     baselines = [b for b in p.get("baselines", ["native", "epoll"]) if b in backends]
     s = Summary()
-    caps = {r["params"]["backend"]: r["rps"] for r in records if r["params"].get("kind") == "calibrate"}
+    caps = {_label(r): r["rps"] for r in records if r["params"].get("kind") == "calibrate"}
     if caps:
         floor = min(caps.values())
         s.values["capacity_floor"] = floor
@@ -157,7 +187,8 @@ def summarize(records: list[dict], p: dict) -> Summary:
             ["backend", "req/s", "bound"],
             [[b, f"{caps[b]:.0f}", next(r["bound"] for r in records if r["config"] == f"calibrate/{b}")]
              for b in sorted(caps, key=caps.get)],
-            note=f"Open-loop rates are fractions of the slowest: {floor:.0f} req/s."))
+            note=f"Open-loop rates are fractions of the slowest: {floor:.0f} req/s.",
+            key="calibration"))
     rows, stats = [], {}
     for load in loads_of(curve, p):
         for b in backends:
@@ -201,10 +232,10 @@ def summarize(records: list[dict], p: dict) -> Summary:
         + ["flags"], rows,
         note="load=F: open loop at F × the slowest backend's capacity; rate=R: open loop at R "
              "req/s; sat: closed loop.  Ratios are paired within each repetition; a point whose "
-             "client (or both sides) was saturated is not ranked."))
+             "client (or both sides) was saturated is not ranked.", key="cost"))
     if p.get("skipped"):
         s.tables.append(Table("Backends not run", ["backend", "why"],
-                              [[b, why] for b, why in p["skipped"].items()]))
+                              [[b, why] for b, why in p["skipped"].items()], key="skipped"))
     # Findings: the ranking at each load where every row is rankable.
     for load in loads_of(curve, p):
         ranked = [(stats[(b, load)]["cpu"]["median"], b) for b in backends
@@ -223,7 +254,7 @@ def figures(summary: Summary, records: list[dict], ctx: Context) -> list[str]:
 
     p = ctx.params
     curve = [r for r in records if r["params"].get("kind") != "calibrate"]
-    backends = p.get("ran") or sorted({r["params"]["backend"] for r in curve})
+    backends = p.get("ran") or sorted({_label(r) for r in curve})
     series = {}
     for b in backends:
         pts = []
@@ -278,3 +309,71 @@ COMPARE = _experiment(
     },
     "every available backend at 20,000 req/s (below every backend's capacity) and at "
     "saturation, with the paired ratio to native", cited=False)
+
+
+# -- the io_uring batching window ---------------------------------------------------------
+
+BUDGETS = (0, 50, 100, 150, 200, 400)
+
+
+def window_figures(summary: Summary, records: list[dict], ctx: Context) -> list[str]:
+    """Server CPU per request and latency against the window's latency budget (uring),
+    with the references as horizontal lines, one panel per load."""
+    from parallelnet.experiments import plots
+
+    p = ctx.params
+    labels = p.get("ran") or []
+    out = figures(summary, records, ctx)
+    series = {}
+    for kind, value in p["loads"]:
+        load = load_label(kind, value)
+        pts_cpu, pts_p99 = [], []
+        for label in labels:
+            b = budget_of(label)
+            cpu = summary.values.get(f"cpu.{label}.{load}")
+            lat = summary.values.get(f"lat.{label}.{load}")
+            if b is None or not cpu:
+                continue
+            pts_cpu.append((b, cpu["median"], cpu["min"], cpu["max"]))
+            pts_p99.append((b, lat["p99"], lat["p99"], lat["p99"]))
+        series[f"{load}: server µs/request|uring"] = sorted(pts_cpu)
+        series[f"{load}: p99 µs|uring"] = sorted(pts_p99)
+        for ref in p.get("baselines", []):
+            cpu = summary.values.get(f"cpu.{ref}.{load}")
+            lat = summary.values.get(f"lat.{ref}.{load}")
+            if cpu and pts_cpu:
+                xs = [x[0] for x in sorted(pts_cpu)]
+                series[f"{load}: server µs/request|{ref}"] = [(x, cpu["median"], cpu["min"], cpu["max"]) for x in (xs[0], xs[-1])]
+                series[f"{load}: p99 µs|{ref}"] = [(x, lat["p99"], lat["p99"], lat["p99"]) for x in (xs[0], xs[-1])]
+    panels = [f"{load_label(k, v)}: {m}" for k, v in p["loads"] for m in ("server µs/request", "p99 µs")]
+    out.append(plots.lines(series, f"{ctx.outdir}/uring-window.png", "latency budget (µs)", "",
+                           title="io_uring's batching window: CPU per request vs latency",
+                           panels=panels))
+    return out
+
+
+def budget_of(label: str) -> int | None:
+    """``uring-b150`` -> 150; None for a label that is not a budget point."""
+    head, _, tail = label.rpartition("-b")
+    return int(tail) if head == "uring" and tail.isdigit() else None
+
+
+WINDOW = Experiment(
+    name="uring-window", title="io_uring's batching window: the CPU-vs-latency curve",
+    presets={
+        "smoke": dict(configs=["epoll", "uring", "uring-b0=uring:--uring-latency-budget-us 0"],
+                      size=64, connections=16, reps=1, loads=[("rate", 10000)], duration=0.5,
+                      warmup=0.3, calibrate_s=0, baselines=["epoll"]),
+        "standard": dict(configs=["epoll", "native", "native-uring", "uring"]
+                         + [f"uring-b{b}=uring:--uring-latency-budget-us {b}" for b in BUDGETS],
+                         size=64, connections=16, reps=3, loads=[("rate", 40000), ("sat", None)],
+                         duration=2.0, warmup=0.5, calibrate_s=0, baselines=["epoll", "native"]),
+        "full": dict(configs=["epoll", "native", "native-uring", "uring"]
+                     + [f"uring-b{b}=uring:--uring-latency-budget-us {b}" for b in BUDGETS + (25, 300)],
+                     size=64, connections=16, reps=5,
+                     loads=[("rate", 20000), ("rate", 40000), ("rate", 80000), ("sat", None)],
+                     duration=4.0, warmup=1.0, calibrate_s=0, baselines=["epoll", "native"]),
+    },
+    plan=plan, run_point=run_point, summarize=summarize, figures=window_figures,
+    pyperf_value=pyperf_value,
+    description="uring at latency budgets 0-400 us vs epoll, native, native-uring: 40k req/s and saturation")
