@@ -96,6 +96,7 @@ import time
 from parallelnet.backends.base import (
     DISPATCH, REUSEPORT, SHARED, Availability, Backend, BackendError,
 )
+from parallelnet.core.stats import NOT_OBSERVABLE
 
 log = logging.getLogger("parallelnet.worker")
 
@@ -108,7 +109,8 @@ SETUP_FLAG_NAMES = (
 EXTRA_STATS = ("entries", "sqes", "cqes", "enobufs", "cq_overflows", "cq_dropped",
                "zc_sends", "copied_sends", "partial_sends", "recv_arms", "accept_errors",
                "accept_backoffs", "max_pending", "handoffs", "handoff_lost", "handoff_wakeups",
-               "fixed_files", "sendzc_ops", "sendzc_notifs", "idle_trims", "msg_handoffs")
+               "fixed_files", "sendzc_ops", "sendzc_notifs", "idle_trims", "msg_handoffs",
+               "malloc_trims", "sendzc_held_max", "blocking_waits", "empty_waits")
 SWEEP_MAX = 4096   # connections closed per timer sweep at most (the rest: next tick)
 
 
@@ -184,6 +186,19 @@ def new_core(ffi, lib, ctx, *, raw: bool = False, multishot_accept: bool = False
                            f"entries={entries} cq_entries={cq_entries or 8 * entries} "
                            f"buffers={nbufs}x{bufsize}")
     return core
+
+
+def voluntary_switches(status_path: str) -> int | None:
+    """``voluntary_ctxt_switches`` of one thread (/proc/PID/task/TID/status): each time it
+    went to sleep, in a wait that returned or one the kernel resumed without returning."""
+    try:
+        with open(status_path) as f:
+            for line in f:
+                if line.startswith("voluntary_ctxt_switches:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return None
 
 
 def _sqpoll_thread_stat() -> str | None:
@@ -272,9 +287,12 @@ def _probe() -> Availability:
 
 
 def _setup_flags(lib, name: str) -> int:
-    return {"auto": 0, "plain": lib.IORING_SETUP_SUBMIT_ALL,
-            "coop": lib.IORING_SETUP_COOP_TASKRUN | lib.IORING_SETUP_TASKRUN_FLAG,
-            "defer": lib.IORING_SETUP_SINGLE_ISSUER | lib.IORING_SETUP_DEFER_TASKRUN,
+    # SUBMIT_ALL in every named set, as in auto's: without it one SQE that fails at
+    # submission leaves the rest of the batch in the SQ.
+    all_ = lib.IORING_SETUP_SUBMIT_ALL
+    return {"auto": 0, "plain": all_,
+            "coop": lib.IORING_SETUP_COOP_TASKRUN | lib.IORING_SETUP_TASKRUN_FLAG | all_,
+            "defer": lib.IORING_SETUP_SINGLE_ISSUER | lib.IORING_SETUP_DEFER_TASKRUN | all_,
             }[name]
 
 
@@ -436,8 +454,15 @@ class UringBackend(Backend):
         extra["setup_flags"] = flag_names(lib.uc_setup_flags(self.core))
         extra["accept_mode"] = "multishot" if multishot else "single"
         for k in EXTRA_STATS + ("cqes_per_entry", "sqes_per_entry", "idle_timeouts",
-                                "header_timeouts", "sqpoll_cpu_ns"):
+                                "header_timeouts", "sqpoll_cpu_ns", "vol_ctx_switches"):
             extra[k] = 0  # every key exists from the start: snapshots iterate this dict
+        # An accept that loses the race on a shared socket is retried inside the kernel
+        # and never completes: not observable here (docs/uring.md, "What the accept race
+        # looks like").  With one socket per worker, or none, there is no race: 0 is true.
+        ctx.stats.lost_races = NOT_OBSERVABLE if ctx.accept == SHARED and ctx.listeners else 0
+        self._accept_backoffs_seen, self._backing_off = 0, False
+        self._status_path = f"/proc/self/task/{threading.get_native_id()}/status"
+        ctx.stats.refresh = self._refresh_switches
         lim = ctx.limits
         self.tick = lim.timer_tick()
         self.idle = lim.idle_timeout if lim.idle_timeout and lim.idle_timeout > 0 else 0.0
@@ -445,13 +470,25 @@ class UringBackend(Backend):
         self.sweep_ids = ffi.new("int32_t[]", SWEEP_MAX)
         self.sweep_ages = ffi.new("int32_t[]", SWEEP_MAX)
 
+    def _refresh_switches(self) -> None:
+        """WorkerStats.refresh (the snapshot's thread): this worker thread's voluntary
+        context switches, read from /proc here so the loop pays nothing for them."""
+        switches = voluntary_switches(self._status_path)
+        if switches is not None:
+            self.ctx.stats.extra["vol_ctx_switches"] = switches
+
     def _sync_stats(self) -> None:
         """Copy the C core's counters into WorkerStats (single writer: this worker)."""
         cs, st = self.cstats, self.ctx.stats
         st.bytes_out = cs.bytes_out
         st.listen_wakeups = cs.accept_cqes
-        st.lost_races = cs.accept_eagain
         st.refused = cs.refused
+        backing_off = cs.accept_backoffs != self._accept_backoffs_seen
+        if backing_off and not self._backing_off:   # logged once per episode
+            log.warning("worker %d (%s): accept failed: %s; pausing the listener, retrying "
+                        "with back-off", self.ctx.index, self.name,
+                        os.strerror(cs.last_accept_error))
+        self._backing_off, self._accept_backoffs_seen = backing_off, cs.accept_backoffs
         st.accepted = cs.accepted
         if cs.handoff_lost and not st.extra.get("handoff_lost"):
             log.warning("worker %d (%s): out of fds, connections handed over were lost "
@@ -489,6 +526,7 @@ class UringBackend(Backend):
         stop = self.ctx.stop
         process = self._process
         sync = self._sync_stats
+        ring_failed = self._ring_failed
         protos = self.protos
         monotonic = time.monotonic
         tick = self.tick
@@ -499,8 +537,10 @@ class UringBackend(Backend):
             # The coarse timer: bounded waits only while connections are open.
             n = wait(core, tick_ms if protos else -1)
             stats.wakeups += 1
-            if n:
+            if n > 0:
                 process(unpack(events(core), 4 * n))
+            elif n < 0:
+                ring_failed(n)
             if tick:
                 now = monotonic()
                 if now >= next_sweep:
@@ -517,6 +557,7 @@ class UringBackend(Backend):
     def _process(self, ev: list) -> None:
         """Run the protocol for one batch of events (the hot path: locals only)."""
         lib, core = self.lib, self.core
+        EV_DATA, EV_OPEN, EV_CLOSED, EV_EOF = lib.EV_DATA, lib.EV_OPEN, lib.EV_CLOSED, lib.EV_EOF
         send_buf, send_copy, finish = lib.uc_send_buf, lib.uc_send_copy, lib.uc_finish
         from_buffer = self.ffi.from_buffer
         protos = self.protos
@@ -527,7 +568,7 @@ class UringBackend(Backend):
         for i in range(0, len(ev), 4):
             kind = ev[i]
             cid = ev[i + 1]
-            if kind == 2:  # EV_DATA
+            if kind == EV_DATA:
                 proto = protos[cid]
                 if proto.closing:
                     continue
@@ -539,25 +580,38 @@ class UringBackend(Backend):
                 try:
                     out, k = proto.feed(data)
                 except Exception:  # noqa: BLE001 - a handler bug closes one connection only
+                    data.release()
                     self._handler_failed(cid, proto)
                     continue
                 requests += k
                 if out is data:
-                    send_buf(core, cid, bid, 0, length)
+                    rc = send_buf(core, cid, bid, 0, length)
                 elif out:
-                    send_copy(core, cid, out if type(out) is bytes else from_buffer(out), len(out))
-                if proto.closing:
+                    rc = send_copy(core, cid, out if type(out) is bytes else from_buffer(out), len(out))
+                else:
+                    rc = 0
+                # The buffer returns to the kernel at the next wait: a protocol that kept
+                # this view would read memory being rewritten.  Released, any later use
+                # raises (a handler error on that connection) instead.
+                try:
+                    data.release()
+                except BufferError:   # it holds an export of the view: the same breach
+                    self._handler_failed(cid, proto)
+                    continue
+                if rc < 0:
+                    self._send_failed(cid, rc)
+                elif proto.closing:
                     finish(core, cid)
-            elif kind == 1:  # EV_OPEN
+            elif kind == EV_OPEN:
                 protos[cid] = self.ctx.protocol_factory()
                 stats.open += 1
-            elif kind == 4:  # EV_CLOSED
+            elif kind == EV_CLOSED:
                 del protos[cid]
                 stats.open -= 1
                 stats.closed += 1
                 if ev[i + 2]:
                     stats.errors += 1
-            elif kind == 3:  # EV_EOF
+            elif kind == EV_EOF:
                 proto = protos[cid]
                 try:
                     out = proto.eof()
@@ -565,14 +619,32 @@ class UringBackend(Backend):
                     self._handler_failed(cid, proto)
                     continue
                 if out:
-                    send_copy(core, cid, out if type(out) is bytes else from_buffer(out), len(out))
+                    rc = send_copy(core, cid, out if type(out) is bytes else from_buffer(out), len(out))
+                    if rc < 0:
+                        self._send_failed(cid, rc)
+                        continue
                 finish(core, cid)
-            elif kind == 6:  # EV_DRAINED: what the peer sent before stop has been answered
+            elif kind == lib.EV_DRAINED:   # what the peer sent before stop has been answered
                 finish(core, cid)
-            elif kind == 5:  # EV_STOP
+            elif kind == lib.EV_STOP:
                 self.stopping = True
         stats.requests += requests
         stats.bytes_in += bytes_in
+
+    def _send_failed(self, cid: int, rc: int) -> None:
+        """The core refused a response (-ENOMEM, -EMSGSIZE for >= 4 GiB, a failed ring):
+        that connection ends with an error rather than carrying on with a hole in its
+        output."""
+        log.warning("worker %d (%s): cannot send on connection id %d: %s; closing it",
+                    self.ctx.index, self.name, cid, os.strerror(-rc))
+        self.lib.uc_close(self.core, cid, 1)
+
+    def _ring_failed(self, rc: int) -> None:
+        """uc_wait < 0: the ring itself failed (a submit that could not flush the SQ,
+        CQEs the kernel dropped): this worker stops with that error; the server reports
+        it and stops the others (a server missing a worker is not serving)."""
+        raise OSError(-rc, f"worker {self.ctx.index} ({self.name}): io_uring failed: "
+                           f"{os.strerror(-rc)}")
 
     def _sweep(self) -> None:
         """Close connections past the idle timeout, or past the header timeout while
@@ -608,8 +680,10 @@ class UringBackend(Backend):
         # One look without waiting: connections the dispatcher posted (msg-ring) before it
         # stopped are still task work of ours; they become CQEs, then connections to drain.
         n = lib.uc_wait(core, 0)
-        if n:
+        if n > 0:
             self._process(self.ffi.unpack(lib.uc_events(core), 4 * n))
+        elif n < 0:
+            self._ring_failed(n)
         deadline = time.monotonic() + self.ctx.limits.drain_timeout
         self._pump(lambda: lib.uc_nconns(core) > 0, deadline)
 
@@ -621,6 +695,8 @@ class UringBackend(Backend):
                 break
             n = lib.uc_wait(core, max(1, int(remaining * 1000)))
             self.ctx.stats.wakeups += 1
+            if n < 0:
+                break   # the ring failed: nothing more will complete (uc_free leaks what it must)
             if n:
                 self._process(ffi.unpack(lib.uc_events(core), 4 * n))
 
@@ -635,15 +711,19 @@ class UringBackend(Backend):
             # Closes released synchronously by uc_shutdown are reported by the next
             # wait even when nothing is left in flight: collect them.
             n = lib.uc_wait(core, 0)
-            if n:
+            if n > 0:
                 self._process(ffi.unpack(lib.uc_events(core), 4 * n))
             self._sync_stats()
+            self._refresh_switches()
+            self.ctx.stats.refresh = None   # the thread is about to go: keep the last figures
         finally:
             try:
                 self.pool.release()
             except BufferError:
                 pass  # only if a protocol kept the view it was fed (against its contract)
-            if lib.uc_free(core):
+            leaked = lib.uc_free(core)
+            if leaked:
                 log.warning("worker %d: io_uring operations still in flight at exit; "
-                            "buffer pool leaked rather than freed", self.ctx.index)
+                            "buffer pool (and %d send chunks a SEND_ZC may still read) "
+                            "leaked rather than freed", self.ctx.index, leaked - 1)
             self.core = None

@@ -43,7 +43,8 @@ struct uc_stats {
              accept_cqes, accepted, accept_eagain, accept_errors, refused, backpressure,
              zc_sends, copied_sends, recv_arms, partial_sends, accept_backoffs, max_pending,
              handoffs, handoff_lost, handoff_wakeups, fixed_files, sendzc_ops, sendzc_notifs,
-             idle_trims, msg_handoffs;
+             idle_trims, msg_handoffs, malloc_trims, sendzc_held_max, blocking_waits, empty_waits,
+             last_accept_error, failed;
 };
 struct uc_config {
     unsigned entries, nbufs, bufsize, max_conns, setup_flags;
@@ -81,6 +82,7 @@ int uc_nconns(uc_core *c);
 int uc_inflight(uc_core *c);
 int uc_check_opcodes(uc_core *c);
 int uc_opcode_supported(uc_core *c, int op);
+void uc_fail_submits(uc_core *c, int err);
 int uc_idle(uc_core *c, int limit_ms, int32_t *ids, int32_t *ages_ms, int max);
 
 int uc_ring_fd(uc_core *c);

@@ -27,6 +27,7 @@ import time
 from dataclasses import dataclass, field
 
 from parallelnet.core.launch import spawn_server
+from parallelnet.core.stats import add_observable, delta_observable
 
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 LOCK_PATH = "/tmp/bench.lock"
@@ -212,13 +213,13 @@ def window(stats_path: str, t0: float, t1: float) -> dict:
             "bytes_out", "cpu_ns", "user_s", "sys_s")
     workers = []
     for a, b in zip(first["workers"], last["workers"]):
-        d = {k: b[k] - a[k] for k in keys}
+        d = {k: delta_observable(a[k], b[k]) for k in keys}   # lost_races may be n/a (None)
         d["index"], d["cpu"] = b["index"], b["cpu"]
         ea, eb = a.get("extra", {}), b.get("extra", {})
         d["extra"] = {k: eb[k] - ea[k] for k in eb
                       if isinstance(eb[k], (int, float)) and isinstance(ea.get(k), (int, float))}
         workers.append(d)
-    total = {k: sum(w[k] for w in workers) for k in keys}
+    total = {k: add_observable(w[k] for w in workers) for k in keys}
     req = max(total["requests"], 1)
     total.update(seconds=last["t"] - first["t"],
                  cpu_us_per_req=total["cpu_ns"] / 1e3 / req,

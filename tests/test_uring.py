@@ -85,7 +85,7 @@ def test_single_shot_accept_spreads_over_workers(backend, tmp_path):
     accepted = [w["accepted"] for w in final["workers"]]
     assert sum(accepted) == 32
     assert min(accepted) >= 4, accepted   # both served; not one taking all
-    assert all(w["lost_races"] == 0 for w in final["workers"])  # the kernel hides the race
+    assert all(w["lost_races"] is None for w in final["workers"])  # the kernel hides the race
 
 
 def test_multishot_accept_on_shared_socket_favours_one_ring(backend, tmp_path):
