@@ -110,8 +110,13 @@ EXTRA_STATS = ("entries", "sqes", "cqes", "enobufs", "cq_overflows", "cq_dropped
                "zc_sends", "copied_sends", "partial_sends", "recv_arms", "accept_errors",
                "accept_backoffs", "max_pending", "handoffs", "handoff_lost", "handoff_wakeups",
                "fixed_files", "sendzc_ops", "sendzc_notifs", "idle_trims", "msg_handoffs",
-               "malloc_trims", "sendzc_held_max", "blocking_waits", "empty_waits")
+               "malloc_trims", "sendzc_held_max", "blocking_waits", "empty_waits",
+               "windowed_waits", "window_us", "arrival_per_s", "accept_bursts",
+               "ring_fd_registered")
 SWEEP_MAX = 4096   # connections closed per timer sweep at most (the rest: next tick)
+#: --uring-latency-budget-us default, chosen from the measured CPU-vs-latency curve
+#: (docs/uring.md, "The batching window").
+DEFAULT_LATENCY_BUDGET_US = 100
 
 
 def flag_names(flags: int) -> str:
@@ -151,7 +156,7 @@ def load():
 def new_core(ffi, lib, ctx, *, raw: bool = False, multishot_accept: bool = False,
              nbufs: int = 1024, bufsize: int = 16384, entries: int = 1024, setup_flags: int = 0,
              cq_entries: int = 0, fixed_files: bool = False, sqpoll_idle_ms: int = 0,
-             zc_threshold: int = 0):
+             zc_threshold: int = 0, latency_budget_us: int = 0, tick_ms: int = 0):
     listeners = [s.fileno() for s in ctx.listeners]
     if len(listeners) > lib.MAX_LISTENERS:
         raise BackendError(f"at most {lib.MAX_LISTENERS} listening sockets per worker")
@@ -175,6 +180,8 @@ def new_core(ffi, lib, ctx, *, raw: bool = False, multishot_accept: bool = False
         cfg.fixed_files = max(1, min(ctx.limits.max_connections, soft if soft > 0 else 1024, 1 << 16))
     cfg.sqpoll_idle_ms = max(0, sqpoll_idle_ms)
     cfg.zc_threshold = max(0, zc_threshold)
+    cfg.latency_budget_us = max(0, latency_budget_us)
+    cfg.tick_ms = max(0, tick_ms)
     handoff = getattr(ctx, "handoff", None)
     cfg.handoff_fd = handoff.fileno() if handoff is not None else -1
     for i, fd in enumerate(listeners):
@@ -390,9 +397,11 @@ class UringBackend(Backend):
         """The measured performance options (docs/uring.md), as new_core keywords."""
         opt = ctx_or_opts.option if hasattr(ctx_or_opts, "option") else \
             (lambda name, default: getattr(ctx_or_opts, name, default))
+        budget = opt("uring_latency_budget_us", DEFAULT_LATENCY_BUDGET_US)
         return {"fixed_files": bool(opt("uring_fixed_files", False)),
                 "sqpoll_idle_ms": opt("uring_sqpoll", 0) or 0,
-                "zc_threshold": opt("uring_zc_threshold", 0) or 0}
+                "zc_threshold": opt("uring_zc_threshold", 0) or 0,
+                "latency_budget_us": DEFAULT_LATENCY_BUDGET_US if budget is None else budget}
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
@@ -418,6 +427,11 @@ class UringBackend(Backend):
                             "reported in stats extra sqpoll_cpu_ns")
         g.add_argument("--uring-zc-threshold", type=int, default=0, metavar="BYTES",
                        help="uring: sends of at least BYTES use IORING_OP_SEND_ZC (0: never)")
+        g.add_argument("--uring-latency-budget-us", type=int, default=DEFAULT_LATENCY_BUDGET_US,
+                       metavar="US",
+                       help="batching window: while the arrival rate fills it, a wait may hold "
+                            "completions up to US microseconds to serve them with one wake-up "
+                            f"(0: off; default {DEFAULT_LATENCY_BUDGET_US}, docs/uring.md)")
         g.add_argument("--uring-handoff", choices=["scm", "msg-ring"], default="scm",
                        help="with --accept dispatch (thread mode): scm = SCM_RIGHTS over a "
                             "socketpair, a poll wakes the ring (every backend's channel); "
@@ -443,6 +457,8 @@ class UringBackend(Backend):
                              nbufs=ctx.option("uring_buffers", 1024), bufsize=bufsize,
                              entries=ctx.option("uring_entries", 1024), setup_flags=setup,
                              cq_entries=ctx.option("uring_cq_entries", 0) or 0,
+                             tick_ms=0 if raw else max(1, int((ctx.limits.timer_tick() or 0) * 1000))
+                             if ctx.limits.timer_tick() else 0,
                              **self._options(ctx))
         self.bufsize = bufsize
         self.ring_fd = lib.uc_ring_fd(self.core)   # -1 if it cannot be told (msg-ring refused)
@@ -470,6 +486,12 @@ class UringBackend(Backend):
         self.sweep_ids = ffi.new("int32_t[]", SWEEP_MAX)
         self.sweep_ages = ffi.new("int32_t[]", SWEEP_MAX)
 
+    def _refresh(self) -> None:
+        """WorkerStats.refresh: snapshots (another thread) copy the C counters, so the
+        loop never pauses for them (aligned 64-bit reads of words only C writes)."""
+        self._sync_stats()
+        self._refresh_switches()
+
     def _refresh_switches(self) -> None:
         """WorkerStats.refresh (the snapshot's thread): this worker thread's voluntary
         context switches, read from /proc here so the loop pays nothing for them."""
@@ -481,6 +503,7 @@ class UringBackend(Backend):
         """Copy the C core's counters into WorkerStats (single writer: this worker)."""
         cs, st = self.cstats, self.ctx.stats
         st.bytes_out = cs.bytes_out
+        st.wakeups = cs.waits
         st.listen_wakeups = cs.accept_cqes
         st.refused = cs.refused
         backing_off = cs.accept_backoffs != self._accept_backoffs_seen
@@ -510,6 +533,8 @@ class UringBackend(Backend):
         lib = self.lib
         self.protos: dict[int, object] = {}
         self.stopping = False
+        self._process = self._batch_processor()
+        self.ctx.stats.refresh = self._refresh
         try:
             lib.uc_start(self.core)
             lib.uc_submit(self.core)
@@ -522,114 +547,109 @@ class UringBackend(Backend):
     def _serve(self) -> None:
         lib, core, ffi = self.lib, self.core, self.ffi
         wait, events, unpack = lib.uc_wait, lib.uc_events, ffi.unpack
-        stats = self.ctx.stats
-        stop = self.ctx.stop
         process = self._process
-        sync = self._sync_stats
         ring_failed = self._ring_failed
-        protos = self.protos
-        monotonic = time.monotonic
-        tick = self.tick
-        tick_ms = max(1, int(tick * 1000)) if tick else -1
-        next_sweep = monotonic() + (tick or 0.0)
-        it = 0
+        # Per iteration only the wait and the batch: the C core bounds the wait by the
+        # timer tick while connections are open and reports the tick as EV_TICK; the
+        # counters are copied by the snapshot thread (WorkerStats.refresh); stop arrives
+        # as EV_STOP (the eventfd's poll on the ring).
         while not self.stopping:
-            # The coarse timer: bounded waits only while connections are open.
-            n = wait(core, tick_ms if protos else -1)
-            stats.wakeups += 1
+            n = wait(core, -1)
             if n > 0:
                 process(unpack(events(core), 4 * n))
             elif n < 0:
                 ring_failed(n)
-            if tick:
-                now = monotonic()
-                if now >= next_sweep:
-                    next_sweep = now + tick
-                    self._sweep()
-                    sync()   # counters fresh at least once per tick, even when quiet
-            it += 1
-            if not it & 63:
-                sync()
-            if stop.is_set():
-                self.stopping = True
-        sync()
+        self._sync_stats()
 
-    def _process(self, ev: list) -> None:
-        """Run the protocol for one batch of events (the hot path: locals only)."""
-        lib, core = self.lib, self.core
+    def _batch_processor(self):
+        """The hot path, built once: one batch of events through the protocol.  A
+        closure over everything it touches, so a batch costs no attribute lookups."""
+        backend, lib, core = self, self.lib, self.core
         EV_DATA, EV_OPEN, EV_CLOSED, EV_EOF = lib.EV_DATA, lib.EV_OPEN, lib.EV_CLOSED, lib.EV_EOF
+        EV_DRAINED, EV_STOP, EV_TICK = lib.EV_DRAINED, lib.EV_STOP, lib.EV_TICK
         send_buf, send_copy, finish = lib.uc_send_buf, lib.uc_send_copy, lib.uc_finish
         from_buffer = self.ffi.from_buffer
         protos = self.protos
         pool = self.pool
         bsize = self.bufsize
         stats = self.ctx.stats
-        requests = bytes_in = 0
-        for i in range(0, len(ev), 4):
-            kind = ev[i]
-            cid = ev[i + 1]
-            if kind == EV_DATA:
-                proto = protos[cid]
-                if proto.closing:
-                    continue
-                length = ev[i + 3]
-                bid = ev[i + 2]
-                off = bid * bsize
-                data = pool[off:off + length]
-                bytes_in += length
-                try:
-                    out, k = proto.feed(data)
-                except Exception:  # noqa: BLE001 - a handler bug closes one connection only
-                    data.release()
-                    self._handler_failed(cid, proto)
-                    continue
-                requests += k
-                if out is data:
-                    rc = send_buf(core, cid, bid, 0, length)
-                elif out:
-                    rc = send_copy(core, cid, out if type(out) is bytes else from_buffer(out), len(out))
-                else:
-                    rc = 0
-                # The buffer returns to the kernel at the next wait: a protocol that kept
-                # this view would read memory being rewritten.  Released, any later use
-                # raises (a handler error on that connection) instead.
-                try:
-                    data.release()
-                except BufferError:   # it holds an export of the view: the same breach
-                    self._handler_failed(cid, proto)
-                    continue
-                if rc < 0:
-                    self._send_failed(cid, rc)
-                elif proto.closing:
-                    finish(core, cid)
-            elif kind == EV_OPEN:
-                protos[cid] = self.ctx.protocol_factory()
-                stats.open += 1
-            elif kind == EV_CLOSED:
-                del protos[cid]
-                stats.open -= 1
-                stats.closed += 1
-                if ev[i + 2]:
-                    stats.errors += 1
-            elif kind == EV_EOF:
-                proto = protos[cid]
-                try:
-                    out = proto.eof()
-                except Exception:  # noqa: BLE001
-                    self._handler_failed(cid, proto)
-                    continue
-                if out:
-                    rc = send_copy(core, cid, out if type(out) is bytes else from_buffer(out), len(out))
-                    if rc < 0:
-                        self._send_failed(cid, rc)
+        factory = self.ctx.protocol_factory
+        handler_failed, send_failed = self._handler_failed, self._send_failed
+
+        def process(ev: list) -> None:
+            requests = bytes_in = 0
+            for i in range(0, len(ev), 4):
+                kind = ev[i]
+                cid = ev[i + 1]
+                if kind == EV_DATA:
+                    proto = protos[cid]
+                    if proto.closing:
                         continue
-                finish(core, cid)
-            elif kind == lib.EV_DRAINED:   # what the peer sent before stop has been answered
-                finish(core, cid)
-            elif kind == lib.EV_STOP:
-                self.stopping = True
-        stats.requests += requests
-        stats.bytes_in += bytes_in
+                    length = ev[i + 3]
+                    off = ev[i + 2] * bsize
+                    data = pool[off:off + length]
+                    bytes_in += length
+                    try:
+                        out, k = proto.feed(data)
+                    except Exception:  # noqa: BLE001 - a handler bug closes one connection only
+                        data.release()
+                        handler_failed(cid, proto)
+                        continue
+                    requests += k
+                    if out is data:
+                        rc = send_buf(core, cid, ev[i + 2], 0, length)
+                    elif out:
+                        rc = send_copy(core, cid, out if type(out) is bytes else from_buffer(out),
+                                       len(out))
+                    else:
+                        rc = 0
+                    # The buffer returns to the kernel at the next wait: a protocol that
+                    # kept this view would read memory being rewritten.  Released, any
+                    # later use raises (a handler error on that connection) instead.
+                    try:
+                        data.release()
+                    except BufferError:   # it holds an export of the view: the same breach
+                        handler_failed(cid, proto)
+                        continue
+                    if rc < 0:
+                        send_failed(cid, rc)
+                    elif proto.closing:
+                        finish(core, cid)
+                elif kind == EV_OPEN:
+                    protos[cid] = factory()
+                    stats.open += 1
+                elif kind == EV_CLOSED:
+                    del protos[cid]
+                    stats.open -= 1
+                    stats.closed += 1
+                    if ev[i + 2]:
+                        stats.errors += 1
+                elif kind == EV_EOF:
+                    proto = protos[cid]
+                    try:
+                        out = proto.eof()
+                    except Exception:  # noqa: BLE001
+                        handler_failed(cid, proto)
+                        continue
+                    if out:
+                        rc = send_copy(core, cid, out if type(out) is bytes else from_buffer(out),
+                                       len(out))
+                        if rc < 0:
+                            send_failed(cid, rc)
+                            continue
+                    finish(core, cid)
+                elif kind == EV_DRAINED:   # what the peer sent before stop has been answered
+                    finish(core, cid)
+                elif kind == EV_TICK:
+                    backend._sweep()
+                    if backend.ctx.stop.is_set():   # belt and braces: EV_STOP is the signal
+                        backend.stopping = True
+                elif kind == EV_STOP:
+                    backend.stopping = True
+            stats.requests += requests
+            stats.bytes_in += bytes_in
+
+        return process
 
     def _send_failed(self, cid: int, rc: int) -> None:
         """The core refused a response (-ENOMEM, -EMSGSIZE for >= 4 GiB, a failed ring):
@@ -650,6 +670,8 @@ class UringBackend(Backend):
         """Close connections past the idle timeout, or past the header timeout while
         their protocol holds a partial request (one C call lists the candidates)."""
         idle, hdr = self.idle, self.hdr
+        if not (idle or hdr):
+            return
         limit = min(t for t in (idle, hdr) if t)
         n = self.lib.uc_idle(self.core, int(limit * 1000), self.sweep_ids, self.sweep_ages, SWEEP_MAX)
         if not n:
@@ -694,7 +716,6 @@ class UringBackend(Backend):
             if remaining <= 0:
                 break
             n = lib.uc_wait(core, max(1, int(remaining * 1000)))
-            self.ctx.stats.wakeups += 1
             if n < 0:
                 break   # the ring failed: nothing more will complete (uc_free leaks what it must)
             if n:

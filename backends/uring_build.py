@@ -26,6 +26,7 @@ CDEF = """
 #define EV_CLOSED ...
 #define EV_STOP ...
 #define EV_DRAINED ...
+#define EV_TICK ...
 #define MAX_LISTENERS ...
 #define IORING_SETUP_SQPOLL ...
 #define IORING_SETUP_SUBMIT_ALL ...
@@ -44,7 +45,8 @@ struct uc_stats {
              zc_sends, copied_sends, recv_arms, partial_sends, accept_backoffs, max_pending,
              handoffs, handoff_lost, handoff_wakeups, fixed_files, sendzc_ops, sendzc_notifs,
              idle_trims, msg_handoffs, malloc_trims, sendzc_held_max, blocking_waits, empty_waits,
-             last_accept_error, failed;
+             last_accept_error, failed, windowed_waits, window_us, arrival_per_s, accept_bursts,
+             ring_fd_registered;
 };
 struct uc_config {
     unsigned entries, nbufs, bufsize, max_conns, setup_flags;
@@ -55,6 +57,7 @@ struct uc_config {
     unsigned accept_backoff_ms;
     int handoff_fd;
     unsigned fixed_files, sqpoll_idle_ms, zc_threshold;
+    unsigned latency_budget_us, tick_ms;
 };
 typedef struct uc_core uc_core;
 

@@ -396,7 +396,7 @@ def test_9_failed_send_kills_the_connection_with_an_error():
     calls = []
 
     class Lib:
-        EV_OPEN, EV_DATA, EV_EOF, EV_CLOSED, EV_STOP, EV_DRAINED = 1, 2, 3, 4, 5, 6
+        EV_OPEN, EV_DATA, EV_EOF, EV_CLOSED, EV_STOP, EV_DRAINED, EV_TICK = 1, 2, 3, 4, 5, 6, 7
 
         def uc_send_copy(self, core, cid, p, n):
             return -errno.ENOMEM
@@ -420,7 +420,7 @@ def test_9_failed_send_kills_the_connection_with_an_error():
     b.lib, b.core, b.ffi = Lib(), object(), SimpleNamespace(from_buffer=lambda x: x)
     b.pool, b.bufsize, b.protos = memoryview(bytearray(b"hello" + bytes(59))), 64, {}
     b.stopping = False
-    b._process([1, 3, 0, 0, 2, 3, 0, 5])
+    b._batch_processor()([1, 3, 0, 0, 2, 3, 0, 5])   # EV_OPEN id 3, EV_DATA id 3: 5 bytes
     assert calls == [("close", 3, 1)], calls
     assert ctx.stats.errors == 0   # counted when the core reports the close, as any error
     ctx.stop.close()
