@@ -112,7 +112,7 @@ EXTRA_STATS = ("entries", "sqes", "cqes", "enobufs", "cq_overflows", "cq_dropped
                "fixed_files", "sendzc_ops", "sendzc_notifs", "idle_trims", "msg_handoffs",
                "malloc_trims", "sendzc_held_max", "blocking_waits", "empty_waits",
                "windowed_waits", "window_us", "arrival_per_s", "accept_bursts",
-               "ring_fd_registered")
+               "ring_fd_registered", "util_pct")
 SWEEP_MAX = 4096   # connections closed per timer sweep at most (the rest: next tick)
 #: --uring-latency-budget-us default, chosen from the measured CPU-vs-latency curve
 #: (docs/uring.md, "The batching window").
@@ -156,7 +156,8 @@ def load():
 def new_core(ffi, lib, ctx, *, raw: bool = False, multishot_accept: bool = False,
              nbufs: int = 1024, bufsize: int = 16384, entries: int = 1024, setup_flags: int = 0,
              cq_entries: int = 0, fixed_files: bool = False, sqpoll_idle_ms: int = 0,
-             zc_threshold: int = 0, latency_budget_us: int = 0, tick_ms: int = 0):
+             zc_threshold: int = 0, latency_budget_us: int = 0, tick_ms: int = 0,
+             **cproto):
     listeners = [s.fileno() for s in ctx.listeners]
     if len(listeners) > lib.MAX_LISTENERS:
         raise BackendError(f"at most {lib.MAX_LISTENERS} listening sockets per worker")
@@ -182,6 +183,8 @@ def new_core(ffi, lib, ctx, *, raw: bool = False, multishot_accept: bool = False
     cfg.zc_threshold = max(0, zc_threshold)
     cfg.latency_budget_us = max(0, latency_budget_us)
     cfg.tick_ms = max(0, tick_ms)
+    for k, v in cproto.items():   # native-uring's C-protocol mode (cproto, its limits)
+        setattr(cfg, k, v)
     handoff = getattr(ctx, "handoff", None)
     cfg.handoff_fd = handoff.fileno() if handoff is not None else -1
     for i, fd in enumerate(listeners):
@@ -459,7 +462,7 @@ class UringBackend(Backend):
                              cq_entries=ctx.option("uring_cq_entries", 0) or 0,
                              tick_ms=0 if raw else max(1, int((ctx.limits.timer_tick() or 0) * 1000))
                              if ctx.limits.timer_tick() else 0,
-                             **self._options(ctx))
+                             **self._options(ctx), **self._core_options(lib))
         self.bufsize = bufsize
         self.ring_fd = lib.uc_ring_fd(self.core)   # -1 if it cannot be told (msg-ring refused)
         self.sqpoll_stat = _sqpoll_thread_stat() if self._options(ctx)["sqpoll_idle_ms"] else None
@@ -485,6 +488,10 @@ class UringBackend(Backend):
         self.hdr = lim.header_timeout if lim.header_timeout and lim.header_timeout > 0 else 0.0
         self.sweep_ids = ffi.new("int32_t[]", SWEEP_MAX)
         self.sweep_ages = ffi.new("int32_t[]", SWEEP_MAX)
+
+    def _core_options(self, lib) -> dict:
+        """Extra core settings of a subclass (native-uring's C-protocol mode)."""
+        return {}
 
     def _refresh(self) -> None:
         """WorkerStats.refresh: snapshots (another thread) copy the C counters, so the

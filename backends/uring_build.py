@@ -28,6 +28,9 @@ CDEF = """
 #define EV_DRAINED ...
 #define EV_TICK ...
 #define MAX_LISTENERS ...
+#define UC_PY ...
+#define UC_ECHO ...
+#define UC_HTTP ...
 #define IORING_SETUP_SQPOLL ...
 #define IORING_SETUP_SUBMIT_ALL ...
 #define IORING_SETUP_COOP_TASKRUN ...
@@ -46,7 +49,7 @@ struct uc_stats {
              handoffs, handoff_lost, handoff_wakeups, fixed_files, sendzc_ops, sendzc_notifs,
              idle_trims, msg_handoffs, malloc_trims, sendzc_held_max, blocking_waits, empty_waits,
              last_accept_error, failed, windowed_waits, window_us, arrival_per_s, accept_bursts,
-             ring_fd_registered;
+             ring_fd_registered, util_pct, requests, opened, closed, errors, idle_timeouts, header_timeouts;
 };
 struct uc_config {
     unsigned entries, nbufs, bufsize, max_conns, setup_flags;
@@ -58,6 +61,9 @@ struct uc_config {
     int handoff_fd;
     unsigned fixed_files, sqpoll_idle_ms, zc_threshold;
     unsigned latency_budget_us, tick_ms;
+    int cproto;
+    unsigned message_size, max_header_bytes, idle_ms, header_ms;
+    uint64_t max_body_bytes;
 };
 typedef struct uc_core uc_core;
 
@@ -86,6 +92,9 @@ int uc_inflight(uc_core *c);
 int uc_check_opcodes(uc_core *c);
 int uc_opcode_supported(uc_core *c, int op);
 void uc_fail_submits(uc_core *c, int err);
+int uc_serve(uc_core *c);
+int uc_drain(uc_core *c, int timeout_ms);
+void uc_close_all(uc_core *c, int timeout_ms);
 int uc_idle(uc_core *c, int limit_ms, int32_t *ids, int32_t *ages_ms, int max);
 
 int uc_ring_fd(uc_core *c);
@@ -106,7 +115,8 @@ int uc_raw_wait(uc_core *c, int timeout_ms, uint64_t *ud, int32_t *res, uint32_t
 ffibuilder = cffi.FFI()
 ffibuilder.cdef(CDEF)
 with open(os.path.join(HERE, "uring_core.c")) as _f:
-    ffibuilder.set_source("parallelnet.backends._uring", _f.read(),
+    ffibuilder.set_source("parallelnet.backends._uring", _f.read(), include_dirs=[HERE],
+                          depends=[os.path.join(HERE, "proto_core.h")],
                           libraries=["dl"], extra_compile_args=["-O2", "-std=gnu11"])
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@
 #include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
+#include "proto_core.h"         /* echo/http in C: the C-protocol mode (native-uring) */
 
 /* ---- kernel ABI (include/uapi/linux/io_uring.h), only what we use ---------------- */
 struct io_uring_sqe {               /* 64 bytes */
@@ -149,6 +150,7 @@ static int uc_nop(int x) { return x + 1; }  /* for measuring the bare cost of on
 
 /* ---- the core ------------------------------------------------------------------ */
 enum { EV_OPEN = 1, EV_DATA, EV_EOF, EV_CLOSED, EV_STOP, EV_DRAINED, EV_TICK };
+enum { UC_PY = 0, UC_ECHO, UC_HTTP };
 /* OP_MSG is never submitted by this ring: the acceptor's IORING_OP_MSG_RING posts it. */
 enum { OP_ACCEPT = 1, OP_RECV, OP_SEND, OP_STOP, OP_CANCEL, OP_HANDOFF, OP_MSG, OP_SENDZC };
 enum { B_RING = 0, B_LENT, B_PINNED, B_FREE };
@@ -166,7 +168,9 @@ struct uc_stats {
              handoffs, handoff_lost, handoff_wakeups, fixed_files, sendzc_ops, sendzc_notifs,
              idle_trims, msg_handoffs, malloc_trims, sendzc_held_max, blocking_waits, empty_waits,
              last_accept_error, failed, windowed_waits, window_us, arrival_per_s, accept_bursts,
-             ring_fd_registered;
+             ring_fd_registered, util_pct,
+             /* the C-protocol mode's own (Python keeps these itself otherwise): */
+             requests, opened, closed, errors, idle_timeouts, header_timeouts;
 };
 
 struct uc_config {
@@ -183,6 +187,11 @@ struct uc_config {
     unsigned zc_threshold;          /* >0: sends of at least this many bytes use IORING_OP_SEND_ZC */
     unsigned latency_budget_us;     /* the batching window's bound (0: off), see window_us() */
     unsigned tick_ms;               /* >0: an EV_TICK at most this often (the timeout sweep) */
+    /* C-protocol mode (native-uring): 0 = events go to Python; else UC_ECHO/UC_HTTP, and
+     * uc_serve/uc_drain/uc_close_all run the whole loop in C (see the end of this file). */
+    int cproto;
+    unsigned message_size, max_header_bytes, idle_ms, header_ms;
+    uint64_t max_body_bytes;
 };
 
 /* zc_refs: SEND_ZC notifications still due for sends from this chunk (the kernel may
@@ -239,7 +248,10 @@ struct uc_core {
     struct zc_hold *holds; int nholds, free_hold;
     double rate;                    /* completions per ns, time-weighted moving average */
     int64_t rate_t0; unsigned rate_cqes;
+    double util; int64_t cpu_t0;    /* share of a CPU this thread used, same average */
     int64_t wake_ns;                /* when the last wait returned: the window's start */
+    struct proto proto;             /* C-protocol mode: response table and scratch */
+    struct pstate *ps; int ps_cap;  /* C-protocol mode: per connection id */
     int64_t next_tick_ms;
     uint64_t zc_outstanding;        /* SEND_ZC notifications due */
 };
@@ -254,6 +266,14 @@ static int64_t mono_ns(void)
 }
 
 static int64_t mono_ms(void) { return mono_ns() / 1000000; }
+
+static int64_t thread_cpu_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);   /* a syscall: once per period only */
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
 
 static void emit(uc_core *c, int kind, int id, int a, int b)
 {
@@ -688,7 +708,9 @@ static uc_core *uc_new(const struct uc_config *cfg, int *err)
      * io_uring_enter then skips the fd-table lookup and reference (fget/fput). */
     if (p_io_uring_register_ring_fd(RING(c)) == 1) c->st.ring_fd_registered = 1;
     c->rate_t0 = mono_ns();
+    c->cpu_t0 = thread_cpu_ns();
     c->next_tick_ms = c->now_ms + c->cfg.tick_ms;
+    if (c->cfg.cproto) proto_init(&c->proto, cfg->message_size, cfg->max_header_bytes, cfg->max_body_bytes);
     c->evcap = 1024; c->ev = malloc(c->evcap * 4 * sizeof(int32_t));
     c->nconn_slots = 256;
     c->conns = calloc(c->nconn_slots, sizeof *c->conns);
@@ -789,8 +811,12 @@ static void pool_trim(uc_core *c)
  * wake-up serves the whole window; each completion waits at most W us longer.
  *
  * The policy: W = the user's budget while the measured arrival rate predicts at least
- * WINDOW_MIN completions within it, else no window (a plain wait).  An idle or lightly
- * loaded server therefore answers at once, a loaded one batches.  The rate is a moving
+ * WINDOW_MIN completions within it and the worker is not busy (its thread used less
+ * than UTIL_MAX of a CPU over the last period), else no window (a plain wait).  An idle
+ * or lightly loaded server therefore answers at once, a loaded one batches, and a busy
+ * one - whose batches are large anyway - does not sleep on a timer: a client that waits
+ * for each answer (closed loop) would otherwise wait the window on every request, and
+ * at 16 such connections the window halved the throughput (measured, docs/uring.md).  The rate is a moving
  * average weighted by time (RATE_TAU_NS), updated over periods of RATE_PERIOD_NS, so an
  * idle gap longer than the time constant resets it.  The first completion after an idle
  * gap is not delayed either: when W expires with nothing new the kernel returns at the
@@ -799,16 +825,20 @@ static void pool_trim(uc_core *c)
 #define WINDOW_MIN 4
 #define RATE_PERIOD_NS 1000000
 #define RATE_TAU_NS 4000000
+#define UTIL_MAX 0.6
 
 static void rate_update(uc_core *c, int64_t now_ns, unsigned cqes)
 {
     c->rate_cqes += cqes;
     int64_t dt = now_ns - c->rate_t0;
     if (dt < RATE_PERIOD_NS) return;
-    double inst = (double)c->rate_cqes / (double)dt, a = (double)dt / (double)(dt + RATE_TAU_NS);
-    c->rate += a * (inst - c->rate);
-    c->rate_t0 = now_ns; c->rate_cqes = 0;
+    int64_t cpu = thread_cpu_ns();
+    double a = (double)dt / (double)(dt + RATE_TAU_NS);
+    c->rate += a * ((double)c->rate_cqes / (double)dt - c->rate);
+    c->util += a * ((double)(cpu - c->cpu_t0) / (double)dt - c->util);
+    c->rate_t0 = now_ns; c->rate_cqes = 0; c->cpu_t0 = cpu;
     c->st.arrival_per_s = (uint64_t)(c->rate * 1e9);
+    c->st.util_pct = (uint64_t)(c->util * 100);
 }
 
 /* The window runs from the moment the previous wait returned, not from this one's
@@ -826,7 +856,7 @@ static unsigned window_us(uc_core *c)
 {
     unsigned b = c->cfg.latency_budget_us;
     if (!b || c->draining || !(c->features & IORING_FEAT_MIN_TIMEOUT)) return 0;
-    return c->rate * 1000.0 * b >= WINDOW_MIN ? b : 0;
+    return c->rate * 1000.0 * b >= WINDOW_MIN && c->util < UTIL_MAX ? b : 0;
 }
 
 /* The one kernel entry per loop iteration: submit what is queued and, unless timeout_ms
@@ -1101,6 +1131,11 @@ static int uc_free(uc_core *c)
     }
     if (!leaked) free(c->pool);
     free(c->holds);
+    if (c->cfg.cproto) {
+        for (int i = 0; i < c->ps_cap; i++) pstate_free(&c->ps[i]);
+        free(c->ps);
+        proto_free(&c->proto);
+    }
     free(c->ev); free(c->conns); free(c->freelist); free(c->deferred); free(c->bstate); free(c->lent);
     free(c);
     return leaked ? 1 + kept : 0;
@@ -1298,4 +1333,143 @@ static int uc_raw_wait(uc_core *c, int timeout_ms, uint64_t *ud, int32_t *res, u
     rate_update(c, now_ns, (unsigned)got);
     if (p_io_uring_cq_has_overflow(RING(c))) c->st.cq_overflows++;
     return got;
+}
+
+/* ---- C-protocol mode: native-uring ---------------------------------------------------
+ * The seed's design in C over io_uring, the counterpart of `native` (epoll): the same
+ * event core (single-shot accept on the shared socket, multishot recv, provided buffer
+ * ring, sends, backpressure, close, drain, the batching window), with each batch of
+ * events answered here by proto_core.h's echo/HTTP - the very code `native` runs -
+ * instead of being handed to Python.  uc_serve is called once by the worker thread and
+ * returns only at stop: cffi releases the GIL for the whole loop.  Echo sends the
+ * received provided buffer itself (uc_send_buf: no copy); HTTP answers are copied out of
+ * the scratch buffer.  The timer tick (EV_TICK) runs the idle/header-timeout sweep here,
+ * with the protocol's own "partial request" state. */
+static struct pstate *cp_state(uc_core *c, int id)
+{
+    if (id >= c->ps_cap) {
+        int n = c->ps_cap ? c->ps_cap : 256;
+        while (n <= id) n *= 2;
+        struct pstate *q = realloc(c->ps, (size_t)n * sizeof *q);
+        if (!q) return NULL;
+        memset(q + c->ps_cap, 0, (size_t)(n - c->ps_cap) * sizeof *q);
+        c->ps = q; c->ps_cap = n;
+    }
+    return &c->ps[id];
+}
+
+static void cp_sweep(uc_core *c)
+{
+    if (!c->cfg.idle_ms && !c->cfg.header_ms) return;
+    for (int id = 0; id < c->nconn_slots; id++) {
+        struct conn *k = &c->conns[id];
+        if (!k->used || k->dead || k->closing || id >= c->ps_cap) continue;
+        int64_t age = c->now_ms - k->last_ms;
+        if (c->cfg.idle_ms && age >= c->cfg.idle_ms) { c->st.idle_timeouts++; conn_kill(c, id, 0); }
+        else if (c->cfg.header_ms && age >= c->cfg.header_ms && pstate_partial(&c->ps[id])) {
+            c->st.header_timeouts++; conn_kill(c, id, 0);
+        }
+    }
+}
+
+/* One batch of events (c->ev[0 .. n)), answered in C. */
+static void cp_process(uc_core *c, int n)
+{
+    for (int i = 0; i < n; i++) {
+        int32_t *e = c->ev + 4 * i;
+        int id = e[1];
+        struct pstate *ps;
+        switch (e[0]) {
+        case EV_DATA: {
+            ps = &c->ps[id];
+            if (ps->pclosing) break;
+            char *data = c->pool + (size_t)e[2] * c->cfg.bufsize;
+            unsigned len = (unsigned)e[3];
+            int rc = 0;
+            if (c->cfg.cproto == UC_ECHO) {
+                c->st.requests += proto_echo_count(&c->proto, ps, len);
+                rc = uc_send_buf(c, id, e[2], 0, len);
+            } else {
+                c->proto.scratch.head = c->proto.scratch.len = 0;
+                c->st.requests += proto_http_feed(&c->proto, ps, data, len);
+                if (c->proto.scratch.len)
+                    rc = uc_send_copy(c, id, c->proto.scratch.p, c->proto.scratch.len);
+                if (c->proto.scratch.cap > (1u << 20)) buf_free(&c->proto.scratch);  /* a /bytes answer */
+            }
+            if (rc < 0) uc_close(c, id, 1);
+            else if (ps->pclosing) uc_finish(c, id);
+            break;
+        }
+        case EV_OPEN:
+            ps = cp_state(c, id);
+            if (!ps) { uc_close(c, id, 1); break; }
+            memset(ps, 0, sizeof *ps);
+            c->st.opened++;
+            break;
+        case EV_CLOSED:
+            if (id < c->ps_cap) pstate_free(&c->ps[id]);
+            c->st.closed++;
+            if (e[2]) c->st.errors++;
+            break;
+        case EV_EOF:                /* a partial request is dropped unanswered */
+            ps = &c->ps[id];
+            ps->pclosing = 1;
+            pstate_free(ps);
+            uc_finish(c, id);
+            break;
+        case EV_DRAINED:
+            uc_finish(c, id);
+            break;
+        case EV_TICK:
+            cp_sweep(c);
+            break;
+        default:
+            break;                  /* EV_STOP: uc_wait has set stop_seen */
+        }
+    }
+}
+
+/* Serve until stop.  0, or -errno if the ring failed (the worker raises it). */
+static int uc_serve(uc_core *c)
+{
+    while (!c->stop_seen) {
+        int n = uc_wait(c, -1);
+        if (n < 0) return n;
+        cp_process(c, n);
+    }
+    return 0;
+}
+
+/* Stop accepting, answer what was received, flush within timeout_ms. */
+static int uc_drain(uc_core *c, int timeout_ms)
+{
+    uc_drain_begin(c);
+    int64_t deadline = mono_ms() + timeout_ms;
+    int n = uc_wait(c, 0);          /* msg-ring hand-overs posted before stop, as in uring.py */
+    if (n < 0) return n;
+    cp_process(c, n);
+    while (c->nconns > 0) {
+        int64_t left = deadline - mono_ms();
+        if (left <= 0) break;
+        n = uc_wait(c, (int)left);
+        if (n < 0) return n;
+        cp_process(c, n);
+    }
+    return 0;
+}
+
+/* Close everything and wait (bounded) until the kernel holds nothing of ours. */
+static void uc_close_all(uc_core *c, int timeout_ms)
+{
+    uc_shutdown(c);
+    int64_t deadline = mono_ms() + timeout_ms;
+    while (c->inflight > 0 || c->nconns > 0) {
+        int64_t left = deadline - mono_ms();
+        if (left <= 0) break;
+        int n = uc_wait(c, (int)left);
+        if (n < 0) return;
+        cp_process(c, n);
+    }
+    int n = uc_wait(c, 0);          /* closes released synchronously by uc_shutdown */
+    if (n > 0) cp_process(c, n);
 }
