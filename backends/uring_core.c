@@ -1440,6 +1440,20 @@ static int uc_serve(uc_core *c)
     return 0;
 }
 
+/* Wait and answer until the deadline, or until no connection is left (and, with
+ * all_ops, no operation in the kernel either).  0, or -errno if the ring failed. */
+static int cp_pump(uc_core *c, int64_t deadline, int all_ops)
+{
+    while (c->nconns > 0 || (all_ops && c->inflight > 0)) {
+        int64_t left = deadline - mono_ms();
+        if (left <= 0) break;
+        int n = uc_wait(c, (int)left);
+        if (n < 0) return n;
+        cp_process(c, n);
+    }
+    return 0;
+}
+
 /* Stop accepting, answer what was received, flush within timeout_ms. */
 static int uc_drain(uc_core *c, int timeout_ms)
 {
@@ -1448,28 +1462,14 @@ static int uc_drain(uc_core *c, int timeout_ms)
     int n = uc_wait(c, 0);          /* msg-ring hand-overs posted before stop, as in uring.py */
     if (n < 0) return n;
     cp_process(c, n);
-    while (c->nconns > 0) {
-        int64_t left = deadline - mono_ms();
-        if (left <= 0) break;
-        n = uc_wait(c, (int)left);
-        if (n < 0) return n;
-        cp_process(c, n);
-    }
-    return 0;
+    return cp_pump(c, deadline, 0);
 }
 
 /* Close everything and wait (bounded) until the kernel holds nothing of ours. */
 static void uc_close_all(uc_core *c, int timeout_ms)
 {
     uc_shutdown(c);
-    int64_t deadline = mono_ms() + timeout_ms;
-    while (c->inflight > 0 || c->nconns > 0) {
-        int64_t left = deadline - mono_ms();
-        if (left <= 0) break;
-        int n = uc_wait(c, (int)left);
-        if (n < 0) return;
-        cp_process(c, n);
-    }
+    if (cp_pump(c, mono_ms() + timeout_ms, 1) < 0) return;
     int n = uc_wait(c, 0);          /* closes released synchronously by uc_shutdown */
     if (n > 0) cp_process(c, n);
 }

@@ -27,12 +27,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
 import statistics
 import sys
 import threading
 import time
 
+from parallelnet.experiments.bench_uring import parse_variant as parse_config
 from parallelnet.experiments.harness import (
     NoiseProbe, bench_lock, prefer_quiet, process_cpu_ns, result_dir, start_server,
 )
@@ -40,15 +40,6 @@ from parallelnet.experiments.harness import (
 ALL_CPUS = sorted(os.sched_getaffinity(0))
 SERVER_CPU, CLIENT_CPU = ALL_CPUS[0], ALL_CPUS[-1]
 REFERENCES = ("epoll", "native", "uring")
-
-
-def parse_config(spec: str) -> tuple[str, str, list[str]]:
-    """``[LABEL=]BACKEND[:ARGS]`` -> (label, backend, args)."""
-    label, eq, rest = spec.partition("=")
-    if not eq or ":" in label:
-        label, rest = "", spec
-    backend, _, argstr = rest.partition(":")
-    return label or spec, backend, shlex.split(argstr)
 
 
 def one_point(backend: str, extra: list[str], args, outdir: str, tag: str) -> dict:

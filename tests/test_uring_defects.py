@@ -24,6 +24,7 @@ from types import SimpleNamespace
 import pytest
 
 from conftest import BACKENDS, recv_exactly, require_backend, start_server
+from test_faults import wait_until
 from parallelnet.backends.base import DISPATCH, SHARED, Limits, StopSignal, WorkerContext
 from parallelnet.core.protocols import EchoProtocol
 from parallelnet.core.stats import WorkerStats
@@ -93,15 +94,6 @@ def latest_record(path):
     with open(path) as f:
         recs = [json.loads(x) for x in f if x.endswith("\n") and x.strip()]
     return recs[-1] if recs else None
-
-
-def wait_until(pred, timeout, step=0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(step)
-    return pred()
 
 
 # -- 1 and 2: SEND_ZC ----------------------------------------------------------------
