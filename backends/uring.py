@@ -14,9 +14,11 @@ completion that releases it has been seen.  Per worker:
   an accept that finds the queue empty arms a poll on the listening socket with
   ``EPOLLEXCLUSIVE`` and retries when woken, so one new connection wakes one waiting
   ring, and a ring whose retry finds the queue already emptied by another simply stays
-  armed: the race is *invisible* to us.  ``lost_races`` therefore counts only accept
-  completions with ``-EAGAIN`` (which this kernel does not produce for a pending
-  accept); ``listen_wakeups`` counts accept completions.  ``--uring-accept multishot``
+  armed: the race is *invisible* to us.  ``lost_races`` is therefore ``None`` (not
+  observable; ``n/a`` in the table) on a shared socket, 0 where there is no race
+  (reuseport, dispatch); ``listen_wakeups`` counts accept completions, and an accept
+  completion flagged ``IORING_CQE_F_SOCK_NONEMPTY`` (more in the backlog) takes up to 16
+  more synchronously (``extra["accept_bursts"]``).  ``--uring-accept multishot``
   arms one multishot accept instead: on a shared socket the first ring armed keeps the
   head of the wait queue and gets (nearly) every connection (measured in
   tests/test_uring.py).  With ``--accept reuseport`` each worker's own socket gets a
@@ -54,9 +56,19 @@ completion that releases it has been seen.  Per worker:
 * **Close**: cancel the connection's operations, wait for their final completions,
   then close(2) and recycle its buffers: no buffer is reused while the kernel may
   still write it.
-* **Batching**: one ``io_uring_submit_and_wait`` per loop iteration submits everything
-  the previous batch produced and waits; cffi releases the GIL around it.  The C core
-  returns a batch of application events (open, data, eof, closed, stop, drained).
+* **Batching**: one ``io_uring_enter`` per loop iteration submits everything the
+  previous batch produced and waits (the ring fd is registered with the worker thread:
+  no fd lookup per enter); cffi releases the GIL around it.  The C core returns a batch
+  of application events (open, data, eof, closed, stop, drained, tick).  Per iteration
+  Python pays the wait and the batch only: the timer tick is an event, counters are
+  copied by the snapshot thread (``WorkerStats.refresh``), and the batch processor is a
+  closure built once.
+* **Batching window** (``--uring-latency-budget-us``, default
+  ``DEFAULT_LATENCY_BUDGET_US``): while the measured arrival rate predicts at least 4
+  completions within the budget and the worker uses under 60% of a CPU, a wait holds
+  completions for up to the budget (from the wait's start) so that one wake-up serves
+  a batch; otherwise it returns at the first completion.  The policy and
+  its measured CPU-vs-latency curve: uring_core.c and docs/uring.md.
 * **Stop**: a poll on ``ctx.stop``'s eventfd is armed on the ring, so a stopped worker
   wakes at once.  Drain then mirrors readiness.py: accepts are cancelled and the listen
   backlog taken once (synchronously), each connection's recv is cancelled and what its
@@ -67,10 +79,14 @@ completion that releases it has been seen.  Per worker:
   back-off (``limits.accept_backoff`` doubling to 1 s, reset by a successful accept) and
   the wait is bounded by its resume time.  ``extra["accept_errors"]``/``["accept_backoffs"]``.
 * **Idle / header timeouts**: the C core stamps each connection on progress (data in,
-  send completed) with a clock read once per wait; the wait's timeout is the coarse
-  timer tick while connections are open, and a sweep per tick (``uc_idle``: one call)
-  lists the connections past the shortest timeout; Python closes those idle too long or
-  whose protocol holds a partial request (``proto.partial``).
+  send completed) with a clock read once per wait; it bounds the wait by the coarse
+  timer tick while connections are open and emits ``EV_TICK`` when it is due; a sweep
+  per tick (``uc_idle``: one call) lists the connections past the shortest timeout;
+  Python closes those idle too long or whose protocol holds a partial request
+  (``proto.partial``).
+* **A failed ring** (a submit that cannot flush the SQ, CQEs the kernel dropped): every
+  core call then returns ``-errno`` and the worker raises ``OSError`` - never an
+  ``abort()`` of the whole process.
 * **CQ overflow**: the CQ is 8x the SQ (``--uring-cq-entries`` to shrink it for tests); ``io_uring_cq_has_overflow`` after a reap is
   counted in ``extra["cq_overflows"]`` (the kernel keeps overflowed CQEs and flushes
   them at the next enter), ``-EBADR`` from an enter (CQEs lost) in ``cq_dropped``.
@@ -78,8 +94,9 @@ completion that releases it has been seen.  Per worker:
   echo): ``--uring-fixed-files`` (registered fds after accept, IOSQE_FIXED_FILE),
   ``--uring-sqpoll IDLE_MS`` (its kernel thread ``iou-sqp-<tid>`` is a task of this
   process that ``cpu_ns`` does not cover: reported as ``extra["sqpoll_cpu_ns"]`` and
-  added to server CPU by bench_uring), ``--uring-zc-threshold BYTES`` (SEND_ZC; the
-  buffer is released at the notification CQE, ``sendzc_notifs``).
+  added to server CPU by bench_uring), ``--uring-zc-threshold BYTES`` (SEND_ZC: the
+  result CQE ends the send, only the memory waits for the notification CQE,
+  ``sendzc_notifs``).
 """
 
 from __future__ import annotations
