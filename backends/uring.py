@@ -129,11 +129,11 @@ EXTRA_STATS = ("entries", "sqes", "cqes", "enobufs", "cq_overflows", "cq_dropped
                "fixed_files", "sendzc_ops", "sendzc_notifs", "idle_trims", "msg_handoffs",
                "malloc_trims", "sendzc_held_max", "blocking_waits", "empty_waits",
                "windowed_waits", "window_us", "arrival_per_s", "accept_bursts",
-               "ring_fd_registered", "util_pct")
+               "ring_fd_registered", "util_pct", "window_bans")
 SWEEP_MAX = 4096   # connections closed per timer sweep at most (the rest: next tick)
 #: --uring-latency-budget-us default, chosen from the measured CPU-vs-latency curve
 #: (docs/uring.md, "The batching window").
-DEFAULT_LATENCY_BUDGET_US = 100
+DEFAULT_LATENCY_BUDGET_US = 150
 
 
 def flag_names(flags: int) -> str:

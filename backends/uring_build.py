@@ -49,7 +49,7 @@ struct uc_stats {
              handoffs, handoff_lost, handoff_wakeups, fixed_files, sendzc_ops, sendzc_notifs,
              idle_trims, msg_handoffs, malloc_trims, sendzc_held_max, blocking_waits, empty_waits,
              last_accept_error, failed, windowed_waits, window_us, arrival_per_s, accept_bursts,
-             ring_fd_registered, util_pct, requests, opened, closed, errors, idle_timeouts, header_timeouts;
+             ring_fd_registered, util_pct, window_bans, requests, opened, closed, errors, idle_timeouts, header_timeouts;
 };
 struct uc_config {
     unsigned entries, nbufs, bufsize, max_conns, setup_flags;

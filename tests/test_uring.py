@@ -291,8 +291,9 @@ def _interval(srv):
 
 def test_window_batches_under_load_and_not_when_idle(tmp_path):
     """The window opens only while the arrival rate fills it: under load waits hold
-    completions (``windowed_waits``); a trickle of requests after the load is answered by
-    plain waits (the rate estimate decays within milliseconds)."""
+    completions (``windowed_waits``) until the check sees that they cost a closed-loop
+    client throughput (``window_bans``); a trickle of requests after the load is answered
+    by plain waits (the rate estimate decays within milliseconds)."""
     require_backend("uring")
     srv = start_server(tmp_path, "--backend", "uring", "--workers", "1", "--stats-interval", "0.1",
                        "--uring-latency-budget-us", "2000")
@@ -301,6 +302,9 @@ def test_window_batches_under_load_and_not_when_idle(tmp_path):
     time.sleep(0.3)
     loaded = _interval(srv)["extra"]
     assert loaded["windowed_waits"] > 0 and loaded["ring_fd_registered"] == 1, loaded
+    # This client waits for each answer (closed loop): a 2 ms window slows it down, which
+    # the policy's periodic check without a window sees, and bans the window.
+    assert loaded["window_bans"] >= 1, loaded
     with srv.connect() as s:
         for i in range(20):
             time.sleep(0.02)   # 50 req/s: 100 completions/s, far below 4 per 2 ms
