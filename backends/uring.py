@@ -133,7 +133,7 @@ EXTRA_STATS = ("entries", "sqes", "cqes", "enobufs", "cq_overflows", "cq_dropped
 SWEEP_MAX = 4096   # connections closed per timer sweep at most (the rest: next tick)
 #: --uring-latency-budget-us default, chosen from the measured CPU-vs-latency curve
 #: (docs/uring.md, "The batching window").
-DEFAULT_LATENCY_BUDGET_US = 150
+DEFAULT_LATENCY_BUDGET_US = 200
 
 
 def flag_names(flags: int) -> str:

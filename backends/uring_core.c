@@ -847,6 +847,7 @@ static void pool_trim(uc_core *c)
 
 static void probe_update(uc_core *c, int64_t now_ns, unsigned cqes)
 {
+    c->now_ns = now_ns;             /* the ban's clock (window_us) */
     c->ab_cqes += cqes;
     int64_t dt = now_ns - c->ab_t0;
     if (dt < (c->ab_probing ? PROBE_NS : PROBE_EVERY_NS - PROBE_NS)) return;
@@ -861,7 +862,6 @@ static void probe_update(uc_core *c, int64_t now_ns, unsigned cqes)
     } else if (c->ab_windowed) c->ban_ns = 0;   /* the window was harmless: forgive */
     c->ab_probing = !c->ab_probing;
     c->ab_t0 = now_ns; c->ab_cqes = 0; c->ab_windows0 = c->st.windowed_waits;
-    c->now_ns = now_ns;
 }
 
 static void rate_update(uc_core *c, int64_t now_ns, unsigned cqes)
