@@ -128,6 +128,20 @@ static void trim_ows(const char **p, size_t *n)
     while (*n && ((*p)[*n - 1] == ' ' || (*p)[*n - 1] == '\t')) (*n)--;
 }
 
+/* The next element of a comma-separated field value (OWS trimmed, empty ones
+ * included, as the Python protocol splits them); 0 once the value is used up. */
+static int next_element(const char **t, const char *vend, const char **tok, size_t *tn)
+{
+    if (*t > vend) return 0;
+    const char *comma = memchr(*t, ',', (size_t)(vend - *t));
+    if (!comma) comma = vend;
+    *tok = *t;
+    *tn = (size_t)(comma - *t);
+    trim_ows(tok, tn);
+    *t = comma + 1;
+    return 1;
+}
+
 static int valid_host(const char *p, size_t n)
 {
     size_t i = 0;
@@ -241,29 +255,19 @@ static struct parsed http_parse(const char *b, size_t n)
                 host = v;
                 hostlen = vn;
             } else if (lower_eq(q, nl, "connection")) {
-                const char *t = v, *vend = v + vn;
-                while (t <= vend) {
-                    const char *comma = memchr(t, ',', (size_t)(vend - t));
-                    if (!comma) comma = vend;
-                    const char *tok = t;
-                    size_t tn = (size_t)(comma - t);
-                    trim_ows(&tok, &tn);
+                const char *t = v, *tok;
+                size_t tn;
+                while (next_element(&t, v + vn, &tok, &tn)) {
                     if (lower_eq(tok, tn, "close")) has_close = 1;
                     else if (lower_eq(tok, tn, "keep-alive")) has_keep = 1;
-                    t = comma + 1;
                 }
             } else if (lower_eq(q, nl, "content-length")) {
-                const char *t = v, *vend = v + vn;
-                while (t <= vend) {
-                    const char *comma = memchr(t, ',', (size_t)(vend - t));
-                    if (!comma) comma = vend;
-                    const char *tok = t;
-                    size_t tn = (size_t)(comma - t);
-                    trim_ows(&tok, &tn);
+                const char *t = v, *tok;
+                size_t tn;
+                while (next_element(&t, v + vn, &tok, &tn)) {
                     if (!nlen) { len0 = tok; len0n = tn; }
                     else if (tn != len0n || memcmp(tok, len0, tn)) badlen = 1;
                     nlen++;
-                    t = comma + 1;
                 }
             } else if (lower_eq(q, nl, "transfer-encoding")) {
                 chunked = 1;
