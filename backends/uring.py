@@ -1,6 +1,6 @@
 """io_uring through a small C event core: completions reaped in C, the protocol in Python.
 
-A completion backend owns its loop (DESIGN.md §2): it submits operations, the kernel
+A completion backend owns its loop (backends/base.py): it submits operations, the kernel
 completes them, and every buffer the kernel may still write stays pinned until the
 completion that releases it has been seen.  Per worker:
 
