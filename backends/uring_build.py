@@ -4,7 +4,7 @@
 ``uring_core.c`` into ``parallelnet.backends._uring``.  No liburing header or library
 is needed to build: the C declares its own kernel-ABI structs and resolves liburing's
 functions with dlsym at run time from the PyPI wheel's ``liburing/liburing.so``
-(the facts behind this: docs/uring.md).  API mode, not ABI: each call costs about 2.5x less, the compiler
+(uring_core.c's opening comment).  API mode, not ABI: each call costs about 2.5x less, the compiler
 checks these declarations against the source, and cffi releases the GIL around every
 call, so ``uc_wait`` blocks in the kernel without holding it.
 
