@@ -6,8 +6,9 @@ releases the GIL around the call) and stays there: its own epoll instance, the
 listening socket(s) of ``ctx.listeners`` in it (with ``EPOLLEXCLUSIVE`` for
 ``--accept exclusive``; ``reuseport`` gives each worker its own socket), accept until
 ``EAGAIN`` with lost races counted, one ``recv`` per level-triggered wakeup, echo or
-HTTP/1.1 plaintext implemented in C (the behaviour of ``core/protocols/http.py`` for
-what a benchmark or the conformance suite sends), backpressure at
+HTTP/1.1 plaintext implemented in C (backends/proto_core.h, shared with
+``native-uring``: the behaviour of ``core/protocols/http.py`` for what a benchmark or the
+conformance suite sends, ``GET /bytes/N`` included), backpressure at
 ``limits.max_output``, half-close honoured, and at stop the drain of readiness.py.
 No Python runs per request for those two: only the protocol *name* and its options are
 taken from ``ctx.protocol_factory``.  Any other protocol (a plugin, the fault suite's

@@ -55,7 +55,8 @@ int nc_gettid(void);
 ffibuilder = cffi.FFI()
 ffibuilder.cdef(CDEF)
 with open(os.path.join(HERE, "native_core.c")) as _f:
-    ffibuilder.set_source("parallelnet.backends._native", _f.read(),
+    ffibuilder.set_source("parallelnet.backends._native", _f.read(), include_dirs=[HERE],
+                          depends=[os.path.join(HERE, "proto_core.h")],
                           extra_compile_args=["-O2", "-std=gnu11", "-Wall"])
 
 if __name__ == "__main__":

@@ -93,294 +93,14 @@ static void nc_py_close(void *user, int fd);
 static void nc_py_accept_failed(void *user, int err);
 static void nc_py_handoff_lost(void *user, int err);
 
-/* ---- growable byte buffer with a consumed prefix ---------------------------- */
-struct buf { char *p; size_t head, len, cap; };  /* data is p[head .. head+len) */
-
-static int buf_append(struct buf *b, const char *src, size_t n)
-{
-    if (b->head + b->len + n > b->cap) {
-        if (b->head && b->len + n <= b->cap) {
-            memmove(b->p, b->p + b->head, b->len);
-        } else {
-            size_t cap = b->cap ? b->cap : 4096;
-            while (cap < b->len + n) cap *= 2;
-            char *q = malloc(cap);
-            if (!q) return -1;
-            if (b->len) memcpy(q, b->p + b->head, b->len);
-            free(b->p);
-            b->p = q;
-            b->cap = cap;
-        }
-        b->head = 0;
-    }
-    memcpy(b->p + b->head + b->len, src, n);
-    b->len += n;
-    return 0;
-}
-
-static void buf_consume(struct buf *b, size_t n)
-{
-    b->head += n;
-    b->len -= n;
-    if (!b->len) b->head = 0;
-}
-
-static void buf_free(struct buf *b) { free(b->p); memset(b, 0, sizeof *b); }
-
-/* ---- HTTP/1.1 plaintext (the behaviour of core/protocols/http.py) ----------- */
-enum { S200, S404, S405, S400, S413, S414, S431, S501, NSPEC };
-enum { C_KEEP, C_CLOSE, C_KEEP10 };
-static const char *const spec_status[NSPEC] = {
-    "200 OK", "404 Not Found", "405 Method Not Allowed", "400 Bad Request",
-    "413 Content Too Large", "414 URI Too Long", "431 Request Header Fields Too Large",
-    "501 Not Implemented"};
-static const char *const spec_body[NSPEC] = {
-    "Hello, World!", "Not Found", "Method Not Allowed", "Bad Request", "Content Too Large",
-    "URI Too Long", "Request Header Fields Too Large", "Not Implemented"};
-static const char *const conn_line[3] = {"", "Connection: close\r\n", "Connection: keep-alive\r\n"};
-
-#define RIDX(spec, head, conn) (((spec) * 2 + (head)) * 3 + (conn))
-#define NRESP (NSPEC * 6)
-
-struct resp_table { time_t sec; char *resp[NRESP]; size_t rlen[NRESP]; char store[NRESP * 256]; };
-
-static void build_table(struct resp_table *t, time_t now)
-{
-    static const char *const days[] = {"Sun", "Mon", "Tue", "Wed", "Thu", "Fri", "Sat"};
-    static const char *const months[] = {"Jan", "Feb", "Mar", "Apr", "May", "Jun",
-                                         "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"};
-    struct tm tm;
-    char date[64];
-    gmtime_r(&now, &tm);
-    snprintf(date, sizeof date, "Date: %s, %02d %s %04d %02d:%02d:%02d GMT\r\n",
-             days[tm.tm_wday], tm.tm_mday, months[tm.tm_mon], tm.tm_year + 1900,
-             tm.tm_hour, tm.tm_min, tm.tm_sec);
-    char *p = t->store;
-    for (int s = 0; s < NSPEC; s++)
-        for (int h = 0; h < 2; h++)
-            for (int c = 0; c < 3; c++) {
-                int i = RIDX(s, h, c);
-                int n = snprintf(p, 256,
-                                 "HTTP/1.1 %s\r\nServer: parallelnet\r\n%s"
-                                 "Content-Type: text/plain\r\nContent-Length: %zu\r\n%s%s\r\n%s",
-                                 spec_status[s], s == S405 ? "Allow: GET, HEAD\r\n" : "",
-                                 strlen(spec_body[s]), date, conn_line[c], h ? "" : spec_body[s]);
-                t->resp[i] = p;
-                t->rlen[i] = (size_t)n;
-                p += 256;
-            }
-    t->sec = now;
-}
-
-static int is_tchar(unsigned char c)
-{
-    if ((c >= '0' && c <= '9') || (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z')) return 1;
-    return c && strchr("!#$%&'*+-.^_`|~", c) != NULL;
-}
-
-static int lower_eq(const char *p, size_t n, const char *lit)
-{
-    size_t m = strlen(lit);
-    if (n != m) return 0;
-    for (size_t i = 0; i < n; i++) {
-        char c = p[i];
-        if (c >= 'A' && c <= 'Z') c += 32;
-        if (c != lit[i]) return 0;
-    }
-    return 1;
-}
-
-static void trim_ows(const char **p, size_t *n)
-{
-    while (*n && (**p == ' ' || **p == '\t')) { (*p)++; (*n)--; }
-    while (*n && ((*p)[*n - 1] == ' ' || (*p)[*n - 1] == '\t')) (*n)--;
-}
-
-static int valid_host(const char *p, size_t n)
-{
-    size_t i = 0;
-    if (n && p[0] == '[') {
-        i = 1;
-        size_t start = i;
-        while (i < n && p[i] != ']') {
-            unsigned char c = p[i];
-            if (!((c >= '0' && c <= '9') || (c >= 'a' && c <= 'f') || (c >= 'A' && c <= 'F') ||
-                  (c && strchr(":.vV-_~!$&'()*+,;=", c))))
-                return 0;
-            i++;
-        }
-        if (i == n || i == start) return 0;
-        i++;
-    } else {
-        while (i < n && p[i] != ':') {
-            unsigned char c = p[i];
-            if (!((c >= '0' && c <= '9') || (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') ||
-                  (c && strchr("-._~!$&'()*+,;=%", c))))
-                return 0;
-            i++;
-        }
-    }
-    if (i == n) return 1;
-    if (p[i] != ':') return 0;
-    for (i++; i < n; i++)
-        if (p[i] < '0' || p[i] > '9') return 0;
-    return 1;
-}
-
-struct parsed { int idx; uint64_t clen; int close, head; };
-
-static struct parsed perr(int spec, int head)
-{
-    struct parsed r = {RIDX(spec, head, C_CLOSE), 0, 1, head};
-    return r;
-}
-
-/* Parse one header section (no final CRLFCRLF, no leading CRLF). */
-static struct parsed http_parse(const char *b, size_t n)
-{
-    const char *le = memmem(b, n, "\r\n", 2);
-    size_t llen = le ? (size_t)(le - b) : n;
-    /* header lines: token ":" [\t\x20-\x7e\x80-\xff]*, joined by CRLF */
-    if (le) {
-        const char *p = le + 2, *end = b + n;
-        for (;;) {
-            const char *q = p;
-            while (q < end && is_tchar((unsigned char)*q)) q++;
-            if (q == p || q == end || *q != ':') return perr(S400, 0);
-            q++;
-            while (q < end) {
-                unsigned char c = *q;
-                if (c == '\t' || (c >= 0x20 && c != 0x7f)) q++;
-                else break;
-            }
-            if (q == end) break;
-            if (end - q < 2 || q[0] != '\r' || q[1] != '\n') return perr(S400, 0);
-            p = q + 2;
-        }
-    }
-    /* request line: token SP [\x21-\x7e]+ SP HTTP/1.[01] */
-    const char *p = b, *end = b + llen;
-    const char *m = p;
-    while (p < end && is_tchar((unsigned char)*p)) p++;
-    size_t mlen = (size_t)(p - m);
-    if (!mlen || p == end || *p != ' ') return perr(S400, 0);
-    const char *tgt = ++p;
-    while (p < end && *p >= 0x21 && *p <= 0x7e) p++;
-    size_t tlen = (size_t)(p - tgt);
-    if (!tlen || p == end || *p != ' ') return perr(S400, 0);
-    p++;
-    if (end - p != 8 || memcmp(p, "HTTP/1.", 7) || (p[7] != '0' && p[7] != '1')) return perr(S400, 0);
-    int http11 = p[7] == '1';
-    int head = mlen == 4 && !memcmp(m, "HEAD", 4);
-    int get = mlen == 3 && !memcmp(m, "GET", 3);
-
-    int hosts = 0, chunked = 0, has_close = 0, has_keep = 0, nlen = 0, badlen = 0;
-    const char *host = "";
-    size_t hostlen = 0;
-    const char *len0 = NULL;
-    size_t len0n = 0;
-    if (le) {
-        const char *q = le + 2, *bend = b + n;
-        while (q < bend) {
-            const char *eol = memmem(q, (size_t)(bend - q), "\r\n", 2);
-            if (!eol) eol = bend;
-            const char *colon = memchr(q, ':', (size_t)(eol - q));
-            size_t nl = (size_t)(colon - q);
-            const char *v = colon + 1;
-            size_t vn = (size_t)(eol - v);
-            if (lower_eq(q, nl, "host")) {
-                hosts++;
-                trim_ows(&v, &vn);
-                host = v;
-                hostlen = vn;
-            } else if (lower_eq(q, nl, "connection")) {
-                const char *t = v, *vend = v + vn;
-                while (t <= vend) {
-                    const char *comma = memchr(t, ',', (size_t)(vend - t));
-                    if (!comma) comma = vend;
-                    const char *tok = t;
-                    size_t tn = (size_t)(comma - t);
-                    trim_ows(&tok, &tn);
-                    if (lower_eq(tok, tn, "close")) has_close = 1;
-                    else if (lower_eq(tok, tn, "keep-alive")) has_keep = 1;
-                    t = comma + 1;
-                }
-            } else if (lower_eq(q, nl, "content-length")) {
-                const char *t = v, *vend = v + vn;
-                while (t <= vend) {
-                    const char *comma = memchr(t, ',', (size_t)(vend - t));
-                    if (!comma) comma = vend;
-                    const char *tok = t;
-                    size_t tn = (size_t)(comma - t);
-                    trim_ows(&tok, &tn);
-                    if (!nlen) { len0 = tok; len0n = tn; }
-                    else if (tn != len0n || memcmp(tok, len0, tn)) badlen = 1;
-                    nlen++;
-                    t = comma + 1;
-                }
-            } else if (lower_eq(q, nl, "transfer-encoding")) {
-                chunked = 1;
-            }
-            q = eol + 2;
-        }
-    }
-    if (hosts > 1 || (http11 && !hosts) || !valid_host(host, hostlen)) return perr(S400, head);
-    if (chunked) return perr(S501, head);
-    uint64_t clen = 0;
-    if (nlen) {
-        if (badlen || !len0n) return perr(S400, head);
-        for (size_t i = 0; i < len0n; i++) {
-            if (len0[i] < '0' || len0[i] > '9') return perr(S400, head);
-            if (clen < (1ULL << 62)) clen = clen * 10 + (uint64_t)(len0[i] - '0');
-            if (clen > (1ULL << 62)) clen = 1ULL << 62;
-        }
-    }
-    int conn = has_close ? C_CLOSE : http11 ? C_KEEP : has_keep ? C_KEEP10 : C_CLOSE;
-    int spec;
-    if (!get && !head) {
-        spec = S405;
-    } else {
-        const char *path;
-        size_t plen;
-        if (tgt[0] == '/') {
-            path = tgt;
-            const char *qm = memchr(tgt, '?', tlen);
-            plen = qm ? (size_t)(qm - tgt) : tlen;
-        } else {
-            /* absolute form: scheme "://" authority path [? query], no '#' anywhere */
-            const char *t = tgt, *tend = tgt + tlen;
-            if (memchr(tgt, '#', tlen)) return perr(S400, head);
-            if (!((*t >= 'a' && *t <= 'z') || (*t >= 'A' && *t <= 'Z'))) return perr(S400, head);
-            t++;
-            while (t < tend && ((*t >= 'a' && *t <= 'z') || (*t >= 'A' && *t <= 'Z') ||
-                                (*t >= '0' && *t <= '9') || *t == '+' || *t == '.' || *t == '-'))
-                t++;
-            if (tend - t < 3 || memcmp(t, "://", 3)) return perr(S400, head);
-            t += 3;
-            while (t < tend && *t != '/' && *t != '?') t++;
-            path = t;
-            while (t < tend && *t != '?') t++;
-            plen = (size_t)(t - path);
-            if (!plen) { path = "/"; plen = 1; }
-        }
-        int found = (plen == 1 && path[0] == '/') || (plen == 10 && !memcmp(path, "/plaintext", 10));
-        spec = found ? S200 : S404;
-    }
-    struct parsed r = {RIDX(spec, head, conn), clen, conn == C_CLOSE, head};
-    return r;
-}
+#include "proto_core.h"
 
 /* ---- connections ------------------------------------------------------------- */
 struct conn {
     int fd, reading, closing;
     uint32_t events;
     struct buf out;
-    /* protocol state */
-    int pclosing;
-    uint64_t partial;          /* echo: bytes of the message in progress */
-    struct buf in;             /* http: start of a partial header section */
-    uint64_t skip;             /* http: body bytes still to discard */
-    struct parsed pending;     /* http: answered once the body is discarded */
+    struct pstate ps;          /* protocol state (proto_core.h) */
 };
 
 typedef struct nc_core {
@@ -391,8 +111,7 @@ typedef struct nc_core {
     size_t nconn_slots;
     uint64_t nconns;
     char *rbuf;
-    struct buf scratch;
-    struct resp_table table;
+    struct proto proto;        /* echo/http in C (proto_core.h): response table, scratch */
     int64_t paused_until[NC_MAX_LISTENERS];  /* listener back-off: 0 = watched */
     int npaused;
     unsigned backoff_ms;
@@ -422,7 +141,7 @@ static void conn_close(nc_core *c, struct conn *k, int error)
     c->conns[k->fd] = NULL;
     k->fd = -1;
     buf_free(&k->out);
-    buf_free(&k->in);
+    pstate_free(&k->ps);
     free(k);
     c->nconns--;
     c->st->open = c->nconns;
@@ -465,107 +184,11 @@ static int conn_send(nc_core *c, struct conn *k, const char *p, size_t n)
     return 0;
 }
 
-/* The HTTP protocol over one received chunk; answers go to c->scratch.
- * Returns the number of responses produced. */
-static uint64_t http_feed(nc_core *c, struct conn *k, const char *data, size_t dlen)
-{
-    struct buf *sc = &c->scratch;
-    uint64_t n = 0;
-    time_t now = time(NULL);
-    if (now != c->table.sec) build_table(&c->table, now);
-    struct resp_table *t = &c->table;
-    size_t lim = c->cfg.max_header_bytes;
-
-    if (k->pclosing) return 0;
-    if (k->skip) {
-        if (dlen < k->skip) { k->skip -= dlen; return 0; }
-        data += k->skip;
-        dlen -= k->skip;
-        k->skip = 0;
-        buf_append(sc, t->resp[k->pending.idx], t->rlen[k->pending.idx]);
-        n++;
-        if (k->pending.close) { k->pclosing = 1; return n; }
-    }
-    int from_in = 0;
-    if (k->in.len) {
-        if (buf_append(&k->in, data, dlen) < 0) { k->pclosing = 1; return n; }
-        data = k->in.p + k->in.head;
-        dlen = k->in.len;
-        from_in = 1;
-    }
-    size_t pos = 0;
-    while (pos < dlen) {
-        if (dlen - pos >= 2 && data[pos] == '\r' && data[pos + 1] == '\n') { pos += 2; continue; }
-        const char *e = memmem(data + pos, dlen - pos, "\r\n\r\n", 4);
-        size_t end = e ? (size_t)(e - data) : 0;
-        if (e && end + 4 - pos <= lim) {
-            struct parsed r = http_parse(data + pos, end - pos);
-            pos = end + 4;
-            if (r.clen) {
-                if (r.clen > c->cfg.max_body_bytes) {
-                    int i = RIDX(S413, r.head, C_CLOSE);
-                    buf_append(sc, t->resp[i], t->rlen[i]);
-                    n++;
-                    k->pclosing = 1;
-                    break;
-                }
-                if (dlen - pos < r.clen) {
-                    k->skip = r.clen - (dlen - pos);
-                    k->pending = r;
-                    pos = dlen;
-                    break;
-                }
-                pos += r.clen;
-            }
-            buf_append(sc, t->resp[r.idx], t->rlen[r.idx]);
-            n++;
-            if (r.close) { k->pclosing = 1; break; }
-            continue;
-        }
-        /* incomplete or over the limit: look only at the first lim + 1 bytes */
-        size_t wlen = dlen - pos < lim + 1 ? dlen - pos : lim + 1;
-        const char *w = data + pos;
-        size_t lf = 0, crlf = 0;
-        int have_crlf = 0;
-        for (size_t i = 0; i < wlen; i++)
-            if (w[i] == '\n') {
-                lf++;
-                if (i && w[i - 1] == '\r') { crlf++; have_crlf = 1; }
-            }
-        int err = -1;
-        if (lf != crlf) err = RIDX(S400, 0, C_CLOSE);
-        else if (dlen - pos > lim) err = RIDX(have_crlf ? S431 : S414, 0, C_CLOSE);
-        if (err >= 0) {
-            buf_append(sc, t->resp[err], t->rlen[err]);
-            n++;
-            k->pclosing = 1;
-            pos = dlen;
-            break;
-        }
-        break;  /* keep data[pos:] for later */
-    }
-    if (k->pclosing) {
-        buf_free(&k->in);
-    } else if (from_in) {
-        buf_consume(&k->in, pos);
-    } else if (pos < dlen) {
-        buf_append(&k->in, data + pos, dlen - pos);
-    }
-    return n;
-}
-
 /* Echo one chunk: count messages, send it back.  Returns -1 if k was freed. */
 static int echo_feed(nc_core *c, struct conn *k, const char *data, size_t len)
 {
     c->st->bytes_in += len;
-    unsigned ms = c->cfg.message_size;
-    if (ms) {
-        k->partial += len;
-        c->st->requests += k->partial / ms;
-        k->partial %= ms;
-    } else {
-        c->st->requests += 1;
-    }
+    c->st->requests += proto_echo_count(&c->proto, &k->ps, len);
     return conn_send(c, k, data, len);
 }
 
@@ -576,8 +199,8 @@ static void conn_eof(nc_core *c, struct conn *k)
         if (nc_py_eof(c->cfg.user, k->fd, &o) < 0) { conn_close(c, k, 1); return; }
         if (conn_send(c, k, o.p, o.len) < 0) return;
     }
-    k->pclosing = 1;  /* a partial request is dropped unanswered (http); echo has nothing */
-    buf_free(&k->in);
+    k->ps.pclosing = 1;  /* a partial request is dropped unanswered (http); echo has nothing */
+    pstate_free(&k->ps);
     conn_finish(c, k);
 }
 
@@ -608,16 +231,16 @@ static int conn_read_once(nc_core *c, struct conn *k)
         c->st->requests += (uint64_t)n;
         if (conn_send(c, k, o.p, o.len) < 0) return -1;
         if (o.closing && !k->closing) {
-            k->pclosing = 1;
+            k->ps.pclosing = 1;
             conn_finish(c, k);
             if (!c->conns[fd]) return -1;
         }
     } else {
-        c->scratch.head = c->scratch.len = 0;
+        c->proto.scratch.head = c->proto.scratch.len = 0;
         c->st->bytes_in += (uint64_t)r;
-        c->st->requests += http_feed(c, k, c->rbuf, (size_t)r);
-        if (conn_send(c, k, c->scratch.p, c->scratch.len) < 0) return -1;
-        if (k->pclosing && !k->closing) {
+        c->st->requests += proto_http_feed(&c->proto, &k->ps, c->rbuf, (size_t)r);
+        if (conn_send(c, k, c->proto.scratch.p, c->proto.scratch.len) < 0) return -1;
+        if (k->ps.pclosing && !k->closing) {
             conn_finish(c, k);
             if (!c->conns[fd]) return -1;
         }
@@ -833,7 +456,7 @@ static nc_core *nc_new(const struct nc_config *cfg, struct nc_stats *st, int *er
     }
     if (!c->cfg.accept_backoff_ms) c->cfg.accept_backoff_ms = 1;
     c->backoff_ms = c->cfg.accept_backoff_ms;
-    build_table(&c->table, time(NULL));
+    proto_init(&c->proto, c->cfg.message_size, c->cfg.max_header_bytes, c->cfg.max_body_bytes);
     struct epoll_event ev = {.events = EPOLLIN, .data.u64 = MK(TAG_STOP, 0)};
     if (cfg->stop_fd >= 0 && epoll_ctl(c->ep, EPOLL_CTL_ADD, cfg->stop_fd, &ev) < 0) goto fail;
     for (int i = 0; i < cfg->nlisteners; i++)
@@ -950,7 +573,7 @@ static void nc_free(nc_core *c)
     close(c->ep);
     free(c->conns);
     free(c->rbuf);
-    buf_free(&c->scratch);
+    proto_free(&c->proto);
     free(c);
 }
 

@@ -1,6 +1,6 @@
 """io_uring through a small C event core: completions reaped in C, the protocol in Python.
 
-A completion backend owns its loop (DESIGN.md §2): it submits operations, the kernel
+A completion backend owns its loop (backends/base.py): it submits operations, the kernel
 completes them, and every buffer the kernel may still write stays pinned until the
 completion that releases it has been seen.  Per worker:
 
@@ -14,9 +14,11 @@ completion that releases it has been seen.  Per worker:
   an accept that finds the queue empty arms a poll on the listening socket with
   ``EPOLLEXCLUSIVE`` and retries when woken, so one new connection wakes one waiting
   ring, and a ring whose retry finds the queue already emptied by another simply stays
-  armed: the race is *invisible* to us.  ``lost_races`` therefore counts only accept
-  completions with ``-EAGAIN`` (which this kernel does not produce for a pending
-  accept); ``listen_wakeups`` counts accept completions.  ``--uring-accept multishot``
+  armed: the race is *invisible* to us.  ``lost_races`` is therefore ``None`` (not
+  observable; ``n/a`` in the table) on a shared socket, 0 where there is no race
+  (reuseport, dispatch); ``listen_wakeups`` counts accept completions, and an accept
+  completion flagged ``IORING_CQE_F_SOCK_NONEMPTY`` (more in the backlog) takes up to 16
+  more synchronously (``extra["accept_bursts"]``).  ``--uring-accept multishot``
   arms one multishot accept instead: on a shared socket the first ring armed keeps the
   head of the wait queue and gets (nearly) every connection (measured in
   tests/test_uring.py).  With ``--accept reuseport`` each worker's own socket gets a
@@ -54,9 +56,19 @@ completion that releases it has been seen.  Per worker:
 * **Close**: cancel the connection's operations, wait for their final completions,
   then close(2) and recycle its buffers: no buffer is reused while the kernel may
   still write it.
-* **Batching**: one ``io_uring_submit_and_wait`` per loop iteration submits everything
-  the previous batch produced and waits; cffi releases the GIL around it.  The C core
-  returns a batch of application events (open, data, eof, closed, stop, drained).
+* **Batching**: one ``io_uring_enter`` per loop iteration submits everything the
+  previous batch produced and waits (the ring fd is registered with the worker thread:
+  no fd lookup per enter); cffi releases the GIL around it.  The C core returns a batch
+  of application events (open, data, eof, closed, stop, drained, tick).  Per iteration
+  Python pays the wait and the batch only: the timer tick is an event, counters are
+  copied by the snapshot thread (``WorkerStats.refresh``), and the batch processor is a
+  closure built once.
+* **Batching window** (``--uring-latency-budget-us``, default
+  ``DEFAULT_LATENCY_BUDGET_US``): while the measured arrival rate predicts at least 4
+  completions within the budget and the worker uses under 60% of a CPU, a wait holds
+  completions for up to the budget (from the wait's start) so that one wake-up serves
+  a batch; otherwise it returns at the first completion.  The policy and
+  its measured CPU-vs-latency curve: uring_core.c and docs/uring.md.
 * **Stop**: a poll on ``ctx.stop``'s eventfd is armed on the ring, so a stopped worker
   wakes at once.  Drain then mirrors readiness.py: accepts are cancelled and the listen
   backlog taken once (synchronously), each connection's recv is cancelled and what its
@@ -67,10 +79,14 @@ completion that releases it has been seen.  Per worker:
   back-off (``limits.accept_backoff`` doubling to 1 s, reset by a successful accept) and
   the wait is bounded by its resume time.  ``extra["accept_errors"]``/``["accept_backoffs"]``.
 * **Idle / header timeouts**: the C core stamps each connection on progress (data in,
-  send completed) with a clock read once per wait; the wait's timeout is the coarse
-  timer tick while connections are open, and a sweep per tick (``uc_idle``: one call)
-  lists the connections past the shortest timeout; Python closes those idle too long or
-  whose protocol holds a partial request (``proto.partial``).
+  send completed) with a clock read once per wait; it bounds the wait by the coarse
+  timer tick while connections are open and emits ``EV_TICK`` when it is due; a sweep
+  per tick (``uc_idle``: one call) lists the connections past the shortest timeout;
+  Python closes those idle too long or whose protocol holds a partial request
+  (``proto.partial``).
+* **A failed ring** (a submit that cannot flush the SQ, CQEs the kernel dropped): every
+  core call then returns ``-errno`` and the worker raises ``OSError`` - never an
+  ``abort()`` of the whole process.
 * **CQ overflow**: the CQ is 8x the SQ (``--uring-cq-entries`` to shrink it for tests); ``io_uring_cq_has_overflow`` after a reap is
   counted in ``extra["cq_overflows"]`` (the kernel keeps overflowed CQEs and flushes
   them at the next enter), ``-EBADR`` from an enter (CQEs lost) in ``cq_dropped``.
@@ -78,8 +94,9 @@ completion that releases it has been seen.  Per worker:
   echo): ``--uring-fixed-files`` (registered fds after accept, IOSQE_FIXED_FILE),
   ``--uring-sqpoll IDLE_MS`` (its kernel thread ``iou-sqp-<tid>`` is a task of this
   process that ``cpu_ns`` does not cover: reported as ``extra["sqpoll_cpu_ns"]`` and
-  added to server CPU by bench_uring), ``--uring-zc-threshold BYTES`` (SEND_ZC; the
-  buffer is released at the notification CQE, ``sendzc_notifs``).
+  added to server CPU by bench_uring), ``--uring-zc-threshold BYTES`` (SEND_ZC: the
+  result CQE ends the send, only the memory waits for the notification CQE,
+  ``sendzc_notifs``).
 """
 
 from __future__ import annotations
@@ -96,6 +113,7 @@ import time
 from parallelnet.backends.base import (
     DISPATCH, REUSEPORT, SHARED, Availability, Backend, BackendError,
 )
+from parallelnet.core.stats import NOT_OBSERVABLE
 
 log = logging.getLogger("parallelnet.worker")
 
@@ -108,8 +126,14 @@ SETUP_FLAG_NAMES = (
 EXTRA_STATS = ("entries", "sqes", "cqes", "enobufs", "cq_overflows", "cq_dropped",
                "zc_sends", "copied_sends", "partial_sends", "recv_arms", "accept_errors",
                "accept_backoffs", "max_pending", "handoffs", "handoff_lost", "handoff_wakeups",
-               "fixed_files", "sendzc_ops", "sendzc_notifs", "idle_trims", "msg_handoffs")
+               "fixed_files", "sendzc_ops", "sendzc_notifs", "idle_trims", "msg_handoffs",
+               "malloc_trims", "sendzc_held_max", "blocking_waits", "empty_waits",
+               "windowed_waits", "window_us", "arrival_per_s", "accept_bursts",
+               "ring_fd_registered", "util_pct", "window_bans")
 SWEEP_MAX = 4096   # connections closed per timer sweep at most (the rest: next tick)
+#: --uring-latency-budget-us default, chosen from the measured CPU-vs-latency curve
+#: (docs/uring.md, "The batching window").
+DEFAULT_LATENCY_BUDGET_US = 200
 
 
 def flag_names(flags: int) -> str:
@@ -149,7 +173,8 @@ def load():
 def new_core(ffi, lib, ctx, *, raw: bool = False, multishot_accept: bool = False,
              nbufs: int = 1024, bufsize: int = 16384, entries: int = 1024, setup_flags: int = 0,
              cq_entries: int = 0, fixed_files: bool = False, sqpoll_idle_ms: int = 0,
-             zc_threshold: int = 0):
+             zc_threshold: int = 0, latency_budget_us: int = 0, tick_ms: int = 0,
+             **cproto):
     listeners = [s.fileno() for s in ctx.listeners]
     if len(listeners) > lib.MAX_LISTENERS:
         raise BackendError(f"at most {lib.MAX_LISTENERS} listening sockets per worker")
@@ -173,6 +198,10 @@ def new_core(ffi, lib, ctx, *, raw: bool = False, multishot_accept: bool = False
         cfg.fixed_files = max(1, min(ctx.limits.max_connections, soft if soft > 0 else 1024, 1 << 16))
     cfg.sqpoll_idle_ms = max(0, sqpoll_idle_ms)
     cfg.zc_threshold = max(0, zc_threshold)
+    cfg.latency_budget_us = max(0, latency_budget_us)
+    cfg.tick_ms = max(0, tick_ms)
+    for k, v in cproto.items():   # native-uring's C-protocol mode (cproto, its limits)
+        setattr(cfg, k, v)
     handoff = getattr(ctx, "handoff", None)
     cfg.handoff_fd = handoff.fileno() if handoff is not None else -1
     for i, fd in enumerate(listeners):
@@ -184,6 +213,19 @@ def new_core(ffi, lib, ctx, *, raw: bool = False, multishot_accept: bool = False
                            f"entries={entries} cq_entries={cq_entries or 8 * entries} "
                            f"buffers={nbufs}x{bufsize}")
     return core
+
+
+def voluntary_switches(status_path: str) -> int | None:
+    """``voluntary_ctxt_switches`` of one thread (/proc/PID/task/TID/status): each time it
+    went to sleep, in a wait that returned or one the kernel resumed without returning."""
+    try:
+        with open(status_path) as f:
+            for line in f:
+                if line.startswith("voluntary_ctxt_switches:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return None
 
 
 def _sqpoll_thread_stat() -> str | None:
@@ -272,9 +314,12 @@ def _probe() -> Availability:
 
 
 def _setup_flags(lib, name: str) -> int:
-    return {"auto": 0, "plain": lib.IORING_SETUP_SUBMIT_ALL,
-            "coop": lib.IORING_SETUP_COOP_TASKRUN | lib.IORING_SETUP_TASKRUN_FLAG,
-            "defer": lib.IORING_SETUP_SINGLE_ISSUER | lib.IORING_SETUP_DEFER_TASKRUN,
+    # SUBMIT_ALL in every named set, as in auto's: without it one SQE that fails at
+    # submission leaves the rest of the batch in the SQ.
+    all_ = lib.IORING_SETUP_SUBMIT_ALL
+    return {"auto": 0, "plain": all_,
+            "coop": lib.IORING_SETUP_COOP_TASKRUN | lib.IORING_SETUP_TASKRUN_FLAG | all_,
+            "defer": lib.IORING_SETUP_SINGLE_ISSUER | lib.IORING_SETUP_DEFER_TASKRUN | all_,
             }[name]
 
 
@@ -372,9 +417,11 @@ class UringBackend(Backend):
         """The measured performance options (docs/uring.md), as new_core keywords."""
         opt = ctx_or_opts.option if hasattr(ctx_or_opts, "option") else \
             (lambda name, default: getattr(ctx_or_opts, name, default))
+        budget = opt("uring_latency_budget_us", DEFAULT_LATENCY_BUDGET_US)
         return {"fixed_files": bool(opt("uring_fixed_files", False)),
                 "sqpoll_idle_ms": opt("uring_sqpoll", 0) or 0,
-                "zc_threshold": opt("uring_zc_threshold", 0) or 0}
+                "zc_threshold": opt("uring_zc_threshold", 0) or 0,
+                "latency_budget_us": DEFAULT_LATENCY_BUDGET_US if budget is None else budget}
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
@@ -400,6 +447,11 @@ class UringBackend(Backend):
                             "reported in stats extra sqpoll_cpu_ns")
         g.add_argument("--uring-zc-threshold", type=int, default=0, metavar="BYTES",
                        help="uring: sends of at least BYTES use IORING_OP_SEND_ZC (0: never)")
+        g.add_argument("--uring-latency-budget-us", type=int, default=DEFAULT_LATENCY_BUDGET_US,
+                       metavar="US",
+                       help="batching window: while the arrival rate fills it, a wait may hold "
+                            "completions up to US microseconds to serve them with one wake-up "
+                            f"(0: off; default {DEFAULT_LATENCY_BUDGET_US}, docs/uring.md)")
         g.add_argument("--uring-handoff", choices=["scm", "msg-ring"], default="scm",
                        help="with --accept dispatch (thread mode): scm = SCM_RIGHTS over a "
                             "socketpair, a poll wakes the ring (every backend's channel); "
@@ -425,7 +477,9 @@ class UringBackend(Backend):
                              nbufs=ctx.option("uring_buffers", 1024), bufsize=bufsize,
                              entries=ctx.option("uring_entries", 1024), setup_flags=setup,
                              cq_entries=ctx.option("uring_cq_entries", 0) or 0,
-                             **self._options(ctx))
+                             tick_ms=0 if raw else max(1, int((ctx.limits.timer_tick() or 0) * 1000))
+                             if ctx.limits.timer_tick() else 0,
+                             **self._options(ctx), **self._core_options(lib))
         self.bufsize = bufsize
         self.ring_fd = lib.uc_ring_fd(self.core)   # -1 if it cannot be told (msg-ring refused)
         self.sqpoll_stat = _sqpoll_thread_stat() if self._options(ctx)["sqpoll_idle_ms"] else None
@@ -436,8 +490,15 @@ class UringBackend(Backend):
         extra["setup_flags"] = flag_names(lib.uc_setup_flags(self.core))
         extra["accept_mode"] = "multishot" if multishot else "single"
         for k in EXTRA_STATS + ("cqes_per_entry", "sqes_per_entry", "idle_timeouts",
-                                "header_timeouts", "sqpoll_cpu_ns"):
+                                "header_timeouts", "sqpoll_cpu_ns", "vol_ctx_switches"):
             extra[k] = 0  # every key exists from the start: snapshots iterate this dict
+        # An accept that loses the race on a shared socket is retried inside the kernel
+        # and never completes: not observable here (docs/uring.md, "What the accept race
+        # looks like").  With one socket per worker, or none, there is no race: 0 is true.
+        ctx.stats.lost_races = NOT_OBSERVABLE if ctx.accept == SHARED and ctx.listeners else 0
+        self._accept_backoffs_seen, self._backing_off = 0, False
+        self._status_path = f"/proc/self/task/{threading.get_native_id()}/status"
+        ctx.stats.refresh = self._refresh_switches
         lim = ctx.limits
         self.tick = lim.timer_tick()
         self.idle = lim.idle_timeout if lim.idle_timeout and lim.idle_timeout > 0 else 0.0
@@ -445,13 +506,36 @@ class UringBackend(Backend):
         self.sweep_ids = ffi.new("int32_t[]", SWEEP_MAX)
         self.sweep_ages = ffi.new("int32_t[]", SWEEP_MAX)
 
+    def _core_options(self, lib) -> dict:
+        """Extra core settings of a subclass (native-uring's C-protocol mode)."""
+        return {}
+
+    def _refresh(self) -> None:
+        """WorkerStats.refresh: snapshots (another thread) copy the C counters, so the
+        loop never pauses for them (aligned 64-bit reads of words only C writes)."""
+        self._sync_stats()
+        self._refresh_switches()
+
+    def _refresh_switches(self) -> None:
+        """WorkerStats.refresh (the snapshot's thread): this worker thread's voluntary
+        context switches, read from /proc here so the loop pays nothing for them."""
+        switches = voluntary_switches(self._status_path)
+        if switches is not None:
+            self.ctx.stats.extra["vol_ctx_switches"] = switches
+
     def _sync_stats(self) -> None:
         """Copy the C core's counters into WorkerStats (single writer: this worker)."""
         cs, st = self.cstats, self.ctx.stats
         st.bytes_out = cs.bytes_out
+        st.wakeups = cs.waits
         st.listen_wakeups = cs.accept_cqes
-        st.lost_races = cs.accept_eagain
         st.refused = cs.refused
+        backing_off = cs.accept_backoffs != self._accept_backoffs_seen
+        if backing_off and not self._backing_off:   # logged once per episode
+            log.warning("worker %d (%s): accept failed: %s; pausing the listener, retrying "
+                        "with back-off", self.ctx.index, self.name,
+                        os.strerror(cs.last_accept_error))
+        self._backing_off, self._accept_backoffs_seen = backing_off, cs.accept_backoffs
         st.accepted = cs.accepted
         if cs.handoff_lost and not st.extra.get("handoff_lost"):
             log.warning("worker %d (%s): out of fds, connections handed over were lost "
@@ -473,6 +557,8 @@ class UringBackend(Backend):
         lib = self.lib
         self.protos: dict[int, object] = {}
         self.stopping = False
+        self._process = self._batch_processor()
+        self.ctx.stats.refresh = self._refresh
         try:
             lib.uc_start(self.core)
             lib.uc_submit(self.core)
@@ -485,99 +571,131 @@ class UringBackend(Backend):
     def _serve(self) -> None:
         lib, core, ffi = self.lib, self.core, self.ffi
         wait, events, unpack = lib.uc_wait, lib.uc_events, ffi.unpack
-        stats = self.ctx.stats
-        stop = self.ctx.stop
         process = self._process
-        sync = self._sync_stats
-        protos = self.protos
-        monotonic = time.monotonic
-        tick = self.tick
-        tick_ms = max(1, int(tick * 1000)) if tick else -1
-        next_sweep = monotonic() + (tick or 0.0)
-        it = 0
+        ring_failed = self._ring_failed
+        # Per iteration only the wait and the batch: the C core bounds the wait by the
+        # timer tick while connections are open and reports the tick as EV_TICK; the
+        # counters are copied by the snapshot thread (WorkerStats.refresh); stop arrives
+        # as EV_STOP (the eventfd's poll on the ring).
         while not self.stopping:
-            # The coarse timer: bounded waits only while connections are open.
-            n = wait(core, tick_ms if protos else -1)
-            stats.wakeups += 1
-            if n:
+            n = wait(core, -1)
+            if n > 0:
                 process(unpack(events(core), 4 * n))
-            if tick:
-                now = monotonic()
-                if now >= next_sweep:
-                    next_sweep = now + tick
-                    self._sweep()
-                    sync()   # counters fresh at least once per tick, even when quiet
-            it += 1
-            if not it & 63:
-                sync()
-            if stop.is_set():
-                self.stopping = True
-        sync()
+            elif n < 0:
+                ring_failed(n)
+        self._sync_stats()
 
-    def _process(self, ev: list) -> None:
-        """Run the protocol for one batch of events (the hot path: locals only)."""
-        lib, core = self.lib, self.core
+    def _batch_processor(self):
+        """The hot path, built once: one batch of events through the protocol.  A
+        closure over everything it touches, so a batch costs no attribute lookups."""
+        backend, lib, core = self, self.lib, self.core
+        EV_DATA, EV_OPEN, EV_CLOSED, EV_EOF = lib.EV_DATA, lib.EV_OPEN, lib.EV_CLOSED, lib.EV_EOF
+        EV_DRAINED, EV_STOP, EV_TICK = lib.EV_DRAINED, lib.EV_STOP, lib.EV_TICK
         send_buf, send_copy, finish = lib.uc_send_buf, lib.uc_send_copy, lib.uc_finish
         from_buffer = self.ffi.from_buffer
         protos = self.protos
         pool = self.pool
         bsize = self.bufsize
         stats = self.ctx.stats
-        requests = bytes_in = 0
-        for i in range(0, len(ev), 4):
-            kind = ev[i]
-            cid = ev[i + 1]
-            if kind == 2:  # EV_DATA
-                proto = protos[cid]
-                if proto.closing:
-                    continue
-                length = ev[i + 3]
-                bid = ev[i + 2]
-                off = bid * bsize
-                data = pool[off:off + length]
-                bytes_in += length
-                try:
-                    out, k = proto.feed(data)
-                except Exception:  # noqa: BLE001 - a handler bug closes one connection only
-                    self._handler_failed(cid, proto)
-                    continue
-                requests += k
-                if out is data:
-                    send_buf(core, cid, bid, 0, length)
-                elif out:
-                    send_copy(core, cid, out if type(out) is bytes else from_buffer(out), len(out))
-                if proto.closing:
+        factory = self.ctx.protocol_factory
+        handler_failed, send_failed = self._handler_failed, self._send_failed
+
+        def process(ev: list) -> None:
+            requests = bytes_in = 0
+            for i in range(0, len(ev), 4):
+                kind = ev[i]
+                cid = ev[i + 1]
+                if kind == EV_DATA:
+                    proto = protos[cid]
+                    if proto.closing:
+                        continue
+                    length = ev[i + 3]
+                    off = ev[i + 2] * bsize
+                    data = pool[off:off + length]
+                    bytes_in += length
+                    try:
+                        out, k = proto.feed(data)
+                    except Exception:  # noqa: BLE001 - a handler bug closes one connection only
+                        data.release()
+                        handler_failed(cid, proto)
+                        continue
+                    requests += k
+                    if out is data:
+                        rc = send_buf(core, cid, ev[i + 2], 0, length)
+                    elif out:
+                        rc = send_copy(core, cid, out if type(out) is bytes else from_buffer(out),
+                                       len(out))
+                    else:
+                        rc = 0
+                    # The buffer returns to the kernel at the next wait: a protocol that
+                    # kept this view would read memory being rewritten.  Released, any
+                    # later use raises (a handler error on that connection) instead.
+                    try:
+                        data.release()
+                    except BufferError:   # it holds an export of the view: the same breach
+                        handler_failed(cid, proto)
+                        continue
+                    if rc < 0:
+                        send_failed(cid, rc)
+                    elif proto.closing:
+                        finish(core, cid)
+                elif kind == EV_OPEN:
+                    protos[cid] = factory()
+                    stats.open += 1
+                elif kind == EV_CLOSED:
+                    del protos[cid]
+                    stats.open -= 1
+                    stats.closed += 1
+                    if ev[i + 2]:
+                        stats.errors += 1
+                elif kind == EV_EOF:
+                    proto = protos[cid]
+                    try:
+                        out = proto.eof()
+                    except Exception:  # noqa: BLE001
+                        handler_failed(cid, proto)
+                        continue
+                    if out:
+                        rc = send_copy(core, cid, out if type(out) is bytes else from_buffer(out),
+                                       len(out))
+                        if rc < 0:
+                            send_failed(cid, rc)
+                            continue
                     finish(core, cid)
-            elif kind == 1:  # EV_OPEN
-                protos[cid] = self.ctx.protocol_factory()
-                stats.open += 1
-            elif kind == 4:  # EV_CLOSED
-                del protos[cid]
-                stats.open -= 1
-                stats.closed += 1
-                if ev[i + 2]:
-                    stats.errors += 1
-            elif kind == 3:  # EV_EOF
-                proto = protos[cid]
-                try:
-                    out = proto.eof()
-                except Exception:  # noqa: BLE001
-                    self._handler_failed(cid, proto)
-                    continue
-                if out:
-                    send_copy(core, cid, out if type(out) is bytes else from_buffer(out), len(out))
-                finish(core, cid)
-            elif kind == 6:  # EV_DRAINED: what the peer sent before stop has been answered
-                finish(core, cid)
-            elif kind == 5:  # EV_STOP
-                self.stopping = True
-        stats.requests += requests
-        stats.bytes_in += bytes_in
+                elif kind == EV_DRAINED:   # what the peer sent before stop has been answered
+                    finish(core, cid)
+                elif kind == EV_TICK:
+                    backend._sweep()
+                    if backend.ctx.stop.is_set():   # belt and braces: EV_STOP is the signal
+                        backend.stopping = True
+                elif kind == EV_STOP:
+                    backend.stopping = True
+            stats.requests += requests
+            stats.bytes_in += bytes_in
+
+        return process
+
+    def _send_failed(self, cid: int, rc: int) -> None:
+        """The core refused a response (-ENOMEM, -EMSGSIZE for >= 4 GiB, a failed ring):
+        that connection ends with an error rather than carrying on with a hole in its
+        output."""
+        log.warning("worker %d (%s): cannot send on connection id %d: %s; closing it",
+                    self.ctx.index, self.name, cid, os.strerror(-rc))
+        self.lib.uc_close(self.core, cid, 1)
+
+    def _ring_failed(self, rc: int) -> None:
+        """uc_wait < 0: the ring itself failed (a submit that could not flush the SQ,
+        CQEs the kernel dropped): this worker stops with that error; the server reports
+        it and stops the others (a server missing a worker is not serving)."""
+        raise OSError(-rc, f"worker {self.ctx.index} ({self.name}): io_uring failed: "
+                           f"{os.strerror(-rc)}")
 
     def _sweep(self) -> None:
         """Close connections past the idle timeout, or past the header timeout while
         their protocol holds a partial request (one C call lists the candidates)."""
         idle, hdr = self.idle, self.hdr
+        if not (idle or hdr):
+            return
         limit = min(t for t in (idle, hdr) if t)
         n = self.lib.uc_idle(self.core, int(limit * 1000), self.sweep_ids, self.sweep_ages, SWEEP_MAX)
         if not n:
@@ -608,8 +726,10 @@ class UringBackend(Backend):
         # One look without waiting: connections the dispatcher posted (msg-ring) before it
         # stopped are still task work of ours; they become CQEs, then connections to drain.
         n = lib.uc_wait(core, 0)
-        if n:
+        if n > 0:
             self._process(self.ffi.unpack(lib.uc_events(core), 4 * n))
+        elif n < 0:
+            self._ring_failed(n)
         deadline = time.monotonic() + self.ctx.limits.drain_timeout
         self._pump(lambda: lib.uc_nconns(core) > 0, deadline)
 
@@ -620,7 +740,8 @@ class UringBackend(Backend):
             if remaining <= 0:
                 break
             n = lib.uc_wait(core, max(1, int(remaining * 1000)))
-            self.ctx.stats.wakeups += 1
+            if n < 0:
+                break   # the ring failed: nothing more will complete (uc_free leaks what it must)
             if n:
                 self._process(ffi.unpack(lib.uc_events(core), 4 * n))
 
@@ -635,15 +756,19 @@ class UringBackend(Backend):
             # Closes released synchronously by uc_shutdown are reported by the next
             # wait even when nothing is left in flight: collect them.
             n = lib.uc_wait(core, 0)
-            if n:
+            if n > 0:
                 self._process(ffi.unpack(lib.uc_events(core), 4 * n))
             self._sync_stats()
+            self._refresh_switches()
+            self.ctx.stats.refresh = None   # the thread is about to go: keep the last figures
         finally:
             try:
                 self.pool.release()
             except BufferError:
                 pass  # only if a protocol kept the view it was fed (against its contract)
-            if lib.uc_free(core):
+            leaked = lib.uc_free(core)
+            if leaked:
                 log.warning("worker %d: io_uring operations still in flight at exit; "
-                            "buffer pool leaked rather than freed", self.ctx.index)
+                            "buffer pool (and %d send chunks a SEND_ZC may still read) "
+                            "leaked rather than freed", self.ctx.index, leaked - 1)
             self.core = None

@@ -4,7 +4,7 @@
 ``uring_core.c`` into ``parallelnet.backends._uring``.  No liburing header or library
 is needed to build: the C declares its own kernel-ABI structs and resolves liburing's
 functions with dlsym at run time from the PyPI wheel's ``liburing/liburing.so``
-(see DESIGN.md §4).  API mode, not ABI: each call costs about 2.5x less, the compiler
+(uring_core.c's opening comment).  API mode, not ABI: each call costs about 2.5x less, the compiler
 checks these declarations against the source, and cffi releases the GIL around every
 call, so ``uc_wait`` blocks in the kernel without holding it.
 
@@ -26,7 +26,11 @@ CDEF = """
 #define EV_CLOSED ...
 #define EV_STOP ...
 #define EV_DRAINED ...
+#define EV_TICK ...
 #define MAX_LISTENERS ...
+#define UC_PY ...
+#define UC_ECHO ...
+#define UC_HTTP ...
 #define IORING_SETUP_SQPOLL ...
 #define IORING_SETUP_SUBMIT_ALL ...
 #define IORING_SETUP_COOP_TASKRUN ...
@@ -43,7 +47,9 @@ struct uc_stats {
              accept_cqes, accepted, accept_eagain, accept_errors, refused, backpressure,
              zc_sends, copied_sends, recv_arms, partial_sends, accept_backoffs, max_pending,
              handoffs, handoff_lost, handoff_wakeups, fixed_files, sendzc_ops, sendzc_notifs,
-             idle_trims, msg_handoffs;
+             idle_trims, msg_handoffs, malloc_trims, sendzc_held_max, blocking_waits, empty_waits,
+             last_accept_error, failed, windowed_waits, window_us, arrival_per_s, accept_bursts,
+             ring_fd_registered, util_pct, window_bans, requests, opened, closed, errors, idle_timeouts, header_timeouts;
 };
 struct uc_config {
     unsigned entries, nbufs, bufsize, max_conns, setup_flags;
@@ -54,6 +60,10 @@ struct uc_config {
     unsigned accept_backoff_ms;
     int handoff_fd;
     unsigned fixed_files, sqpoll_idle_ms, zc_threshold;
+    unsigned latency_budget_us, tick_ms;
+    int cproto;
+    unsigned message_size, max_header_bytes, idle_ms, header_ms;
+    uint64_t max_body_bytes;
 };
 typedef struct uc_core uc_core;
 
@@ -81,6 +91,10 @@ int uc_nconns(uc_core *c);
 int uc_inflight(uc_core *c);
 int uc_check_opcodes(uc_core *c);
 int uc_opcode_supported(uc_core *c, int op);
+void uc_fail_submits(uc_core *c, int err);
+int uc_serve(uc_core *c);
+int uc_drain(uc_core *c, int timeout_ms);
+void uc_close_all(uc_core *c, int timeout_ms);
 int uc_idle(uc_core *c, int limit_ms, int32_t *ids, int32_t *ages_ms, int max);
 
 int uc_ring_fd(uc_core *c);
@@ -101,7 +115,8 @@ int uc_raw_wait(uc_core *c, int timeout_ms, uint64_t *ud, int32_t *res, uint32_t
 ffibuilder = cffi.FFI()
 ffibuilder.cdef(CDEF)
 with open(os.path.join(HERE, "uring_core.c")) as _f:
-    ffibuilder.set_source("parallelnet.backends._uring", _f.read(),
+    ffibuilder.set_source("parallelnet.backends._uring", _f.read(), include_dirs=[HERE],
+                          depends=[os.path.join(HERE, "proto_core.h")],
                           libraries=["dl"], extra_compile_args=["-O2", "-std=gnu11"])
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ import os
 import socket
 import time
 
-from parallelnet.backends.base import ACCEPT_BACKOFF_MAX, ACCEPT_RESOURCE_ERRORS
+from parallelnet.backends.base import ACCEPT_BACKOFF_MAX
 from parallelnet.backends.uring import UringBackend, sqpoll_cpu_ns
 from parallelnet.core.dispatch import HANDOFF_BATCH, receive_handoffs
 
@@ -36,6 +36,11 @@ ACCEPT, RECV, SEND, STOP, CANCEL, HANDOFF = 1, 2, 3, 4, 5, 6
 MSG = 7   # posted by the dispatcher's IORING_OP_MSG_RING (--uring-handoff msg-ring): res = fd
 F_BUFFER, F_MORE, BUF_SHIFT = 1, 2, 16
 BATCH = 1024
+#: accept errors that lose one connection, not the listener: re-armed at once.  Any other
+#: error (EMFILE..., or EINVAL/EBADF/ENOTSOCK: the listener is unusable) would fail again
+#: at once, so the listener pauses for a back-off instead of spinning through the ring.
+ACCEPT_ONE_LOST = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EINTR,
+                             errno.EAGAIN})
 
 
 class Conn:
@@ -69,7 +74,7 @@ class UringPyBackend(UringBackend):
         self.nbufs = self.ctx.option("uring_buffers", 1024)
         self.conns: dict[int, Conn] = {}
         self.next_cid = 1
-        self.starved: set[Conn] = set()
+        self.starved: dict[Conn, None] = {}   # ordered: re-armed first come, first served
         self.draining = self.stopping = self.shutting = False
         self.steps = 0
         self.lis = {i: s for i, s in enumerate(self.ctx.listeners)}
@@ -77,7 +82,10 @@ class UringPyBackend(UringBackend):
         self.extra = {"enobufs": 0, "zc_sends": 0, "copied_sends": 0, "partial_sends": 0,
                       "accept_errors": 0, "accept_backoffs": 0, "idle_timeouts": 0,
                       "header_timeouts": 0, "max_pending": 0, "handoffs": 0,
-                      "handoff_lost": 0, "handoff_wakeups": 0, "msg_handoffs": 0}
+                      "handoff_lost": 0, "handoff_wakeups": 0, "msg_handoffs": 0,
+                      "accept_eagain": 0}
+        self.lent = 0                 # provided buffers held by sends (the reserve's measure)
+        self.sock_kind = None         # (family, type, proto) of adopted sockets, see _adopt
         self.ctx.stats.extra.update(self.extra)
         self.paused_lis: dict[int, float] = {}   # listener index -> resume time (EMFILE back-off)
         self.backoff = self.ctx.limits.accept_backoff
@@ -104,10 +112,15 @@ class UringPyBackend(UringBackend):
 
     def _step(self, timeout_ms: int) -> None:
         ffi, lib = self.ffi, self.lib
-        for c in list(self.starved):   # ENOBUFS: re-arm once buffers are back
-            if not c.dead and c.reading and not c.recv_armed:
-                self._arm_recv(c)
-        self.starved.clear()
+        if self.starved:   # ENOBUFS: re-arm once buffers are back, no more than there are
+            budget = self.nbufs - self.lent
+            for c in list(self.starved):   # insertion order: the longest waiting first
+                if c.dead or not c.reading or c.recv_armed:
+                    del self.starved[c]
+                elif budget > 0:
+                    budget -= 1
+                    del self.starved[c]
+                    self._arm_recv(c)
         if not self.draining:
             if self.tick and self.conns:
                 left = max(1, int((self.next_sweep - self.now) * 1000) + 1)
@@ -121,6 +134,8 @@ class UringPyBackend(UringBackend):
                 else:
                     timeout_ms = left if timeout_ms < 0 else min(timeout_ms, left)
         n = lib.uc_raw_wait(self.core, timeout_ms, self.ud, self.res, self.fl, BATCH)
+        if n < 0:
+            self._ring_failed(n)
         self.now = now = time.monotonic()
         self.ctx.stats.wakeups += 1
         if n:
@@ -145,7 +160,7 @@ class UringPyBackend(UringBackend):
                     if self.shutting:
                         os.close(res)
                     else:
-                        self._open_conn(socket.socket(fileno=res))
+                        self._open_conn(self._adopt(res))
                 elif op == STOP and res != -errno.ECANCELED:
                     self.stopping = True
         if self.ctx.stop.is_set():
@@ -160,7 +175,7 @@ class UringPyBackend(UringBackend):
 
     def _sync(self) -> None:
         cs, extra = self.cstats, self.ctx.stats.extra
-        for k in ("entries", "sqes", "cqes", "cq_overflows"):
+        for k in ("entries", "sqes", "cqes", "cq_overflows", "blocking_waits", "empty_waits"):
             extra[k] = getattr(cs, k)
         extra.update(self.extra)
         extra["cqes_per_entry"] = round(cs.cqes / (cs.entries or 1), 3)
@@ -209,7 +224,7 @@ class UringPyBackend(UringBackend):
                             "(handoff_lost)", self.ctx.index, self.name)
             self.extra["handoff_lost"] += batch.lost
             for fd in batch.fds:
-                self._open_conn(socket.socket(fileno=fd))
+                self._open_conn(self._adopt(fd))
             if batch.closed:
                 self.handoff_closed = True  # the acceptor is gone: do not re-arm the poll
                 return
@@ -222,14 +237,16 @@ class UringPyBackend(UringBackend):
         if res >= 0 and self.shutting:
             os.close(res)
         elif res >= 0:
-            self._open_conn(socket.socket(fileno=res))
+            lsock = self.lis[i]
+            self._open_conn(socket.socket(lsock.family, lsock.type, lsock.proto, fileno=res))
             self.backoff = self.ctx.limits.accept_backoff
         elif res == -errno.EAGAIN:
-            stats.lost_races += 1
+            self.extra["accept_eagain"] += 1   # not produced by 6.x kernels: see uring.py
         elif res != -errno.ECANCELED:
             self.extra["accept_errors"] += 1
-            if -res in ACCEPT_RESOURCE_ERRORS and i not in self.paused_lis:
-                # Out of fds: re-arming now would fail now; pause, retry after a back-off.
+            if -res not in ACCEPT_ONE_LOST and i not in self.paused_lis:
+                # Re-arming now would fail now (out of fds, or the listener unusable):
+                # pause, retry after a back-off.
                 if self.backoff == self.ctx.limits.accept_backoff:
                     log.warning("worker %d (%s): accept failed: %s; pausing the listener",
                                 self.ctx.index, self.name, os.strerror(-res))
@@ -244,6 +261,20 @@ class UringPyBackend(UringBackend):
                 self._arm_accept(i)
             elif not self.shutting:
                 self._accept_backlog(self.lis[i])
+
+    def _adopt(self, fd: int) -> socket.socket:
+        """A socket object for a handed-over fd.  ``socket.socket(fileno=fd)`` alone asks
+        the kernel for its family, type and protocol (three syscalls); every handed-over
+        socket comes from the same listener, so they are asked once per worker."""
+        if self.sock_kind is None:
+            probe = socket.socket(fileno=fd)
+            self.sock_kind = (probe.family, probe.type, probe.proto)
+            return probe
+        return socket.socket(*self.sock_kind, fileno=fd)
+
+    def _ring_failed(self, rc: int) -> None:
+        raise OSError(-rc, f"worker {self.ctx.index} ({self.name}): io_uring failed: "
+                           f"{os.strerror(-rc)}")
 
     def _accept_backlog(self, lsock) -> None:
         while True:
@@ -303,7 +334,7 @@ class UringPyBackend(UringBackend):
             if self.draining:
                 self._read_remaining(c)
             else:
-                self.starved.add(c)
+                self.starved[c] = None
         elif res < 0 and res != -errno.ECANCELED:
             self._kill(c, True)
         elif self.draining and not c.closing:
@@ -322,6 +353,7 @@ class UringPyBackend(UringBackend):
         try:
             out, k = c.proto.feed(data)
         except Exception:  # noqa: BLE001
+            data.release()
             stats.handler_errors += 1
             log.exception("worker %d (%s): protocol %s failed on connection id %d fd %d; "
                           "closing that connection only", self.ctx.index, self.name,
@@ -330,16 +362,29 @@ class UringPyBackend(UringBackend):
             self._kill(c, True)
             return
         stats.requests += k
-        if out is data and c.inflight is None and not c.out and bid < self.nbufs:
+        # The provided buffer itself is sent (no copy) only while nothing is queued before
+        # it and the ring keeps a quarter in reserve: a slow reader's stuck send pins one
+        # buffer at most, and slow readers together never take the ring's last quarter.
+        if (out is data and c.inflight is None and not c.out and bid < self.nbufs
+                and self.lent + 1 <= self.nbufs - self.nbufs // 4):
             self.extra["zc_sends"] += 1
+            self.lent += 1
             self._submit(c, self.base + off, n, bid)  # the provided buffer itself
         else:
-            if bid < self.nbufs:
-                if out:
-                    self._queue(c, out)  # copies, then the buffer can go back
-                self.lib.uc_raw_recycle(self.core, bid)
-            elif out:
-                self._queue(c, out)
+            if out:
+                self._queue(c, out)  # copies, then the buffer can go back
+            self.lib.uc_raw_recycle(self.core, bid)
+        # A protocol that kept its view would read a buffer the kernel is rewriting:
+        # released, any later use raises (a handler error on that connection).
+        try:
+            data.release()
+        except BufferError:
+            stats.handler_errors += 1
+            log.error("worker %d (%s): protocol %s kept the buffer it was fed; closing "
+                      "connection id %d", self.ctx.index, self.name, type(c.proto).__name__,
+                      c.cid)
+            self._kill(c, True)
+            return
         if c.proto.closing:
             self._finish(c)
 
@@ -444,6 +489,7 @@ class UringPyBackend(UringBackend):
 
     def _recycle_inflight(self, c: Conn) -> None:
         if c.bid >= 0:
+            self.lent -= 1
             self.lib.uc_raw_recycle(self.core, c.bid)
         c.inflight, c.bid = None, -1
 
@@ -518,8 +564,15 @@ class UringPyBackend(UringBackend):
         for c in list(self.conns.values()):
             self._kill(c, False)
         deadline = time.monotonic() + 2.0
-        while lib.uc_inflight(self.core) > 0 and time.monotonic() < deadline:
-            self._step(max(1, int((deadline - time.monotonic()) * 1000)))
+        try:
+            while lib.uc_inflight(self.core) > 0 and time.monotonic() < deadline:
+                self._step(max(1, int((deadline - time.monotonic()) * 1000)))
+        except OSError:
+            pass   # the ring failed (the error is already on its way up): free what we can
         self._sync()
+        self._refresh_switches()
+        self.ctx.stats.refresh = None
         self.pool.release()
-        lib.uc_free(self.core)
+        if lib.uc_free(self.core):
+            log.warning("worker %d: io_uring operations still in flight at exit; "
+                        "buffer pool leaked rather than freed", self.ctx.index)

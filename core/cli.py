@@ -25,7 +25,7 @@ from parallelnet.core.dispatch import POLICIES
 from parallelnet.core.listeners import STRATEGIES, is_loopback, layout_of
 from parallelnet.core.protocols import PROTOCOLS
 from parallelnet.core.server import MODES, Server, ServerConfig
-from parallelnet.core.stats import Fairness, format_table
+from parallelnet.core.stats import Fairness, add_observable, fmt_observable, format_table
 
 ACCEPT_HELP = {
     SHARED: "one listening socket in every worker's loop; workers race to accept (the seed)",
@@ -160,7 +160,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
 def totals(snaps: list[dict]) -> dict:
     keys = ("accepted", "lost_races", "wakeups", "listen_wakeups", "requests",
             "bytes_in", "bytes_out", "open", "refused", "errors", "handler_errors")
-    out = {k: sum(s[k] for s in snaps) for k in keys}
+    out = {k: add_observable(s[k] for s in snaps) for k in keys}   # lost_races may be n/a
     out["cpu_s"] = sum(s["cpu_ns"] for s in snaps) / 1e9
     out["accept_jain"] = Fairness.of(s["accepted"] for s in snaps).jain
     out["request_jain"] = Fairness.of(s["requests"] for s in snaps).jain
@@ -172,7 +172,7 @@ def _interval_line(t: float, snaps: list[dict], prev: dict | None, dt: float) ->
     rate = (tot["requests"] - prev["requests"]) / dt if prev and dt > 0 else 0.0
     parts = [f"[{t:7.1f}s] {rate:10.0f} req/s  open {tot['open']:5d}"]
     for s in snaps:
-        parts.append(f"w{s['index']}@{s['cpu']} acc {s['accepted']} lost {s['lost_races']} "
+        parts.append(f"w{s['index']}@{s['cpu']} acc {s['accepted']} lost {fmt_observable(s['lost_races'])} "
                      f"req {s['requests']}")
     return " | ".join(parts)
 

@@ -34,6 +34,7 @@ COUNTERS = (
     "listen_wakeups",   # wakeups in which a listening socket was reported ready
     "accepted",         # connections this worker won
     "lost_races",       # listen wakeups that found the accept queue already empty
+                        # (None: not observable by this backend, see NOT_OBSERVABLE)
     "closed",           # connections closed (any reason)
     "refused",          # accepted then closed at once (over a limit, fd too high for select)
     "errors",           # connections that ended in an I/O error (reset, ...)
@@ -56,6 +57,31 @@ EXTRA_COUNTERS = {
     "handoff_lost": "hand-offs the kernel dropped (MSG_CTRUNC: out of fds)",
     "rotations": "listener re-adds of --accept exclusive-rotate",
 }
+
+
+#: The value of a counter a backend cannot observe (io_uring's lost accept races happen
+#: inside the kernel and never complete): ``None``, never a 0 that reads as measured.
+#: Sums and deltas that meet one are ``None`` too; tables print ``n/a``.
+NOT_OBSERVABLE = None
+
+
+def add_observable(values):
+    """Sum of counters, ``None`` if any of them is not observable."""
+    total = 0
+    for v in values:
+        if v is None:
+            return None
+        total += v
+    return total
+
+
+def delta_observable(before, after):
+    """``after - before``, ``None`` if either is not observable."""
+    return None if before is None or after is None else after - before
+
+
+def fmt_observable(value) -> str:
+    return "n/a" if value is None else str(value)
 
 
 class WorkerStats:
@@ -223,7 +249,7 @@ def format_table(snaps: list[dict], elapsed: float | None = None) -> str:
         psr = s["last_cpu"] if s["last_cpu"] is not None else "-"
         lines.append(
             f"{s['index']:>3} {s['pid']:>7} {s['tid']:>7} {str(s['cpu']):>3} {psr:>3} {pcpu} "
-            f"{s['user_s']:>7.2f} {s['sys_s']:>7.2f} {s['accepted']:>8} {s['lost_races']:>6} "
+            f"{s['user_s']:>7.2f} {s['sys_s']:>7.2f} {s['accepted']:>8} {fmt_observable(s['lost_races']):>6} "
             f"{s['wakeups']:>8} {s['listen_wakeups']:>7} {s['requests']:>9} {s['bytes_in']:>10} "
             f"{s['bytes_out']:>10} {s['open']:>5}")
     for name in ("accepted", "requests"):
@@ -231,9 +257,12 @@ def format_table(snaps: list[dict], elapsed: float | None = None) -> str:
         lines.append(f"{name}: total {fair.total}, max/min {fair.max_min:.2f}, "
                      f"Jain {fmt_jain(fair.jain)}, shares "
                      + "/".join(f"{100 * x:.0f}%" for x in fair.shares))
-    lost = sum(s["lost_races"] for s in snaps)
+    lost = add_observable(s["lost_races"] for s in snaps)
     lwake = sum(s["listen_wakeups"] for s in snaps)
-    if lwake:
+    if lwake and lost is None:
+        lines.append(f"accept races: {lwake} listen wakeups, lost n/a (not observable: "
+                     "the kernel retries a lost accept itself)")
+    elif lwake:
         lines.append(f"accept races: {lwake} listen wakeups, {lost} lost "
                      f"({100 * lost / lwake:.1f}%)")
     return "\n".join(lines)

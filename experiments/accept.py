@@ -26,7 +26,7 @@ import time
 
 from parallelnet.backends.base import registry
 from parallelnet.core.listeners import layout_of
-from parallelnet.core.stats import jain_index, max_min_ratio
+from parallelnet.core.stats import add_observable, jain_index, max_min_ratio
 from parallelnet.experiments.harness import (
     NoiseProbe, RunCounter, bench_lock, bound_of, common_bound, prefer_quiet, read_records, result_dir,
     start_server, window,
@@ -56,14 +56,14 @@ def one_run(backend: str, strategy: str, mode: str, args, outdir: str, tag: str)
     win = window(srv.stats_path, t0, t0 + args.duration)
     accepted = [w["accepted"] for w in win["workers"]]
     over_time = share_over_time(srv.stats_path, t0, t0 + args.duration)
-    lost = sum(w["lost_races"] for w in win["workers"])
+    lost = add_observable(w["lost_races"] for w in win["workers"])   # None: not observable
     lwake = sum(w["listen_wakeups"] for w in win["workers"])
     total = sum(accepted)
     return {
         "backend": backend, "strategy": strategy, "mode": mode, "workers": args.workers,
         "accepted": accepted, "shares": [a / total if total else 0.0 for a in accepted],
         "lost_races": lost, "listen_wakeups": lwake,
-        "lost_per_accept": lost / total if total else 0.0,
+        "lost_per_accept": None if lost is None else lost / total if total else 0.0,
         "max_min": max_min_ratio(accepted), "jain": jain_index(accepted),
         "conn_rate": res.rps, "p99_us": res.latency.get("p99"),
         "p50_us": res.latency.get("p50"), "client_errors": res.errors_total,
@@ -120,7 +120,7 @@ def main(argv=None) -> int:
                     rec["rep"] = rep
                     runs.append(rec)
                     print(f"{counter.tick()} {tag:28s} accepts {'/'.join(map(str, rec['accepted'])):>15s} "
-                          f"lost/acc {rec['lost_per_accept']:.3f} jain {rec['jain']:.3f} "
+                          f"lost/acc {_f3(rec['lost_per_accept'])} jain {rec['jain']:.3f} "
                           f"{rec['conn_rate']:7.0f} conn/s p99 {rec['p99_us'] or 0:7.0f} us"
                           f" bound {rec['bound']}{'  NOISY' if rec['noise']['noisy'] else ''}", flush=True)
     summary = summarize(runs)
@@ -138,7 +138,7 @@ def summarize(runs: list[dict]) -> list[dict]:
     for backend, strategy in keys:
         rs = [r for r in runs if r["backend"] == backend and r["strategy"] == strategy]
         clean, dropped, all_noisy = prefer_quiet(rs, lambda r: r["noise"]["noisy"])
-        med = lambda k: statistics.median(r[k] for r in clean if r[k] is not None)  # noqa: E731
+        med = lambda k: statistics.median([r[k] for r in clean if r[k] is not None] or [None])  # noqa: E731
         rows.append({
             "backend": backend, "strategy": strategy, "n": len(clean), "noisy": dropped,
             "bound": common_bound(clean),
@@ -154,12 +154,16 @@ def summarize(runs: list[dict]) -> list[dict]:
     return rows
 
 
+def _f3(x) -> str:
+    return "n/a" if x is None else f"{x:.3f}"   # None: lost races not observable (io_uring)
+
+
 def format_summary(rows: list[dict]) -> str:
     out = [f"{'backend':9s} {'strategy':10s} {'n':>2s} {'w0 share':>8s} {'lost/accept':>11s} "
            f"{'max/min':>7s} {'Jain':>5s} {'(range)':>13s} {'conn/s':>7s} {'p99 us':>7s} bound"]
     for r in rows:
         out.append(f"{r['backend']:9s} {r['strategy']:10s} {r['n']:2d} {100 * r['share_w0']:7.0f}% "
-                   f"{r['lost_per_accept']:11.3f} {r['max_min']:7.2f} {r['jain']:5.3f} "
+                   f"{_f3(r['lost_per_accept']):>11s} {r['max_min']:7.2f} {r['jain']:5.3f} "
                    f"({r['jain_range'][0]:.3f}-{r['jain_range'][1]:.3f}) {r['conn_rate']:7.0f} "
                    f"{r['p99_us']:7.0f} {r.get('bound', '?')}"
                    f"{'  NOISY (every run)' if r.get('all_noisy') else ''}")

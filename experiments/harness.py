@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass, field
 
 from parallelnet.core.launch import spawn_server
+from parallelnet.core.stats import add_observable, delta_observable
 from parallelnet.experiments.analysis import prefer_quiet  # noqa: F401 - re-exported
 
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -211,15 +212,13 @@ def window(stats_path: str, t0: float, t1: float) -> dict:
             "bytes_out", "cpu_ns", "user_s", "sys_s")
     workers = []
     for a, b in zip(first["workers"], last["workers"]):
-        # A counter a backend cannot observe is None (io_uring's lost races): it stays None.
-        d = {k: None if a.get(k) is None or b.get(k) is None else b[k] - a[k] for k in keys}
+        d = {k: delta_observable(a[k], b[k]) for k in keys}   # lost_races may be n/a (None)
         d["index"], d["cpu"] = b["index"], b["cpu"]
         ea, eb = a.get("extra", {}), b.get("extra", {})
         d["extra"] = {k: eb[k] - ea[k] for k in eb
                       if isinstance(eb[k], (int, float)) and isinstance(ea.get(k), (int, float))}
         workers.append(d)
-    total = {k: None if any(w[k] is None for w in workers) else sum(w[k] for w in workers)
-             for k in keys}
+    total = {k: add_observable(w[k] for w in workers) for k in keys}
     req = max(total["requests"], 1)
     total.update(seconds=last["t"] - first["t"],
                  cpu_us_per_req=total["cpu_ns"] / 1e3 / req,

@@ -33,7 +33,8 @@ def test_stop_without_traffic_counts_no_accept_race(backend, tmp_path):
     time.sleep(0.3)
     final = srv.stop()
     for w in final["workers"]:
-        assert (w["listen_wakeups"], w["lost_races"], w["accepted"]) == (0, 0, 0), w
+        # lost_races is None where the backend cannot observe them (io_uring)
+        assert (w["listen_wakeups"], w["lost_races"] or 0, w["accepted"]) == (0, 0, 0), w
 
 
 def test_drain_that_cannot_flush_does_not_spin(backend, tmp_path):

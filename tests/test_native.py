@@ -64,6 +64,15 @@ CASES = [
     b"GET / HTTP/1.1\r\n" + H + b"X: " + b"a" * 9000 + b"\r\n\r\n",
     b"GET / HTTP/1.1\r\n" + H + b"X: \x01\r\n\r\n",
     b"GET / HTTP/1.1\r\n" + H,  # incomplete: nothing
+    b"GET /bytes/0 HTTP/1.1\r\n" + H + b"\r\n",
+    b"GET /bytes/1000 HTTP/1.1\r\n" + H + b"\r\n",
+    b"HEAD /bytes/77 HTTP/1.1\r\n" + H + b"\r\n",
+    b"GET /bytes/0042?q HTTP/1.1\r\n" + H + b"\r\n",
+    b"GET /bytes/16777217 HTTP/1.1\r\n" + H + b"\r\n",
+    b"GET /bytes/123456789 HTTP/1.1\r\n" + H + b"\r\n",
+    b"GET /bytes/-1 HTTP/1.1\r\n" + H + b"\r\n",
+    b"GET /bytes/ HTTP/1.1\r\n" + H + b"\r\n",
+    b"GET http://x/bytes/9 HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",
 ]
 
 
@@ -76,10 +85,11 @@ def _python_answer(req: bytes) -> bytes:
     return out
 
 
-@pytest.fixture(scope="module")
-def native_http(tmp_path_factory):
-    require_backend("native")
-    srv = start_server(tmp_path_factory.mktemp("nat"), "--backend", "native", "--workers", "1",
+@pytest.fixture(scope="module", params=["native", "native-uring"])
+def native_http(tmp_path_factory, request):
+    """The two C HTTP servers (epoll and io_uring), one shared proto_core.h."""
+    require_backend(request.param)
+    srv = start_server(tmp_path_factory.mktemp("nat"), "--backend", request.param, "--workers", "1",
                        "--protocol", "http")
     yield srv
     assert srv.stop()["clean"]
@@ -106,6 +116,30 @@ def test_c_http_split_at_every_byte(native_http, step):
         s.shutdown(socket.SHUT_WR)
         got = recv_until_eof(s)
     assert DATE.sub(b"", got) == DATE.sub(b"", _python_answer(req))
+
+
+@pytest.mark.parametrize("backend", ["native", "native-uring", "epoll"])
+def test_bytes_route_keepalive_pipelined_byte_exact(backend, tmp_path):
+    """GET /bytes/N from the C HTTP code (native, native-uring) and the Python protocol
+    (epoll): keep-alive, pipelined, sizes across buffer and chunk boundaries, byte-exact."""
+    require_backend(backend)
+    srv = start_server(tmp_path, "--backend", backend, "--workers", "1", "--protocol", "http")
+    sizes = [0, 1, 64, 16383, 16384, 100_000, 1 << 20, 4 << 20]
+    reqs = b"".join(b"GET /bytes/%d HTTP/1.1\r\n" % n + H + b"\r\n" for n in sizes)
+    expected = b"".join(_python_answer_keep(b"GET /bytes/%d HTTP/1.1\r\n" % n + H + b"\r\n")
+                        for n in sizes)
+    with srv.connect(timeout=20) as s:
+        for _ in range(2):   # keep-alive: the same connection twice
+            s.sendall(reqs)
+            got = recv_exactly(s, len(expected))
+            assert DATE.sub(b"", got) == DATE.sub(b"", expected)
+    final = srv.stop()
+    assert final["totals"]["requests"] == 2 * len(sizes) and final["clean"]
+
+
+def _python_answer_keep(req: bytes) -> bytes:
+    out, _ = HttpProtocol().feed(req)
+    return bytes(out)
 
 
 def _interval_records(path):

@@ -669,3 +669,56 @@ def test_parse_cache_gives_same_answers_cold_and_warm():
     warm = feed_all(HttpProtocol(), [FIXED_STREAM])
     assert cold == warm == (FIXED_EXPECTED, 7)
     assert len(http_mod._CACHE) <= http_mod._CACHE_MAX_ENTRIES
+
+
+# -- GET /bytes/N: a response of a chosen size (payload-size experiments) ------------------
+
+def bytes_response(n: int, *, head: bool = False, conn: bytes | None = None) -> bytes:
+    """Restated from the docstring: the 64-byte pattern repeated, N bytes."""
+    pattern = b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ+/"
+    out = (b"HTTP/1.1 200 OK\r\nServer: parallelnet\r\nContent-Type: application/octet-stream\r\n"
+           b"Content-Length: " + str(n).encode() + b"\r\nDate: " + DATE + b"\r\n")
+    if conn is not None:
+        out += b"Connection: " + conn + b"\r\n"
+    body = (pattern * (n // 64 + 1))[:n]
+    return out + b"\r\n" + (b"" if head else body)
+
+
+def bytes_get(path: bytes, method: bytes = b"GET", extra: bytes = b"") -> bytes:
+    return method + b" " + path + b" HTTP/1.1\r\nHost: t\r\n" + extra + b"\r\n"
+
+
+@pytest.mark.parametrize("n", [0, 1, 63, 64, 65, 1000, 65536, 16 * 1024 * 1024])
+def test_bytes_route_answers_exactly_n_bytes(n):
+    out, k = HttpProtocol().feed(bytes_get(b"/bytes/" + str(n).encode()))
+    assert k == 1 and out == bytes_response(n)
+
+
+@pytest.mark.parametrize("path", [b"/bytes/16777217", b"/bytes/", b"/bytes/abc", b"/bytes/-1",
+                                  b"/bytes/+5", b"/bytes/123456789", b"/bytes/1x", b"/bytes",
+                                  b"/bytes/5/"])
+def test_bytes_route_out_of_range_or_malformed_is_404(path):
+    p = HttpProtocol()
+    out, k = p.feed(bytes_get(path))
+    assert k == 1 and out == response(b"404 Not Found", b"Not Found") and not p.closing
+
+
+def test_bytes_route_head_query_and_leading_zeros():
+    p = HttpProtocol()
+    out, _ = p.feed(bytes_get(b"/bytes/10", b"HEAD"))
+    assert out == bytes_response(10, head=True)
+    assert p.feed(bytes_get(b"/bytes/0007?x=1"))[0] == bytes_response(7)
+
+
+def test_bytes_route_keepalive_pipelined_and_close():
+    stream = (bytes_get(b"/bytes/100") + bytes_get(b"/") + bytes_get(b"/bytes/3", extra=b"Connection: close\r\n")
+              + bytes_get(b"/bytes/5"))
+    p = HttpProtocol()
+    out, k = p.feed(stream)
+    assert k == 3 and p.closing
+    assert out == bytes_response(100) + OK + bytes_response(3, conn=b"close")
+    # Split at every byte: the same answers.
+    p, got = HttpProtocol(), b""
+    for i in range(len(stream)):
+        got += bytes(p.feed(stream[i:i + 1])[0])
+    assert got == out

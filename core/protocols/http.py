@@ -5,6 +5,13 @@
 ``Content-Length: 13`` and ``Date`` (IMF-fixdate, rebuilt at most once per second).
 ``HEAD`` gets the same headers and no body.  Responses are always ``HTTP/1.1``.
 
+``GET /bytes/N`` (for payload-size experiments) answers ``200 OK`` with
+``Content-Type: application/octet-stream`` and a body of exactly N bytes, the 64-byte
+``BYTES_PATTERN`` repeated (so order is checkable byte for byte).  N is 1 to 8 ASCII
+digits with a value of at most ``BYTES_MAX`` (16 MiB); anything else under ``/bytes/``
+(no digits, a sign, more digits, a larger value) is ``404 Not Found`` like any unknown
+path: there is no such resource.  ``HEAD`` gets the headers (Content-Length N) only.
+
 Rules of RFC 9112 (and RFC 9110 where it defines the semantics) applied here:
 
 * Message framing (9112 §2.1-2.2): every line of the header section ends in CRLF and the
@@ -96,9 +103,9 @@ def _idx(spec: int, head: int, conn: int) -> int:
 _FIRST_ERROR = _idx(_S400, 0, 0)  # table indexes from here on are error answers
 
 
-def _error(spec: int, head: int = 0) -> tuple[int, int, bool, int]:
+def _error(spec: int, head: int = 0) -> tuple[int, int, bool, int, int]:
     """A parse result for an error answer (always closes)."""
-    return (_idx(spec, head, _CLOSE), 0, True, head)
+    return (_idx(spec, head, _CLOSE), 0, True, head, -1)
 
 
 _R400 = _error(_S400)
@@ -124,12 +131,15 @@ def _build_table(date_line: bytes) -> list[bytes]:
 
 _TABLE_SEC = -1
 _TABLE: list[bytes] = []
+_DATE_LINE = b""
+_BODY = b""   # BYTES_PATTERN repeated, grown on demand to the largest N asked so far
 
 
 def _refresh(now: int) -> list[bytes]:
     """Rebuild every response for the wall-clock second ``now``."""
-    global _TABLE, _TABLE_SEC
-    table = _build_table(b"Date: " + formatdate(now, usegmt=True).encode() + b"\r\n")
+    global _TABLE, _TABLE_SEC, _DATE_LINE
+    _DATE_LINE = b"Date: " + formatdate(now, usegmt=True).encode() + b"\r\n"
+    table = _build_table(_DATE_LINE)
     _TABLE = table  # table first: a racing reader at worst sees a 1 s old Date
     _TABLE_SEC = now
     return table
@@ -148,17 +158,39 @@ _HOST = re.compile(
     rb"(?:\[[0-9A-Fa-f:.vV\-_~!$&'()*+,;=]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(?::[0-9]*)?"
 )
 _ROUTES = frozenset((b"/", b"/plaintext"))
+_BYTES_ROUTE = re.compile(rb"/bytes/([0-9]{1,8})")
+BYTES_MAX = 16 * 1024 * 1024
+BYTES_PATTERN = b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ+/"
 _OWS = b" \t"
 
-_CACHE: dict[bytes, tuple[int, int, bool, int]] = {}
+_CACHE: dict[bytes, tuple[int, int, bool, int, int]] = {}
 _CACHE_MAX_ENTRIES = 256
 _CACHE_MAX_KEY = 512
 
 
-def _parse(block: bytes) -> tuple[int, int, bool, int]:
+def _bytes_answer(nbytes: int, idx: int) -> bytes:
+    """The answer to GET/HEAD /bytes/N (``idx``: the 200 entry, for HEAD and connection)."""
+    global _BODY
+    head = idx // 3 % 2
+    out = (b"HTTP/1.1 200 OK\r\nServer: parallelnet\r\nContent-Type: application/octet-stream\r\n"
+           b"Content-Length: " + str(nbytes).encode() + b"\r\n" + _DATE_LINE + _CONN_LINES[idx % 3]
+           + b"\r\n")
+    if head or not nbytes:
+        return out
+    if len(_BODY) < nbytes:
+        _BODY = BYTES_PATTERN * (max(nbytes, 2 * len(_BODY)) // len(BYTES_PATTERN) + 1)
+    return out + _BODY[:nbytes]
+
+
+def _answer(table: list[bytes], r) -> bytes:
+    return table[r[0]] if r[4] < 0 else _bytes_answer(r[4], r[0])
+
+
+def _parse(block: bytes) -> tuple[int, int, bool, int, int]:
     """Parse one header section (without its final CRLFCRLF, no leading CRLF).
 
-    Returns ``(table index, content length, close after answering, is HEAD)``.  The
+    Returns ``(table index, content length, close after answering, is HEAD, N)``, N >= 0
+    for GET/HEAD /bytes/N (answered by ``_bytes_answer``), else -1.  The
     result depends only on ``block`` (limits are checked by the caller), so it can be
     memoised.  Syntax errors come first, so any bare LF/CR yields the plain 400.
     """
@@ -217,6 +249,7 @@ def _parse(block: bytes) -> tuple[int, int, bool, int]:
     else:
         conn = _KEEP10 if b"keep-alive" in tokens else _CLOSE
 
+    nbytes = -1
     if method != b"GET" and not head:
         spec = _S405
     else:
@@ -227,8 +260,14 @@ def _parse(block: bytes) -> tuple[int, int, bool, int]:
             if m is None:
                 return _error(_S400, head)
             path = m.group(1) or b"/"
-        spec = _S200 if path in _ROUTES else _S404
-    return (_idx(spec, head, conn), clen, conn == _CLOSE, head)
+        if path in _ROUTES:
+            spec = _S200
+        else:
+            m = _BYTES_ROUTE.fullmatch(path)
+            if m is not None and int(m.group(1)) <= BYTES_MAX:
+                nbytes = int(m.group(1))
+            spec = _S200 if nbytes >= 0 else _S404
+    return (_idx(spec, head, conn), clen, conn == _CLOSE, head, nbytes)
 
 
 # ---------------------------------------------------------------- protocol
@@ -283,7 +322,7 @@ class HttpProtocol(Protocol):
                         if len(_CACHE) >= _CACHE_MAX_ENTRIES:
                             _CACHE.clear()
                         _CACHE[block] = r
-                idx, clen, close, head = r
+                idx, clen, close, head, nbytes = r
                 pos = end + 4
                 if clen:
                     if clen > self.max_body_bytes:
@@ -296,7 +335,7 @@ class HttpProtocol(Protocol):
                         self._pending = r
                         break
                     pos += clen
-                out.append(table[idx])
+                out.append(table[idx] if nbytes < 0 else _bytes_answer(nbytes, idx))
                 n += 1
                 if close:
                     self.closing = True
@@ -350,7 +389,7 @@ class HttpProtocol(Protocol):
             r, self._pending = self._pending, None
             now = int(_time())
             table = _TABLE if now == _TABLE_SEC else _refresh(now)
-            out = [table[r[0]]]
+            out = [_answer(table, r)]
             if r[2]:
                 self.closing = True
                 return None, out, 1
