@@ -128,10 +128,21 @@ def reproduce_main(argv: list[str] | None = None) -> int:
     names = args.only or cited_experiments()
     t0 = time.monotonic()
     produced: dict[str, list[str]] = {}
+    failed: dict[str, str] = {}
     for k, name in enumerate(names):
         print(f"=== [{k + 1}/{len(names)}] {name} ({args.preset}), "
               f"{(time.monotonic() - t0) / 60:.1f} min so far", flush=True)
-        produced[name] = run_one(name, args.preset, args.out, allow_dirty=args.allow_dirty)
+        try:
+            produced[name] = run_one(name, args.preset, args.out, allow_dirty=args.allow_dirty)
+        except RuntimeError as exc:   # points failed: keep going, report, do not pin it
+            failed[name] = str(exc)
+            print(f"=== {name} FAILED: {exc}", flush=True)
+    if failed:
+        print("failed (not pinned): " + "; ".join(f"{k}: {v}" for k, v in failed.items()),
+              file=sys.stderr)
+        if not args.no_paper:
+            repin(produced)
+        return 1
     if not args.no_paper:
         repin(produced)
         from parallelnet.experiments.paper_pins import build_paper

@@ -131,7 +131,9 @@ def run_point(point: Point, ctx: Context) -> dict:
     rec["accept_share"] = [a / sum(acc) if sum(acc) else None for a in acc]
     rec["request_share"] = [r / sum(req) if sum(req) else None for r in req]
     rec["worker_cpu_util"] = [c / rec["window_s"] for c in cpu]
-    rec["lost_per_wakeup"] = [w["lost_races"] / w["listen_wakeups"] if w["listen_wakeups"] else None
+    # None where the backend cannot observe lost races (io_uring on a shared socket).
+    rec["lost_per_wakeup"] = [w["lost_races"] / w["listen_wakeups"]
+                              if w["listen_wakeups"] and w["lost_races"] is not None else None
                               for w in ws]
     return rec
 
