@@ -141,7 +141,32 @@ def summarize(records: list[dict], p: dict) -> Summary:
             ["backend", "strategy", "N", "n", "server µs/conn (min–max)", "lost/accept",
              "listen wakeups/accept", "voluntary cs/accept", "involuntary cs/accept", "Jain",
              "conn/s", "p99 µs"], rows,
-            note="n/a: not observable with this backend (io_uring accepts wait inside the kernel)."))
+            note="n/a: not observable with this backend (io_uring accepts wait inside the kernel).",
+            key=placement))
+    # The herd's price: the shared socket against each race-free control, same N, paired.
+    rows = []
+    backends = sorted({c.split("/")[0] for c in cfgs})
+    controls = [st for st in ("reuseport", "dispatch") if any(c.endswith("/" + st) for c in cfgs)]
+    for placement in p["placements"]:
+        for b in backends:
+            if f"{b}/shared" not in cfgs:
+                continue
+            for ctrl in controls:
+                if f"{b}/{ctrl}" not in cfgs:
+                    continue
+                cells = []
+                for n in p["workers"]:
+                    rr = _paired_cfgs(records, f"{b}/shared/{placement}/n={n}",
+                                      f"{b}/{ctrl}/{placement}/n={n}")
+                    s.values[f"vs.{b}.shared.{ctrl}.{placement}.n={n}"] = rr
+                    cells.append(analysis.fmt_ratio(rr) if rr else "–")
+                rows.append([b, placement, f"shared ÷ {ctrl}", *cells])
+    if rows:
+        s.tables.append(Table(
+            "The price of the race: server CPU per connection, shared socket ÷ a race-free control",
+            ["backend", "placement", "ratio"] + [f"N={n}" for n in p["workers"]], rows,
+            note="Paired within each repetition (same N, same placement, back to back); median "
+                 "[bootstrap 95% CI] n=pairs.", key="versus"))
     # Findings: CPU per connection at the largest N relative to N=1, shared vs controls.
     nmax, nmin = max(p["workers"]), min(p["workers"])
     for placement in p["placements"]:
@@ -163,6 +188,12 @@ def summarize(records: list[dict], p: dict) -> Summary:
         s.tables.append(Table("Backends not run", ["backend", "why"],
                               [[b, why] for b, why in p["skipped"].items()]))
     return s
+
+
+def _paired_cfgs(records, a: str, b: str):
+    ra = {r["rep"]: r["server"]["cpu_us_per_req"] for r in records if r["config"] == a}
+    rb = {r["rep"]: r["server"]["cpu_us_per_req"] for r in records if r["config"] == b}
+    return analysis.ratio_summary(analysis.paired(ra, rb))
 
 
 def _paired_growth(records, cfg, placement, n_hi, n_lo):

@@ -122,7 +122,8 @@ def summarize(records: list[dict], p: dict) -> Summary:
     s.tables.append(Table(
         "Throughput at saturation and server CPU per request vs workers",
         ["backend", "mode", "workers", "n", "req/s (min–max)", "× 1 worker", "server µs/req", "bound"],
-        rows, note="A client-bound or shared-CPU row measures the client as much as the server."))
+        rows, note="A client-bound or shared-CPU row measures the client as much as the server.",
+        key="all"))
     top = counts[-1]
     for cfg in cfgs:
         v = s.values.get(f"{cfg}.w={top}")

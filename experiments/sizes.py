@@ -114,7 +114,7 @@ def summarize(records: list[dict], p: dict) -> Summary:
         ["workload", "load", "config", "n", "server µs/req (min–max)", "µs per KiB", "req/s",
          "p50 µs", "p99 µs", f"× {base} (paired, 95% CI)", "bound"], rows,
         note="uring-zc: IORING_OP_SEND_ZC for sends of 16 KiB or more; on loopback the kernel "
-             "copies anyway."))
+             "copies anyway.", key="all"))
     for label in labels:
         if label == base:
             continue
@@ -149,8 +149,30 @@ def figures(summary: Summary, records: list[dict], ctx: Context) -> list[str]:
                     series[f"{proto}, {'fixed rate' if load == 'rate' else 'saturation'}|{label}"] = pts
     panels = sorted({k.split("|")[0] for k in series})
     path = f"{ctx.outdir}/sizes.png"
-    return [plots.lines(series, path, "payload bytes (log)", "server CPU µs per KiB (log)",
-                        title="Cost per KiB by payload size", logy=True, panels=panels, logx=True)]
+    out = [plots.lines(series, path, "payload bytes (log)", "server CPU µs per KiB (log)",
+                       title="Cost per KiB by payload size", logy=True, panels=panels, logx=True)]
+    base = p.get("baseline", "epoll")
+    ratios = {}
+    for label in p.get("ran") or []:
+        if label == base:
+            continue
+        for proto in ("echo", "http"):
+            for load in ("rate", "sat"):
+                pts = []
+                for pr, size, _ in workloads(p):
+                    v = summary.values.get(f"{label}/{pr}-{size}/{load}")
+                    if pr == proto and v and v.get("ratio"):
+                        r = v["ratio"]
+                        pts.append((size, r["median"], r["ci95"][0], r["ci95"][1]))
+                if pts:
+                    ratios[f"{proto}, {'fixed rate' if load == 'rate' else 'saturation'}|{label}"] = pts
+    if ratios:
+        out.append(plots.lines(ratios, f"{ctx.outdir}/sizes-ratio.png", "payload bytes (log)",
+                               f"server CPU per request ÷ {base}'s (paired)",
+                               title=f"What each configuration buys over {base}, by payload",
+                               hline=1.0, panels=sorted({k.split("|")[0] for k in ratios}),
+                               logx=True, ylim0=False))
+    return out
 
 
 CONFIGS = ["epoll", "uring", "uring-zc=uring:--uring-zc-threshold 16384", "native", "native-uring"]
