@@ -20,7 +20,7 @@ Per point, over the measured window:
 
 io_uring: an accept that finds the queue empty arms a poll with EPOLLEXCLUSIVE inside the
 kernel and retries when woken; a ring whose retry finds the queue empty stays armed, so
-lost races are *not observable* (n/a) and its wake-ups are inside the kernel; context
+lost races are *unobservable* and its wake-ups are inside the kernel; context
 switches per accept and CPU per connection remain comparable.
 """
 
@@ -141,7 +141,8 @@ def summarize(records: list[dict], p: dict) -> Summary:
             ["backend", "strategy", "N", "n", "server µs/conn (min–max)", "lost/accept",
              "listen wakeups/accept", "voluntary cs/accept", "involuntary cs/accept", "Jain",
              "conn/s", "p99 µs"], rows,
-            note="n/a: not observable with this backend (io_uring accepts wait inside the kernel).",
+            note="unobservable: io_uring's accepts wait inside the kernel, so a lost race never reaches "
+                 "user space.",
             key=placement))
     # The herd's price: the shared socket against each race-free control, same N, paired.
     rows = []
@@ -203,7 +204,7 @@ def _paired_growth(records, cfg, placement, n_hi, n_lo):
 
 
 def _f(x, spec):
-    return "n/a" if x is None else format(x, spec)
+    return "unobservable" if x is None else format(x, spec)
 
 
 def figures(summary: Summary, records: list[dict], ctx: Context) -> list[str]:

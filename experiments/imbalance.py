@@ -163,6 +163,12 @@ def _w0(r):
     return r["accept_share"][h] if r.get("accept_share") and r["accept_share"][h] is not None else None
 
 
+def _woke(records, i) -> bool:
+    """Whether the hogged (i=0) or the other (i=1) worker's listener ever woke it: without a
+    wakeup there is no race to lose ('–'), with one a None means it cannot be seen."""
+    return any((r.get("workers") or [{}, {}])[_other(i, r)].get("listen_wakeups") for r in records)
+
+
 def _other(i, r):
     """Index of the hogged (i=0) or the other (i=1) worker."""
     h = r.get("hog_worker", 0)
@@ -245,7 +251,9 @@ def summarize(records: list[dict], p: dict) -> Summary:
                          f"{100 * reqshare:.0f}%" if reqshare is not None else "–",
                          f"{cpu:.1f}" if cpu is not None else "–",
                          " / ".join(f"{100 * u:.0f}%" if u is not None else "–" for u in util),
-                         " / ".join(f"{x:.3f}" if x is not None else "n/a" for x in lost),
+                         " / ".join(f"{x:.3f}" if x is not None else
+                                    ("–" if not _woke(used, i) else "unobservable")
+                                    for i, x in enumerate(lost)),
                          f"{lat['p50']:.0f}", f"{lat['p99']:.0f}", f"{lat['p99.9']:.0f}",
                          f"{100 * ccpu:.0f}%" + (" noisy" if all_noisy else "")])
         ratio = paired_delta(steady, b, st, lambda r: r["client"]["latency_us"].get("p99"),
@@ -256,8 +264,10 @@ def summarize(records: list[dict], p: dict) -> Summary:
         ["backend", "strategy", "duty", "conn/s", "hogged worker's request share", "server µs/conn",
          "worker CPU hogged / other", "lost races per listen wakeup hogged / other", "p50 µs",
          "p99 µs", "p99.9 µs", "client CPU"], rows,
-        note="Lost races are not observable under io_uring (its accept waits inside the "
-             "kernel): n/a. Latency is the client's, from the intended connect time.",
+        note="Lost races are unobservable under io_uring (its accept waits inside the "
+             "kernel); '–': the worker's listener never woke it (dispatch, or a reuseport-cpu "
+             "socket that gets no connection). Latency is the client's, from the intended "
+             "connect time.",
         key="cost"))
     # The step.
     steps = [r for r in records if r["params"].get("step") and r.get("series")]

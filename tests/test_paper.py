@@ -1,10 +1,13 @@
-"""The paper is generated from results/: it must build, and the committed copy must be current."""
+"""The paper is generated from pinned results: it must be current, every figure it embeds and
+every run it pins must exist, and a value it cannot find must fail the build."""
 
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
+import re
+
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -16,27 +19,61 @@ def _build_module():
     return mod
 
 
-def test_tables_and_values_come_from_the_newest_run(tmp_path):
-    build = _build_module()
-    for stamp, cpu in (("20260101T000000", 9.0), ("20260202T000000", 5.0)):
-        run = tmp_path / f"{stamp}-bench_uring"
-        run.mkdir()
-        # Raw runs only: the builder recomputes the summary with the experiment's own code.
-        runs = [{"backend": b, "connections": 16, "rep": rep, "noisy": False, "cpu_us_per_req": c,
-                 "user_us_per_req": 0.5, "sys_us_per_req": c - 0.5, "rps": 1e5}
-                for rep in range(3) for b, c in (("uring", cpu), ("epoll", 10.0))]
-        (run / "bench_uring.json").write_text(json.dumps(
-            {"meta": {"kernel": "k", "micro": {"cffi_call_ns": 70}}, "runs": runs, "summary": []}))
-    tables, values = {}, {}
-    build.bench_uring(str(tmp_path), tables, values)
-    assert values["bench_uring.uring.c16.cpu"] == "5.00"  # the newer run wins
-    assert "20260202T000000-bench_uring" in tables["bench_uring"]
-    text = build.render("a <!-- table:bench_uring --> b {{bench_uring.uring.c16.vs_epoll}} "
-                        "<!-- table:missing --> {{nope}}", tables, values)
-    assert "| uring | 16 |" in text and " 0.500 " in text   # paired: uring / epoll per rep
-    assert "no `missing` results yet" in text and "n/a" in text
+def _paper() -> str:
+    with open(os.path.join(ROOT, "paper", "paper.md")) as f:
+        return f.read()
 
 
 def test_committed_paper_is_current():
     build = _build_module()
-    assert build.main(["--check"]) == 0, "paper/paper.md is stale: run python paper/build.py"
+    assert build.main(["--check"]) == 0, "paper/paper.md is stale: run `make paper`"
+
+
+def test_every_embedded_figure_and_every_pinned_run_exists():
+    from parallelnet.experiments.paper_pins import read_pins
+
+    text = _paper()
+    figures = re.findall(r"!\[[^\]]*\]\((figures/[^)]+)\)", text)
+    assert len(figures) >= 5
+    for fig in figures:
+        path = os.path.join(ROOT, "paper", fig)
+        assert os.path.exists(path), fig
+        assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    pins = read_pins()
+    assert pins, "the template pins no run"
+    for name, dirs in pins.items():
+        for d in dirs:
+            assert os.path.isdir(os.path.join(ROOT, d)), f"{name}: {d}"
+            assert os.path.exists(os.path.join(ROOT, d, "meta.json")), f"{name}: {d}"
+    for d in set(re.findall(r"`(results/[^`]+)`", text)):
+        assert os.path.isdir(os.path.join(ROOT, d)), d
+
+
+def test_no_placeholder_or_missing_value_reaches_the_paper():
+    text = _paper()
+    assert "n/a" not in text        # a counter that cannot be observed says so in words
+    assert "{{" not in text and "<!-- table:" not in text and "<!-- figure:" not in text
+    assert "PENDING" not in text
+
+
+def test_a_missing_value_fails_the_build():
+    build = _build_module()
+    with pytest.raises(build.BuildError, match="value nope:x"):
+        build.build("{{nope:x}}", regenerate_figures=False)
+    with pytest.raises(build.BuildError, match="pinned run results/does-not-exist"):
+        build.build("<!-- pin herd: results/does-not-exist -->\n", regenerate_figures=False)
+
+
+def test_values_are_looked_up_through_dotted_keys_and_formatted():
+    build = _build_module()
+    values = {"cpu.epoll.load=0.30": {"median": 12.5, "min": 12, "max": 13},
+              "ratio.uring.vs.epoll.rate=40000": {"median": 0.76, "ci95": [0.65, 0.82], "n": 3},
+              "share.epoll/exclusive.1.00": {"median": 0.78}}
+    assert build.lookup(values, "cpu.epoll.load=0.30.median") == 12.5
+    assert build.render_value(build.lookup(values, "ratio.uring.vs.epoll.rate=40000"), "ratio") == \
+        "0.76 [95% CI 0.65–0.82, n=3]"
+    assert build.render_value(build.lookup(values, "share.epoll/exclusive.1.00.median"), "pct") == "78%"
+    with pytest.raises(KeyError):
+        build.lookup(values, "cpu.epoll.load=0.30.p99")
+    with pytest.raises(build.BuildError):
+        build.render_value(None, ".2f")
