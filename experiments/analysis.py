@@ -81,3 +81,16 @@ def prefer_quiet(runs: list, is_noisy) -> tuple[list, int, bool]:
     if quiet:
         return quiet, len(runs) - len(quiet), False
     return list(runs), 0, True
+
+
+#: How a summary row names its bottleneck when its repetitions disagree: the most common
+#: of the bounds that stop a row from being ranked, if any repetition had one, else the
+#: most common; ties broken in this order (deterministic, whatever the hash seed).
+BOUND_ORDER = ("client", "both", "server", "neither", "offered")
+UNRANKABLE = ("client", "both")
+
+
+def row_bound(bounds: list[str]) -> str:
+    pool = [b for b in bounds if b in UNRANKABLE] or list(bounds)
+    known = [b for b in BOUND_ORDER if b in pool] + sorted(set(pool) - set(BOUND_ORDER))
+    return max(known, key=pool.count) if known else "?"

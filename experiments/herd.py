@@ -228,10 +228,11 @@ def figures(summary: Summary, records: list[dict], ctx: Context) -> list[str]:
             cpu[f"{b}, {pl}|{st}"] = pts
             vcs[f"{b}, {pl}|{st}"] = vpts
     return [plots.lines(cpu, f"{ctx.outdir}/herd-cpu.png", "workers sharing the socket (N)",
-                        "server CPU µs per connection", title="What the herd costs", panels=panels),
+                        "server CPU µs per connection", title="What the herd costs", panels=panels,
+                        ncols=2),
             plots.lines(vcs, f"{ctx.outdir}/herd-cs.png", "workers (N)",
                         "voluntary context switches per accept", title="Sleeps and wake-ups per accept",
-                        panels=panels)]
+                        panels=panels, ncols=2)]
 
 
 EXPERIMENT = Experiment(

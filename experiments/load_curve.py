@@ -29,6 +29,7 @@ import shlex
 import statistics
 
 from parallelnet.experiments import analysis
+from parallelnet.experiments.analysis import row_bound
 from parallelnet.experiments.framework import (
     Context, Experiment, Point, Summary, Table, available_backends, rotated,
 )
@@ -148,7 +149,7 @@ def row_stats(rs: list[dict]) -> dict:
         "p50": lat("p50"), "p99": lat("p99"), "p99.9": lat("p99.9"),
         "server_util": statistics.median(r["server"]["cpu_util"] for r in used),
         "client_util": statistics.median(r["client"]["cpu_util"] for r in used),
-        "bound": max(set(bounds), key=bounds.count),
+        "bound": row_bound(bounds),
         "rankable": all(b in RANKABLE for b in bounds),
         "rate_met": all(r["client"]["rate_met"] for r in used if r["client"]["mode"] == "open"),
         "errors": sum(r["client"]["errors"] for r in rs),
@@ -166,6 +167,21 @@ def paired_ratio(records: list[dict], config_a: str, config_b: str) -> dict | No
              if a[k]["bound"] in RANKABLE and b[k]["bound"] in RANKABLE]
     used, _, _ = analysis.prefer_quiet(pairs, lambda ab: ab[0]["noise"]["noisy"] or ab[1]["noise"]["noisy"])
     return analysis.ratio_summary([_cpu(x) / _cpu(y) for x, y in used if _cpu(y)])
+
+
+def paired_p99_diff(records: list[dict], config_a: str, config_b: str) -> dict | None:
+    """p99(a) - p99(b) in µs, paired per repetition over the rankable pairs: median,
+    bootstrap 95% interval, n (the latency side of a CPU ratio)."""
+    a = {r["rep"]: r for r in records if r["config"] == config_a}
+    b = {r["rep"]: r for r in records if r["config"] == config_b}
+    diffs = [a[k]["client"]["latency_us"]["p99"] - b[k]["client"]["latency_us"]["p99"]
+             for k in sorted(set(a) & set(b))
+             if a[k]["bound"] in RANKABLE and b[k]["bound"] in RANKABLE]
+    if not diffs:
+        return None
+    lo, hi = analysis.bootstrap_ci(diffs)
+    return {"median": statistics.median(diffs), "ci95": [lo, hi], "n": len(diffs),
+            "min": min(diffs), "max": max(diffs)}
 
 
 def loads_of(records: list[dict], p: dict) -> list[str]:
@@ -205,6 +221,9 @@ def summarize(records: list[dict], p: dict) -> Summary:
                 rr = paired_ratio(curve, f"{b}/{load}", f"{base}/{load}")
                 if rr:
                     s.values[f"ratio.{b}.vs.{base}.{load}"] = rr
+                dd = paired_p99_diff(curve, f"{b}/{load}", f"{base}/{load}")
+                if dd:
+                    s.values[f"p99diff.{b}.vs.{base}.{load}"] = dd
                 ratio_cells.append(analysis.fmt_ratio(rr) if rr else
                                    ("not ranked (" + st["bound"] + "-bound)" if not st["rankable"] else "–"))
             s.values[f"cpu.{b}.{load}"] = cpu
@@ -233,6 +252,32 @@ def summarize(records: list[dict], p: dict) -> Summary:
         note="load=F: open loop at F × the slowest backend's capacity; rate=R: open loop at R "
              "req/s; sat: closed loop.  Ratios are paired within each repetition; a point whose "
              "client (or both sides) was saturated is not ranked.", key="cost"))
+    # The same, compact: one row per backend, one column per load (CPU per request and the
+    # paired ratio to the first baseline), client-bound cells marked.
+    base = baselines[-1] if baselines else None
+    rows = []
+    for b in backends:
+        cells = []
+        for load in loads_of(curve, p):
+            st = stats.get((b, load))
+            if not st or not st["cpu"]:
+                cells.append("–")
+                continue
+            cell = f"{st['cpu']['median']:.1f}"
+            rr = s.values.get(f"ratio.{b}.vs.{base}.{load}") if base and b != base else None
+            if not st["rankable"]:
+                cell += f" ({st['bound']}-bound)"
+            elif rr:
+                cell += f" ({rr['median']:.2f}×)"
+            cells.append(cell)
+        rows.append([b, *cells])
+    if base:
+        s.tables.append(Table(
+            f"Server CPU µs per request by load, with the paired ratio to {base}",
+            ["backend"] + loads_of(curve, p), rows,
+            note=f"Median over repetitions; (×): median paired ratio to {base}; a client- or "
+                 "both-bound cell is not ranked. Every figure with its spread and latency: the "
+                 "full table in the run's summary.md.", key="compact"))
     if p.get("skipped"):
         s.tables.append(Table("Backends not run", ["backend", "why"],
                               [[b, why] for b, why in p["skipped"].items()], key="skipped"))
@@ -368,7 +413,7 @@ def window_figures(summary: Summary, records: list[dict], ctx: Context) -> list[
     panels = [f"{load_label(k, v)}: {m}" for k, v in p["loads"] for m in ("server µs/request", "p99 µs")]
     out.append(plots.lines(series, f"{ctx.outdir}/uring-window.png", "latency budget (µs)", "",
                            title="io_uring's batching window: CPU per request vs latency",
-                           panels=panels))
+                           panels=panels, ncols=2))
     return out
 
 

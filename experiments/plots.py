@@ -75,12 +75,18 @@ def load_curves(series: dict[str, list[dict]], path: str, title: str = "") -> st
 
 def lines(series: dict[str, list[tuple[float, float, float, float]]], path: str, xlabel: str,
           ylabel: str, title: str = "", ylim0: bool = True, logy: bool = False,
-          hline: float | None = None, panels: list[str] | None = None, logx: bool = False) -> str:
+          hline: float | None = None, panels: list[str] | None = None, logx: bool = False,
+          ncols: int = 3) -> str:
     """Simple line plot(s): ``series[name]`` = [(x, median, lo, hi)]; with ``panels``,
-    names are "PANEL|LINE" and each panel gets its own axes."""
+    names are "PANEL|LINE" and each panel gets its own axes, ``ncols`` to a row."""
     panels = panels or [""]
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4), squeeze=False)
-    for ax, panel in zip(axes[0], panels):
+    ncols = max(1, min(ncols, len(panels)))
+    nrows = (len(panels) + ncols - 1) // ncols
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5.2 * ncols, 3.8 * nrows), squeeze=False)
+    flat = [ax for row in axes for ax in row]
+    for ax in flat[len(panels):]:
+        ax.set_visible(False)
+    for ax, panel in zip(flat, panels):
         for name, pts in series.items():
             pname, _, lname = name.rpartition("|")
             if pname != panel:

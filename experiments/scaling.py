@@ -26,6 +26,7 @@ import os
 import statistics
 
 from parallelnet.experiments import analysis
+from parallelnet.experiments.analysis import row_bound
 from parallelnet.experiments.framework import (
     Context, Experiment, Point, Summary, Table, available_backends, rotated,
 )
@@ -106,7 +107,7 @@ def summarize(records: list[dict], p: dict) -> Summary:
             rps = analysis.median_range(r["rps"] for r in used)
             cpu = analysis.median_range(r["server"]["cpu_us_per_req"] for r in used)
             bounds = [r["bound"] for r in used]
-            bound = max(set(bounds), key=bounds.count)
+            bound = row_bound(bounds)
             shared = any(set(r["layout"]["server"]) & set(r["layout"]["client"]) for r in used)
             if n == counts[0]:
                 base = rps

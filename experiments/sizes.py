@@ -115,6 +115,28 @@ def summarize(records: list[dict], p: dict) -> Summary:
          "p50 µs", "p99 µs", f"× {base} (paired, 95% CI)", "bound"], rows,
         note="uring-zc: IORING_OP_SEND_ZC for sends of 16 KiB or more; on loopback the kernel "
              "copies anyway.", key="all"))
+    rows = []
+    for proto, size, rate in workloads(p):
+        for load in ("rate", "sat"):
+            cells = []
+            for label in labels:
+                v = s.values.get(f"{label}/{proto}-{size}/{load}")
+                if not v or not v["cpu"]:
+                    cells.append("–")
+                elif label == base:
+                    cells.append(f"{v['cpu']['median']:.1f}" + ("" if v["bound"] in RANKABLE
+                                                               else f" ({v['bound']}-bound)"))
+                elif v["bound"] not in RANKABLE:
+                    cells.append(f"{v['cpu']['median']:.1f} ({v['bound']}-bound)")
+                else:
+                    r = v["ratio"]
+                    cells.append(f"{v['cpu']['median']:.1f}" + (f" ({r['median']:.2f}×)" if r else ""))
+            rows.append([f"{proto} {size} B", f"{rate:g}/s" if load == "rate" else "sat", *cells])
+    s.tables.append(Table(
+        f"Server CPU µs per request by payload, with the paired ratio to {base}",
+        ["workload", "load", *labels], rows,
+        note=f"(×): median of per-repetition ratios to {base}; client- or both-bound cells are not "
+             "ranked. Spread and latency: the full table in the run's summary.md.", key="compact"))
     for label in labels:
         if label == base:
             continue
@@ -175,7 +197,8 @@ def figures(summary: Summary, records: list[dict], ctx: Context) -> list[str]:
     return out
 
 
-CONFIGS = ["epoll", "uring", "uring-zc=uring:--uring-zc-threshold 16384", "native", "native-uring"]
+CONFIGS = ["epoll", "uring", "uring-b0=uring:--uring-latency-budget-us 0",
+           "uring-zc=uring:--uring-zc-threshold 16384", "native", "native-uring"]
 
 EXPERIMENT = Experiment(
     name="sizes", title="What io_uring buys by payload size (echo 64 B-64 KiB, HTTP 1 KiB-1 MiB)",

@@ -12,8 +12,9 @@ Template syntax, each resolved against the pinned run of EXPERIMENT:
 * ``{{EXPERIMENT:KEY|FORMAT}}`` - a named value of the experiment's summary (recomputed
   here from its raw records with the experiment's own ``summarize``, so every pinned run
   gets the current statistics).  KEY may descend into a value (``cpu.epoll.sat.median``);
-  FORMAT is a Python format spec or one of ``ratio`` (median [95% CI] n=), ``pct``,
-  ``pp`` (percentage points, signed), ``x`` (×ratio), ``int``.
+  FORMAT is a Python format spec or one of ``ratio`` (median× [95% CI] n=), ``pct``,
+  ``pp`` (percentage points, signed), ``us`` (a signed difference in µs with its CI), ``x``
+  (×ratio), ``int``.
 * ``<!-- table:EXPERIMENT:TABLEKEY -->`` - a summary table, with its source line.
 * ``<!-- figure:EXPERIMENT:FILE|CAPTION -->`` - a figure, regenerated from the records by
   the experiment's own plotting code into ``paper/figures/EXPERIMENT-FILE`` and embedded.
@@ -105,7 +106,10 @@ def render_value(obj, spec: str) -> str:
     if obj is None:
         raise BuildError("value is None (not measured or not observable)")
     if spec == "ratio":
-        return (f"{obj['median']:.2f} [95% CI {obj['ci95'][0]:.2f}–{obj['ci95'][1]:.2f}, "
+        return (f"{obj['median']:.2f}× [95% CI {obj['ci95'][0]:.2f}–{obj['ci95'][1]:.2f}, "
+                f"n={obj['n']}]")
+    if spec == "us":   # a paired difference in µs: median [CI], n
+        return (f"{obj['median']:+.0f} µs [95% CI {obj['ci95'][0]:+.0f} to {obj['ci95'][1]:+.0f}, "
                 f"n={obj['n']}]")
     if spec == "x":
         return f"{obj:.2f}×"

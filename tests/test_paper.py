@@ -71,7 +71,7 @@ def test_values_are_looked_up_through_dotted_keys_and_formatted():
               "share.epoll/exclusive.1.00": {"median": 0.78}}
     assert build.lookup(values, "cpu.epoll.load=0.30.median") == 12.5
     assert build.render_value(build.lookup(values, "ratio.uring.vs.epoll.rate=40000"), "ratio") == \
-        "0.76 [95% CI 0.65–0.82, n=3]"
+        "0.76× [95% CI 0.65–0.82, n=3]"
     assert build.render_value(build.lookup(values, "share.epoll/exclusive.1.00.median"), "pct") == "78%"
     with pytest.raises(KeyError):
         build.lookup(values, "cpu.epoll.load=0.30.p99")
