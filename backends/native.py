@@ -18,16 +18,25 @@ and a handler that raises closes that connection only (logged, ``handler_errors`
 
 No time slices.  ``nc_serve`` blocks in ``epoll_wait`` until the stop eventfd fires (an
 idle server makes no wakeups; the wait times out only while a listener waits out an
-EMFILE back-off).  The counters live in ``struct nc_stats``, written only by the C
+EMFILE back-off, or at the policy's coarse tick while a connection is open).  The counters live in ``struct nc_stats``, written only by the C
 loop; ``WorkerStats.refresh`` copies them into ``ctx.stats`` whenever a snapshot is
 taken, from any thread, so monitoring never interrupts the loop.  Signals are taken by
 the process's main thread (in process mode the worker runs in a thread of the forked
 child, see ``core.server._child_main``), which sets the stop eventfd.
 
+The connection policy (core/policy.py, ``follows_policy``) is the C loop's, with the
+arithmetic of backends/policy_core.h: backpressure marks, finish-after-flush, the idle
+timeout and the request deadline (total, from a request's first byte, extended by
+``--header-min-rate``), checked at ``Limits.timer_tick()`` while a connection is open
+(``extra.idle_timeouts`` / ``extra.header_timeouts``).  For a protocol in Python the
+callback reports whether a request is left incomplete (``proto.partial``); EOF and a
+handler failure go through ``ConnectionPolicy`` like every Python loop's.
+
 Faults: ``accept4`` failing with EMFILE/ENFILE/ENOBUFS/ENOMEM pauses the listener
 (``EPOLL_CTL_DEL``) for ``limits.accept_backoff``, doubling to 1 s, as readiness.py
 does; counted in ``extra.accept_errors`` / ``extra.accept_backoffs``, logged once per
-episode (a callback).  ``extra.max_pending`` is the high-water mark of queued output.
+episode (a callback, backends/ccore.py).  ``extra.max_pending`` is the high-water mark
+of queued output.
 
 ``--accept dispatch``: the worker has no listener; ``ctx.handoff`` (the worker's end of
 its AF_UNIX SOCK_SEQPACKET channel from core/dispatch.py) is in the epoll set like a
@@ -48,18 +57,20 @@ checked against it at start-up.
 from __future__ import annotations
 
 import functools
-import logging
 import os
 
 from parallelnet.backends.base import (
     DISPATCH, EXCLUSIVE, REUSEPORT, SHARED, Availability, Backend, BackendError,
 )
+from parallelnet.backends.ccore import fill_limits, install_notes
+from parallelnet.core.policy import ConnectionPolicy, tracks_requests
 
-log = logging.getLogger("parallelnet.worker")
-
+#: struct nc_stats fields copied into WorkerStats (COUNTERS) and its extra (all of them in
+#: core/stats.py's EXTRA_COUNTERS: every worker starts with them at 0).
 COUNTERS = ("requests", "bytes_in", "bytes_out", "wakeups", "listen_wakeups", "accepted",
             "lost_races", "closed", "refused", "errors", "backpressure")
-EXTRA = ("accept_errors", "accept_backoffs", "max_pending", "handoffs", "handoff_lost")
+EXTRA = ("accept_errors", "accept_backoffs", "max_pending", "handoffs", "handoff_lost",
+         "idle_timeouts", "header_timeouts")
 
 _loaded = None
 
@@ -94,18 +105,7 @@ def _install_callbacks(ffi) -> None:
     def nc_py_close(user, fd):
         ffi.from_handle(user)._protos.pop(fd, None)
 
-    @ffi.def_extern()
-    def nc_py_accept_failed(user, err):
-        b = ffi.from_handle(user)
-        log.warning("worker %d (%s): accept failed: %s; pausing the listener, retrying "
-                    "with back-off", b.ctx.index, b.name, os.strerror(err))
-
-    @ffi.def_extern()
-    def nc_py_handoff_lost(user, err):
-        b = ffi.from_handle(user)
-        log.warning("worker %d (%s): a handed-over connection was lost: the fd could not be "
-                    "installed (MSG_CTRUNC, %s); counted in handoff_lost", b.ctx.index, b.name,
-                    os.strerror(err))
+    install_notes(ffi, "nc_py_accept_failed", "nc_py_handoff_lost")
 
 
 def protocol_of(factory) -> tuple[str, dict]:
@@ -127,12 +127,7 @@ class NativeBackend(Backend):
     description = "the seed's design in C: epoll loop with the GIL released, echo/http in C"
     kind = "readiness"
     accept_strategies = frozenset({SHARED, EXCLUSIVE, REUSEPORT, DISPATCH})
-    #: Not implemented yet in this backend (issue 4 delivered it before the fault work):
-    #: asking for them is refused at startup by the core, never silently ignored.
-    unsupported_limits = {
-        "idle_timeout": "not implemented in this backend yet",
-        "header_timeout": "not implemented in this backend yet",
-    }
+    follows_policy = True
 
     @classmethod
     def probe(cls) -> Availability:
@@ -152,6 +147,10 @@ class NativeBackend(Backend):
         self._ffi = ffi
         self._protos: dict[int, object] = {}   # fd -> protocol object (python protocols)
         self._out = None                        # what C is sending from (kept alive)
+        self.who = f"worker {ctx.index} ({self.name})"
+        # Python protocols: rules 3 and 5 here, rule 7's "incomplete?" answered per feed.
+        self._policy = ConnectionPolicy(ctx.limits, ctx.stats, self.who)
+        self._track = proto == "python" and tracks_requests(ctx.protocol_factory())
         self._handle = handle = ffi.new_handle(self)
         cfg = ffi.new("struct nc_config *")
         cfg.stop_fd = ctx.stop.fileno()
@@ -168,6 +167,7 @@ class NativeBackend(Backend):
         cfg.max_header_bytes = opts.get("max_header_bytes", 8192)
         cfg.max_body_bytes = opts.get("max_body_bytes", 1 << 20)
         cfg.accept_backoff_ms = max(1, round(ctx.limits.accept_backoff * 1000))
+        fill_limits(cfg.limits, ctx.limits)
         cfg.user = handle
         self.cstats = ffi.new("struct nc_stats *")
         err = ffi.new("int *")
@@ -175,8 +175,6 @@ class NativeBackend(Backend):
         if core == ffi.NULL:
             raise BackendError(f"native core setup failed: {os.strerror(err[0])}")
         stats = ctx.stats
-        for k in EXTRA:
-            stats.extra[k] = 0   # every key exists from the start: snapshots copy this dict
         if stats.tid and lib.nc_gettid() != stats.tid:
             stats.extra["tid_mismatch"] = lib.nc_gettid()  # never expected: same thread
         stats.refresh = self._sync   # snapshots, from any thread, read the C counters
@@ -210,19 +208,19 @@ class NativeBackend(Backend):
         try:
             res, n = proto.feed(data)
         except Exception:  # noqa: BLE001 - a handler bug closes one connection only
-            self._handler_failed(fd, proto)
+            self._policy.handler_failed(proto, f"fd {fd}")
             return -1
         self._set_out(out, res, proto)
+        if self._track:
+            out.partial = int(proto.partial)
         return n
 
     def _py_eof(self, fd: int, out) -> int:
         proto = self._protos.get(fd)
         if proto is None:
             proto = self._protos[fd] = self.ctx.protocol_factory()
-        try:
-            res = proto.eof()
-        except Exception:  # noqa: BLE001
-            self._handler_failed(fd, proto)
+        res = self._policy.eof(proto, f"fd {fd}")
+        if res is None:
             return -1
         self._set_out(out, res, proto)
         return 0
@@ -234,9 +232,3 @@ class NativeBackend(Backend):
             out.p = buf
             out.len = len(buf)
         out.closing = int(proto.closing)
-
-    def _handler_failed(self, fd: int, proto) -> None:
-        self.ctx.stats.handler_errors += 1
-        log.exception("worker %d (%s): protocol %s failed on connection fd %d; "
-                      "closing that connection only", self.ctx.index, self.name,
-                      type(proto).__name__, fd)

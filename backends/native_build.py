@@ -23,10 +23,11 @@ CDEF = """
 #define NC_HTTP ...
 #define NC_PY ...
 
+struct pol_limits { int64_t idle_ms, header_ms, tick_ms; double min_rate; };
 struct nc_stats {
     uint64_t requests, bytes_in, bytes_out, wakeups, listen_wakeups, accepted, lost_races,
              closed, refused, errors, backpressure, open, accept_errors, accept_backoffs,
-             max_pending, handoffs, handoff_lost;
+             max_pending, handoffs, handoff_lost, idle_timeouts, header_timeouts;
 };
 struct nc_config {
     int stop_fd, nlisteners, exclusive, protocol;
@@ -34,9 +35,10 @@ struct nc_config {
     int handoff_fd;
     unsigned recv_size, max_conns, message_size, max_header_bytes, accept_backoff_ms;
     uint64_t max_output, max_body_bytes;
+    struct pol_limits limits;
     void *user;
 };
-struct nc_out { const char *p; size_t len; int closing; };
+struct nc_out { const char *p; size_t len; int closing, partial; };
 typedef struct nc_core nc_core;
 
 extern "Python" int nc_py_feed(void *, int, const char *, size_t, struct nc_out *);
@@ -56,7 +58,7 @@ ffibuilder = cffi.FFI()
 ffibuilder.cdef(CDEF)
 with open(os.path.join(HERE, "native_core.c")) as _f:
     ffibuilder.set_source("parallelnet.backends._native", _f.read(), include_dirs=[HERE],
-                          depends=[os.path.join(HERE, "proto_core.h")],
+                          depends=[os.path.join(HERE, h) for h in ("proto_core.h", "policy_core.h")],
                           extra_compile_args=["-O2", "-std=gnu11", "-Wall"])
 
 if __name__ == "__main__":

@@ -26,6 +26,12 @@
  *    (EPOLL_CTL_DEL) and re-added after a back-off (accept_backoff_ms, doubling to 1 s,
  *    reset by a successful accept); the wait's timeout is the next re-add, so a
  *    server out of fds does not spin.  Counted in accept_errors / accept_backoffs.
+ *  - timeouts (core/policy.py rules 6-8, arithmetic in policy_core.h): each event
+ *    stamps its connection with the clock read once per wakeup; a feed that leaves an
+ *    HTTP request incomplete starts (or extends) its deadline, one that completes it
+ *    clears it; while a connection is open the wait's timeout is the next coarse tick,
+ *    and each tick closes the connections idle too long (idle_timeouts) or whose request
+ *    is past its deadline (header_timeouts).  No connection open: no timer at all.
  *  - drain (nc_drain): accept the listen backlog once (not a listen wakeup, not a
  *    race), read what each connection's kernel buffer already holds (bounded) and
  *    answer it, flush within the drain timeout, close everything.  Listening sockets are never closed here.
@@ -64,12 +70,13 @@
 #define NC_HTTP 1
 #define NC_PY 2
 #define NC_MAXEVENTS 1024
-#define NC_BACKOFF_MAX_MS 1000
+
+#include "policy_core.h"
 
 struct nc_stats {
     uint64_t requests, bytes_in, bytes_out, wakeups, listen_wakeups, accepted, lost_races,
              closed, refused, errors, backpressure, open, accept_errors, accept_backoffs,
-             max_pending, handoffs, handoff_lost;
+             max_pending, handoffs, handoff_lost, idle_timeouts, header_timeouts;
 };
 
 struct nc_config {
@@ -78,12 +85,14 @@ struct nc_config {
     int handoff_fd;   /* --accept dispatch: the worker's end of its hand-off channel; -1: none */
     unsigned recv_size, max_conns, message_size, max_header_bytes, accept_backoff_ms;
     uint64_t max_output, max_body_bytes;
+    struct pol_limits limits;   /* idle/request deadlines and the timer tick (0: off) */
     void *user;   /* the Python backend (a cffi handle), passed to the callbacks */
 };
 
 /* What a Python protocol's feed/eof hands back: bytes to send (owned by Python until
- * the next callback) and whether the protocol is closing. */
-struct nc_out { const char *p; size_t len; int closing; };
+ * the next callback), whether the protocol is closing, and whether it holds an
+ * incomplete request (rule 7; only asked for protocols that can). */
+struct nc_out { const char *p; size_t len; int closing, partial; };
 
 /* extern "Python" callbacks (native.py), defined by cffi after this source; each takes
  * the GIL.  Used for protocols not implemented in C (NC_PY) and for rare events only. */
@@ -101,6 +110,7 @@ struct conn {
     uint32_t events;
     struct buf out;
     struct pstate ps;          /* protocol state (proto_core.h) */
+    struct pol_conn pol;       /* deadlines (policy_core.h) */
 };
 
 typedef struct nc_core {
@@ -116,6 +126,7 @@ typedef struct nc_core {
     int npaused;
     unsigned backoff_ms;
     int handoff_watched, handoff_losing;   /* channel in epoll; in a MSG_CTRUNC episode */
+    int64_t now_ms, next_tick_ms;          /* the clock of this wakeup; the next sweep */
 } nc_core;
 
 #define TAG_CONN 0ULL
@@ -229,6 +240,8 @@ static int conn_read_once(nc_core *c, struct conn *k)
         int n = nc_py_feed(c->cfg.user, fd, c->rbuf, (size_t)r, &o);
         if (n < 0) { conn_close(c, k, 1); return -1; }  /* handler bug: this connection only */
         c->st->requests += (uint64_t)n;
+        if (o.partial || k->pol.req_start_ms)
+            pol_progress(&k->pol, o.partial, (uint64_t)n, (uint64_t)r, c->now_ms);
         if (conn_send(c, k, o.p, o.len) < 0) return -1;
         if (o.closing && !k->closing) {
             k->ps.pclosing = 1;
@@ -238,7 +251,10 @@ static int conn_read_once(nc_core *c, struct conn *k)
     } else {
         c->proto.scratch.head = c->proto.scratch.len = 0;
         c->st->bytes_in += (uint64_t)r;
-        c->st->requests += proto_http_feed(&c->proto, &k->ps, c->rbuf, (size_t)r);
+        uint64_t n = proto_http_feed(&c->proto, &k->ps, c->rbuf, (size_t)r);
+        c->st->requests += n;
+        if (pstate_partial(&k->ps) || k->pol.req_start_ms)   /* rule 7: only around a partial one */
+            pol_progress(&k->pol, pstate_partial(&k->ps), n, (uint64_t)r, c->now_ms);
         if (conn_send(c, k, c->proto.scratch.p, c->proto.scratch.len) < 0) return -1;
         if (k->ps.pclosing && !k->closing) {
             conn_finish(c, k);
@@ -294,6 +310,7 @@ static void add_connection(nc_core *c, int fd)
     k->fd = fd;
     k->reading = 1;
     k->events = EPOLLIN;
+    k->pol.last_ms = c->now_ms;
     struct epoll_event ev = {.events = EPOLLIN, .data.u64 = MK(TAG_CONN, fd)};
     if (epoll_ctl(c->ep, EPOLL_CTL_ADD, fd, &ev) < 0) { free(k); st->refused++; close(fd); return; }
     c->conns[fd] = k;
@@ -320,7 +337,7 @@ static void pause_listener(nc_core *c, int i, int err)
     epoll_ctl(c->ep, EPOLL_CTL_DEL, c->cfg.listeners[i], NULL);
     c->paused_until[i] = now_ms() + c->backoff_ms;
     c->npaused++;
-    c->backoff_ms = c->backoff_ms * 2 < NC_BACKOFF_MAX_MS ? c->backoff_ms * 2 : NC_BACKOFF_MAX_MS;
+    c->backoff_ms = pol_backoff_next(c->backoff_ms);
 }
 
 static int listener_add(nc_core *c, int i)
@@ -363,11 +380,11 @@ static int do_accept(nc_core *c, int i, int wakeup)
             if (e == EINTR) continue;
             if (e == EAGAIN || e == EWOULDBLOCK) break;
             st->accept_errors++;
-            if (e == EMFILE || e == ENFILE || e == ENOBUFS || e == ENOMEM) {
+            if (pol_accept_resource(e)) {
                 pause_listener(c, i, e);
                 break;
             }
-            if (e == ECONNABORTED || e == EPROTO || e == EPERM) continue;  /* that one only */
+            if (pol_accept_one_lost(e)) continue;  /* that one only */
             break;
         }
         won++;
@@ -456,6 +473,8 @@ static nc_core *nc_new(const struct nc_config *cfg, struct nc_stats *st, int *er
     }
     if (!c->cfg.accept_backoff_ms) c->cfg.accept_backoff_ms = 1;
     c->backoff_ms = c->cfg.accept_backoff_ms;
+    c->now_ms = now_ms();
+    c->next_tick_ms = c->now_ms + c->cfg.limits.tick_ms;
     proto_init(&c->proto, c->cfg.message_size, c->cfg.max_header_bytes, c->cfg.max_body_bytes);
     struct epoll_event ev = {.events = EPOLLIN, .data.u64 = MK(TAG_STOP, 0)};
     if (cfg->stop_fd >= 0 && epoll_ctl(c->ep, EPOLL_CTL_ADD, cfg->stop_fd, &ev) < 0) goto fail;
@@ -494,6 +513,7 @@ static void dispatch(nc_core *c, struct epoll_event *evs, int n)
         if (v >= c->nconn_slots) continue;
         struct conn *k = c->conns[v];
         if (!k) continue;   /* closed earlier in this batch */
+        k->pol.last_ms = c->now_ms;
         if (mask & EPOLLOUT || (mask & (EPOLLERR | EPOLLHUP) && !k->reading)) {
             conn_writable(c, k);
             if (c->conns[v] != k) continue;
@@ -503,13 +523,29 @@ static void dispatch(nc_core *c, struct epoll_event *evs, int n)
     }
 }
 
+/* Rules 6 and 7 at a tick: close what is past its idle or request deadline. */
+static void sweep(nc_core *c)
+{
+    for (size_t fd = 0; fd < c->nconn_slots; fd++) {
+        struct conn *k = c->conns[fd];
+        if (!k) continue;
+        int why = pol_expired(&c->cfg.limits, &k->pol, k->closing, c->now_ms);
+        if (why == POL_LIVE) continue;
+        if (why == POL_IDLE) c->st->idle_timeouts++;
+        else c->st->header_timeouts++;
+        conn_close(c, k, 0);
+    }
+}
+
 /* Serve until the stop eventfd fires.  Returns 0 when stopped, -errno on a fatal epoll
- * error.  The wait blocks indefinitely unless a listener waits out an accept back-off:
- * an idle server makes no wakeups.  Signals are not this thread's business (the core
+ * error.  The wait blocks indefinitely unless a listener waits out an accept back-off
+ * or a connection is open while a timeout is set (then it wakes at the next tick): an
+ * idle server makes no wakeups.  Signals are not this thread's business (the core
  * takes them in the main thread and sets the stop eventfd); EINTR just waits again. */
 static int nc_serve(nc_core *c)
 {
     struct epoll_event evs[NC_MAXEVENTS];
+    int64_t tick = c->cfg.limits.tick_ms;
     int timeout = -1;
     while (!c->stopped) {
         int n = epoll_wait(c->ep, evs, NC_MAXEVENTS, timeout);
@@ -518,8 +554,15 @@ static int nc_serve(nc_core *c)
             return -errno;
         }
         c->st->wakeups++;
+        if (tick) c->now_ms = now_ms();
         dispatch(c, evs, n);
+        if (tick && pol_due(&c->next_tick_ms, tick, c->now_ms)) sweep(c);
         timeout = c->npaused ? resume_listeners(c) : -1;
+        if (tick && c->nconns) {
+            int left = (int)(c->next_tick_ms - c->now_ms);
+            if (left < 1) left = 1;
+            if (timeout < 0 || left < timeout) timeout = left;
+        }
     }
     return 0;
 }
@@ -545,7 +588,7 @@ static void nc_drain(nc_core *c, int timeout_ms)
     for (size_t fd = 0; fd < c->nconn_slots; fd++) {
         struct conn *k = c->conns[fd];
         if (!k) continue;
-        for (int r = 0; r < 64 && k->reading; r++)
+        for (int r = 0; r < DRAIN_READS && k->reading; r++)
             if (conn_read_once(c, k) <= 0) break;
         if ((k = c->conns[fd]) != NULL && !k->closing) conn_finish(c, k);
     }

@@ -19,8 +19,10 @@ batch of events is answered in C by backends/proto_core.h, the echo and HTTP cod
 ``native`` runs too (one copy), and the whole loop - ``uc_serve``, then ``uc_drain`` and
 ``uc_close_all`` - runs in C with the GIL released: the worker thread calls it once.  Echo
 sends the received provided buffer itself; HTTP answers are copied from a scratch buffer.
-Timeouts: the core's timer tick (EV_TICK) sweeps idle connections, and those holding a
-partial HTTP request past the header timeout, in C.
+The connection policy (core/policy.py) is the core's, in C, as for ``uring``: the idle
+timeout and the request deadline (from a request's first byte, ``--header-min-rate``
+included) are swept at the core's timer tick with backends/policy_core.h's arithmetic,
+and a feed that leaves an HTTP request incomplete starts its deadline.
 
 Counters live in the core's ``struct uc_stats`` (written only by the loop); snapshots copy
 them from any thread (``WorkerStats.refresh``), as ``native`` does.  ``lost_races`` is not
@@ -33,12 +35,8 @@ works and the fault suite applies unchanged.
 
 from __future__ import annotations
 
-import logging
-
 from parallelnet.backends.native import protocol_of
-from parallelnet.backends.uring import UringBackend
-
-log = logging.getLogger("parallelnet.worker")
+from parallelnet.backends.uring import Ring, UringBackend, UringOptions, load
 
 
 class NativeUringBackend(UringBackend):
@@ -52,56 +50,30 @@ class NativeUringBackend(UringBackend):
         if proto == "python":
             super().run()   # no C implementation of this protocol: uring's Python loop
             return
-        self._cproto = (proto, opts)
-        self._open()
-        lib, core, ctx = self.lib, self.core, self.ctx
-        stats = ctx.stats
-        stats.refresh = self._refresh
+        ctx = self.ctx
+        self.ring = ring = Ring(ctx, UringOptions.of(ctx.options), self.name,
+                                cproto=self._cproto(load()[1], proto, opts))
+        lib, core = ring.lib, ring.core
+        ctx.stats.refresh = ring.refresh
         try:
             lib.uc_start(core)
             lib.uc_submit(core)
-            stats.mark_ready()
+            ctx.stats.mark_ready()
             rc = lib.uc_serve(core)   # the whole loop, GIL released, until stop
             if rc < 0:
-                self._ring_failed(rc)
+                raise ring.error(rc)
             rc = lib.uc_drain(core, max(0, int(ctx.limits.drain_timeout * 1000)))
             if rc < 0:
-                self._ring_failed(rc)
+                raise ring.error(rc)
         finally:
             lib.uc_close_all(core, 2000)
-            self._sync_stats()
-            self._refresh_switches()
-            stats.refresh = None
-            self.pool.release()
-            leaked = lib.uc_free(core)
-            self.core = None
-            if leaked:
-                log.warning("worker %d: io_uring operations still in flight at exit; "
-                            "buffer pool leaked rather than freed", ctx.index)
+            ring.free()
 
-    def _core_options(self, lib) -> dict:
-        """The C-protocol mode's settings for new_core (see UringBackend._open)."""
-        if not getattr(self, "_cproto", None):
-            return {}
-        proto, opts = self._cproto
-        lim = self.ctx.limits
+    @staticmethod
+    def _cproto(lib, proto: str, opts: dict) -> dict:
+        """The C-protocol mode's fields of ``struct uc_config``."""
         return {"cproto": lib.UC_HTTP if proto == "http" else lib.UC_ECHO,
                 "message_size": opts.get("message_size", 0),
                 "max_header_bytes": opts.get("max_header_bytes", 8192),
-                "max_body_bytes": opts.get("max_body_bytes", 1 << 20),
-                "idle_ms": int(lim.idle_timeout * 1000) if lim.idle_timeout and lim.idle_timeout > 0 else 0,
-                "header_ms": int(lim.header_timeout * 1000)
-                if lim.header_timeout and lim.header_timeout > 0 else 0}
-
-    def _sync_stats(self) -> None:
-        super()._sync_stats()
-        if getattr(self, "_cproto", None):
-            cs, st = self.cstats, self.ctx.stats
-            st.requests = cs.requests
-            st.bytes_in = cs.bytes_in
-            st.open = cs.opened - cs.closed
-            st.closed = cs.closed
-            st.errors = cs.errors
-            st.extra["idle_timeouts"] = cs.idle_timeouts
-            st.extra["header_timeouts"] = cs.header_timeouts
+                "max_body_bytes": opts.get("max_body_bytes", 1 << 20)}
 

@@ -76,14 +76,20 @@ completion that releases it has been seen.  Per worker:
   ``limits.drain_timeout``, everything is closed.
 * **Accept out of fds** (EMFILE/ENFILE/ENOBUFS/ENOMEM): the accept is not re-armed
   (it would fail at once, a spin through the ring); the listener is paused for a
-  back-off (``limits.accept_backoff`` doubling to 1 s, reset by a successful accept) and
-  the wait is bounded by its resume time.  ``extra["accept_errors"]``/``["accept_backoffs"]``.
-* **Idle / header timeouts**: the C core stamps each connection on progress (data in,
-  send completed) with a clock read once per wait; it bounds the wait by the coarse
-  timer tick while connections are open and emits ``EV_TICK`` when it is due; a sweep
-  per tick (``uc_idle``: one call) lists the connections past the shortest timeout;
-  Python closes those idle too long or whose protocol holds a partial request
-  (``proto.partial``).
+  back-off (``limits.accept_backoff`` doubling to 1 s, reset by a successful accept:
+  core/accept.py's numbers, backends/policy_core.h in C) and the wait is bounded by its
+  resume time.  ``extra["accept_errors"]``/``["accept_backoffs"]``; an episode is logged
+  once, at its start (a callback from C, backends/ccore.py), as is a hand-off loss.
+* **The connection policy** (core/policy.py; ``follows_policy``): rules 1-4 and 9 are
+  the C core's own (feed order, backpressure marks, half-close, finish, the drain's
+  ``DRAIN_READS``); Python applies rule 5 (a handler failure) and rule 3's protocol call
+  through ``ConnectionPolicy``.  Rules 6-8 run in C too (backends/policy_core.h): each
+  connection is stamped on progress (data in, send completed) with a clock read once
+  per wait, the wait is bounded by the coarse tick while connections are open, and each
+  tick closes what is idle too long or past its request deadline.  The deadline needs
+  the protocol's view: after a feed that leaves a request incomplete, or completes the
+  one that was, Python tells the core (``uc_progress``: one call, never on the common
+  path of whole requests), which starts, extends or clears it.
 * **A failed ring** (a submit that cannot flush the SQ, CQEs the kernel dropped): every
   core call then returns ``-errno`` and the worker raises ``OSError`` - never an
   ``abort()`` of the whole process.
@@ -102,6 +108,7 @@ completion that releases it has been seen.  Per worker:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import errno
 import importlib.util
 import logging
@@ -113,6 +120,8 @@ import time
 from parallelnet.backends.base import (
     DISPATCH, REUSEPORT, SHARED, Availability, Backend, BackendError,
 )
+from parallelnet.backends.ccore import fill_limits, install_notes
+from parallelnet.core.policy import ConnectionPolicy, tracks_requests
 from parallelnet.core.stats import NOT_OBSERVABLE
 
 log = logging.getLogger("parallelnet.worker")
@@ -123,17 +132,36 @@ SETUP_FLAG_NAMES = (
     (1 << 9, "TASKRUN_FLAG"), (1 << 12, "SINGLE_ISSUER"), (1 << 13, "DEFER_TASKRUN"),
     (1 << 16, "NO_SQARRAY"),
 )
-EXTRA_STATS = ("entries", "sqes", "cqes", "enobufs", "cq_overflows", "cq_dropped",
-               "zc_sends", "copied_sends", "partial_sends", "recv_arms", "accept_errors",
-               "accept_backoffs", "max_pending", "handoffs", "handoff_lost", "handoff_wakeups",
-               "fixed_files", "sendzc_ops", "sendzc_notifs", "idle_trims", "msg_handoffs",
-               "malloc_trims", "sendzc_held_max", "blocking_waits", "empty_waits",
-               "windowed_waits", "window_us", "arrival_per_s", "accept_bursts",
-               "ring_fd_registered", "util_pct", "window_bans")
-SWEEP_MAX = 4096   # connections closed per timer sweep at most (the rest: next tick)
 #: --uring-latency-budget-us default, chosen from the measured CPU-vs-latency curve
 #: (docs/uring.md, "The batching window").
 DEFAULT_LATENCY_BUDGET_US = 200
+
+
+@dataclasses.dataclass(frozen=True)
+class UringOptions:
+    """Every ``--uring-*`` option, read once from the parsed arguments: the one place
+    their defaults live (``add_arguments`` takes them from here)."""
+
+    accept: str = "single"          # --uring-accept: single-shot or multishot on a shared socket
+    buffers: int = 1024             # provided buffers per worker (power of two)
+    buffer_size: int = 16384        # bytes per provided buffer (capped by Limits.recv_size)
+    entries: int = 1024             # SQ entries
+    cq_entries: int = 0             # 0: 8 x entries
+    setup: str = "auto"             # ring setup flags by name (see _setup_flags)
+    fixed_files: bool = False
+    sqpoll: int = 0                 # SQPOLL idle ms, 0: off
+    zc_threshold: int = 0           # SEND_ZC from this many bytes, 0: never
+    latency_budget_us: int = DEFAULT_LATENCY_BUDGET_US
+    handoff: str = "scm"            # --accept dispatch channel: scm or msg-ring
+
+    @classmethod
+    def of(cls, options: argparse.Namespace) -> UringOptions:
+        """From ``serve``'s arguments (``uring_<field>``); absent or None: the default."""
+        given = {f.name: getattr(options, "uring_" + f.name, None) for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in given.items() if v is not None})
+
+    def bufsize(self, limits) -> int:
+        return max(64, min(self.buffer_size, limits.recv_size))
 
 
 def flag_names(flags: int) -> str:
@@ -154,8 +182,12 @@ def liburing_path() -> str | None:
     return path if os.path.exists(path) else None
 
 
+_notes_installed = False
+
+
 def load():
     """(ffi, lib) with liburing resolved; raises BackendError with the precise reason."""
+    global _notes_installed
     path = liburing_path()
     if path is None:
         raise BackendError(f"the PyPI wheel {WHEEL} is not installed (pip install '{WHEEL}')")
@@ -167,51 +199,61 @@ def load():
     err = lib.uc_init(path.encode())
     if err != ffi.NULL:
         raise BackendError(f"liburing from the wheel unusable: {ffi.string(err).decode()}")
+    if not _notes_installed:
+        install_notes(ffi, "uc_py_accept_paused", "uc_py_handoff_lost")
+        _notes_installed = True
     return ffi, lib
 
 
-def new_core(ffi, lib, ctx, *, raw: bool = False, multishot_accept: bool = False,
-             nbufs: int = 1024, bufsize: int = 16384, entries: int = 1024, setup_flags: int = 0,
-             cq_entries: int = 0, fixed_files: bool = False, sqpoll_idle_ms: int = 0,
-             zc_threshold: int = 0, latency_budget_us: int = 0, tick_ms: int = 0,
-             **cproto):
-    listeners = [s.fileno() for s in ctx.listeners]
-    if len(listeners) > lib.MAX_LISTENERS:
+def new_core(ffi, lib, limits, opts: UringOptions = UringOptions(), *, listeners=(),
+             stop_fd: int = -1, handoff_fd: int = -1, raw: bool = False,
+             multishot: bool = False, setup_flags: int | None = None, cproto: dict | None = None,
+             user=None):
+    """One event core (uring_core.c) configured from ``limits`` and ``opts``.
+
+    ``raw``: uring-py's mode (Python reaps every CQE; no accept, no timer in C).
+    ``cproto``: native-uring's C-protocol settings (``struct uc_config`` fields).
+    ``user``: the cffi handle the core's callbacks receive (None: no callbacks).
+    """
+    fds = [s.fileno() for s in listeners]
+    if len(fds) > lib.MAX_LISTENERS:
         raise BackendError(f"at most {lib.MAX_LISTENERS} listening sockets per worker")
+    nbufs = opts.buffers
     if nbufs & (nbufs - 1) or not 1 <= nbufs <= 32768:
         raise BackendError("--uring-buffers must be a power of two in 1..32768")
     cfg = ffi.new("struct uc_config *")
-    cfg.entries = entries
+    cfg.entries = opts.entries
     cfg.nbufs = nbufs
-    cfg.bufsize = bufsize
-    cfg.max_conns = ctx.limits.max_connections
-    cfg.max_output = ctx.limits.max_output
-    cfg.setup_flags = setup_flags
-    cfg.stop_fd = ctx.stop.fileno()
-    cfg.multishot_accept = int(multishot_accept)
+    cfg.bufsize = opts.bufsize(limits)
+    cfg.max_conns = limits.max_connections
+    cfg.max_output = limits.max_output
+    cfg.setup_flags = _setup_flags(lib, opts.setup) if setup_flags is None else setup_flags
+    cfg.stop_fd = stop_fd
+    cfg.multishot_accept = int(multishot)
     cfg.raw = int(raw)
-    cfg.cq_entries = cq_entries
-    cfg.accept_backoff_ms = max(1, int(ctx.limits.accept_backoff * 1000))
-    cfg.nlisteners = len(listeners)
-    if fixed_files:   # one table slot per connection id, within the fd limit
+    cfg.cq_entries = opts.cq_entries
+    cfg.accept_backoff_ms = max(1, int(limits.accept_backoff * 1000))
+    cfg.nlisteners = len(fds)
+    if opts.fixed_files:   # one table slot per connection id, within the fd limit
         soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-        cfg.fixed_files = max(1, min(ctx.limits.max_connections, soft if soft > 0 else 1024, 1 << 16))
-    cfg.sqpoll_idle_ms = max(0, sqpoll_idle_ms)
-    cfg.zc_threshold = max(0, zc_threshold)
-    cfg.latency_budget_us = max(0, latency_budget_us)
-    cfg.tick_ms = max(0, tick_ms)
-    for k, v in cproto.items():   # native-uring's C-protocol mode (cproto, its limits)
+        cfg.fixed_files = max(1, min(limits.max_connections, soft if soft > 0 else 1024, 1 << 16))
+    cfg.sqpoll_idle_ms = max(0, opts.sqpoll)
+    cfg.zc_threshold = max(0, opts.zc_threshold)
+    cfg.latency_budget_us = max(0, opts.latency_budget_us)
+    if not raw:   # uring-py keeps the policy's timer in Python
+        fill_limits(cfg.limits, limits)
+    for k, v in (cproto or {}).items():
         setattr(cfg, k, v)
-    handoff = getattr(ctx, "handoff", None)
-    cfg.handoff_fd = handoff.fileno() if handoff is not None else -1
-    for i, fd in enumerate(listeners):
+    cfg.handoff_fd = handoff_fd
+    cfg.user = user if user is not None else ffi.NULL
+    for i, fd in enumerate(fds):
         cfg.listeners[i] = fd
     err = ffi.new("int *")
     core = lib.uc_new(cfg, err)
     if core == ffi.NULL:
         raise BackendError(f"io_uring setup failed: {os.strerror(err[0])} (errno {err[0]}); "
-                           f"entries={entries} cq_entries={cq_entries or 8 * entries} "
-                           f"buffers={nbufs}x{bufsize}")
+                           f"entries={opts.entries} cq_entries={opts.cq_entries or 8 * opts.entries} "
+                           f"buffers={nbufs}x{cfg.bufsize}")
     return core
 
 
@@ -378,15 +420,142 @@ class RingHandoff:
             self._sender = None
 
 
-class UringBackend(Backend):
-    name = "uring"
-    description = "io_uring, C event core (multishot recv, buffer ring, batched submit/wait)"
+# -- one worker's ring, as every io_uring backend holds it -------------------------------
+
+#: Counters of the ring itself (submit, wait, reap), measured in C in both modes.
+RING_STATS = ("entries", "sqes", "cqes", "cq_overflows", "cq_dropped", "blocking_waits",
+              "empty_waits", "windowed_waits", "window_us", "arrival_per_s", "util_pct",
+              "window_bans", "ring_fd_registered")
+#: Event-core counters that are WorkerStats fields rather than extras.
+TO_COUNTERS = {"waits": "wakeups", "accept_cqes": "listen_wakeups", "accepted": "accepted",
+               "refused": "refused", "backpressure": "backpressure", "bytes_out": "bytes_out"}
+#: What the C-protocol mode counts that Python counts itself otherwise.
+CPROTO_COUNTERS = {"requests": "requests", "bytes_in": "bytes_in", "closed": "closed",
+                   "errors": "errors"}
+_NOT_EXTRA = {"last_accept_error", "failed", "opened", *TO_COUNTERS, *CPROTO_COUNTERS}
+
+
+class Ring:
+    """One worker's io_uring event core (uring_core.c) and what Python keeps of it.
+
+    Composition, not inheritance: ``uring``, ``uring-py`` and ``native-uring`` each hold
+    one.  It creates the core in the worker's thread, exposes what the loops touch
+    (``ffi``, ``lib``, ``core``, the provided-buffer ``pool`` and ``bufsize``), copies the
+    C counters into ``WorkerStats`` (``sync``: the event core is their single writer;
+    ``sync_ring``: only the ring's own, for uring-py, which counts the rest in Python)
+    and frees everything at the end.  ``who`` names the worker in logs and callbacks.
+    """
+
+    def __init__(self, ctx, opts: UringOptions, name: str, *, raw: bool = False,
+                 cproto: dict | None = None) -> None:
+        self.ffi, self.lib = ffi, lib = load()
+        self.stats = stats = ctx.stats
+        self.who = f"worker {ctx.index} ({name})"
+        self.raw, self.cproto = raw, bool(cproto)
+        self.multishot = ctx.accept == REUSEPORT or opts.accept == "multishot"
+        self.bufsize = opts.bufsize(ctx.limits)
+        self._handle = ffi.new_handle(self)   # kept alive as long as the core may call back
+        self.core = new_core(ffi, lib, ctx.limits, opts, listeners=ctx.listeners,
+                             stop_fd=ctx.stop.fileno(),
+                             handoff_fd=ctx.handoff.fileno() if ctx.handoff is not None else -1,
+                             raw=raw, multishot=self.multishot, cproto=cproto, user=self._handle)
+        self.ring_fd = lib.uc_ring_fd(self.core)   # -1 if it cannot be told (msg-ring refused)
+        self.sqpoll_stat = _sqpoll_thread_stat() if opts.sqpoll else None
+        self.pool = memoryview(ffi.buffer(lib.uc_pool(self.core), lib.uc_pool_size(self.core)))
+        self.cstats = lib.uc_stats(self.core)
+        self._status_path = f"/proc/self/task/{threading.get_native_id()}/status"
+        fields = [name for name, _ in ffi.typeof("struct uc_stats").fields]
+        self._extra_fields = [f for f in fields if f not in _NOT_EXTRA]
+        extra = stats.extra
+        extra["setup_flags"] = flag_names(lib.uc_setup_flags(self.core))
+        extra["accept_mode"] = "multishot" if self.multishot else "single"
+        # Derived from the C counters and /proc: present from the start like the others.
+        extra.update(cqes_per_entry=0, sqes_per_entry=0, sqpoll_cpu_ns=0, vol_ctx_switches=0)
+        # An accept that loses the race on a shared socket is retried inside the kernel
+        # and never completes: not observable here (docs/uring.md, "What the accept race
+        # looks like").  With one socket per worker, or none, there is no race: 0 is true.
+        stats.lost_races = NOT_OBSERVABLE if ctx.accept == SHARED and ctx.listeners else 0
+        self.sync_ring() if raw else self.sync()
+
+    # -- counters (WorkerStats.refresh calls these from the snapshot's thread) -------------
+
+    def refresh(self) -> None:
+        """WorkerStats.refresh for the event core: snapshots (another thread) copy the C
+        counters, so the loop never pauses for them (aligned 64-bit reads of words only C
+        writes), and this thread's voluntary context switches from /proc."""
+        self.sync()
+        self.refresh_switches()
+
+    def refresh_switches(self) -> None:
+        switches = voluntary_switches(self._status_path)
+        if switches is not None:
+            self.stats.extra["vol_ctx_switches"] = switches
+
+    def sync(self) -> None:
+        """Copy every counter of the event core into WorkerStats."""
+        cs, st = self.cstats, self.stats
+        for c_name, name in TO_COUNTERS.items():
+            setattr(st, name, getattr(cs, c_name))
+        if self.cproto:
+            for c_name, name in CPROTO_COUNTERS.items():
+                setattr(st, name, getattr(cs, c_name))
+            st.open = cs.opened - cs.closed
+        extra = st.extra
+        for k in self._extra_fields:
+            extra[k] = getattr(cs, k)
+        self._derived(extra)
+
+    def sync_ring(self) -> None:
+        """Copy the ring's own counters (uring-py counts everything else in Python)."""
+        cs, extra = self.cstats, self.stats.extra
+        for k in RING_STATS:
+            extra[k] = getattr(cs, k)
+        self._derived(extra)
+
+    def _derived(self, extra: dict) -> None:
+        cs = self.cstats
+        entries = cs.entries or 1
+        extra["cqes_per_entry"] = round(cs.cqes / entries, 3)
+        extra["sqes_per_entry"] = round(cs.sqes / entries, 3)
+        if self.sqpoll_stat:
+            extra["sqpoll_cpu_ns"] = sqpoll_cpu_ns(self.sqpoll_stat)
+
+    # -- failure and the end -------------------------------------------------------------
+
+    def error(self, rc: int) -> OSError:
+        """The ring itself failed (a submit that could not flush the SQ, CQEs the kernel
+        dropped): the worker stops with this error; the server reports it and stops the
+        others (a server missing a worker is not serving)."""
+        return OSError(-rc, f"{self.who}: io_uring failed: {os.strerror(-rc)}")
+
+    def free(self) -> None:
+        """The last figures, then the core: the pool is freed only if the kernel holds no
+        operation of ours (else leaked, with a warning)."""
+        (self.sync_ring if self.raw else self.sync)()
+        self.refresh_switches()
+        self.stats.refresh = None   # the thread is about to go: keep the last figures
+        try:
+            self.pool.release()
+        except BufferError:
+            pass  # only if a protocol kept the view it was fed (against its contract)
+        leaked = self.lib.uc_free(self.core)
+        self.core = None
+        if leaked:
+            log.warning("%s: io_uring operations still in flight at exit; buffer pool (and "
+                        "%d send chunks a SEND_ZC may still read) leaked rather than freed",
+                        self.who, leaked - 1)
+
+
+# -- the backends ------------------------------------------------------------------------
+
+class IoUringBackend(Backend):
+    """What the io_uring backends declare and share - options, probe, preflight, the
+    msg-ring channel - but no loop: each backend runs its own over a ``Ring``."""
+
     kind = "completion"
     accept_strategies = frozenset({SHARED, REUSEPORT, DISPATCH})
-    conformance_variants = [["--uring-accept", "multishot"],
-                            ["--uring-buffers", "4", "--uring-buffer-size", "512"],
-                            ["--uring-fixed-files", "--uring-zc-threshold", "4096"],
-                            ["--accept", "dispatch", "--uring-handoff", "msg-ring"]]
+    follows_policy = True
+    ring: Ring | None = None
 
     @classmethod
     def probe(cls) -> Availability:
@@ -397,184 +566,91 @@ class UringBackend(Backend):
         """Create (and free) one ring with the requested settings in the parent: a ring
         that cannot be created is a clear startup error, not a dead worker."""
         ffi, lib = load()
-        from types import SimpleNamespace
-
-        ctx = SimpleNamespace(listeners=[], limits=limits, stop=SimpleNamespace(fileno=lambda: -1))
-        opt = lambda name, default: getattr(options, name, default)  # noqa: E731
-        setup = _setup_flags(lib, opt("uring_setup", "auto"))
-        core = new_core(ffi, lib, ctx, nbufs=opt("uring_buffers", 1024),
-                        bufsize=max(64, min(opt("uring_buffer_size", 16384), limits.recv_size)),
-                        entries=opt("uring_entries", 1024), setup_flags=setup,
-                        cq_entries=opt("uring_cq_entries", 0) or 0, **cls._options(options))
+        core = new_core(ffi, lib, limits, UringOptions.of(options))
         try:
             if cls.own_handoff(options):
                 _check_msg_ring(ffi, lib, core)
         finally:
             lib.uc_free(core)
 
-    @staticmethod
-    def _options(ctx_or_opts) -> dict:
-        """The measured performance options (docs/uring.md), as new_core keywords."""
-        opt = ctx_or_opts.option if hasattr(ctx_or_opts, "option") else \
-            (lambda name, default: getattr(ctx_or_opts, name, default))
-        budget = opt("uring_latency_budget_us", DEFAULT_LATENCY_BUDGET_US)
-        return {"fixed_files": bool(opt("uring_fixed_files", False)),
-                "sqpoll_idle_ms": opt("uring_sqpoll", 0) or 0,
-                "zc_threshold": opt("uring_zc_threshold", 0) or 0,
-                "latency_budget_us": DEFAULT_LATENCY_BUDGET_US if budget is None else budget}
-
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
         if any("--uring-accept" in a.option_strings for a in parser._actions):
-            return  # uring and uring-py share these options
-        g = parser.add_argument_group("io_uring (uring, uring-py)")
-        g.add_argument("--uring-accept", choices=["single", "multishot"], default="single",
+            return  # the io_uring backends share these options
+        d = UringOptions()
+        g = parser.add_argument_group("io_uring (uring, uring-py, native-uring)")
+        g.add_argument("--uring-accept", choices=["single", "multishot"], default=d.accept,
                        help="on the shared socket: single-shot accept re-armed per completion "
                             "(spreads connections) or one multishot accept (first ring takes all)")
-        g.add_argument("--uring-buffers", type=int, default=1024,
+        g.add_argument("--uring-buffers", type=int, default=d.buffers,
                        help="provided buffers per worker (power of two)")
-        g.add_argument("--uring-buffer-size", type=int, default=16384,
+        g.add_argument("--uring-buffer-size", type=int, default=d.buffer_size,
                        help="bytes per provided buffer")
-        g.add_argument("--uring-entries", type=int, default=1024, help="SQ entries (CQ is 8x)")
-        g.add_argument("--uring-cq-entries", type=int, default=0,
+        g.add_argument("--uring-entries", type=int, default=d.entries, help="SQ entries (CQ is 8x)")
+        g.add_argument("--uring-cq-entries", type=int, default=d.cq_entries,
                        help="CQ entries (0: 8x the SQ); tiny values force CQ overflow (tests)")
-        g.add_argument("--uring-setup", choices=["auto", "defer", "coop", "plain"], default="auto",
+        g.add_argument("--uring-setup", choices=["auto", "defer", "coop", "plain"], default=d.setup,
                        help="ring setup flags (auto: strongest that works)")
         g.add_argument("--uring-fixed-files", action="store_true",
                        help="uring: register each connection's fd (IOSQE_FIXED_FILE recv/send)")
-        g.add_argument("--uring-sqpoll", type=int, default=0, metavar="IDLE_MS",
+        g.add_argument("--uring-sqpoll", type=int, default=d.sqpoll, metavar="IDLE_MS",
                        help="SQPOLL kernel thread, idling after IDLE_MS (0: off); its CPU is "
                             "reported in stats extra sqpoll_cpu_ns")
-        g.add_argument("--uring-zc-threshold", type=int, default=0, metavar="BYTES",
+        g.add_argument("--uring-zc-threshold", type=int, default=d.zc_threshold, metavar="BYTES",
                        help="uring: sends of at least BYTES use IORING_OP_SEND_ZC (0: never)")
-        g.add_argument("--uring-latency-budget-us", type=int, default=DEFAULT_LATENCY_BUDGET_US,
+        g.add_argument("--uring-latency-budget-us", type=int, default=d.latency_budget_us,
                        metavar="US",
                        help="batching window: while the arrival rate fills it, a wait may hold "
                             "completions up to US microseconds to serve them with one wake-up "
                             f"(0: off; default {DEFAULT_LATENCY_BUDGET_US}, docs/uring.md)")
-        g.add_argument("--uring-handoff", choices=["scm", "msg-ring"], default="scm",
+        g.add_argument("--uring-handoff", choices=["scm", "msg-ring"], default=d.handoff,
                        help="with --accept dispatch (thread mode): scm = SCM_RIGHTS over a "
                             "socketpair, a poll wakes the ring (every backend's channel); "
                             "msg-ring = IORING_OP_MSG_RING posts the fd into the ring's CQ")
 
     @classmethod
     def own_handoff(cls, options) -> str | None:
-        return "msg-ring" if getattr(options, "uring_handoff", "scm") == "msg-ring" else None
+        return "msg-ring" if UringOptions.of(options).handoff == "msg-ring" else None
 
     def handoff_channel(self):
         """--uring-handoff msg-ring: the dispatcher posts fds into this worker's ring."""
-        return RingHandoff(self.ffi, self.lib, self.ring_fd)
+        ring = self.ring
+        return RingHandoff(ring.ffi, ring.lib, ring.ring_fd)
 
-    # -- setup ------------------------------------------------------------------------
 
-    def _open(self, raw: bool = False):
-        ctx = self.ctx
-        self.ffi, self.lib = ffi, lib = load()
-        multishot = ctx.accept == REUSEPORT or ctx.option("uring_accept", "single") == "multishot"
-        setup = _setup_flags(lib, ctx.option("uring_setup", "auto"))
-        bufsize = max(64, min(ctx.option("uring_buffer_size", 16384), ctx.limits.recv_size))
-        self.core = new_core(ffi, lib, ctx, raw=raw, multishot_accept=multishot,
-                             nbufs=ctx.option("uring_buffers", 1024), bufsize=bufsize,
-                             entries=ctx.option("uring_entries", 1024), setup_flags=setup,
-                             cq_entries=ctx.option("uring_cq_entries", 0) or 0,
-                             tick_ms=0 if raw else max(1, int((ctx.limits.timer_tick() or 0) * 1000))
-                             if ctx.limits.timer_tick() else 0,
-                             **self._options(ctx), **self._core_options(lib))
-        self.bufsize = bufsize
-        self.ring_fd = lib.uc_ring_fd(self.core)   # -1 if it cannot be told (msg-ring refused)
-        self.sqpoll_stat = _sqpoll_thread_stat() if self._options(ctx)["sqpoll_idle_ms"] else None
-        self.multishot = multishot
-        self.pool = memoryview(ffi.buffer(lib.uc_pool(self.core), lib.uc_pool_size(self.core)))
-        self.cstats = lib.uc_stats(self.core)
-        extra = ctx.stats.extra
-        extra["setup_flags"] = flag_names(lib.uc_setup_flags(self.core))
-        extra["accept_mode"] = "multishot" if multishot else "single"
-        for k in EXTRA_STATS + ("cqes_per_entry", "sqes_per_entry", "idle_timeouts",
-                                "header_timeouts", "sqpoll_cpu_ns", "vol_ctx_switches"):
-            extra[k] = 0  # every key exists from the start: snapshots iterate this dict
-        # An accept that loses the race on a shared socket is retried inside the kernel
-        # and never completes: not observable here (docs/uring.md, "What the accept race
-        # looks like").  With one socket per worker, or none, there is no race: 0 is true.
-        ctx.stats.lost_races = NOT_OBSERVABLE if ctx.accept == SHARED and ctx.listeners else 0
-        self._accept_backoffs_seen, self._backing_off = 0, False
-        self._status_path = f"/proc/self/task/{threading.get_native_id()}/status"
-        ctx.stats.refresh = self._refresh_switches
-        lim = ctx.limits
-        self.tick = lim.timer_tick()
-        self.idle = lim.idle_timeout if lim.idle_timeout and lim.idle_timeout > 0 else 0.0
-        self.hdr = lim.header_timeout if lim.header_timeout and lim.header_timeout > 0 else 0.0
-        self.sweep_ids = ffi.new("int32_t[]", SWEEP_MAX)
-        self.sweep_ages = ffi.new("int32_t[]", SWEEP_MAX)
-
-    def _core_options(self, lib) -> dict:
-        """Extra core settings of a subclass (native-uring's C-protocol mode)."""
-        return {}
-
-    def _refresh(self) -> None:
-        """WorkerStats.refresh: snapshots (another thread) copy the C counters, so the
-        loop never pauses for them (aligned 64-bit reads of words only C writes)."""
-        self._sync_stats()
-        self._refresh_switches()
-
-    def _refresh_switches(self) -> None:
-        """WorkerStats.refresh (the snapshot's thread): this worker thread's voluntary
-        context switches, read from /proc here so the loop pays nothing for them."""
-        switches = voluntary_switches(self._status_path)
-        if switches is not None:
-            self.ctx.stats.extra["vol_ctx_switches"] = switches
-
-    def _sync_stats(self) -> None:
-        """Copy the C core's counters into WorkerStats (single writer: this worker)."""
-        cs, st = self.cstats, self.ctx.stats
-        st.bytes_out = cs.bytes_out
-        st.wakeups = cs.waits
-        st.listen_wakeups = cs.accept_cqes
-        st.refused = cs.refused
-        backing_off = cs.accept_backoffs != self._accept_backoffs_seen
-        if backing_off and not self._backing_off:   # logged once per episode
-            log.warning("worker %d (%s): accept failed: %s; pausing the listener, retrying "
-                        "with back-off", self.ctx.index, self.name,
-                        os.strerror(cs.last_accept_error))
-        self._backing_off, self._accept_backoffs_seen = backing_off, cs.accept_backoffs
-        st.accepted = cs.accepted
-        if cs.handoff_lost and not st.extra.get("handoff_lost"):
-            log.warning("worker %d (%s): out of fds, connections handed over were lost "
-                        "(handoff_lost)", self.ctx.index, self.name)
-        st.backpressure = cs.backpressure
-        extra = st.extra
-        for k in EXTRA_STATS:
-            extra[k] = getattr(cs, k)
-        entries = cs.entries or 1
-        extra["cqes_per_entry"] = round(cs.cqes / entries, 3)
-        extra["sqes_per_entry"] = round(cs.sqes / entries, 3)
-        if self.sqpoll_stat:
-            extra["sqpoll_cpu_ns"] = sqpoll_cpu_ns(self.sqpoll_stat)
-
-    # -- the loop -----------------------------------------------------------------------
+class UringBackend(IoUringBackend):
+    name = "uring"
+    description = "io_uring, C event core (multishot recv, buffer ring, batched submit/wait)"
+    conformance_variants = [["--uring-accept", "multishot"],
+                            ["--uring-buffers", "4", "--uring-buffer-size", "512"],
+                            ["--uring-fixed-files", "--uring-zc-threshold", "4096"],
+                            ["--accept", "dispatch", "--uring-handoff", "msg-ring"]]
 
     def run(self) -> None:
-        self._open()
-        lib = self.lib
+        ctx = self.ctx
+        self.ring = ring = Ring(ctx, UringOptions.of(ctx.options), self.name)
         self.protos: dict[int, object] = {}
         self.stopping = False
+        # Rules 3 and 5 (the protocol's EOF, a handler failure); the others are the core's.
+        self.policy = ConnectionPolicy(ctx.limits, ctx.stats, ring.who)
         self._process = self._batch_processor()
-        self.ctx.stats.refresh = self._refresh
+        ctx.stats.refresh = ring.refresh
         try:
-            lib.uc_start(self.core)
-            lib.uc_submit(self.core)
-            self.ctx.stats.mark_ready()
+            ring.lib.uc_start(ring.core)
+            ring.lib.uc_submit(ring.core)
+            ctx.stats.mark_ready()
             self._serve()
             self._drain()
         finally:
             self._close_all()
 
     def _serve(self) -> None:
-        lib, core, ffi = self.lib, self.core, self.ffi
-        wait, events, unpack = lib.uc_wait, lib.uc_events, ffi.unpack
+        ring = self.ring
+        lib, core, unpack = ring.lib, ring.core, ring.ffi.unpack
+        wait, events = lib.uc_wait, lib.uc_events
         process = self._process
-        ring_failed = self._ring_failed
         # Per iteration only the wait and the batch: the C core bounds the wait by the
-        # timer tick while connections are open and reports the tick as EV_TICK; the
+        # timer tick while connections are open and runs the deadlines there; the
         # counters are copied by the snapshot thread (WorkerStats.refresh); stop arrives
         # as EV_STOP (the eventfd's poll on the ring).
         while not self.stopping:
@@ -582,23 +658,27 @@ class UringBackend(Backend):
             if n > 0:
                 process(unpack(events(core), 4 * n))
             elif n < 0:
-                ring_failed(n)
-        self._sync_stats()
+                raise ring.error(n)
 
     def _batch_processor(self):
         """The hot path, built once: one batch of events through the protocol.  A
         closure over everything it touches, so a batch costs no attribute lookups."""
-        backend, lib, core = self, self.lib, self.core
+        backend, ring = self, self.ring
+        lib, core = ring.lib, ring.core
         EV_DATA, EV_OPEN, EV_CLOSED, EV_EOF = lib.EV_DATA, lib.EV_OPEN, lib.EV_CLOSED, lib.EV_EOF
         EV_DRAINED, EV_STOP, EV_TICK = lib.EV_DRAINED, lib.EV_STOP, lib.EV_TICK
-        send_buf, send_copy, finish = lib.uc_send_buf, lib.uc_send_copy, lib.uc_finish
-        from_buffer = self.ffi.from_buffer
+        send_buf, send_copy, finish, close = lib.uc_send_buf, lib.uc_send_copy, lib.uc_finish, lib.uc_close
+        progress = lib.uc_progress
+        from_buffer = ring.ffi.from_buffer
         protos = self.protos
-        pool = self.pool
-        bsize = self.bufsize
+        pool = ring.pool
+        bsize = ring.bufsize
         stats = self.ctx.stats
         factory = self.ctx.protocol_factory
-        handler_failed, send_failed = self._handler_failed, self._send_failed
+        policy = self.policy
+        track = tracks_requests(factory())
+        incomplete: set[int] = set()   # ids whose request the core is timing (rule 7)
+        send_failed = self._send_failed
 
         def process(ev: list) -> None:
             requests = bytes_in = 0
@@ -617,9 +697,15 @@ class UringBackend(Backend):
                         out, k = proto.feed(data)
                     except Exception:  # noqa: BLE001 - a handler bug closes one connection only
                         data.release()
-                        handler_failed(cid, proto)
+                        policy.handler_failed(proto, cid)
+                        close(core, cid, 1)
                         continue
                     requests += k
+                    if track:
+                        partial = proto.partial
+                        if partial or cid in incomplete:   # never for whole requests
+                            progress(core, cid, partial, k, length)
+                            (incomplete.add if partial else incomplete.discard)(cid)
                     if out is data:
                         rc = send_buf(core, cid, ev[i + 2], 0, length)
                     elif out:
@@ -633,7 +719,8 @@ class UringBackend(Backend):
                     try:
                         data.release()
                     except BufferError:   # it holds an export of the view: the same breach
-                        handler_failed(cid, proto)
+                        policy.handler_failed(proto, cid)
+                        close(core, cid, 1)
                         continue
                     if rc < 0:
                         send_failed(cid, rc)
@@ -644,16 +731,15 @@ class UringBackend(Backend):
                     stats.open += 1
                 elif kind == EV_CLOSED:
                     del protos[cid]
+                    incomplete.discard(cid)
                     stats.open -= 1
                     stats.closed += 1
                     if ev[i + 2]:
                         stats.errors += 1
                 elif kind == EV_EOF:
-                    proto = protos[cid]
-                    try:
-                        out = proto.eof()
-                    except Exception:  # noqa: BLE001
-                        handler_failed(cid, proto)
+                    out = policy.eof(protos[cid], cid)
+                    if out is None:
+                        close(core, cid, 1)
                         continue
                     if out:
                         rc = send_copy(core, cid, out if type(out) is bytes else from_buffer(out),
@@ -664,8 +750,7 @@ class UringBackend(Backend):
                     finish(core, cid)
                 elif kind == EV_DRAINED:   # what the peer sent before stop has been answered
                     finish(core, cid)
-                elif kind == EV_TICK:
-                    backend._sweep()
+                elif kind == EV_TICK:      # the core has swept the deadlines
                     if backend.ctx.stop.is_set():   # belt and braces: EV_STOP is the signal
                         backend.stopping = True
                 elif kind == EV_STOP:
@@ -679,62 +764,27 @@ class UringBackend(Backend):
         """The core refused a response (-ENOMEM, -EMSGSIZE for >= 4 GiB, a failed ring):
         that connection ends with an error rather than carrying on with a hole in its
         output."""
-        log.warning("worker %d (%s): cannot send on connection id %d: %s; closing it",
-                    self.ctx.index, self.name, cid, os.strerror(-rc))
-        self.lib.uc_close(self.core, cid, 1)
-
-    def _ring_failed(self, rc: int) -> None:
-        """uc_wait < 0: the ring itself failed (a submit that could not flush the SQ,
-        CQEs the kernel dropped): this worker stops with that error; the server reports
-        it and stops the others (a server missing a worker is not serving)."""
-        raise OSError(-rc, f"worker {self.ctx.index} ({self.name}): io_uring failed: "
-                           f"{os.strerror(-rc)}")
-
-    def _sweep(self) -> None:
-        """Close connections past the idle timeout, or past the header timeout while
-        their protocol holds a partial request (one C call lists the candidates)."""
-        idle, hdr = self.idle, self.hdr
-        if not (idle or hdr):
-            return
-        limit = min(t for t in (idle, hdr) if t)
-        n = self.lib.uc_idle(self.core, int(limit * 1000), self.sweep_ids, self.sweep_ages, SWEEP_MAX)
-        if not n:
-            return
-        extra, protos, close = self.ctx.stats.extra, self.protos, self.lib.uc_close
-        for cid, age_ms in zip(self.ffi.unpack(self.sweep_ids, n), self.ffi.unpack(self.sweep_ages, n)):
-            age = age_ms / 1000
-            proto = protos.get(cid)
-            if proto is None:
-                continue
-            if idle and age >= idle:
-                extra["idle_timeouts"] += 1
-                close(self.core, cid, 0)
-            elif hdr and age >= hdr and proto.partial:
-                extra["header_timeouts"] += 1
-                close(self.core, cid, 0)
-
-    def _handler_failed(self, cid: int, proto) -> None:
-        self.ctx.stats.handler_errors += 1
-        log.exception("worker %d (%s): protocol %s failed on connection id %d; "
-                      "closing that connection only", self.ctx.index, self.name,
-                      type(proto).__name__, cid)
-        self.lib.uc_close(self.core, cid, 1)
+        log.warning("%s: cannot send on connection id %d: %s; closing it",
+                    self.ring.who, cid, os.strerror(-rc))
+        self.ring.lib.uc_close(self.ring.core, cid, 1)
 
     def _drain(self) -> None:
-        lib, core = self.lib, self.core
+        ring = self.ring
+        lib, core = ring.lib, ring.core
         lib.uc_drain_begin(core)
         # One look without waiting: connections the dispatcher posted (msg-ring) before it
         # stopped are still task work of ours; they become CQEs, then connections to drain.
         n = lib.uc_wait(core, 0)
         if n > 0:
-            self._process(self.ffi.unpack(lib.uc_events(core), 4 * n))
+            self._process(ring.ffi.unpack(lib.uc_events(core), 4 * n))
         elif n < 0:
-            self._ring_failed(n)
+            raise ring.error(n)
         deadline = time.monotonic() + self.ctx.limits.drain_timeout
         self._pump(lambda: lib.uc_nconns(core) > 0, deadline)
 
     def _pump(self, busy, deadline: float) -> None:
-        lib, core, ffi = self.lib, self.core, self.ffi
+        ring = self.ring
+        lib, core, ffi = ring.lib, ring.core, ring.ffi
         while busy():
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -746,7 +796,8 @@ class UringBackend(Backend):
                 self._process(ffi.unpack(lib.uc_events(core), 4 * n))
 
     def _close_all(self) -> None:
-        lib, core, ffi = self.lib, self.core, self.ffi
+        ring = self.ring
+        lib, core, ffi = ring.lib, ring.core, ring.ffi
         try:
             lib.uc_shutdown(core)
             # Wait (bounded) until the kernel holds no operation of ours: only then may
@@ -758,17 +809,5 @@ class UringBackend(Backend):
             n = lib.uc_wait(core, 0)
             if n > 0:
                 self._process(ffi.unpack(lib.uc_events(core), 4 * n))
-            self._sync_stats()
-            self._refresh_switches()
-            self.ctx.stats.refresh = None   # the thread is about to go: keep the last figures
         finally:
-            try:
-                self.pool.release()
-            except BufferError:
-                pass  # only if a protocol kept the view it was fed (against its contract)
-            leaked = lib.uc_free(core)
-            if leaked:
-                log.warning("worker %d: io_uring operations still in flight at exit; "
-                            "buffer pool (and %d send chunks a SEND_ZC may still read) "
-                            "leaked rather than freed", self.ctx.index, leaked - 1)
-            self.core = None
+            ring.free()

@@ -42,6 +42,7 @@ CDEF = """
 #define IORING_CQE_F_MORE ...
 #define IORING_CQE_BUFFER_SHIFT ...
 
+struct pol_limits { int64_t idle_ms, header_ms, tick_ms; double min_rate; };
 struct uc_stats {
     uint64_t entries, sqes, cqes, waits, enobufs, cq_overflows, cq_dropped, bytes_in, bytes_out,
              accept_cqes, accepted, accept_eagain, accept_errors, refused, backpressure,
@@ -60,12 +61,17 @@ struct uc_config {
     unsigned accept_backoff_ms;
     int handoff_fd;
     unsigned fixed_files, sqpoll_idle_ms, zc_threshold;
-    unsigned latency_budget_us, tick_ms;
+    unsigned latency_budget_us;
+    struct pol_limits limits;
     int cproto;
-    unsigned message_size, max_header_bytes, idle_ms, header_ms;
+    unsigned message_size, max_header_bytes;
     uint64_t max_body_bytes;
+    void *user;
 };
 typedef struct uc_core uc_core;
+
+extern "Python" void uc_py_accept_paused(void *, int);
+extern "Python" void uc_py_handoff_lost(void *, int);
 
 const char *uc_init(const char *path);
 int uc_lib_version(void);
@@ -95,7 +101,7 @@ void uc_fail_submits(uc_core *c, int err);
 int uc_serve(uc_core *c);
 int uc_drain(uc_core *c, int timeout_ms);
 void uc_close_all(uc_core *c, int timeout_ms);
-int uc_idle(uc_core *c, int limit_ms, int32_t *ids, int32_t *ages_ms, int max);
+void uc_progress(uc_core *c, int id, int partial, unsigned completed, unsigned nbytes);
 
 int uc_ring_fd(uc_core *c);
 typedef struct uc_sender uc_sender;
@@ -116,7 +122,7 @@ ffibuilder = cffi.FFI()
 ffibuilder.cdef(CDEF)
 with open(os.path.join(HERE, "uring_core.c")) as _f:
     ffibuilder.set_source("parallelnet.backends._uring", _f.read(), include_dirs=[HERE],
-                          depends=[os.path.join(HERE, "proto_core.h")],
+                          depends=[os.path.join(HERE, h) for h in ("proto_core.h", "policy_core.h")],
                           libraries=["dl"], extra_compile_args=["-O2", "-std=gnu11"])
 
 if __name__ == "__main__":

@@ -39,6 +39,13 @@
 #include <sys/socket.h>
 #include <sys/uio.h>
 #include "proto_core.h"         /* echo/http in C: the C-protocol mode (native-uring) */
+#include "policy_core.h"        /* core/policy.py's deadlines and numbers, in C */
+
+/* extern "Python" callbacks (uring.py), defined by cffi after this source; each takes the
+ * GIL.  Rare events only: the start of an episode, logged once (core/accept.py's and
+ * core/handoff.py's rule).  Not called when cfg.user is NULL (the probe's ring). */
+static void uc_py_accept_paused(void *user, int err);
+static void uc_py_handoff_lost(void *user, int err);
 
 /* ---- kernel ABI (include/uapi/linux/io_uring.h), only what we use ---------------- */
 struct io_uring_sqe {               /* 64 bytes */
@@ -157,7 +164,6 @@ enum { B_RING = 0, B_LENT, B_PINNED, B_FREE };
 #define UD(op, id) (((uint64_t)(uint32_t)(id) << 8) | (op))
 #define BGID 1
 #define MAX_LISTENERS 8
-#define DRAIN_READS 64
 #define IDLE_TRIM_MS 100            /* no connection for this long: give pool pages back */
 #define ACCEPT_BURST 16             /* SOCK_NONEMPTY: accepted synchronously at most, per CQE */
 
@@ -186,12 +192,15 @@ struct uc_config {
     unsigned sqpoll_idle_ms;        /* >0: IORING_SETUP_SQPOLL, the kernel thread idles after this */
     unsigned zc_threshold;          /* >0: sends of at least this many bytes use IORING_OP_SEND_ZC */
     unsigned latency_budget_us;     /* the batching window's bound (0: off), see window_us() */
-    unsigned tick_ms;               /* >0: an EV_TICK at most this often (the timeout sweep) */
+    /* Idle and request deadlines, the timer tick (core/policy.py rules 6-8; 0: off): swept
+     * here at each tick, in both modes.  An EV_TICK is reported at each tick too. */
+    struct pol_limits limits;
     /* C-protocol mode (native-uring): 0 = events go to Python; else UC_ECHO/UC_HTTP, and
      * uc_serve/uc_drain/uc_close_all run the whole loop in C (see the end of this file). */
     int cproto;
-    unsigned message_size, max_header_bytes, idle_ms, header_ms;
+    unsigned message_size, max_header_bytes;
     uint64_t max_body_bytes;
+    void *user;                     /* the Python backend (a cffi handle) for the callbacks */
 };
 
 /* zc_refs: SEND_ZC notifications still due for sends from this chunk (the kernel may
@@ -212,7 +221,7 @@ struct conn {
     uint8_t was_paused;             /* in a backpressure episode since its queue last emptied */
     uint64_t send_ud;               /* user_data of the send in flight (cancel) */
     uint64_t pending;               /* bytes queued or in flight */
-    int64_t last_ms;                /* last progress (data in, send done): idle/header timeouts */
+    struct pol_conn pol;            /* last progress (data in, send done), the request's deadline */
     struct chunk *head, *tail;
 };
 
@@ -240,6 +249,8 @@ struct uc_core {
     int pool_dirty;                 /* the kernel (or a drain read) wrote the pool since the last trim */
     int64_t idle_since_ms;          /* when nconns last became 0; -1: connections open */
     unsigned backoff_ms;
+    int accept_failing;             /* in an accept back-off episode (logged once) */
+    int handoff_losing;             /* in a MSG_CTRUNC episode (logged once) */
     int inject_err;                 /* fault injection (tests): every submit fails with it */
     int fail;                       /* errno: the ring is unusable (failed submit, lost CQEs) */
     int rearm_cursor;               /* ENOBUFS re-arm resumes here: no id is starved for good */
@@ -460,7 +471,7 @@ static void conn_open(uc_core *c, int fd)
     struct conn *k = &c->conns[id];
     c->idle_since_ms = -1;
     memset(k, 0, sizeof *k);
-    k->fd = fd; k->used = 1; k->reading = 1; k->last_ms = c->now_ms;
+    k->fd = fd; k->used = 1; k->reading = 1; k->pol.last_ms = c->now_ms;
     int one = 1;
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);  /* fails harmlessly on AF_UNIX */
     /* Registered file: recv/send then name the table slot (no fget/fput per op); the
@@ -514,7 +525,13 @@ static void handoff_take(uc_core *c)
         if (r == 0 && !(m.msg_flags & MSG_CTRUNC)) { c->handoff_closed = 1; return; }
         /* Out of fds the kernel cannot install the passed one: the message is consumed,
          * MSG_CTRUNC set, and that connection is lost.  Counted, never silent. */
-        if ((m.msg_flags & MSG_CTRUNC) && !CMSG_FIRSTHDR(&m)) { c->st.handoff_lost++; continue; }
+        if ((m.msg_flags & MSG_CTRUNC) && !CMSG_FIRSTHDR(&m)) {
+            c->st.handoff_lost++;
+            if (!c->handoff_losing && c->cfg.user) uc_py_handoff_lost(c->cfg.user, EMFILE);
+            c->handoff_losing = 1;
+            continue;
+        }
+        c->handoff_losing = 0;      /* a connection received whole ends the episode */
         for (struct cmsghdr *h = CMSG_FIRSTHDR(&m); h; h = CMSG_NXTHDR(&m, h)) {
             if (h->cmsg_level != SOL_SOCKET || h->cmsg_type != SCM_RIGHTS) continue;
             int n = (int)((h->cmsg_len - CMSG_LEN(0)) / sizeof(int));
@@ -550,7 +567,7 @@ static void on_send_result(uc_core *c, int id, int res)
     if (k->dead) { maybe_release(c, id); return; }
     if (res <= 0) { conn_kill(c, id, res != -ECANCELED); return; }
     struct chunk *h = k->head;
-    k->last_ms = c->now_ms;
+    k->pol.last_ms = c->now_ms;
     c->st.bytes_out += res; k->pending -= res; h->off += res;
     if (h->off < h->len) { c->st.partial_sends++; submit_send(c, id); return; }
     k->head = h->next; if (!k->head) k->tail = NULL;
@@ -580,7 +597,7 @@ static void on_cqe(uc_core *c, struct io_uring_cqe *q)
             int bid = q->flags >> IORING_CQE_BUFFER_SHIFT;
             c->ring_free--; c->pool_dirty = 1;
             if (res > 0 && !k->dead && !k->closing) {
-                k->last_ms = c->now_ms;
+                k->pol.last_ms = c->now_ms;
                 c->bstate[bid] = B_LENT; c->lent[c->nlent++] = bid;
                 c->st.bytes_in += res;
                 emit(c, EV_DATA, id, bid, res);
@@ -611,7 +628,7 @@ static void on_cqe(uc_core *c, struct io_uring_cqe *q)
         struct listener *l = &c->lis[id];
         if (res != -ECANCELED) c->st.accept_cqes++;   /* our own cancel at stop is no wakeup */
         if (res >= 0) {
-            conn_open(c, res); c->backoff_ms = c->cfg.accept_backoff_ms;
+            conn_open(c, res); c->backoff_ms = c->cfg.accept_backoff_ms; c->accept_failing = 0;
             /* More connections wait in the backlog (a burst): take some now, as the
              * seed's readiness loop accepts until EAGAIN, instead of one ring round trip
              * each.  Bounded, so one worker does not take a whole burst from the others. */
@@ -627,15 +644,17 @@ static void on_cqe(uc_core *c, struct io_uring_cqe *q)
         else if (res == -EAGAIN) c->st.accept_eagain++;     /* not produced by 6.x: see uring.py */
         else if (res != -ECANCELED) {
             c->st.accept_errors++; c->st.last_accept_error = -res;
-            if (res != -ECONNABORTED && res != -EPROTO && res != -EPERM && res != -EINTR) {
+            if (!pol_accept_one_lost(-res)) {
                 /* Out of a resource (EMFILE...), or the listener itself is unusable
                  * (EINVAL: not listening, EBADF, ENOTSOCK): re-arming at once would fail
                  * at once, a spin through the ring.  Pause this listener; uc_wait re-arms
-                 * it after a back-off.  The errors above lose one connection only. */
+                 * it after a back-off.  The others lose one connection only. */
                 if (!l->paused) {
                     l->paused = 1; c->st.accept_backoffs++;
                     l->resume_ms = c->now_ms + c->backoff_ms;
-                    c->backoff_ms = c->backoff_ms * 2 > 1000 ? 1000 : c->backoff_ms * 2;
+                    c->backoff_ms = pol_backoff_next(c->backoff_ms);
+                    if (!c->accept_failing && c->cfg.user) uc_py_accept_paused(c->cfg.user, -res);
+                    c->accept_failing = 1;
                 }
                 if (more && !l->cancel) { cancel_op(c, UD(OP_ACCEPT, id)); l->cancel = 1; }
             }
@@ -711,7 +730,7 @@ static uc_core *uc_new(const struct uc_config *cfg, int *err)
     if (p_io_uring_register_ring_fd(RING(c)) == 1) c->st.ring_fd_registered = 1;
     c->rate_t0 = c->ab_t0 = mono_ns();
     c->cpu_t0 = thread_cpu_ns();
-    c->next_tick_ms = c->now_ms + c->cfg.tick_ms;
+    c->next_tick_ms = c->now_ms + c->cfg.limits.tick_ms;
     if (c->cfg.cproto) proto_init(&c->proto, cfg->message_size, cfg->max_header_bytes, cfg->max_body_bytes);
     c->evcap = 1024; c->ev = malloc(c->evcap * 4 * sizeof(int32_t));
     c->nconn_slots = 256;
@@ -800,6 +819,21 @@ static void pool_trim(uc_core *c)
     c->freed_copies = 0;
     c->pool_dirty = 0;
     c->st.idle_trims++;
+}
+
+/* Rules 6 and 7 at a tick (policy_core.h): close the connections idle too long or
+ * whose request is past its deadline; a closed one is reported by EV_CLOSED as usual. */
+static void sweep(uc_core *c)
+{
+    for (int id = 0; id < c->nconn_slots; id++) {
+        struct conn *k = &c->conns[id];
+        if (!k->used || k->dead) continue;
+        int why = pol_expired(&c->cfg.limits, &k->pol, k->closing, c->now_ms);
+        if (why == POL_LIVE) continue;
+        if (why == POL_IDLE) c->st.idle_timeouts++;
+        else c->st.header_timeouts++;
+        conn_kill(c, id, 0);
+    }
 }
 
 /* ---- the batching window (--uring-latency-budget-us) --------------------------------
@@ -1001,7 +1035,7 @@ static int uc_wait(uc_core *c, int timeout_ms)
         else if (timeout_ms < 0 || left < timeout_ms) timeout_ms = (int)left;
     }
 
-    if (c->cfg.tick_ms && c->nconns) {   /* the timer tick bounds the wait while connections are open */
+    if (c->cfg.limits.tick_ms && c->nconns) {   /* the timer tick bounds the wait while connections are open */
         int64_t left = c->next_tick_ms - c->now_ms;
         if (left < 1) left = 1;
         if (timeout_ms < 0 || left < timeout_ms) timeout_ms = (int)left;
@@ -1013,13 +1047,6 @@ static int uc_wait(uc_core *c, int timeout_ms)
     int64_t now_ns = mono_ns();
     c->now_ms = now_ns / 1000000;
     uint64_t cqes0 = c->st.cqes;
-    /* The coarse timer: Python sweeps idle connections when it sees EV_TICK (no clock
-     * read of its own per batch). */
-    if (c->cfg.tick_ms && c->now_ms >= c->next_tick_ms) {
-        c->next_tick_ms = c->now_ms + c->cfg.tick_ms;
-        emit(c, EV_TICK, 0, 0, 0);
-    }
-
     struct io_uring_cqe *cqes[256];
     for (;;) {
         if (c->nev + 2 * 256 > 16 * 1024) break;   /* bound one batch; the rest next call */
@@ -1031,6 +1058,12 @@ static int uc_wait(uc_core *c, int timeout_ms)
         if (n < 256) break;
     }
     if (p_io_uring_cq_has_overflow(RING(c))) c->st.cq_overflows++;  /* flushed on the next enter */
+    /* The coarse timer (rule 8), after this batch's progress is stamped: the sweep runs
+     * here, for Python protocols as for C ones; the drain has its own deadline instead. */
+    if (pol_due(&c->next_tick_ms, c->cfg.limits.tick_ms, c->now_ms)) {
+        if (!c->draining) sweep(c);
+        emit(c, EV_TICK, 0, 0, 0);
+    }
     rate_update(c, now_ns, (unsigned)(c->st.cqes - cqes0));
     if (c->fail) { c->st.failed = (uint64_t)c->fail; return -c->fail; }
     c->evret = c->nev;
@@ -1170,20 +1203,13 @@ static int uc_free(uc_core *c)
     return leaked ? 1 + kept : 0;
 }
 
-/* Connections without progress for at least limit_ms (idle/header timeouts; Python
- * decides which to close, since only it knows whether a request is partial).
- * Fills ids[] and ages_ms[] (at most max); returns how many. */
-static int uc_idle(uc_core *c, int limit_ms, int32_t *ids, int32_t *ages_ms, int max)
+/* Rule 7 for a protocol in Python: after a feed that left a request incomplete
+ * (partial) or completed the one that was.  Python calls it only then, never on the
+ * common path (whole requests in). */
+static void uc_progress(uc_core *c, int id, int partial, unsigned completed, unsigned nbytes)
 {
-    int n = 0;
-    int64_t now = mono_ms();
-    for (int id = 0; id < c->nconn_slots && n < max; id++) {
-        struct conn *k = &c->conns[id];
-        if (!k->used || k->dead || k->closing) continue;
-        int64_t age = now - k->last_ms;
-        if (age >= limit_ms) { ids[n] = id; ages_ms[n] = age > INT32_MAX ? INT32_MAX : (int32_t)age; n++; }
-    }
-    return n;
+    if ((unsigned)id >= (unsigned)c->nconn_slots || !c->conns[id].used) return;
+    pol_progress(&c->conns[id].pol, partial, completed, nbytes, c->now_ms);
 }
 
 /* Fault injection for tests: every submit from now on fails with -err. */
@@ -1370,8 +1396,8 @@ static int uc_raw_wait(uc_core *c, int timeout_ms, uint64_t *ud, int32_t *res, u
  * instead of being handed to Python.  uc_serve is called once by the worker thread and
  * returns only at stop: cffi releases the GIL for the whole loop.  Echo sends the
  * received provided buffer itself (uc_send_buf: no copy); HTTP answers are copied out of
- * the scratch buffer.  The timer tick (EV_TICK) runs the idle/header-timeout sweep here,
- * with the protocol's own "partial request" state. */
+ * the scratch buffer.  Timeouts are the core's own sweep (both modes); a feed that leaves
+ * an HTTP request incomplete starts its deadline (rule 7), as uc_progress does for Python. */
 static struct pstate *cp_state(uc_core *c, int id)
 {
     if (id >= c->ps_cap) {
@@ -1383,20 +1409,6 @@ static struct pstate *cp_state(uc_core *c, int id)
         c->ps = q; c->ps_cap = n;
     }
     return &c->ps[id];
-}
-
-static void cp_sweep(uc_core *c)
-{
-    if (!c->cfg.idle_ms && !c->cfg.header_ms) return;
-    for (int id = 0; id < c->nconn_slots; id++) {
-        struct conn *k = &c->conns[id];
-        if (!k->used || k->dead || k->closing || id >= c->ps_cap) continue;
-        int64_t age = c->now_ms - k->last_ms;
-        if (c->cfg.idle_ms && age >= c->cfg.idle_ms) { c->st.idle_timeouts++; conn_kill(c, id, 0); }
-        else if (c->cfg.header_ms && age >= c->cfg.header_ms && pstate_partial(&c->ps[id])) {
-            c->st.header_timeouts++; conn_kill(c, id, 0);
-        }
-    }
 }
 
 /* One batch of events (c->ev[0 .. n)), answered in C. */
@@ -1418,7 +1430,10 @@ static void cp_process(uc_core *c, int n)
                 rc = uc_send_buf(c, id, e[2], 0, len);
             } else {
                 c->proto.scratch.head = c->proto.scratch.len = 0;
-                c->st.requests += proto_http_feed(&c->proto, ps, data, len);
+                uint64_t done = proto_http_feed(&c->proto, ps, data, len);
+                c->st.requests += done;
+                if (pstate_partial(ps) || c->conns[id].pol.req_start_ms)   /* rule 7 */
+                    pol_progress(&c->conns[id].pol, pstate_partial(ps), done, len, c->now_ms);
                 if (c->proto.scratch.len)
                     rc = uc_send_copy(c, id, c->proto.scratch.p, c->proto.scratch.len);
                 if (c->proto.scratch.cap > (1u << 20)) buf_free(&c->proto.scratch);  /* a /bytes answer */
@@ -1447,11 +1462,8 @@ static void cp_process(uc_core *c, int n)
         case EV_DRAINED:
             uc_finish(c, id);
             break;
-        case EV_TICK:
-            cp_sweep(c);
-            break;
         default:
-            break;                  /* EV_STOP: uc_wait has set stop_seen */
+            break;                  /* EV_STOP: uc_wait has set stop_seen; EV_TICK: swept there */
         }
     }
 }

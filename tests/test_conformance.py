@@ -221,11 +221,6 @@ def test_http_many_clients(http_server):
 @pytest.mark.parametrize("protocol", ["echo", "http"])
 def test_stop_under_load_answers_every_request_received(request, combo, tmp_path, protocol):
     backend, mode, accept, extra = combo
-    if backend == "uring" and "--uring-fixed-files" in extra:
-        request.applymarker(pytest.mark.xfail(
-            reason="found here: uring with --uring-fixed-files --uring-zc-threshold does not "
-                   "deliver every answer when stopped with ~100 KB per connection in flight "
-                   "(clients time out); io_uring is issue 11's, reported to the lead"))
     args = _serve_args(backend, mode, accept, extra, protocol)
     if protocol == "echo":
         args += ["--message-size", "64"]

@@ -41,8 +41,18 @@ def test_drain_that_cannot_flush_does_not_spin(backend, tmp_path):
     drain = 1.5
     srv = start_server(tmp_path, "--backend", backend, "--workers", "1", "--stats-interval", "0.1",
                        "--max-output", "65536", "--drain-timeout", str(drain))
-    sock = srv.connect()
+    # The small receive buffer is set before connect, so the window the client advertises
+    # is small from the handshake on.  Shrunk after it, the window already advertised
+    # cannot be taken back: the client drops what the server sends into it, the server's
+    # retransmission timer backs off, and the client's own sends then stall for seconds
+    # on a window update that comes late - while the server reads everything and holds
+    # nothing (seen under load: ss showed the server's Recv-Q empty, the client
+    # rwnd-limited on its persist timer).  A stall of the client is then no proof that
+    # the server stopped reading, and the drain had nothing to wait for.
+    sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.settimeout(5)
+    sock.connect(srv.address)
     sock.settimeout(0.5)
 
     def stuck_round() -> bool | None:

@@ -23,6 +23,7 @@ import pytest
 from conftest import recv_exactly, recv_until_eof, require_backend, start_server
 from parallelnet.core.client import run_clients
 from parallelnet.core.protocols import HttpProtocol
+from parallelnet.core.protocols.base import Protocol
 
 DATE = re.compile(rb"Date: [^\r]*\r\n")
 
@@ -166,8 +167,10 @@ def test_native_counters_are_live_and_races_counted(tmp_path):
 
 @pytest.mark.parametrize("mode", ["thread", "process"])
 def test_native_idle_server_makes_no_wakeups(tmp_path, mode):
-    """No slices, no timer: an idle C loop blocks in epoll_wait, yet the interval records
-    (snapshots from other threads) show its counters live, and a stop wakes it at once."""
+    """No slices, and no timer once no connection is open (the policy's tick runs only
+    while something can time out): an idle C loop blocks in epoll_wait, yet the interval
+    records (snapshots from other threads) show its counters live, and a stop wakes it
+    at once."""
     require_backend("native")
     srv = start_server(tmp_path, "--backend", "native", "--workers", "1", "--mode", mode,
                        "--stats-interval", "0.1")
@@ -184,6 +187,68 @@ def test_native_idle_server_makes_no_wakeups(tmp_path, mode):
     final = srv.stop()
     assert time.monotonic() - t0 < 3 and final["clean"]
     assert final["workers"][0]["wakeups"] == last["wakeups"] + 1   # the stop eventfd
+
+
+class LineProtocol(Protocol):
+    """A Python protocol that can hold an incomplete request: one request per line."""
+
+    __slots__ = ("buf",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.buf = b""
+
+    def feed(self, data):
+        self.buf += bytes(data)
+        n = self.buf.count(b"\n")
+        self.buf = self.buf[self.buf.rfind(b"\n") + 1:]
+        return b"ok\n" * n, n
+
+    @property
+    def partial(self) -> bool:
+        return bool(self.buf)
+
+
+@pytest.mark.parametrize("backend", ["native", "native-uring"])
+def test_c_core_times_a_python_protocols_incomplete_request(backend):
+    """The C cores keep the request deadline for a protocol written in Python too: the
+    protocol says whether a feed left a request incomplete (native: the callback's
+    ``partial``; native-uring runs it in uring's loop, which tells the core), and the core
+    cuts a trickle at its deadline (core/policy.py rule 7) while whole lines go on."""
+    require_backend(backend)
+    from test_uring_defects import InProcess
+
+    from parallelnet.core.backend import Limits
+
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(8)
+    limits = Limits(header_timeout=0.4, idle_timeout=30)   # tick: 0.1 s
+    with InProcess(backend, listeners=[lsock], protocol=LineProtocol, limits=limits) as w:
+        with socket.create_connection(lsock.getsockname()) as whole, \
+                socket.create_connection(lsock.getsockname()) as slow:
+            slow.settimeout(0.05)
+            t0 = time.monotonic()
+            closed_after = None
+            while time.monotonic() - t0 < 3 and closed_after is None:
+                whole.sendall(b"line\n")                 # whole requests: never cut
+                assert recv_exactly(whole, 3) == b"ok\n"
+                try:
+                    slow.sendall(b"x")                   # progress, never a whole line
+                    if slow.recv(16) == b"":
+                        closed_after = time.monotonic() - t0
+                except socket.timeout:
+                    pass
+                except (BrokenPipeError, ConnectionResetError):
+                    closed_after = time.monotonic() - t0
+            assert closed_after is not None, "a trickling request was never closed"
+            assert 0.35 <= closed_after <= 0.4 + 0.1 + 0.75, closed_after
+            whole.sendall(b"still\n")
+            assert recv_exactly(whole, 3) == b"ok\n"
+        w.stop()
+        assert w.error is None, w.error
+        assert w.ctx.stats.extra["header_timeouts"] == 1, w.ctx.stats.extra
+    lsock.close()
 
 
 def test_native_runs_python_protocols_through_callbacks(tmp_path):

@@ -8,6 +8,8 @@ ENOBUFS path, the extra counters, and the probe's reasons.
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -327,14 +329,46 @@ def test_window_off_with_zero_budget(tmp_path):
     assert extra["windowed_waits"] == 0 and extra["arrival_per_s"] > 0, extra
 
 
+def _wait_stopped(pid: int, timeout: float = 5.0) -> None:
+    """Until every thread of ``pid`` is in the stopped state: kill(SIGSTOP) returns before
+    the group stop has reached them all."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        states = []
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            try:
+                with open(f"/proc/{pid}/task/{tid}/stat", "rb") as f:
+                    raw = f.read()
+            except OSError:
+                continue
+            states.append(raw[raw.rindex(b")") + 2:][:1])
+        if states and all(s in (b"T", b"t") for s in states):
+            return
+        time.sleep(0.005)
+    raise AssertionError(f"server {pid} did not stop within {timeout} s")
+
+
 def test_accept_burst_taken_in_one_go(backend, tmp_path):
     """64 connections at once on one worker: each accept completion that reports more in
     the backlog (IORING_CQE_F_SOCK_NONEMPTY) takes up to 16 more synchronously (uring);
-    either way every connection is served."""
+    either way every connection is served.
+
+    The backlog is made deterministic: the server is stopped (SIGSTOP) while the 64
+    connections complete their handshakes in the kernel's accept queue, then continued,
+    so its first accept completion finds 63 more waiting.  A server left running may
+    keep up with the client and never see a non-empty queue, which tests the machine's
+    timing, not the mechanism."""
     srv = start_server(tmp_path, "--backend", backend, "--workers", "1")
-    socks = [socket.create_connection(srv.address) for _ in range(64)]
-    for s in socks:
-        s.sendall(b"x")
+    os.kill(srv.proc.pid, signal.SIGSTOP)
+    socks = []
+    try:
+        _wait_stopped(srv.proc.pid)
+        for _ in range(64):
+            s = socket.create_connection(srv.address, timeout=10)
+            socks.append(s)
+            s.sendall(b"x")
+    finally:
+        os.kill(srv.proc.pid, signal.SIGCONT)
     for s in socks:
         assert recv_exactly(s, 1) == b"x"
         s.close()
