@@ -68,3 +68,22 @@ def test_loadgen_subcommand_drives_a_server(tmp_path):
     assert res.returncode == 0, res.stdout + res.stderr
     assert "Requests/sec" in res.stdout
     assert final["totals"]["requests"] >= 500
+
+
+def test_serve_help_describes_listen():
+    out = run_cli("serve", "--help").stdout
+    assert "--listen ADDR:PORT[,protocol=NAME]" in out
+    assert "[::1]:8080" in out
+
+
+@pytest.mark.parametrize("args, why", [
+    (("--listen", "127.0.0.1:0", "--port", "0"), "either with --listen or with --host/--port"),
+    (("--listen", "127.0.0.1:0", "--host", "127.0.0.1"), "either with --listen or with --host/--port"),
+    (("--listen", "::1:80"), "HOST:PORT or [IPv6]:PORT"),
+    (("--listen", "127.0.0.1:0,protocol=gopher"), "unknown protocol 'gopher'"),
+    (("--listen", "127.0.0.1:0", "--listen", "10.1.2.3:0"), "--allow-remote"),
+])
+def test_listen_mistakes_are_clear_errors(args, why):
+    res = run_cli("serve", *args)
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert why in res.stderr
