@@ -17,7 +17,6 @@ import logging
 import os
 import signal
 import sys
-import threading
 import time
 
 from parallelnet.core.addresses import format_listening, parse_listen
@@ -30,6 +29,7 @@ from parallelnet.core.server import MODES, Server, ServerConfig
 from parallelnet.core.stats import (
     Fairness, add_observable, fmt_observable, format_table, listener_totals,
 )
+from parallelnet.core.stopping import StopRequest
 
 ACCEPT_HELP = {
     SHARED: "one listening socket in every worker's loop; workers race to accept (the seed)",
@@ -210,7 +210,7 @@ def _interval_line(t: float, snaps: list[dict], prev: dict | None, dt: float) ->
 def cmd_serve(args: argparse.Namespace) -> int:
     # Handlers and the stats file come first: a signal that arrives right after
     # "listening on" is printed must already find them in place.
-    stop = threading.Event()
+    stop = StopRequest()     # not threading.Event: see core/stopping.py
     signals_seen = []
     server: Server | None = None
 
@@ -220,7 +220,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             # A second signal: stop waiting for the drain.
             server.kill()
             os._exit(130)
-        stop.set()
+        stop.request()
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)

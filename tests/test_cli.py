@@ -87,3 +87,30 @@ def test_listen_mistakes_are_clear_errors(args, why):
     res = run_cli("serve", *args)
     assert res.returncode == 2, res.stdout + res.stderr
     assert why in res.stderr
+
+
+# serve's SIGTERM handler runs in the main thread between two of its Python lines, which
+# may be inside the wait for that very stop (threading.Event.wait holds the Event's lock
+# there: a handler calling Event.set() then blocked forever - a serve that never stopped).
+# sys.settrace runs the handler at *every* line of the wait, as a signal may.
+STOP_ANYWHERE = """
+import sys
+from parallelnet.core.stopping import StopRequest
+stop = StopRequest()
+def tracer(frame, event, arg):
+    stop.request()          # what serve's handler does
+    return tracer
+sys.settrace(tracer)
+woke = stop.wait(5.0)
+sys.settrace(None)
+print("woke" if woke else "timeout")
+"""
+
+
+def test_a_stop_requested_anywhere_inside_the_wait_wakes_it():
+    try:
+        res = subprocess.run([sys.executable, "-c", STOP_ANYWHERE], capture_output=True,
+                             text=True, timeout=30)
+    except subprocess.TimeoutExpired:
+        pytest.fail("a stop requested inside the wait deadlocked it")
+    assert res.stdout.strip() == "woke", res.stderr
