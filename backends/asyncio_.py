@@ -5,6 +5,9 @@ What a user would write, as asyncio's documentation allows, with the project's r
 * **One loop per worker**, created in the worker's own (pinned) thread:
   ``asyncio.new_event_loop()`` - on Linux a ``SelectorEventLoop`` over ``epoll``.
   ``uvloop_.py`` and ``rloop_.py`` swap only this factory (``new_loop``).
+* **Several addresses**: every listening socket of the worker (``ctx.listeners``, one per
+  address) gets its own ``add_reader``; a connection is served by its address's protocol
+  (``ctx.protocols[listener id]``) and counted per listener id (``stats.per_listener``).
 * **Accept** is this class's, over the loop's public ``add_reader``: readable listener ->
   core/accept.py's rule (accept until ``EAGAIN``; a wakeup that got nothing is a lost
   race; EMFILE/ENFILE/ENOBUFS/ENOMEM pause the listener with ``remove_reader`` for the
@@ -73,12 +76,13 @@ class _ConnectionBase(ConnState):
     """One client connection: transport events in, sans-I/O protocol in the middle."""
 
     __slots__ = ("worker", "stats", "proto", "transport", "write", "refused", "pending",
-                 "active", "seen_pending")
+                 "active", "seen_pending", "listener")
 
-    def __init__(self, worker: "AsyncioBackend") -> None:
+    def __init__(self, worker: "AsyncioBackend", lid: int = 0) -> None:
         self.worker = worker
         self.stats = worker.ctx.stats
-        self.proto = worker.ctx.protocol_factory()
+        self.listener = self.stats.per_listener[lid]   # where this connection came in
+        self.proto = worker.factories[lid]()
         self.transport = None
         self.refused = False
         self.active = False          # bytes arrived since the last tick
@@ -89,6 +93,7 @@ class _ConnectionBase(ConnState):
         w = self.worker
         st = self.stats
         st.accepted += 1
+        self.listener.accepted += 1
         self.transport = transport
         if len(w.conns) >= w.max_connections:
             # Over the per-worker limit: closed at once, never served (as readiness.py).
@@ -247,6 +252,7 @@ class AsyncioBackend(Backend):
     kind = "readiness"
     follows_policy = True
     accept_strategies = frozenset({SHARED, REUSEPORT, DISPATCH})
+    max_listeners = None
     #: Whether to read through ``get_buffer`` (``_ReadIntoConnection``) to bound reads.
     read_into = False
 
@@ -269,7 +275,8 @@ class AsyncioBackend(Backend):
         self.max_connections = lim.max_connections
         self.recv_size = lim.recv_size
         self.policy = ConnectionPolicy(lim, ctx.stats, who, time.monotonic())
-        self.track = tracks_requests(ctx.protocol_factory())
+        self.factories = [p.factory for p in ctx.protocols]   # by listener id
+        self.track = any(tracks_requests(p.factory()) for p in ctx.protocols)
         self.conns: set[_ConnectionBase] = set()
         self.draining = False
         self.idle = None
@@ -305,8 +312,8 @@ class AsyncioBackend(Backend):
                 stopped.set_result(None)
 
         loop.add_reader(ctx.stop.fileno(), on_stop)
-        for lsock in ctx.listeners:
-            loop.add_reader(lsock.fileno(), self._on_listen, lsock)
+        for lsock, lid in zip(ctx.listeners, ctx.listener_ids):
+            loop.add_reader(lsock.fileno(), self._on_listen, lsock, lid)
         if ctx.handoff is not None:
             loop.add_reader(ctx.handoff.fileno(), self._on_handoff)
         # asyncio's selector registers each reader at once; uvloop's (libuv) on its next
@@ -317,8 +324,8 @@ class AsyncioBackend(Backend):
         loop.remove_reader(ctx.stop.fileno())
         await self._drain()
 
-    def _factory(self) -> _ConnectionBase:
-        return self._conn_cls(self)
+    def _factory(self, lid: int = 0) -> _ConnectionBase:
+        return self._conn_cls(self, lid)
 
     # -- the policy's timer ------------------------------------------------------------
 
@@ -345,55 +352,59 @@ class AsyncioBackend(Backend):
 
     # -- accept: core/accept.py's rule over the loop's add_reader ------------------------
 
-    def _on_listen(self, lsock: socket.socket) -> None:
+    def _on_listen(self, lsock: socket.socket, lid: int) -> None:
         st = self.ctx.stats
+        mine = st.per_listener[lid]
         st.listen_wakeups += 1
+        mine.listen_wakeups += 1
         accepted, exhausted = accept_pending(lsock, st.extra, self.who)
         for conn, _ in accepted:
-            self._adopt(conn)
+            self._adopt(conn, lid)
         if exhausted is not None:
-            self._pause_listener(lsock, exhausted)
+            self._pause_listener(lsock, lid, exhausted)
         if accepted:
             self.pacer.succeeded()
         else:
             st.lost_races += 1
+            mine.lost_races += 1
 
-    def _pause_listener(self, lsock: socket.socket, exc: OSError) -> None:
+    def _pause_listener(self, lsock: socket.socket, lid: int, exc: OSError) -> None:
         fd = lsock.fileno()
         delay = self.pacer.failed(exc)
         if fd in self.paused:
             return
         self.loop.remove_reader(fd)
-        self.paused[fd] = self.loop.call_later(delay, self._resume_listener, lsock)
+        self.paused[fd] = self.loop.call_later(delay, self._resume_listener, lsock, lid)
 
-    def _resume_listener(self, lsock: socket.socket) -> None:
+    def _resume_listener(self, lsock: socket.socket, lid: int) -> None:
         if self.paused.pop(lsock.fileno(), None) is not None and not self.draining:
-            self.loop.add_reader(lsock.fileno(), self._on_listen, lsock)
+            self.loop.add_reader(lsock.fileno(), self._on_listen, lsock, lid)
 
-    def _adopt(self, conn: socket.socket) -> None:
+    def _adopt(self, conn: socket.socket, lid: int) -> None:
         conn.setblocking(False)
         try:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
             pass
-        self.loop.create_task(self._connect(conn))
+        self.loop.create_task(self._connect(conn, lid))
 
-    async def _connect(self, conn: socket.socket) -> None:
+    async def _connect(self, conn: socket.socket, lid: int) -> None:
         try:
-            await self.transport_for(conn)
+            await self.transport_for(conn, lid)
         except OSError:
             conn.close()
 
-    async def transport_for(self, sock: socket.socket):
-        """Wrap an accepted socket in the loop's transport (the loops differ here)."""
-        return await self.loop.connect_accepted_socket(self._factory, sock)
+    async def transport_for(self, sock: socket.socket, lid: int = 0):
+        """Wrap an accepted socket in the loop's transport (the loops differ here), its
+        connection served by listener ``lid``'s protocol."""
+        return await self.loop.connect_accepted_socket(lambda: self._factory(lid), sock)
 
     def _on_handoff(self) -> None:
-        socks, closed = self.receiver.take()
+        pairs, closed = self.receiver.take()
         if closed:   # the acceptor is gone: an EOF channel would stay readable forever
             self.loop.remove_reader(self.ctx.handoff.fileno())
-        for sock in socks:
-            self._adopt(sock)   # accepted/refused are counted in connection_made
+        for sock, lid in pairs:
+            self._adopt(sock, lid)   # accepted/refused are counted in connection_made
 
     # -- stop ---------------------------------------------------------------------------
 
@@ -407,15 +418,16 @@ class AsyncioBackend(Backend):
         # The listen backlog and the channel: completed or handed over before stop, with
         # requests possibly queued: served once.  Not a listen wakeup and not a race.
         late = []
-        for lsock in ctx.listeners:
+        for lsock, lid in zip(ctx.listeners, ctx.listener_ids):
             if lsock.fileno() not in self.paused:   # out of fds at stop: not retried
-                late += [conn for conn, _ in accept_pending(lsock, ctx.stats.extra, self.who)[0]]
+                late += [(conn, lid) for conn, _ in
+                         accept_pending(lsock, ctx.stats.extra, self.who)[0]]
         if ctx.handoff is not None:
             loop.remove_reader(ctx.handoff.fileno())
             late += self.receiver.take()[0]
-        for conn in late:
+        for conn, lid in late:
             conn.setblocking(False)
-            await self._connect(conn)
+            await self._connect(conn, lid)
         for handle in self.paused.values():
             handle.cancel()
         self.paused.clear()

@@ -14,6 +14,9 @@ Kernel semantics this loop relies on:
   in several threads' interest sets (the seed's shared socket), one new connection
   can wake several of them; all call ``accept(2)`` and all but one get ``EAGAIN``
   (a *lost race*, counted).  A winner accepts until ``EAGAIN`` (the seed's rule).
+  Every listening socket of the worker (one per address, ``ctx.listeners``) is in the
+  one interest set; each is accepted from on its own report, its connections served by
+  its address's protocol (``ctx.protocols[listener id]``) and counted per listener id.
   With ``EPOLLEXCLUSIVE`` (epoll only, since Linux 4.5) the kernel wakes one or more
   — usually one — of the exclusive waiters instead of all.
 * ``accept(2)`` does not inherit ``O_NONBLOCK`` on Linux: every accepted socket is
@@ -90,12 +93,26 @@ class Connection(ConnState):
         self.init_state(now)
 
 
+class _Source:
+    """A source of new connections the loop watches: a listening socket (its listener id
+    and per-listener counters) or the hand-off channel (``lid`` -1)."""
+
+    __slots__ = ("sock", "lid", "counters", "since_rotate")
+
+    def __init__(self, sock: socket.socket, lid: int, counters) -> None:
+        self.sock = sock
+        self.lid = lid
+        self.counters = counters        # ListenerStats of this worker for lid
+        self.since_rotate = 0           # exclusive-rotate: accepts since the last re-add
+
+
 class ReadinessLoop(Backend):
     """The shared loop.  Subclasses supply the multiplexer primitives and event bits."""
 
     kind: ClassVar[str] = "readiness"
     follows_policy: ClassVar[bool] = True
     accept_strategies = frozenset({SHARED, REUSEPORT, DISPATCH})
+    max_listeners: ClassVar[int | None] = None
 
     #: Backend-native event bits: every concrete subclass sets all three.
     EV_READ: ClassVar[int]
@@ -156,20 +173,24 @@ class ReadinessLoop(Backend):
         self._handoff = ctx.handoff
         self._receiver = (HandoffReceiver(ctx.handoff, ctx.stats.extra, who)
                           if ctx.handoff is not None else None)
-        sources = list(ctx.listeners) + ([ctx.handoff] if ctx.handoff is not None else [])
-        self._listeners = {s.fileno(): s for s in sources}
+        sources = [_Source(s, lid, ctx.stats.per_listener[lid])
+                   for s, lid in zip(ctx.listeners, ctx.listener_ids)]
+        if ctx.handoff is not None:
+            sources.append(_Source(ctx.handoff, -1, None))
+        self._listeners = {src.sock.fileno(): src for src in sources}
+        self._factories = [p.factory for p in ctx.protocols]   # by listener id
         self._recv_size = lim.recv_size
         self._logged_refusal = False
         self._now = time.monotonic()
         self._policy = ConnectionPolicy(lim, ctx.stats, who, self._now)
-        self._track = tracks_requests(ctx.protocol_factory())
+        self._track = any(tracks_requests(p.factory()) for p in ctx.protocols)
         self._paused: dict[int, float] = {}     # listener fd -> when to re-register it
         self._pacer = AcceptPacer(lim.accept_backoff, ctx.stats.extra, who)
         self._exclusive = ctx.accept in (EXCLUSIVE, EXCLUSIVE_ROTATE)
         # exclusive-rotate: re-adding the listener moves this worker's waiter to the tail
-        # of the socket's wait queue, where EPOLLEXCLUSIVE wakes the head first.
+        # of the socket's wait queue, where EPOLLEXCLUSIVE wakes the head first.  Each
+        # listener has its own queue, so each is rotated after its own 16 accepts.
         self._rotate_every = ROTATE_EVERY if ctx.accept == EXCLUSIVE_ROTATE else 0
-        self._since_rotate = 0
         self._setup()
         try:
             self._register(ctx.stop.fileno(), self.EV_READ)
@@ -217,9 +238,9 @@ class ReadinessLoop(Backend):
             for fd, mask in events:
                 conn = conns.get(fd)
                 if conn is None:
-                    lsock = listeners.get(fd)
-                    if lsock is not None:
-                        accept(lsock)
+                    src = listeners.get(fd)
+                    if src is not None:
+                        accept(src)
                     continue  # the stop eventfd: the loop condition sees it
                 conn.last = now
                 if mask & WRITE or (mask & ERROR and not conn.reading):
@@ -262,54 +283,61 @@ class ReadinessLoop(Backend):
 
     # -- accept -----------------------------------------------------------------
 
-    def _accept(self, lsock: socket.socket, wakeup: bool = True) -> int:
+    def _accept(self, src: _Source, wakeup: bool = True) -> int:
         """Accept until EAGAIN (the seed's rule); count a wakeup that got nothing as a lost race.
 
         ``wakeup=False``: the drain's last look at the backlog, which is not a race.
         """
-        if lsock is self._handoff:
+        if src.counters is None:
             return self._take_handoffs()
         stats = self.ctx.stats
+        mine = src.counters
         stats.listen_wakeups += wakeup
-        accepted, exhausted = accept_pending(lsock, stats.extra, self._who)
+        mine.listen_wakeups += wakeup
+        accepted, exhausted = accept_pending(src.sock, stats.extra, self._who)
+        lid = src.lid
         for sock, peer in accepted:
-            self._add_connection(sock, peer)
+            self._add_connection(sock, peer, lid)
         if exhausted is not None:
-            self._pause_listener(lsock, exhausted)
+            self._pause_listener(src.sock, exhausted)
         won = len(accepted)
         if won:
             self._pacer.succeeded()
             if self._rotate_every and wakeup:
-                self._since_rotate += won
-                if self._since_rotate >= self._rotate_every:
-                    self._rotate(lsock)
+                src.since_rotate += won
+                if src.since_rotate >= self._rotate_every:
+                    self._rotate(src)
         stats.accepted += won
+        mine.accepted += won
         if not won and wakeup:
             stats.lost_races += 1
+            mine.lost_races += 1
         return won
 
-    def _rotate(self, lsock: socket.socket) -> None:
-        fd = lsock.fileno()
+    def _rotate(self, src: _Source) -> None:
+        fd = src.sock.fileno()
         if fd in self._paused:
             return
-        self._since_rotate = 0
+        src.since_rotate = 0
         self._unregister(fd)
         self._register(fd, self.EV_READ, True)
         self.ctx.stats.extra["rotations"] += 1
 
     def _take_handoffs(self) -> int:
         """Connections the dispatcher passed us (SCM_RIGHTS), until the channel is empty."""
-        socks, closed = self._receiver.take()
-        for sock in socks:
-            self._add_connection(sock, None)
+        pairs, closed = self._receiver.take()
+        per_listener = self.ctx.stats.per_listener
+        for sock, lid in pairs:
+            self._add_connection(sock, None, lid)
+            per_listener[lid].accepted += 1
         if closed:  # the acceptor is gone: stop watching, or EOF would spin us
             fd = self._handoff.fileno()
             self._listeners.pop(fd, None)
             self._unregister(fd)
-        self.ctx.stats.accepted += len(socks)
-        return len(socks)
+        self.ctx.stats.accepted += len(pairs)
+        return len(pairs)
 
-    def _add_connection(self, sock: socket.socket, peer) -> None:
+    def _add_connection(self, sock: socket.socket, peer, lid: int = 0) -> None:
         stats = self.ctx.stats
         if len(self._conns) >= self.ctx.limits.max_connections:
             stats.refused += 1
@@ -320,7 +348,7 @@ class ReadinessLoop(Backend):
             sock.setsockopt(_IPPROTO_TCP, _TCP_NODELAY, 1)
         except OSError:
             pass  # not TCP (a test's AF_UNIX socket): nothing to tune
-        conn = Connection(sock, self.ctx.protocol_factory(), peer, self._now)
+        conn = Connection(sock, self._factories[lid](), peer, self._now)
         try:
             self._register(conn.fd, self.EV_READ)
         except RegistrationRefused as exc:
@@ -472,9 +500,9 @@ class ReadinessLoop(Backend):
         # The stop eventfd stays readable: left registered, every wait below would
         # return at once and the drain would spin instead of waiting for writability.
         self._unregister(self.ctx.stop.fileno())
-        for fd, lsock in self._listeners.items():
+        for fd, src in list(self._listeners.items()):
             if fd not in self._paused:
-                self._accept(lsock, wakeup=False)
+                self._accept(src, wakeup=False)
             try:
                 self._unregister(fd)
             except (OSError, KeyError, ValueError):

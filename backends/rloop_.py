@@ -86,5 +86,5 @@ class RloopBackend(AsyncioBackend):
     def new_loop(self) -> asyncio.AbstractEventLoop:
         return _loop_class()()
 
-    async def transport_for(self, sock: socket.socket):
-        return ReactorTransport(self.loop, sock, self._factory(), self.ctx.limits.recv_size)
+    async def transport_for(self, sock: socket.socket, lid: int = 0):
+        return ReactorTransport(self.loop, sock, self._factory(lid), self.ctx.limits.recv_size)

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import Callable, ClassVar
 
+from parallelnet.core.protocols import ProtocolSpec, spec_of
 from parallelnet.core.stats import WorkerStats
 
 ENTRY_POINT_GROUP = "parallelnet.backends"
@@ -115,7 +116,16 @@ class StopSignal:
 
 @dataclass
 class WorkerContext:
-    """Everything one worker's loop needs from the core."""
+    """Everything one worker's loop needs from the core.
+
+    A server listens on one or more addresses; the *listener id* of an address is its
+    position in ``--listen``.  ``listeners`` are the sockets this worker watches (all of
+    them, in its one loop); ``listener_ids[i]`` is the id of the address
+    ``listeners[i]`` serves (under reuseport each worker has its own socket per
+    address).  ``protocols[id]`` is what that address serves; a connection accepted
+    from, or handed over for, listener id L is served by ``protocols[L].factory()``.
+    ``protocol_factory`` is ``protocols[0].factory`` (the one-address shorthand).
+    """
 
     index: int
     cpu: int | None
@@ -128,6 +138,21 @@ class WorkerContext:
     options: argparse.Namespace = field(default_factory=argparse.Namespace)
     #: With --accept dispatch: the worker's end of its hand-off channel (SCM_RIGHTS).
     handoff: socket.socket | None = None
+    #: Parallel to ``listeners``: the listener id of each (default: all 0, one address,
+    #: as before there were several).
+    listener_ids: list[int] = field(default_factory=list)
+    #: Indexed by listener id (default: one, ``protocol_factory``'s).
+    protocols: list[ProtocolSpec] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.listener_ids:
+            self.listener_ids = [0] * len(self.listeners)
+        if not self.protocols:
+            self.protocols = [spec_of(self.protocol_factory)]
+        if len(self.listener_ids) != len(self.listeners):
+            raise ValueError("WorkerContext: listener_ids must be parallel to listeners")
+        if any(not 0 <= lid < len(self.protocols) for lid in self.listener_ids):
+            raise ValueError("WorkerContext: a listener id without a protocol")
 
     def option(self, name: str, default=None):
         return getattr(self.options, name, default)
@@ -149,6 +174,12 @@ class Backend(abc.ABC):
     accept_strategies: ClassVar[frozenset[str]] = frozenset({SHARED, REUSEPORT})
     #: Whether workers may be threads of one process / forked processes.
     modes: ClassVar[frozenset[str]] = frozenset(MODES)
+    #: How many listening addresses (``--listen``) one worker's loop can serve at once:
+    #: None = any number.  A backend that does not declare it serves one; the core
+    #: refuses more with an error naming the backend.  One that serves several counts
+    #: ``stats.per_listener[id]`` itself and serves each connection by
+    #: ``ctx.protocols[id]``; with one, its worker totals are that listener's figures.
+    max_listeners: ClassVar[int | None] = 1
     #: Limits this backend cannot enforce: ``Limits`` field name -> why.  Declared, never
     #: silently ignored: an explicit flag for one (``--idle-timeout 5``) is refused at
     #: startup with the reason; left at its default it is disabled with a warning.
@@ -215,6 +246,9 @@ def check_declarations(cls) -> str | None:
         return f"{cls.__name__}.kind is {cls.kind!r}; declare one of {', '.join(KINDS)}"
     if not cls.modes or not set(cls.modes) <= set(MODES):
         return f"{cls.__name__}.modes {sorted(cls.modes)!r}: expected a subset of {MODES}"
+    limit = cls.max_listeners
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        return f"{cls.__name__}.max_listeners is {limit!r}; declare None (any) or an int >= 1"
     for variant in cls.conformance_variants:
         if isinstance(variant, str) or not all(isinstance(a, str) for a in variant):
             return f"{cls.__name__}.conformance_variants: each entry is a tuple of strings"

@@ -1,6 +1,7 @@
 """``parallelnet``: serve, list backends, run the demo.
 
     parallelnet serve --backend epoll --workers 2 --protocol http --port 0
+    parallelnet serve --listen 127.0.0.1:8080 --listen [::1]:8081,protocol=http
     parallelnet backends
     parallelnet demo            # what ``make run`` does
 
@@ -16,16 +17,19 @@ import logging
 import os
 import signal
 import sys
-import threading
 import time
 
+from parallelnet.core.addresses import format_listening, parse_listen
 from parallelnet.core.backend import REUSEPORT, SHARED, BackendError, Limits, registry
 from parallelnet.core.cpus import parse_cpu_list
 from parallelnet.core.dispatch import POLICIES
 from parallelnet.core.listeners import STRATEGIES, is_loopback, layout_of
 from parallelnet.core.protocols import PROTOCOLS
 from parallelnet.core.server import MODES, Server, ServerConfig
-from parallelnet.core.stats import Fairness, add_observable, fmt_observable, format_table
+from parallelnet.core.stats import (
+    Fairness, add_observable, fmt_observable, format_table, listener_totals,
+)
+from parallelnet.core.stopping import StopRequest
 
 ACCEPT_HELP = {
     SHARED: "one listening socket in every worker's loop; workers race to accept (the seed)",
@@ -47,6 +51,16 @@ def _cpu_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _listen(text: str):
+    try:
+        return parse_listen(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8080
+
+
 def add_server_arguments(p: argparse.ArgumentParser) -> None:
     backends = registry()
     p.add_argument("--backend", default="epoll", choices=list(backends),
@@ -56,7 +70,8 @@ def add_server_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cpus", type=_cpu_list, default=None,
                    help="CPUs to pin workers to, e.g. 0,1 or 0-3 (default: the affinity mask)")
     p.add_argument("--no-pin", action="store_true", help="do not pin workers to CPUs")
-    p.add_argument("--protocol", default="echo", choices=sorted(PROTOCOLS))
+    p.add_argument("--protocol", default="echo", choices=sorted(PROTOCOLS),
+                   help="what --host/--port serves, and every --listen without protocol=")
     p.add_argument("--message-size", type=int, default=0,
                    help="echo: count one request per this many bytes (default: per read)")
     p.add_argument("--accept", default=SHARED, choices=list(STRATEGIES),
@@ -67,8 +82,16 @@ def add_server_arguments(p: argparse.ArgumentParser) -> None:
                    help="--accept dispatch: pin the acceptor thread to this CPU (default: unpinned)")
     p.add_argument("--mode", default="thread", choices=list(MODES),
                    help="workers as threads of one process, or forked processes sharing the socket")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8080, help="port (0: pick a free one)")
+    p.add_argument("--listen", action="append", type=_listen, default=None,
+                   metavar="ADDR:PORT[,protocol=NAME]",
+                   help="an address to listen on, repeatable: 127.0.0.1:8080, [::1]:8080 "
+                        "(port 0: a free one), each with its own protocol if given; every "
+                        "worker's loop watches all of them (listener id = the order given). "
+                        "Instead of --host/--port")
+    p.add_argument("--host", default=None,
+                   help=f"address to bind, the one-listener shorthand (default {DEFAULT_HOST})")
+    p.add_argument("--port", type=int, default=None,
+                   help=f"port (0: pick a free one; default {DEFAULT_PORT})")
     p.add_argument("--allow-remote", action="store_true",
                    help="permit binding a non-loopback address (printed as a warning)")
     p.add_argument("--backlog", type=int, default=4096)
@@ -146,13 +169,19 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     if args.backend in ARGUMENT_ERRORS:
         raise BackendError(f"backend {args.backend}: its add_arguments failed "
                            f"({ARGUMENT_ERRORS[args.backend]})")
+    if args.listen and (args.host is not None or args.port is not None):
+        raise ValueError("give the addresses either with --listen or with --host/--port, "
+                         "not both")
+    # Every listener of a protocol gets its options (make_factory drops what it does not take).
     protocol_options = {}
-    if args.protocol == "echo" and args.message_size:
+    if args.message_size:
         protocol_options["message_size"] = args.message_size
     return ServerConfig(
         backend=args.backend, workers=args.workers, cpus=args.cpus, pin=not args.no_pin,
         protocol=args.protocol, protocol_options=protocol_options, accept=args.accept,
-        mode=args.mode, host=args.host, port=args.port, allow_remote=args.allow_remote,
+        mode=args.mode, host=DEFAULT_HOST if args.host is None else args.host,
+        port=DEFAULT_PORT if args.port is None else args.port, listen=args.listen,
+        allow_remote=args.allow_remote,
         backlog=args.backlog, dispatch_policy=args.dispatch_policy,
         dispatch_cpu=args.dispatch_cpu, limits=_limits_from_args(args), options=args)
 
@@ -164,6 +193,7 @@ def totals(snaps: list[dict]) -> dict:
     out["cpu_s"] = sum(s["cpu_ns"] for s in snaps) / 1e9
     out["accept_jain"] = Fairness.of(s["accepted"] for s in snaps).jain
     out["request_jain"] = Fairness.of(s["requests"] for s in snaps).jain
+    out["per_listener"] = listener_totals(snaps)
     return out
 
 
@@ -180,7 +210,7 @@ def _interval_line(t: float, snaps: list[dict], prev: dict | None, dt: float) ->
 def cmd_serve(args: argparse.Namespace) -> int:
     # Handlers and the stats file come first: a signal that arrives right after
     # "listening on" is printed must already find them in place.
-    stop = threading.Event()
+    stop = StopRequest()     # not threading.Event: see core/stopping.py
     signals_seen = []
     server: Server | None = None
 
@@ -190,23 +220,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
             # A second signal: stop waiting for the drain.
             server.kill()
             os._exit(130)
-        stop.set()
+        stop.request()
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     json_out = open(args.stats_json, "w", buffering=1) if args.stats_json else None
     try:
         server = Server(config_from_args(args))
-        host, port = server.start()
+        server.start()
     except (BackendError, ValueError, OSError) as exc:
         print(f"parallelnet serve: {exc}", file=sys.stderr)
         return 2
-    if not is_loopback(host):
-        print(f"WARNING: listening on non-loopback address {host}", file=sys.stderr)
-    print(f"listening on {host}:{port}", flush=True)
+    for host, _ in server.addresses:
+        if not is_loopback(host):
+            print(f"WARNING: listening on non-loopback address {host}", file=sys.stderr)
+    print(format_listening(server.addresses), flush=True)
+    labels = server.listener_labels()
+    served = (f"protocol {server.protocols[0].name}" if len(labels) == 1
+              else "listeners " + ", ".join(f"{i}: {x}" for i, x in enumerate(labels)))
     print(f"backend {args.backend}, {len(server.cpus)} {args.mode} workers on CPUs "
-          f"{','.join(map(str, server.cpus))}, accept {args.accept}, protocol {args.protocol}",
-          flush=True)
+          f"{','.join(map(str, server.cpus))}, accept {args.accept}, {served}", flush=True)
 
     interval = args.stats_interval
     deadline = time.monotonic() + args.duration if args.duration else None
@@ -230,16 +263,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
             print(_interval_line(server.elapsed, snaps, prev, now - prev_t), flush=True)
             if json_out:
                 json_out.write(json.dumps({"type": "interval", "t": server.elapsed,
-                                           "workers": snaps, "totals": totals(snaps)}) + "\n")
+                                           "listeners": labels, "workers": snaps,
+                                           "totals": totals(snaps)}) + "\n")
             prev, prev_t = totals(snaps), now
 
     elapsed = server.elapsed
     clean = server.stop()
     snaps = server.snapshots()
-    print(format_table(snaps, elapsed), flush=True)
+    print(format_table(snaps, elapsed, labels), flush=True)
     dispatcher = server.dispatcher.snapshot() if server.dispatcher else None
     if dispatcher:
-        print(f"dispatcher ({dispatcher['policy']}, {dispatcher.get('channel', 'scm')}): accepted {dispatcher['accepted']}, handed "
+        per_listener = ("" if len(labels) == 1 else " (per listener "
+                        + "/".join(map(str, dispatcher["accepted_per_listener"])) + ")")
+        print(f"dispatcher ({dispatcher['policy']}, {dispatcher.get('channel', 'scm')}): accepted {dispatcher['accepted']}{per_listener}, handed "
               f"{'/'.join(map(str, dispatcher['handed']))}, spilled {dispatcher['spills']}, "
               f"overflow {dispatcher['overflow']}, errors {dispatcher['errors']}", flush=True)
     crashed = [s for s in snaps if s.get("crashed")]
@@ -249,7 +285,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print("drain did not finish in time; workers were killed", file=sys.stderr)
     if json_out:
         json_out.write(json.dumps({"type": "final", "t": elapsed, "clean": clean,
-                                   "workers": snaps, "totals": totals(snaps),
+                                   "listeners": labels, "workers": snaps, "totals": totals(snaps),
                                    "dispatcher": dispatcher}) + "\n")
         json_out.close()
     return 1 if crashed or server.dead_workers() else 0

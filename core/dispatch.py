@@ -1,8 +1,9 @@
 """``--accept dispatch``: one acceptor hands each connection to a worker it chooses.
 
 The seed has no active load balancing: whoever wins the accept race serves the
-connection.  Here a single acceptor thread owns the listening socket and picks the
-worker by a policy, then passes the connected socket over a per-worker channel:
+connection.  Here a single acceptor thread owns the listening sockets (one per address,
+all in its one epoll) and picks the worker by a policy, then passes the connected socket,
+with the listener id of the address it came in on, over a per-worker channel:
 
 * channel: an ``AF_UNIX``/``SOCK_SEQPACKET`` socketpair per worker; the socket travels
   as ``SCM_RIGHTS`` ancillary data (the kernel installs a new fd in the receiver; the
@@ -20,6 +21,10 @@ worker by a policy, then passes the connected socket over a per-worker channel:
   ``uring --uring-handoff msg-ring`` posts the acceptor's fd straight into the worker's
   completion queue with ``IORING_OP_MSG_RING`` (thread mode: one fd table, so the worker
   adopts the very fd and the acceptor lets go of it without closing it).
+* several addresses: the listener id travels with each connection (one byte of the
+  message, core/handoff.py), so the worker serves it by that address's protocol and
+  counts it as that listener's; a channel that cannot carry it (``carries_listener_id``
+  false) is refused for a server of more than one address.
 * a full channel (the worker is not taking connections) sends the connection to the
   next worker in policy order; when every channel is full the connection is closed and
   counted as ``overflow`` — a defined behaviour, never a blocked acceptor.
@@ -35,6 +40,7 @@ import os
 import select
 import socket
 import threading
+import time
 from typing import Callable
 
 from parallelnet.core.accept import AcceptPacer, accept_pending
@@ -52,20 +58,28 @@ POLICIES = ("round-robin", "least-connections")
 class Dispatcher:
     """The acceptor thread: accept, choose a worker, hand over."""
 
-    def __init__(self, listener: socket.socket, channels: list,
+    def __init__(self, listeners: list[socket.socket], channels: list,
                  closed_counts: Callable[[], list[int]], policy: str = "round-robin",
                  cpu: int | None = None, backoff: float = 0.05) -> None:
+        """``listeners[i]`` is the socket of listener id i."""
         if policy not in POLICIES:
             raise ValueError(f"unknown dispatch policy {policy!r}; known: {', '.join(POLICIES)}")
-        self.listener = listener
+        self.listeners = list(listeners)
         # A plain socket is the acceptor's end of a socketpair; anything else is a
-        # channel object (send(fd), transfers, kind, close()).
+        # channel object (send(fd[, listener_id]), transfers, kind, close()).
         self.channels = [SocketChannel(c) if isinstance(c, socket.socket) else c for c in channels]
+        self._with_id = [bool(getattr(c, "carries_listener_id", False)) for c in self.channels]
+        if len(self.listeners) > 1 and not all(self._with_id):
+            kinds = sorted({c.kind for c, ok in zip(self.channels, self._with_id) if not ok})
+            raise ValueError(f"the {'/'.join(kinds)} hand-off cannot tell a worker which "
+                             f"address a connection came in on: it serves one address, "
+                             f"not {len(self.listeners)}")
         self.closed_counts = closed_counts
         self.policy = policy
         self.cpu = cpu
         self.handed = [0] * len(channels)
         self.accepted = 0
+        self.accepted_per_listener = [0] * len(self.listeners)
         self.overflow = 0
         self.spills = 0         # handed to another worker than the policy's first choice
         self.errors = 0         # accept(2) failures
@@ -92,6 +106,7 @@ class Dispatcher:
 
     def snapshot(self) -> dict:
         return {"policy": self.policy, "accepted": self.accepted, "handed": list(self.handed),
+                "accepted_per_listener": list(self.accepted_per_listener),
                 "overflow": self.overflow, "spills": self.spills, "errors": self.errors,
                 "channel": "/".join(sorted({c.kind for c in self.channels}))}
 
@@ -104,13 +119,16 @@ class Dispatcher:
         start = self._next
         return [(start + k) % n for k in range(n)]
 
-    def _hand_over(self, fd: int):
+    def _hand_over(self, fd: int, listener_id: int = 0):
         """Give fd to a worker; returns the channel that took it (None: overflow)."""
         order = self._order()
         self._next = (order[0] + 1) % len(self.channels)
         for rank, i in enumerate(order):
             try:
-                self.channels[i].send(fd)
+                if self._with_id[i]:
+                    self.channels[i].send(fd, listener_id)
+                else:
+                    self.channels[i].send(fd)
             except BlockingIOError:
                 continue
             except OSError as exc:  # the worker's end is gone: try another
@@ -123,14 +141,16 @@ class Dispatcher:
         self.overflow += 1  # every worker's channel is full: refuse rather than block
         return None
 
-    def _accept_all(self) -> OSError | None:
-        """Accept until EAGAIN and hand each over; the resource error that stopped it, if any."""
-        accepted, exhausted = accept_pending(self.listener, self.extra, "dispatcher")
+    def _accept_all(self, listener_id: int) -> OSError | None:
+        """Accept until EAGAIN from one listener and hand each over; the resource error
+        that stopped it, if any."""
+        accepted, exhausted = accept_pending(self.listeners[listener_id], self.extra, "dispatcher")
         self.errors = self.extra["accept_errors"]
         for conn, _ in accepted:
             self.accepted += 1
+            self.accepted_per_listener[listener_id] += 1
             fd = conn.detach()
-            taken = self._hand_over(fd)
+            taken = self._hand_over(fd, listener_id)
             if taken is None or not taken.transfers:
                 os.close(fd)
         if accepted:
@@ -141,22 +161,32 @@ class Dispatcher:
         if self.cpu is not None:
             pin_current_thread(self.cpu)
         ep = select.epoll()
-        lfd = self.listener.fileno()
-        watching, backoff = True, 0.0  # not watching: out of fds, waiting out a back-off
+        ids = {s.fileno(): i for i, s in enumerate(self.listeners)}
+        # Out of fds: a listener is unwatched until its back-off ends (level-triggered, it
+        # would report the same unacceptable connection at once, forever).
+        paused: dict[int, float] = {}      # fd -> when to watch it again
         try:
-            ep.register(lfd, select.EPOLLIN)
+            for fd in ids:
+                ep.register(fd, select.EPOLLIN)
             ep.register(self._stop_r, select.EPOLLIN)
             while True:
-                events = ep.poll(-1 if watching else backoff)
+                timeout = max(0.0, min(paused.values()) - time.monotonic()) if paused else -1
+                events = ep.poll(timeout)
                 if any(fd == self._stop_r for fd, _ in events):
                     break
-                if not watching:
-                    ep.register(lfd, select.EPOLLIN)
-                    watching = True
-                exhausted = self._accept_all()
-                if exhausted is not None:  # level-triggered and unacceptable: unwatch a while
-                    ep.unregister(lfd)
-                    watching, backoff = False, self.pacer.failed(exhausted)
-            self._accept_all()  # the backlog the kernel already completed
+                now = time.monotonic()
+                for fd, when in list(paused.items()):
+                    if now >= when:
+                        del paused[fd]
+                        ep.register(fd, select.EPOLLIN)
+                for fd, _ in events:
+                    if fd not in ids or fd in paused:
+                        continue
+                    exhausted = self._accept_all(ids[fd])
+                    if exhausted is not None:
+                        ep.unregister(fd)
+                        paused[fd] = time.monotonic() + self.pacer.failed(exhausted)
+            for i in range(len(self.listeners)):
+                self._accept_all(i)  # the backlog the kernel already completed
         finally:
             ep.close()

@@ -3,8 +3,11 @@
 Kernel semantics relied on:
 
 * an ``AF_UNIX``/``SOCK_SEQPACKET`` socketpair per worker keeps message boundaries:
-  one message = one connection, its fd travelling as ``SCM_RIGHTS`` ancillary data.
-  The kernel installs a new fd in the receiver (the sender then closes its own).
+  one message = one connection, its fd travelling as ``SCM_RIGHTS`` ancillary data
+  and its one byte of data the *listener id* (which address it came in on: the worker
+  serves it by that address's protocol).  The kernel installs a new fd in the receiver
+  (the sender then closes its own).  A reader that takes one byte and ignores it (the
+  C cores, serving one address) reads the same messages as before.
 * the worker's end is readable while messages wait; ``recvmsg`` takes one at a time
   until ``EAGAIN``.
 * out of fds (``EMFILE``/``ENFILE``), the kernel cannot install the passed fd:
@@ -45,38 +48,44 @@ def make_channels(n: int) -> list[tuple[socket.socket, socket.socket]]:
 class SocketChannel:
     """The acceptor's end of one worker's socketpair: every backend's channel.
 
-    ``send(fd)`` passes a duplicate (``SCM_RIGHTS``); raises BlockingIOError when the
-    channel is full, OSError when the worker's end is gone.  ``transfers`` is False: the
-    acceptor still owns its fd afterwards and closes it.
+    ``send(fd, listener_id)`` passes a duplicate (``SCM_RIGHTS``) and the listener id
+    (one byte); raises BlockingIOError when the channel is full, OSError when the
+    worker's end is gone.  ``transfers`` is False: the acceptor still owns its fd
+    afterwards and closes it.  ``carries_listener_id``: a channel without it takes
+    ``send(fd)`` only, and can serve a server of one address only.
     """
 
     kind = "scm"
     transfers = False
+    carries_listener_id = True
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
 
-    def send(self, fd: int) -> None:
-        self.sock.sendmsg([b"c"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))])
+    def send(self, fd: int, listener_id: int = 0) -> None:
+        self.sock.sendmsg([bytes((listener_id,))],
+                          [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))])
 
     def close(self) -> None:
         pass  # the server owns the socketpair
 
 
-def send_handoff(channel: socket.socket, conn: socket.socket) -> None:
+def send_handoff(channel: socket.socket, conn: socket.socket, listener_id: int = 0) -> None:
     """Pass one connected socket; raises BlockingIOError when the channel is full."""
-    SocketChannel(channel).send(conn.fileno())
+    SocketChannel(channel).send(conn.fileno(), listener_id)
 
 
 class Handoffs(NamedTuple):
     fds: list[int]     # new connections, now ours
     lost: int          # messages whose fd the kernel could not install (MSG_CTRUNC)
     closed: bool       # the acceptor closed its end: stop watching the channel
+    ids: list[int]     # parallel to fds: the listener id each came in on
 
 
 def receive_handoffs(channel: socket.socket, limit: int = HANDOFF_BATCH) -> Handoffs:
     """Take up to ``limit`` waiting connections without blocking."""
     fds: list[int] = []
+    ids: list[int] = []
     lost = 0
     for _ in range(limit):
         try:
@@ -89,20 +98,22 @@ def receive_handoffs(channel: socket.socket, limit: int = HANDOFF_BATCH) -> Hand
                 usable = len(payload) - len(payload) % _FD_SIZE
                 new = array.array("i", payload[:usable])
                 fds.extend(new)
+                ids.extend([data[0] if data else 0] * len(new))
                 got += len(new)
         if flags & socket.MSG_CTRUNC:
             lost += not got
             continue
         if not data and not got:
-            return Handoffs(fds, lost, True)
-    return Handoffs(fds, lost, False)
+            return Handoffs(fds, lost, True, ids)
+    return Handoffs(fds, lost, False, ids)
 
 
 class HandoffReceiver:
     """A worker's side of its channel: take every waiting connection, count, log once.
 
-    ``take()`` returns ``(sockets, closed)``: the connections waiting now (``recvmsg``
-    until ``EAGAIN``) and whether the acceptor has closed its end (stop watching).
+    ``take()`` returns ``(pairs, closed)``: the connections waiting now (``recvmsg``
+    until ``EAGAIN``) as ``(socket, listener_id)`` pairs, and whether the acceptor has
+    closed its end (stop watching).
     Counts ``extra["handoffs"]`` and ``extra["handoff_lost"]``.  The rule for the log:
     a loss starts an *episode*, logged once; a connection received whole ends it.
     """
@@ -115,12 +126,12 @@ class HandoffReceiver:
         self.who = who
         self.losing = False
 
-    def take(self) -> tuple[list[socket.socket], bool]:
+    def take(self) -> tuple[list[tuple[socket.socket, int]], bool]:
         extra = self.extra
-        socks: list[socket.socket] = []
+        socks: list[tuple[socket.socket, int]] = []
         while True:
-            fds, lost, closed = receive_handoffs(self.channel)
-            socks.extend(socket.socket(fileno=fd) for fd in fds)
+            fds, lost, closed, ids = receive_handoffs(self.channel)
+            socks.extend((socket.socket(fileno=fd), lid) for fd, lid in zip(fds, ids))
             if lost:
                 extra["handoff_lost"] += lost
                 if not self.losing:

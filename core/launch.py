@@ -1,9 +1,10 @@
-"""Start ``parallelnet serve`` as a child process and wait, bounded, for its address.
+"""Start ``parallelnet serve`` as a child process and wait, bounded, for its addresses.
 
 One place for the handshake every client of the server uses (the demo, experiments,
-tests): the child binds port 0 and prints ``listening on HOST:PORT``; the parent reads
-that line with a deadline (select on the pipe, so a child that prints nothing cannot hang
-the caller) and gets back the process, which it may stop by its PID.
+tests): the child binds port 0 and prints ``listening on ADDR [ADDR ...]`` (every
+address, in ``--listen`` order: core/addresses.py); the parent reads that line with a
+deadline (select on the pipe, so a child that prints nothing cannot hang the caller) and
+gets back the process, which it may stop by its PID.
 """
 
 from __future__ import annotations
@@ -13,18 +14,41 @@ import subprocess
 import sys
 import time
 
+from parallelnet.core.addresses import parse_listening
+
+Address = tuple[str, int]
+
+
+def serve_command(serve_args: list[str]) -> list[str]:
+    """``parallelnet serve`` with ``--port 0`` unless the arguments name their own
+    addresses (``--listen``, which excludes ``--port``)."""
+    port = [] if any(a == "--listen" or a.startswith("--listen=") for a in serve_args) \
+        else ["--port", "0"]
+    return [sys.executable, "-m", "parallelnet.core.cli", "serve", *port, *serve_args]
+
 
 def spawn_server(serve_args: list[str], *, merge_stderr: bool = False, env: dict | None = None,
                  preexec_fn=None, timeout: float = 15.0,
                  output: str | None = None) -> tuple[subprocess.Popen, str, int]:
-    """``parallelnet serve --port 0 SERVE_ARGS``; returns (process, host, port).
+    """``parallelnet serve --port 0 SERVE_ARGS``; returns (process, host, port) of its
+    first address (``spawn_server_all`` returns them all).
 
     ``output``: a file for everything the server prints (stdout and stderr), so a long
     run never blocks on a pipe nobody reads; the address is read from it.  Without it,
     stdout (and stderr) are pipes the caller must read.
     On failure the child is killed and RuntimeError carries what it printed.
     """
-    cmd = [sys.executable, "-m", "parallelnet.core.cli", "serve", "--port", "0", *serve_args]
+    proc, addresses = spawn_server_all(serve_args, merge_stderr=merge_stderr, env=env,
+                                       preexec_fn=preexec_fn, timeout=timeout, output=output)
+    host, port = addresses[0]
+    return proc, host, port
+
+
+def spawn_server_all(serve_args: list[str], *, merge_stderr: bool = False, env: dict | None = None,
+                     preexec_fn=None, timeout: float = 15.0,
+                     output: str | None = None) -> tuple[subprocess.Popen, list[Address]]:
+    """As ``spawn_server``; returns (process, every address it listens on, in order)."""
+    cmd = serve_command(serve_args)
     if output is not None:
         return _spawn_to_file(cmd, output, env, preexec_fn, timeout)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env,
@@ -40,9 +64,9 @@ def spawn_server(serve_args: list[str], *, merge_stderr: bool = False, env: dict
         if not line:
             break
         seen.append(line)
-        if line.startswith("listening on "):
-            host, _, port = line.split()[-1].rpartition(":")
-            return proc, host, int(port)
+        addresses = parse_listening(line)
+        if addresses:
+            return proc, addresses
     proc.kill()
     out, err = proc.communicate()
     raise RuntimeError(f"server {serve_args} did not start within {timeout:g} s:\n"
@@ -58,9 +82,9 @@ def _spawn_to_file(cmd, output, env, preexec_fn, timeout):
         with open(output, errors="replace") as f:
             text = f.read()
         for line in text.splitlines(keepends=True):
-            if line.startswith("listening on ") and line.endswith("\n"):
-                host, _, port = line.split()[-1].rpartition(":")
-                return proc, host, int(port)
+            addresses = parse_listening(line) if line.endswith("\n") else None
+            if addresses:
+                return proc, addresses
         if proc.poll() is not None:
             break
         time.sleep(0.01)
@@ -68,4 +92,4 @@ def _spawn_to_file(cmd, output, env, preexec_fn, timeout):
     proc.wait()
     with open(output, errors="replace") as f:
         text = f.read()
-    raise RuntimeError(f"server {cmd[5:]} did not start within {timeout:g} s:\n{text}")
+    raise RuntimeError(f"server {cmd[4:]} did not start within {timeout:g} s:\n{text}")

@@ -1,4 +1,9 @@
-"""Accept strategies: which listening socket(s) each worker watches.
+"""Accept strategies: which listening socket(s) each worker watches, for one or more addresses.
+
+A server listens on one or more addresses (``--listen``, in order: the listener id of
+an address is its position).  Every strategy below applies to each address alike, and
+every worker watches *all* of them in its one loop (the seed: "these file descriptors
+are put into all thread local event loops"):
 
 * ``shared`` (the seed): one non-blocking listening socket, in every worker's loop.
   One kernel accept queue; every worker whose wait includes it may be woken.
@@ -20,9 +25,15 @@
 * ``exclusive-rotate``: ``exclusive``, with each worker re-adding the listener to its
   epoll after every 16 accepts (nginx's remedy): EPOLLEXCLUSIVE wakes the waiter at the
   head of the wait queue, and re-adding moves a busy worker to the tail.
-* ``dispatch``: one listening socket owned by an acceptor thread, which hands each
-  connection to a worker of its choosing (core/dispatch.py); workers watch only their
-  hand-off channel.
+* ``dispatch``: one listening socket per address, all owned by an acceptor thread,
+  which hands each connection (with its listener id) to a worker of its choosing
+  (core/dispatch.py); workers watch only their hand-off channel.
+
+With several addresses: shared/exclusive/exclusive-rotate put one socket per address
+in every loop; reuseport/reuseport-cpu bind one socket per worker per address (each
+address is a reuseport group of its own, so reuseport-cpu attaches one cBPF program
+per group).  ``IPV6_V6ONLY`` is set on IPv6 sockets, so an IPv6 address never takes
+the IPv4 side of its port as well.
 
 Backends see the socket *layout* only (``layout_of``): reuseport-cpu is reuseport to them.
 
@@ -41,6 +52,7 @@ from dataclasses import dataclass
 STRATEGIES = ("shared", "exclusive", "exclusive-rotate", "reuseport", "reuseport-cpu", "dispatch")
 DEFAULT_BACKLOG = 4096  # capped by net.core.somaxconn
 _PER_WORKER = ("reuseport", "reuseport-cpu")
+MAX_ADDRESSES = 256     # listener ids travel as one byte with each hand-off (core/handoff.py)
 
 SO_ATTACH_REUSEPORT_CBPF = 51  # <asm-generic/socket.h>; Python's socket module lacks it
 # Classic BPF opcodes (<linux/filter.h>).
@@ -80,17 +92,37 @@ def attach_cpu_steering(sock: socket.socket, cpus: list[int]) -> None:
 
 @dataclass
 class ListenerSet:
-    strategy: str
-    sockets: list[socket.socket]
-    host: str
-    port: int
+    """The bound sockets of one server.  Address *i* (the i-th ``--listen``) has the
+    listener id *i*; ``groups[i]`` are its sockets: one (shared, exclusive, dispatch), or
+    one per worker, socket *w* being worker *w*'s (reuseport, reuseport-cpu)."""
 
-    def for_worker(self, index: int) -> list[socket.socket]:
+    strategy: str
+    groups: list[list[socket.socket]]
+    addresses: list[tuple[str, int]]      # (host, port actually bound) per listener id
+
+    @property
+    def host(self) -> str:
+        return self.addresses[0][0]
+
+    @property
+    def port(self) -> int:
+        return self.addresses[0][1]
+
+    @property
+    def sockets(self) -> list[socket.socket]:
+        return [s for group in self.groups for s in group]
+
+    def for_worker(self, index: int) -> tuple[list[socket.socket], list[int]]:
+        """The sockets worker ``index`` watches, and the listener id of each."""
         if self.strategy == "dispatch":
-            return []  # the acceptor owns it; the worker gets connections through its channel
+            return [], []  # the acceptor owns them; connections come through the channel
         if self.strategy in _PER_WORKER:
-            return [self.sockets[index]]
-        return list(self.sockets)
+            return [g[index] for g in self.groups], list(range(len(self.groups)))
+        return [g[0] for g in self.groups], list(range(len(self.groups)))
+
+    def for_acceptor(self) -> list[socket.socket]:
+        """``--accept dispatch``: the listening socket of each listener id, in order."""
+        return [g[0] for g in self.groups]
 
     def close(self) -> None:
         for s in self.sockets:
@@ -111,6 +143,10 @@ def _bind_one(host: str, port: int, backlog: int, reuseport: bool) -> socket.soc
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            # An IPv6 wildcard must not also take the IPv4 port (net.ipv6.bindv6only is 0
+            # by default): [::]:P and 0.0.0.0:P are two listeners, each its own address.
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         if reuseport:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((host, port))
@@ -122,11 +158,24 @@ def _bind_one(host: str, port: int, backlog: int, reuseport: bool) -> socket.soc
     return sock
 
 
-def open_listeners(strategy: str, host: str, port: int, workers: int,
-                   backlog: int = DEFAULT_BACKLOG, cpus: list[int] | None = None) -> ListenerSet:
-    """Bind the sockets of one strategy.  ``cpus[i]`` is worker i's CPU (reuseport-cpu)."""
-    if strategy not in STRATEGIES:
-        raise ValueError(f"unknown accept strategy {strategy!r}; known: {', '.join(STRATEGIES)}")
+def check_addresses(addresses: list[tuple[str, int]]) -> None:
+    """Refuse an address list no strategy can serve as meant (ValueError)."""
+    if not addresses:
+        raise ValueError("no address to listen on")
+    if len(addresses) > MAX_ADDRESSES:
+        raise ValueError(f"{len(addresses)} listening addresses: at most {MAX_ADDRESSES} "
+                         "(the listener id travels as one byte with each hand-off)")
+    seen = set()
+    for host, port in addresses:
+        # With SO_REUSEPORT a second socket on the same address would silently join the
+        # first one's group instead of failing: refuse the duplicate by name.
+        if port and (host, port) in seen:
+            raise ValueError(f"address {host}:{port} is listed twice")
+        seen.add((host, port))
+
+
+def _bind_group(strategy: str, host: str, port: int, workers: int, backlog: int,
+                cpus: list[int] | None) -> list[socket.socket]:
     reuseport = strategy in _PER_WORKER
     first = _bind_one(host, port, backlog, reuseport)
     socks = [first]
@@ -136,12 +185,35 @@ def open_listeners(strategy: str, host: str, port: int, workers: int,
             for _ in range(workers - 1):
                 socks.append(_bind_one(host, port, backlog, True))
         if strategy == "reuseport-cpu":
-            if cpus is None or len(cpus) != workers or None in cpus:
-                raise ValueError("--accept reuseport-cpu needs every worker pinned to a CPU")
             # The group's socket order is the order they were bound: socket i is worker i.
+            # One program per group: each address is a reuseport group of its own.
             attach_cpu_steering(first, cpus)
     except BaseException:
         for s in socks:
             s.close()
         raise
-    return ListenerSet(strategy, socks, host, port)
+    return socks
+
+
+def open_listeners(strategy: str, addresses: list[tuple[str, int]], workers: int,
+                   backlog: int = DEFAULT_BACKLOG, cpus: list[int] | None = None) -> ListenerSet:
+    """Bind the sockets of one strategy for every address, in order (listener id =
+    position).  ``cpus[i]`` is worker i's CPU (reuseport-cpu)."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown accept strategy {strategy!r}; known: {', '.join(STRATEGIES)}")
+    check_addresses(addresses)
+    if strategy == "reuseport-cpu" and (cpus is None or len(cpus) != workers or None in cpus):
+        raise ValueError("--accept reuseport-cpu needs every worker pinned to a CPU")
+    groups: list[list[socket.socket]] = []
+    bound: list[tuple[str, int]] = []
+    try:
+        for host, port in addresses:
+            group = _bind_group(strategy, host, port, workers, backlog, cpus)
+            groups.append(group)
+            bound.append((host, group[0].getsockname()[1]))
+    except BaseException:
+        for group in groups:
+            for s in group:
+                s.close()
+        raise
+    return ListenerSet(strategy, groups, bound)

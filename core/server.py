@@ -2,7 +2,8 @@
 
 The seed's design: N workers, each pinned to one CPU, each running its own event
 loop (a backend instance) over its own connections; all of them watch the same
-listening socket and race to accept.  This module puts the parts together: it checks
+listening sockets - one or more addresses (``ServerConfig.listen``), every one in
+every loop - and race to accept.  Each address may serve its own protocol.  This module puts the parts together: it checks
 the configuration against what the backend declares, binds the listeners
 (core/listeners.py), starts the workers through one interface (core/workers.py: threads;
 core/forked.py: forked processes and their handshake), starts the acceptor of
@@ -25,8 +26,11 @@ from parallelnet.core.backend import (
 from parallelnet.core.cpus import assign_cpus
 from parallelnet.core.dispatch import Dispatcher
 from parallelnet.core.handoff import make_channels
-from parallelnet.core.listeners import ListenerSet, is_loopback, layout_of, open_listeners
-from parallelnet.core.protocols import make_factory
+from parallelnet.core.addresses import ListenSpec, format_address
+from parallelnet.core.listeners import (
+    ListenerSet, check_addresses, is_loopback, layout_of, open_listeners,
+)
+from parallelnet.core.protocols import ProtocolSpec, make_spec
 from parallelnet.core.stats import WorkerStats
 from parallelnet.core.workers import Workers, make_workers
 
@@ -53,17 +57,29 @@ class ServerConfig:
     options: argparse.Namespace = field(default_factory=argparse.Namespace)
     dispatch_policy: str = "round-robin"
     dispatch_cpu: int | None = None
+    #: Addresses to listen on, in order (listener id = position); None: host/port with
+    #: ``protocol``.  A spec without a protocol serves ``protocol``; ``protocol_options``
+    #: apply to every listener of the protocol that takes them.
+    listen: list[ListenSpec] | None = None
+
+    def listen_specs(self) -> list[ListenSpec]:
+        return list(self.listen) if self.listen else [ListenSpec(self.host, self.port)]
 
 
 class Server:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         self.backend_cls: type[Backend] = get_backend(config.backend)
+        self.specs = config.listen_specs()
         self._check(config)
         self.cpus = assign_cpus(config.workers, config.cpus)
-        self.protocol_factory = make_factory(config.protocol, **config.protocol_options)
-        self.stats = [WorkerStats(i, cpu if config.pin else None, config.backend)
+        self.protocols = self._protocols()
+        self.protocol_factory = self.protocols[0].factory
+        self.stats = [WorkerStats(i, cpu if config.pin else None, config.backend,
+                                  listeners=len(self.specs))
                       for i, cpu in enumerate(self.cpus)]
+        for st in self.stats:
+            st.per_listener_from_totals = self.backend_cls.max_listeners == 1
         self.listeners: ListenerSet | None = None
         self.workers: Workers | None = None
         self.dispatcher: Dispatcher | None = None
@@ -75,9 +91,17 @@ class Server:
         cls = self.backend_cls
         if config.mode not in MODES:
             raise ValueError(f"unknown mode {config.mode!r}; known: {', '.join(MODES)}")
-        if not config.allow_remote and not is_loopback(config.host):
-            raise ValueError(f"refusing to bind non-loopback address {config.host!r} "
-                             "without --allow-remote")
+        for spec in self.specs:
+            if not config.allow_remote and not is_loopback(spec.host):
+                raise ValueError(f"refusing to bind non-loopback address {spec.host!r} "
+                                 "without --allow-remote")
+        check_addresses([(spec.host, spec.port) for spec in self.specs])
+        limit = cls.max_listeners
+        if limit is not None and len(self.specs) > limit:
+            raise BackendError(
+                f"backend {config.backend!r} serves at most {limit} listening "
+                f"address{'es' if limit != 1 else ''} (its max_listeners); "
+                f"{len(self.specs)} were given with --listen")
         avail = cls.probe()
         if not avail:
             raise BackendError(f"backend {config.backend!r} unavailable: {avail.reason}")
@@ -96,16 +120,41 @@ class Server:
                                "--accept dispatch in thread mode (it targets the worker's "
                                "ring inside this process)")
 
+    def _protocols(self) -> list[ProtocolSpec]:
+        """One spec per listener id; listeners of the same protocol share it."""
+        cfg = self.config
+        by_name: dict[str, ProtocolSpec] = {}
+        out = []
+        for spec in self.specs:
+            name = spec.protocol or cfg.protocol
+            if name not in by_name:
+                by_name[name] = make_spec(name, **cfg.protocol_options)
+            out.append(by_name[name])
+        return out
+
     @property
     def address(self) -> tuple[str, int]:
+        """The first bound address (the one-listener shorthand)."""
         assert self.listeners is not None
         return self.listeners.host, self.listeners.port
+
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        """Every bound address, by listener id."""
+        assert self.listeners is not None
+        return list(self.listeners.addresses)
+
+    def listener_labels(self) -> list[str]:
+        """``ADDRESS (protocol)`` by listener id, for tables and logs."""
+        return [f"{format_address(h, p)} ({proto.name})"
+                for (h, p), proto in zip(self.addresses, self.protocols)]
 
     # -- start ----------------------------------------------------------------
 
     def start(self) -> tuple[str, int]:
         cfg = self.config
-        self.listeners = open_listeners(cfg.accept, cfg.host, cfg.port, len(self.cpus), cfg.backlog,
+        self.listeners = open_listeners(cfg.accept, [(s.host, s.port) for s in self.specs],
+                                        len(self.cpus), cfg.backlog,
                                         cpus=[s.cpu for s in self.stats])
         if cfg.accept == "dispatch":
             self._channels = make_channels(len(self.cpus))
@@ -123,7 +172,7 @@ class Server:
             # is ready (a backend's own channel targets its live loop); until then new
             # connections wait in the listen backlog.
             try:
-                self.dispatcher = Dispatcher(self.listeners.sockets[0], self._dispatch_channels(),
+                self.dispatcher = Dispatcher(self.listeners.for_acceptor(), self._dispatch_channels(),
                                              self.workers.closed_counts, cfg.dispatch_policy,
                                              cfg.dispatch_cpu, cfg.limits.accept_backoff)
             except BaseException:
@@ -144,11 +193,12 @@ class Server:
 
     def _context(self, index: int, stop: StopSignal) -> WorkerContext:
         cfg = self.config
+        socks, ids = self.listeners.for_worker(index)
         return WorkerContext(
             index=index, cpu=self.stats[index].cpu,
-            listeners=self.listeners.for_worker(index), accept=layout_of(cfg.accept),
-            protocol_factory=self.protocol_factory, stats=self.stats[index],
-            stop=stop, limits=cfg.limits, options=cfg.options,
+            listeners=socks, listener_ids=ids, accept=layout_of(cfg.accept),
+            protocol_factory=self.protocol_factory, protocols=list(self.protocols),
+            stats=self.stats[index], stop=stop, limits=cfg.limits, options=cfg.options,
             handoff=self._channels[index][1] if self._channels else None)
 
     def dead_workers(self) -> dict[int, str]:

@@ -59,6 +59,11 @@ EXTRA_COUNTERS = {
 }
 
 
+#: Counters kept per listener id as well (``WorkerStats.per_listener``): which of this
+#: worker's accepts, races and listen wakeups were on which address.
+LISTENER_COUNTERS = ("accepted", "lost_races", "listen_wakeups")
+
+
 #: The value of a counter a backend cannot observe (io_uring's lost accept races happen
 #: inside the kernel and never complete): ``None``, never a 0 that reads as measured.
 #: Sums and deltas that meet one are ``None`` too; tables print ``n/a``.
@@ -84,14 +89,32 @@ def fmt_observable(value) -> str:
     return "n/a" if value is None else str(value)
 
 
+class ListenerStats:
+    """One worker's counters for one listener id (one address).  Single writer: the worker.
+    Under ``--accept dispatch`` ``accepted`` counts the hand-offs that came from that
+    address (the worker never touches the listener: no wakeup, no race)."""
+
+    __slots__ = LISTENER_COUNTERS
+
+    def __init__(self) -> None:
+        self.accepted = 0
+        self.lost_races = 0
+        self.listen_wakeups = 0
+
+    def snapshot(self) -> dict:
+        return {"accepted": self.accepted, "lost_races": self.lost_races,
+                "listen_wakeups": self.listen_wakeups}
+
+
 class WorkerStats:
     """Counters of one worker.  Single writer: the worker itself."""
 
     __slots__ = COUNTERS + ("index", "cpu", "pid", "tid", "ident", "affinity", "open",
                             "extra", "started", "stopped", "backend", "exit_cpu", "crashed",
-                            "ready", "refresh")
+                            "ready", "refresh", "per_listener", "per_listener_from_totals")
 
-    def __init__(self, index: int, cpu: int | None, backend: str = "") -> None:
+    def __init__(self, index: int, cpu: int | None, backend: str = "",
+                 listeners: int = 1) -> None:
         for name in COUNTERS:
             setattr(self, name, 0)
         self.index = index
@@ -111,6 +134,12 @@ class WorkerStats:
         # A backend whose counters live elsewhere (in C) sets this to copy them in;
         # snapshot() calls it first, so readers always see live figures.
         self.refresh = None
+        # Per listener id (LISTENER_COUNTERS), counted by a backend that serves several
+        # addresses.  One that serves one (``Backend.max_listeners`` 1) does not count
+        # them: the core sets ``per_listener_from_totals`` and its only listener's
+        # figures are the worker's own, by definition.
+        self.per_listener = [ListenerStats() for _ in range(listeners)]
+        self.per_listener_from_totals = False
 
     def bind_current_thread(self) -> None:
         """Record which OS thread runs this worker (call from inside it)."""
@@ -151,11 +180,18 @@ class WorkerStats:
             index=self.index, cpu=self.cpu, backend=self.backend, pid=self.pid,
             tid=self.tid, affinity=list(self.affinity), open=self.open,
             extra=dict(self.extra), crashed=self.crashed, ready=bool(self.ready),
+            per_listener=self.listener_snapshot(),
             elapsed=(self.stopped or time.monotonic()) - self.started if self.started else 0.0,
         )
         snap.update(self.exit_cpu if self.exit_cpu is not None
                     else thread_cpu(self.pid, self.tid, self.ident))
         return snap
+
+
+    def listener_snapshot(self) -> list[dict]:
+        if self.per_listener_from_totals:
+            return [{name: getattr(self, name) for name in LISTENER_COUNTERS}]
+        return [pl.snapshot() for pl in self.per_listener]
 
 
 def thread_cpu(pid: int, tid: int, ident: int = 0) -> dict:
@@ -237,7 +273,36 @@ class Fairness:
         return cls(total, max_min_ratio(values), jain_index(values), shares)
 
 
-def format_table(snaps: list[dict], elapsed: float | None = None) -> str:
+def listener_totals(snaps: list[dict]) -> list[dict]:
+    """Per listener id, summed over the workers (lost races ``None`` if not observable)."""
+    count = max((len(s.get("per_listener") or ()) for s in snaps), default=0)
+    out = []
+    for lid in range(count):
+        rows = [s["per_listener"][lid] for s in snaps if lid < len(s.get("per_listener") or ())]
+        out.append({"accepted": sum(r["accepted"] for r in rows),
+                    "lost_races": add_observable(r["lost_races"] for r in rows),
+                    "listen_wakeups": sum(r["listen_wakeups"] for r in rows)})
+    return out
+
+
+def format_listeners(snaps: list[dict], labels: list[str]) -> list[str]:
+    """One line per listener id: its accepts, lost races and listen wakeups, per worker
+    (w0/w1/...) and in total; ``labels[i]`` names listener i (address, protocol)."""
+    lines = []
+    for lid, total in enumerate(listener_totals(snaps)):
+        per = [s["per_listener"][lid] for s in snaps]
+        label = labels[lid] if lid < len(labels) else ""
+        lines.append(
+            f"listener {lid} {label}: accepted {'/'.join(str(r['accepted']) for r in per)} "
+            f"(total {total['accepted']}), lost "
+            f"{'/'.join(fmt_observable(r['lost_races']) for r in per)} "
+            f"(total {fmt_observable(total['lost_races'])}), listen wakeups "
+            f"{'/'.join(str(r['listen_wakeups']) for r in per)}")
+    return lines
+
+
+def format_table(snaps: list[dict], elapsed: float | None = None,
+                 listeners: list[str] | None = None) -> str:
     """The per-worker table, in the spirit of ``ps -L -o pid,tid,psr,pcpu``."""
     head = (f"{'wk':>3} {'pid':>7} {'tid':>7} {'cpu':>3} {'psr':>3} {'%cpu':>5} "
             f"{'user_s':>7} {'sys_s':>7} {'accepted':>8} {'lost':>6} {'wakeups':>8} "
@@ -265,4 +330,7 @@ def format_table(snaps: list[dict], elapsed: float | None = None) -> str:
     elif lwake:
         lines.append(f"accept races: {lwake} listen wakeups, {lost} lost "
                      f"({100 * lost / lwake:.1f}%)")
+    if listeners and len(listeners) > 1:
+        # With one address the worker columns above are that listener's already.
+        lines += format_listeners(snaps, listeners)
     return "\n".join(lines)

@@ -15,7 +15,7 @@ import pytest
 
 from parallelnet.backends.base import registry
 from parallelnet.core import client
-from parallelnet.core.launch import spawn_server
+from parallelnet.core.launch import serve_command, spawn_server_all
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 BACKENDS = registry()
@@ -24,6 +24,7 @@ BACKENDS = registry()
 #: Anything else skipped while CI is set is a failure: a skip must not hide a check.
 CI_SKIP_ALLOWED = (
     ("test_loadgen.py::test_ipv6", "the CI machine may have no IPv6 loopback (::1)"),
+    ("test_listeners.py::test_an_ipv6_listener", "the CI machine may have no IPv6 loopback (::1)"),
     ("test_native.py::test_epollexclusive_busy_head", "a kernel without EPOLLEXCLUSIVE (Linux < 4.5)"),
 )
 
@@ -62,13 +63,16 @@ class ServerProc:
     output_path: str = ""
     output: str = ""
     final: dict = field(default_factory=dict)
+    #: Every address it listens on, by listener id (the first is host/port).
+    addresses: list[tuple[str, int]] = field(default_factory=list)
 
     @property
     def address(self) -> tuple[str, int]:
         return self.host, self.port
 
-    def connect(self, timeout: float = 5.0) -> socket.socket:
-        s = socket.create_connection(self.address, timeout=timeout)
+    def connect(self, timeout: float = 5.0, listener: int = 0) -> socket.socket:
+        s = socket.create_connection(self.addresses[listener] if self.addresses else self.address,
+                                     timeout=timeout)
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return s
 
@@ -114,17 +118,19 @@ class ServerProc:
 
 def start_server(tmp_path, *args: str, timeout: float = 15.0,
                  env: dict | None = None) -> ServerProc:
-    """``parallelnet serve --port 0 --stats-json … ARGS`` as a subprocess."""
+    """``parallelnet serve --port 0 --stats-json … ARGS`` as a subprocess (without
+    ``--port 0`` when ARGS name their addresses with ``--listen``)."""
     stamp = time.monotonic_ns()
     stats_path = str(tmp_path / f"stats-{stamp}.jsonl")
     output_path = str(tmp_path / f"output-{stamp}.log")
     env = {**os.environ, "PYTHONFAULTHANDLER": "1", **(env or {})}
     try:
-        proc, host, port = spawn_server(["--stats-json", stats_path, *args], env=env,
-                                        timeout=timeout, output=output_path)
+        proc, addresses = spawn_server_all(["--stats-json", stats_path, *args], env=env,
+                                           timeout=timeout, output=output_path)
     except RuntimeError as exc:
         raise AssertionError(str(exc)) from None
-    srv = ServerProc(proc, host, port, stats_path, list(args), output_path)
+    (host, port), *_ = addresses
+    srv = ServerProc(proc, host, port, stats_path, list(args), output_path, addresses=addresses)
     _STARTED.append(srv)
     return srv
 
@@ -154,6 +160,29 @@ def server_factory(tmp_path):
         return start_server(tmp_path, *args)
 
     return make
+
+
+@pytest.fixture
+def tcp_pair():
+    """A connected (client, server) pair of TCP sockets on loopback."""
+    with socket.create_server(("127.0.0.1", 0)) as lst:
+        client = socket.create_connection(lst.getsockname())
+        server, _ = lst.accept()
+    yield client, server
+    client.close()
+    server.close()
+
+
+def ipv6_loopback() -> bool:
+    """Whether ::1 can be bound here (a container may have no IPv6 loopback)."""
+    if not socket.has_ipv6:
+        return False
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
 
 
 def recv_exactly(sock: socket.socket, n: int) -> bytes:
@@ -188,8 +217,7 @@ def read_http_responses(sock: socket.socket, count: int) -> list[tuple[int, byte
 
 def run_cli_serve_error(*args: str) -> str:
     """Run ``parallelnet serve`` expecting a startup refusal (exit 2); return stderr."""
-    res = subprocess.run([sys.executable, "-m", "parallelnet.core.cli", "serve", "--port", "0",
-                          *args], capture_output=True, text=True, timeout=60)
+    res = subprocess.run(serve_command(list(args)), capture_output=True, text=True, timeout=60)
     assert res.returncode == 2, res.stdout + res.stderr
     return res.stderr
 

@@ -68,3 +68,49 @@ def test_loadgen_subcommand_drives_a_server(tmp_path):
     assert res.returncode == 0, res.stdout + res.stderr
     assert "Requests/sec" in res.stdout
     assert final["totals"]["requests"] >= 500
+
+
+def test_serve_help_describes_listen():
+    out = run_cli("serve", "--help").stdout
+    assert "--listen ADDR:PORT[,protocol=NAME]" in out
+    assert "[::1]:8080" in out
+
+
+@pytest.mark.parametrize("args, why", [
+    (("--listen", "127.0.0.1:0", "--port", "0"), "either with --listen or with --host/--port"),
+    (("--listen", "127.0.0.1:0", "--host", "127.0.0.1"), "either with --listen or with --host/--port"),
+    (("--listen", "::1:80"), "HOST:PORT or [IPv6]:PORT"),
+    (("--listen", "127.0.0.1:0,protocol=gopher"), "unknown protocol 'gopher'"),
+    (("--listen", "127.0.0.1:0", "--listen", "10.1.2.3:0"), "--allow-remote"),
+])
+def test_listen_mistakes_are_clear_errors(args, why):
+    res = run_cli("serve", *args)
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert why in res.stderr
+
+
+# serve's SIGTERM handler runs in the main thread between two of its Python lines, which
+# may be inside the wait for that very stop (threading.Event.wait holds the Event's lock
+# there: a handler calling Event.set() then blocked forever - a serve that never stopped).
+# sys.settrace runs the handler at *every* line of the wait, as a signal may.
+STOP_ANYWHERE = """
+import sys
+from parallelnet.core.stopping import StopRequest
+stop = StopRequest()
+def tracer(frame, event, arg):
+    stop.request()          # what serve's handler does
+    return tracer
+sys.settrace(tracer)
+woke = stop.wait(5.0)
+sys.settrace(None)
+print("woke" if woke else "timeout")
+"""
+
+
+def test_a_stop_requested_anywhere_inside_the_wait_wakes_it():
+    try:
+        res = subprocess.run([sys.executable, "-c", STOP_ANYWHERE], capture_output=True,
+                             text=True, timeout=30)
+    except subprocess.TimeoutExpired:
+        pytest.fail("a stop requested inside the wait deadlocked it")
+    assert res.stdout.strip() == "woke", res.stderr

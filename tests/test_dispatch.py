@@ -17,16 +17,6 @@ from parallelnet.core.client import run_clients
 from parallelnet.core.dispatch import Dispatcher, make_channels, receive_handoffs, send_handoff
 
 
-@pytest.fixture
-def tcp_pair():
-    with socket.create_server(("127.0.0.1", 0)) as lst:
-        client = socket.create_connection(lst.getsockname())
-        server, _ = lst.accept()
-    yield client, server
-    client.close()
-    server.close()
-
-
 def test_a_connection_survives_the_handoff(tcp_pair):
     client, server = tcp_pair
     [(acceptor_end, worker_end)] = make_channels(1)
@@ -34,7 +24,7 @@ def test_a_connection_survives_the_handoff(tcp_pair):
         send_handoff(acceptor_end, server)
         server.close()  # the acceptor's copy goes; the worker's stays open
         (fd,) = receive_handoffs(worker_end).fds
-        assert receive_handoffs(worker_end) == ([], 0, False)
+        assert receive_handoffs(worker_end) == ([], 0, False, [])
     with socket.socket(fileno=fd) as moved:
         client.sendall(b"ping")
         assert moved.recv(4) == b"ping"
@@ -44,7 +34,7 @@ def test_a_connection_survives_the_handoff(tcp_pair):
 
 def _dispatcher(n, policy, closed):
     channels = make_channels(n)
-    d = Dispatcher(socket.socket(), [a for a, _ in channels], lambda: closed, policy)
+    d = Dispatcher([socket.socket()], [a for a, _ in channels], lambda: closed, policy)
     return d, channels
 
 
@@ -87,14 +77,14 @@ def test_full_channels_spill_then_overflow_without_blocking(tcp_pair):
     for a, b in chans:
         a.close()
         b.close()
-    d.listener.close()
+    d.listeners[0].close()
 
 
 def test_a_closed_acceptor_end_reads_as_closed():
     [(acceptor_end, worker_end)] = make_channels(1)
     acceptor_end.close()
     with worker_end:
-        assert receive_handoffs(worker_end) == ([], 0, True)
+        assert receive_handoffs(worker_end) == ([], 0, True, [])
 
 
 @pytest.mark.parametrize("mode", ["thread", "process"])

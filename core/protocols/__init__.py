@@ -11,13 +11,15 @@ from __future__ import annotations
 import functools
 import inspect
 import os
+from dataclasses import dataclass, field
 from typing import Callable
 
 from .base import Protocol
 from .echo import EchoProtocol
 from .http import HttpProtocol
 
-__all__ = ["PROTOCOLS", "Protocol", "EchoProtocol", "HttpProtocol", "make_factory"]
+__all__ = ["PROTOCOLS", "Protocol", "EchoProtocol", "HttpProtocol", "ProtocolSpec",
+           "make_factory", "make_spec", "spec_of"]
 
 PROTOCOLS: dict[str, type[Protocol]] = {"echo": EchoProtocol, "http": HttpProtocol}
 
@@ -27,6 +29,29 @@ if os.environ.get("PARALLELNET_TEST_PROTOCOLS") == "1":
     from .testing import TEST_PROTOCOLS
 
     PROTOCOLS.update(TEST_PROTOCOLS)
+
+
+@dataclass(frozen=True)
+class ProtocolSpec:
+    """What one listener serves: the protocol's name, the options it takes (those
+    given that it accepts), and a zero-argument factory of per-connection objects."""
+
+    name: str
+    options: dict = field(default_factory=dict)
+    factory: Callable[[], Protocol] | None = None
+
+
+def make_spec(name: str, **options) -> ProtocolSpec:
+    """``make_factory`` with its name and the options it kept."""
+    factory = make_factory(name, **options)
+    return ProtocolSpec(name, dict(factory.keywords), factory)
+
+
+def spec_of(factory: Callable[[], Protocol]) -> ProtocolSpec:
+    """The spec of a bare factory (one ``make_factory`` built, or any callable)."""
+    cls = getattr(factory, "func", factory)
+    name = next((n for n, c in PROTOCOLS.items() if c is cls), getattr(cls, "__name__", "?"))
+    return ProtocolSpec(name, dict(getattr(factory, "keywords", None) or {}), factory)
 
 
 def make_factory(name: str, **options) -> Callable[[], Protocol]:
