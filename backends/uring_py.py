@@ -206,8 +206,8 @@ class UringPyBackend(IoUringBackend):
             self._arm_handoff()
 
     def _take_handoffs(self) -> None:
-        socks, closed = self.receiver.take()
-        for sock in socks:
+        pairs, closed = self.receiver.take()
+        for sock, _lid in pairs:
             self._open_conn(sock)
         if closed:
             self.handoff_closed = True  # the acceptor is gone: do not re-arm the poll
