@@ -23,7 +23,7 @@ from parallelnet.core.addresses import format_listening, parse_listen
 from parallelnet.core.backend import REUSEPORT, SHARED, BackendError, Limits, registry
 from parallelnet.core.cpus import parse_cpu_list
 from parallelnet.core.dispatch import POLICIES
-from parallelnet.core.listeners import STRATEGIES, is_loopback, layout_of
+from parallelnet.core.listeners import STRATEGIES, SocketBuffers, is_loopback, layout_of
 from parallelnet.core.protocols import PROTOCOLS
 from parallelnet.core.server import MODES, Server, ServerConfig
 from parallelnet.core.stats import (
@@ -95,6 +95,11 @@ def add_server_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-remote", action="store_true",
                    help="permit binding a non-loopback address (printed as a warning)")
     p.add_argument("--backlog", type=int, default=4096)
+    p.add_argument("--sndbuf", type=int, default=None, metavar="BYTES",
+                   help="fixed SO_SNDBUF of every connection, set on the listeners and inherited "
+                        "(the kernel doubles it, capped by net.core.wmem_max; default: autotuning)")
+    p.add_argument("--rcvbuf", type=int, default=None, metavar="BYTES",
+                   help="fixed SO_RCVBUF of every connection, likewise (net.core.rmem_max)")
     lim = Limits()
     p.add_argument("--max-output", type=int, default=lim.max_output,
                    help="pending output per connection before reading pauses (bytes)")
@@ -182,7 +187,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         mode=args.mode, host=DEFAULT_HOST if args.host is None else args.host,
         port=DEFAULT_PORT if args.port is None else args.port, listen=args.listen,
         allow_remote=args.allow_remote,
-        backlog=args.backlog, dispatch_policy=args.dispatch_policy,
+        backlog=args.backlog, buffers=SocketBuffers(args.sndbuf, args.rcvbuf),
+        dispatch_policy=args.dispatch_policy,
         dispatch_cpu=args.dispatch_cpu, limits=_limits_from_args(args), options=args)
 
 

@@ -35,6 +35,15 @@ address is a reuseport group of its own, so reuseport-cpu attaches one cBPF prog
 per group).  ``IPV6_V6ONLY`` is set on IPv6 sockets, so an IPv6 address never takes
 the IPv4 side of its port as well.
 
+Socket buffer sizes (``--sndbuf``/``--rcvbuf``) are set on the listening sockets: a
+connection ``accept(2)`` returns is a clone of its listener and inherits ``sk_sndbuf``,
+``sk_rcvbuf`` and the lock that an explicit ``SO_SNDBUF``/``SO_RCVBUF`` sets, so every
+backend and every strategy (the kernel's accept in io_uring, the dispatcher's) gets the
+same fixed buffers with no per-connection syscall.  The kernel doubles the value asked
+for (bookkeeping overhead) and caps it at ``net.core.wmem_max``/``rmem_max``; a fixed
+buffer turns off TCP's autotuning for that direction (tcp(7)).  The receive size is set
+before ``listen`` so the window scale of the handshake matches it.
+
 Backends see the socket *layout* only (``layout_of``): reuseport-cpu is reuseport to them.
 
 Sockets are bound here, before any worker starts (and before fork, in process
@@ -138,7 +147,28 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def _bind_one(host: str, port: int, backlog: int, reuseport: bool) -> socket.socket:
+@dataclass(frozen=True)
+class SocketBuffers:
+    """Fixed kernel buffer sizes for every accepted connection (None: the kernel's autotuning)."""
+
+    sndbuf: int | None = None
+    rcvbuf: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("sndbuf", "rcvbuf"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"--{name} must be a positive number of bytes, got {value}")
+
+    def apply(self, sock: socket.socket) -> None:
+        if self.sndbuf is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.sndbuf)
+        if self.rcvbuf is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.rcvbuf)
+
+
+def _bind_one(host: str, port: int, backlog: int, reuseport: bool,
+              buffers: SocketBuffers = SocketBuffers()) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
@@ -149,6 +179,7 @@ def _bind_one(host: str, port: int, backlog: int, reuseport: bool) -> socket.soc
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         if reuseport:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        buffers.apply(sock)
         sock.bind((host, port))
         sock.listen(backlog)
         sock.setblocking(False)
@@ -175,15 +206,15 @@ def check_addresses(addresses: list[tuple[str, int]]) -> None:
 
 
 def _bind_group(strategy: str, host: str, port: int, workers: int, backlog: int,
-                cpus: list[int] | None) -> list[socket.socket]:
+                cpus: list[int] | None, buffers: SocketBuffers) -> list[socket.socket]:
     reuseport = strategy in _PER_WORKER
-    first = _bind_one(host, port, backlog, reuseport)
+    first = _bind_one(host, port, backlog, reuseport, buffers)
     socks = [first]
     port = first.getsockname()[1]  # port 0: every later socket joins the port the kernel chose
     try:
         if reuseport:
             for _ in range(workers - 1):
-                socks.append(_bind_one(host, port, backlog, True))
+                socks.append(_bind_one(host, port, backlog, True, buffers))
         if strategy == "reuseport-cpu":
             # The group's socket order is the order they were bound: socket i is worker i.
             # One program per group: each address is a reuseport group of its own.
@@ -196,9 +227,11 @@ def _bind_group(strategy: str, host: str, port: int, workers: int, backlog: int,
 
 
 def open_listeners(strategy: str, addresses: list[tuple[str, int]], workers: int,
-                   backlog: int = DEFAULT_BACKLOG, cpus: list[int] | None = None) -> ListenerSet:
+                   backlog: int = DEFAULT_BACKLOG, cpus: list[int] | None = None,
+                   buffers: SocketBuffers = SocketBuffers()) -> ListenerSet:
     """Bind the sockets of one strategy for every address, in order (listener id =
-    position).  ``cpus[i]`` is worker i's CPU (reuseport-cpu)."""
+    position).  ``cpus[i]`` is worker i's CPU (reuseport-cpu); ``buffers`` are set on
+    every listening socket, so every accepted connection inherits them."""
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown accept strategy {strategy!r}; known: {', '.join(STRATEGIES)}")
     check_addresses(addresses)
@@ -208,7 +241,7 @@ def open_listeners(strategy: str, addresses: list[tuple[str, int]], workers: int
     bound: list[tuple[str, int]] = []
     try:
         for host, port in addresses:
-            group = _bind_group(strategy, host, port, workers, backlog, cpus)
+            group = _bind_group(strategy, host, port, workers, backlog, cpus, buffers)
             groups.append(group)
             bound.append((host, group[0].getsockname()[1]))
     except BaseException:

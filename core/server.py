@@ -28,7 +28,7 @@ from parallelnet.core.dispatch import Dispatcher
 from parallelnet.core.handoff import make_channels
 from parallelnet.core.addresses import ListenSpec, format_address
 from parallelnet.core.listeners import (
-    ListenerSet, check_addresses, is_loopback, layout_of, open_listeners,
+    ListenerSet, SocketBuffers, check_addresses, is_loopback, layout_of, open_listeners,
 )
 from parallelnet.core.protocols import ProtocolSpec, make_spec
 from parallelnet.core.stats import WorkerStats
@@ -53,6 +53,7 @@ class ServerConfig:
     port: int = 0
     allow_remote: bool = False
     backlog: int = 4096
+    buffers: SocketBuffers = field(default_factory=SocketBuffers)
     limits: Limits = field(default_factory=Limits)
     options: argparse.Namespace = field(default_factory=argparse.Namespace)
     dispatch_policy: str = "round-robin"
@@ -155,7 +156,7 @@ class Server:
         cfg = self.config
         self.listeners = open_listeners(cfg.accept, [(s.host, s.port) for s in self.specs],
                                         len(self.cpus), cfg.backlog,
-                                        cpus=[s.cpu for s in self.stats])
+                                        cpus=[s.cpu for s in self.stats], buffers=cfg.buffers)
         if cfg.accept == "dispatch":
             self._channels = make_channels(len(self.cpus))
         self._started = time.monotonic()

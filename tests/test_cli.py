@@ -114,3 +114,9 @@ def test_a_stop_requested_anywhere_inside_the_wait_wakes_it():
     except subprocess.TimeoutExpired:
         pytest.fail("a stop requested inside the wait deadlocked it")
     assert res.stdout.strip() == "woke", res.stderr
+
+
+def test_serve_refuses_a_socket_buffer_size_that_is_not_positive():
+    res = run_cli("serve", "--port", "0", "--sndbuf", "0", timeout=30)
+    assert res.returncode == 2
+    assert "--sndbuf must be a positive number of bytes, got 0" in res.stderr

@@ -19,7 +19,7 @@ from parallelnet.core.addresses import (
 from parallelnet.core.backend import Backend, BackendError, StopSignal, WorkerContext, check_declarations
 from parallelnet.core.dispatch import Dispatcher
 from parallelnet.core.handoff import HandoffReceiver, make_channels, receive_handoffs, send_handoff
-from parallelnet.core.listeners import MAX_ADDRESSES, check_addresses, open_listeners
+from parallelnet.core.listeners import MAX_ADDRESSES, SocketBuffers, check_addresses, open_listeners
 from parallelnet.core.protocols import make_factory
 from parallelnet.core.stats import EXTRA_COUNTERS, WorkerStats, format_table, listener_totals
 
@@ -154,6 +154,35 @@ def test_a_duplicate_or_too_many_addresses_are_refused_before_binding():
         port = probe.getsockname()[1]
     with pytest.raises(ValueError, match="listed twice"):
         open_listeners("reuseport", [("127.0.0.1", port)] * 2, workers=2)
+
+
+@pytest.mark.parametrize("strategy", ["shared", "reuseport"])
+def test_socket_buffers_set_on_the_listener_are_inherited_by_accepted_connections(strategy):
+    """--sndbuf/--rcvbuf rely on accept(2) cloning the listener: the accepted socket has
+    the listener's fixed sizes (the kernel doubles what was asked) with no syscall of ours."""
+    asked = SocketBuffers(sndbuf=16384, rcvbuf=24576)
+    ls = open_listeners(strategy, [("127.0.0.1", 0)], workers=2, buffers=asked)
+    default = socket.socket()
+    try:
+        lsock = ls.sockets[0]
+        lsock.setblocking(True)
+        with socket.create_connection((ls.host, ls.port)):
+            conn, _ = lsock.accept()
+            with conn:
+                got = (conn.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF),
+                       conn.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF))
+        assert got == (2 * 16384, 2 * 24576)
+        assert got[0] != default.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+    finally:
+        default.close()
+        ls.close()
+
+
+def test_socket_buffer_sizes_must_be_positive():
+    with pytest.raises(ValueError, match="--sndbuf must be a positive number of bytes"):
+        SocketBuffers(sndbuf=0)
+    with pytest.raises(ValueError, match="--rcvbuf must be a positive number of bytes"):
+        SocketBuffers(rcvbuf=-1)
 
 
 # -- the hand-off carries the listener id -------------------------------------------------
