@@ -32,6 +32,7 @@ import argparse
 import json
 import os
 import re
+import statistics
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -141,12 +142,17 @@ def validate_loadgen(dirs: list[str], tables: dict, values: dict) -> None:
     (rel,) = dirs
     rows = []
     for r in _load(rel, "wrk_vs_loadgen.json"):
+        # What limited each side: the client's own CPU per request (CPU 1 is its core).
+        cpu = {side: statistics.median(run[side]["client_cpu_us_per_req"] for run in r["runs"])
+               for side in ("wrk", "loadgen")}
         rows.append([r["backend"], f"{r['wrk_median'] / 1e3:.0f}k", f"{r['loadgen_median'] / 1e3:.0f}k",
-                     f"{r['diff_pct']:+.1f}%", "yes" if r["within_10pct"] else "no"])
+                     f"{r['diff_pct']:+.1f}%", "yes" if r["within_10pct"] else "no",
+                     f"{cpu['wrk']:.2f}", f"{cpu['loadgen']:.2f}"])
         values[f"validate_loadgen:wrk.{r['backend']}.diff"] = f"{r['diff_pct']:+.1f}%"
     src = f"\n\n*Source: `{rel}`.*"
     tables["validate_loadgen:wrk"] = md_table(["server", "wrk req/s (median)", "loadgen req/s",
-                                               "difference", "within 10%"], rows) + src
+                                               "difference", "within 10%", "wrk client µs/req",
+                                               "loadgen client µs/req"], rows) + src
     rows = []
     for r in _load(rel, "capacity.json"):
         spec = r["spec"]

@@ -45,8 +45,9 @@ def test_every_embedded_figure_and_every_pinned_run_exists():
         for d in dirs:
             assert os.path.isdir(os.path.join(ROOT, d)), f"{name}: {d}"
             assert os.path.exists(os.path.join(ROOT, d, "meta.json")), f"{name}: {d}"
-    for d in set(re.findall(r"`(results/[^`]+)`", text)):
+    for d in set(re.findall(r"`(results/\d{8}T[^`]+)`", text)):   # every cited run directory
         assert os.path.isdir(os.path.join(ROOT, d)), d
+    assert os.path.exists(os.path.join(ROOT, "results", "index.md"))
 
 
 def test_no_placeholder_or_missing_value_reaches_the_paper():
