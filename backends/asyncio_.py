@@ -70,6 +70,7 @@ from parallelnet.core.accept import AcceptPacer, accept_pending
 from parallelnet.core.backend import DISPATCH, REUSEPORT, SHARED, Availability, Backend
 from parallelnet.core.handoff import HandoffReceiver
 from parallelnet.core.policy import DRAIN_READS, ConnectionPolicy, ConnState, tracks_requests
+from parallelnet.core.stats import NOT_OBSERVABLE
 
 
 class _ConnectionBase(ConnState):
@@ -364,9 +365,18 @@ class AsyncioBackend(Backend):
             self._pause_listener(lsock, lid, exhausted)
         if accepted:
             self.pacer.succeeded()
-        else:
+        elif not self.empty_wakeups_are_races():
+            st.lost_races = mine.lost_races = NOT_OBSERVABLE
+        elif st.lost_races is not NOT_OBSERVABLE:
             st.lost_races += 1
             mine.lost_races += 1
+
+    def empty_wakeups_are_races(self) -> bool:
+        """Whether a listen wakeup that accepts nothing can only mean another worker took
+        the connection first.  True for a loop that reports readiness only when the
+        socket is ready; a loop that may wake for nothing says False, and this worker's
+        ``lost_races`` becomes not observable (None) rather than wrong."""
+        return True
 
     def _pause_listener(self, lsock: socket.socket, lid: int, exc: OSError) -> None:
         fd = lsock.fileno()

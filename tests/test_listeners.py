@@ -164,10 +164,11 @@ def test_socket_buffers_set_on_the_listener_are_inherited_by_accepted_connection
     ls = open_listeners(strategy, [("127.0.0.1", 0)], workers=2, buffers=asked)
     default = socket.socket()
     try:
-        lsock = ls.sockets[0]
-        lsock.setblocking(True)
         with socket.create_connection((ls.host, ls.port)):
-            conn, _ = lsock.accept()
+            # reuseport: the kernel picks one of the group's sockets
+            ready, _, _ = select.select(ls.sockets, [], [], 5)
+            assert ready, "no listener got the connection"
+            conn, _ = ready[0].accept()
             with conn:
                 got = (conn.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF),
                        conn.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF))
