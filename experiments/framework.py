@@ -30,6 +30,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import shlex
 import shutil
 import sys
 import time
@@ -184,6 +185,23 @@ class Experiment:
     pyperf_value: Callable[[dict], tuple[float, int] | None] | None = None
     cited: bool = True             # part of `parallelnet reproduce`
     description: str = ""
+
+
+def server_cpu_per_request(rec: dict) -> tuple[float, int] | None:
+    """The usual ``pyperf_value``: the server's CPU seconds per request, over the
+    run's requests (pyperf's loops); None where the server's CPU was not measured."""
+    cpu = (rec.get("server") or {}).get("cpu_us_per_req")
+    return (cpu / 1e6, rec["requests"]) if cpu is not None else None
+
+
+def parse_config(spec: str) -> tuple[str, str, list[str]]:
+    """A configuration named on the command line: ``LABEL=BACKEND[:ARGS]`` (ARGS split
+    as a shell would) or just ``BACKEND`` -> (label, backend, server args)."""
+    label, eq, rest = spec.partition("=")
+    if not eq:
+        return spec, spec, []
+    backend, _, argstr = rest.partition(":")
+    return label, backend, shlex.split(argstr)
 
 
 # -- the registry ------------------------------------------------------------------------

@@ -32,6 +32,7 @@ import statistics
 from parallelnet.core.stats import jain_index
 from parallelnet.experiments import analysis
 from parallelnet.experiments.framework import (
+    server_cpu_per_request,
     Context, Experiment, Point, Summary, Table, available_backends, rotated,
 )
 from parallelnet.experiments.imbalance import strategies_for
@@ -98,12 +99,6 @@ def run_point(point: Point, ctx: Context) -> dict:
     inv = rec["server"].get("involuntary_cs")
     rec["ics_per_accept"] = sum(inv) / total if inv and total else None
     return rec
-
-
-def pyperf_value(rec: dict):
-    cpu = (rec.get("server") or {}).get("cpu_us_per_req")
-    return (cpu / 1e6, rec["requests"]) if cpu is not None else None
-
 
 def _med(vals):
     vals = [v for v in vals if v is not None]
@@ -250,5 +245,5 @@ EXPERIMENT = Experiment(
                      workers=[1, 2, 4, 8, 16, 32], placements=["packed", "spread"], rate=3000,
                      connections=64, size=64, reps=5, duration=3.0, warmup=0.5),
     },
-    plan=plan, run_point=run_point, summarize=summarize, figures=figures, pyperf_value=pyperf_value,
+    plan=plan, run_point=run_point, summarize=summarize, figures=figures, pyperf_value=server_cpu_per_request,
     description="N = 1..16 workers on one socket vs reuseport and dispatch, packed and spread")

@@ -31,6 +31,7 @@ import time
 
 from parallelnet.experiments import analysis
 from parallelnet.experiments.framework import (
+    server_cpu_per_request,
     Context, Experiment, Point, Summary, Table, available_backends, rotated,
 )
 from parallelnet.experiments.harness import read_records
@@ -148,12 +149,6 @@ def share_series(stats_path: str, t0: float, t1: float, worker: int = 0) -> list
         if sum(got):
             out.append([round(b["t"] - t0, 3), round(got[worker] / sum(got), 4), sum(got)])
     return out
-
-
-def pyperf_value(rec: dict):
-    cpu = (rec.get("server") or {}).get("cpu_us_per_req")
-    return (cpu / 1e6, rec["requests"]) if cpu is not None else None
-
 
 # -- summary ------------------------------------------------------------------------------
 
@@ -376,5 +371,5 @@ EXPERIMENT = Experiment(
                      reps=5, duration=4.0, warmup=1.0, step=True, step_duration=6.0),
     },
     plan=plan, run_point=run_point, summarize=summarize, figures=figures,
-    pyperf_value=pyperf_value,
+    pyperf_value=server_cpu_per_request,
     description="2 workers, a hog of 0-100% duty on worker 0's CPU, a light open-loop churn client")

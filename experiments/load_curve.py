@@ -25,12 +25,12 @@ capacity plus saturation, every available backend, the ratio to ``native``.
 
 from __future__ import annotations
 
-import shlex
 import statistics
 
 from parallelnet.experiments import analysis
 from parallelnet.experiments.analysis import row_bound
 from parallelnet.experiments.framework import (
+    server_cpu_per_request, parse_config,
     Context, Experiment, Point, Summary, Table, available_backends, rotated,
 )
 from parallelnet.experiments.measure import Layout
@@ -44,16 +44,6 @@ def load_label(kind: str, value) -> str:
     if kind == "rate":
         return f"rate={int(value)}"
     return "sat"
-
-
-def parse_config(spec: str) -> tuple[str, str, list[str]]:
-    """``LABEL=BACKEND[:ARGS]`` or ``BACKEND`` -> (label, backend, server args)."""
-    label, eq, rest = spec.partition("=")
-    if not eq:
-        return spec, spec, []
-    backend, _, argstr = rest.partition(":")
-    return label, backend, shlex.split(argstr)
-
 
 def configs_of(p: dict) -> list[tuple[str, str, list[str]]]:
     """The configurations to run: ``configs`` (labelled, with server arguments) if the
@@ -118,10 +108,9 @@ def capacity_floor(ctx: Context) -> float:
 
 
 def pyperf_value(rec: dict):
-    cpu = (rec.get("server") or {}).get("cpu_us_per_req")
-    if cpu is None or rec["params"].get("kind") == "calibrate":
+    if rec["params"].get("kind") == "calibrate":
         return None
-    return cpu / 1e6, rec["requests"]
+    return server_cpu_per_request(rec)
 
 
 # -- summary ------------------------------------------------------------------------

@@ -23,11 +23,11 @@ machine with no network (wheels carried, a results directory written under $OUT)
 from __future__ import annotations
 
 import os
-import statistics
 
 from parallelnet.experiments import analysis
 from parallelnet.experiments.analysis import row_bound
 from parallelnet.experiments.framework import (
+    server_cpu_per_request,
     Context, Experiment, Point, Summary, Table, available_backends, rotated,
 )
 from parallelnet.experiments.measure import Layout
@@ -85,12 +85,6 @@ def run_point(point: Point, ctx: Context) -> dict:
                       layout, point.label().replace("/", "_").replace(" ", "-"))
     rec["connections"] = conns
     return rec
-
-
-def pyperf_value(rec: dict):
-    cpu = (rec.get("server") or {}).get("cpu_us_per_req")
-    return (cpu / 1e6, rec["requests"]) if cpu is not None else None
-
 
 def summarize(records: list[dict], p: dict) -> Summary:
     s = Summary()
@@ -166,5 +160,5 @@ EXPERIMENT = Experiment(
         "full": dict(backends="all", modes=["thread", "process"], workers="auto",
                      connections_per_worker=64, size=64, reps=5, duration=4.0, warmup=1.0),
     },
-    plan=plan, run_point=run_point, summarize=summarize, figures=figures, pyperf_value=pyperf_value,
+    plan=plan, run_point=run_point, summarize=summarize, figures=figures, pyperf_value=server_cpu_per_request,
     description="saturation throughput and CPU/request, 1..N workers, thread and process mode")

@@ -14,24 +14,14 @@ the kernel anyway (the receiver cannot keep pages that belong to the sender), so
 
 from __future__ import annotations
 
-import shlex
 
 from parallelnet.experiments import analysis
 from parallelnet.experiments.framework import (
+    server_cpu_per_request, parse_config,
     Context, Experiment, Point, Summary, Table, available_backends, rotated,
 )
 from parallelnet.experiments.load_curve import RANKABLE, paired_ratio, row_stats
 from parallelnet.experiments.measure import Layout
-
-
-def parse_config(spec: str) -> tuple[str, str, list[str]]:
-    """``LABEL=BACKEND[:ARGS]`` or ``BACKEND``."""
-    label, eq, rest = spec.partition("=")
-    if not eq:
-        return spec, spec, []
-    backend, _, argstr = rest.partition(":")
-    return label, backend, shlex.split(argstr)
-
 
 def workloads(p: dict) -> list[tuple[str, int, float]]:
     """(protocol, size, fixed rate) in order."""
@@ -76,12 +66,6 @@ def run_point(point: Point, ctx: Context) -> dict:
     cpu = rec["server"]["cpu_us_per_req"]
     rec["server"]["cpu_us_per_kib"] = cpu / (q["size"] / 1024) if cpu is not None else None
     return rec
-
-
-def pyperf_value(rec: dict):
-    cpu = (rec.get("server") or {}).get("cpu_us_per_req")
-    return (cpu / 1e6, rec["requests"]) if cpu is not None else None
-
 
 def summarize(records: list[dict], p: dict) -> Summary:
     s = Summary()
@@ -215,5 +199,5 @@ EXPERIMENT = Experiment(
                      http=[[1024, 10000], [16384, 6000], [65536, 3000], [262144, 1000], [1048576, 250]],
                      connections=16, reps=5, duration=3.0, warmup=0.5, baseline="epoll"),
     },
-    plan=plan, run_point=run_point, summarize=summarize, figures=figures, pyperf_value=pyperf_value,
+    plan=plan, run_point=run_point, summarize=summarize, figures=figures, pyperf_value=server_cpu_per_request,
     description="echo and HTTP payloads at a fixed rate and at saturation: epoll, uring (±ZC), native")
