@@ -344,3 +344,58 @@ def test_asyncio_family_counts(backend, tmp_path):
     assert sum(x["closed"] for x in w) == res.connects
     if backend == "asyncio":  # asyncio calls our socket's accept(): wakeups are counted
         assert sum(x["listen_wakeups"] for x in w) >= 1
+
+
+@pytest.mark.parametrize("backend,channel", [("native", "scm"), ("native-uring", "scm"),
+                                             ("uring", "scm"), ("uring-py", "scm"),
+                                             ("uring", "msg-ring"), ("uring-py", "msg-ring")])
+def test_handoff_listener_id_selects_the_protocol(backend, channel):
+    """--accept dispatch with two addresses of different protocols: the worker serves each
+    handed-over connection by the protocol of the listener id it came with (the byte of
+    the SCM_RIGHTS message, or the msg-ring CQE's tag), and counts it as that listener's."""
+    require_backend(backend)
+    from test_uring_defects import InProcess
+
+    from parallelnet.core.handoff import make_channels, send_handoff
+    from parallelnet.core.protocols import make_spec
+
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(8)
+    specs = [make_spec("echo"), make_spec("http")]
+    ((acceptor, worker_end),) = make_channels(1)
+    own = channel == "msg-ring"
+    clients = []
+    with InProcess(backend, accept="dispatch", handoff=None if own else worker_end,
+                   protocols=specs, uring_handoff=channel) as w:
+        ring_channel = w.backend.handoff_channel() if own else None
+        try:
+            for lid in (1, 0, 1):
+                client = socket.create_connection(lsock.getsockname(), timeout=10)
+                conn, _ = lsock.accept()
+                if own:
+                    ring_channel.send(conn.detach(), lid)   # transfers: the worker owns it
+                else:
+                    send_handoff(acceptor, conn, lid)
+                    conn.close()
+                clients.append((client, lid))
+            for client, lid in clients:
+                if lid:
+                    client.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+                    assert client.recv(64).startswith(b"HTTP/1.1 200 OK\r\n")
+                else:
+                    client.sendall(b"ping")
+                    assert recv_exactly(client, 4) == b"ping"
+        finally:
+            if ring_channel is not None:
+                ring_channel.close()
+        w.stop()
+        assert w.error is None, w.error
+        per = w.ctx.stats.per_listener
+        assert [p.accepted for p in per] == [1, 2]
+        assert [p.listen_wakeups for p in per] == [0, 0]
+        assert sum(p.accepted for p in per) == w.ctx.stats.accepted
+    for client, _ in clients:
+        client.close()
+    for s in (lsock, acceptor, worker_end):
+        s.close()
