@@ -399,3 +399,46 @@ def test_handoff_listener_id_selects_the_protocol(backend, channel):
         client.close()
     for s in (lsock, acceptor, worker_end):
         s.close()
+
+
+def test_native_serves_a_c_and_a_python_protocol_side_by_side(tmp_path):
+    """Two addresses, echo in C and a Python protocol through the callbacks: each
+    connection gets its address's protocol, and a handler bug on one closes only it."""
+    require_backend("native")
+    env = dict(os.environ, PARALLELNET_TEST_PROTOCOLS="1")
+    srv = start_server(tmp_path, "--backend", "native", "--workers", "1",
+                       "--listen", "127.0.0.1:0,protocol=echo",
+                       "--listen", "127.0.0.1:0,protocol=crashy", env=env)
+    with srv.connect(listener=0) as c_echo, srv.connect(listener=1) as py, \
+            srv.connect(listener=1) as doomed:
+        doomed.sendall(b"CRASH")                 # crashy: a handler bug, this one only
+        assert recv_until_eof(doomed) == b""
+        for s in (c_echo, py):
+            s.sendall(b"hello")
+            assert recv_exactly(s, 5) == b"hello"
+    final = srv.stop()
+    (w,) = final["workers"]
+    assert [p["accepted"] for p in w["per_listener"]] == [1, 2]
+    assert w["handler_errors"] == 1 and final["clean"], srv.output
+
+
+def test_native_uring_refuses_c_and_python_protocols_together(monkeypatch):
+    """Its C loop cannot call into Python: a mix is a startup error, not a dead worker."""
+    require_backend("native-uring")
+    from conftest import run_cli_serve_error
+
+    monkeypatch.setenv("PARALLELNET_TEST_PROTOCOLS", "1")
+    err = run_cli_serve_error("--backend", "native-uring",
+                              "--listen", "127.0.0.1:0,protocol=http",
+                              "--listen", "127.0.0.1:0,protocol=crashy")
+    assert "native-uring cannot serve a protocol with a C implementation" in err
+
+
+@pytest.mark.parametrize("backend,limit", [("native", 8), ("native-uring", 8), ("uring", 8)])
+def test_c_cores_refuse_more_addresses_than_they_hold(backend, limit):
+    require_backend(backend)
+    from conftest import run_cli_serve_error
+
+    listen = [a for _ in range(limit + 1) for a in ("--listen", "127.0.0.1:0")]
+    err = run_cli_serve_error("--backend", backend, *listen)
+    assert f"serves at most {limit} listening addresses (its max_listeners)" in err
