@@ -40,6 +40,11 @@ completion that releases it has been seen.  Per worker:
   descriptor, which the synchronous drain reads and close(2) here cannot use.  At drain
   the worker takes one look without waiting, so a connection posted just before the
   dispatcher stopped is answered like any other.
+* **Several addresses** (``--listen``, up to ``MAX_LISTENERS``): one accept armed per
+  listener; each connection keeps its listener id (the accepting listener's, the
+  hand-off's byte, or the msg-ring CQE's tag), reported with ``EV_OPEN``, and is served
+  by ``ctx.protocols[id]``; the core counts accepts and accept completions per id
+  (``stats.per_listener``, copied at snapshot time like the totals).
 * **Receive**: multishot recv with a provided buffer ring.  ``-ENOBUFS`` ends the
   multishot; the connection is re-armed as soon as buffers return (after the batch
   holding them is processed, or a send that pinned one completes); nothing is dropped,
