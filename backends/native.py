@@ -49,6 +49,14 @@ install the passed descriptor: ``recvmsg`` consumes the message anyway and repor
 counted in ``extra.handoff_lost`` and logged once per episode.  At drain the channel is
 taken once more (the backlog the acceptor handed over before stop: no wakeup, no race).
 
+Several addresses (``--listen``, up to ``NC_MAX_LISTENERS``): every listener of the
+worker is in its one epoll set; each connection keeps its listener id (the accepting
+listener's, or the hand-off message's byte) and is answered by that address's protocol
+(``struct nc_config.protocols[id]``: echo/HTTP in C, anything else through the
+callbacks, which are given the id to build ``ctx.protocols[id]``'s object).  Accepts,
+listen wakeups and lost races are counted per listener id too (``l_*`` arrays of
+``struct nc_stats``), copied into ``stats.per_listener`` with the rest.
+
 Thread CPU: the C loop runs in the worker thread itself, so the tid recorded by
 ``WorkerStats.bind_current_thread`` is the thread doing the work; ``nc_gettid`` is
 checked against it at start-up.
@@ -94,12 +102,12 @@ def _install_callbacks(ffi) -> None:
     ``user`` is the worker's handle: ``ffi.from_handle`` gives its NativeBackend."""
 
     @ffi.def_extern(error=-1)
-    def nc_py_feed(user, fd, data, n, out):
-        return ffi.from_handle(user)._py_feed(fd, ffi.buffer(data, n)[:], out)
+    def nc_py_feed(user, fd, lid, data, n, out):
+        return ffi.from_handle(user)._py_feed(fd, lid, ffi.buffer(data, n)[:], out)
 
     @ffi.def_extern(error=-1)
-    def nc_py_eof(user, fd, out):
-        return ffi.from_handle(user)._py_eof(fd, out)
+    def nc_py_eof(user, fd, lid, out):
+        return ffi.from_handle(user)._py_eof(fd, lid, out)
 
     @ffi.def_extern()
     def nc_py_close(user, fd):
@@ -128,6 +136,7 @@ class NativeBackend(Backend):
     kind = "readiness"
     accept_strategies = frozenset({SHARED, EXCLUSIVE, REUSEPORT, DISPATCH})
     follows_policy = True
+    max_listeners = 8   # native_core.c's NC_MAX_LISTENERS
 
     @classmethod
     def probe(cls) -> Availability:
@@ -140,26 +149,35 @@ class NativeBackend(Backend):
     def run(self) -> None:
         ctx = self.ctx
         ffi, lib = load()
-        proto, opts = protocol_of(ctx.protocol_factory)
+        kinds = [protocol_of(p.factory) for p in ctx.protocols]   # by listener id
+        opts: dict = {}
+        for _, o in kinds:   # one spec per protocol name: its options are the same everywhere
+            opts.update(o)
         listeners = [s.fileno() for s in ctx.listeners]
-        if len(listeners) > lib.NC_MAX_LISTENERS:
-            raise BackendError(f"at most {lib.NC_MAX_LISTENERS} listening sockets per worker")
+        if max(len(listeners), len(kinds)) > lib.NC_MAX_LISTENERS:
+            raise BackendError(f"at most {lib.NC_MAX_LISTENERS} listening addresses per worker")
         self._ffi = ffi
         self._protos: dict[int, object] = {}   # fd -> protocol object (python protocols)
         self._out = None                        # what C is sending from (kept alive)
         self.who = f"worker {ctx.index} ({self.name})"
         # Python protocols: rules 3 and 5 here, rule 7's "incomplete?" answered per feed.
         self._policy = ConnectionPolicy(ctx.limits, ctx.stats, self.who)
-        self._track = proto == "python" and tracks_requests(ctx.protocol_factory())
+        self._factories = [p.factory for p in ctx.protocols]
+        self._track = any(k == "python" and tracks_requests(p.factory())
+                          for (k, _), p in zip(kinds, ctx.protocols))
         self._handle = handle = ffi.new_handle(self)
         cfg = ffi.new("struct nc_config *")
         cfg.stop_fd = ctx.stop.fileno()
         cfg.nlisteners = len(listeners)
-        for i, fd in enumerate(listeners):
+        for i, (fd, lid) in enumerate(zip(listeners, ctx.listener_ids)):
             cfg.listeners[i] = fd
+            cfg.listener_ids[i] = lid
+        cfg.nids = len(kinds)
+        codes = {"http": lib.NC_HTTP, "echo": lib.NC_ECHO}
+        for lid, (kind, _) in enumerate(kinds):
+            cfg.protocols[lid] = codes.get(kind, lib.NC_PY)
         cfg.exclusive = int(ctx.accept == EXCLUSIVE)
         cfg.handoff_fd = ctx.handoff.fileno() if ctx.handoff is not None else -1
-        cfg.protocol = {"http": lib.NC_HTTP, "echo": lib.NC_ECHO}.get(proto, lib.NC_PY)
         cfg.recv_size = ctx.limits.recv_size
         cfg.max_conns = ctx.limits.max_connections
         cfg.max_output = ctx.limits.max_output
@@ -198,13 +216,17 @@ class NativeBackend(Backend):
         extra = st.extra
         for k in EXTRA:
             extra[k] = getattr(cs, k)
+        for lid, pl in enumerate(st.per_listener):
+            pl.accepted = cs.l_accepted[lid]
+            pl.listen_wakeups = cs.l_listen_wakeups[lid]
+            pl.lost_races = cs.l_lost_races[lid]
 
     # -- python protocols (callbacks from the C loop, in this worker's thread) ----------
 
-    def _py_feed(self, fd: int, data: bytes, out) -> int:
+    def _py_feed(self, fd: int, lid: int, data: bytes, out) -> int:
         proto = self._protos.get(fd)
         if proto is None:
-            proto = self._protos[fd] = self.ctx.protocol_factory()
+            proto = self._protos[fd] = self._factories[lid]()
         try:
             res, n = proto.feed(data)
         except Exception:  # noqa: BLE001 - a handler bug closes one connection only
@@ -215,10 +237,10 @@ class NativeBackend(Backend):
             out.partial = int(proto.partial)
         return n
 
-    def _py_eof(self, fd: int, out) -> int:
+    def _py_eof(self, fd: int, lid: int, out) -> int:
         proto = self._protos.get(fd)
         if proto is None:
-            proto = self._protos[fd] = self.ctx.protocol_factory()
+            proto = self._protos[fd] = self._factories[lid]()
         res = self._policy.eof(proto, f"fd {fd}")
         if res is None:
             return -1

@@ -28,10 +28,13 @@ struct nc_stats {
     uint64_t requests, bytes_in, bytes_out, wakeups, listen_wakeups, accepted, lost_races,
              closed, refused, errors, backpressure, open, accept_errors, accept_backoffs,
              max_pending, handoffs, handoff_lost, idle_timeouts, header_timeouts;
+    uint64_t l_accepted[...], l_listen_wakeups[...], l_lost_races[...];
 };
 struct nc_config {
-    int stop_fd, nlisteners, exclusive, protocol;
+    int stop_fd, nlisteners, exclusive, nids;
     int listeners[...];
+    int listener_ids[...];
+    int protocols[...];
     int handoff_fd;
     unsigned recv_size, max_conns, message_size, max_header_bytes, accept_backoff_ms;
     uint64_t max_output, max_body_bytes;
@@ -41,8 +44,8 @@ struct nc_config {
 struct nc_out { const char *p; size_t len; int closing, partial; };
 typedef struct nc_core nc_core;
 
-extern "Python" int nc_py_feed(void *, int, const char *, size_t, struct nc_out *);
-extern "Python" int nc_py_eof(void *, int, struct nc_out *);
+extern "Python" int nc_py_feed(void *, int, int, const char *, size_t, struct nc_out *);
+extern "Python" int nc_py_eof(void *, int, int, struct nc_out *);
 extern "Python" void nc_py_close(void *, int);
 extern "Python" void nc_py_accept_failed(void *, int);
 extern "Python" void nc_py_handoff_lost(void *, int);

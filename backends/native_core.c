@@ -44,6 +44,10 @@
  *    MSG_CTRUNC, and that connection is LOST (its only reference is dropped, the peer
  *    sees a reset/close).  Counted in handoff_lost, logged once per episode.  At drain
  *    the channel is taken once more (the drain's last look), then unwatched.
+ *  - several addresses: each connection keeps its listener id (the accepting listener's,
+ *    or the hand-off message's one byte) and is answered by protocols[id] (echo/http in
+ *    C, or Python through the callbacks, which receive the id); accepted, listen wakeups
+ *    and lost races are counted per listener id too (l_* arrays, adding up to the totals).
  *
  * Counters live in struct nc_stats, written only by this thread; other threads read
  * them (aligned 64-bit words: a read never sees a torn value).
@@ -77,11 +81,16 @@ struct nc_stats {
     uint64_t requests, bytes_in, bytes_out, wakeups, listen_wakeups, accepted, lost_races,
              closed, refused, errors, backpressure, open, accept_errors, accept_backoffs,
              max_pending, handoffs, handoff_lost, idle_timeouts, header_timeouts;
+    /* by listener id: one more increment beside each total's */
+    uint64_t l_accepted[NC_MAX_LISTENERS], l_listen_wakeups[NC_MAX_LISTENERS],
+             l_lost_races[NC_MAX_LISTENERS];
 };
 
 struct nc_config {
-    int stop_fd, nlisteners, exclusive, protocol;
+    int stop_fd, nlisteners, exclusive, nids;   /* nids: listener ids in use (a hand-off naming another is refused) */
     int listeners[NC_MAX_LISTENERS];
+    int listener_ids[NC_MAX_LISTENERS];   /* parallel to listeners */
+    int protocols[NC_MAX_LISTENERS];      /* NC_ECHO/NC_HTTP/NC_PY by listener id */
     int handoff_fd;   /* --accept dispatch: the worker's end of its hand-off channel; -1: none */
     unsigned recv_size, max_conns, message_size, max_header_bytes, accept_backoff_ms;
     uint64_t max_output, max_body_bytes;
@@ -96,8 +105,8 @@ struct nc_out { const char *p; size_t len; int closing, partial; };
 
 /* extern "Python" callbacks (native.py), defined by cffi after this source; each takes
  * the GIL.  Used for protocols not implemented in C (NC_PY) and for rare events only. */
-static int nc_py_feed(void *user, int fd, const char *data, size_t len, struct nc_out *out);
-static int nc_py_eof(void *user, int fd, struct nc_out *out);
+static int nc_py_feed(void *user, int fd, int lid, const char *data, size_t len, struct nc_out *out);
+static int nc_py_eof(void *user, int fd, int lid, struct nc_out *out);
 static void nc_py_close(void *user, int fd);
 static void nc_py_accept_failed(void *user, int err);
 static void nc_py_handoff_lost(void *user, int err);
@@ -107,6 +116,7 @@ static void nc_py_handoff_lost(void *user, int err);
 /* ---- connections ------------------------------------------------------------- */
 struct conn {
     int fd, reading, closing;
+    int lid, proto;            /* listener id it came in on; cfg.protocols[lid] */
     uint32_t events;
     struct buf out;
     struct pstate ps;          /* protocol state (proto_core.h) */
@@ -147,7 +157,7 @@ static void conn_close(nc_core *c, struct conn *k, int error)
 {
     if (k->fd < 0) return;
     epoll_ctl(c->ep, EPOLL_CTL_DEL, k->fd, NULL);
-    if (c->cfg.protocol == NC_PY) nc_py_close(c->cfg.user, k->fd);
+    if (k->proto == NC_PY) nc_py_close(c->cfg.user, k->fd);
     close(k->fd);
     c->conns[k->fd] = NULL;
     k->fd = -1;
@@ -205,9 +215,9 @@ static int echo_feed(nc_core *c, struct conn *k, const char *data, size_t len)
 
 static void conn_eof(nc_core *c, struct conn *k)
 {
-    if (c->cfg.protocol == NC_PY) {
+    if (k->proto == NC_PY) {
         struct nc_out o = {0};
-        if (nc_py_eof(c->cfg.user, k->fd, &o) < 0) { conn_close(c, k, 1); return; }
+        if (nc_py_eof(c->cfg.user, k->fd, k->lid, &o) < 0) { conn_close(c, k, 1); return; }
         if (conn_send(c, k, o.p, o.len) < 0) return;
     }
     k->ps.pclosing = 1;  /* a partial request is dropped unanswered (http); echo has nothing */
@@ -232,12 +242,12 @@ static int conn_read_once(nc_core *c, struct conn *k)
         return c->conns[fd] ? 0 : -1;
     }
     int fd = k->fd;
-    if (c->cfg.protocol == NC_ECHO) {
+    if (k->proto == NC_ECHO) {
         if (echo_feed(c, k, c->rbuf, (size_t)r) < 0) return -1;
-    } else if (c->cfg.protocol == NC_PY) {
+    } else if (k->proto == NC_PY) {
         struct nc_out o = {0};
         c->st->bytes_in += (uint64_t)r;
-        int n = nc_py_feed(c->cfg.user, fd, c->rbuf, (size_t)r, &o);
+        int n = nc_py_feed(c->cfg.user, fd, k->lid, c->rbuf, (size_t)r, &o);
         if (n < 0) { conn_close(c, k, 1); return -1; }  /* handler bug: this connection only */
         c->st->requests += (uint64_t)n;
         if (o.partial || k->pol.req_start_ms)
@@ -290,7 +300,7 @@ static void conn_writable(nc_core *c, struct conn *k)
     ep_set(c, k, EPOLLIN);
 }
 
-static void add_connection(nc_core *c, int fd)
+static void add_connection(nc_core *c, int fd, int lid)
 {
     struct nc_stats *st = c->st;
     if (c->nconns >= c->cfg.max_conns) { st->refused++; close(fd); return; }
@@ -308,6 +318,8 @@ static void add_connection(nc_core *c, int fd)
     struct conn *k = calloc(1, sizeof *k);
     if (!k) { st->refused++; close(fd); return; }
     k->fd = fd;
+    k->lid = lid;
+    k->proto = c->cfg.protocols[lid];
     k->reading = 1;
     k->events = EPOLLIN;
     k->pol.last_ms = c->now_ms;
@@ -370,9 +382,9 @@ static int resume_listeners(nc_core *c)
 static int do_accept(nc_core *c, int i, int wakeup)
 {
     struct nc_stats *st = c->st;
-    int lfd = c->cfg.listeners[i];
+    int lfd = c->cfg.listeners[i], lid = c->cfg.listener_ids[i];
     int won = 0;
-    if (wakeup) st->listen_wakeups++;
+    if (wakeup) { st->listen_wakeups++; st->l_listen_wakeups[lid]++; }
     for (;;) {
         int fd = accept4(lfd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
         if (fd < 0) {
@@ -388,11 +400,12 @@ static int do_accept(nc_core *c, int i, int wakeup)
             break;
         }
         won++;
-        add_connection(c, fd);
+        add_connection(c, fd, lid);
     }
     if (won) c->backoff_ms = c->cfg.accept_backoff_ms;
     st->accepted += (uint64_t)won;
-    if (!won && wakeup) st->lost_races++;
+    st->l_accepted[lid] += (uint64_t)won;
+    if (!won && wakeup) { st->lost_races++; st->l_lost_races[lid]++; }
     return won;
 }
 
@@ -404,7 +417,7 @@ static int handoff_take(nc_core *c)
     struct nc_stats *st = c->st;
     int taken = 0;
     for (;;) {
-        char byte;
+        unsigned char byte = 0;   /* the listener id (core/handoff.py) */
         union { struct cmsghdr h; char b[CMSG_SPACE(8 * sizeof(int))]; } ctl;
         struct iovec iov = {&byte, 1};
         struct msghdr m = {.msg_iov = &iov, .msg_iovlen = 1,
@@ -427,9 +440,15 @@ static int handoff_take(nc_core *c)
                 int fl = fcntl(fd, F_GETFL);
                 if (fl >= 0 && !(fl & O_NONBLOCK)) fcntl(fd, F_SETFL, fl | O_NONBLOCK);
                 got++;
+                if (byte >= c->cfg.nids) {   /* a dispatcher bug: never a wrong protocol */
+                    close(fd);
+                    st->handoff_lost++;
+                    continue;
+                }
                 st->accepted++;
+                st->l_accepted[byte]++;
                 st->handoffs++;
-                add_connection(c, fd);   /* over max_conns: closed, counted refused */
+                add_connection(c, fd, byte);   /* over max_conns: closed, counted refused */
             }
         }
         taken += got;
@@ -459,6 +478,10 @@ static nc_core *nc_new(const struct nc_config *cfg, struct nc_stats *st, int *er
     nc_core *c = calloc(1, sizeof *c);
     if (!c) { *err = ENOMEM; return NULL; }
     c->cfg = *cfg;
+    if (c->cfg.nlisteners > NC_MAX_LISTENERS) c->cfg.nlisteners = NC_MAX_LISTENERS;
+    if (c->cfg.nids < 1 || c->cfg.nids > NC_MAX_LISTENERS) c->cfg.nids = c->cfg.nids < 1 ? 1 : NC_MAX_LISTENERS;
+    for (int i = 0; i < NC_MAX_LISTENERS; i++)   /* ids index the per-listener arrays */
+        if (c->cfg.listener_ids[i] < 0 || c->cfg.listener_ids[i] >= c->cfg.nids) c->cfg.listener_ids[i] = 0;
     if (!c->cfg.recv_size) c->cfg.recv_size = 65536;
     if (!c->cfg.max_header_bytes) c->cfg.max_header_bytes = 8192;
     c->st = st;

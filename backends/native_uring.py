@@ -31,12 +31,29 @@ observable (n/a) on a shared socket, as for ``uring``.
 A protocol with no C implementation (a plugin, the fault suite's ``crashy``) runs in
 Python exactly as under ``uring`` (this backend then *is* ``uring``), so every protocol
 works and the fault suite applies unchanged.
+
+Several addresses (``--listen``, up to ``MAX_LISTENERS``): each connection carries its
+listener id (the accepting listener, or the hand-off's), and the core answers it with
+that address's C protocol (``struct uc_config.lproto[id]``; the echo options apply to
+every echo address).  Addresses whose protocols all lack a C implementation run under
+``uring``'s loop as above; a mix of C and Python protocols is refused at startup (the C
+loop cannot call into Python).
 """
 
 from __future__ import annotations
 
+from parallelnet.backends.base import BackendError
 from parallelnet.backends.native import protocol_of
 from parallelnet.backends.uring import Ring, UringBackend, UringOptions, load
+
+
+def _mixed(kinds) -> bool:
+    kinds = set(kinds)
+    return "python" in kinds and len(kinds) > 1
+
+
+MIXED = ("native-uring cannot serve a protocol with a C implementation (echo, http) and one "
+         "without on the same server: its C loop cannot call into Python (use uring or native)")
 
 
 class NativeUringBackend(UringBackend):
@@ -45,14 +62,26 @@ class NativeUringBackend(UringBackend):
     conformance_variants = [["--uring-buffers", "4", "--uring-buffer-size", "512"],
                             ["--uring-latency-budget-us", "0"]]
 
+    @classmethod
+    def preflight(cls, limits, options) -> None:
+        """Refuse, before any worker starts, addresses mixing C and Python protocols."""
+        specs = getattr(options, "listen", None) or ()
+        default = getattr(options, "protocol", None)
+        names = [getattr(s, "protocol", None) or default for s in specs]
+        if _mixed("python" if n not in ("echo", "http") else n for n in names):
+            raise BackendError(MIXED)
+        super().preflight(limits, options)
+
     def run(self) -> None:
-        proto, opts = protocol_of(self.ctx.protocol_factory)
-        if proto == "python":
-            super().run()   # no C implementation of this protocol: uring's Python loop
-            return
         ctx = self.ctx
+        kinds = [protocol_of(p.factory) for p in ctx.protocols]   # by listener id
+        if all(k == "python" for k, _ in kinds):
+            super().run()   # no C implementation of these protocols: uring's Python loop
+            return
+        if _mixed(k for k, _ in kinds):
+            raise BackendError(MIXED)
         self.ring = ring = Ring(ctx, UringOptions.of(ctx.options), self.name,
-                                cproto=self._cproto(load()[1], proto, opts))
+                                cproto=self._cproto(load()[1], kinds))
         lib, core = ring.lib, ring.core
         ctx.stats.refresh = ring.refresh
         try:
@@ -70,9 +99,15 @@ class NativeUringBackend(UringBackend):
             ring.free()
 
     @staticmethod
-    def _cproto(lib, proto: str, opts: dict) -> dict:
-        """The C-protocol mode's fields of ``struct uc_config``."""
-        return {"cproto": lib.UC_HTTP if proto == "http" else lib.UC_ECHO,
+    def _cproto(lib, kinds: list[tuple[str, dict]]) -> dict:
+        """The C-protocol mode's fields of ``struct uc_config``: the protocol per listener
+        id, and the options of each (the same protocol takes the same options everywhere:
+        the server builds one spec per protocol name)."""
+        opts: dict = {}
+        for _, o in kinds:
+            opts.update(o)
+        return {"cproto": 1,
+                "lproto": [lib.UC_HTTP if k == "http" else lib.UC_ECHO for k, _ in kinds],
                 "message_size": opts.get("message_size", 0),
                 "max_header_bytes": opts.get("max_header_bytes", 8192),
                 "max_body_bytes": opts.get("max_body_bytes", 1 << 20)}

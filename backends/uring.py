@@ -40,6 +40,11 @@ completion that releases it has been seen.  Per worker:
   descriptor, which the synchronous drain reads and close(2) here cannot use.  At drain
   the worker takes one look without waiting, so a connection posted just before the
   dispatcher stopped is answered like any other.
+* **Several addresses** (``--listen``, up to ``MAX_LISTENERS``): one accept armed per
+  listener; each connection keeps its listener id (the accepting listener's, the
+  hand-off's byte, or the msg-ring CQE's tag), reported with ``EV_OPEN``, and is served
+  by ``ctx.protocols[id]``; the core counts accepts and accept completions per id
+  (``stats.per_listener``, copied at snapshot time like the totals).
 * **Receive**: multishot recv with a provided buffer ring.  ``-ENOBUFS`` ends the
   multishot; the connection is re-armed as soon as buffers return (after the batch
   holding them is processed, or a send that pinned one completes); nothing is dropped,
@@ -135,6 +140,8 @@ SETUP_FLAG_NAMES = (
 #: --uring-latency-budget-us default, chosen from the measured CPU-vs-latency curve
 #: (docs/uring.md, "The batching window").
 DEFAULT_LATENCY_BUDGET_US = 200
+#: uring_core.c's MAX_LISTENERS: listening addresses one ring serves (``max_listeners``).
+MAX_LISTENERS = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,7 +213,7 @@ def load():
 
 
 def new_core(ffi, lib, limits, opts: UringOptions = UringOptions(), *, listeners=(),
-             stop_fd: int = -1, handoff_fd: int = -1, raw: bool = False,
+             listener_ids=(), nids: int = 1, stop_fd: int = -1, handoff_fd: int = -1, raw: bool = False,
              multishot: bool = False, setup_flags: int | None = None, cproto: dict | None = None,
              user=None):
     """One event core (uring_core.c) configured from ``limits`` and ``opts``.
@@ -214,6 +221,8 @@ def new_core(ffi, lib, limits, opts: UringOptions = UringOptions(), *, listeners
     ``raw``: uring-py's mode (Python reaps every CQE; no accept, no timer in C).
     ``cproto``: native-uring's C-protocol settings (``struct uc_config`` fields).
     ``user``: the cffi handle the core's callbacks receive (None: no callbacks).
+    ``listener_ids``: parallel to ``listeners`` (default all 0); ``nids``: how many
+    listener ids the server has (a hand-off naming another is refused by the core).
     """
     fds = [s.fileno() for s in listeners]
     if len(fds) > lib.MAX_LISTENERS:
@@ -248,6 +257,11 @@ def new_core(ffi, lib, limits, opts: UringOptions = UringOptions(), *, listeners
     cfg.user = user if user is not None else ffi.NULL
     for i, fd in enumerate(fds):
         cfg.listeners[i] = fd
+    for i, lid in enumerate(listener_ids):
+        cfg.listener_ids[i] = lid
+    if nids > lib.MAX_LISTENERS:
+        raise BackendError(f"at most {lib.MAX_LISTENERS} listening addresses per worker")
+    cfg.nids = nids
     err = ffi.new("int *")
     core = lib.uc_new(cfg, err)
     if core == ffi.NULL:
@@ -394,6 +408,7 @@ class RingHandoff:
 
     kind = "msg-ring"
     transfers = True
+    carries_listener_id = True   # in the tag of the CQE it posts (OP_MSG, listener id)
 
     def __init__(self, ffi, lib, target_fd: int) -> None:
         if target_fd < 0:
@@ -401,14 +416,14 @@ class RingHandoff:
         self.ffi, self.lib, self.target = ffi, lib, target_fd
         self._sender = None
 
-    def send(self, fd: int) -> None:
+    def send(self, fd: int, listener_id: int = 0) -> None:
         if self._sender is None:
             err = self.ffi.new("int *")
             sender = self.lib.uc_sender_new(err)
             if sender == self.ffi.NULL:
                 raise OSError(err[0], f"msg-ring sender: {os.strerror(err[0])}")
             self._sender = sender
-        r = self.lib.uc_sender_send(self._sender, self.target, fd)
+        r = self.lib.uc_sender_send(self._sender, self.target, fd, listener_id)
         if r in (-errno.EAGAIN, -errno.EBUSY, -errno.EOVERFLOW):
             raise BlockingIOError(-r, os.strerror(-r))  # the target cannot take it now
         if r < 0:
@@ -432,7 +447,8 @@ TO_COUNTERS = {"waits": "wakeups", "accept_cqes": "listen_wakeups", "accepted": 
 #: What the C-protocol mode counts that Python counts itself otherwise.
 CPROTO_COUNTERS = {"requests": "requests", "bytes_in": "bytes_in", "closed": "closed",
                    "errors": "errors"}
-_NOT_EXTRA = {"last_accept_error", "failed", "opened", *TO_COUNTERS, *CPROTO_COUNTERS}
+_NOT_EXTRA = {"last_accept_error", "failed", "opened", "l_accepted", "l_accept_cqes",
+              *TO_COUNTERS, *CPROTO_COUNTERS}
 
 
 class Ring:
@@ -455,8 +471,10 @@ class Ring:
         self.multishot = ctx.accept == REUSEPORT or opts.accept == "multishot"
         self.bufsize = opts.bufsize(ctx.limits)
         self._handle = ffi.new_handle(self)   # kept alive as long as the core may call back
-        self.core = new_core(ffi, lib, ctx.limits, opts, listeners=ctx.listeners,
-                             stop_fd=ctx.stop.fileno(),
+        # uring-py (raw) arms its accepts itself: the core holds no listener for it.
+        self.core = new_core(ffi, lib, ctx.limits, opts, listeners=() if raw else ctx.listeners,
+                             listener_ids=() if raw else ctx.listener_ids,
+                             nids=len(ctx.protocols), stop_fd=ctx.stop.fileno(),
                              handoff_fd=ctx.handoff.fileno() if ctx.handoff is not None else -1,
                              raw=raw, multishot=self.multishot, cproto=cproto, user=self._handle)
         self.ring_fd = lib.uc_ring_fd(self.core)   # -1 if it cannot be told (msg-ring refused)
@@ -475,6 +493,8 @@ class Ring:
         # and never completes: not observable here (docs/uring.md, "What the accept race
         # looks like").  With one socket per worker, or none, there is no race: 0 is true.
         stats.lost_races = NOT_OBSERVABLE if ctx.accept == SHARED and ctx.listeners else 0
+        for pl in stats.per_listener:
+            pl.lost_races = stats.lost_races
         self.sync_ring() if raw else self.sync()
 
     # -- counters (WorkerStats.refresh calls these from the snapshot's thread) -------------
@@ -500,6 +520,9 @@ class Ring:
             for c_name, name in CPROTO_COUNTERS.items():
                 setattr(st, name, getattr(cs, c_name))
             st.open = cs.opened - cs.closed
+        for lid, pl in enumerate(st.per_listener):   # the core's small arrays, by listener id
+            pl.accepted = cs.l_accepted[lid]
+            pl.listen_wakeups = cs.l_accept_cqes[lid]
         extra = st.extra
         for k in self._extra_fields:
             extra[k] = getattr(cs, k)
@@ -555,6 +578,7 @@ class IoUringBackend(Backend):
     kind = "completion"
     accept_strategies = frozenset({SHARED, REUSEPORT, DISPATCH})
     follows_policy = True
+    max_listeners = MAX_LISTENERS   # one armed accept per listener per ring
     ring: Ring | None = None
 
     @classmethod
@@ -674,9 +698,9 @@ class UringBackend(IoUringBackend):
         pool = ring.pool
         bsize = ring.bufsize
         stats = self.ctx.stats
-        factory = self.ctx.protocol_factory
+        factories = [p.factory for p in self.ctx.protocols]   # by listener id
         policy = self.policy
-        track = tracks_requests(factory())
+        track = any(tracks_requests(f()) for f in factories)
         incomplete: set[int] = set()   # ids whose request the core is timing (rule 7)
         send_failed = self._send_failed
 
@@ -726,8 +750,8 @@ class UringBackend(IoUringBackend):
                         send_failed(cid, rc)
                     elif proto.closing:
                         finish(core, cid)
-                elif kind == EV_OPEN:
-                    protos[cid] = factory()
+                elif kind == EV_OPEN:   # ev[i + 3]: the listener id it came in on
+                    protos[cid] = factories[ev[i + 3]]()
                     stats.open += 1
                 elif kind == EV_CLOSED:
                     del protos[cid]

@@ -51,12 +51,15 @@ struct uc_stats {
              idle_trims, msg_handoffs, malloc_trims, sendzc_held_max, blocking_waits, empty_waits,
              last_accept_error, failed, windowed_waits, window_us, arrival_per_s, accept_bursts,
              ring_fd_registered, util_pct, window_bans, requests, opened, closed, errors, idle_timeouts, header_timeouts;
+    uint64_t l_accepted[...], l_accept_cqes[...];
 };
 struct uc_config {
     unsigned entries, nbufs, bufsize, max_conns, setup_flags;
     uint64_t max_output;
     int stop_fd, multishot_accept, nlisteners, raw;
     int listeners[...];
+    int listener_ids[...];
+    int nids;
     unsigned cq_entries;
     unsigned accept_backoff_ms;
     int handoff_fd;
@@ -64,6 +67,7 @@ struct uc_config {
     unsigned latency_budget_us;
     struct pol_limits limits;
     int cproto;
+    int lproto[...];
     unsigned message_size, max_header_bytes;
     uint64_t max_body_bytes;
     void *user;
@@ -106,7 +110,7 @@ void uc_progress(uc_core *c, int id, int partial, unsigned completed, unsigned n
 int uc_ring_fd(uc_core *c);
 typedef struct uc_sender uc_sender;
 uc_sender *uc_sender_new(int *err);
-int uc_sender_send(uc_sender *s, int target_fd, int fd);
+int uc_sender_send(uc_sender *s, int target_fd, int fd, int lid);
 void uc_sender_free(uc_sender *s);
 
 int uc_raw_accept(uc_core *c, int fd, uint64_t ud, int multishot);

@@ -177,6 +177,9 @@ struct uc_stats {
              ring_fd_registered, util_pct, window_bans,
              /* the C-protocol mode's own (Python keeps these itself otherwise): */
              requests, opened, closed, errors, idle_timeouts, header_timeouts;
+    /* Per listener id (the address a connection came in on): small arrays, one increment
+     * beside the total's, so they add up to accepted and accept_cqes. */
+    uint64_t l_accepted[MAX_LISTENERS], l_accept_cqes[MAX_LISTENERS];
 };
 
 struct uc_config {
@@ -184,6 +187,8 @@ struct uc_config {
     uint64_t max_output;
     int stop_fd, multishot_accept, nlisteners, raw;
     int listeners[MAX_LISTENERS];
+    int listener_ids[MAX_LISTENERS];    /* parallel to listeners: each one's listener id */
+    int nids;                           /* listener ids in use (0: 1); a hand-off naming another is refused */
     unsigned cq_entries;            /* 0: 8 x entries */
     unsigned accept_backoff_ms;     /* first pause after EMFILE/ENFILE/ENOBUFS/ENOMEM on accept */
     int handoff_fd;                 /* --accept dispatch: AF_UNIX channel carrying SCM_RIGHTS; -1: none */
@@ -195,9 +200,11 @@ struct uc_config {
     /* Idle and request deadlines, the timer tick (core/policy.py rules 6-8; 0: off): swept
      * here at each tick, in both modes.  An EV_TICK is reported at each tick too. */
     struct pol_limits limits;
-    /* C-protocol mode (native-uring): 0 = events go to Python; else UC_ECHO/UC_HTTP, and
-     * uc_serve/uc_drain/uc_close_all run the whole loop in C (see the end of this file). */
+    /* C-protocol mode (native-uring): 0 = events go to Python; else each connection is
+     * answered by lproto[its listener id] (UC_ECHO/UC_HTTP), and uc_serve/uc_drain/
+     * uc_close_all run the whole loop in C (see the end of this file). */
     int cproto;
+    int lproto[MAX_LISTENERS];      /* C-protocol mode: UC_ECHO/UC_HTTP per listener id */
     unsigned message_size, max_header_bytes;
     uint64_t max_body_bytes;
     void *user;                     /* the Python backend (a cffi handle) for the callbacks */
@@ -219,6 +226,7 @@ struct conn {
     uint8_t used, reading, paused, recv_armed, recv_cancel, sending, closing, dead,
             eof, starved, drain_read, error, fixed;
     uint8_t was_paused;             /* in a backpressure episode since its queue last emptied */
+    uint8_t lid;                    /* listener id: which address (and protocol) it came in on */
     uint64_t send_ud;               /* user_data of the send in flight (cancel) */
     uint64_t pending;               /* bytes queued or in flight */
     struct pol_conn pol;            /* last progress (data in, send done), the request's deadline */
@@ -451,9 +459,10 @@ static void conn_kill(uc_core *c, int id, int error)
     maybe_release(c, id);
 }
 
-static void conn_open(uc_core *c, int fd)
+static void conn_open(uc_core *c, int fd, int lid)
 {
     c->st.accepted++;               /* taken, whether kept or refused (as every backend counts) */
+    c->st.l_accepted[lid]++;
     if (c->nconns >= (int)c->cfg.max_conns) { close(fd); c->st.refused++; return; }
     if (!c->nfree) {                /* grow the table; ids stay valid */
         int n = c->nconn_slots * 2;
@@ -471,7 +480,7 @@ static void conn_open(uc_core *c, int fd)
     struct conn *k = &c->conns[id];
     c->idle_since_ms = -1;
     memset(k, 0, sizeof *k);
-    k->fd = fd; k->used = 1; k->reading = 1; k->pol.last_ms = c->now_ms;
+    k->fd = fd; k->used = 1; k->reading = 1; k->pol.last_ms = c->now_ms; k->lid = (uint8_t)lid;
     int one = 1;
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);  /* fails harmlessly on AF_UNIX */
     /* Registered file: recv/send then name the table slot (no fget/fput per op); the
@@ -481,7 +490,7 @@ static void conn_open(uc_core *c, int fd)
         k->fixed = 1; c->st.fixed_files++;
     }
     c->nconns++;
-    emit(c, EV_OPEN, id, fd, 0);
+    emit(c, EV_OPEN, id, fd, lid);  /* Python picks the protocol by lid */
     if (c->shutting) conn_kill(c, id, 0);
     else if (c->draining) k->drain_read = 1;   /* read what it sent before stop, then finish */
     else arm_recv(c, id);
@@ -493,8 +502,15 @@ static void accept_backlog(uc_core *c, int i)
     for (;;) {
         int fd = accept4(c->lis[i].fd, NULL, NULL, SOCK_CLOEXEC);
         if (fd < 0) { if (errno == EINTR || errno == ECONNABORTED) continue; break; }
-        conn_open(c, fd);
+        conn_open(c, fd, c->cfg.listener_ids[i]);
     }
+}
+
+/* A listener id that came with a hand-off: valid, or -1 (a dispatcher bug; the
+ * connection is then closed and counted lost rather than served by a wrong protocol). */
+static int handoff_lid(uc_core *c, int lid)
+{
+    return lid >= 0 && lid < (c->cfg.nids > 0 ? c->cfg.nids : 1) ? lid : -1;
 }
 
 /* --accept dispatch: the core's acceptor thread passes connected sockets over an
@@ -513,7 +529,7 @@ static void arm_handoff(uc_core *c)
 static void handoff_take(uc_core *c)
 {
     for (;;) {
-        char byte;
+        unsigned char byte = 0;     /* the listener id (core/handoff.py) */
         union { struct cmsghdr align; char b[CMSG_SPACE(16 * sizeof(int))]; } ctl;  /* CMSG_* need cmsghdr alignment */
         struct iovec iov = { &byte, 1 };
         struct msghdr m = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = ctl.b, .msg_controllen = sizeof ctl.b };
@@ -538,8 +554,10 @@ static void handoff_take(uc_core *c)
             for (int i = 0; i < n; i++) {
                 int fd;
                 memcpy(&fd, CMSG_DATA(h) + i * sizeof(int), sizeof fd);
+                int lid = handoff_lid(c, byte);
+                if (lid < 0) { close(fd); c->st.handoff_lost++; continue; }
                 c->st.handoffs++;
-                conn_open(c, fd);
+                conn_open(c, fd, lid);
             }
         }
     }
@@ -626,9 +644,10 @@ static void on_cqe(uc_core *c, struct io_uring_cqe *q)
         break;
     case OP_ACCEPT: {
         struct listener *l = &c->lis[id];
-        if (res != -ECANCELED) c->st.accept_cqes++;   /* our own cancel at stop is no wakeup */
+        int lid = c->cfg.listener_ids[id];
+        if (res != -ECANCELED) { c->st.accept_cqes++; c->st.l_accept_cqes[lid]++; }  /* our own cancel at stop is no wakeup */
         if (res >= 0) {
-            conn_open(c, res); c->backoff_ms = c->cfg.accept_backoff_ms; c->accept_failing = 0;
+            conn_open(c, res, lid); c->backoff_ms = c->cfg.accept_backoff_ms; c->accept_failing = 0;
             /* More connections wait in the backlog (a burst): take some now, as the
              * seed's readiness loop accepts until EAGAIN, instead of one ring round trip
              * each.  Bounded, so one worker does not take a whole burst from the others. */
@@ -637,7 +656,7 @@ static void on_cqe(uc_core *c, struct io_uring_cqe *q)
                 for (int b = 0; b < ACCEPT_BURST; b++) {
                     int fd = accept4(l->fd, NULL, NULL, SOCK_CLOEXEC);
                     if (fd < 0) { if (errno == EINTR || errno == ECONNABORTED) continue; break; }
-                    conn_open(c, fd);
+                    conn_open(c, fd, lid);
                 }
             }
         }
@@ -673,9 +692,10 @@ static void on_cqe(uc_core *c, struct io_uring_cqe *q)
         handoff_take(c);            /* while draining: the drain's last look, not a wakeup */
         if (!c->draining && !c->handoff_closed) arm_handoff(c);
         break;
-    case OP_MSG:                    /* --uring-handoff msg-ring: res is the fd handed over */
+    case OP_MSG:                    /* --uring-handoff msg-ring: res is the fd handed over, id its listener id */
+        if (handoff_lid(c, id) < 0) { close(res); c->st.handoff_lost++; break; }
         c->st.handoffs++; c->st.msg_handoffs++;
-        conn_open(c, res);          /* draining: read what it sent; shutting: closed at once */
+        conn_open(c, res, id);      /* draining: read what it sent; shutting: closed at once */
         break;
     case OP_STOP:
         c->stop_armed = 0;
@@ -694,6 +714,9 @@ static uc_core *uc_new(const struct uc_config *cfg, int *err)
     memset(c, 0, sizeof *c);
     c->cfg = *cfg;
     if (c->cfg.nlisteners > MAX_LISTENERS) c->cfg.nlisteners = MAX_LISTENERS;
+    if (c->cfg.nids > MAX_LISTENERS || c->cfg.nids < 1) c->cfg.nids = c->cfg.nids < 1 ? 1 : MAX_LISTENERS;
+    for (int i = 0; i < MAX_LISTENERS; i++)   /* ids index the per-listener arrays */
+        if (c->cfg.listener_ids[i] < 0 || c->cfg.listener_ids[i] >= c->cfg.nids) c->cfg.listener_ids[i] = 0;
     if (!c->cfg.accept_backoff_ms) c->cfg.accept_backoff_ms = 50;
     c->backoff_ms = c->cfg.accept_backoff_ms;
     c->now_ms = mono_ms();
@@ -1270,12 +1293,12 @@ static uc_sender *uc_sender_new(int *err)
 }
 
 /* Post fd to the ring target_fd.  0, or -errno (the fd stays the caller's). */
-static int uc_sender_send(uc_sender *s, int target_fd, int fd)
+static int uc_sender_send(uc_sender *s, int target_fd, int fd, int lid)
 {
     struct io_uring *ring = (struct io_uring *)s->ring;
     struct io_uring_sqe *q = p_io_uring_get_sqe(ring);
     if (!q) return -EBUSY;
-    p_io_uring_prep_msg_ring(q, target_fd, (unsigned)fd, UD(OP_MSG, 0), 0);
+    p_io_uring_prep_msg_ring(q, target_fd, (unsigned)fd, UD(OP_MSG, lid), 0);  /* the tag carries the listener id */
     q->user_data = 1;
     int r;
     do r = p_io_uring_submit_and_wait(ring, 1); while (r == -EINTR);
@@ -1425,7 +1448,7 @@ static void cp_process(uc_core *c, int n)
             char *data = c->pool + (size_t)e[2] * c->cfg.bufsize;
             unsigned len = (unsigned)e[3];
             int rc = 0;
-            if (c->cfg.cproto == UC_ECHO) {
+            if (c->cfg.lproto[c->conns[id].lid] == UC_ECHO) {
                 c->st.requests += proto_echo_count(&c->proto, ps, len);
                 rc = uc_send_buf(c, id, e[2], 0, len);
             } else {

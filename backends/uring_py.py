@@ -26,6 +26,12 @@ the coarse tick), core/accept.py's ``AcceptPacer`` (an accept completion that fa
 any reason but a lost connection pauses that listener, not re-armed, for the pacer's
 back-off: re-arming at once would fail at once, a spin through the ring) and
 core/stats.py's counter schema, to which only this backend's own counters are added.
+
+Several addresses: one accept armed per listener, with no limit of its own
+(``max_listeners`` None: the C core holds no listener for it); each connection is served
+by ``ctx.protocols[listener id]`` and counted in ``stats.per_listener`` - the id of the
+accepting listener, the hand-off's byte (``HandoffReceiver``) or, with msg-ring, the
+tag of its CQE.
 """
 
 from __future__ import annotations
@@ -73,6 +79,7 @@ class Conn(ConnState):
 class UringPyBackend(IoUringBackend):
     name = "uring-py"
     description = "io_uring, every completion handled in Python (to measure the C core)"
+    max_listeners = None
 
     def run(self) -> None:
         ctx = self.ctx
@@ -95,7 +102,9 @@ class UringPyBackend(IoUringBackend):
         self.lent = 0                 # provided buffers held by sends (the reserve's measure)
         self.now = time.monotonic()
         self.policy = ConnectionPolicy(ctx.limits, ctx.stats, self.who, self.now)
-        self.track = tracks_requests(ctx.protocol_factory())
+        self.factories = [p.factory for p in ctx.protocols]   # by listener id
+        self.per_listener = ctx.stats.per_listener
+        self.track = any(tracks_requests(f()) for f in self.factories)
         self.pacer = AcceptPacer(ctx.limits.accept_backoff, extra, self.who)
         self.paused_lis: dict[int, float] = {}   # listener index -> resume time (back-off)
         self.receiver = (HandoffReceiver(ctx.handoff, extra, self.who)
@@ -168,13 +177,13 @@ class UringPyBackend(IoUringBackend):
                     self._on_accept(cid, res, fl)
                 elif op == HANDOFF:
                     self._on_handoff(res)
-                elif op == MSG:
+                elif op == MSG:   # cid: the listener id the dispatcher tagged it with
                     self.extra["handoffs"] += 1
                     self.extra["msg_handoffs"] += 1
-                    if self.shutting:
+                    if self.shutting or cid >= len(self.factories):
                         os.close(res)
                     else:
-                        self._open_conn(socket.socket(fileno=res))
+                        self._open_conn(socket.socket(fileno=res), cid)
                 elif op == STOP and res != -errno.ECANCELED:
                     self.stopping = True
         if self.ctx.stop.is_set():
@@ -207,18 +216,21 @@ class UringPyBackend(IoUringBackend):
 
     def _take_handoffs(self) -> None:
         pairs, closed = self.receiver.take()
-        for sock, _lid in pairs:
-            self._open_conn(sock)
+        for sock, lid in pairs:
+            self._open_conn(sock, lid)
         if closed:
             self.handoff_closed = True  # the acceptor is gone: do not re-arm the poll
 
     def _on_accept(self, i: int, res: int, fl: int) -> None:
-        self.ctx.stats.listen_wakeups += res != -errno.ECANCELED  # our own cancel at stop is no wakeup
+        lid = self.ctx.listener_ids[i]
+        woke = res != -errno.ECANCELED   # our own cancel at stop is no wakeup
+        self.ctx.stats.listen_wakeups += woke
+        self.per_listener[lid].listen_wakeups += woke
         if res >= 0 and self.shutting:
             os.close(res)
         elif res >= 0:
             lsock = self.lis[i]   # the listener's kind: no probing syscalls for the new socket
-            self._open_conn(socket.socket(lsock.family, lsock.type, lsock.proto, fileno=res))
+            self._open_conn(socket.socket(lsock.family, lsock.type, lsock.proto, fileno=res), lid)
             self.pacer.succeeded()
         elif res == -errno.EAGAIN:
             self.extra["accept_eagain"] += 1   # not produced by 6.x kernels: see uring.py
@@ -235,17 +247,18 @@ class UringPyBackend(IoUringBackend):
             if not self.draining and i not in self.paused_lis:
                 self._arm_accept(i)
             elif not self.shutting:
-                self._accept_backlog(self.lis[i])
+                self._accept_backlog(i)
 
-    def _accept_backlog(self, lsock) -> None:
-        accepted, _ = accept_pending(lsock, self.extra, self.who)
+    def _accept_backlog(self, i: int) -> None:
+        accepted, _ = accept_pending(self.lis[i], self.extra, self.who)
         for sock, _peer in accepted:
             sock.setblocking(True)  # like ring-accepted sockets; reads use MSG_DONTWAIT
-            self._open_conn(sock)
+            self._open_conn(sock, self.ctx.listener_ids[i])
 
-    def _open_conn(self, sock) -> None:
+    def _open_conn(self, sock, lid: int) -> None:
         stats = self.ctx.stats
         stats.accepted += 1  # as every backend counts it: taken, whether kept or refused
+        self.per_listener[lid].accepted += 1
         if len(self.conns) >= self.ctx.limits.max_connections:
             stats.refused += 1
             sock.close()
@@ -256,7 +269,7 @@ class UringPyBackend(IoUringBackend):
             pass
         cid = self.next_cid
         self.next_cid += 1  # never reused: a late CQE can only name its own connection
-        c = self.conns[cid] = Conn(cid, sock, self.ctx.protocol_factory(), self.now)
+        c = self.conns[cid] = Conn(cid, sock, self.factories[lid](), self.now)
         stats.open += 1
         if self.draining:
             self._read_remaining(c)
@@ -478,7 +491,7 @@ class UringPyBackend(IoUringBackend):
         for i in list(self.accept_armed):
             lib.uc_raw_cancel(self.core, (i << 8) | ACCEPT, CANCEL)
         for i in list(self.paused_lis):   # paused (out of fds): take the backlog now
-            self._accept_backlog(self.lis[i])
+            self._accept_backlog(i)
         self.paused_lis.clear()
         if self.handoff_armed:   # its final CQE takes what is waiting
             lib.uc_raw_cancel(self.core, HANDOFF, CANCEL)

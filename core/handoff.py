@@ -6,8 +6,7 @@ Kernel semantics relied on:
   one message = one connection, its fd travelling as ``SCM_RIGHTS`` ancillary data
   and its one byte of data the *listener id* (which address it came in on: the worker
   serves it by that address's protocol).  The kernel installs a new fd in the receiver
-  (the sender then closes its own).  A reader that takes one byte and ignores it (the
-  C cores, serving one address) reads the same messages as before.
+  (the sender then closes its own).  The C cores read the byte in C the same way.
 * the worker's end is readable while messages wait; ``recvmsg`` takes one at a time
   until ``EAGAIN``.
 * out of fds (``EMFILE``/``ENFILE``), the kernel cannot install the passed fd:

@@ -344,3 +344,101 @@ def test_asyncio_family_counts(backend, tmp_path):
     assert sum(x["closed"] for x in w) == res.connects
     if backend == "asyncio":  # asyncio calls our socket's accept(): wakeups are counted
         assert sum(x["listen_wakeups"] for x in w) >= 1
+
+
+@pytest.mark.parametrize("backend,channel", [("native", "scm"), ("native-uring", "scm"),
+                                             ("uring", "scm"), ("uring-py", "scm"),
+                                             ("uring", "msg-ring"), ("uring-py", "msg-ring")])
+def test_handoff_listener_id_selects_the_protocol(backend, channel):
+    """--accept dispatch with two addresses of different protocols: the worker serves each
+    handed-over connection by the protocol of the listener id it came with (the byte of
+    the SCM_RIGHTS message, or the msg-ring CQE's tag), and counts it as that listener's."""
+    require_backend(backend)
+    from test_uring_defects import InProcess
+
+    from parallelnet.core.handoff import make_channels, send_handoff
+    from parallelnet.core.protocols import make_spec
+
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(8)
+    specs = [make_spec("echo"), make_spec("http")]
+    ((acceptor, worker_end),) = make_channels(1)
+    own = channel == "msg-ring"
+    clients = []
+    with InProcess(backend, accept="dispatch", handoff=None if own else worker_end,
+                   protocols=specs, uring_handoff=channel) as w:
+        ring_channel = w.backend.handoff_channel() if own else None
+        try:
+            for lid in (1, 0, 1):
+                client = socket.create_connection(lsock.getsockname(), timeout=10)
+                conn, _ = lsock.accept()
+                if own:
+                    ring_channel.send(conn.detach(), lid)   # transfers: the worker owns it
+                else:
+                    send_handoff(acceptor, conn, lid)
+                    conn.close()
+                clients.append((client, lid))
+            for client, lid in clients:
+                if lid:
+                    client.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+                    assert client.recv(64).startswith(b"HTTP/1.1 200 OK\r\n")
+                else:
+                    client.sendall(b"ping")
+                    assert recv_exactly(client, 4) == b"ping"
+        finally:
+            if ring_channel is not None:
+                ring_channel.close()
+        w.stop()
+        assert w.error is None, w.error
+        per = w.ctx.stats.per_listener
+        assert [p.accepted for p in per] == [1, 2]
+        assert [p.listen_wakeups for p in per] == [0, 0]
+        assert sum(p.accepted for p in per) == w.ctx.stats.accepted
+    for client, _ in clients:
+        client.close()
+    for s in (lsock, acceptor, worker_end):
+        s.close()
+
+
+def test_native_serves_a_c_and_a_python_protocol_side_by_side(tmp_path):
+    """Two addresses, echo in C and a Python protocol through the callbacks: each
+    connection gets its address's protocol, and a handler bug on one closes only it."""
+    require_backend("native")
+    env = dict(os.environ, PARALLELNET_TEST_PROTOCOLS="1")
+    srv = start_server(tmp_path, "--backend", "native", "--workers", "1",
+                       "--listen", "127.0.0.1:0,protocol=echo",
+                       "--listen", "127.0.0.1:0,protocol=crashy", env=env)
+    with srv.connect(listener=0) as c_echo, srv.connect(listener=1) as py, \
+            srv.connect(listener=1) as doomed:
+        doomed.sendall(b"CRASH")                 # crashy: a handler bug, this one only
+        assert recv_until_eof(doomed) == b""
+        for s in (c_echo, py):
+            s.sendall(b"hello")
+            assert recv_exactly(s, 5) == b"hello"
+    final = srv.stop()
+    (w,) = final["workers"]
+    assert [p["accepted"] for p in w["per_listener"]] == [1, 2]
+    assert w["handler_errors"] == 1 and final["clean"], srv.output
+
+
+def test_native_uring_refuses_c_and_python_protocols_together(monkeypatch):
+    """Its C loop cannot call into Python: a mix is a startup error, not a dead worker."""
+    require_backend("native-uring")
+    from conftest import run_cli_serve_error
+
+    monkeypatch.setenv("PARALLELNET_TEST_PROTOCOLS", "1")
+    err = run_cli_serve_error("--backend", "native-uring",
+                              "--listen", "127.0.0.1:0,protocol=http",
+                              "--listen", "127.0.0.1:0,protocol=crashy")
+    assert "native-uring cannot serve a protocol with a C implementation" in err
+
+
+@pytest.mark.parametrize("backend,limit", [("native", 8), ("native-uring", 8), ("uring", 8)])
+def test_c_cores_refuse_more_addresses_than_they_hold(backend, limit):
+    require_backend(backend)
+    from conftest import run_cli_serve_error
+
+    listen = [a for _ in range(limit + 1) for a in ("--listen", "127.0.0.1:0")]
+    err = run_cli_serve_error("--backend", backend, *listen)
+    assert f"serves at most {limit} listening addresses (its max_listeners)" in err

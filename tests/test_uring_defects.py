@@ -44,11 +44,16 @@ class InProcess:
     """One worker of ``name`` running in a thread of this process."""
 
     def __init__(self, name, *, listeners=(), accept=SHARED, handoff=None,
-                 protocol=EchoProtocol, limits=None, **options):
+                 protocol=EchoProtocol, limits=None, protocols=(), listener_ids=(), **options):
+        """``protocols``: ProtocolSpecs by listener id (several addresses); default: one,
+        ``protocol``'s.  ``listener_ids``: parallel to ``listeners`` (default all 0)."""
+        protocols = list(protocols)
         self.ctx = WorkerContext(index=0, cpu=None, listeners=list(listeners), accept=accept,
-                                 protocol_factory=protocol, stats=WorkerStats(0, None, name),
+                                 protocol_factory=protocols[0].factory if protocols else protocol,
+                                 stats=WorkerStats(0, None, name, listeners=max(1, len(protocols))),
                                  stop=StopSignal(), limits=limits or Limits(),
-                                 options=argparse.Namespace(**options), handoff=handoff)
+                                 options=argparse.Namespace(**options), handoff=handoff,
+                                 listener_ids=list(listener_ids), protocols=protocols)
         for sock in listeners:
             sock.setblocking(False)   # as the core sets its listeners (drain accepts until EAGAIN)
         self.backend = BACKENDS[name](self.ctx)
