@@ -273,8 +273,11 @@ def test_idle_worker_gives_provided_buffer_pages_back(tmp_path):
             s.close()
         assert got == [chunk * rounds] * n
         rss1 = _wait_rss_settles(srv)
-        # Without the trim: about +2 x 16 MiB (the two pools, fully dirtied).
-        assert rss1 - rss0 < 4 * 1024, (rss0, rss1)
+        # Without the trim: about +16 MiB per worker (its pool, fully dirtied), +32 MiB in
+        # all.  The rest of the heap (Python objects, malloc arenas of the worker threads)
+        # was seen to keep 0.04-8 MiB (most runs under 1 MiB): the bound sits between
+        # that and one worker's untrimmed pool.
+        assert rss1 - rss0 < 12 * 1024, (rss0, rss1)
         assert srv.alive()
     finally:
         final = srv.stop()
