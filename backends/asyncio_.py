@@ -62,6 +62,7 @@ Counters, and what cannot be observed:
 from __future__ import annotations
 
 import asyncio
+import importlib
 import os
 import socket
 import time
@@ -256,14 +257,19 @@ class AsyncioBackend(Backend):
     max_listeners = None
     #: Whether to read through ``get_buffer`` (``_ReadIntoConnection``) to bound reads.
     read_into = False
+    #: The PyPI package of a third-party loop (None: the standard library's).
+    loop_package: str | None = None
 
     @classmethod
     def probe(cls) -> Availability:
-        return Availability(True, detail=f"loop {cls._loop_name()}")
-
-    @classmethod
-    def _loop_name(cls) -> str:
-        return "asyncio.SelectorEventLoop"
+        if cls.loop_package is None:
+            return Availability(True, detail="loop asyncio.SelectorEventLoop")
+        try:
+            module = importlib.import_module(cls.loop_package)
+        except ImportError as exc:
+            return Availability(False, f"{cls.loop_package} not importable ({exc}); "
+                                       f"pip install {cls.loop_package}")
+        return Availability(True, detail=f"{cls.loop_package} {module.__version__}")
 
     def new_loop(self) -> asyncio.AbstractEventLoop:
         """The one thing the other asyncio loops change."""

@@ -55,7 +55,6 @@ import threading
 
 from parallelnet.backends.asyncio_ import AsyncioBackend
 from parallelnet.backends.reactor_transport import ReactorTransport
-from parallelnet.core.backend import Availability
 
 
 _LIVE_LOOPS = 0                     # rloop loops running in this process
@@ -96,20 +95,9 @@ def _loop_class():
 
 class RloopBackend(AsyncioBackend):
     name = "rloop"
+    loop_package = "rloop"
     description = ("rloop (Rust) event loop per worker thread: its reactor drives the asyncio "
                    "Protocol through a Python socket transport (rloop's own cannot close)")
-
-    @classmethod
-    def probe(cls) -> Availability:
-        try:
-            import rloop
-        except ImportError as exc:
-            return Availability(False, f"rloop not importable ({exc}); pip install rloop")
-        return Availability(True, detail=f"rloop {rloop.__version__}")
-
-    @classmethod
-    def _loop_name(cls) -> str:
-        return "rloop.RLoop"
 
     def new_loop(self) -> asyncio.AbstractEventLoop:
         return _loop_class()()

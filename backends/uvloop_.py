@@ -22,25 +22,13 @@ from __future__ import annotations
 import asyncio
 
 from parallelnet.backends.asyncio_ import AsyncioBackend
-from parallelnet.core.backend import Availability
 
 
 class UvloopBackend(AsyncioBackend):
     name = "uvloop"
+    loop_package = "uvloop"
     description = "uvloop (libuv) event loop per worker thread, asyncio Protocol"
     read_into = True
-
-    @classmethod
-    def probe(cls) -> Availability:
-        try:
-            import uvloop
-        except ImportError as exc:
-            return Availability(False, f"uvloop not importable ({exc}); pip install uvloop")
-        return Availability(True, detail=f"uvloop {uvloop.__version__}")
-
-    @classmethod
-    def _loop_name(cls) -> str:
-        return "uvloop.Loop"
 
     def new_loop(self) -> asyncio.AbstractEventLoop:
         import uvloop
