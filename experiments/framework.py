@@ -93,6 +93,12 @@ class Summary:
     values: dict = field(default_factory=dict)      # named figures the paper may cite
     findings: list[str] = field(default_factory=list)  # one line each, with its numbers
 
+    def add_skipped(self, skipped: dict | None, title: str = "Backends not run", key: str = "") -> None:
+        """The table of what a plan left out and why (nothing when it left out nothing)."""
+        if skipped:
+            self.tables.append(Table(title, ["backend", "why"],
+                                     [[b, why] for b, why in skipped.items()], key=key))
+
     def to_dict(self) -> dict:
         return {"tables": [t.__dict__ for t in self.tables], "values": self.values,
                 "findings": self.findings}

@@ -180,9 +180,7 @@ def summarize(records: list[dict], p: dict) -> Summary:
                     + (f"; voluntary cs/accept {_f(lo['vcs_per_accept'], '.2f')} → "
                        f"{_f(hi['vcs_per_accept'], '.2f')}; lost races/accept "
                        f"{_f(lo['lost_per_accept'], '.3f')} → {_f(hi['lost_per_accept'], '.3f')}"))
-    if p.get("skipped"):
-        s.tables.append(Table("Backends not run", ["backend", "why"],
-                              [[b, why] for b, why in p["skipped"].items()]))
+    s.add_skipped(p.get("skipped"))
     return s
 
 

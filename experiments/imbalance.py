@@ -295,9 +295,7 @@ def summarize(records: list[dict], p: dict) -> Summary:
                 f"[{100 * d['ci95'][0]:+.1f}, {100 * d['ci95'][1]:+.1f}] from duty "
                 f"{100 * min(duties):.0f}% to {100 * max(duties):.0f}%"
                 + (f"; p99 ×{r['median']:.2f} [{r['ci95'][0]:.2f}–{r['ci95'][1]:.2f}]" if r else ""))
-    if p.get("skipped"):
-        s.tables.append(Table("Backends not run", ["backend", "why"],
-                              [[b, why] for b, why in p["skipped"].items()]))
+    s.add_skipped(p.get("skipped"))
     return s
 
 

@@ -267,9 +267,7 @@ def summarize(records: list[dict], p: dict) -> Summary:
             note=f"Median over repetitions; (×): median paired ratio to {base}; a client- or "
                  "both-bound cell is not ranked. Every figure with its spread and latency: the "
                  "full table in the run's summary.md.", key="compact"))
-    if p.get("skipped"):
-        s.tables.append(Table("Backends not run", ["backend", "why"],
-                              [[b, why] for b, why in p["skipped"].items()], key="skipped"))
+    s.add_skipped(p.get("skipped"), key="skipped")
     # The 2x2: what io_uring buys (with the protocol in Python / in C) and what C buys.
     pairs = [("io_uring, protocol in Python", "uring", "epoll"),
              ("io_uring, all in C", "native-uring", "native"),

@@ -125,9 +125,7 @@ def summarize(records: list[dict], p: dict) -> Summary:
         if v and v["speedup"] and top > 1:
             s.findings.append(f"{cfg}: {top} workers gave ×{v['speedup']:.2f} the req/s of one "
                               f"({v['bound']}-bound{', client on a server CPU' if v['shared_cpu'] else ''})")
-    if p.get("skipped"):
-        s.tables.append(Table("Backends not run", ["backend", "why"],
-                              [[b, why] for b, why in p["skipped"].items()]))
+    s.add_skipped(p.get("skipped"))
     return s
 
 

@@ -130,9 +130,7 @@ def summarize(records: list[dict], p: dict) -> Summary:
         if rs:
             s.findings.append(f"{label} vs {base}: " + "; ".join(
                 f"{k.split('/', 1)[1]} ×{r['median']:.2f}" for k, r in rs))
-    if p.get("skipped"):
-        s.tables.append(Table("Configurations not run", ["backend", "why"],
-                              [[b, why] for b, why in p["skipped"].items()]))
+    s.add_skipped(p.get("skipped"), "Configurations not run")
     return s
 
 
