@@ -70,7 +70,9 @@ import time
 from parallelnet.core.accept import AcceptPacer, accept_pending
 from parallelnet.core.backend import DISPATCH, REUSEPORT, SHARED, Availability, Backend
 from parallelnet.core.handoff import HandoffReceiver
-from parallelnet.core.policy import DRAIN_READS, ConnectionPolicy, ConnState, tracks_requests
+from parallelnet.core.policy import (
+    DRAIN_READS, RESUME, ConnectionPolicy, ConnState, tracks_requests,
+)
 from parallelnet.core.stats import NOT_OBSERVABLE
 
 
@@ -138,6 +140,58 @@ class _ConnectionBase(ConnState):
                 w.policy.queued(self, pending)
         if proto.closing:
             self.finish()
+        elif proto.more:
+            self.hold()
+
+    # -- rule 10: held answers ----------------------------------------------------------
+
+    def hold(self) -> None:
+        """The protocol holds answers: stop reading, and have the transport call
+        ``resume_writing`` as soon as its buffer is at the low mark (high = low while
+        held), where they are pulled."""
+        policy = self.worker.policy
+        if policy.hold(self):
+            self.transport.pause_reading()
+        self.transport.set_write_buffer_limits(high=policy.low, low=policy.low)
+        self.pull_held()
+
+    def pull_held(self) -> None:
+        """Pull and write held answers while the buffer is at or below the low mark;
+        at most ``max_output`` bytes per call, then the loop's other work goes first."""
+        if self.transport is None or not self.held:
+            return
+        w = self.worker
+        policy = w.policy
+        proto = self.proto
+        st = self.stats
+        produced = 0
+        while proto.more and self.pending() <= policy.low:
+            if produced > policy.high:
+                w.loop.call_soon(self.pull_held)
+                return
+            try:
+                out, n = proto.pull()
+            except Exception:  # noqa: BLE001 - a handler bug closes one connection only
+                self._handler_failed()
+                return
+            st.requests += n
+            if out:
+                produced += len(out)
+                st.bytes_out += len(out)
+                self.write(out)
+                if self.transport is None:
+                    return
+        pending = self.pending()
+        if pending > policy.peak:
+            policy.queued(self, pending)
+        if proto.more:
+            return   # above the low mark: resume_writing pulls again
+        self.transport.set_write_buffer_limits(high=policy.high, low=policy.low)
+        action = policy.released(self, pending)
+        if proto.closing or self.closing:
+            self.finish()
+        elif action == RESUME:
+            self.transport.resume_reading()
 
     def eof_received(self) -> bool:
         if not self.closing:
@@ -152,16 +206,20 @@ class _ConnectionBase(ConnState):
         return True  # keep the transport: close() above flushes, then closes
 
     def finish(self) -> None:
-        """Read nothing more; close once pending output is flushed (transport.close)."""
+        """Read nothing more; close once pending output is flushed (transport.close) and
+        no answer is held (rule 10: ``pull_held`` finishes then)."""
         self.worker.policy.finish(self, 1)
-        self.transport.close()
+        if not self.held:
+            self.transport.close()
 
     def pause_writing(self) -> None:
         if self.worker.policy.pause(self):
             self.transport.pause_reading()
 
     def resume_writing(self) -> None:
-        if self.worker.policy.resume(self):
+        if self.held:
+            self.pull_held()
+        elif self.worker.policy.resume(self):
             self.transport.resume_reading()
 
     def connection_lost(self, exc) -> None:

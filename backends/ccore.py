@@ -32,9 +32,15 @@ def fill_limits(dst, limits) -> None:
     dst.min_rate = limits.header_min_rate if limits.header_min_rate > 0 else 0.0
 
 
-def install_notes(ffi, accept_paused: str, handoff_lost: str) -> None:
-    """Define a core's two ``extern "Python"`` callbacks (named as its cdef names them).
+def install_notes(ffi, accept_paused: str, handoff_lost: str, alloc_failed: str) -> None:
+    """Define a core's three ``extern "Python"`` notes (named as its cdef names them).
     ``user`` is a handle to an object with a ``who`` ("worker 0 (native)")."""
+
+    @ffi.def_extern(name=alloc_failed)
+    def _alloc_failed(user, err):
+        log.error("%s: an answer could not be allocated (%s): closing that connection "
+                  "(counted in alloc_failures; logged once per worker)",
+                  ffi.from_handle(user).who, os.strerror(err))
 
     @ffi.def_extern(name=accept_paused)
     def _accept_paused(user, err):

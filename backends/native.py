@@ -78,7 +78,7 @@ from parallelnet.core.policy import ConnectionPolicy, tracks_requests
 COUNTERS = ("requests", "bytes_in", "bytes_out", "wakeups", "listen_wakeups", "accepted",
             "lost_races", "closed", "refused", "errors", "backpressure")
 EXTRA = ("accept_errors", "accept_backoffs", "max_pending", "handoffs", "handoff_lost",
-         "idle_timeouts", "header_timeouts")
+         "idle_timeouts", "header_timeouts", "output_holds", "alloc_failures")
 
 _loaded = None
 
@@ -109,11 +109,15 @@ def _install_callbacks(ffi) -> None:
     def nc_py_eof(user, fd, lid, out):
         return ffi.from_handle(user)._py_eof(fd, lid, out)
 
+    @ffi.def_extern(error=-1)
+    def nc_py_pull(user, fd, lid, out):
+        return ffi.from_handle(user)._py_pull(fd, out)
+
     @ffi.def_extern()
     def nc_py_close(user, fd):
         ffi.from_handle(user)._protos.pop(fd, None)
 
-    install_notes(ffi, "nc_py_accept_failed", "nc_py_handoff_lost")
+    install_notes(ffi, "nc_py_accept_failed", "nc_py_handoff_lost", "nc_py_alloc_failed")
 
 
 def protocol_of(factory) -> tuple[str, dict]:
@@ -237,6 +241,17 @@ class NativeBackend(Backend):
             out.partial = int(proto.partial)
         return n
 
+    def _py_pull(self, fd: int, out) -> int:
+        """Rule 10: the held answers of a Python protocol (the C loop pulls them)."""
+        proto = self._protos[fd]
+        try:
+            res, n = proto.pull()
+        except Exception:  # noqa: BLE001 - a handler bug closes one connection only
+            self._policy.handler_failed(proto, f"fd {fd}")
+            return -1
+        self._set_out(out, res, proto)
+        return n
+
     def _py_eof(self, fd: int, lid: int, out) -> int:
         proto = self._protos.get(fd)
         if proto is None:
@@ -254,3 +269,4 @@ class NativeBackend(Backend):
             out.p = buf
             out.len = len(buf)
         out.closing = int(proto.closing)
+        out.more = int(proto.more)

@@ -27,7 +27,8 @@ struct pol_limits { int64_t idle_ms, header_ms, tick_ms; double min_rate; };
 struct nc_stats {
     uint64_t requests, bytes_in, bytes_out, wakeups, listen_wakeups, accepted, lost_races,
              closed, refused, errors, backpressure, open, accept_errors, accept_backoffs,
-             max_pending, handoffs, handoff_lost, idle_timeouts, header_timeouts;
+             max_pending, handoffs, handoff_lost, idle_timeouts, header_timeouts,
+             output_holds, alloc_failures;
     uint64_t l_accepted[...], l_listen_wakeups[...], l_lost_races[...];
 };
 struct nc_config {
@@ -41,11 +42,13 @@ struct nc_config {
     struct pol_limits limits;
     void *user;
 };
-struct nc_out { const char *p; size_t len; int closing, partial; };
+struct nc_out { const char *p; size_t len; int closing, partial, more; };
 typedef struct nc_core nc_core;
 
 extern "Python" int nc_py_feed(void *, int, int, const char *, size_t, struct nc_out *);
 extern "Python" int nc_py_eof(void *, int, int, struct nc_out *);
+extern "Python" int nc_py_pull(void *, int, int, struct nc_out *);
+extern "Python" void nc_py_alloc_failed(void *, int);
 extern "Python" void nc_py_close(void *, int);
 extern "Python" void nc_py_accept_failed(void *, int);
 extern "Python" void nc_py_handoff_lost(void *, int);

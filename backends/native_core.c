@@ -21,6 +21,14 @@
  *  - connection readable: one recv() per wakeup, protocol, send at once; what the
  *    kernel does not take is queued in order, EPOLLOUT is armed.  Past max_output
  *    pending bytes reading pauses (backpressure) until the queue drains below half.
+ *  - bounded output (core/policy.py rule 10): a protocol answers at most max_output / 2
+ *    per call and holds the rest (pstate_more, or the Python protocol's `more`); the
+ *    connection is then *held*: not read (EPOLLIN off, output_holds), and pulled
+ *    (proto_http_pull / nc_py_pull) while its queue is at or below max_output / 2, at
+ *    most max_output bytes per event, EPOLLOUT continuing it.  Body pieces are sent
+ *    straight from proto_core.h's shared block.  An answer that cannot be allocated
+ *    closes its connection (alloc_failures, logged once per worker); nothing of that
+ *    call's answers is sent.
  *  - recv() == 0: the peer half-closed; flush what is queued, then close.
  *  - accept4() failing with EMFILE/ENFILE/ENOBUFS/ENOMEM: the listener is unwatched
  *    (EPOLL_CTL_DEL) and re-added after a back-off (accept_backoff_ms, doubling to 1 s,
@@ -80,7 +88,8 @@
 struct nc_stats {
     uint64_t requests, bytes_in, bytes_out, wakeups, listen_wakeups, accepted, lost_races,
              closed, refused, errors, backpressure, open, accept_errors, accept_backoffs,
-             max_pending, handoffs, handoff_lost, idle_timeouts, header_timeouts;
+             max_pending, handoffs, handoff_lost, idle_timeouts, header_timeouts,
+             output_holds, alloc_failures;
     /* by listener id: one more increment beside each total's */
     uint64_t l_accepted[NC_MAX_LISTENERS], l_listen_wakeups[NC_MAX_LISTENERS],
              l_lost_races[NC_MAX_LISTENERS];
@@ -98,15 +107,18 @@ struct nc_config {
     void *user;   /* the Python backend (a cffi handle), passed to the callbacks */
 };
 
-/* What a Python protocol's feed/eof hands back: bytes to send (owned by Python until
- * the next callback), whether the protocol is closing, and whether it holds an
- * incomplete request (rule 7; only asked for protocols that can). */
-struct nc_out { const char *p; size_t len; int closing, partial; };
+/* What a Python protocol's feed/pull/eof hands back: bytes to send (owned by Python
+ * until the next callback), whether the protocol is closing, whether it holds an
+ * incomplete request (rule 7; only asked for protocols that can), and whether it holds
+ * answers for a pull (rule 10). */
+struct nc_out { const char *p; size_t len; int closing, partial, more; };
 
 /* extern "Python" callbacks (native.py), defined by cffi after this source; each takes
  * the GIL.  Used for protocols not implemented in C (NC_PY) and for rare events only. */
 static int nc_py_feed(void *user, int fd, int lid, const char *data, size_t len, struct nc_out *out);
 static int nc_py_eof(void *user, int fd, int lid, struct nc_out *out);
+static int nc_py_pull(void *user, int fd, int lid, struct nc_out *out);
+static void nc_py_alloc_failed(void *user, int err);
 static void nc_py_close(void *user, int fd);
 static void nc_py_accept_failed(void *user, int err);
 static void nc_py_handoff_lost(void *user, int err);
@@ -115,7 +127,7 @@ static void nc_py_handoff_lost(void *user, int err);
 
 /* ---- connections ------------------------------------------------------------- */
 struct conn {
-    int fd, reading, closing;
+    int fd, reading, closing, held;   /* held: answers wait for a pull (rule 10) */
     int lid, proto;            /* listener id it came in on; cfg.protocols[lid] */
     uint32_t events;
     struct buf out;
@@ -137,6 +149,7 @@ typedef struct nc_core {
     unsigned backoff_ms;
     int handoff_watched, handoff_losing;   /* channel in epoll; in a MSG_CTRUNC episode */
     int64_t now_ms, next_tick_ms;          /* the clock of this wakeup; the next sweep */
+    int alloc_logged;                      /* an allocation failure was logged (once) */
 } nc_core;
 
 #define TAG_CONN 0ULL
@@ -170,13 +183,26 @@ static void conn_close(nc_core *c, struct conn *k, int error)
     if (error) c->st->errors++;
 }
 
-/* Read nothing more; close as soon as pending output is flushed.  May free k. */
+/* Read nothing more; close as soon as pending output is flushed and no answer is held.
+ * May free k. */
 static void conn_finish(nc_core *c, struct conn *k)
 {
     k->closing = 1;
     k->reading = 0;
-    if (k->out.len) ep_set(c, k, EPOLLOUT);
+    if (k->out.len || k->held) ep_set(c, k, EPOLLOUT);
     else conn_close(c, k, 0);
+}
+
+/* An answer could not be allocated: that connection ends (its answers of this call are
+ * not sent), counted, logged once per worker.  Frees k. */
+static void conn_alloc_failed(nc_core *c, struct conn *k)
+{
+    c->st->alloc_failures++;
+    if (!c->alloc_logged) {
+        c->alloc_logged = 1;
+        nc_py_alloc_failed(c->cfg.user, ENOMEM);
+    }
+    conn_close(c, k, 1);
 }
 
 /* Send, keeping order with what is queued.  Returns -1 if k was closed (freed). */
@@ -213,16 +239,74 @@ static int echo_feed(nc_core *c, struct conn *k, const char *data, size_t len)
     return conn_send(c, k, data, len);
 }
 
+static int conn_pull(nc_core *c, struct conn *k);
+
+/* The peer's FIN: a partial request is dropped unanswered (http; echo has nothing), held
+ * answers are still produced, then the connection closes once flushed. */
 static void conn_eof(nc_core *c, struct conn *k)
 {
     if (k->proto == NC_PY) {
         struct nc_out o = {0};
         if (nc_py_eof(c->cfg.user, k->fd, k->lid, &o) < 0) { conn_close(c, k, 1); return; }
         if (conn_send(c, k, o.p, o.len) < 0) return;
+        k->held = o.more;
+    } else {
+        proto_eof(&k->ps);
+        k->held = pstate_more(&k->ps);
     }
-    k->ps.pclosing = 1;  /* a partial request is dropped unanswered (http); echo has nothing */
-    pstate_free(&k->ps);
     conn_finish(c, k);
+}
+
+/* After a feed that left answers held: stop reading, pull.  Returns -1 if k was freed. */
+static int conn_hold(nc_core *c, struct conn *k)
+{
+    k->held = 1;
+    if (k->reading && !k->closing) { k->reading = 0; c->st->output_holds++; }
+    return conn_pull(c, k);
+}
+
+/* Rule 10: pull held answers while the queue is at or below the low mark, at most
+ * max_output bytes per call (EPOLLOUT continues it); once nothing is held, finish or
+ * resume reading.  Returns -1 if k was freed. */
+static int conn_pull(nc_core *c, struct conn *k)
+{
+    int fd = k->fd;
+    uint64_t low = c->cfg.max_output / 2, produced = 0;
+    while (k->held && k->out.len <= low) {
+        if (produced > c->cfg.max_output) break;   /* other connections first */
+        const char *p;
+        size_t len;
+        int64_t n;
+        if (k->proto == NC_PY) {
+            struct nc_out o = {0};
+            n = nc_py_pull(c->cfg.user, fd, k->lid, &o);
+            if (n < 0) { conn_close(c, k, 1); return -1; }   /* handler bug: this connection */
+            p = o.p; len = o.len;
+            k->held = o.more;
+            if (o.closing) k->ps.pclosing = 1;
+        } else {
+            n = proto_http_pull(&c->proto, &k->ps, &p, &len);
+            if (n < 0) { conn_alloc_failed(c, k); return -1; }
+            k->held = pstate_more(&k->ps);
+        }
+        c->st->requests += (uint64_t)n;
+        produced += len;
+        if (conn_send(c, k, p, len) < 0) return -1;
+        if (k->proto != NC_PY) proto_scratch_done(&c->proto);
+    }
+    if (k->held) { ep_set(c, k, EPOLLOUT); return 0; }   /* writable: pull again */
+    if (k->ps.pclosing && !k->closing) {
+        conn_finish(c, k);
+        return c->conns[fd] ? 0 : -1;
+    }
+    if (k->closing) {
+        if (!k->out.len) { conn_close(c, k, 0); return -1; }
+        ep_set(c, k, EPOLLOUT);
+        return 0;
+    }
+    if (k->out.len <= low) k->reading = 1;   /* resume (rule 2's condition) */
+    ep_set(c, k, (k->reading ? EPOLLIN : 0) | (k->out.len ? EPOLLOUT : 0));
+    return 0;
 }
 
 /* One recv; returns 1 if data was handled and the connection may be read again,
@@ -257,19 +341,20 @@ static int conn_read_once(nc_core *c, struct conn *k)
             k->ps.pclosing = 1;
             conn_finish(c, k);
             if (!c->conns[fd]) return -1;
-        }
+        } else if (o.more && conn_hold(c, k) < 0) return -1;
     } else {
-        c->proto.scratch.head = c->proto.scratch.len = 0;
         c->st->bytes_in += (uint64_t)r;
-        uint64_t n = proto_http_feed(&c->proto, &k->ps, c->rbuf, (size_t)r);
-        c->st->requests += n;
+        int64_t n = proto_http_feed(&c->proto, &k->ps, c->rbuf, (size_t)r);
+        if (n < 0) { conn_alloc_failed(c, k); return -1; }
+        c->st->requests += (uint64_t)n;
         if (pstate_partial(&k->ps) || k->pol.req_start_ms)   /* rule 7: only around a partial one */
-            pol_progress(&k->pol, pstate_partial(&k->ps), n, (uint64_t)r, c->now_ms);
+            pol_progress(&k->pol, pstate_partial(&k->ps), (uint64_t)n, (uint64_t)r, c->now_ms);
         if (conn_send(c, k, c->proto.scratch.p, c->proto.scratch.len) < 0) return -1;
+        proto_scratch_done(&c->proto);
         if (k->ps.pclosing && !k->closing) {
             conn_finish(c, k);
             if (!c->conns[fd]) return -1;
-        }
+        } else if (pstate_more(&k->ps) && conn_hold(c, k) < 0) return -1;
     }
     return k->reading ? 1 : 0;
 }
@@ -286,6 +371,10 @@ static void conn_writable(nc_core *c, struct conn *k)
         }
         c->st->bytes_out += (uint64_t)s;
         buf_consume(o, (size_t)s);
+    }
+    if (k->held) {   /* rule 10: pull the next answers once the queue is low */
+        if (o->len <= c->cfg.max_output / 2) conn_pull(c, k);
+        return;
     }
     if (o->len) {
         if (!k->reading && !k->closing && o->len <= c->cfg.max_output / 2) {
@@ -498,7 +587,8 @@ static nc_core *nc_new(const struct nc_config *cfg, struct nc_stats *st, int *er
     c->backoff_ms = c->cfg.accept_backoff_ms;
     c->now_ms = now_ms();
     c->next_tick_ms = c->now_ms + c->cfg.limits.tick_ms;
-    proto_init(&c->proto, c->cfg.message_size, c->cfg.max_header_bytes, c->cfg.max_body_bytes);
+    proto_init(&c->proto, c->cfg.message_size, c->cfg.max_header_bytes, c->cfg.max_body_bytes,
+               c->cfg.max_output);
     struct epoll_event ev = {.events = EPOLLIN, .data.u64 = MK(TAG_STOP, 0)};
     if (cfg->stop_fd >= 0 && epoll_ctl(c->ep, EPOLL_CTL_ADD, cfg->stop_fd, &ev) < 0) goto fail;
     for (int i = 0; i < cfg->nlisteners; i++)

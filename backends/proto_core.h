@@ -7,13 +7,29 @@
  * the conformance suite sends (tests/test_native.py compares the two byte for byte):
  * GET/HEAD of "/" and "/plaintext" answer "Hello, World!", "GET /bytes/N" answers N
  * bytes (N = 1 to 8 digits, at most BYTES_MAX = 16 MiB; the body is BYTES_PATTERN
- * repeated; any other N is a 404, like an unknown path), errors 400/404/405/413/414/
+ * repeated; any other N is a 404, like an unknown path), "GET /work/US" burns US
+ * microseconds (1 to 8 digits) of the worker thread's CPU time (CLOCK_THREAD_CPUTIME_ID)
+ * and answers as "GET /", errors 400/404/405/413/414/
  * 431/501 as the Python protocol.  State is per connection (struct pstate) and per
  * worker (struct proto: the response table, rebuilt once a second for its Date line,
  * and the scratch buffer answers are built in).
+ *
+ * Bounded output (core/policy.py rule 10, core/protocols/base.py): one feed or pull
+ * answers at most about `budget` bytes (at least one answer or one body piece) and keeps
+ * the rest of its input (`pstate.held`: `in` then holds unparsed input); a /bytes body
+ * larger than INLINE_MAX, or than what is left of the budget, is streamed by
+ * proto_http_pull in pieces of at most min(budget, PIECE_MAX) bytes pointing into one
+ * shared, read-only block (no copy, no allocation).  A core pulls while its connection's
+ * pending output is at or below half of max_output, and reads nothing from it meanwhile,
+ * so a few bytes of requests can never make it allocate more than about max_output.
+ * Allocation failure anywhere in an answer makes feed/pull return PROTO_ENOMEM: the core
+ * closes that connection, sending nothing of the answers built in that call.
+ *
+ * Self-contained: no _GNU_SOURCE needed (find_bytes instead of memmem).
  */
 #ifndef PROTO_CORE_H
 #define PROTO_CORE_H
+#include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -21,7 +37,35 @@
 #include <time.h>
 
 #define BYTES_MAX (16 * 1024 * 1024)
+#define PIECE_MAX (1 << 20)         /* largest streamed body piece (core/protocols/http.py) */
+#define INLINE_MAX (16 * 1024)      /* a body up to this size is copied into its answer */
+#define SCRATCH_KEEP (256 * 1024)   /* a scratch buffer grown past this is freed after use */
+#define PROTO_ENOMEM (-1)
 static const char BYTES_PATTERN[65] = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ+/";
+
+/* The first occurrence of needle[0..m) in hay[0..n), or NULL (memmem's contract, m >= 1). */
+static const char *find_bytes(const char *hay, size_t n, const char *needle, size_t m)
+{
+    const char *end = hay + n;
+    while ((size_t)(end - hay) >= m) {
+        const char *q = memchr(hay, needle[0], (size_t)(end - hay) - m + 1);
+        if (!q) return NULL;
+        if (!memcmp(q, needle, m)) return q;
+        hay = q + 1;
+    }
+    return NULL;
+}
+
+/* Every /bytes body is BYTES_PATTERN repeated, so any piece of any body is a slice of
+ * this one block: filled once per process, read-only afterwards, shared by all workers. */
+static char body_block[PIECE_MAX + 64];
+static pthread_once_t body_block_once = PTHREAD_ONCE_INIT;
+static void body_block_fill(void)
+{
+    for (size_t i = 0; i < sizeof body_block; i++) body_block[i] = BYTES_PATTERN[i % 64];
+}
+static const char *body_piece(uint64_t offset) { return body_block + offset % 64; }
+static int proto_is_body_piece(const char *p) { return p >= body_block && p < body_block + sizeof body_block; }
 
 /* ---- growable byte buffer with a consumed prefix ---------------------------- */
 struct buf { char *p; size_t head, len, cap; };  /* data is p[head .. head+len) */
@@ -174,12 +218,13 @@ static int valid_host(const char *p, size_t n)
 }
 
 /* idx: the table answer; nbytes >= 0: GET/HEAD /bytes/N instead (built by
- * proto_answer, with idx's connection mode). */
-struct parsed { int idx; uint64_t clen; int close, head; int64_t nbytes; };
+ * proto_answer, with idx's connection mode); work_us > 0: GET/HEAD /work/US (burn that
+ * much thread CPU time, then the table answer). */
+struct parsed { int idx; uint64_t clen; int close, head; int64_t nbytes, work_us; };
 
 static struct parsed perr(int spec, int head)
 {
-    struct parsed r = {RIDX(spec, head, C_CLOSE), 0, 1, head, -1};
+    struct parsed r = {RIDX(spec, head, C_CLOSE), 0, 1, head, -1, 0};
     return r;
 }
 
@@ -196,10 +241,33 @@ static int64_t bytes_route(const char *path, size_t plen)
     return v <= BYTES_MAX ? v : -1;
 }
 
+/* "/work/US": US is 1 to 8 ASCII digits; -1 if path is not such a route (a 404). */
+static int64_t work_route(const char *path, size_t plen)
+{
+    if (plen < 7 || plen > 14 || memcmp(path, "/work/", 6)) return -1;
+    int64_t v = 0;
+    for (size_t i = 6; i < plen; i++) {
+        if (path[i] < '0' || path[i] > '9') return -1;
+        v = v * 10 + (path[i] - '0');
+    }
+    return v;
+}
+
+/* GET /work/US: burn us microseconds of this thread's CPU time (a preempted worker
+ * still owes its work). */
+static void spin_us(int64_t us)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+    int64_t end = (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec + us * 1000;
+    do clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+    while ((int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec < end);
+}
+
 /* Parse one header section (no final CRLFCRLF, no leading CRLF). */
 static struct parsed http_parse(const char *b, size_t n)
 {
-    const char *le = memmem(b, n, "\r\n", 2);
+    const char *le = find_bytes(b, n, "\r\n", 2);
     size_t llen = le ? (size_t)(le - b) : n;
     /* header lines: token ":" [\t\x20-\x7e\x80-\xff]*, joined by CRLF */
     if (le) {
@@ -243,7 +311,7 @@ static struct parsed http_parse(const char *b, size_t n)
     if (le) {
         const char *q = le + 2, *bend = b + n;
         while (q < bend) {
-            const char *eol = memmem(q, (size_t)(bend - q), "\r\n", 2);
+            const char *eol = find_bytes(q, (size_t)(bend - q), "\r\n", 2);
             if (!eol) eol = bend;
             const char *colon = memchr(q, ':', (size_t)(eol - q));
             size_t nl = (size_t)(colon - q);
@@ -280,15 +348,19 @@ static struct parsed http_parse(const char *b, size_t n)
     uint64_t clen = 0;
     if (nlen) {
         if (badlen || !len0n) return perr(S400, head);
+        /* Saturates at 2^62 ("too large", as the Python protocol's 1 << 62) before the
+         * multiplication could wrap: 2^62 is far above any body limit, so every length
+         * past it gets the same verdict (413) as its exact value would. */
+        const uint64_t sat = 1ULL << 62;
         for (size_t i = 0; i < len0n; i++) {
             if (len0[i] < '0' || len0[i] > '9') return perr(S400, head);
-            if (clen < (1ULL << 62)) clen = clen * 10 + (uint64_t)(len0[i] - '0');
-            if (clen > (1ULL << 62)) clen = 1ULL << 62;
+            uint64_t d = (uint64_t)(len0[i] - '0');
+            clen = clen > (sat - d) / 10 ? sat : clen * 10 + d;
         }
     }
     int conn = has_close ? C_CLOSE : http11 ? C_KEEP : has_keep ? C_KEEP10 : C_CLOSE;
     int spec;
-    int64_t nbytes = -1;
+    int64_t nbytes = -1, work = 0;
     if (!get && !head) {
         spec = S405;
     } else {
@@ -316,10 +388,16 @@ static struct parsed http_parse(const char *b, size_t n)
             if (!plen) { path = "/"; plen = 1; }
         }
         int found = (plen == 1 && path[0] == '/') || (plen == 10 && !memcmp(path, "/plaintext", 10));
-        nbytes = found ? -1 : bytes_route(path, plen);
+        if (!found && plen >= 6 && !memcmp(path, "/work/", 6)) {
+            work = work_route(path, plen);
+            found = work >= 0;
+            if (work < 0) work = 0;
+        } else if (!found) {
+            nbytes = bytes_route(path, plen);
+        }
         spec = found || nbytes >= 0 ? S200 : S404;
     }
-    struct parsed r = {RIDX(spec, head, conn), clen, conn == C_CLOSE, head, nbytes};
+    struct parsed r = {RIDX(spec, head, conn), clen, conn == C_CLOSE, head, nbytes, work};
     return r;
 }
 
@@ -327,95 +405,140 @@ static struct parsed http_parse(const char *b, size_t n)
 /* ---- per worker and per connection state --------------------------------------- */
 struct proto {
     struct resp_table table;
-    struct buf scratch;             /* the answers to one received chunk */
+    struct buf scratch;             /* the answers of one feed or pull call */
     unsigned message_size, max_header_bytes;
     uint64_t max_body_bytes;
+    size_t budget;                  /* output per call (max_output / 2), at least 1 */
 };
 
 struct pstate {
     int pclosing;                   /* the protocol is done: answer, then close */
     uint64_t partial;               /* echo: bytes of the message in progress */
-    struct buf in;                  /* http: start of a partial header section */
+    struct buf in;                  /* http: a partial header section, or (held) unparsed input */
+    int held;                       /* http: `in` holds input kept back by the budget */
+    int eof;                        /* http: the peer half-closed while answers were held */
     uint64_t skip;                  /* http: body bytes still to discard */
     struct parsed pending;          /* http: answered once the body is discarded */
+    uint64_t body_left, body_sent;  /* http: a /bytes body being streamed by pull */
+    int body_close;                 /* http: that answer closes the connection */
 };
 
 static void proto_init(struct proto *p, unsigned message_size, unsigned max_header_bytes,
-                       uint64_t max_body_bytes)
+                       uint64_t max_body_bytes, uint64_t max_output)
 {
     memset(p, 0, sizeof *p);
     p->message_size = message_size;
     p->max_header_bytes = max_header_bytes ? max_header_bytes : 8192;
     p->max_body_bytes = max_body_bytes;
+    p->budget = max_output / 2 ? (size_t)(max_output / 2) : 1;
+    pthread_once(&body_block_once, body_block_fill);
     build_table(&p->table, time(NULL));
 }
 
 static void proto_free(struct proto *p) { buf_free(&p->scratch); }
 static void pstate_free(struct pstate *k) { buf_free(&k->in); }
 
-/* An incomplete request is held (the header timeout's question). */
-static int pstate_partial(const struct pstate *k) { return k->in.len > 0 || k->skip > 0; }
+/* After a call's output is sent (or copied): a scratch buffer that grew large for it
+ * (thousands of pipelined answers) goes back, so an idle worker holds no big buffer. */
+static void proto_scratch_done(struct proto *p)
+{
+    if (p->scratch.cap > SCRATCH_KEEP) buf_free(&p->scratch);
+}
 
-/* Append the answer to a parsed request: a table entry, or GET/HEAD /bytes/N. */
-static void proto_answer(struct proto *p, const struct parsed *r)
+/* An incomplete request is being received (the header timeout's question); held input
+ * is not: the core is not reading it. */
+static int pstate_partial(const struct pstate *k) { return (k->in.len > 0 && !k->held) || k->skip > 0; }
+
+/* Answers are held for proto_http_pull (rule 10: the core stops reading meanwhile). */
+static int pstate_more(const struct pstate *k) { return !k->pclosing && (k->held || k->body_left > 0); }
+
+/* Closing: nothing held or buffered is answered any more. */
+static void pstate_stop(struct pstate *k)
+{
+    k->pclosing = 1;
+    k->held = 0;
+    k->skip = 0;
+    k->body_left = 0;
+    buf_free(&k->in);
+}
+
+/* The peer's FIN: a partial request is dropped unanswered; held answers come first. */
+static void proto_eof(struct pstate *k)
+{
+    if (pstate_more(k)) k->eof = 1;
+    else pstate_stop(k);
+}
+
+/* Append the answer to a parsed request to the scratch buffer: a table entry, or the
+ * headers of GET/HEAD /bytes/N with its body inline when small and within `room`, else
+ * streamed by proto_http_pull (k->body_left).  0, or PROTO_ENOMEM. */
+static int proto_answer(struct proto *p, struct pstate *k, const struct parsed *r, size_t room)
 {
     struct resp_table *t = &p->table;
-    if (r->nbytes < 0) { buf_append(&p->scratch, t->resp[r->idx], t->rlen[r->idx]); return; }
+    if (r->work_us > 0) spin_us(r->work_us);
+    if (r->nbytes < 0) return buf_append(&p->scratch, t->resp[r->idx], t->rlen[r->idx]);
     char head[256];
     int n = snprintf(head, sizeof head,
                      "HTTP/1.1 200 OK\r\nServer: parallelnet\r\nContent-Type: application/octet-stream\r\n"
                      "Content-Length: %lld\r\n%s%s\r\n", (long long)r->nbytes, t->date, conn_line[r->idx % 3]);
-    buf_append(&p->scratch, head, (size_t)n);
-    if (r->head) return;
-    static char block[4096];        /* BYTES_PATTERN repeated: the body in 4 KiB copies */
-    if (!block[0]) for (size_t i = 0; i < sizeof block; i++) block[i] = BYTES_PATTERN[i % 64];
-    for (int64_t left = r->nbytes; left > 0; left -= (int64_t)sizeof block)
-        buf_append(&p->scratch, block, left < (int64_t)sizeof block ? (size_t)left : sizeof block);
+    if (buf_append(&p->scratch, head, (size_t)n) < 0) return PROTO_ENOMEM;
+    uint64_t body = r->head ? 0 : (uint64_t)r->nbytes;
+    if (body <= INLINE_MAX && body + (size_t)n <= room)
+        return body ? buf_append(&p->scratch, body_piece(0), (size_t)body) : 0;
+    k->body_left = body;
+    k->body_sent = 0;
+    k->body_close = r->close;
+    return 0;
 }
 
 /* Echo: the requests this chunk completed (the bytes go back as they are). */
 static uint64_t proto_echo_count(struct proto *p, struct pstate *k, size_t len)
 {
     unsigned ms = p->message_size;
-    if (!ms) return 1;
+    if (!ms) return len ? 1 : 0;   /* one message per non-empty chunk, as echo.py counts */
     k->partial += len;
     uint64_t n = k->partial / ms;
     k->partial %= ms;
     return n;
 }
 
-/* The HTTP protocol over one received chunk; answers are appended to p->scratch.
- * Returns the number of responses produced. */
-static uint64_t proto_http_feed(struct proto *p, struct pstate *k, const char *data, size_t dlen)
+/* Parse and answer data[0..dlen) after what `in` holds (a partial header section or held
+ * input), into the scratch buffer, until the budget is spent.  Returns the number of
+ * answers, or PROTO_ENOMEM. */
+static int64_t http_run(struct proto *p, struct pstate *k, const char *data, size_t dlen)
 {
     struct buf *sc = &p->scratch;
-    uint64_t n = 0;
-    time_t now = time(NULL);
-    if (now != p->table.sec) build_table(&p->table, now);
+    int64_t n = 0;
     struct resp_table *t = &p->table;
-    size_t lim = p->max_header_bytes;
+    size_t lim = p->max_header_bytes, budget = p->budget;
 
-    if (k->pclosing) return 0;
     if (k->skip) {
         if (dlen < k->skip) { k->skip -= dlen; return 0; }
         data += k->skip;
         dlen -= k->skip;
         k->skip = 0;
-        proto_answer(p, &k->pending);
+        if (proto_answer(p, k, &k->pending, budget) < 0) return PROTO_ENOMEM;
         n++;
-        if (k->pending.close) { k->pclosing = 1; return n; }
+        if (k->body_left) {   /* streamed: the rest of this chunk waits behind it */
+            if (dlen && buf_append(&k->in, data, dlen) < 0) return PROTO_ENOMEM;
+            k->held = dlen > 0;
+            return n;
+        }
+        if (k->pending.close) { pstate_stop(k); return n; }
     }
     int from_in = 0;
     if (k->in.len) {
-        if (buf_append(&k->in, data, dlen) < 0) { k->pclosing = 1; return n; }
+        if (buf_append(&k->in, data, dlen) < 0) return PROTO_ENOMEM;
         data = k->in.p + k->in.head;
         dlen = k->in.len;
         from_in = 1;
     }
     size_t pos = 0;
+    int hold = 0;
     while (pos < dlen) {
+        if (sc->len >= budget) { hold = 1; break; }   /* the budget is spent: the rest waits */
         if (dlen - pos >= 2 && data[pos] == '\r' && data[pos + 1] == '\n') { pos += 2; continue; }
-        const char *e = memmem(data + pos, dlen - pos, "\r\n\r\n", 4);
+        const char *e = find_bytes(data + pos, dlen - pos, "\r\n\r\n", 4);
         size_t end = e ? (size_t)(e - data) : 0;
         if (e && end + 4 - pos <= lim) {
             struct parsed r = http_parse(data + pos, end - pos);
@@ -423,7 +546,7 @@ static uint64_t proto_http_feed(struct proto *p, struct pstate *k, const char *d
             if (r.clen) {
                 if (r.clen > p->max_body_bytes) {
                     int i = RIDX(S413, r.head, C_CLOSE);
-                    buf_append(sc, t->resp[i], t->rlen[i]);
+                    if (buf_append(sc, t->resp[i], t->rlen[i]) < 0) return PROTO_ENOMEM;
                     n++;
                     k->pclosing = 1;
                     break;
@@ -436,8 +559,9 @@ static uint64_t proto_http_feed(struct proto *p, struct pstate *k, const char *d
                 }
                 pos += r.clen;
             }
-            proto_answer(p, &r);
+            if (proto_answer(p, k, &r, budget > sc->len ? budget - sc->len : 0) < 0) return PROTO_ENOMEM;
             n++;
+            if (k->body_left) { hold = pos < dlen; break; }
             if (r.close) { k->pclosing = 1; break; }
             continue;
         }
@@ -455,7 +579,7 @@ static uint64_t proto_http_feed(struct proto *p, struct pstate *k, const char *d
         if (lf != crlf) err = RIDX(S400, 0, C_CLOSE);
         else if (dlen - pos > lim) err = RIDX(have_crlf ? S431 : S414, 0, C_CLOSE);
         if (err >= 0) {
-            buf_append(sc, t->resp[err], t->rlen[err]);
+            if (buf_append(sc, t->resp[err], t->rlen[err]) < 0) return PROTO_ENOMEM;
             n++;
             k->pclosing = 1;
             pos = dlen;
@@ -463,13 +587,67 @@ static uint64_t proto_http_feed(struct proto *p, struct pstate *k, const char *d
         }
         break;  /* keep data[pos:] for later */
     }
+    k->held = hold;
     if (k->pclosing) {
-        buf_free(&k->in);
+        pstate_stop(k);
     } else if (from_in) {
         buf_consume(&k->in, pos);
     } else if (pos < dlen) {
-        buf_append(&k->in, data + pos, dlen - pos);
+        if (buf_append(&k->in, data + pos, dlen - pos) < 0) return PROTO_ENOMEM;
     }
+    return n;
+}
+
+/* The HTTP protocol over one received chunk; answers go to p->scratch (reset here).
+ * Returns the number of responses produced, or PROTO_ENOMEM.  While answers are held
+ * (a completion core may still deliver data it received before it stopped reading),
+ * the chunk is queued behind them and the answers come from proto_http_pull. */
+static int64_t proto_http_feed(struct proto *p, struct pstate *k, const char *data, size_t dlen)
+{
+    p->scratch.head = p->scratch.len = 0;
+    time_t now = time(NULL);
+    if (now != p->table.sec) build_table(&p->table, now);
+    if (k->pclosing) return 0;
+    if (k->held || k->body_left) {
+        if (dlen && buf_append(&k->in, data, dlen) < 0) return PROTO_ENOMEM;
+        k->held = k->in.len > 0;
+        return 0;
+    }
+    return http_run(p, k, data, dlen);
+}
+
+/* The next held answers (pstate_more): a piece of the body being streamed (pointing into
+ * the shared block: send it or copy it before the next call), or the answers to held
+ * input in p->scratch.  *out and *len: what to send.  Returns the responses produced, or
+ * PROTO_ENOMEM.  Sets pclosing once an answer that closes, or a half-close, is done. */
+static int64_t proto_http_pull(struct proto *p, struct pstate *k, const char **out, size_t *len)
+{
+    p->scratch.head = p->scratch.len = 0;
+    *out = p->scratch.p;
+    *len = 0;
+    if (k->pclosing) return 0;
+    if (k->body_left) {
+        uint64_t size = k->body_left;
+        if (size > p->budget) size = p->budget;
+        if (size > PIECE_MAX) size = PIECE_MAX;
+        *out = body_piece(k->body_sent);
+        *len = (size_t)size;
+        k->body_left -= size;
+        k->body_sent += size;
+        if (!k->body_left && (k->body_close || (k->eof && !k->held))) pstate_stop(k);
+        return 0;
+    }
+    int64_t n = 0;
+    if (k->held) {
+        time_t now = time(NULL);
+        if (now != p->table.sec) build_table(&p->table, now);
+        k->held = 0;
+        n = http_run(p, k, "", 0);
+        if (n < 0) return n;
+        *out = p->scratch.p;
+        *len = p->scratch.len;
+    }
+    if (k->eof && !pstate_more(k)) pstate_stop(k);
     return n;
 }
 

@@ -128,8 +128,11 @@ class ReactorTransport(asyncio.Transport):
         return len(self._out)
 
     def set_write_buffer_limits(self, high=None, low=None) -> None:
+        """As asyncio's transports: new marks apply at once (pause or resume now)."""
         self._high = 64 * 1024 if high is None else high
         self._low = self._high // 4 if low is None else low
+        self._check_high()
+        self._check_low()
 
     def get_write_buffer_limits(self):
         return self._low, self._high

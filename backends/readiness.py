@@ -398,6 +398,43 @@ class ReadinessLoop(Backend):
             self._send(conn, out)
         if proto.closing and not conn.closing:
             self._finish(conn)
+        elif proto.more and conn.fd >= 0:
+            self._policy.hold(conn)
+            self._pull(conn)
+
+    def _pull(self, conn: Connection) -> None:
+        """Rule 10: held answers, pulled while pending output is at or below the low
+        mark; at most ``max_output`` bytes per call, then the next writable event goes on
+        (other connections get their turn)."""
+        proto = conn.proto
+        policy = self._policy
+        stats = self.ctx.stats
+        produced = 0
+        while proto.more and len(conn.out) <= policy.low:
+            if produced > policy.high:
+                self._set_events(conn, self.EV_WRITE)   # writable again: continue
+                return
+            try:
+                out, n = proto.pull()
+            except Exception:  # noqa: BLE001 - a handler bug closes one connection only
+                self._handler_failed(conn)
+                return
+            stats.requests += n
+            produced += len(out)
+            if out:
+                self._send(conn, out)
+                if conn.fd < 0:
+                    return
+        if proto.more:
+            return   # pending > low: the writable event pulls again once it drains
+        action = policy.released(conn, len(conn.out))
+        if proto.closing and not conn.closing:
+            self._finish(conn)
+        elif action == CLOSE:
+            self._close(conn)
+        elif action == RESUME or not conn.out:
+            self._set_events(conn, (self.EV_READ if conn.reading else 0)
+                             | (self.EV_WRITE if conn.out else 0))
 
     def _on_eof(self, conn: Connection) -> None:
         out = self._policy.eof(conn.proto, _where(conn))
@@ -459,6 +496,10 @@ class ReadinessLoop(Backend):
             del out[:sent]  # O(1) at the front of a bytearray in CPython
             if not self.edge_triggered:
                 break
+        if conn.held:
+            if len(out) <= self._policy.low:
+                self._pull(conn)   # rule 10: sends, resumes or closes as it must
+            return
         action = self._policy.sent(conn, len(out))
         if action == CLOSE:
             self._close(conn)

@@ -207,7 +207,7 @@ def load():
     if err != ffi.NULL:
         raise BackendError(f"liburing from the wheel unusable: {ffi.string(err).decode()}")
     if not _notes_installed:
-        install_notes(ffi, "uc_py_accept_paused", "uc_py_handoff_lost")
+        install_notes(ffi, "uc_py_accept_paused", "uc_py_handoff_lost", "uc_py_alloc_failed")
         _notes_installed = True
     return ffi, lib
 
@@ -690,8 +690,9 @@ class UringBackend(IoUringBackend):
         backend, ring = self, self.ring
         lib, core = ring.lib, ring.core
         EV_DATA, EV_OPEN, EV_CLOSED, EV_EOF = lib.EV_DATA, lib.EV_OPEN, lib.EV_CLOSED, lib.EV_EOF
-        EV_DRAINED, EV_STOP, EV_TICK = lib.EV_DRAINED, lib.EV_STOP, lib.EV_TICK
+        EV_DRAINED, EV_STOP, EV_TICK, EV_PULL = lib.EV_DRAINED, lib.EV_STOP, lib.EV_TICK, lib.EV_PULL
         send_buf, send_copy, finish, close = lib.uc_send_buf, lib.uc_send_copy, lib.uc_finish, lib.uc_close
+        hold, pulled = lib.uc_hold, lib.uc_pulled
         progress = lib.uc_progress
         from_buffer = ring.ffi.from_buffer
         protos = self.protos
@@ -749,6 +750,25 @@ class UringBackend(IoUringBackend):
                     if rc < 0:
                         send_failed(cid, rc)
                     elif proto.closing:
+                        finish(core, cid)
+                    elif proto.more:   # rule 10: answers held; the core sends EV_PULL
+                        hold(core, cid, 1)
+                elif kind == EV_PULL:   # rule 10: the connection's output is low again
+                    proto = protos[cid]
+                    try:
+                        out, k = proto.pull()
+                    except Exception:  # noqa: BLE001 - a handler bug closes one connection only
+                        policy.handler_failed(proto, cid)
+                        close(core, cid, 1)
+                        continue
+                    requests += k
+                    rc = send_copy(core, cid, out if type(out) is bytes else from_buffer(out),
+                                   len(out)) if out else 0
+                    if rc < 0:
+                        send_failed(cid, rc)
+                        continue
+                    pulled(core, cid, proto.more)
+                    if proto.closing:
                         finish(core, cid)
                 elif kind == EV_OPEN:   # ev[i + 3]: the listener id it came in on
                     protos[cid] = factories[ev[i + 3]]()

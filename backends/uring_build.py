@@ -27,6 +27,7 @@ CDEF = """
 #define EV_STOP ...
 #define EV_DRAINED ...
 #define EV_TICK ...
+#define EV_PULL ...
 #define MAX_LISTENERS ...
 #define UC_PY ...
 #define UC_ECHO ...
@@ -50,7 +51,8 @@ struct uc_stats {
              handoffs, handoff_lost, handoff_wakeups, fixed_files, sendzc_ops, sendzc_notifs,
              idle_trims, msg_handoffs, malloc_trims, sendzc_held_max, blocking_waits, empty_waits,
              last_accept_error, failed, windowed_waits, window_us, arrival_per_s, accept_bursts,
-             ring_fd_registered, util_pct, window_bans, requests, opened, closed, errors, idle_timeouts, header_timeouts;
+             ring_fd_registered, util_pct, window_bans, requests, opened, closed, errors, idle_timeouts, header_timeouts,
+             output_holds, alloc_failures;
     uint64_t l_accepted[...], l_accept_cqes[...];
 };
 struct uc_config {
@@ -76,6 +78,7 @@ typedef struct uc_core uc_core;
 
 extern "Python" void uc_py_accept_paused(void *, int);
 extern "Python" void uc_py_handoff_lost(void *, int);
+extern "Python" void uc_py_alloc_failed(void *, int);
 
 const char *uc_init(const char *path);
 int uc_lib_version(void);
@@ -87,6 +90,8 @@ int uc_wait(uc_core *c, int timeout_ms);
 int uc_send_copy(uc_core *c, int id, const char *p, size_t len);
 int uc_send_buf(uc_core *c, int id, int bid, unsigned off, unsigned len);
 void uc_finish(uc_core *c, int id);
+void uc_hold(uc_core *c, int id, int more);
+void uc_pulled(uc_core *c, int id, int more);
 void uc_close(uc_core *c, int id, int error);
 void uc_drain_begin(uc_core *c);
 void uc_shutdown(uc_core *c);

@@ -21,6 +21,14 @@
  *  - A provided buffer handed to Python (LENT) returns to the ring at the next
  *    uc_wait(), unless Python sent it back (PINNED): then it returns when that send
  *    completes.  The kernel never writes a buffer that is not in the ring.
+ *
+ * Bounded output (core/policy.py rule 10): a protocol that holds answers back at its
+ * output budget makes its connection *held* (uc_hold): reading stops as under
+ * backpressure (not counted as such: output_holds), and each time the connection's
+ * pending output is at or below max_output / 2 the core emits one EV_PULL, on which the
+ * protocol produces its next answers (at most its budget, one pull per event: other
+ * connections get their turn in between).  A held connection that finishes closes only
+ * once nothing is held and everything is sent.
  */
 #include <dlfcn.h>
 #include <malloc.h>
@@ -46,6 +54,7 @@
  * core/handoff.py's rule).  Not called when cfg.user is NULL (the probe's ring). */
 static void uc_py_accept_paused(void *user, int err);
 static void uc_py_handoff_lost(void *user, int err);
+static void uc_py_alloc_failed(void *user, int err);
 
 /* ---- kernel ABI (include/uapi/linux/io_uring.h), only what we use ---------------- */
 struct io_uring_sqe {               /* 64 bytes */
@@ -156,11 +165,15 @@ static int uc_lib_version(void) { return uc_ready ? p_io_uring_major_version() *
 static int uc_nop(int x) { return x + 1; }  /* for measuring the bare cost of one cffi call */
 
 /* ---- the core ------------------------------------------------------------------ */
-enum { EV_OPEN = 1, EV_DATA, EV_EOF, EV_CLOSED, EV_STOP, EV_DRAINED, EV_TICK };
+enum { EV_OPEN = 1, EV_DATA, EV_EOF, EV_CLOSED, EV_STOP, EV_DRAINED, EV_TICK, EV_PULL };
 enum { UC_PY = 0, UC_ECHO, UC_HTTP };
 /* OP_MSG is never submitted by this ring: the acceptor's IORING_OP_MSG_RING posts it. */
 enum { OP_ACCEPT = 1, OP_RECV, OP_SEND, OP_STOP, OP_CANCEL, OP_HANDOFF, OP_MSG, OP_SENDZC };
 enum { B_RING = 0, B_LENT, B_PINNED, B_FREE };
+/* struct chunk.bid when the chunk is not a provided buffer: malloc'd (freed when sent),
+ * or static memory (proto_core.h's body block: never freed). */
+#define CHUNK_HEAP (-1)
+#define CHUNK_STATIC (-2)
 #define UD(op, id) (((uint64_t)(uint32_t)(id) << 8) | (op))
 #define BGID 1
 #define MAX_LISTENERS 8
@@ -176,7 +189,9 @@ struct uc_stats {
              last_accept_error, failed, windowed_waits, window_us, arrival_per_s, accept_bursts,
              ring_fd_registered, util_pct, window_bans,
              /* the C-protocol mode's own (Python keeps these itself otherwise): */
-             requests, opened, closed, errors, idle_timeouts, header_timeouts;
+             requests, opened, closed, errors, idle_timeouts, header_timeouts,
+             /* rule 10 and allocation failures (both modes): */
+             output_holds, alloc_failures;
     /* Per listener id (the address a connection came in on): small arrays, one increment
      * beside the total's, so they add up to accepted and accept_cqes. */
     uint64_t l_accepted[MAX_LISTENERS], l_accept_cqes[MAX_LISTENERS];
@@ -226,6 +241,7 @@ struct conn {
     uint8_t used, reading, paused, recv_armed, recv_cancel, sending, closing, dead,
             eof, starved, drain_read, error, fixed;
     uint8_t was_paused;             /* in a backpressure episode since its queue last emptied */
+    uint8_t held, pull_due;         /* rule 10: answers held; an EV_PULL is on its way */
     uint8_t lid;                    /* listener id: which address (and protocol) it came in on */
     uint64_t send_ud;               /* user_data of the send in flight (cancel) */
     uint64_t pending;               /* bytes queued or in flight */
@@ -272,6 +288,7 @@ struct uc_core {
     int ab_probing, ab_windowed; int64_t ab_t0, now_ns, banned_until_ns, ban_ns;
     uint64_t ab_cqes, ab_windows0; double ab_rate;
     struct proto proto;             /* C-protocol mode: response table and scratch */
+    int alloc_logged;               /* an allocation failure was logged (once per worker) */
     struct pstate *ps; int ps_cap;  /* C-protocol mode: per connection id */
     int64_t next_tick_ms;
     uint64_t zc_outstanding;        /* SEND_ZC notifications due */
@@ -393,7 +410,7 @@ static void chunk_done(uc_core *c, struct chunk *h)
 {
     if (h->zc_refs) { h->detached = 1; h->next = NULL; return; }
     if (h->bid >= 0) buf_recycle(c, h->bid);
-    else { free(h->base); c->freed_copies += h->len; }
+    else if (h->bid == CHUNK_HEAP) { free(h->base); c->freed_copies += h->len; }
     free(h);
 }
 
@@ -577,6 +594,17 @@ static void on_recv_terminal(uc_core *c, int id)
     if (k->reading && !k->starved) arm_recv(c, id);
 }
 
+/* Rule 10: a held connection whose pending output is at or below the low mark gets one
+ * EV_PULL (until the protocol has answered it with uc_hold). */
+static void pull_check(uc_core *c, int id)
+{
+    struct conn *k = &c->conns[id];
+    if (k->held && !k->pull_due && !k->dead && k->pending <= c->cfg.max_output / 2) {
+        k->pull_due = 1;
+        emit(c, EV_PULL, id, 0, 0);
+    }
+}
+
 /* A send's result: account it, send the rest or the next chunk, resume or close. */
 static void on_send_result(uc_core *c, int id, int res)
 {
@@ -595,9 +623,10 @@ static void on_send_result(uc_core *c, int id, int res)
         /* A backpressure backlog has drained: its copies' heap goes back to the OS at
          * the next wait (not in steady state, where a trim is only a latency blip). */
         if (k->was_paused) { k->was_paused = 0; c->trim_due = 1; }
-        if (k->closing) { conn_kill(c, id, 0); return; }
+        if (k->closing && !k->held) { conn_kill(c, id, 0); return; }
     }
-    if (k->paused && !k->closing && k->pending <= c->cfg.max_output / 2) {  /* low-water: resume */
+    if (k->held) pull_check(c, id);
+    else if (k->paused && !k->closing && k->pending <= c->cfg.max_output / 2) {  /* low-water: resume */
         k->paused = 0; k->reading = 1;
         if (!c->draining && !k->recv_armed) arm_recv(c, id);
     }
@@ -754,7 +783,8 @@ static uc_core *uc_new(const struct uc_config *cfg, int *err)
     c->rate_t0 = c->ab_t0 = mono_ns();
     c->cpu_t0 = thread_cpu_ns();
     c->next_tick_ms = c->now_ms + c->cfg.limits.tick_ms;
-    if (c->cfg.cproto) proto_init(&c->proto, cfg->message_size, cfg->max_header_bytes, cfg->max_body_bytes);
+    if (c->cfg.cproto) proto_init(&c->proto, cfg->message_size, cfg->max_header_bytes, cfg->max_body_bytes,
+                                  cfg->max_output);
     c->evcap = 1024; c->ev = malloc(c->evcap * 4 * sizeof(int32_t));
     c->nconn_slots = 256;
     c->conns = calloc(c->nconn_slots, sizeof *c->conns);
@@ -1124,7 +1154,7 @@ static int uc_send_copy(uc_core *c, int id, const char *p, size_t len)
     if (!m) return -ENOMEM;
     memcpy(m, p, len);
     c->st.copied_sends++;
-    return queue_out(c, id, m, (uint32_t)len, -1);
+    return queue_out(c, id, m, (uint32_t)len, CHUNK_HEAP);
 }
 
 /* Send a received buffer back as it is (echo): no copy while the ring has buffers to
@@ -1150,7 +1180,60 @@ static void uc_finish(uc_core *c, int id)
     if (!k->used || k->dead) return;
     k->closing = 1; k->reading = 0; k->drain_read = 0;
     if (k->recv_armed && !k->recv_cancel) { cancel_op(c, UD(OP_RECV, id)); k->recv_cancel = 1; }
-    if (!k->head) conn_kill(c, id, 0);
+    if (!k->head && !k->held) conn_kill(c, id, 0);   /* held: once the last pull is done */
+}
+
+/* Rule 10, after a feed or an EV_PULL's pull: more = the protocol still holds answers.
+ * Holding stops reading (the multishot recv is cancelled) and asks for an EV_PULL
+ * whenever the pending output is low; releasing resumes reading (or, finishing, closes
+ * once flushed).  uc_hold after a feed, uc_pulled after a pull: only the latter ends
+ * the EV_PULL in flight, so one connection never has two. */
+static void uc_hold(uc_core *c, int id, int more)
+{
+    if ((unsigned)id >= (unsigned)c->nconn_slots) return;
+    struct conn *k = &c->conns[id];
+    if (!k->used || k->dead) return;
+    if (more) {
+        if (!k->held) {
+            k->held = 1;
+            if (k->reading) {
+                k->reading = 0; k->paused = 1; c->st.output_holds++;
+                if (k->recv_armed && !k->recv_cancel) { cancel_op(c, UD(OP_RECV, id)); k->recv_cancel = 1; }
+            }
+        }
+        pull_check(c, id);
+        return;
+    }
+    if (!k->held) return;
+    k->held = 0;
+    if (k->closing) { if (!k->head) conn_kill(c, id, 0); return; }
+    if (k->paused && k->pending <= c->cfg.max_output / 2) {
+        k->paused = 0; k->reading = 1;
+        if (!c->draining && !k->recv_armed) arm_recv(c, id);
+    }
+}
+
+static void uc_pulled(uc_core *c, int id, int more)
+{
+    if ((unsigned)id < (unsigned)c->nconn_slots) c->conns[id].pull_due = 0;
+    uc_hold(c, id, more);
+}
+
+/* Send static memory (proto_core.h's body block): never copied, never freed. */
+static int uc_send_static(uc_core *c, int id, const char *p, size_t len)
+{
+    if ((unsigned)id >= (unsigned)c->nconn_slots || !c->conns[id].used || c->conns[id].dead || !len) return 0;
+    if (c->fail) return -c->fail;
+    if (len > UINT32_MAX) return -EMSGSIZE;
+    return queue_out(c, id, (char *)p, (uint32_t)len, CHUNK_STATIC);
+}
+
+/* An answer could not be allocated: that connection ends, counted, logged once. */
+static void uc_alloc_failed(uc_core *c, int id)
+{
+    c->st.alloc_failures++;
+    if (!c->alloc_logged && c->cfg.user) { c->alloc_logged = 1; uc_py_alloc_failed(c->cfg.user, ENOMEM); }
+    conn_kill(c, id, 1);
 }
 
 static void uc_close(uc_core *c, int id, int error)
@@ -1209,7 +1292,7 @@ static int uc_free(uc_core *c)
         for (struct chunk *h = k->head, *n; h; h = n) {
             n = h->next;
             if (h->zc_refs) continue;   /* kept, counted above */
-            if (h->bid < 0) free(h->base);
+            if (h->bid == CHUNK_HEAP) free(h->base);
             free(h);
         }
         if (k->used) close(k->fd);
@@ -1452,17 +1535,34 @@ static void cp_process(uc_core *c, int n)
                 c->st.requests += proto_echo_count(&c->proto, ps, len);
                 rc = uc_send_buf(c, id, e[2], 0, len);
             } else {
-                c->proto.scratch.head = c->proto.scratch.len = 0;
-                uint64_t done = proto_http_feed(&c->proto, ps, data, len);
-                c->st.requests += done;
+                int64_t done = proto_http_feed(&c->proto, ps, data, len);
+                if (done < 0) { uc_alloc_failed(c, id); break; }
+                c->st.requests += (uint64_t)done;
                 if (pstate_partial(ps) || c->conns[id].pol.req_start_ms)   /* rule 7 */
-                    pol_progress(&c->conns[id].pol, pstate_partial(ps), done, len, c->now_ms);
+                    pol_progress(&c->conns[id].pol, pstate_partial(ps), (uint64_t)done, len, c->now_ms);
                 if (c->proto.scratch.len)
                     rc = uc_send_copy(c, id, c->proto.scratch.p, c->proto.scratch.len);
-                if (c->proto.scratch.cap > (1u << 20)) buf_free(&c->proto.scratch);  /* a /bytes answer */
+                proto_scratch_done(&c->proto);
             }
             if (rc < 0) uc_close(c, id, 1);
             else if (ps->pclosing) uc_finish(c, id);
+            else if (pstate_more(ps)) uc_hold(c, id, 1);
+            break;
+        }
+        case EV_PULL: {             /* rule 10: the next held answers */
+            ps = &c->ps[id];
+            const char *out;
+            size_t olen;
+            int64_t done = proto_http_pull(&c->proto, ps, &out, &olen);
+            if (done < 0) { uc_alloc_failed(c, id); break; }
+            c->st.requests += (uint64_t)done;
+            int rc = 0;
+            if (olen) rc = proto_is_body_piece(out) ? uc_send_static(c, id, out, olen)
+                                                    : uc_send_copy(c, id, out, olen);
+            proto_scratch_done(&c->proto);
+            if (rc < 0) { uc_close(c, id, 1); break; }
+            uc_pulled(c, id, pstate_more(ps));
+            if (ps->pclosing) uc_finish(c, id);
             break;
         }
         case EV_OPEN:
@@ -1476,10 +1576,9 @@ static void cp_process(uc_core *c, int n)
             c->st.closed++;
             if (e[2]) c->st.errors++;
             break;
-        case EV_EOF:                /* a partial request is dropped unanswered */
+        case EV_EOF:                /* a partial request is dropped unanswered; held ones are answered */
             ps = &c->ps[id];
-            ps->pclosing = 1;
-            pstate_free(ps);
+            proto_eof(ps);
             uc_finish(c, id);
             break;
         case EV_DRAINED:

@@ -361,6 +361,42 @@ class UringPyBackend(IoUringBackend):
             return
         if c.proto.closing:
             self._finish(c)
+        elif c.proto.more and not c.dead:
+            self._hold(c)
+
+    def _hold(self, c: Conn) -> None:
+        """Rule 10: the protocol holds answers: stop the multishot recv, pull."""
+        if self.policy.hold(c):
+            self._cancel_recv(c)
+        self._pull(c)
+
+    def _pull(self, c: Conn) -> None:
+        """Rule 10: pull held answers while the output not yet taken is at or below the
+        low mark (at most max_output bytes per call; the next send completion goes on)."""
+        policy, proto = self.policy, c.proto
+        produced = 0
+        while proto.more and c.pending() <= policy.low and produced <= policy.high:
+            try:
+                out, k = proto.pull()
+            except Exception:  # noqa: BLE001 - a handler bug closes one connection only
+                self.policy.handler_failed(proto, _where(c))
+                self._kill(c, True)
+                return
+            self.ctx.stats.requests += k
+            if out:
+                produced += len(out)
+                self._queue(c, out)
+            if c.dead:
+                return
+        if proto.more:
+            return   # a send is in flight (each pull queued output): its completion pulls on
+        action = policy.released(c, c.pending())
+        if proto.closing and not c.closing:
+            self._finish(c)
+        elif action == CLOSE:
+            self._kill(c, False)
+        elif action == RESUME and not self.draining and not c.recv_armed:
+            self._arm_recv(c)
 
     def _read_remaining(self, c: Conn) -> None:
         """Drain: what the peer sent before stop, read synchronously (rule 9's bound)."""
@@ -439,6 +475,10 @@ class UringPyBackend(IoUringBackend):
         self._recycle_inflight(c)
         if c.out:
             self._send_queued(c)
+        if c.held:
+            if c.pending() <= self.policy.low:
+                self._pull(c)
+            return
         action = self.policy.sent(c, c.pending())
         if action == CLOSE:
             self._kill(c, False)

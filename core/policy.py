@@ -41,7 +41,18 @@ ticks.  The C cores (uring_core.c, native_core.c) follow the same rules, written
 9. **Drain** (after stop): at most ``DRAIN_READS`` reads of what the kernel already
    holds per connection are fed, then *finish*; whatever is unsent after
    ``Limits.drain_timeout`` is abandoned.  A paused (backpressured) connection is not
-   read: it *finishes* with what it has.
+   read: it *finishes* with what it has (held answers included: rule 10).
+10. **Held answers** (bounded output; core/protocols/base.py).  A protocol answers at
+   most about its ``output_budget`` (``max_output // 2``, set by the server) per call
+   and holds the rest (``proto.more``).  After a feed or pull that leaves answers held,
+   the connection is *held*: reading pauses (``extra.output_holds`` += 1 when it was
+   reading; not counted as backpressure).  While held and ``pending <= max_output //
+   2``, the loop calls ``out, n = proto.pull()`` and sends ``out`` as rule 1 does a
+   feed's, at most ``max_output`` bytes per event, then yields to other connections and
+   continues when the socket is writable again.  Once nothing is held, reading resumes
+   under rule 2's condition.  *Finish* waits for held answers too: close once
+   ``pending == 0`` and nothing is held.  So one connection's pending output stays at
+   or below ``max_output`` plus one answer's header, whatever its input asks for.
 
 Per-connection state the rules need lives on the connection (``ConnState`` slots), so
 the policy is one object per worker with no table of its own.
@@ -64,11 +75,12 @@ KEEP, RESUME, CLOSE, FLUSH = range(4)
 class ConnState:
     """The rules' state of one connection (a base for a loop's connection class)."""
 
-    __slots__ = ("reading", "closing", "last", "req_start", "req_bytes")
+    __slots__ = ("reading", "closing", "held", "last", "req_start", "req_bytes")
 
     def init_state(self, now: float) -> None:
-        self.reading = True      # False while paused (rule 2) or finishing (rule 4)
+        self.reading = True      # False while paused (rule 2), held (10) or finishing (4)
         self.closing = False     # finishing: close once output is flushed
+        self.held = False        # the protocol holds answers for pull() (rule 10)
         self.last = now          # monotonic time of the last bytes in or out (rule 6)
         self.req_start = 0.0     # first byte of the incomplete request, 0: none (rule 7)
         self.req_bytes = 0       # its bytes received since then
@@ -129,27 +141,47 @@ class ConnectionPolicy:
         return False
 
     def resume(self, conn: ConnState) -> bool:
-        """Below the low mark: True if reading must resume."""
-        if not conn.reading and not conn.closing:
+        """Below the low mark: True if reading must resume (never while answers are held)."""
+        if not conn.reading and not conn.closing and not conn.held:
             conn.reading = True
             return True
         return False
 
     def sent(self, conn: ConnState, pending: int) -> int:
         """Bytes were sent, ``pending`` remain: KEEP, RESUME or CLOSE."""
-        if not pending and conn.closing:
+        if not pending and conn.closing and not conn.held:
             return CLOSE
         if pending <= self.low and self.resume(conn):
             return RESUME
         return KEEP
 
+    # -- rule 10: held answers ----------------------------------------------------------
+
+    def hold(self, conn: ConnState) -> bool:
+        """The protocol holds answers (``proto.more``): True if reading must pause now."""
+        conn.held = True
+        if conn.reading and not conn.closing:
+            conn.reading = False
+            self.extra["output_holds"] += 1
+            return True
+        return False
+
+    def can_pull(self, conn: ConnState, pending: int) -> bool:
+        """Whether the loop may pull held answers now."""
+        return conn.held and pending <= self.low
+
+    def released(self, conn: ConnState, pending: int) -> int:
+        """Nothing is held any more: KEEP, RESUME (reading) or CLOSE (finishing, flushed)."""
+        conn.held = False
+        return self.sent(conn, pending)
+
     # -- rules 3, 4, 5: the end of a connection ------------------------------------------
 
     def finish(self, conn: ConnState, pending: int) -> int:
-        """Read nothing more: CLOSE now, or FLUSH then close."""
+        """Read nothing more: CLOSE now, or FLUSH (output, held answers) then close."""
         conn.closing = True
         conn.reading = False
-        return FLUSH if pending else CLOSE
+        return FLUSH if pending or conn.held else CLOSE
 
     def eof(self, proto, where) -> bytes | None:
         """The peer's FIN: the protocol's last bytes, or None if it failed (close, error)."""

@@ -126,10 +126,13 @@ class Server:
         cfg = self.config
         by_name: dict[str, ProtocolSpec] = {}
         out = []
+        # Bounded output (core/policy.py rule 10): a protocol answers at most half of
+        # --max-output per call, so pending output stays within --max-output.
+        options = {"output_budget": max(1, cfg.limits.max_output // 2), **cfg.protocol_options}
         for spec in self.specs:
             name = spec.protocol or cfg.protocol
             if name not in by_name:
-                by_name[name] = make_spec(name, **cfg.protocol_options)
+                by_name[name] = make_spec(name, **options)
             out.append(by_name[name])
         return out
 

@@ -56,6 +56,8 @@ EXTRA_COUNTERS = {
     "handoffs": "connections received from the dispatcher (--accept dispatch)",
     "handoff_lost": "hand-offs the kernel dropped (MSG_CTRUNC: out of fds)",
     "rotations": "listener re-adds of --accept exclusive-rotate",
+    "output_holds": "times a protocol held answers back at its output budget (reading paused until they were pulled)",
+    "alloc_failures": "connections closed because an answer could not be allocated",
 }
 
 

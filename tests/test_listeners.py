@@ -258,7 +258,8 @@ def test_a_server_gives_each_listener_its_protocol(monkeypatch):
     assert [p.name for p in srv.protocols] == ["echo", "http", "echo"]
     assert srv.protocols[0] is srv.protocols[2]                # one spec per protocol
     assert srv.protocols[0].options == {"message_size": 8}
-    assert srv.protocols[1].options == {}                      # http takes no message_size
+    # http takes no message_size; every protocol gets half of --max-output as its budget
+    assert srv.protocols[1].options == {"output_budget": 512 * 1024}
     assert srv.protocol_factory is srv.protocols[0].factory
 
 

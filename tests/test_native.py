@@ -23,7 +23,7 @@ import pytest
 from conftest import recv_exactly, recv_until_eof, require_backend, start_server
 from parallelnet.core.client import run_clients
 from parallelnet.core.protocols import HttpProtocol
-from parallelnet.core.protocols.base import Protocol
+from parallelnet.core.protocols.base import Protocol, answer_all
 
 DATE = re.compile(rb"Date: [^\r]*\r\n")
 
@@ -74,13 +74,23 @@ CASES = [
     b"GET /bytes/-1 HTTP/1.1\r\n" + H + b"\r\n",
     b"GET /bytes/ HTTP/1.1\r\n" + H + b"\r\n",
     b"GET http://x/bytes/9 HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",
+    b"GET /work/5 HTTP/1.1\r\n" + H + b"\r\n",
+    b"HEAD /work/10 HTTP/1.1\r\n" + H + b"\r\n",
+    b"GET /work/0 HTTP/1.1\r\n" + H + b"\r\n",
+    b"GET /work/00000007?x HTTP/1.1\r\n" + H + b"\r\n",
+    b"GET /work/123456789 HTTP/1.1\r\n" + H + b"\r\n",
+    b"GET /work/ HTTP/1.1\r\n" + H + b"\r\n",
+    b"GET /work/1x HTTP/1.1\r\n" + H + b"\r\n",
+    b"GET /work HTTP/1.1\r\n" + H + b"\r\n",
+    b"GET http://x/work/3 HTTP/1.0\r\n\r\n",
+    b"GET / HTTP/1.1\r\n" + H + b"Content-Length: 18446744073709551616\r\n\r\nGET /x HTTP/1.1\r\n" + H + b"\r\n",
+    b"GET / HTTP/1.1\r\n" + H + b"Content-Length: 1844674407370955161605\r\n\r\n12345GET /x HTTP/1.1\r\n" + H + b"\r\n",
 ]
 
 
 def _python_answer(req: bytes) -> bytes:
     p = HttpProtocol()
-    out, _ = p.feed(req)
-    out = bytes(out)
+    out = answer_all(p, req)[0]
     if not p.closing:
         out += p.eof()
     return out
@@ -139,8 +149,7 @@ def test_bytes_route_keepalive_pipelined_byte_exact(backend, tmp_path):
 
 
 def _python_answer_keep(req: bytes) -> bytes:
-    out, _ = HttpProtocol().feed(req)
-    return bytes(out)
+    return answer_all(HttpProtocol(), req)[0]
 
 
 def _interval_records(path):

@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from parallelnet.core.protocols import http as http_mod
+from parallelnet.core.protocols.base import answer_all
 from parallelnet.core.protocols.http import HttpProtocol
 
 FROZEN = 1_700_000_000.25  # Tue, 14 Nov 2023 22:13:20 GMT
@@ -690,7 +691,7 @@ def bytes_get(path: bytes, method: bytes = b"GET", extra: bytes = b"") -> bytes:
 
 @pytest.mark.parametrize("n", [0, 1, 63, 64, 65, 1000, 65536, 16 * 1024 * 1024])
 def test_bytes_route_answers_exactly_n_bytes(n):
-    out, k = HttpProtocol().feed(bytes_get(b"/bytes/" + str(n).encode()))
+    out, k = answer_all(HttpProtocol(), bytes_get(b"/bytes/" + str(n).encode()))
     assert k == 1 and out == bytes_response(n)
 
 
@@ -722,3 +723,150 @@ def test_bytes_route_keepalive_pipelined_and_close():
     for i in range(len(stream)):
         got += bytes(p.feed(stream[i:i + 1])[0])
     assert got == out
+
+
+# -- bounded output: what one read may make the protocol produce (issue: 2.5 KB -> 2 GB) ---
+
+BIG = b"/bytes/16777216"
+HEADER_MAX = 256   # an answer's status line and headers are shorter than this
+
+
+def pull_all(p: HttpProtocol, first) -> tuple[bytes, list[int]]:
+    """Everything a backend would send, pulling as it must; the size of each call's output."""
+    parts, sizes = [bytes(first)], [len(first)]
+    while p.more:
+        assert not p.closing, "closing and more are never both true"
+        out, _ = p.pull()
+        parts.append(bytes(out))
+        sizes.append(len(out))
+    return b"".join(parts), sizes
+
+
+@pytest.mark.parametrize("budget", [1, 1000, 65536, 1 << 19])
+def test_pipelined_huge_answers_are_produced_within_the_budget(budget):
+    stream = bytes_get(BIG) * 64          # 2,496 bytes asking for 1 GiB
+    p = HttpProtocol(output_budget=budget)
+    out, n = p.feed(stream)
+    assert n == 1 and len(out) < HEADER_MAX and p.more and not p.partial
+    sizes = [len(out)]
+    got = 0
+    while p.more and got < 40 << 20 and len(sizes) < 500:   # enough: the bound holds call after call
+        piece, k = p.pull()
+        sizes.append(len(piece))
+        n += k
+        got += len(piece)
+    assert max(sizes) <= budget + HEADER_MAX and p.more
+
+
+def test_pipelined_huge_answers_are_complete_and_in_order():
+    stream = bytes_get(b"/bytes/3000000") * 3 + bytes_get(b"/") + bytes_get(b"/bytes/70000")
+    p = HttpProtocol(output_budget=100_000)
+    first, n = p.feed(stream)
+    whole, sizes = pull_all(p, first)
+    assert whole == bytes_response(3000000) * 3 + OK + bytes_response(70000)
+    assert max(sizes) <= 100_000 + HEADER_MAX and not p.more
+
+
+def test_budget_holds_small_pipelined_answers_too():
+    stream = WRK * 1000                   # 1000 answers of about 130 bytes
+    p = HttpProtocol(output_budget=4096)
+    first, n = p.feed(stream)
+    assert len(first) <= 4096 + len(OK) and p.more
+    whole, sizes = pull_all(p, first)
+    assert whole == OK * 1000 and max(sizes) <= 4096 + len(OK)
+
+
+def test_feed_while_answers_are_held_queues_behind_them():
+    p = HttpProtocol(output_budget=1000)
+    first, _ = p.feed(bytes_get(b"/bytes/5000") + bytes_get(b"/"))
+    assert p.more
+    second, _ = p.feed(bytes_get(b"/bytes/7"))   # a completion backend's late data
+    whole, _ = pull_all(p, first + bytes(second))
+    assert whole == bytes_response(5000) + OK + bytes_response(7)
+
+
+def test_eof_while_answers_are_held_answers_them_then_closes():
+    p = HttpProtocol(output_budget=1000)
+    first, _ = p.feed(bytes_get(b"/bytes/5000") + bytes_get(b"/") + b"GET /partial")
+    assert p.eof() == b"" and p.more and not p.closing
+    whole, _ = pull_all(p, first)
+    assert whole == bytes_response(5000) + OK   # the incomplete request is dropped
+    assert p.closing and not p.more
+
+
+def test_streamed_answer_with_connection_close_closes_after_its_body():
+    p = HttpProtocol(output_budget=1000)
+    first, _ = p.feed(bytes_get(b"/bytes/5000", extra=b"Connection: close\r\n") + WRK)
+    assert not p.closing and p.more
+    whole, _ = pull_all(p, first)
+    assert whole == bytes_response(5000, conn=b"close") and p.closing
+
+
+def test_streamed_answer_after_a_discarded_body():
+    p = HttpProtocol(output_budget=1000)
+    req = b"GET /bytes/4000 HTTP/1.1\r\nHost: t\r\nContent-Length: 10\r\n\r\n"
+    out, n = p.feed(req + b"01234")
+    assert (out, n) == (b"", 0) and p.partial
+    out, n = p.feed(b"56789" + WRK)
+    assert n == 1 and p.more
+    whole, _ = pull_all(p, out)
+    assert whole == bytes_response(4000) + OK
+
+
+def test_body_pieces_are_views_of_one_shared_block():
+    p = HttpProtocol(output_budget=1 << 20)
+    p.feed(bytes_get(b"/bytes/3000000"))
+    piece, _ = p.pull()
+    assert isinstance(piece, memoryview) and len(piece) == 1 << 20
+    assert piece.obj is http_mod._BLOCK.obj   # no copy, no allocation per answer
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.sampled_from([b"/", b"/bytes/0", b"/bytes/100", b"/bytes/20000", b"/x",
+                                 b"/bytes/70000"]), min_size=1, max_size=8),
+       st.integers(1, 50_000), st.lists(st.integers(0, 200_000), max_size=6))
+def test_budget_and_splits_never_change_the_bytes(paths, budget, cuts):
+    stream = b"".join(bytes_get(x) for x in paths)
+    expected, n_expected = answer_all(HttpProtocol(), stream)
+    p = HttpProtocol(output_budget=budget)
+    got, n = [], 0
+    bounds = sorted({0, len(stream), *(c % (len(stream) + 1) for c in cuts)})
+    for a, b in zip(bounds, bounds[1:]):
+        out, k = p.feed(stream[a:b])
+        got.append(bytes(out))
+        n += k
+        while p.more and len(b"".join(got)) % 3:   # pull some now, some later
+            out, k = p.pull()
+            got.append(bytes(out))
+            n += k
+    while p.more:
+        out, k = p.pull()
+        got.append(bytes(out))
+        n += k
+    assert b"".join(got) == expected and n == n_expected
+
+
+# -- GET /work/US: a service time the handler burns in its own thread's CPU time ----------
+
+@pytest.mark.parametrize("target", [b"/work/1", b"/work/00000300", b"/work/0", b"/work/5?q=1",
+                                    b"http://h/work/2"])
+def test_work_route_answers_as_get_root(target):
+    p = HttpProtocol()
+    assert p.feed(b"GET " + target + b" HTTP/1.1\r\nHost: t\r\n\r\n") == (OK, 1)
+    assert p.feed(b"HEAD " + target + b" HTTP/1.1\r\nHost: t\r\n\r\n") == (OK_HEAD, 1)
+
+
+@pytest.mark.parametrize("target", [b"/work/", b"/work/123456789", b"/work/-1", b"/work/1x",
+                                    b"/work/1/", b"/workx/1"])
+def test_work_route_malformed_is_404(target):
+    assert HttpProtocol().feed(b"GET " + target + b" HTTP/1.1\r\nHost: t\r\n\r\n") == (NOT_FOUND, 1)
+
+
+def test_work_route_burns_thread_cpu_time():
+    """The floor is exact (the spin ends only once the thread clock has advanced by US);
+    no upper bound here: this process may be preempted, which costs wall time, not CPU."""
+    import time as _t
+    p = HttpProtocol()
+    t0 = _t.thread_time_ns()
+    p.feed(b"GET /work/20000 HTTP/1.1\r\nHost: t\r\n\r\n" * 2)
+    assert _t.thread_time_ns() - t0 >= 2 * 20_000_000

@@ -398,7 +398,7 @@ def test_9_failed_send_kills_the_connection_with_an_error():
     calls = []
 
     class Lib:
-        EV_OPEN, EV_DATA, EV_EOF, EV_CLOSED, EV_STOP, EV_DRAINED, EV_TICK = 1, 2, 3, 4, 5, 6, 7
+        EV_OPEN, EV_DATA, EV_EOF, EV_CLOSED, EV_STOP, EV_DRAINED, EV_TICK, EV_PULL = range(1, 9)
 
         def uc_send_copy(self, core, cid, p, n):
             return -errno.ENOMEM
@@ -413,6 +413,11 @@ def test_9_failed_send_kills_the_connection_with_an_error():
 
         def uc_progress(self, core, cid, partial, completed, nbytes):
             calls.append(("progress", cid))   # never: echo holds no incomplete request
+
+        def uc_hold(self, core, cid, more):
+            calls.append(("hold", cid, more))   # never: echo holds no answer back
+
+        uc_pulled = uc_hold
 
     class Upper(EchoProtocol):
         def feed(self, data):

@@ -12,6 +12,16 @@ digits with a value of at most ``BYTES_MAX`` (16 MiB); anything else under ``/by
 (no digits, a sign, more digits, a larger value) is ``404 Not Found`` like any unknown
 path: there is no such resource.  ``HEAD`` gets the headers (Content-Length N) only.
 
+``GET /work/US`` (for server-bound experiments) burns US microseconds of the worker
+thread's own CPU time (``CLOCK_THREAD_CPUTIME_ID``: a preempted worker still owes its
+work; time spent waiting for the CPU or, in Python, for the GIL is not work) and then
+answers exactly as ``GET /``.  US is 1 to 8 ASCII digits (``/work/0`` is ``GET /``);
+anything else under ``/work/`` is 404.  ``HEAD`` does the work too and gets the headers.
+The Python protocol spins in Python, holding the GIL (the honest cost of a Python
+handler); the C protocol (backends/proto_core.h) spins in C.  Pipelined work requests in
+one read are done one after the other, as any event loop would: a worker is busy with its
+own connections.
+
 Rules of RFC 9112 (and RFC 9110 where it defines the semantics) applied here:
 
 * Message framing (9112 §2.1-2.2): every line of the header section ends in CRLF and the
@@ -103,9 +113,9 @@ def _idx(spec: int, head: int, conn: int) -> int:
 _FIRST_ERROR = _idx(_S400, 0, 0)  # table indexes from here on are error answers
 
 
-def _error(spec: int, head: int = 0) -> tuple[int, int, bool, int, int]:
+def _error(spec: int, head: int = 0) -> tuple[int, int, bool, int, int, int]:
     """A parse result for an error answer (always closes)."""
-    return (_idx(spec, head, _CLOSE), 0, True, head, -1)
+    return (_idx(spec, head, _CLOSE), 0, True, head, -1, 0)
 
 
 _R400 = _error(_S400)
@@ -132,7 +142,6 @@ def _build_table(date_line: bytes) -> list[bytes]:
 _TABLE_SEC = -1
 _TABLE: list[bytes] = []
 _DATE_LINE = b""
-_BODY = b""   # BYTES_PATTERN repeated, grown on demand to the largest N asked so far
 
 
 def _refresh(now: int) -> list[bytes]:
@@ -159,38 +168,60 @@ _HOST = re.compile(
 )
 _ROUTES = frozenset((b"/", b"/plaintext"))
 _BYTES_ROUTE = re.compile(rb"/bytes/([0-9]{1,8})")
+_WORK_ROUTE = re.compile(rb"/work/([0-9]{1,8})")
 BYTES_MAX = 16 * 1024 * 1024
 BYTES_PATTERN = b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ+/"
 _OWS = b" \t"
 
-_CACHE: dict[bytes, tuple[int, int, bool, int, int]] = {}
+_CACHE: dict[bytes, tuple[int, int, bool, int, int, int]] = {}
 _CACHE_MAX_ENTRIES = 256
 _CACHE_MAX_KEY = 512
 
 
-def _bytes_answer(nbytes: int, idx: int) -> bytes:
-    """The answer to GET/HEAD /bytes/N (``idx``: the 200 entry, for HEAD and connection)."""
-    global _BODY
-    head = idx // 3 % 2
-    out = (b"HTTP/1.1 200 OK\r\nServer: parallelnet\r\nContent-Type: application/octet-stream\r\n"
-           b"Content-Length: " + str(nbytes).encode() + b"\r\n" + _DATE_LINE + _CONN_LINES[idx % 3]
-           + b"\r\n")
-    if head or not nbytes:
-        return out
-    if len(_BODY) < nbytes:
-        _BODY = BYTES_PATTERN * (max(nbytes, 2 * len(_BODY)) // len(BYTES_PATTERN) + 1)
-    return out + _BODY[:nbytes]
+# ---------------------------------------------------------------- /bytes/N bodies
+
+#: A body piece produced by one call is at most this long: a view of ``_BLOCK``.
+PIECE_MAX = 1 << 20
+#: A body up to this size (and within the call's budget) is copied into its answer;
+#: a larger one is streamed as views of ``_BLOCK`` by ``pull`` (no copy, no allocation).
+INLINE_MAX = 16 * 1024
+#: The default ``output_budget`` (half the default ``--max-output``).
+OUTPUT_BUDGET = 512 * 1024
+_BLOCK = memoryview(b"")   # BYTES_PATTERN repeated to PIECE_MAX + 64 bytes, built at first use
 
 
-def _answer(table: list[bytes], r) -> bytes:
-    return table[r[0]] if r[4] < 0 else _bytes_answer(r[4], r[0])
+def _body_piece(offset: int, size: int) -> memoryview:
+    """Bytes ``[offset, offset + size)`` of any /bytes body (``size <= PIECE_MAX``): the
+    body is BYTES_PATTERN repeated, so every piece is a slice of one shared block."""
+    global _BLOCK
+    block = _BLOCK
+    if not block:   # two threads may both build it: equal bytes, either copy is right
+        block = _BLOCK = memoryview(BYTES_PATTERN * (PIECE_MAX // len(BYTES_PATTERN) + 1))
+    start = offset % len(BYTES_PATTERN)
+    return block[start:start + size]
 
 
-def _parse(block: bytes) -> tuple[int, int, bool, int, int]:
+def _bytes_head(nbytes: int, idx: int) -> bytes:
+    """The status line and headers of the answer to GET/HEAD /bytes/N (``idx``: the 200
+    entry, for its connection mode)."""
+    return (b"HTTP/1.1 200 OK\r\nServer: parallelnet\r\nContent-Type: application/octet-stream\r\n"
+            b"Content-Length: " + str(nbytes).encode() + b"\r\n" + _DATE_LINE + _CONN_LINES[idx % 3]
+            + b"\r\n")
+
+
+def _spin(us: int, clock=time.thread_time_ns) -> None:
+    """GET /work/US: burn ``us`` microseconds of this thread's CPU time."""
+    end = clock() + us * 1000
+    while clock() < end:
+        pass
+
+
+def _parse(block: bytes) -> tuple[int, int, bool, int, int, int]:
     """Parse one header section (without its final CRLFCRLF, no leading CRLF).
 
-    Returns ``(table index, content length, close after answering, is HEAD, N)``, N >= 0
-    for GET/HEAD /bytes/N (answered by ``_bytes_answer``), else -1.  The
+    Returns ``(table index, content length, close after answering, is HEAD, N, US)``,
+    N >= 0 for GET/HEAD /bytes/N (answered by ``_start_bytes``), else -1; US > 0 for
+    GET/HEAD /work/US (the CPU time to burn before the table answer), else 0.  The
     result depends only on ``block`` (limits are checked by the caller), so it can be
     memoised.  Syntax errors come first, so any bare LF/CR yields the plain 400.
     """
@@ -239,8 +270,9 @@ def _parse(block: bytes) -> tuple[int, int, bool, int, int]:
         if not digits.isdigit():  # bytes.isdigit: ASCII digits only, False if empty
             return _error(_S400, head)
         digits = digits.lstrip(b"0")
-        # Huge values need no exact int (and could hit int's digit limit): too large.
-        clen = 0 if not digits else int(digits) if len(digits) <= 18 else 1 << 62
+        # Saturated at 2^62 ("too large for any limit"), exactly as the C parser does; a
+        # huge value needs no exact int (and could hit int's digit limit).
+        clen = 0 if not digits else min(int(digits), 1 << 62) if len(digits) <= 19 else 1 << 62
 
     if b"close" in tokens:
         conn = _CLOSE
@@ -250,6 +282,7 @@ def _parse(block: bytes) -> tuple[int, int, bool, int, int]:
         conn = _KEEP10 if b"keep-alive" in tokens else _CLOSE
 
     nbytes = -1
+    work = 0
     if method != b"GET" and not head:
         spec = _S405
     else:
@@ -262,46 +295,105 @@ def _parse(block: bytes) -> tuple[int, int, bool, int, int]:
             path = m.group(1) or b"/"
         if path in _ROUTES:
             spec = _S200
+        elif path.startswith(b"/work/"):
+            m = _WORK_ROUTE.fullmatch(path)
+            spec = _S200 if m is not None else _S404
+            work = int(m.group(1)) if m is not None else 0
         else:
             m = _BYTES_ROUTE.fullmatch(path)
             if m is not None and int(m.group(1)) <= BYTES_MAX:
                 nbytes = int(m.group(1))
             spec = _S200 if nbytes >= 0 else _S404
-    return (_idx(spec, head, conn), clen, conn == _CLOSE, head, nbytes)
+    return (_idx(spec, head, conn), clen, conn == _CLOSE, head, nbytes, work)
 
 
 # ---------------------------------------------------------------- protocol
 
 
 class HttpProtocol(Protocol):
-    """HTTP/1.1 plaintext server side of one connection (see the module docstring)."""
+    """HTTP/1.1 plaintext server side of one connection (see the module docstring).
 
-    __slots__ = ("max_header_bytes", "max_body_bytes", "_hlim", "_buf", "_skip", "_pending")
+    Output is bounded per call (core/protocols/base.py, "Bounded output"): answers stop
+    once ``output_budget`` bytes are produced and the rest of the input is held
+    (``_held``: ``_buf`` then holds unparsed input, not a partial header section); a
+    /bytes body larger than ``INLINE_MAX`` or than what is left of the budget is streamed
+    by ``pull`` in pieces of at most ``min(output_budget, PIECE_MAX)`` bytes.
+    """
 
-    def __init__(self, max_header_bytes: int = 8192, max_body_bytes: int = 1 << 20) -> None:
+    __slots__ = ("max_header_bytes", "max_body_bytes", "output_budget", "_hlim", "_buf",
+                 "_held", "_skip", "_pending", "_body", "_body_sent", "_body_close", "_eof")
+
+    def __init__(self, max_header_bytes: int = 8192, max_body_bytes: int = 1 << 20,
+                 output_budget: int = OUTPUT_BUDGET) -> None:
         super().__init__()
         if max_header_bytes < 1:
             raise ValueError(f"max_header_bytes must be >= 1, got {max_header_bytes}")
         if max_body_bytes < 0:
             raise ValueError(f"max_body_bytes must be >= 0, got {max_body_bytes}")
+        if output_budget < 1:
+            raise ValueError(f"output_budget must be >= 1, got {output_budget}")
         self.max_header_bytes = max_header_bytes
         self.max_body_bytes = max_body_bytes
+        self.output_budget = output_budget
         # A complete block data[pos:end] fits when end + 4 - pos <= max_header_bytes.
         self._hlim = max_header_bytes - 4
-        self._buf = bytearray()  # start of a partial header section, only when needed
-        self._skip = 0  # body bytes still to discard
-        self._pending = None  # parse result answered once the body is discarded
+        self._buf = bytearray()  # a partial header section, or (_held) unparsed input
+        self._held = False       # _buf holds input kept back by the output budget
+        self._skip = 0           # body bytes still to discard
+        self._pending = None     # parse result answered once the body is discarded
+        self._body = 0           # bytes of a /bytes body still to produce (pull)
+        self._body_sent = 0      # bytes of it produced so far (the pattern's phase)
+        self._body_close = False  # that answer closes the connection once complete
+        self._eof = False        # the peer half-closed while answers were held
 
     def feed(self, data):
-        if self._buf or self._skip or self.closing:
-            data, out, n = self._resume(data)
-            if data is None:
-                return b"".join(out), n
-        else:
-            if type(data) is not bytes:
-                data = bytes(data)
-            out = []
-            n = 0
+        if self._buf or self._skip or self.closing or self._body:
+            return self._feed_slow(data)
+        if type(data) is not bytes:
+            data = bytes(data)
+        out: list = []
+        n = self._answer_from(data, out, 0, self.output_budget)
+        if len(out) == 1:
+            return out[0], n
+        return b"".join(out), n
+
+    @property
+    def more(self) -> bool:
+        return self._held or self._body > 0
+
+    def pull(self):
+        out: list = []
+        room = self.output_budget
+        if self._body:
+            size = min(self._body, room, PIECE_MAX)
+            piece = _body_piece(self._body_sent, size)
+            self._body -= size
+            self._body_sent += size
+            if self._body:
+                return piece, 0
+            if self._body_close:   # Connection: close - nothing after this answer
+                self._stop()
+                return piece, 0
+            if not self._held or size >= room:
+                self._done_if_eof()
+                return piece, 0
+            out.append(piece)
+            room -= size
+        n = 0
+        if self._held:
+            data = bytes(self._buf)
+            self._buf.clear()
+            self._held = False
+            n = self._answer_from(data, out, 0, room)
+        self._done_if_eof()
+        if len(out) == 1:
+            return out[0], n
+        return b"".join(out), n
+
+    def _answer_from(self, data: bytes, out: list, n: int, room: int) -> int:
+        """Answer the requests in ``data`` (``_buf`` empty) into ``out`` until ``room``
+        bytes are spent; keep what is left (held input, a partial request, a body to
+        skip or to stream).  Returns ``n`` plus the answers produced."""
         now = int(_time())
         table = _TABLE if now == _TABLE_SEC else _refresh(now)
         cache_get = _CACHE.get
@@ -309,6 +401,9 @@ class HttpProtocol(Protocol):
         dlen = len(data)
         pos = 0
         while pos < dlen:
+            if room <= 0:   # the budget is spent: the rest waits for pull()
+                self._hold(data, pos)
+                break
             end = data.find(b"\r\n\r\n", pos)
             if end >= 0 and end - pos <= hlim:
                 block = data[pos:end]
@@ -322,7 +417,7 @@ class HttpProtocol(Protocol):
                         if len(_CACHE) >= _CACHE_MAX_ENTRIES:
                             _CACHE.clear()
                         _CACHE[block] = r
-                idx, clen, close, head, nbytes = r
+                idx, clen, close, head, nbytes, work = r
                 pos = end + 4
                 if clen:
                     if clen > self.max_body_bytes:
@@ -335,8 +430,19 @@ class HttpProtocol(Protocol):
                         self._pending = r
                         break
                     pos += clen
-                out.append(table[idx] if nbytes < 0 else _bytes_answer(nbytes, idx))
                 n += 1
+                if work:
+                    _spin(work)
+                if nbytes < 0:
+                    answer = table[idx]
+                    out.append(answer)
+                    room -= len(answer)
+                else:
+                    room = self._start_bytes(nbytes, idx, close, out, room)
+                    if self._body:   # streamed by pull(): the rest of the input waits
+                        if pos < dlen:
+                            self._hold(data, pos)
+                        break
                 if close:
                     self.closing = True
                     break
@@ -347,15 +453,43 @@ class HttpProtocol(Protocol):
                 continue
             err = self._partial_error(data, pos)
             if err is None:
-                self._buf += data[pos:] if pos else data
+                self._buf += memoryview(data)[pos:] if pos else data
             else:
                 out.append(table[err])
                 n += 1
                 self.closing = True
             break
-        if len(out) == 1:
-            return out[0], n
-        return b"".join(out), n
+        return n
+
+    def _start_bytes(self, nbytes: int, idx: int, close: bool, out: list, room: int) -> int:
+        """Answer GET/HEAD /bytes/N: headers and a small body at once; a large body is
+        left to ``pull`` (``_body``).  Returns the room left."""
+        head = _bytes_head(nbytes, idx)
+        body = 0 if idx // 3 % 2 else nbytes   # HEAD: headers only
+        if body <= INLINE_MAX and body <= room - len(head):
+            answer = head + _body_piece(0, body) if body else head
+            out.append(answer)
+            return room - len(answer)
+        out.append(head)
+        self._body, self._body_sent, self._body_close = body, 0, close
+        return room - len(head)
+
+    def _hold(self, data: bytes, pos: int) -> None:
+        self._buf += memoryview(data)[pos:]
+        self._held = True
+
+    def _stop(self) -> None:
+        """Closing: nothing held or buffered is answered any more."""
+        self.closing = True
+        self._buf.clear()
+        self._held = False
+        self._skip = 0
+        self._pending = None
+        self._body = 0
+
+    def _done_if_eof(self) -> None:
+        if self._eof and not self.more:
+            self._stop()
 
     def _partial_error(self, data: bytes, pos: int):
         """Error index for the header section starting at ``pos`` that is incomplete or
@@ -372,50 +506,69 @@ class HttpProtocol(Protocol):
             return _E414 if window.find(b"\r\n") < 0 else _E431
         return None
 
-    def _resume(self, data):
-        """Slow entry: a body to discard, a partial header section, or closed.
-
-        Returns ``(bytes still to parse or None, answers so far, their count)``.
-        """
+    def _feed_slow(self, data):
+        """Everything but whole requests into an empty state: answers still held, a
+        body to discard, a partial header section, or closed."""
         if self.closing:
-            return None, [], 0
+            return b"", 0
+        if self._held or self._body:   # earlier input is still being answered: queue behind it
+            self._buf += data
+            self._held = True
+            return self.pull()
+        out: list = []
+        n = 0
+        room = self.output_budget
         skip = self._skip
         if skip:
             size = len(data)
             if size < skip:
                 self._skip = skip - size
-                return None, [], 0
+                return b"", 0
             self._skip = 0
             r, self._pending = self._pending, None
             now = int(_time())
             table = _TABLE if now == _TABLE_SEC else _refresh(now)
-            out = [_answer(table, r)]
-            if r[2]:
+            n = 1
+            if r[5]:
+                _spin(r[5])
+            if r[4] < 0:
+                out.append(table[r[0]])
+                room -= len(out[0])
+            else:
+                room = self._start_bytes(r[4], r[0], r[2], out, room)
+            if self._body:
+                if size > skip:
+                    self._hold(bytes(data), skip)
+            elif r[2]:
                 self.closing = True
-                return None, out, 1
-            if size == skip:
-                return None, out, 1
-            return bytes(data[skip:]), out, 1
-        buf = self._buf
-        old = len(buf)
-        buf += data
-        # Without a new LF nothing can complete and no bare LF appeared: just wait,
-        # unless the size limit is now exceeded.
-        if buf.find(b"\n", old) < 0 and len(buf) <= self.max_header_bytes:
-            return None, [], 0
-        data = bytes(buf)
-        buf.clear()
-        return data, [], 0
+            elif size > skip:
+                n = self._answer_from(bytes(data[skip:]), out, n, room)
+        else:
+            buf = self._buf
+            old = len(buf)
+            buf += data
+            # Without a new LF nothing can complete and no bare LF appeared: just wait,
+            # unless the size limit is now exceeded.
+            if buf.find(b"\n", old) < 0 and len(buf) <= self.max_header_bytes:
+                return b"", 0
+            data = bytes(buf)
+            buf.clear()
+            n = self._answer_from(data, out, n, room)
+        if len(out) == 1:
+            return out[0], n
+        return b"".join(out), n
 
     @property
     def partial(self) -> bool:
-        """An incomplete header section or an unread body is held (header timeout)."""
-        return bool(self._buf) or bool(self._skip)
+        """An incomplete header section or an unread body is being received (the
+        header timeout); held input is not: the server is not reading it."""
+        return (bool(self._buf) and not self._held) or bool(self._skip)
 
     def eof(self) -> bytes:
-        """Peer finished sending: a partial request is dropped unanswered."""
-        self.closing = True
-        self._buf.clear()
-        self._skip = 0
-        self._pending = None
+        """Peer finished sending: a partial request is dropped unanswered; answers
+        still held are produced first (``closing`` is set once they are)."""
+        if self.more:
+            self._eof = True
+            return b""
+        self._stop()
         return b""
