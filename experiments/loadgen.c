@@ -37,10 +37,21 @@
  *   EADDRNOTAVAIL: counted as its own error kind, never folded into "other".
  * - getrusage(RUSAGE_THREAD) gives each thread's own user/sys time, so the client's
  *   CPU excludes any other thread in the process (a Python test server, say).
+ *
+ * Service times (HTTP): with a distribution configured, each request asks the server
+ * for `GET /work/US`, US drawn per request on the connection that sends it.  Each
+ * connection has its own PRNG seeded from (seed, global connection index): the draws
+ * of connection i are the same in every run with that seed, whatever the thread count
+ * or the order events arrive in, and no draw touches shared state.  The request bytes
+ * go into a per-connection buffer sized at setup, so the hot path never allocates.
+ *
+ * Reentrancy: nothing here is static and mutable; every run's state hangs off its own
+ * `struct shared`, so two lg_run calls (from two Python threads) can run at once.
  */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
+#include <math.h>
 #include <netdb.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -73,6 +84,19 @@ struct lg_target {
     const char *path;           /* HTTP only */
 };
 
+/* Service-time distributions (microseconds, drawn per request). */
+enum { LG_SVC_NONE, LG_SVC_FIXED, LG_SVC_EXP, LG_SVC_BIMODAL, LG_SVC_LOGNORMAL };
+#define LG_MAX_US 99999999      /* the server's route takes at most 8 digits */
+enum { LG_LIGHT, LG_HEAVY, LG_NCLASS };
+
+/* Parameters as the draw uses them (loadgen.py turns the user's spec into these):
+ * fixed: a; exp: mean a; bimodal: a with probability p, else b; lognormal: exp(N(a, b)),
+ * a = mu and b = sigma of the underlying normal. */
+struct lg_service {
+    int kind;
+    double p, a, b;
+};
+
 struct lg_config {
     const struct lg_target *targets;   /* connection (or churn connect) i -> targets[i % n] */
     int ntargets, mode, connections, threads;
@@ -81,6 +105,18 @@ struct lg_config {
     double rate, duration, warmup, timeout;   /* req/s (conn/s in churn), seconds */
     uint64_t max_requests;      /* measured requests; 0: no cap */
     int abort_on_mismatch;
+    /* HTTP service times.  Connections (churn at a rate: slots) 0..heavy_conns-1 draw
+     * from `heavy`, the others from `service`; LG_SVC_NONE sends the target's path. */
+    struct lg_service service, heavy;
+    int heavy_conns;
+    int requests_per_conn;      /* churn: requests per connection; 0 means 1 */
+    uint64_t seed;              /* of the service-time draws */
+};
+
+/* One class of connections' figures (light: the `service` ones, heavy: the others). */
+struct lg_cresult {
+    uint64_t requests, work_us, min_ns, max_ns;
+    uint64_t *hist;             /* caller's array of lg_hist_buckets() counts */
 };
 
 /* One target's figures; the caller sums them for the total. */
@@ -89,6 +125,7 @@ struct lg_tresult {
     uint64_t errors[LG_NERR];
     uint64_t non2xx, connects, min_ns, max_ns;
     uint64_t *hist;             /* caller's array of lg_hist_buckets() counts */
+    uint64_t work_us;           /* service time drawn for the measured requests */
 };
 
 struct lg_result {
@@ -100,6 +137,7 @@ struct lg_result {
     struct lg_tresult *targets; /* caller's array of ntargets */
     uint64_t *per_conn;         /* caller's array of `connections` counts */
     char message[256];
+    struct lg_cresult classes[LG_NCLASS];   /* filled when service times are on */
 };
 
 /* ---- latency histogram -----------------------------------------------------------
@@ -161,7 +199,12 @@ struct tgt {
     socklen_t alen;
     char *req;                  /* the HTTP request, identical for every send */
     size_t msglen;              /* bytes of one request: echo size or HTTP request */
+    char *wsuf;                 /* service times: what follows "GET /work/US" */
+    size_t wsuflen;
 };
+
+#define WORK_PREFIX "GET /work/"
+#define WORK_PREFIX_LEN (sizeof WORK_PREFIX - 1)
 
 struct conn {
     struct worker *w;
@@ -179,6 +222,17 @@ struct conn {
     uint64_t rseq, roff;        /* receive cursor (echo) */
     uint64_t sched_k;           /* open loop: index of the next request to send */
     uint64_t completed;         /* measured completions */
+    /* Service times (svc NULL: the target's fixed request, and none of this is used). */
+    const struct lg_service *svc;
+    int cls;                    /* LG_LIGHT or LG_HEAVY */
+    uint64_t rng[4];            /* xoshiro256** state, this connection's own */
+    uint32_t *wring;            /* drawn US of each request in `ring` (with classes) */
+    char *obuf;                 /* svc: requests built, bytes [ooff, olen) unsent */
+    size_t olen, ooff;
+    /* Churn: requests issued on this connection so far, and the stamp (connect start,
+     * or its scheduled time at a rate) that decides whether they are all measured. */
+    int nreq;
+    uint64_t t_member;
     int hstate, hstatus, hclose;
     uint64_t body_left;
     char *hbuf;
@@ -190,6 +244,9 @@ struct shared {
     struct tgt *tg;
     int ntg;
     int churn_rate;             /* churn with rate > 0: connects on a fixed schedule */
+    int rpc;                    /* churn: requests per connection */
+    int classes;                /* service times on: keep per-class figures */
+    size_t wmax;                /* longest "GET /work/US ..." request over the targets */
     uint64_t t0, ms, me, deadline, timeout_ns, seed;
     uint64_t budget_used;       /* atomic: measured requests issued so far */
     uint64_t t_spent;           /* atomic: when the first request over budget was due */
@@ -211,8 +268,11 @@ struct worker {
     uint64_t scheduled, backlog;
     double interval;            /* open loop, churn at a rate: ns between this thread's ticks */
     uint64_t tick_k;            /* open loop, churn at a rate: next tick of the schedule */
-    struct conn **idle;         /* churn at a rate: free slots (a stack) */
-    int nidle;
+    /* Churn at a rate: free slots, a FIFO so that slots take turns and the first
+     * heavy_conns slots carry their share of the connects even at a low rate. */
+    struct conn **idle;
+    int ihead, nidle;
+    struct lg_cresult cs[LG_NCLASS];    /* with classes: this thread's per-class figures */
     uint64_t t_end;
     struct rusage ru0, ru1;
     int ru_started;
@@ -265,6 +325,93 @@ static void pattern(uint64_t key, uint64_t off, char *dst, size_t len)
     }
 }
 
+/* ---- service times ----------------------------------------------------------------
+ * xoshiro256** (Blackman & Vigna): four words of state, a few shifts per draw, good
+ * enough for sampling; its state is filled by splitmix64, which turns any seed (even
+ * 0, or seeds differing in one bit) into well-mixed, distinct streams. */
+static inline uint64_t splitmix64(uint64_t *x)
+{
+    uint64_t z = (*x += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+static void rng_seed(uint64_t s[4], uint64_t seed, uint64_t stream)
+{
+    uint64_t x = seed ^ (stream * 0xd1b54a32d192ed03ull);
+    for (int i = 0; i < 4; i++)
+        s[i] = splitmix64(&x);
+}
+
+static inline uint64_t rotl(uint64_t x, int k) { return (x << k) | (x >> (64 - k)); }
+
+static inline uint64_t rng_next(uint64_t s[4])
+{
+    uint64_t out = rotl(s[1] * 5, 7) * 9, t = s[1] << 17;
+    s[2] ^= s[0], s[3] ^= s[1], s[1] ^= s[2], s[0] ^= s[3];
+    s[2] ^= t;
+    s[3] = rotl(s[3], 45);
+    return out;
+}
+
+/* Uniform in [0, 1): the top 53 bits, exactly representable. */
+static inline double rng_unit(uint64_t s[4]) { return (double)(rng_next(s) >> 11) * 0x1.0p-53; }
+
+/* One service time in whole microseconds: rounded to nearest, capped at LG_MAX_US. */
+static uint32_t draw_us(const struct lg_service *d, uint64_t s[4])
+{
+    double x;
+    switch (d->kind) {
+    case LG_SVC_FIXED:
+        x = d->a;
+        break;
+    case LG_SVC_EXP:                    /* inversion; 1 - u is in (0, 1], log1p(-u) finite */
+        x = -d->a * log1p(-rng_unit(s));
+        break;
+    case LG_SVC_BIMODAL:
+        x = rng_unit(s) < d->p ? d->a : d->b;
+        break;
+    case LG_SVC_LOGNORMAL: {            /* Box-Muller; one of the pair is enough here */
+        double u = 1.0 - rng_unit(s), v = rng_unit(s);
+        x = exp(d->a + d->b * sqrt(-2.0 * log(u)) * cos(6.283185307179586 * v));
+        break;
+    }
+    default:
+        x = 0;
+    }
+    if (!(x < LG_MAX_US))               /* (NaN too) */
+        return LG_MAX_US;
+    return x > 0 ? (uint32_t)(x + 0.5) : 0;
+}
+
+/* The first n draws connection `conn` makes in a run with this seed (for tests and
+ * for looking at a distribution without a server). */
+void lg_sample(const struct lg_service *d, uint64_t seed, int conn, uint32_t *out, int n)
+{
+    uint64_t s[4];
+    rng_seed(s, seed, (uint64_t)conn);
+    for (int i = 0; i < n; i++)
+        out[i] = draw_us(d, s);
+}
+
+/* Write "GET /work/US HTTP/1.1..." for target t at dst; returns its length. */
+static size_t put_work_request(const struct tgt *t, uint32_t us, char *dst)
+{
+    char digits[10];
+    int nd = 0;
+    do {
+        digits[nd++] = (char)('0' + us % 10);
+        us /= 10;
+    } while (us);
+    memcpy(dst, WORK_PREFIX, WORK_PREFIX_LEN);
+    char *p = dst + WORK_PREFIX_LEN;
+    while (nd)
+        *p++ = digits[--nd];
+    memcpy(p, t->wsuf, t->wsuflen);
+    return (size_t)(p - dst) + t->wsuflen;
+}
+
 /* ---- connection lifecycle ------------------------------------------------------- */
 
 static void conn_start(struct conn *c, uint64_t now);
@@ -287,6 +434,8 @@ static void conn_close(struct conn *c)
     w->inflight -= (uint64_t)c->rcount;
     c->rcount = c->rhead = 0;
     c->pend = c->soff = c->roff = 0;
+    c->olen = c->ooff = 0;
+    c->nreq = 0;
     c->rseq = c->sseq;          /* new stream: unanswered messages are forgotten */
     c->closing = 0;
     c->hstate = H_HDR;
@@ -299,8 +448,9 @@ static void conn_close(struct conn *c)
  * schedule does. */
 static void slot_release(struct conn *c)
 {
+    struct worker *w = c->w;
     conn_close(c);
-    c->w->idle[c->w->nidle++] = c;
+    w->idle[(w->ihead + w->nidle++) % w->n] = c;
 }
 
 /* A connection finished its business (answered, or closed by the server between
@@ -348,40 +498,74 @@ static int errno_kind(int e)
     }
 }
 
-/* Take one measured request from the max_requests budget; 0 when it is spent.  The
- * moment the first one over budget was wanted ends the schedule's measured span. */
-static int charge(struct worker *w, uint64_t now)
+/* Take n measured requests from the max_requests budget; 0 when they are not all
+ * left (churn at a rate takes a connection's requests_per_conn at once, so the budget
+ * ends on a whole connection).  The moment the first one over budget was wanted ends
+ * the schedule's measured span. */
+static int charge(struct worker *w, uint64_t n, uint64_t now)
 {
     struct shared *sh = w->sh;
-    uint64_t used = __atomic_fetch_add(&sh->budget_used, 1, __ATOMIC_RELAXED);
-    if (used < sh->cfg->max_requests)
+    uint64_t max = sh->cfg->max_requests;
+    uint64_t used = __atomic_fetch_add(&sh->budget_used, n, __ATOMIC_RELAXED);
+    if (used + n <= max)
         return 1;
-    if (used == sh->cfg->max_requests)  /* exactly one caller sees this */
+    if (used <= max)                    /* exactly one caller's [used, used+n) holds max */
         __atomic_store_n(&sh->t_spent, now, __ATOMIC_RELAXED);
     w->no_more = 1;
     return 0;
 }
 
-/* Queue one request on c.  `start` is its latency origin; the budget is charged only
- * for measured requests so warm-up never eats into max_requests (churn at a rate
- * charged it when the connect went out).  Churn at a rate: a connect scheduled inside
- * the window still gets its request after the window closed; it belongs to the
- * measurement, and dropping it would hide a slow handshake. */
+/* Queue one request on c.  `start` is its latency origin.  Whether it is measured is
+ * decided by its stamp: `start`, except in churn, where the connection's own stamp
+ * (t_member) decides for all its requests, so a connection is measured whole.  The
+ * budget is charged only for measured requests so warm-up never eats into
+ * max_requests (churn at a rate charged it when the connect went out; `no_more` then
+ * stops new connects, not the requests of those already paid for).  A request whose
+ * stamp is inside the window still goes out after the window closed where dropping it
+ * would cut a measured unit short: a connect scheduled in the window (churn at a rate:
+ * dropping it would hide a slow handshake) and a churn connection's 2nd..Mth request. */
 static int issue(struct conn *c, uint64_t start, uint64_t now)
 {
     struct worker *w = c->w;
     struct shared *sh = w->sh;
-    if (w->no_more || __atomic_load_n(&sh->stop, __ATOMIC_RELAXED) || c->closing ||
-        c->state != C_OPEN || start >= sh->me || (now >= sh->me && !sh->churn_rate))
-        return 0;
-    if (start >= sh->ms && sh->cfg->max_requests && !sh->churn_rate && !charge(w, now))
+    int churn = sh->cfg->mode == LG_CHURN;
+    uint64_t stamp = churn ? c->t_member : start;
+    int late_ok = sh->churn_rate || (churn && c->nreq > 0);
+    if ((w->no_more && !sh->churn_rate) || __atomic_load_n(&sh->stop, __ATOMIC_RELAXED) ||
+        c->closing || c->state != C_OPEN || stamp >= sh->me || (now >= sh->me && !late_ok))
         return 0;
     int depth = sh->cfg->depth;
-    c->ring[(c->rhead + c->rcount) % depth] = start;
+    /* The request buffer holds `depth` requests.  Unsent bytes belong to requests in
+     * the ring, so there is room unless a server answered requests it had not read
+     * in full; then hold off until the bytes are out. */
+    if (c->svc && c->pend + sh->wmax > (uint64_t)depth * sh->wmax)
+        return 0;
+    if (stamp >= sh->ms && sh->cfg->max_requests && !sh->churn_rate && !charge(w, 1, now))
+        return 0;
+    int slot = (c->rhead + c->rcount) % depth;
+    c->ring[slot] = start;
     if (c->rcount++ == 0)
         c->t_progress = now;
     w->inflight++;
-    c->pend += c->t->msglen;
+    c->nreq++;
+    if (c->svc) {
+        /* Build this request's bytes now; the buffer holds `depth` of the longest, so
+         * sliding the unsent rest to the front always makes room. */
+        uint32_t us = draw_us(c->svc, c->rng);
+        if (c->olen + sh->wmax > (size_t)depth * sh->wmax) {
+            memmove(c->obuf, c->obuf + c->ooff, c->olen - c->ooff);
+            c->olen -= c->ooff;
+            c->ooff = 0;
+        }
+        size_t len = put_work_request(c->t, us, c->obuf + c->olen);
+        c->olen += len;
+        c->pend += len;
+        c->wring[slot] = us;
+    } else {
+        c->pend += c->t->msglen;
+        if (c->wring)
+            c->wring[slot] = 0;         /* a light connection without a distribution */
+    }
     return 1;
 }
 
@@ -426,7 +610,8 @@ static void open_send_due(struct conn *c, uint64_t now)
 }
 
 /* Keep a connection busy after it became usable or a response completed (churn
- * sends its one request in connected() and never refills). */
+ * sends its first request in connected(), then one after each answer until it has
+ * sent requests_per_conn; its latency counts from that send). */
 static void refill(struct conn *c, uint64_t now)
 {
     const struct lg_config *cfg = c->w->sh->cfg;
@@ -435,6 +620,8 @@ static void refill(struct conn *c, uint64_t now)
             ;
     else if (cfg->mode == LG_OPEN)
         open_send_due(c, now);
+    else if (c->nreq > 0 && c->nreq < c->w->sh->rpc && c->rcount == 0)
+        issue(c, now, now);
 }
 
 static void connected(struct conn *c, uint64_t now)
@@ -447,8 +634,10 @@ static void connected(struct conn *c, uint64_t now)
     if (when >= sh->ms && when < sh->me)
         w->ts[c->t->index].connects++;
     if (sh->cfg->mode == LG_CHURN) {
-        /* latency includes the handshake (and, at a rate, any wait for a free slot) */
-        if (!issue(c, sh->churn_rate ? c->t_sched : c->t_state, now)) {
+        /* the first request's latency includes the handshake (and, at a rate, any
+         * wait for a free slot); the same stamp says whether the connection counts */
+        c->t_member = sh->churn_rate ? c->t_sched : c->t_state;
+        if (!issue(c, c->t_member, now)) {
             if (sh->churn_rate)
                 slot_release(c);
             else
@@ -494,6 +683,11 @@ static int conn_flush(struct conn *c, uint64_t now)
     struct shared *sh = w->sh;
     while (c->pend) {
         size_t n = 0, cap = c->pend < SCRATCH ? (size_t)c->pend : SCRATCH;
+        const char *buf = w->sbuf;
+        if (c->svc) {
+            buf = c->obuf + c->ooff;    /* built by issue(), one request at a time */
+            n = (size_t)c->pend;
+        }
         uint64_t seq = c->sseq, off = c->soff;
         /* Generate the bytes instead of buffering them per connection: memory stays
          * flat with many connections and big messages, and the cursor is all state. */
@@ -509,7 +703,7 @@ static int conn_flush(struct conn *c, uint64_t now)
             if (off == c->t->msglen)
                 off = 0, seq++;
         }
-        ssize_t r = send(c->fd, w->sbuf, n, MSG_NOSIGNAL | MSG_DONTWAIT);
+        ssize_t r = send(c->fd, buf, n, MSG_NOSIGNAL | MSG_DONTWAIT);
         if (r < 0) {
             if (errno == EINTR)
                 continue;
@@ -519,9 +713,15 @@ static int conn_flush(struct conn *c, uint64_t now)
             return -1;
         }
         c->pend -= (uint64_t)r;
-        c->soff += (uint64_t)r;
-        c->sseq += c->soff / c->t->msglen;
-        c->soff %= c->t->msglen;
+        if (c->svc) {
+            c->ooff += (size_t)r;
+            if (!c->pend)
+                c->olen = c->ooff = 0;
+        } else {
+            c->soff += (uint64_t)r;
+            c->sseq += c->soff / c->t->msglen;
+            c->soff %= c->t->msglen;
+        }
         if (now >= sh->ms)
             w->ts[c->t->index].bytes_sent += (uint64_t)r;
         if ((size_t)r < n)
@@ -535,21 +735,33 @@ static void complete(struct conn *c, int ok2xx, uint64_t now)
     struct worker *w = c->w;
     struct shared *sh = w->sh;
     uint64_t start = c->ring[c->rhead];
+    uint32_t us = c->wring ? c->wring[c->rhead] : 0;
+    uint64_t stamp = sh->cfg->mode == LG_CHURN ? c->t_member : start;   /* as in issue() */
     c->rhead = (c->rhead + 1) % sh->cfg->depth;
     c->rcount--;
     w->inflight--;
     c->fails = 0;
     c->t_progress = now;
-    if (start >= sh->ms && start < sh->me) {
+    if (stamp >= sh->ms && stamp < sh->me) {
         struct lg_tresult *ts = &w->ts[c->t->index];
         uint64_t lat = now > start ? now - start : 0;
-        ts->hist[hist_index(lat)]++;
+        int b = hist_index(lat);
+        ts->hist[b]++;
         if (lat > ts->max_ns) ts->max_ns = lat;
         if (lat < ts->min_ns) ts->min_ns = lat;
         ts->requests++;
         c->completed++;
         if (!ok2xx)
             ts->non2xx++;
+        if (sh->classes) {
+            struct lg_cresult *cs = &w->cs[c->cls];
+            ts->work_us += us;
+            cs->hist[b]++;
+            if (lat > cs->max_ns) cs->max_ns = lat;
+            if (lat < cs->min_ns) cs->min_ns = lat;
+            cs->requests++;
+            cs->work_us += us;
+        }
     }
 }
 
@@ -959,9 +1171,11 @@ static void churn_ticks(struct worker *w, uint64_t now)
     uint64_t due = ticks_before(w, now + 1);
     while (w->tick_k < due && w->nidle > 0 && may_send(w, now)) {
         uint64_t t = tick_time(w, w->tick_k);
-        if (t >= sh->ms && sh->cfg->max_requests && !charge(w, now))
+        if (t >= sh->ms && sh->cfg->max_requests && !charge(w, (uint64_t)sh->rpc, now))
             break;
-        struct conn *c = w->idle[--w->nidle];
+        struct conn *c = w->idle[w->ihead];
+        w->ihead = (w->ihead + 1) % w->n;
+        w->nidle--;
         c->t = &sh->tg[(w->tick_k + (uint64_t)w->index) % (uint64_t)sh->ntg];
         c->t_sched = t;
         w->tick_k++;
@@ -1135,6 +1349,15 @@ static int tgt_init(struct tgt *t, const struct lg_target *spec, int index, size
     t->msglen = (size_t)snprintf(t->req, cap, "GET %s HTTP/1.1\r\nHost: %s%s%s:%d\r\n\r\n",
                                  spec->path, v6 ? "[" : "", spec->host, v6 ? "]" : "",
                                  spec->port);
+    /* The same request with the path cut out: "GET /work/" US + this. */
+    const char *rest = t->req + 4 + strlen(spec->path);
+    t->wsuflen = t->msglen - (size_t)(rest - t->req);
+    t->wsuf = malloc(t->wsuflen);
+    if (!t->wsuf) {
+        snprintf(msg, msgcap, "out of memory");
+        return -1;
+    }
+    memcpy(t->wsuf, rest, t->wsuflen);
     return 0;
 }
 
@@ -1147,11 +1370,27 @@ int lg_run(const struct lg_config *cfg, struct lg_result *res)
     if (cfg->connections < 1 || cfg->threads < 1 || cfg->threads > cfg->connections ||
         cfg->ntargets < 1 || cfg->depth < 1 || cfg->size < 1 || !(cfg->duration > 0) ||
         !(cfg->timeout > 0) || !(cfg->rate >= 0) ||
-        (cfg->mode == LG_OPEN && !(cfg->rate > 0)) || (cfg->mode == LG_CLOSED && cfg->rate > 0)) {
+        (cfg->mode == LG_OPEN && !(cfg->rate > 0)) || (cfg->mode == LG_CLOSED && cfg->rate > 0) ||
+        cfg->heavy_conns < 0 || cfg->heavy_conns > cfg->connections ||
+        (cfg->heavy_conns > 0 && cfg->heavy.kind == LG_SVC_NONE) || cfg->requests_per_conn < 0 ||
+        (cfg->requests_per_conn > 1 && cfg->mode != LG_CHURN)) {
         snprintf(res->message, sizeof res->message, "invalid configuration");
         return -1;
     }
+    int classes = cfg->service.kind != LG_SVC_NONE || cfg->heavy_conns > 0;
+    for (int i = 0; classes && i < cfg->ntargets; i++)
+        if (cfg->targets[i].protocol != LG_HTTP) {
+            snprintf(res->message, sizeof res->message, "service times need HTTP targets");
+            return -1;
+        }
+    for (int k = 0; classes && k < LG_NCLASS; k++)
+        if (!res->classes[k].hist) {
+            snprintf(res->message, sizeof res->message, "no histogram for the class figures");
+            return -1;
+        }
     sh.churn_rate = cfg->mode == LG_CHURN && cfg->rate > 0;
+    sh.rpc = cfg->requests_per_conn > 1 ? cfg->requests_per_conn : 1;
+    sh.classes = classes;
     sh.ntg = cfg->ntargets;
     sh.tg = calloc((size_t)sh.ntg, sizeof *sh.tg);
     if (!sh.tg) {
@@ -1162,9 +1401,11 @@ int lg_run(const struct lg_config *cfg, struct lg_result *res)
         if (tgt_init(&sh.tg[i], &cfg->targets[i], i, (size_t)cfg->size,
                      res->message, sizeof res->message) < 0) {
             for (int j = 0; j <= i; j++)
-                free(sh.tg[j].req);
+                free(sh.tg[j].req), free(sh.tg[j].wsuf);
             free(sh.tg);
             return -1;
+        } else if (sh.tg[i].wsuflen + WORK_PREFIX_LEN + 8 > sh.wmax) {
+            sh.wmax = sh.tg[i].wsuflen + WORK_PREFIX_LEN + 8;
         }
     sh.timeout_ns = (uint64_t)(cfg->timeout * 1e9);
     sh.seed = now_ns() * 0x9e3779b97f4a7c15ull;
@@ -1204,6 +1445,15 @@ int lg_run(const struct lg_config *cfg, struct lg_result *res)
             rc = -1;
             goto out;
         }
+        for (int k = 0; classes && k < LG_NCLASS; k++) {
+            w->cs[k].min_ns = UINT64_MAX;
+            w->cs[k].hist = calloc(HIST_BUCKETS, sizeof *w->cs[k].hist);
+            if (!w->cs[k].hist) {
+                snprintf(res->message, sizeof res->message, "out of memory");
+                rc = -1;
+                goto out;
+            }
+        }
         for (int k = 0; k < NT; k++) {
             w->ts[k].min_ns = UINT64_MAX;
             w->ts[k].hist = calloc(HIST_BUCKETS, sizeof *w->ts[k].hist);
@@ -1222,7 +1472,20 @@ int lg_run(const struct lg_config *cfg, struct lg_result *res)
             c->gidx = lo + j;
             c->ring = rings + (size_t)(lo + j) * (size_t)cfg->depth;
             if (sh.churn_rate)
-                w->idle[w->nidle++] = &w->conns[w->n - 1 - j];  /* slot 0 on top */
+                w->idle[w->nidle++] = c;        /* slot 0 first */
+            if (!classes)
+                continue;
+            c->cls = c->gidx < cfg->heavy_conns ? LG_HEAVY : LG_LIGHT;
+            const struct lg_service *d = c->cls == LG_HEAVY ? &cfg->heavy : &cfg->service;
+            c->svc = d->kind != LG_SVC_NONE ? d : NULL;
+            c->wring = calloc((size_t)cfg->depth, sizeof *c->wring);
+            c->obuf = c->svc ? malloc((size_t)cfg->depth * sh.wmax) : NULL;
+            if (!c->wring || (c->svc && !c->obuf)) {
+                snprintf(res->message, sizeof res->message, "out of memory");
+                rc = -1;
+                goto out;
+            }
+            rng_seed(c->rng, cfg->seed, (uint64_t)c->gidx);
         }
     }
     /* Threads wait at a gate until all exist, so a failed pthread_create can size
@@ -1246,9 +1509,16 @@ int lg_run(const struct lg_config *cfg, struct lg_result *res)
 
     res->scheduled = res->backlog = 0;
     res->cpu_user = res->cpu_sys = 0;
+    for (int k = 0; classes && k < LG_NCLASS; k++) {
+        struct lg_cresult *r = &res->classes[k];
+        r->requests = r->work_us = r->max_ns = 0;
+        r->min_ns = UINT64_MAX;
+        memset(r->hist, 0, HIST_BUCKETS * sizeof *r->hist);
+    }
     for (int k = 0; k < NT; k++) {
         struct lg_tresult *r = &res->targets[k];
         r->requests = r->bytes_sent = r->bytes_received = r->non2xx = r->connects = 0;
+        r->work_us = 0;
         r->max_ns = 0;
         r->min_ns = UINT64_MAX;
         memset(r->errors, 0, sizeof r->errors);
@@ -1268,8 +1538,18 @@ int lg_run(const struct lg_config *cfg, struct lg_result *res)
             r->bytes_received += x->bytes_received;
             r->non2xx += x->non2xx;
             r->connects += x->connects;
+            r->work_us += x->work_us;
             for (int e = 0; e < LG_NERR; e++)
                 r->errors[e] += x->errors[e];
+            for (int b = 0; b < HIST_BUCKETS; b++)
+                r->hist[b] += x->hist[b];
+            if (x->max_ns > r->max_ns) r->max_ns = x->max_ns;
+            if (x->min_ns < r->min_ns) r->min_ns = x->min_ns;
+        }
+        for (int k = 0; classes && k < LG_NCLASS; k++) {
+            struct lg_cresult *r = &res->classes[k], *x = &w->cs[k];
+            r->requests += x->requests;
+            r->work_us += x->work_us;
             for (int b = 0; b < HIST_BUCKETS; b++)
                 r->hist[b] += x->hist[b];
             if (x->max_ns > r->max_ns) r->max_ns = x->max_ns;
@@ -1286,6 +1566,9 @@ int lg_run(const struct lg_config *cfg, struct lg_result *res)
     for (int k = 0; k < NT; k++)
         if (res->targets[k].min_ns == UINT64_MAX)
             res->targets[k].min_ns = 0;
+    for (int k = 0; classes && k < LG_NCLASS; k++)
+        if (res->classes[k].min_ns == UINT64_MAX)
+            res->classes[k].min_ns = 0;
     res->elapsed = sh.ms ? (double)(t_last - sh.ms) * 1e-9 : 0.0;
     uint64_t spent = __atomic_load_n(&sh.t_spent, __ATOMIC_RELAXED);
     res->span = (double)((spent && spent < sh.me ? spent : sh.me) - sh.ms) * 1e-9;
@@ -1303,15 +1586,17 @@ out:
             free(ws[t].idle);
             free(ws[t].sbuf);
             free(ws[t].rbuf);
+            for (int k = 0; k < LG_NCLASS; k++)
+                free(ws[t].cs[k].hist);
         }
     if (conns)
         for (int i = 0; i < C; i++)
-            free(conns[i].hbuf);
+            free(conns[i].hbuf), free(conns[i].wring), free(conns[i].obuf);
     free(ws);
     free(conns);
     free(rings);
     for (int k = 0; k < NT; k++)
-        free(sh.tg[k].req);
+        free(sh.tg[k].req), free(sh.tg[k].wsuf);
     free(sh.tg);
     if (started)
         pthread_barrier_destroy(&sh.bar);

@@ -10,10 +10,14 @@ measured figures mean:
   its stall: the latency includes the time the request should already have been out),
   connect start (churn: the handshake is part of each request), or the connect's
   intended time on the fixed schedule (churn at a rate).  In churn every request is one
-  connection, so ``requests`` is also the number of connections completed.
+  connection, so ``requests`` is also the number of connections completed.  With
+  ``requests_per_conn`` M > 1 a churned connection is measured whole: all M requests
+  count iff its first one's start is in the window; the first one's latency runs from
+  the connect (as for M = 1), the later ones' from their own send.
 * ``scheduled``/``backlog`` (open loop, churn at a rate): sends (connects) due in the
   window, and how many of them never went out before it closed.
-* ``achieved_rate`` (open loop, churn at a rate): ``requests`` over the span they were
+* ``achieved_rate`` (open loop, churn at a rate): ``requests`` (churn at a rate:
+  connections, ``requests / requests_per_conn``) over the span they were
   scheduled in (``duration``, or up to the due time of the first request over
   ``max_requests``), not over ``elapsed``: the drain is not part of the schedule.  ``rate_met``, the
   generator's rule: not aborted, achieved >= 99% of the target, and backlog <= 1% of
@@ -34,13 +38,19 @@ measured figures mean:
   target ``(t + k) % len(targets)``); the top-level figures are their total.
 
 Modes: ``closed`` (``depth`` requests in flight per connection), ``open`` (requests at a
-fixed total ``rate`` over persistent connections, as wrk2), ``churn`` (connect, one
-request, read the whole response, close).  ``churn`` with ``rate > 0`` is open-loop
+fixed total ``rate`` over persistent connections, as wrk2), ``churn`` (connect,
+``requests_per_conn`` requests one after the other, close).  ``churn`` with ``rate > 0`` is open-loop
 churn: connects at a fixed total rate (connections/s) on a fixed schedule per thread,
 at most ``connections`` in flight; a connect due with no free slot waits for one (and
 is ``backlog`` if the window closes first), and every scheduled connect is one attempt
 (no retries: a failure is one error of its kind).  ``netns=NAME`` runs the generator in
 a network namespace (experiments/netns.py).
+
+Service times (HTTP): ``service="exp:100"`` makes every request ``GET /work/US`` with US
+drawn per request (the server burns US µs of CPU, then answers as ``GET /``);
+``heavy="K:SPEC"`` gives the first K connections another distribution.  The result then
+has ``work_us`` (the service time asked for by the measured requests) and ``classes``
+(``light``/``heavy``: requests, latency, histogram, work_us).  See docs/loadgen.md.
 """
 
 from __future__ import annotations
@@ -54,6 +64,7 @@ import re
 import resource
 import socket
 import sys
+import threading
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -67,6 +78,14 @@ ERROR_KINDS = ("connect_refused", "connect_timeout", "reset", "read_timeout", "e
 PERCENTILES = (50.0, 90.0, 99.0, 99.9, 99.99)
 MAX_SIZE = 64 * 1024 * 1024
 MAX_DEPTH = 4096
+#: Service-time distributions (``service``, ``heavy``), as written in a spec.
+SERVICE_KINDS = {"fixed": "fixed:US", "exp": "exp:MEAN", "bimodal": "bimodal:P:US1:US2",
+                 "lognormal": "lognormal:MEAN:SIGMA"}
+#: The largest service time a request can ask for (the server's route takes 8 digits).
+MAX_US = 99_999_999
+MAX_SIGMA = 10.0
+MAX_REQUESTS_PER_CONN = 1_000_000
+CLASSES = ("light", "heavy")
 
 
 def _lib():
@@ -76,6 +95,109 @@ def _lib():
         raise ImportError("the C load generator is not built; reinstall the project "
                           "(pip install -e .) so setup.py's cffi_modules compiles it") from exc
     return ffi, lib
+
+
+@dataclass(frozen=True)
+class ServiceTime:
+    """A service-time distribution parsed from its spec (µs; see :func:`parse_service`).
+    ``p``/``a``/``b`` are what the C draw uses: fixed ``a``; exp mean ``a``; bimodal ``a``
+    with probability ``p``, else ``b``; lognormal ``exp(N(a, b))`` (``a`` = mu, ``b`` =
+    sigma of the underlying normal).  ``mean_us``: the distribution's mean, before the
+    rounding to whole µs and the cap at MAX_US."""
+
+    spec: str
+    kind: str
+    p: float
+    a: float
+    b: float
+    mean_us: float
+
+
+def parse_service(text: str, what: str = "service") -> ServiceTime:
+    """``fixed:US``, ``exp:MEAN``, ``bimodal:P:US1:US2`` or ``lognormal:MEAN:SIGMA``
+    (microseconds) -> ServiceTime; ValueError naming the problem otherwise."""
+    if not isinstance(text, str):
+        raise ValueError(f"{what} must be a string such as 'exp:100', got {text!r}")
+    kind, *params = text.strip().split(":")
+    if kind not in SERVICE_KINDS:
+        raise ValueError(f"{what} {text!r}: unknown distribution {kind!r} (one of "
+                         f"{', '.join(SERVICE_KINDS.values())})")
+    form = SERVICE_KINDS[kind]
+    want = form.count(":")
+    if len(params) != want:
+        raise ValueError(f"{what} {text!r}: {kind} takes {want} parameter"
+                         f"{'s' if want > 1 else ''} ({form}), got {len(params)}")
+    names = form.split(":")[1:]
+    values = {}
+    for name, raw in zip(names, params):
+        try:
+            v = float(raw)
+        except ValueError:
+            v = math.nan
+        if not math.isfinite(v):
+            raise ValueError(f"{what} {text!r}: {name} must be a finite number, got {raw!r}")
+        values[name] = v
+
+    def check(name, lo, hi, strict_lo=False, unit=" µs"):
+        v = values[name]
+        if v < lo or (strict_lo and v == lo) or v > hi:
+            raise ValueError(f"{what} {text!r}: {name} must be {'>' if strict_lo else '>='} "
+                             f"{lo:.15g}{unit} and <= {hi:.15g}{unit}, got {v:.15g}")
+
+    if kind == "fixed":
+        check("US", 0, MAX_US)
+        return ServiceTime(text, kind, 0.0, values["US"], 0.0, values["US"])
+    if kind == "exp":
+        check("MEAN", 0, MAX_US, strict_lo=True)
+        return ServiceTime(text, kind, 0.0, values["MEAN"], 0.0, values["MEAN"])
+    if kind == "bimodal":
+        check("P", 0, 1, unit="")
+        check("US1", 0, MAX_US)
+        check("US2", 0, MAX_US)
+        p, a, b = values["P"], values["US1"], values["US2"]
+        return ServiceTime(text, kind, p, a, b, p * a + (1 - p) * b)
+    check("MEAN", 0, MAX_US, strict_lo=True)
+    check("SIGMA", 0, MAX_SIGMA, unit="")
+    mean, sigma = values["MEAN"], values["SIGMA"]
+    # E[exp(N(mu, sigma))] = exp(mu + sigma^2 / 2): choose mu so that the mean is MEAN.
+    return ServiceTime(text, kind, 0.0, math.log(mean) - sigma * sigma / 2, sigma, mean)
+
+
+def parse_heavy(text: str) -> tuple[int, ServiceTime]:
+    """``K:SPEC`` (e.g. ``2:fixed:5000``) -> (K, ServiceTime)."""
+    if not isinstance(text, str) or ":" not in text:
+        raise ValueError(f"heavy must be 'K:SPEC' (e.g. '2:fixed:5000'), got {text!r}")
+    k, _, spec = text.partition(":")
+    try:
+        n = int(k)
+    except ValueError:
+        n = -1
+    if n < 1:
+        raise ValueError(f"heavy {text!r}: K (the number of heavy connections) must be an "
+                         f"integer >= 1, got {k!r}")
+    return n, parse_service(spec, what="heavy")
+
+
+def sample_service(spec: str, n: int, seed: int = 1, conn: int = 0) -> list[int]:
+    """The first ``n`` service times (µs) that connection ``conn`` draws in a run with
+    this ``seed``: the C generator's own draw, so a run's ``work_us`` can be predicted
+    exactly and a distribution inspected without a server."""
+    d = parse_service(spec)
+    ffi, lib = _lib()
+    cs = ffi.new("struct lg_service *")
+    _fill_service(lib, cs, d)
+    out = ffi.new("uint32_t[]", max(n, 1))
+    lib.lg_sample(cs, seed, conn, out, n)
+    return list(ffi.unpack(out, n))
+
+
+def _fill_service(lib, cs, d: ServiceTime | None) -> None:
+    """Set a ``struct lg_service`` (LG_SVC_NONE for None)."""
+    cs.kind = lib.LG_SVC_NONE if d is None else {
+        "fixed": lib.LG_SVC_FIXED, "exp": lib.LG_SVC_EXP, "bimodal": lib.LG_SVC_BIMODAL,
+        "lognormal": lib.LG_SVC_LOGNORMAL}[d.kind]
+    if d is not None:
+        cs.p, cs.a, cs.b = d.p, d.a, d.b
 
 
 @dataclass
@@ -103,7 +225,14 @@ class LoadSpec:
     One target: ``host``/``port``/``protocol``/``path``.  Several: ``targets``, a list
     of :class:`Target` (or ``(host, port[, protocol[, path]])`` tuples), whose missing
     protocol/path default to this spec's; then leave ``host``/``port`` unset.
-    ``netns``: run the client inside that network namespace (``/run/netns/NAME``)."""
+    ``netns``: run the client inside that network namespace (``/run/netns/NAME``).
+
+    HTTP service times: ``service`` (e.g. ``"exp:100"``, see :func:`parse_service`)
+    makes each request ``GET /work/US`` with US drawn per request; ``heavy`` (``"K:SPEC"``)
+    gives connections 0..K-1 (churn at a rate: slots) SPEC instead, the rest keep
+    ``service`` (or, without it, the plain ``path``).  ``seed`` seeds the draws
+    (connection i's sequence depends only on ``seed`` and i).  ``requests_per_conn``
+    (churn): requests each connection sends, one after the other, before it closes."""
 
     host: str = "127.0.0.1"
     port: int = 0
@@ -123,6 +252,10 @@ class LoadSpec:
     abort_on_mismatch: bool = True
     targets: list[Target] | None = None
     netns: str | None = None
+    service: str | None = None
+    heavy: str | None = None
+    requests_per_conn: int = 1
+    seed: int = 1
 
     def __post_init__(self) -> None:
         if isinstance(self.targets, (list, tuple)):
@@ -134,6 +267,17 @@ class LoadSpec:
     def churn_rate(self) -> bool:
         """Open-loop churn: connects on a fixed schedule."""
         return self.mode == "churn" and bool(self.rate)
+
+    @property
+    def uses_service(self) -> bool:
+        """Service times on: requests go to /work/US and the result has classes."""
+        return self.service is not None or self.heavy is not None
+
+    def service_time(self) -> ServiceTime | None:
+        return None if self.service is None else parse_service(self.service)
+
+    def heavy_conns(self) -> tuple[int, ServiceTime | None]:
+        return (0, None) if self.heavy is None else parse_heavy(self.heavy)
 
     def resolved_targets(self) -> list[Target]:
         """Every target with its protocol and path filled in."""
@@ -199,8 +343,28 @@ class LoadSpec:
         number("warmup", 0, strict=False)
         number("timeout", 0, strict=True)
         integer("max_requests", 0)
+        integer("requests_per_conn", 1, MAX_REQUESTS_PER_CONN)
+        if self.requests_per_conn != 1 and self.mode != "churn":
+            raise ValueError("requests_per_conn is for mode='churn' (requests per connection "
+                             "before it closes); closed and open loops keep connections open")
+        integer("seed", 0, 2**64 - 1)
         for t in targets:
             _validate_target(t)
+        if self.uses_service:
+            self.service_time()                 # each raises ValueError naming its problem
+            k, _ = self.heavy_conns()
+            if k > self.connections:
+                raise ValueError(f"heavy {self.heavy!r}: K ({k}) must not exceed connections "
+                                 f"({self.connections})")
+            echo = [t.address for t in targets if t.protocol != "http"]
+            if echo:
+                raise ValueError("service/heavy need protocol http (requests go to the "
+                                 f"server's /work/US route); echo target(s): {', '.join(echo)}")
+            if self.service is not None:
+                paths = sorted({t.path for t in targets if t.path != "/"})
+                if paths:
+                    raise ValueError(f"service replaces the request path with /work/US; "
+                                     f"drop the path(s) {', '.join(paths)}")
         if self.netns is not None:
             from parallelnet.experiments import netns
             if not netns.exists(self.netns):
@@ -245,10 +409,31 @@ class TargetResult:
     errors: dict[str, int]
     non2xx: int
     connects: int
+    work_us: int = 0                           # service time asked for by its requests
 
     @property
     def address(self) -> str:
         return Target(self.host, self.port).address
+
+
+@dataclass
+class ClassResult:
+    """One class of connections (``light``: those with ``service``, ``heavy``: the first
+    K): the latency figures mean what LoadResult's do."""
+
+    connections: int                           # connections (churn at a rate: slots)
+    service: str | None                        # its spec; None: the plain path
+    requests: int
+    work_us: int                               # sum of the drawn US of those requests
+    latency: dict[str, float]
+    latency_min_us: float
+    latency_mean_us: float
+    latency_max_us: float
+    histogram: list[tuple[int, int]]
+
+    @property
+    def work_mean_us(self) -> float | None:
+        return self.work_us / self.requests if self.requests else None
 
 
 @dataclass
@@ -281,6 +466,8 @@ class LoadResult:
     aborted: bool
     targets: list[TargetResult]                # per target; the fields above are the total
     message: str = ""
+    work_us: int = 0                           # service time asked for by the measured requests
+    classes: dict[str, ClassResult] | None = None   # with service/heavy: "light", "heavy"
 
     @property
     def errors_total(self) -> int:
@@ -298,7 +485,7 @@ class LoadResult:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["histogram"] = [list(b) for b in self.histogram]
-        for t in d["targets"]:
+        for t in d["targets"] + list((d["classes"] or {}).values()):
             t["histogram"] = [list(b) for b in t["histogram"]]
         if math.isnan(d["jain"]):
             d["jain"] = None                    # undefined; strict JSON has no NaN
@@ -354,8 +541,14 @@ def run(spec: LoadSpec) -> LoadResult:
 
 
 def _run_here(spec: LoadSpec) -> LoadResult:
+    # Runs in this process may overlap (one per Python thread): each holds its
+    # connections' worth of descriptors until it returns.
+    with _fd_reservation(spec.connections + 64):
+        return _run_c(spec)
+
+
+def _run_c(spec: LoadSpec) -> LoadResult:
     ffi, lib = _lib()
-    _ensure_fd_limit(spec.connections + 64)
     targets = spec.resolved_targets()
 
     keep = []                                  # cdata that must outlive the call
@@ -378,6 +571,13 @@ def _run_here(spec: LoadSpec) -> LoadResult:
                                                        float(spec.warmup), float(spec.timeout))
     cfg.max_requests = spec.max_requests
     cfg.abort_on_mismatch = 1 if spec.abort_on_mismatch else 0
+    service = spec.service_time()
+    n_heavy, heavy = spec.heavy_conns()
+    _fill_service(lib, cfg.service, service)
+    _fill_service(lib, cfg.heavy, heavy)
+    cfg.heavy_conns = n_heavy
+    cfg.requests_per_conn = spec.requests_per_conn
+    cfg.seed = spec.seed
 
     nb = lib.lg_hist_buckets()
     res = ffi.new("struct lg_result *")
@@ -387,6 +587,9 @@ def _run_here(spec: LoadSpec) -> LoadResult:
         tr.hist = h
     per_conn = ffi.new("uint64_t[]", spec.connections)
     res.targets, res.per_conn = tres, per_conn
+    chists = [ffi.new("uint64_t[]", nb) for _ in CLASSES] if spec.uses_service else []
+    for k, h in enumerate(chists):
+        res.classes[k].hist = h
 
     rc = lib.lg_run(cfg, res)
     message = ffi.string(res.message).decode(errors="replace")
@@ -402,9 +605,23 @@ def _run_here(spec: LoadSpec) -> LoadResult:
                          {mids[i]: c for i, c in enumerate(counts) if c},
                          tr.min_ns, tr.max_ns,
                          {k: tr.errors[i] for i, k in enumerate(ERROR_KINDS)},
-                         tr.non2xx, tr.connects))
+                         tr.non2xx, tr.connects, tr.work_us))
     per_target = [_figures(t, raw, elapsed) for t, raw in zip(targets, raws)]
     total = _figures(Target("", 0, "", ""), _Raw.total(raws), elapsed)
+    classes = None
+    if chists:
+        classes = {}
+        for k, (name, h) in enumerate(zip(CLASSES, chists)):
+            cr = res.classes[k]
+            counts = ffi.unpack(h, nb)
+            buckets = sorted((mids[i], c) for i, c in enumerate(counts) if c)
+            heavy_class = name == "heavy"
+            classes[name] = ClassResult(
+                connections=n_heavy if heavy_class else spec.connections - n_heavy,
+                service=(heavy if heavy_class else service).spec
+                if (heavy if heavy_class else service) is not None else None,
+                requests=cr.requests, work_us=cr.work_us,
+                **_latency_figures(buckets, cr.requests, cr.min_ns, cr.max_ns))
 
     per = [per_conn[i] for i in range(spec.connections)]
     requests = total.requests
@@ -416,11 +633,14 @@ def _run_here(spec: LoadSpec) -> LoadResult:
         # the first request over max_requests): the drain after it is not part of the
         # schedule, and one late answer must not decide "met".  How late answers
         # came is what the latency from the intended time shows.
-        achieved = requests / res.span if res.span > 0 else 0.0
+        # Churn at a rate counts connections: requests_per_conn measured requests each.
+        units = requests / spec.requests_per_conn if spec.churn_rate else requests
+        achieved = units / res.span if res.span > 0 else 0.0
         rate_met = (not res.aborted and achieved >= 0.99 * target
                     and res.backlog * 100 <= res.scheduled)
     cpu = res.cpu_user + res.cpu_sys
     per_req = cpu * 1e6 / requests if requests else None
+    # churn: each measured connection is requests_per_conn measured requests
     return LoadResult(
         spec=dataclasses.asdict(spec),
         requests=requests, bytes_sent=total.bytes_sent, bytes_received=total.bytes_received,
@@ -432,9 +652,10 @@ def _run_here(spec: LoadSpec) -> LoadResult:
         scheduled=res.scheduled, backlog=res.backlog,
         client_cpu_user_s=res.cpu_user, client_cpu_sys_s=res.cpu_sys,
         client_cpu_us_per_req=per_req,
-        client_cpu_us_per_conn=per_req if spec.mode == "churn" else None,
+        client_cpu_us_per_conn=(per_req * spec.requests_per_conn
+                                if spec.mode == "churn" and per_req is not None else None),
         aborted=bool(res.aborted), targets=per_target,
-        message=message,
+        message=message, work_us=total.work_us, classes=classes,
     )
 
 
@@ -451,6 +672,7 @@ class _Raw:
     errors: dict[str, int]
     non2xx: int
     connects: int
+    work_us: int
 
     @classmethod
     def total(cls, parts: list["_Raw"]) -> "_Raw":
@@ -464,7 +686,17 @@ class _Raw:
                    min((p.min_ns for p in served), default=0),
                    max((p.max_ns for p in served), default=0),
                    {k: sum(p.errors[k] for p in parts) for k in ERROR_KINDS},
-                   sum(p.non2xx for p in parts), sum(p.connects for p in parts))
+                   sum(p.non2xx for p in parts), sum(p.connects for p in parts),
+                   sum(p.work_us for p in parts))
+
+
+def _latency_figures(buckets: list[tuple[int, int]], n: int, min_ns: int,
+                     max_ns: int) -> dict:
+    return dict(
+        latency=percentiles_from_histogram(buckets, lo=min_ns, hi=max_ns),
+        latency_min_us=min_ns / 1000.0,
+        latency_mean_us=sum(v * c for v, c in buckets) / n / 1000.0 if n else 0.0,
+        latency_max_us=max_ns / 1000.0, histogram=buckets)
 
 
 def _figures(t: Target, raw: _Raw, elapsed: float) -> TargetResult:
@@ -474,11 +706,33 @@ def _figures(t: Target, raw: _Raw, elapsed: float) -> TargetResult:
         host=t.host, port=t.port, protocol=t.protocol, path=t.path, requests=n,
         bytes_sent=raw.bytes_sent, bytes_received=raw.bytes_received,
         rps=n / elapsed if elapsed > 0 else 0.0,
-        latency=percentiles_from_histogram(buckets, lo=raw.min_ns, hi=raw.max_ns),
-        latency_min_us=raw.min_ns / 1000.0,
-        latency_mean_us=sum(v * c for v, c in buckets) / n / 1000.0 if n else 0.0,
-        latency_max_us=raw.max_ns / 1000.0, histogram=buckets, errors=raw.errors,
-        non2xx=raw.non2xx, connects=raw.connects)
+        **_latency_figures(buckets, n, raw.min_ns, raw.max_ns), errors=raw.errors,
+        non2xx=raw.non2xx, connects=raw.connects, work_us=raw.work_us)
+
+
+_fd_lock = threading.Lock()
+_fd_reserved = 0                               # descriptors held by runs in progress
+
+
+class _fd_reservation:
+    """Hold ``n`` descriptors for one run: raise RLIMIT_NOFILE's soft limit to what all
+    runs in progress need together (never lowering it, so one run cannot take a
+    concurrent run's descriptors away)."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __enter__(self):
+        global _fd_reserved
+        with _fd_lock:
+            _ensure_fd_limit(_fd_reserved + self.n)
+            _fd_reserved += self.n
+        return self
+
+    def __exit__(self, *exc):
+        global _fd_reserved
+        with _fd_lock:
+            _fd_reserved -= self.n
 
 
 def _ensure_fd_limit(need: int) -> None:
@@ -535,7 +789,11 @@ def format_report(r: LoadResult) -> str:
     mode = {"closed": f"closed loop, depth {s['depth']}",
             "open": f"open loop at {s['rate']:g} req/s, depth cap {s['depth']}",
             "churn": f"churn at {s['rate']:g} conn/s, at most {s['connections']} in flight"
-            if s["rate"] else "churn (one request per connection)"}[s["mode"]]
+            if s["rate"] else "churn"}[s["mode"]]
+    rpc = s.get("requests_per_conn", 1)
+    if s["mode"] == "churn":
+        mode += (f", {rpc} requests per connection" if rpc > 1 else
+                 "" if s["rate"] else " (one request per connection)")
     where = ", ".join(_target_label(t) for t in r.targets)
     lines = [
         f"Running {s['duration']:g}s test @ {where} ({what}, {mode}, warm-up {s['warmup']:g}s)"
@@ -558,6 +816,20 @@ def format_report(r: LoadResult) -> str:
                          f"{sum(t.errors.values()):>7} {t.non2xx:>7} "
                          f"{_fmt_us(t.latency['p50']):>9} {_fmt_us(t.latency['p99']):>9} "
                          f"{_fmt_us(t.latency_max_us):>9}")
+    if r.classes is not None:
+        lines.append(f"  Service time asked for: {r.work_us / 1e3:.1f}ms in all"
+                     + (f", mean {r.work_us / r.requests:.1f}us/request" if r.requests else "")
+                     + f" (seed {s.get('seed')})")
+        lines.append(f"  {'class':<7} {'service':<24} {'conns':>5} {'requests':>9} "
+                     f"{'mean US':>8} {'p50':>9} {'p99':>9} {'max':>9}")
+        for name, c in r.classes.items():
+            if name == "heavy" and not c.connections:
+                continue
+            mean = f"{c.work_mean_us:.1f}" if c.work_mean_us is not None else "-"
+            lines.append(f"  {name:<7} {c.service or '(path ' + s['path'] + ')':<24} "
+                         f"{c.connections:>5} {c.requests:>9} {mean:>8} "
+                         f"{_fmt_us(c.latency['p50']):>9} {_fmt_us(c.latency['p99']):>9} "
+                         f"{_fmt_us(c.latency_max_us):>9}")
     if r.per_connection and not (s["mode"] == "churn" and s["rate"]):
         # (at a rate, slots are interchangeable: completions per slot say nothing)
         lines.append(f"  Per connection: min {min(r.per_connection)}, max {max(r.per_connection)}, "
@@ -565,8 +837,14 @@ def format_report(r: LoadResult) -> str:
     if s["mode"] == "churn" or r.connects > s["connections"]:
         lines.append(f"  Connects: {r.connects}")
     if r.client_cpu_us_per_req is not None:
-        per = "connection" if s["mode"] == "churn" else "request"
-        lines.append(f"  Client CPU: {r.client_cpu_us_per_req:.2f}us/{per} "
+        if s["mode"] != "churn":
+            per = f"{r.client_cpu_us_per_req:.2f}us/request"
+        elif rpc > 1:
+            per = (f"{r.client_cpu_us_per_conn:.2f}us/connection, "
+                   f"{r.client_cpu_us_per_req:.2f}us/request")
+        else:
+            per = f"{r.client_cpu_us_per_conn:.2f}us/connection"
+        lines.append(f"  Client CPU: {per} "
                      f"(user {r.client_cpu_user_s:.2f}s, sys {r.client_cpu_sys_s:.2f}s)")
     if r.target_rate:
         drain = r.elapsed - s["duration"]
@@ -635,8 +913,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "Drive one or more servers with the C load generator: N pinned threads, each with "
         "its own epoll and share of the connections (spread over the targets round robin). "
         "Closed loop (depth requests in flight per connection), open loop at a fixed total "
-        "rate (latency from the intended send time, as wrk2), or churn (connect, one "
-        "request, close), closed or, with --rate, at a fixed connect rate.")
+        "rate (latency from the intended send time, as wrk2), or churn (connect, "
+        "--requests-per-conn requests, close), closed or, with --rate, at a fixed connect "
+        "rate.  --service makes HTTP requests ask the server for drawn service times.")
     parser.add_argument("target", nargs="+",
                         help="HOST:PORT (echo unless --protocol http), [::1]:PORT, or "
                              "http://HOST:PORT/path; several: connection i goes to the "
@@ -658,7 +937,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="closed (default), open (needs --rate) or churn "
                              "(closed, or at --rate connections/s)")
     parser.add_argument("--protocol", choices=PROTOCOLS, default=None,
-                        help="echo or http (default: http for http:// targets, else echo)")
+                        help="echo or http (default: http for http:// targets or with "
+                             "--service/--heavy-conns, else echo)")
     parser.add_argument("--cpus", type=_cpus, default=None,
                         help="pin thread i to the i-th CPU of this list, e.g. 1 or 2-3")
     parser.add_argument("--warmup", type=_duration, default=1.0,
@@ -669,6 +949,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="connect and response timeout (default 5s)")
     parser.add_argument("--no-abort", action="store_true",
                         help="count echo mismatches but keep going")
+    parser.add_argument("--service", metavar="SPEC", default=None,
+                        help="HTTP: send GET /work/US with US (microseconds of server CPU) "
+                             "drawn per request from SPEC: fixed:US, exp:MEAN, "
+                             "bimodal:P:US1:US2 (US1 with probability P, else US2), "
+                             "lognormal:MEAN:SIGMA (mean of the distribution, sigma of the "
+                             "underlying normal); rounded to whole us")
+    parser.add_argument("--heavy-conns", metavar="K:SPEC", default=None,
+                        help="HTTP: the first K connections (churn at a rate: slots) draw "
+                             "from SPEC instead (e.g. 2:fixed:5000); the result splits "
+                             "light and heavy")
+    parser.add_argument("--requests-per-conn", metavar="M", type=int, default=1,
+                        help="churn: requests per connection, one after the other, before "
+                             "it closes (default 1); the first one's latency counts from "
+                             "the connect, later ones' from their send")
+    parser.add_argument("--seed", type=int, default=1,
+                        help="seed of the service-time draws (default 1): same seed, same "
+                             "draws on each connection")
     parser.add_argument("--netns", metavar="NAME", default=None,
                         help="run the client inside network namespace NAME "
                              "(/run/netns/NAME; root needed)")
@@ -681,7 +978,10 @@ def spec_from_args(args: argparse.Namespace) -> LoadSpec:
     targets = []
     for text in given:
         host, port, path = parse_target(text)
-        protocol = args.protocol or ("http" if path is not None else "echo")
+        # (service times exist only over HTTP: --service makes a bare address HTTP)
+        wants_http = path is not None or bool(getattr(args, "service", None)
+                                              or getattr(args, "heavy_conns", None))
+        protocol = args.protocol or ("http" if wants_http else "echo")
         if path is not None and protocol != "http":
             raise ValueError(f"an http:// target implies --protocol http ({text})")
         targets.append(Target(host, port, protocol, path or "/"))
@@ -690,7 +990,10 @@ def spec_from_args(args: argparse.Namespace) -> LoadSpec:
                   cpus=args.cpus, size=args.size, depth=args.depth, rate=args.rate,
                   duration=args.duration, warmup=args.warmup, max_requests=args.max_requests,
                   timeout=args.timeout, abort_on_mismatch=not args.no_abort,
-                  netns=getattr(args, "netns", None))
+                  netns=getattr(args, "netns", None), service=getattr(args, "service", None),
+                  heavy=getattr(args, "heavy_conns", None),
+                  requests_per_conn=getattr(args, "requests_per_conn", 1),
+                  seed=getattr(args, "seed", 1))
     if len(targets) == 1:
         t = targets[0]
         spec = LoadSpec(host=t.host, port=t.port, protocol=t.protocol, path=t.path, **common)

@@ -35,6 +35,20 @@ CDEF = """
 #define LG_E_HTTP_PARSE ...
 #define LG_E_ADDR_NOT_AVAIL ...
 #define LG_E_OTHER ...
+#define LG_SVC_NONE ...
+#define LG_SVC_FIXED ...
+#define LG_SVC_EXP ...
+#define LG_SVC_BIMODAL ...
+#define LG_SVC_LOGNORMAL ...
+#define LG_MAX_US ...
+#define LG_LIGHT ...
+#define LG_HEAVY ...
+#define LG_NCLASS ...
+
+struct lg_service {
+    int kind;
+    double p, a, b;
+};
 
 struct lg_target {
     const char *host;
@@ -50,6 +64,15 @@ struct lg_config {
     double rate, duration, warmup, timeout;
     uint64_t max_requests;
     int abort_on_mismatch;
+    struct lg_service service, heavy;
+    int heavy_conns;
+    int requests_per_conn;
+    uint64_t seed;
+};
+
+struct lg_cresult {
+    uint64_t requests, work_us, min_ns, max_ns;
+    uint64_t *hist;
 };
 
 struct lg_tresult {
@@ -57,6 +80,7 @@ struct lg_tresult {
     uint64_t errors[9];             /* LG_NERR; test_loadgen checks the two agree */
     uint64_t non2xx, connects, min_ns, max_ns;
     uint64_t *hist;
+    uint64_t work_us;
 };
 
 struct lg_result {
@@ -67,12 +91,14 @@ struct lg_result {
     struct lg_tresult *targets;
     uint64_t *per_conn;
     char message[256];
+    struct lg_cresult classes[2];   /* LG_NCLASS; test_loadgen_service checks they agree */
 };
 
 int lg_hist_buckets(void);
 uint64_t lg_hist_low(int i);
 uint64_t lg_hist_high(int i);
 int lg_run(const struct lg_config *cfg, struct lg_result *res);
+void lg_sample(const struct lg_service *d, uint64_t seed, int conn, uint32_t *out, int n);
 """
 
 ffibuilder = cffi.FFI()
@@ -83,7 +109,7 @@ ffibuilder.set_source(
     "parallelnet.experiments._loadgen",
     _source,
     extra_compile_args=["-O2"],
-    libraries=["pthread"],
+    libraries=["pthread", "m"],
 )
 
 if __name__ == "__main__":
