@@ -1,25 +1,46 @@
-"""The statistics every summary uses: medians with their range, paired ratios, bootstrap intervals.
+"""The statistics every summary uses, saying what they know: intervals, ranges, slopes, A/A.
 
 Why paired ratios: this VM's speed drifts by up to a quarter within one run with no steal
 recorded.  Configurations are run back to back within each repetition, so a drift moves
 both members of a pair alike and cancels in their ratio; the ratio of two medians taken
-across repetitions does not cancel it.  A comparison is therefore reported as the median
-of the per-repetition ratios, with a percentile-bootstrap 95% interval of that median and
-the number of pairs (with 3 pairs the interval is wide, and says so).
+across repetitions does not cancel it.  A comparison is therefore built from the
+per-repetition ratios (or differences), and summarised by what their number allows:
 
-The bootstrap is seeded from the data itself, so a summary recomputed from the same raw
-records is identical byte for byte (the paper is rebuilt deterministically).
+* **8 pairs or more**: a 95% confidence interval with that coverage.  Ratios: a Student t
+  interval on the log-ratios, reported as the geometric mean ratio and its interval
+  (exact coverage when the log-ratios are normal; ``tests/test_analysis.py`` checks it on
+  synthetic data).  Differences (points of share, µs of latency): a t interval on the
+  mean difference.  ``kind`` is ``"ci95"``.
+* **fewer than 8**: no interval is claimed.  With three pairs a percentile bootstrap of
+  the median *is* the [min, max] of the three (all 27 resamples enumerate it) and covers
+  about 75%, not 95%; so the summary reports the median and the **range** of the pairs,
+  labelled as such.  ``kind`` is ``"range"``.
+
+A **dose-response** (a share against a hog's duty, accepts against busy time) is
+summarised by a fitted slope: an ordinary least-squares slope per repetition, and the
+interval (or range) of those slopes across repetitions - repetitions are independent,
+the points within one are not.
+
+An **A/A control** (one configuration measured twice within each repetition, as if it
+were two) gives the noise floor of a run: its ratio is summarised like any other, and a
+run whose A/A estimate or interval leaves [0.95, 1.05] is flagged.
+
+Everything here is deterministic: a summary recomputed from the same raw records is
+identical byte for byte (the paper is rebuilt deterministically).  Quantiles of the t
+distribution come from scipy (the ``bench`` extra), imported only when an interval is
+computed.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
-import random
 import statistics
-from typing import Callable, Iterable
+from typing import Iterable
 
-BOOTSTRAP_RESAMPLES = 4000
+#: Pairs needed before a 95% interval is claimed (below: the range is reported).
+MIN_PAIRS_FOR_CI = 8
+#: An A/A ratio (estimate or either end of its interval) outside this band flags the run.
+AA_BAND = (0.95, 1.05)
 
 
 def median_range(values: Iterable[float]) -> dict | None:
@@ -29,20 +50,19 @@ def median_range(values: Iterable[float]) -> dict | None:
     return {"median": statistics.median(vals), "min": min(vals), "max": max(vals), "n": len(vals)}
 
 
-def bootstrap_ci(values: list[float], stat: Callable = statistics.median, level: float = 0.95,
-                 resamples: int = BOOTSTRAP_RESAMPLES) -> tuple[float, float]:
-    """Percentile bootstrap interval of ``stat`` over ``values`` (deterministic)."""
-    if not values:
-        raise ValueError("no values")
-    if len(values) == 1:
-        return values[0], values[0]
-    seed = int.from_bytes(hashlib.sha256(repr(sorted(values)).encode()).digest()[:8], "big")
-    rng = random.Random(seed)
+def t_quantile(p: float, df: int) -> float:
+    """The p-quantile of Student's t with ``df`` degrees of freedom."""
+    from scipy.stats import t
+
+    return float(t.ppf(p, df))
+
+
+def t_interval(values: list[float], level: float = 0.95) -> tuple[float, float, float]:
+    """(mean, low, high): the Student t interval of the mean of ``values`` (n >= 2)."""
     n = len(values)
-    stats = sorted(stat([values[rng.randrange(n)] for _ in range(n)]) for _ in range(resamples))
-    lo = stats[int(math.floor((1 - level) / 2 * resamples))]
-    hi = stats[min(resamples - 1, int(math.ceil((1 + level) / 2 * resamples)) - 1)]
-    return lo, hi
+    mean = statistics.fmean(values)
+    half = t_quantile(0.5 + level / 2, n - 1) * statistics.stdev(values) / math.sqrt(n)
+    return mean, mean - half, mean + half
 
 
 def paired(values_a: dict, values_b: dict) -> list[float]:
@@ -51,23 +71,97 @@ def paired(values_a: dict, values_b: dict) -> list[float]:
             if values_a[k] is not None and values_b[k]]
 
 
+def paired_diff(values_a: dict, values_b: dict) -> list[float]:
+    """Differences a - b over the keys (repetitions) both have, in key order."""
+    return [values_a[k] - values_b[k] for k in sorted(set(values_a) & set(values_b))
+            if values_a[k] is not None and values_b[k] is not None]
+
+
+def _summary(values: list[float], estimate: float, interval, kind: str, pivot: float) -> dict:
+    return {"estimate": estimate, "interval": [interval[0], interval[1]], "kind": kind,
+            "n": len(values), "median": statistics.median(values), "min": min(values),
+            "max": max(values), "below": sum(v < pivot for v in values)}
+
+
 def ratio_summary(ratios: list[float]) -> dict | None:
-    """median, bootstrap 95% interval, range, number of pairs, and how many pairs lie
-    below 1 (a reader's quickest check on the direction)."""
+    """Paired ratios summarised by what their number allows (module docstring):
+    ``estimate`` (geometric mean with a ``ci95``, median with a ``range``), ``interval``,
+    ``kind``, ``n``, ``median``, ``min``, ``max`` and ``below`` (pairs below 1: a reader's
+    quickest check on the direction)."""
+    ratios = [r for r in ratios if r is not None and r > 0 and math.isfinite(r)]
     if not ratios:
         return None
-    lo, hi = bootstrap_ci(ratios)
-    return {"median": statistics.median(ratios), "ci95": [lo, hi], "min": min(ratios),
-            "max": max(ratios), "n": len(ratios), "below_1": sum(r < 1 for r in ratios)}
+    if len(ratios) >= MIN_PAIRS_FOR_CI and len(set(ratios)) > 1:
+        m, lo, hi = t_interval([math.log(r) for r in ratios])
+        return _summary(ratios, math.exp(m), (math.exp(lo), math.exp(hi)), "ci95", 1.0)
+    return _summary(ratios, statistics.median(ratios), (min(ratios), max(ratios)), "range", 1.0)
+
+
+def diff_summary(diffs: list[float]) -> dict | None:
+    """Paired differences: the mean and its t interval (``ci95``) with 8 pairs or more,
+    else the median and the range.  ``below`` counts differences below 0."""
+    diffs = [d for d in diffs if d is not None and math.isfinite(d)]
+    if not diffs:
+        return None
+    if len(diffs) >= MIN_PAIRS_FOR_CI and len(set(diffs)) > 1:
+        m, lo, hi = t_interval(diffs)
+        return _summary(diffs, m, (lo, hi), "ci95", 0.0)
+    return _summary(diffs, statistics.median(diffs), (min(diffs), max(diffs)), "range", 0.0)
+
+
+def ols(xs: list[float], ys: list[float]) -> dict | None:
+    """Least-squares line through (x, y): slope, intercept, r2, n (None if x is constant)."""
+    n = len(xs)
+    if n < 2:
+        return None
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    sxx = sum((x - mx) ** 2 for x in xs)
+    if not sxx:
+        return None
+    sxy = sum((x - mx) * (y - my) for x, y in zip(xs, ys))
+    syy = sum((y - my) ** 2 for y in ys)
+    slope = sxy / sxx
+    return {"slope": slope, "intercept": my - slope * mx, "n": n,
+            "r2": sxy * sxy / (sxx * syy) if syy else 1.0}
+
+
+def slope_summary(series: list[tuple[list[float], list[float]]]) -> dict | None:
+    """A dose-response across repetitions: one OLS slope per repetition's (xs, ys), then
+    ``diff_summary`` of those slopes (a ``ci95`` from 8 repetitions on, else a range),
+    with the per-repetition slopes kept (``slopes``)."""
+    fits = [ols(xs, ys) for xs, ys in series]
+    slopes = [f["slope"] for f in fits if f is not None]
+    s = diff_summary(slopes)
+    if s is not None:
+        s["slopes"] = slopes
+    return s
+
+
+def aa_flag(summary: dict | None) -> bool:
+    """An A/A ratio whose estimate or interval leaves AA_BAND: the run's noise floor is
+    wider than the effects it would be read for."""
+    if not summary:
+        return False
+    lo, hi = AA_BAND
+    vals = [summary["estimate"], *summary["interval"]]
+    return any(v < lo or v > hi for v in vals)
+
+
+def fmt_interval(s: dict | None, digits: int = 2, scale: float = 1.0, unit: str = "",
+                 signed: bool = False) -> str:
+    """``0.87 [95% CI 0.85–0.89, n=8]`` or ``0.87 [range 0.85–0.89, n=3]`` (``scale``
+    multiplies every figure, e.g. 100 for points of share)."""
+    if not s:
+        return "–"
+    f = f"{{:{'+' if signed else ''}.{digits}f}}"
+    lo, hi = (f.format(v * scale) for v in s["interval"])
+    what = "95% CI" if s["kind"] == "ci95" else "range"
+    return f"{f.format(s['estimate'] * scale)}{unit} [{what} {lo}–{hi}, n={s['n']}]"
 
 
 def fmt_ratio(s: dict | None, digits: int = 2) -> str:
-    """``0.87 [0.85–0.89] n=5``."""
-    if not s:
-        return "–"
-    f = f"{{:.{digits}f}}"
-    return (f"{f.format(s['median'])} [{f.format(s['ci95'][0])}–{f.format(s['ci95'][1])}] "
-            f"n={s['n']}")
+    """A ratio: ``0.87× [95% CI 0.85–0.89, n=8]`` / ``0.87× [range 0.85–0.89, n=3]``."""
+    return fmt_interval(s, digits, unit="×")
 
 
 def prefer_quiet(runs: list, is_noisy) -> tuple[list, int, bool]:

@@ -191,6 +191,48 @@ class Experiment:
     pyperf_value: Callable[[dict], tuple[float, int] | None] | None = None
     cited: bool = True             # part of `parallelnet reproduce`
     description: str = ""
+    #: (record) -> the A/A control's figure (default: pyperf_value's, server CPU per unit)
+    aa_metric: Callable[[dict], float | None] | None = None
+
+
+#: The suffix of an A/A twin: one configuration measured a second time in every
+#: repetition, as if it were another; its ratio to the original is the run's noise floor.
+AA_SUFFIX = "~aa"
+
+
+def add_aa_twin(points: list[Point], config: str) -> list[Point]:
+    """Append to every repetition an A/A twin of ``config``: the same parameters, measured
+    last in the repetition (the original sits wherever the rotation put it, so the pair
+    spans the repetition like any other pair)."""
+    out: list[Point] = []
+    for i, pt in enumerate(points):
+        out.append(pt)
+        last_of_rep = i + 1 == len(points) or points[i + 1].rep != pt.rep
+        if last_of_rep:
+            twin = next((q for q in points if q.rep == pt.rep and q.config == config), None)
+            if twin is not None:
+                out.append(Point(config + AA_SUFFIX, twin.rep, dict(twin.params), twin.est_s))
+    return out
+
+
+def aa_control(exp: Experiment, records: list[dict]) -> dict | None:
+    """The A/A ratio (twin / original, per repetition) of the experiment's figure, summarised
+    like any comparison (analysis.ratio_summary), flagged when it leaves AA_BAND."""
+    from parallelnet.experiments import analysis
+
+    metric = exp.aa_metric or (lambda r: (exp.pyperf_value(r) or (None,))[0]
+                               if exp.pyperf_value else None)
+    twins = {r["rep"]: r for r in records if r["config"].endswith(AA_SUFFIX)}
+    if not twins:
+        return None
+    config = next(iter(twins.values()))["config"].removesuffix(AA_SUFFIX)
+    orig = {r["rep"]: r for r in records if r["config"] == config}
+    a = {k: metric(r) for k, r in twins.items()}
+    b = {k: metric(r) for k, r in orig.items()}
+    s = analysis.ratio_summary(analysis.paired(a, b))
+    if s is None:
+        return None
+    return {**s, "config": config, "flag": analysis.aa_flag(s), "band": list(analysis.AA_BAND)}
 
 
 def server_cpu_per_request(rec: dict) -> tuple[float, int] | None:
@@ -338,7 +380,18 @@ def finish(exp: Experiment, records: list[dict], params: dict, ctx: Context, met
     results directory's records (``parallelnet experiment rebuild DIR``)."""
     outdir = ctx.outdir
     good = [r for r in records if "error" not in r]
-    summary = exp.summarize(good, params)
+    summary = exp.summarize([r for r in good if not r["config"].endswith(AA_SUFFIX)], params)
+    aa = aa_control(exp, good)
+    if aa is not None:
+        from parallelnet.experiments import analysis
+
+        summary.values["aa"] = aa
+        summary.findings.insert(0, (
+            f"A/A control ({aa['config']} measured twice in every repetition): "
+            f"{analysis.fmt_ratio(aa)}; "
+            + ("FLAGGED: outside [0.95, 1.05], this run's noise floor is wider than the "
+               "effects it would be read for" if aa["flag"] else "within [0.95, 1.05]")))
+        meta["aa"] = {k: aa[k] for k in ("estimate", "interval", "kind", "n", "flag", "config")}
     with open(os.path.join(outdir, "summary.json"), "w") as f:
         json.dump(summary.to_dict(), f, indent=1, sort_keys=True)
         f.write("\n")

@@ -187,12 +187,24 @@ def paired_delta(records, b, s, key, d_hi, d_lo, ratio=False):
     if ratio:
         vals = [hi[k] / lo[k] for k in reps if lo[k]]
         return analysis.ratio_summary(vals)
-    vals = [hi[k] - lo[k] for k in reps]
-    if not vals:
-        return None
-    ci = analysis.bootstrap_ci(vals)
-    return {"median": statistics.median(vals), "ci95": list(ci), "n": len(vals),
-            "min": min(vals), "max": max(vals)}
+    return analysis.diff_summary([hi[k] - lo[k] for k in reps])
+
+
+def share_slope(records, b, s, duties) -> dict | None:
+    """The dose-response: per repetition, the least-squares slope of the hogged worker's
+    share against the hog's duty (points of share per 100% duty), summarised across
+    repetitions (analysis.slope_summary: a 95% CI from 8 repetitions on, else a range)."""
+    series = []
+    for rep in sorted({r["rep"] for r in records}):
+        xs, ys = [], []
+        for d in duties:
+            for r in _by(records, backend=b, strategy=s, duty=d):
+                if r["rep"] == rep and not r["params"].get("step") and _w0(r) is not None:
+                    xs.append(d)
+                    ys.append(_w0(r))
+        if len(set(xs)) > 1:
+            series.append((xs, ys))
+    return analysis.slope_summary(series)
 
 
 def summarize(records: list[dict], p: dict) -> Summary:
@@ -212,9 +224,10 @@ def summarize(records: list[dict], p: dict) -> Summary:
             cells.append(f"{100 * mr['median']:.0f}% ({100 * mr['min']:.0f}–{100 * mr['max']:.0f})" if mr else "–")
         delta = paired_delta(steady, b, st, _w0, max(duties), min(duties)) if len(duties) > 1 else None
         s.values[f"delta_share.{cfg}"] = delta
+        slope = share_slope(steady, b, st, duties) if len(duties) > 1 else None
+        s.values[f"slope_share.{cfg}"] = slope
         rows.append([b, st, *cells,
-                     f"{100 * delta['median']:+.1f} pp [{100 * delta['ci95'][0]:+.1f}, {100 * delta['ci95'][1]:+.1f}] n={delta['n']}"
-                     if delta else "–"])
+                     analysis.fmt_interval(slope, 1, scale=100, unit=" pp", signed=True)])
     s.tables.append(Table(
         "The hogged worker's share of accepted connections vs the hog's duty on its CPU",
         ["backend", "strategy"] + [f"duty {100 * d:.0f}%" for d in duties]
@@ -291,10 +304,13 @@ def summarize(records: list[dict], p: dict) -> Summary:
         r = s.values.get(f"p99_ratio.{cfg}")
         if d:
             s.findings.append(
-                f"{cfg}: the hogged worker's share moved {100 * d['median']:+.1f} points "
-                f"[{100 * d['ci95'][0]:+.1f}, {100 * d['ci95'][1]:+.1f}] from duty "
-                f"{100 * min(duties):.0f}% to {100 * max(duties):.0f}%"
-                + (f"; p99 ×{r['median']:.2f} [{r['ci95'][0]:.2f}–{r['ci95'][1]:.2f}]" if r else ""))
+                f"{cfg}: the hogged worker's share changed by "
+                f"{analysis.fmt_interval(s.values.get(f'slope_share.{cfg}'), 1, scale=100, unit=' points', signed=True)}"
+                f" per 100% of hog duty (least-squares slope per repetition over duties "
+                f"{', '.join(f'{100 * x:.0f}%' for x in duties)}); endpoints "
+                f"{100 * min(duties):.0f}% → {100 * max(duties):.0f}%: "
+                f"{analysis.fmt_interval(d, 1, scale=100, unit=' points', signed=True)}"
+                + (f"; p99 {analysis.fmt_ratio(r)}" if r else ""))
     s.add_skipped(p.get("skipped"))
     return s
 

@@ -166,11 +166,7 @@ def paired_p99_diff(records: list[dict], config_a: str, config_b: str) -> dict |
     diffs = [a[k]["client"]["latency_us"]["p99"] - b[k]["client"]["latency_us"]["p99"]
              for k in sorted(set(a) & set(b))
              if a[k]["bound"] in RANKABLE and b[k]["bound"] in RANKABLE]
-    if not diffs:
-        return None
-    lo, hi = analysis.bootstrap_ci(diffs)
-    return {"median": statistics.median(diffs), "ci95": [lo, hi], "n": len(diffs),
-            "min": min(diffs), "max": max(diffs)}
+    return analysis.diff_summary(diffs)
 
 
 def loads_of(records: list[dict], p: dict) -> list[str]:

@@ -141,7 +141,8 @@ def worker_tasks(stats_path: str, wait: float = 2.0) -> list[tuple[int, int]]:
         time.sleep(0.02)
 
 
-def bottleneck(per_cpu: dict, layout: Layout, open_loop: bool, rate_met: bool) -> str:
+def bottleneck(per_cpu: dict, layout: Layout, open_loop: bool, rate_met: bool,
+               client_util: float | None = None) -> str:
     """What limited this point, from how busy each CPU was over the window.
 
     * ``offered``: an open loop that met its rate with no CPU saturated: the numbers
@@ -154,13 +155,23 @@ def bottleneck(per_cpu: dict, layout: Layout, open_loop: bool, rate_met: bool) -
 
     A run ranked on a ``client`` or ``both`` point ranks the client: summaries mark those
     rows and never rank backends on them.
+
+    When the client shares a CPU with the server (``layout.shared``: two CPUs, two
+    workers), that CPU's busy time says nothing about which side is short of it; the
+    client is then judged by its own threads' CPU (``client_util``, in CPUs: saturated
+    at ``BUSY`` per client CPU), and the server by its CPUs' busy time, which with a light
+    client (a server-bound workload: the client uses a few % of a CPU) is the server's.
     """
     def busy(cpus):
         vals = [per_cpu.get(f"cpu{c}", {}).get("busy", 0.0) for c in cpus]
         return max(vals) if vals else 0.0
 
-    srv, cli = busy(layout.server), busy(layout.client)
-    srv_sat, cli_sat = srv >= BUSY, cli >= BUSY
+    srv = busy(layout.server)
+    if layout.shared and client_util is not None:
+        cli_sat = client_util >= BUSY * len(layout.client)
+    else:
+        cli_sat = busy(layout.client) >= BUSY
+    srv_sat = srv >= BUSY
     if open_loop and rate_met and not (srv_sat or cli_sat):
         return "offered"
     if srv_sat and cli_sat:
@@ -241,7 +252,8 @@ def measure(srv: ServerHandle, spec, layout: Layout, extra_pids: tuple = (),
         "busy": {c: round(v["busy"], 4) for c, v in noise["per_cpu"].items()},
         "softirq": {c: round(v["softirq"], 4) for c, v in noise["per_cpu"].items()},
         "bound": bottleneck(noise["per_cpu"], layout, spec.mode == "open" or
-                            (spec.mode == "churn" and getattr(spec, "rate", 0) > 0), lg.rate_met),
+                            (spec.mode == "churn" and getattr(spec, "rate", 0) > 0), lg.rate_met,
+                            client_util=client_cpu / wall if wall else None),
         "layout": {"server": layout.server, "client": layout.client},
     }
     if workers:

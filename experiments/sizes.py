@@ -167,7 +167,7 @@ def figures(summary: Summary, records: list[dict], ctx: Context) -> list[str]:
                     v = summary.values.get(f"{label}/{pr}-{size}/{load}")
                     if pr == proto and v and v.get("ratio"):
                         r = v["ratio"]
-                        pts.append((size, r["median"], r["ci95"][0], r["ci95"][1]))
+                        pts.append((size, r["estimate"], r["interval"][0], r["interval"][1]))
                 if pts:
                     ratios[f"{proto}, {'fixed rate' if load == 'rate' else 'saturation'}|{label}"] = pts
     if ratios:

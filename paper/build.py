@@ -35,6 +35,8 @@ import re
 import statistics
 import sys
 
+from parallelnet.experiments import analysis
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 FIGURES = os.path.join(HERE, "figures")
@@ -106,20 +108,17 @@ def lookup(values: dict, key: str):
 def render_value(obj, spec: str) -> str:
     if obj is None:
         raise BuildError("value is None (not measured or not observable)")
-    if spec == "ratio":
-        return (f"{obj['median']:.2f}× [95% CI {obj['ci95'][0]:.2f}–{obj['ci95'][1]:.2f}, "
-                f"n={obj['n']}]")
-    if spec == "us":   # a paired difference in µs: median [CI], n
-        return (f"{obj['median']:+.0f} µs [95% CI {obj['ci95'][0]:+.0f} to {obj['ci95'][1]:+.0f}, "
-                f"n={obj['n']}]")
+    if spec == "ratio":   # experiments/analysis.py: a 95% CI from 8 pairs on, else the range
+        return analysis.fmt_ratio(obj)
+    if spec == "us":   # a paired difference in µs
+        return analysis.fmt_interval(obj, 0, unit=" µs", signed=True)
     if spec == "x":
         return f"{obj:.2f}×"
     if spec == "pct":
         return f"{100 * obj:.0f}%"
     if spec == "pp":
         if isinstance(obj, dict):
-            return (f"{100 * obj['median']:+.1f} points [95% CI {100 * obj['ci95'][0]:+.1f}, "
-                    f"{100 * obj['ci95'][1]:+.1f}; n={obj['n']}]")
+            return analysis.fmt_interval(obj, 1, scale=100, unit=" points", signed=True)
         return f"{100 * obj:+.1f} points"
     if spec == "int":
         return f"{obj:,.0f}"

@@ -119,16 +119,6 @@ def test_unavailable_backends_are_listed_with_the_reason():
 
 # -- the statistics -------------------------------------------------------------------------
 
-def test_bootstrap_interval_is_deterministic_and_contains_the_median():
-    vals = [0.81, 0.85, 0.86, 0.88, 0.93]
-    lo, hi = analysis.bootstrap_ci(vals)
-    assert (lo, hi) == analysis.bootstrap_ci(list(reversed(vals)))
-    assert lo <= 0.86 <= hi and vals[0] <= lo and hi <= vals[-1]
-    s = analysis.ratio_summary(vals)
-    assert s["median"] == 0.86 and s["n"] == 5 and s["below_1"] == 5
-    assert analysis.bootstrap_ci([2.0]) == (2.0, 2.0)
-
-
 def test_paired_ratios_use_common_repetitions_only():
     assert analysis.paired({0: 2.0, 1: 3.0, 2: 4.0}, {0: 1.0, 2: 2.0, 3: 9.0}) == [2.0, 2.0]
 

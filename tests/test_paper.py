@@ -9,6 +9,8 @@ import re
 
 import pytest
 
+from parallelnet.experiments import analysis
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -68,11 +70,13 @@ def test_a_missing_value_fails_the_build():
 def test_values_are_looked_up_through_dotted_keys_and_formatted():
     build = _build_module()
     values = {"cpu.epoll.load=0.30": {"median": 12.5, "min": 12, "max": 13},
-              "ratio.uring.vs.epoll.rate=40000": {"median": 0.76, "ci95": [0.65, 0.82], "n": 3},
+              "ratio.uring.vs.epoll.rate=40000": analysis.ratio_summary([0.65, 0.76, 0.82]),
+              "ratio.8": analysis.ratio_summary([0.80, 0.82, 0.85, 0.86, 0.88, 0.90, 0.91, 0.95]),
               "share.epoll/exclusive.1.00": {"median": 0.78}}
     assert build.lookup(values, "cpu.epoll.load=0.30.median") == 12.5
     assert build.render_value(build.lookup(values, "ratio.uring.vs.epoll.rate=40000"), "ratio") == \
-        "0.76× [95% CI 0.65–0.82, n=3]"
+        "0.76× [range 0.65–0.82, n=3]"   # three pairs: a range, never called a 95% CI
+    assert build.render_value(build.lookup(values, "ratio.8"), "ratio").startswith("0.87× [95% CI ")
     assert build.render_value(build.lookup(values, "share.epoll/exclusive.1.00.median"), "pct") == "78%"
     with pytest.raises(KeyError):
         build.lookup(values, "cpu.epoll.load=0.30.p99")
