@@ -261,6 +261,7 @@ REGISTRY = {
     "uring-window": "parallelnet.experiments.load_curve:WINDOW",
     "imbalance": "parallelnet.experiments.imbalance:EXPERIMENT",
     "herd": "parallelnet.experiments.herd:EXPERIMENT",
+    "balance": "parallelnet.experiments.balance:EXPERIMENT",
     "scaling": "parallelnet.experiments.scaling:EXPERIMENT",
     "sizes": "parallelnet.experiments.sizes:EXPERIMENT",
     "bench_uring": "parallelnet.experiments.legacy:BENCH_URING",

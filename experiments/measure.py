@@ -256,6 +256,16 @@ def measure(srv: ServerHandle, spec, layout: Layout, extra_pids: tuple = (),
                             client_util=client_cpu / wall if wall else None),
         "layout": {"server": layout.server, "client": layout.client},
     }
+    if lg.classes is not None:   # service times on: the per-class figures of the requests
+        rec["client"]["work_us"] = lg.work_us
+        rec["client"]["classes"] = {
+            name: {"connections": c.connections, "service": c.service, "requests": c.requests,
+                   "work_us": c.work_us, "latency_us": c.latency}
+            for name, c in lg.classes.items()}
+    # The window on the server's clock (seconds since it said "listening"), for experiments
+    # that read its per-interval records.
+    rec["window_server_t"] = [t_start + spec.warmup - srv.t_listen,
+                              t_start + spec.warmup + spec.duration - srv.t_listen]
     if workers:
         vol = [b.ctx[w][0] - a.ctx[w][0] for w in workers]
         inv = [b.ctx[w][1] - a.ctx[w][1] for w in workers]

@@ -28,8 +28,8 @@ def _records(d):
 
 @pytest.mark.parametrize("name", FRAMEWORK)
 def test_smoke_preset_runs_and_its_output_is_consistent(name, tmp_path):
-    if name in ("imbalance",) and len(os.sched_getaffinity(0)) < 2:
-        pytest.skip("imbalance needs two CPUs (worker 0's, with the hog, and worker 1's)")
+    if name in ("imbalance", "balance") and len(os.sched_getaffinity(0)) < 2:
+        pytest.skip(f"{name} needs two CPUs (two workers to compare)")
     outdir = _run_smoke(name, tmp_path)
     exp = framework.get(name)
     meta = json.loads(open(os.path.join(outdir, "meta.json")).read())
