@@ -90,3 +90,11 @@ def test_summaries_are_deterministic_and_ignore_bad_values():
     assert analysis.ratio_summary(vals) == analysis.ratio_summary(list(reversed(vals)))
     assert analysis.ratio_summary([None, 0.0, float("nan")]) is None
     assert analysis.diff_summary([]) is None
+
+
+def test_series_t_quantile_matches_scipy_where_intervals_are_computed():
+    from scipy.stats import t
+
+    for df in range(7, 200):
+        for p in (0.975, 0.95, 0.995):
+            assert abs(analysis.t_quantile_series(p, df) - t.ppf(p, df)) < 1e-3, (df, p)
