@@ -37,6 +37,18 @@ def format_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def parse_host(text: str) -> str:
+    """A ``--host`` value: a name, an IPv4 address or an IPv6 address, with or without the
+    brackets of the address syntax (``[::1]`` is ``::1``); ValueError says what is wrong."""
+    host = text.strip()
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not host or any(c in host for c in "[] ,/") or (":" not in host and "%" in host):
+        raise ValueError(f"--host must be a name or an IP address (IPv6 with or without "
+                         f"brackets), got {text!r}")
+    return host
+
+
 def parse_address(text: str) -> tuple[str, int]:
     """``HOST:PORT`` or ``[V6]:PORT`` -> (host, port); ValueError says what is wrong."""
     m = _ADDRESS.fullmatch(text.strip())

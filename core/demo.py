@@ -12,9 +12,11 @@ import os
 import signal
 import subprocess
 
+import sys
+
 from parallelnet.core.client import run_clients
-from parallelnet.core.cpus import allowed_cpus
-from parallelnet.core.launch import spawn_server
+from parallelnet.core.cpus import allowed_cpus, format_cpu_list
+from parallelnet.core.launch import ServerStartError, spawn_server
 
 
 def start_server(extra: list[str], timeout: float = 10.0) -> tuple[subprocess.Popen, str, int]:
@@ -33,15 +35,21 @@ def stop_server(proc: subprocess.Popen, timeout: float = 15.0) -> str:
 
 
 def run_demo(args) -> int:
+    """0: served without errors; 1: client errors or a server that did not exit cleanly;
+    2: the server could not start (its reason in one line)."""
     cpus = allowed_cpus()
     extra = ["--backend", args.backend, "--mode", args.mode, "--accept", args.accept]
-    proc, host, port = start_server(extra)
+    try:
+        proc, host, port = start_server(extra)
+    except ServerStartError as exc:
+        print(f"parallelnet demo: the server did not start: {exc.reason}", file=sys.stderr)
+        return 2
     try:
         os.sched_setaffinity(0, {cpus[-1]})
-        print(f"server: backend {args.backend}, {args.mode} workers on CPUs {cpus}, "
-              f"accept {args.accept}, listening on {host}:{port}")
+        print(f"server: backend {args.backend}, {args.mode} workers on CPUs "
+              f"{format_cpu_list(cpus)}, accept {args.accept}, listening on {host}:{port}")
         print(f"client: {args.clients} clients opening short connections for "
-              f"{args.duration:.0f} s, on CPU {cpus[-1]}")
+              f"{args.duration:g} s, on CPU {cpus[-1]}")
         res = run_clients(host, port, connections=args.clients, mode="short",
                           duration=args.duration)
     finally:

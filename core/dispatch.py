@@ -55,6 +55,10 @@ log = logging.getLogger("parallelnet.dispatch")
 POLICIES = ("round-robin", "least-connections")
 
 
+class DispatcherError(RuntimeError):
+    """The acceptor thread could not be armed (a startup error of ``serve``)."""
+
+
 class Dispatcher:
     """The acceptor thread: accept, choose a worker, hand over."""
 
@@ -88,13 +92,30 @@ class Dispatcher:
         self._next = 0
         self._stop_r, self._stop_w = os.pipe()
         self._thread: threading.Thread | None = None
+        self._armed = threading.Event()
+        #: Why the acceptor thread ended before it was told to stop (None: it did not).
+        self.failure: str | None = None
+        self._stopping = False
 
-    def start(self) -> None:
+    def start(self, timeout: float = 5.0) -> None:
+        """Start the acceptor thread and return once it is armed (pinned, every listener
+        in its epoll).  A thread that cannot get there is a startup error naming the
+        reason (``DispatcherError``), never a thread that dies after "listening on"."""
         self._thread = threading.Thread(target=self._run, name="dispatcher", daemon=True)
         self._thread.start()
+        if not self._armed.wait(timeout):
+            raise DispatcherError(f"dispatcher did not start: not armed within {timeout:g} s")
+        if self.failure is not None:
+            self._thread.join(1.0)
+            raise DispatcherError(f"dispatcher did not start: {self.failure}")
+
+    def dead(self) -> str | None:
+        """Why the acceptor ended while it should be accepting (None: it has not)."""
+        return None if self._stopping else self.failure
 
     def stop(self) -> None:
         """Stop accepting; hand over what the backlog already holds; return when done."""
+        self._stopping = True
         os.write(self._stop_w, b"x")
         if self._thread is not None:
             self._thread.join(5.0)
@@ -158,35 +179,51 @@ class Dispatcher:
         return exhausted
 
     def _run(self) -> None:
-        if self.cpu is not None:
-            pin_current_thread(self.cpu)
-        ep = select.epoll()
+        # Every failure is kept in ``failure`` (start() raises it, serve reports it in one
+        # line), never left to the thread's default traceback.
+        ep = None
+        try:
+            if self.cpu is not None:
+                try:
+                    pin_current_thread(self.cpu)
+                except OSError as exc:
+                    self.failure = f"cannot pin it to CPU {self.cpu}: {exc.strerror or exc}"
+                    return
+            ep = select.epoll()
+            self._loop(ep)
+        except BaseException as exc:  # noqa: BLE001 - reported by start() or serve
+            self.failure = f"{type(exc).__name__}: {exc}"
+            log.debug("dispatcher failed", exc_info=True)
+        finally:
+            if ep is not None:
+                ep.close()
+            self._armed.set()   # start() may be waiting: it reads failure
+
+    def _loop(self, ep) -> None:
         ids = {s.fileno(): i for i, s in enumerate(self.listeners)}
         # Out of fds: a listener is unwatched until its back-off ends (level-triggered, it
         # would report the same unacceptable connection at once, forever).
         paused: dict[int, float] = {}      # fd -> when to watch it again
-        try:
-            for fd in ids:
-                ep.register(fd, select.EPOLLIN)
-            ep.register(self._stop_r, select.EPOLLIN)
-            while True:
-                timeout = max(0.0, min(paused.values()) - time.monotonic()) if paused else -1
-                events = ep.poll(timeout)
-                if any(fd == self._stop_r for fd, _ in events):
-                    break
-                now = time.monotonic()
-                for fd, when in list(paused.items()):
-                    if now >= when:
-                        del paused[fd]
-                        ep.register(fd, select.EPOLLIN)
-                for fd, _ in events:
-                    if fd not in ids or fd in paused:
-                        continue
-                    exhausted = self._accept_all(ids[fd])
-                    if exhausted is not None:
-                        ep.unregister(fd)
-                        paused[fd] = time.monotonic() + self.pacer.failed(exhausted)
-            for i in range(len(self.listeners)):
-                self._accept_all(i)  # the backlog the kernel already completed
-        finally:
-            ep.close()
+        for fd in ids:
+            ep.register(fd, select.EPOLLIN)
+        ep.register(self._stop_r, select.EPOLLIN)
+        self._armed.set()
+        while True:
+            timeout = max(0.0, min(paused.values()) - time.monotonic()) if paused else -1
+            events = ep.poll(timeout)
+            if any(fd == self._stop_r for fd, _ in events):
+                break
+            now = time.monotonic()
+            for fd, when in list(paused.items()):
+                if now >= when:
+                    del paused[fd]
+                    ep.register(fd, select.EPOLLIN)
+            for fd, _ in events:
+                if fd not in ids or fd in paused:
+                    continue
+                exhausted = self._accept_all(ids[fd])
+                if exhausted is not None:
+                    ep.unregister(fd)
+                    paused[fd] = time.monotonic() + self.pacer.failed(exhausted)
+        for i in range(len(self.listeners)):
+            self._accept_all(i)  # the backlog the kernel already completed

@@ -53,10 +53,13 @@ mode, so that forked workers share the very same kernel sockets).
 from __future__ import annotations
 
 import ctypes
+import errno
 import ipaddress
 import socket
 import struct
 from dataclasses import dataclass
+
+from parallelnet.core.addresses import format_address
 
 STRATEGIES = ("shared", "exclusive", "exclusive-rotate", "reuseport", "reuseport-cpu", "dispatch")
 DEFAULT_BACKLOG = 4096  # capped by net.core.somaxconn
@@ -167,6 +170,21 @@ class SocketBuffers:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.rcvbuf)
 
 
+class ListenError(OSError):
+    """A listening socket that could not be set up; its message names the address
+    (``cannot listen on 127.0.0.1:8080: Address already in use``)."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+def _listen_error(host: str, port: int, exc: OSError) -> ListenError:
+    why = exc.strerror or str(exc)
+    if isinstance(exc, socket.gaierror):
+        why = f"cannot resolve {host!r}: {why}"
+    return ListenError(exc.errno, f"cannot listen on {format_address(host, port)}: {why}")
+
+
 def _bind_one(host: str, port: int, backlog: int, reuseport: bool,
               buffers: SocketBuffers = SocketBuffers()) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -183,10 +201,40 @@ def _bind_one(host: str, port: int, backlog: int, reuseport: bool,
         sock.bind((host, port))
         sock.listen(backlog)
         sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        raise _listen_error(host, port, exc) from None
     except BaseException:
         sock.close()
         raise
     return sock
+
+
+def _refuse_a_held_port(host: str, port: int) -> None:
+    """Before a reuseport group binds a fixed port: is someone listening there already?
+
+    An ``SO_REUSEPORT`` socket silently *joins* the group of another listener of the same
+    user on the same address, so a second ``serve --accept reuseport`` on a busy port
+    would start and take half of the first one's connections.  A probe without
+    ``SO_REUSEPORT`` (but with ``SO_REUSEADDR``, so TIME_WAIT leftovers do not count)
+    fails with ``EADDRINUSE`` exactly when a listening socket holds the address; the
+    probe is closed at once, before the group binds.  ``--reuseport-join`` skips this."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    probe = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        probe.bind((host, port))
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise ListenError(exc.errno, (
+                f"cannot listen on {format_address(host, port)}: address already in use by "
+                "another listener (a reuseport socket would silently join its group and "
+                "split its connections; --reuseport-join if that is intended)")) from None
+        raise _listen_error(host, port, exc) from None
+    finally:
+        probe.close()
 
 
 def check_addresses(addresses: list[tuple[str, int]]) -> None:
@@ -206,8 +254,11 @@ def check_addresses(addresses: list[tuple[str, int]]) -> None:
 
 
 def _bind_group(strategy: str, host: str, port: int, workers: int, backlog: int,
-                cpus: list[int] | None, buffers: SocketBuffers) -> list[socket.socket]:
+                cpus: list[int] | None, buffers: SocketBuffers,
+                join: bool = False) -> list[socket.socket]:
     reuseport = strategy in _PER_WORKER
+    if reuseport and port and not join:
+        _refuse_a_held_port(host, port)
     first = _bind_one(host, port, backlog, reuseport, buffers)
     socks = [first]
     port = first.getsockname()[1]  # port 0: every later socket joins the port the kernel chose
@@ -219,6 +270,12 @@ def _bind_group(strategy: str, host: str, port: int, workers: int, backlog: int,
             # The group's socket order is the order they were bound: socket i is worker i.
             # One program per group: each address is a reuseport group of its own.
             attach_cpu_steering(first, cpus)
+    except OSError as exc:
+        for s in socks:
+            s.close()
+        if isinstance(exc, ListenError):
+            raise
+        raise _listen_error(host, port, exc) from None
     except BaseException:
         for s in socks:
             s.close()
@@ -228,10 +285,13 @@ def _bind_group(strategy: str, host: str, port: int, workers: int, backlog: int,
 
 def open_listeners(strategy: str, addresses: list[tuple[str, int]], workers: int,
                    backlog: int = DEFAULT_BACKLOG, cpus: list[int] | None = None,
-                   buffers: SocketBuffers = SocketBuffers()) -> ListenerSet:
+                   buffers: SocketBuffers = SocketBuffers(),
+                   join: bool = False) -> ListenerSet:
     """Bind the sockets of one strategy for every address, in order (listener id =
     position).  ``cpus[i]`` is worker i's CPU (reuseport-cpu); ``buffers`` are set on
-    every listening socket, so every accepted connection inherits them."""
+    every listening socket, so every accepted connection inherits them.  A reuseport
+    group on a fixed port refuses an address another listener holds (``ListenError``)
+    unless ``join`` (``--reuseport-join``): see ``_refuse_a_held_port``."""
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown accept strategy {strategy!r}; known: {', '.join(STRATEGIES)}")
     check_addresses(addresses)
@@ -241,7 +301,7 @@ def open_listeners(strategy: str, addresses: list[tuple[str, int]], workers: int
     bound: list[tuple[str, int]] = []
     try:
         for host, port in addresses:
-            group = _bind_group(strategy, host, port, workers, backlog, cpus, buffers)
+            group = _bind_group(strategy, host, port, workers, backlog, cpus, buffers, join)
             groups.append(group)
             bound.append((host, group[0].getsockname()[1]))
     except BaseException:

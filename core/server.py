@@ -16,15 +16,17 @@ It never imports a backend module: the backend class comes from the registry
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
+import socket
 import time
 from dataclasses import dataclass, field
 
 from parallelnet.core.backend import (
     MODES, Backend, BackendError, Limits, StopSignal, WorkerContext, get_backend,
 )
-from parallelnet.core.cpus import assign_cpus
-from parallelnet.core.dispatch import Dispatcher
+from parallelnet.core.cpus import allowed_cpus, assign_cpus, format_cpu_list
+from parallelnet.core.dispatch import Dispatcher, DispatcherError
 from parallelnet.core.handoff import make_channels
 from parallelnet.core.addresses import ListenSpec, format_address
 from parallelnet.core.listeners import (
@@ -62,9 +64,48 @@ class ServerConfig:
     #: ``protocol``.  A spec without a protocol serves ``protocol``; ``protocol_options``
     #: apply to every listener of the protocol that takes them.
     listen: list[ListenSpec] | None = None
+    #: ``--reuseport-join``: a reuseport group may join another listener's group on its
+    #: fixed port (a rolling restart); by default such a port is refused (core/listeners.py).
+    reuseport_join: bool = False
 
     def listen_specs(self) -> list[ListenSpec]:
         return list(self.listen) if self.listen else [ListenSpec(self.host, self.port)]
+
+
+@dataclass
+class DrainReport:
+    """How the stop went.  ``abandoned``: connections still open (answers unsent) at
+    ``--drain-timeout`` after the stop, which the workers then closed; ``killed``: the
+    workers did not end within the drain time plus 5 s and were killed."""
+
+    clean: bool = True
+    abandoned: int = 0
+    killed: bool = False
+    seconds: float = 0.0
+
+    def line(self, drain_timeout: float) -> str | None:
+        """One line for an unclean drain (None when clean)."""
+        if self.killed:
+            return (f"drain did not finish: workers still running {self.seconds:.1f} s after "
+                    f"the stop were killed")
+        if self.abandoned:
+            n = self.abandoned
+            return (f"drain unclean: {n} connection{'s' if n != 1 else ''} still had answers "
+                    f"unsent at --drain-timeout {drain_timeout:g} s; abandoned")
+        return None
+
+
+def _check_resolvable(host: str) -> None:
+    """A host name that does not resolve is refused by name, before anything is bound."""
+    try:
+        ipaddress.ip_address(host.split("%", 1)[0])
+        return
+    except ValueError:
+        pass
+    try:
+        socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise ValueError(f"cannot resolve host {host!r}: {exc.strerror}") from None
 
 
 class Server:
@@ -86,6 +127,7 @@ class Server:
         self.dispatcher: Dispatcher | None = None
         self._channels: list = []                  # --accept dispatch: (acceptor, worker) ends
         self._started = 0.0
+        self.drain: DrainReport | None = None       # set by stop()
 
     def _check(self, config: ServerConfig) -> None:
         """Refuse, before anything is bound, what this backend cannot serve."""
@@ -93,9 +135,13 @@ class Server:
         if config.mode not in MODES:
             raise ValueError(f"unknown mode {config.mode!r}; known: {', '.join(MODES)}")
         for spec in self.specs:
+            _check_resolvable(spec.host)
             if not config.allow_remote and not is_loopback(spec.host):
                 raise ValueError(f"refusing to bind non-loopback address {spec.host!r} "
                                  "without --allow-remote")
+        if config.dispatch_cpu is not None and config.dispatch_cpu not in allowed_cpus():
+            raise ValueError(f"--dispatch-cpu {config.dispatch_cpu} is not in this process's "
+                             f"affinity mask ({format_cpu_list(allowed_cpus())})")
         check_addresses([(spec.host, spec.port) for spec in self.specs])
         limit = cls.max_listeners
         if limit is not None and len(self.specs) > limit:
@@ -159,7 +205,8 @@ class Server:
         cfg = self.config
         self.listeners = open_listeners(cfg.accept, [(s.host, s.port) for s in self.specs],
                                         len(self.cpus), cfg.backlog,
-                                        cpus=[s.cpu for s in self.stats], buffers=cfg.buffers)
+                                        cpus=[s.cpu for s in self.stats], buffers=cfg.buffers,
+                                        join=cfg.reuseport_join)
         if cfg.accept == "dispatch":
             self._channels = make_channels(len(self.cpus))
         self._started = time.monotonic()
@@ -179,10 +226,13 @@ class Server:
                 self.dispatcher = Dispatcher(self.listeners.for_acceptor(), self._dispatch_channels(),
                                              self.workers.closed_counts, cfg.dispatch_policy,
                                              cfg.dispatch_cpu, cfg.limits.accept_backoff)
+                self.dispatcher.start()
+            except DispatcherError as exc:
+                self.stop()
+                raise BackendError(str(exc)) from None
             except BaseException:
                 self.stop()
                 raise
-            self.dispatcher.start()
         return self.address
 
     def _dispatch_channels(self) -> list:
@@ -208,6 +258,15 @@ class Server:
     def dead_workers(self) -> dict[int, str]:
         """Workers that ended before a stop was requested (crashed or exited): index -> why."""
         return self.workers.dead() if self.workers else {}
+
+    def failures(self) -> dict[str, str]:
+        """Every part that ended before a stop was requested: ``worker N`` or
+        ``dispatcher`` -> why.  A server with one is not serving what it said it would."""
+        out = {f"worker {i}": why for i, why in sorted(self.dead_workers().items())}
+        why = self.dispatcher.dead() if self.dispatcher is not None else None
+        if why:
+            out["dispatcher"] = why
+        return out
 
     # -- stop -------------------------------------------------------------------
 
@@ -237,14 +296,31 @@ class Server:
                 end.close()
 
     def stop(self, timeout: float | None = None) -> bool:
-        """request_stop + join (bounded by the drain time plus a margin) + close."""
+        """request_stop + join (bounded by the drain time plus a margin) + close.
+
+        True if every worker ended in time (False: they were killed).  ``self.drain``
+        tells whether the drain was clean (``DrainReport``)."""
         self.request_stop()
+        drain = self.config.limits.drain_timeout
         if timeout is None:
-            timeout = self.config.limits.drain_timeout + 5.0
-        ok = self.join(timeout)
+            timeout = drain + 5.0
+        t0 = time.monotonic()
+        # Shortly before the drain deadline: who is still busy, with how many connections.
+        # A worker that ends before the deadline had nothing left to send; one still
+        # running past it with connections open abandons them there (core/policy.py rule 9).
+        check = t0 + max(0.0, drain - min(0.1, drain / 3))
+        ok = self.join(max(0.0, min(check, t0 + timeout) - time.monotonic()))
+        late_open = 0
+        if not ok:
+            late_open = sum(s.get("open") or 0 for s in self.snapshots())
+            ok = self.join(max(0.0, t0 + timeout - time.monotonic()))
+        took = time.monotonic() - t0
         if not ok:
             self.kill()
         self.close()
+        abandoned = late_open if took >= drain else 0
+        self.drain = DrainReport(clean=ok and not abandoned, abandoned=abandoned,
+                                 killed=not ok, seconds=took)
         return ok
 
     # -- stats ------------------------------------------------------------------

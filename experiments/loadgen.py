@@ -868,22 +868,91 @@ def _duration(text: str) -> float:
     return float(m.group(1)) * {"ms": 1e-3, "s": 1, "m": 60, "h": 3600, None: 1}[m.group(2)]
 
 
+#: The longest duration (warm-up, timeout) the command line takes.
+MAX_SECONDS = 7 * 86400.0
+
+
+def _duration_of(flag: str, positive: bool):
+    """A duration flag: ``_duration`` within 0..MAX_SECONDS (``positive``: above 0)."""
+    def parse(text: str) -> float:
+        try:
+            value = _duration(text)
+        except argparse.ArgumentTypeError:
+            raise argparse.ArgumentTypeError(
+                f"{flag} is not a duration: {text!r} (e.g. 10, 10s, 500ms, 2m)") from None
+        if value > MAX_SECONDS or (positive and value <= 0):
+            lo = "above 0" if positive else "0"
+            raise argparse.ArgumentTypeError(
+                f"{flag} must be {lo} up to {MAX_SECONDS / 86400:g} days, got {text!r}")
+        return value
+    parse.__name__ = "duration"
+    return parse
+
+
 def _size(text: str) -> int:
     m = re.fullmatch(r"\s*([0-9]+)\s*([kKmM]?)[bB]?\s*", text)
     if not m:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 64, 4k, 1m)")
-    return int(m.group(1)) * {"": 1, "k": 1024, "m": 1024 * 1024}[m.group(2).lower()]
+        raise argparse.ArgumentTypeError(f"--size is not a size: {text!r} (e.g. 64, 4k, 1m)")
+    value = int(m.group(1)) * {"": 1, "k": 1024, "m": 1024 * 1024}[m.group(2).lower()]
+    if not 1 <= value <= MAX_SIZE:
+        raise argparse.ArgumentTypeError(f"--size must be 1..{MAX_SIZE} bytes (64m), got {text!r}")
+    return value
 
 
 def _cpus(text: str) -> list[int]:
-    out: list[int] = []
+    from parallelnet.core.cpus import check_in_mask, parse_cpu_list
+
     try:
-        for part in text.split(","):
-            lo, _, hi = part.partition("-")
-            out.extend(range(int(lo), int(hi or lo) + 1))
+        cpus = parse_cpu_list(text)
+        check_in_mask(cpus, f"--cpus {text}")
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(
+            f"--cpus: {exc}" if str(exc).startswith("bad") else str(exc)) from None
+    return cpus
+
+
+def _int_of(flag: str, lo: int, hi: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} must be an integer, got {text!r}") from None
+        if not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"{flag} must be {lo}..{hi}, got {value}")
+        return value
+    parse.__name__ = "integer"
+    return parse
+
+
+def _rate(text: str) -> float:
+    try:
+        value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a CPU list: {text!r} (e.g. 1 or 0,2 or 0-3)") from None
-    return out
+        raise argparse.ArgumentTypeError(f"--rate must be a number, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"--rate must be 0 or more (per second), got {text!r}")
+    return value
+
+
+def _json_path(text: str) -> str:
+    """--json: checked before the run (a result that cannot be written is refused then,
+    not after the whole measurement)."""
+    problem = _unwritable(text)
+    if problem:
+        raise argparse.ArgumentTypeError(f"--json {text}: {problem}")
+    return text
+
+
+def _unwritable(path: str) -> str | None:
+    full = os.path.abspath(path)
+    parent = os.path.dirname(full)
+    if os.path.isdir(full):
+        return "is a directory"
+    if not os.path.isdir(parent):
+        return f"directory {parent} does not exist"
+    if not os.access(parent, os.W_OK) or (os.path.exists(full) and not os.access(full, os.W_OK)):
+        return "not writable"
+    return None
 
 
 def parse_target(target: str) -> tuple[str, int, str | None]:
@@ -920,18 +989,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="HOST:PORT (echo unless --protocol http), [::1]:PORT, or "
                              "http://HOST:PORT/path; several: connection i goes to the "
                              "(i mod n)-th")
-    parser.add_argument("-c", "--connections", type=int, default=16,
+    parser.add_argument("-c", "--connections", type=_int_of("--connections", 1, 1_000_000),
+                        default=16, metavar="N",
                         help="connections to keep open (default 16)")
-    parser.add_argument("-t", "--threads", type=int, default=1,
+    parser.add_argument("-t", "--threads", type=_int_of("--threads", 1, 1024), default=1, metavar="N",
                         help="threads to use (default 1)")
-    parser.add_argument("-d", "--duration", type=_duration, default=5.0,
+    parser.add_argument("-d", "--duration", type=_duration_of("--duration", True), default=5.0, metavar="T",
                         help="measured duration, e.g. 10s, 2m (default 5s)")
-    parser.add_argument("-R", "--rate", type=float, default=0.0,
+    parser.add_argument("-R", "--rate", type=_rate, default=0.0,
+                        metavar="RATE",
                         help="open loop: total requests/sec (implies --mode open); with "
-                             "--mode churn: total connections/sec")
-    parser.add_argument("--depth", type=int, default=1,
+                             "--mode churn: total connections/sec (default 0: closed loop)")
+    parser.add_argument("--depth", type=_int_of("--depth", 1, MAX_DEPTH), default=1, metavar="N",
                         help="requests in flight per connection (pipelining; default 1)")
-    parser.add_argument("--size", type=_size, default=64,
+    parser.add_argument("--size", type=_size, default=64, metavar="BYTES",
                         help="echo message size, e.g. 64, 4k (default 64)")
     parser.add_argument("--mode", choices=MODES, default=None,
                         help="closed (default), open (needs --rate) or churn "
@@ -939,13 +1010,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--protocol", choices=PROTOCOLS, default=None,
                         help="echo or http (default: http for http:// targets or with "
                              "--service/--heavy-conns, else echo)")
-    parser.add_argument("--cpus", type=_cpus, default=None,
+    parser.add_argument("--cpus", type=_cpus, default=None, metavar="LIST",
                         help="pin thread i to the i-th CPU of this list, e.g. 1 or 2-3")
-    parser.add_argument("--warmup", type=_duration, default=1.0,
+    parser.add_argument("--warmup", type=_duration_of("--warmup", False), default=1.0, metavar="T",
                         help="unrecorded warm-up before the measurement (default 1s)")
-    parser.add_argument("--max-requests", type=int, default=0,
+    parser.add_argument("--max-requests", type=_int_of("--max-requests", 0, 2**63 - 1), default=0,
+                        metavar="N",
                         help="stop after this many measured requests (default: no cap)")
-    parser.add_argument("--timeout", type=_duration, default=5.0,
+    parser.add_argument("--timeout", type=_duration_of("--timeout", True), default=5.0, metavar="T",
                         help="connect and response timeout (default 5s)")
     parser.add_argument("--no-abort", action="store_true",
                         help="count echo mismatches but keep going")
@@ -959,18 +1031,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="HTTP: the first K connections (churn at a rate: slots) draw "
                              "from SPEC instead (e.g. 2:fixed:5000); the result splits "
                              "light and heavy")
-    parser.add_argument("--requests-per-conn", metavar="M", type=int, default=1,
+    parser.add_argument("--requests-per-conn", metavar="M", default=1,
+                        type=_int_of("--requests-per-conn", 1, MAX_REQUESTS_PER_CONN),
                         help="churn: requests per connection, one after the other, before "
                              "it closes (default 1); the first one's latency counts from "
                              "the connect, later ones' from their send")
-    parser.add_argument("--seed", type=int, default=1,
+    parser.add_argument("--seed", type=_int_of("--seed", 0, 2**64 - 1), default=1, metavar="N",
                         help="seed of the service-time draws (default 1): same seed, same "
                              "draws on each connection")
     parser.add_argument("--netns", metavar="NAME", default=None,
                         help="run the client inside network namespace NAME "
                              "(/run/netns/NAME; root needed)")
-    parser.add_argument("--json", metavar="PATH", default=None,
-                        help="also write the full result (histogram included) as JSON")
+    parser.add_argument("--json", metavar="PATH", default=None, type=_json_path,
+                        help="also write the full result (histogram included) as JSON; the "
+                             "path is checked before the run (its directory must exist)")
 
 
 def spec_from_args(args: argparse.Namespace) -> LoadSpec:
@@ -1003,31 +1077,61 @@ def spec_from_args(args: argparse.Namespace) -> LoadSpec:
     return spec
 
 
+def _hint(message: str, spec: LoadSpec) -> str | None:
+    """A likely cause of a failed run the user can fix, in one line (or None)."""
+    message = message or ""
+    if "echo mismatch" in message and any(t.protocol == "echo" for t in spec.resolved_targets()):
+        said = "" if "got 0x48" not in message else " (it answered 'H', as in 'HTTP/1.1')"
+        return (f"the server did not echo{said}: if it speaks HTTP, give an "
+                f"http://HOST:PORT/ URL or --protocol http")
+    return None
+
+
 def main_from_args(args: argparse.Namespace) -> int:
     """Run from parsed arguments; 0 ok, 1 the run failed (abort, errors, rate not met,
-    nothing completed), 2 bad arguments."""
+    nothing completed, the result could not be written), 2 bad arguments."""
+    prog = "parallelnet loadgen"
     try:
         spec = spec_from_args(args)
+        problem = _unwritable(args.json) if args.json else None
+        if problem:
+            raise ValueError(f"--json {args.json}: {problem}")
     except ValueError as exc:
-        print(f"loadgen: error: {exc}", file=sys.stderr)
+        print(f"{prog}: {exc}", file=sys.stderr)
         return 2
     try:
         result = run(spec)
     except (RuntimeError, ValueError) as exc:
-        print(f"loadgen: error: {exc}", file=sys.stderr)
+        print(f"{prog}: {exc}", file=sys.stderr)
+        hint = _hint(str(exc), spec)
+        if hint:
+            print(f"{prog}: hint: {hint}", file=sys.stderr)
         return 1
     print(format_report(result))
+    hint = _hint(result.message, spec) if not result.ok else None
+    if hint:
+        print(f"{prog}: hint: {hint}", file=sys.stderr)
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(result.to_dict(), f, indent=1)
-            f.write("\n")
+        try:
+            with open(args.json, "w", encoding="utf-8") as f:
+                json.dump(result.to_dict(), f, indent=1)
+                f.write("\n")
+        except OSError as exc:
+            print(f"{prog}: --json {args.json}: {exc.strerror or exc}", file=sys.stderr)
+            return 1
     return 0 if result.ok and result.requests else 1
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="parallelnet loadgen")
+    from parallelnet.core.cli import DefaultsOnce, OneLineParser  # one line per mistake
+
+    parser = OneLineParser(prog="parallelnet loadgen", formatter_class=DefaultsOnce)
     add_arguments(parser)
-    return main_from_args(parser.parse_args(argv))
+    try:
+        return main_from_args(parser.parse_args(argv))
+    except KeyboardInterrupt:
+        print("parallelnet loadgen: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
