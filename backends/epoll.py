@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import select
+import time
 
 from parallelnet.backends.base import (
     DISPATCH, EXCLUSIVE, EXCLUSIVE_ROTATE, REUSEPORT, SHARED, Availability,
@@ -41,6 +42,21 @@ class EpollBackend(ReadinessLoop):
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--epoll-edge", action="store_true",
                             help="epoll: edge-triggered (EPOLLET) connections, read/write until EAGAIN")
+        parser.add_argument("--epoll-latency-budget-us", type=int, default=0, metavar="US",
+                            help="epoll: io_uring's batching-window policy (backends/window.py): "
+                                 "while the arrival rate fills it, gather a wait's events for up "
+                                 "to US microseconds (default 0: off)")
+
+    def _make_window(self):
+        budget = int(self.ctx.option("epoll_latency_budget_us", 0) or 0)
+        if budget < 0:
+            raise ValueError(f"--epoll-latency-budget-us must be >= 0, got {budget}")
+        if not budget:
+            return None
+        from parallelnet.backends.window import LatencyWindow
+
+        self.ctx.stats.extra.update(windowed_waits=0, window_nr=0)
+        return LatencyWindow(budget)
 
     def _setup(self) -> None:
         self.edge_triggered = bool(self.ctx.option("epoll_edge", False))
@@ -60,7 +76,29 @@ class EpollBackend(ReadinessLoop):
         self._ep.unregister(fd)
 
     def _poll(self, timeout: float | None):
-        return self._ep.poll(-1 if timeout is None else timeout, self._maxevents)
+        window = self._window
+        if window is None:
+            return self._ep.poll(-1 if timeout is None else timeout, self._maxevents)
+        t0 = time.monotonic()
+        events = self._ep.poll(-1 if timeout is None else timeout, self._maxevents)
+        now = time.monotonic()
+        nr = window.batch(len(self._conns), self._queued)
+        if nr and len(events) < nr and now - t0 < window.budget:
+            # The rest of the window: what arrives meanwhile is gathered by one more wait
+            # that does not block (backends/window.py).
+            time.sleep(window.budget - (now - t0))
+            more = self._ep.poll(0, self._maxevents)
+            if more:
+                merged = dict(events)
+                for fd, mask in more:
+                    merged[fd] = merged.get(fd, 0) | mask
+                events = list(merged.items())
+            extra = self.ctx.stats.extra
+            extra["windowed_waits"] += 1
+            extra["window_nr"] = nr
+            now = time.monotonic()
+        window.update(now, len(events))
+        return events
 
     def _teardown(self) -> None:
         self._ep.close()

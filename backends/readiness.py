@@ -81,7 +81,7 @@ class RegistrationRefused(OSError):
 class Connection(ConnState):
     """One client connection of one worker.  Only that worker touches it."""
 
-    __slots__ = ("sock", "fd", "proto", "out", "events", "peer")
+    __slots__ = ("sock", "fd", "proto", "out", "events", "peer", "replied")
 
     def __init__(self, sock: socket.socket, proto, peer, now: float = 0.0) -> None:
         self.sock = sock
@@ -90,6 +90,7 @@ class Connection(ConnState):
         self.out = bytearray()    # output the kernel has not taken yet
         self.events = 0           # interest currently registered
         self.peer = peer
+        self.replied = 0.0        # when its output last drained (the window's closed-loop test)
         self.init_state(now)
 
 
@@ -185,6 +186,10 @@ class ReadinessLoop(Backend):
         self._policy = ConnectionPolicy(lim, ctx.stats, who, self._now)
         self._track = any(tracks_requests(p.factory()) for p in ctx.protocols)
         self._paused: dict[int, float] = {}     # listener fd -> when to re-register it
+        # A batching window (a subclass's option, backends/window.py): None is off, and
+        # then nothing on the hot path looks at it but one attribute test.
+        self._window = self._make_window()
+        self._queued = 0                        # connections with output queued
         self._pacer = AcceptPacer(lim.accept_backoff, ctx.stats.extra, who)
         self._exclusive = ctx.accept in (EXCLUSIVE, EXCLUSIVE_ROTATE)
         # exclusive-rotate: re-adding the listener moves this worker's waiter to the tail
@@ -203,6 +208,10 @@ class ReadinessLoop(Backend):
             for conn in list(self._conns.values()):
                 self._close(conn)
             self._teardown()
+
+    def _make_window(self):
+        """A ``backends.window.LatencyWindow``, or None (the default: no window)."""
+        return None
 
     def _serve(self) -> None:
         # Locals, not attribute look-ups: this is the hot path of every readiness backend.
@@ -365,6 +374,9 @@ class ReadinessLoop(Backend):
     # -- reading ------------------------------------------------------------------
 
     def _on_readable(self, conn: Connection) -> None:
+        if self._window is not None and conn.replied:
+            self._window.arrival(self._now - conn.replied)
+            conn.replied = 0.0
         recv = conn.sock.recv
         size = self._recv_size
         while True:
@@ -476,14 +488,18 @@ class ReadinessLoop(Backend):
                 return
             self.ctx.stats.bytes_out += sent
             if sent == len(out):
+                if self._window is not None:
+                    conn.replied = self._now
                 return
             conn.out += memoryview(out)[sent:]
+            self._queued += 1
         self._policy.queued(conn, len(conn.out))
         self._set_events(conn, self.EV_WRITE | (self.EV_READ if conn.reading else 0))
 
     def _on_writable(self, conn: Connection) -> None:
         out = conn.out
         send = conn.sock.send
+        had = bool(out)
         while out:
             try:
                 sent = send(out)
@@ -496,6 +512,10 @@ class ReadinessLoop(Backend):
             del out[:sent]  # O(1) at the front of a bytearray in CPython
             if not self.edge_triggered:
                 break
+        if had and not out:
+            self._queued -= 1
+            if self._window is not None:
+                conn.replied = self._now
         if conn.held:
             if len(out) <= self._policy.low:
                 self._pull(conn)   # rule 10: sends, resumes or closes as it must
@@ -526,6 +546,9 @@ class ReadinessLoop(Backend):
         del self._conns[conn.fd]
         conn.fd = -1
         conn.reading = False
+        if conn.out:
+            self._queued -= 1
+            conn.out.clear()
         conn.sock.close()
         stats.open -= 1
         stats.closed += 1

@@ -49,11 +49,14 @@ completion that releases it has been seen.  Per worker:
   multishot; the connection is re-armed as soon as buffers return (after the batch
   holding them is processed, or a send that pinned one completes); nothing is dropped,
   the data waits in the socket.  Counted in ``extra["enobufs"]``.
-* **Send**: one send in flight per connection, further output queued in order;
-  partial sends are resubmitted for the rest.  When the protocol hands back the very
-  buffer it was given (echo), the provided buffer itself is sent and recycled only when
-  that send completes (no copy) - unless output is already queued or the ring runs
-  short, where it is copied so that a slow reader cannot hold the ring's buffers.
+* **Send**: one send in flight per connection, further output queued in order; the
+  next send takes everything queued (up to 16 chunks gathered into one ``SENDMSG``:
+  ``extra["gathered_sends"]``), so a reply that arrived in several provided buffers costs
+  one round trip, and the rest of a partial send goes with it.  When the protocol hands
+  back the very buffer it was given (echo), the provided buffer itself is sent and
+  recycled only when that send completes (no copy) - unless the connection already holds
+  8 of them in its queue or the ring runs short (a quarter kept free), where it is copied,
+  so a slow reader cannot hold the ring's buffers.
 * **Backpressure**: past ``limits.max_output`` pending bytes the connection's
   multishot recv is cancelled (it would otherwise keep completing), and re-armed once
   output drains below half of it.
@@ -69,11 +72,13 @@ completion that releases it has been seen.  Per worker:
   copied by the snapshot thread (``WorkerStats.refresh``), and the batch processor is a
   closure built once.
 * **Batching window** (``--uring-latency-budget-us``, default
-  ``DEFAULT_LATENCY_BUDGET_US``): while the measured arrival rate predicts at least 4
-  completions within the budget and the worker uses under 60% of a CPU, a wait holds
-  completions for up to the budget (from the wait's start) so that one wake-up serves
-  a batch; otherwise it returns at the first completion.  The policy and
-  its measured CPU-vs-latency curve: uring_core.c and docs/uring.md.
+  ``DEFAULT_LATENCY_BUDGET_US``): a wait gathers the completions the measured rate predicts
+  within the budget (at most two per open connection) with
+  ``io_uring_submit_and_wait_min_timeout``, returning when the batch is full or the budget
+  has passed - except while a connection's output waits behind a send in flight, while
+  clients wait for our answers (a closed loop, seen from how soon requests follow answers)
+  or while the worker is busy.  The policy and its measured CPU-vs-latency curve:
+  uring_core.c (``window_nr``) and docs/uring.md.
 * **Stop**: a poll on ``ctx.stop``'s eventfd is armed on the ring, so a stopped worker
   wakes at once.  Drain then mirrors readiness.py: accepts are cancelled and the listen
   backlog taken once (synchronously), each connection's recv is cancelled and what its
@@ -248,7 +253,8 @@ def new_core(ffi, lib, limits, opts: UringOptions = UringOptions(), *, listeners
         cfg.fixed_files = max(1, min(limits.max_connections, soft if soft > 0 else 1024, 1 << 16))
     cfg.sqpoll_idle_ms = max(0, opts.sqpoll)
     cfg.zc_threshold = max(0, opts.zc_threshold)
-    cfg.latency_budget_us = max(0, opts.latency_budget_us)
+    # The window only where a min_timeout wait behaves (the probe checked this kernel).
+    cfg.latency_budget_us = max(0, opts.latency_budget_us) if window_usable() else 0
     if not raw:   # uring-py keeps the policy's timer in Python
         fill_limits(cfg.limits, limits)
     for k, v in (cproto or {}).items():
@@ -353,8 +359,11 @@ def _probe() -> Availability:
         missing = lib.uc_check_opcodes(core)
         flags = lib.uc_setup_flags(core)
         features = lib.uc_features(core)
+        window = lib.uc_window_check(core) if not missing else -1
     finally:
         lib.uc_free(core)
+    global WINDOW_CHECK_US
+    WINDOW_CHECK_US = window
     if missing:
         return Availability(False, f"kernel io_uring lacks opcode {missing}")
     if not features & (1 << 8):
@@ -366,7 +375,28 @@ def _probe() -> Availability:
     except (ValueError, IndexError):
         pass
     ver = lib.uc_lib_version()
-    return Availability(True, detail=f"liburing {ver // 100}.{ver % 100}, flags {flag_names(flags)}")
+    return Availability(True, detail=f"liburing {ver // 100}.{ver % 100}, flags {flag_names(flags)}, "
+                                     f"batching window {window_state()}")
+
+
+#: The probe's measure of a min_timeout wait (uc_window_check: µs for a completion at 2 ms;
+#: < 0: not supported): the batching window is used only where it returns in time.
+WINDOW_CHECK_US: int | None = None
+WINDOW_CHECK_MAX_US = 50_000
+
+
+def window_usable() -> bool:
+    probe_uring()
+    return WINDOW_CHECK_US is not None and 0 <= WINDOW_CHECK_US <= WINDOW_CHECK_MAX_US
+
+
+def window_state() -> str:
+    if WINDOW_CHECK_US is None or WINDOW_CHECK_US < 0:
+        return "unavailable (no IORING_FEAT_MIN_TIMEOUT: kernel < 6.12)"
+    if WINDOW_CHECK_US > WINDOW_CHECK_MAX_US:
+        return (f"off: a min_timeout wait for a completion at 2 ms returned after "
+                f"{WINDOW_CHECK_US} us on this kernel (it waits for the whole batch)")
+    return f"ok (a completion at 2 ms returned a min_timeout wait at {WINDOW_CHECK_US} us)"
 
 
 def _setup_flags(lib, name: str) -> int:
@@ -440,7 +470,7 @@ class RingHandoff:
 #: Counters of the ring itself (submit, wait, reap), measured in C in both modes.
 RING_STATS = ("entries", "sqes", "cqes", "cq_overflows", "cq_dropped", "blocking_waits",
               "empty_waits", "windowed_waits", "window_us", "arrival_per_s", "util_pct",
-              "window_bans", "ring_fd_registered")
+              "window_nr", "closed_pct", "ring_fd_registered")
 #: Event-core counters that are WorkerStats fields rather than extras.
 TO_COUNTERS = {"waits": "wakeups", "accept_cqes": "listen_wakeups", "accepted": "accepted",
                "refused": "refused", "backpressure": "backpressure", "bytes_out": "bytes_out"}

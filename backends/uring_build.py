@@ -51,8 +51,8 @@ struct uc_stats {
              handoffs, handoff_lost, handoff_wakeups, fixed_files, sendzc_ops, sendzc_notifs,
              idle_trims, msg_handoffs, malloc_trims, sendzc_held_max, blocking_waits, empty_waits,
              last_accept_error, failed, windowed_waits, window_us, arrival_per_s, accept_bursts,
-             ring_fd_registered, util_pct, window_bans, requests, opened, closed, errors, idle_timeouts, header_timeouts,
-             output_holds, alloc_failures;
+             ring_fd_registered, util_pct, window_nr, closed_pct, requests, opened, closed, errors, idle_timeouts, header_timeouts,
+             output_holds, alloc_failures, gathered_sends;
     uint64_t l_accepted[...], l_accept_cqes[...];
 };
 struct uc_config {
@@ -105,6 +105,7 @@ unsigned uc_features(uc_core *c);
 int uc_nconns(uc_core *c);
 int uc_inflight(uc_core *c);
 int uc_check_opcodes(uc_core *c);
+int uc_window_check(uc_core *c);
 int uc_opcode_supported(uc_core *c, int op);
 void uc_fail_submits(uc_core *c, int err);
 int uc_serve(uc_core *c);

@@ -30,6 +30,9 @@
  * connections get their turn in between).  A held connection that finishes closes only
  * once nothing is held and everything is sent.
  */
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE                 /* accept4 (Python.h defines it too, when cffi includes it first) */
+#endif
 #include <dlfcn.h>
 #include <malloc.h>
 #include <errno.h>
@@ -44,6 +47,7 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <sys/mman.h>
+#include <sys/timerfd.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
 #include "proto_core.h"         /* echo/http in C: the C-protocol mode (native-uring) */
@@ -124,6 +128,7 @@ struct io_uring_probe;
     X(void, io_uring_prep_multishot_accept, (struct io_uring_sqe *, int, struct sockaddr *, socklen_t *, int)) \
     X(void, io_uring_prep_recv_multishot, (struct io_uring_sqe *, int, void *, size_t, int)) \
     X(void, io_uring_prep_send, (struct io_uring_sqe *, int, const void *, size_t, int)) \
+    X(void, io_uring_prep_sendmsg, (struct io_uring_sqe *, int, const struct msghdr *, unsigned)) \
     X(void, io_uring_prep_cancel64, (struct io_uring_sqe *, uint64_t, int)) \
     X(void, io_uring_prep_poll_add, (struct io_uring_sqe *, int, unsigned)) \
     X(void, io_uring_prep_send_zc, (struct io_uring_sqe *, int, const void *, size_t, int, unsigned)) \
@@ -178,7 +183,10 @@ enum { B_RING = 0, B_LENT, B_PINNED, B_FREE };
 #define BGID 1
 #define MAX_LISTENERS 8
 #define IDLE_TRIM_MS 100            /* no connection for this long: give pool pages back */
+#define TRIM_EVERY_MS 100           /* a drained backlog's malloc_trim, at most this often */
 #define ACCEPT_BURST 16             /* SOCK_NONEMPTY: accepted synchronously at most, per CQE */
+#define SEND_IOV_MAX 16             /* queued chunks gathered into one SENDMSG */
+#define PIN_MAX 8                   /* provided buffers one connection may hold in its queue */
 
 struct uc_stats {
     uint64_t entries, sqes, cqes, waits, enobufs, cq_overflows, cq_dropped, bytes_in, bytes_out,
@@ -187,11 +195,11 @@ struct uc_stats {
              handoffs, handoff_lost, handoff_wakeups, fixed_files, sendzc_ops, sendzc_notifs,
              idle_trims, msg_handoffs, malloc_trims, sendzc_held_max, blocking_waits, empty_waits,
              last_accept_error, failed, windowed_waits, window_us, arrival_per_s, accept_bursts,
-             ring_fd_registered, util_pct, window_bans,
+             ring_fd_registered, util_pct, window_nr, closed_pct,
              /* the C-protocol mode's own (Python keeps these itself otherwise): */
              requests, opened, closed, errors, idle_timeouts, header_timeouts,
              /* rule 10 and allocation failures (both modes): */
-             output_holds, alloc_failures;
+             output_holds, alloc_failures, gathered_sends;
     /* Per listener id (the address a connection came in on): small arrays, one increment
      * beside the total's, so they add up to accepted and accept_cqes. */
     uint64_t l_accepted[MAX_LISTENERS], l_accept_cqes[MAX_LISTENERS];
@@ -225,6 +233,11 @@ struct uc_config {
     void *user;                     /* the Python backend (a cffi handle) for the callbacks */
 };
 
+/* A gathered send: its msghdr and iovec live apart from the connection table (which a
+ * new connection may move with realloc) until the SQE is submitted - the kernel copies
+ * both then (IORING_FEAT_SUBMIT_STABLE); the chunks they point to stay until the CQE. */
+struct sendvec { struct msghdr msg; struct iovec iov[SEND_IOV_MAX]; };
+
 /* zc_refs: SEND_ZC notifications still due for sends from this chunk (the kernel may
  * read its memory until then); a chunk done with (sent, or its connection gone) while
  * zc_refs > 0 is detached from its connection and freed by the last notification. */
@@ -242,8 +255,12 @@ struct conn {
             eof, starved, drain_read, error, fixed;
     uint8_t was_paused;             /* in a backpressure episode since its queue last emptied */
     uint8_t held, pull_due;         /* rule 10: answers held; an EV_PULL is on its way */
+    uint8_t backlogged;             /* output queued behind the send in flight (window_nr) */
+    int64_t replied_ns;             /* when its output last drained (0: not since its last request) */
     uint8_t lid;                    /* listener id: which address (and protocol) it came in on */
     uint64_t send_ud;               /* user_data of the send in flight (cancel) */
+    struct sendvec *sv;             /* the gathered send's msghdr and iovec (allocated on first use) */
+    uint8_t pinned;                 /* provided buffers in its queue (at most PIN_MAX) */
     uint64_t pending;               /* bytes queued or in flight */
     struct pol_conn pol;            /* last progress (data in, send done), the request's deadline */
     struct chunk *head, *tail;
@@ -279,14 +296,17 @@ struct uc_core {
     int fail;                       /* errno: the ring is unusable (failed submit, lost CQEs) */
     int rearm_cursor;               /* ENOBUFS re-arm resumes here: no id is starved for good */
     int trim_due;                   /* a backpressure backlog drained: give its heap back */
+    int64_t last_trim_ms;           /* malloc_trim at most every TRIM_EVERY_MS */
     int handoff_closed;             /* the acceptor closed its end of the channel */
     struct zc_hold *holds; int nholds, free_hold;
     double rate;                    /* completions per ns, time-weighted moving average */
     int64_t rate_t0; unsigned rate_cqes;
     double util; int64_t cpu_t0;    /* share of a CPU this thread used, same average */
-    /* the window's A/B check (probe_update) */
-    int ab_probing, ab_windowed; int64_t ab_t0, now_ns, banned_until_ns, ban_ns;
-    uint64_t ab_cqes, ab_windows0; double ab_rate;
+    /* the window's inputs (window_nr) */
+    int64_t now_ns;                 /* CLOCK_MONOTONIC of this batch */
+    int nbacklogged;                /* connections with output queued behind a send in flight */
+    uint64_t arrivals, quick;       /* requests after a reply, and those within half the budget */
+    double closed;                  /* share of quick ones, time-weighted moving average */
     struct proto proto;             /* C-protocol mode: response table and scratch */
     int alloc_logged;               /* an allocation failure was logged (once per worker) */
     struct pstate *ps; int ps_cap;  /* C-protocol mode: per connection id */
@@ -424,6 +444,20 @@ static void hold_release(uc_core *c, int i)
     if (!--h->zc_refs && h->detached) chunk_done(c, h);
 }
 
+/* Whether a connection has output queued behind its send in flight (another chunk, or
+ * the rest of a partial send): the window then does not hold the completion that lets
+ * the next chunk go, which would cost one window per chunk of a large reply. */
+static void backlog_update(uc_core *c, struct conn *k)
+{
+    uint8_t b = k->head && (k->head->next || k->head->off);
+    if (b != k->backlogged) { k->backlogged = b; c->nbacklogged += b ? 1 : -1; }
+}
+
+/* One send for what the connection has queued: the head chunk alone with SEND (or SEND_ZC
+ * past the threshold), or up to SEND_IOV_MAX queued chunks gathered into one SENDMSG, so
+ * a reply made of several chunks (a large echo arrives in several provided buffers) costs
+ * one ring round trip instead of one per chunk.  on_send_result walks the chunks the
+ * result covers. */
 static void submit_send(uc_core *c, int id)
 {
     struct conn *k = &c->conns[id];
@@ -433,7 +467,19 @@ static void submit_send(uc_core *c, int id)
     uint32_t len = h->len - h->off;
     uint64_t ud = UD(OP_SEND, id);
     int hi = c->cfg.zc_threshold && len >= c->cfg.zc_threshold ? hold_new(c, h, id) : -1;
-    if (hi >= 0) {
+    if (hi < 0 && h->next && (k->sv || (k->sv = malloc(sizeof *k->sv)))) {
+        struct sendvec *v = k->sv;
+        int n = 0;
+        for (struct chunk *x = h; x && n < SEND_IOV_MAX; x = x->next, n++) {
+            v->iov[n].iov_base = x->base + x->off;
+            v->iov[n].iov_len = x->len - x->off;
+        }
+        memset(&v->msg, 0, sizeof v->msg);
+        v->msg.msg_iov = v->iov;
+        v->msg.msg_iovlen = (size_t)n;
+        p_io_uring_prep_sendmsg(s, k->fd, &v->msg, MSG_NOSIGNAL);
+        c->st.gathered_sends++;
+    } else if (hi >= 0) {
         /* SEND_ZC: the result CQE ends the send (accounting, next chunk, close may go
          * ahead); the notification, which a peer that stops reading may hold back for
          * good, only gives the memory back (hold_release). */
@@ -458,6 +504,10 @@ static void maybe_release(uc_core *c, int id)
     close(k->fd);
     for (struct chunk *h = k->head, *n; h; h = n) { n = h->next; chunk_done(c, h); }
     k->head = k->tail = NULL;
+    k->pinned = 0;
+    free(k->sv);
+    k->sv = NULL;
+    backlog_update(c, k);
     if (k->was_paused) c->trim_due = 1;
     k->used = 0;
     c->nconns--;
@@ -612,14 +662,24 @@ static void on_send_result(uc_core *c, int id, int res)
     k->sending = 0;
     if (k->dead) { maybe_release(c, id); return; }
     if (res <= 0) { conn_kill(c, id, res != -ECANCELED); return; }
-    struct chunk *h = k->head;
     k->pol.last_ms = c->now_ms;
-    c->st.bytes_out += res; k->pending -= res; h->off += res;
-    if (h->off < h->len) { c->st.partial_sends++; submit_send(c, id); return; }
-    k->head = h->next; if (!k->head) k->tail = NULL;
-    chunk_done(c, h);
+    c->st.bytes_out += res; k->pending -= res;
+    uint32_t left = (uint32_t)res;
+    while (left) {   /* a gathered send may cover several chunks, the last one partly */
+        struct chunk *h = k->head;
+        uint32_t take = h->len - h->off < left ? h->len - h->off : left;
+        h->off += take;
+        left -= take;
+        if (h->off < h->len) break;
+        k->head = h->next; if (!k->head) k->tail = NULL;
+        if (h->bid >= 0 && k->pinned) k->pinned--;
+        chunk_done(c, h);
+    }
+    backlog_update(c, k);
+    if (k->head && k->head->off) c->st.partial_sends++;
     if (k->head) submit_send(c, id);
     else {
+        k->replied_ns = c->now_ns | 1;   /* its answer is out: the next request is a reply to it */
         /* A backpressure backlog has drained: its copies' heap goes back to the OS at
          * the next wait (not in steady state, where a trim is only a latency blip). */
         if (k->was_paused) { k->was_paused = 0; c->trim_due = 1; }
@@ -645,6 +705,11 @@ static void on_cqe(uc_core *c, struct io_uring_cqe *q)
             c->ring_free--; c->pool_dirty = 1;
             if (res > 0 && !k->dead && !k->closing) {
                 k->pol.last_ms = c->now_ms;
+                if (k->replied_ns) {   /* a request after our answer: how soon (window_nr) */
+                    c->arrivals++;
+                    c->quick += c->now_ns - k->replied_ns <= (int64_t)c->cfg.latency_budget_us * 500;
+                    k->replied_ns = 0;
+                }
                 c->bstate[bid] = B_LENT; c->lent[c->nlent++] = bid;
                 c->st.bytes_in += res;
                 emit(c, EV_DATA, id, bid, res);
@@ -780,7 +845,7 @@ static uc_core *uc_new(const struct uc_config *cfg, int *err)
     /* The ring's fd registered with this thread (the worker's: uc_new runs in it): each
      * io_uring_enter then skips the fd-table lookup and reference (fget/fput). */
     if (p_io_uring_register_ring_fd(RING(c)) == 1) c->st.ring_fd_registered = 1;
-    c->rate_t0 = c->ab_t0 = mono_ns();
+    c->rate_t0 = mono_ns();
     c->cpu_t0 = thread_cpu_ns();
     c->next_tick_ms = c->now_ms + c->cfg.limits.tick_ms;
     if (c->cfg.cproto) proto_init(&c->proto, cfg->message_size, cfg->max_header_bytes, cfg->max_body_bytes,
@@ -893,67 +958,40 @@ static void sweep(uc_core *c)
  * Below saturation completions arrive one at a time, and a wait that returns at the
  * first one costs a sleep and a wake-up per completion (about a third of all server
  * CPU at 40k req/s, C servers included).  io_uring can wait for a batch with a bound on
- * the delay: io_uring_submit_and_wait_min_timeout(wait_nr = WINDOW_NR, min_wait = W us)
- * returns once WINDOW_NR completions are posted, or, W us after it started, as soon as
- * at least one new one is (kernel >= 6.12, IORING_FEAT_MIN_TIMEOUT).  With DEFER_TASKRUN
- * the completions in between are queued as task work without waking the thread, so one
- * wake-up serves the whole window; each completion waits at most W us longer.
+ * the delay: io_uring_submit_and_wait_min_timeout(wait_nr = N, min_wait = B us) returns
+ * as soon as N completions are posted, or, B us after the wait began, as soon as at least
+ * one is (kernel >= 6.12, IORING_FEAT_MIN_TIMEOUT; one that expires with nothing posted
+ * returns at the next completion, so the first request after an idle gap is not held).
+ * With DEFER_TASKRUN the completions in between are queued as task work without waking
+ * the thread, so one wake-up serves the batch; each completion waits at most B us more.
  *
- * The policy: W = the user's budget while the measured arrival rate predicts at least
- * WINDOW_MIN completions within it and the worker is not busy (its thread used less
- * than UTIL_MAX of a CPU over the last period), else no window (a plain wait).  An idle
- * or lightly loaded server therefore answers at once, a loaded one batches, and a busy
- * one - whose batches are large anyway - does not sleep on a timer: a client that waits
- * for each answer (closed loop) would otherwise wait the window on every request, and
- * at 16 such connections the window halved the throughput (measured, docs/uring.md).  The rate is a moving
- * average weighted by time (RATE_TAU_NS), updated over periods of RATE_PERIOD_NS, so an
- * idle gap longer than the time constant resets it.  The first completion after an idle
- * gap is not delayed either: when W expires with nothing new the kernel returns at the
- * next completion. */
-#define WINDOW_NR 32
-#define WINDOW_MIN 4
+ * The policy decides on requests, from what it measures:
+ *  - N is the number of completions the measured rate predicts within B (a time-weighted
+ *    moving average, RATE_TAU_NS), at most WINDOW_NR_MAX, and at most two per open
+ *    connection: a connection brings at most one request, and our answer's send, per
+ *    round trip, so a window never waits for arrivals only our answers could cause.
+ *    Below 2 there is nothing to batch: a plain wait.  A full batch ends the wait at
+ *    once, so the timer does not run (and overshoot) when arrivals fill it.
+ *  - No window while a connection has output queued behind its send in flight
+ *    (nbacklogged): a large reply goes out chunk after chunk, each send completion
+ *    releasing the next, and holding them would cost one window per chunk.
+ *  - No window when clients wait for our answers (a closed loop): a request that arrives
+ *    within half the budget after our answer to the same connection left is a client
+ *    answering us; when such requests are at least CLOSED_MAX of those that follow an
+ *    answer (moving average), holding them only slows the clients down.  This replaces
+ *    a periodic A/B check of the throughput, which cost about half of all kernel entries
+ *    and looked at nothing but throughput.
+ *  - No window while the worker is busy (its thread used UTIL_MAX of a CPU or more over
+ *    the last period): its batches are large anyway. */
+#define WINDOW_NR_MAX 64
 #define RATE_PERIOD_NS 1000000
 #define RATE_TAU_NS 4000000
 #define UTIL_MAX 0.6
-
-/* Does the window cost the clients throughput?  Under an open-loop client arrivals do
- * not depend on our answers, and the completion rate is the same with or without a
- * window.  A client that waits for each answer (closed loop) slows down by the window
- * itself - and then also keeps the worker's utilisation low, so the UTIL_MAX rule alone
- * can lock the window on (measured: 154k instead of 178k req/s at 16 connections).  So
- * the policy checks: every PROBE_EVERY_NS it serves PROBE_NS without a window and
- * compares the completion rate with that of the windowed stretch before; if the window
- * cost more than PROBE_LOSS of it, the window is banned for a while (doubling up to
- * BAN_MAX_NS while the verdict repeats, so a closed-loop client pays one short stretch
- * every few seconds). */
-#define PROBE_EVERY_NS 50000000
-#define PROBE_NS 5000000
-#define PROBE_LOSS 0.85
-#define BAN_MIN_NS 250000000
-#define BAN_MAX_NS 4000000000LL
-
-static void probe_update(uc_core *c, int64_t now_ns, unsigned cqes)
-{
-    c->now_ns = now_ns;             /* the ban's clock (window_us) */
-    c->ab_cqes += cqes;
-    int64_t dt = now_ns - c->ab_t0;
-    if (dt < (c->ab_probing ? PROBE_NS : PROBE_EVERY_NS - PROBE_NS)) return;
-    double rate = (double)c->ab_cqes / (double)dt;
-    if (!c->ab_probing) {           /* a served stretch ends: remember it, probe next */
-        c->ab_rate = rate;
-        c->ab_windowed = c->st.windowed_waits != c->ab_windows0;
-    } else if (c->ab_windowed && c->ab_rate < PROBE_LOSS * rate) {
-        c->ban_ns = c->ban_ns ? (c->ban_ns * 2 < BAN_MAX_NS ? c->ban_ns * 2 : BAN_MAX_NS) : BAN_MIN_NS;
-        c->banned_until_ns = now_ns + c->ban_ns;
-        c->st.window_bans++;
-    } else if (c->ab_windowed) c->ban_ns = 0;   /* the window was harmless: forgive */
-    c->ab_probing = !c->ab_probing;
-    c->ab_t0 = now_ns; c->ab_cqes = 0; c->ab_windows0 = c->st.windowed_waits;
-}
+#define CLOSED_MAX 0.5
 
 static void rate_update(uc_core *c, int64_t now_ns, unsigned cqes)
 {
-    probe_update(c, now_ns, cqes);
+    c->now_ns = now_ns;
     c->rate_cqes += cqes;
     int64_t dt = now_ns - c->rate_t0;
     if (dt < RATE_PERIOD_NS) return;
@@ -961,17 +999,27 @@ static void rate_update(uc_core *c, int64_t now_ns, unsigned cqes)
     double a = (double)dt / (double)(dt + RATE_TAU_NS);
     c->rate += a * ((double)c->rate_cqes / (double)dt - c->rate);
     c->util += a * ((double)(cpu - c->cpu_t0) / (double)dt - c->util);
+    if (c->arrivals) c->closed += a * ((double)c->quick / (double)c->arrivals - c->closed);
     c->rate_t0 = now_ns; c->rate_cqes = 0; c->cpu_t0 = cpu;
+    c->arrivals = c->quick = 0;
     c->st.arrival_per_s = (uint64_t)(c->rate * 1e9);
     c->st.util_pct = (uint64_t)(c->util * 100);
+    c->st.closed_pct = (uint64_t)(c->closed * 100);
 }
 
-static unsigned window_us(uc_core *c)
+/* The batch a windowed wait asks for (0: no window), by the policy above. */
+static unsigned window_nr(uc_core *c)
 {
     unsigned b = c->cfg.latency_budget_us;
-    if (!b || c->draining || !(c->features & IORING_FEAT_MIN_TIMEOUT)) return 0;
-    if (c->ab_probing || c->now_ns < c->banned_until_ns) return 0;
-    return c->rate * 1000.0 * b >= WINDOW_MIN && c->util < UTIL_MAX ? b : 0;
+    /* Not in raw mode (uring-py): the connections, their queues and their answers are
+     * Python's there, so the policy's inputs are not known here. */
+    if (!b || c->cfg.raw || c->draining || !(c->features & IORING_FEAT_MIN_TIMEOUT)) return 0;
+    if (c->nbacklogged || c->util >= UTIL_MAX || c->closed >= CLOSED_MAX) return 0;
+    double expect = c->rate * 1000.0 * b;
+    unsigned nr = expect >= WINDOW_NR_MAX ? WINDOW_NR_MAX : (unsigned)expect;
+    unsigned cap = 2u * (unsigned)c->nconns;
+    if (nr > cap) nr = cap;
+    return nr >= 2 ? nr : 0;
 }
 
 /* The one kernel entry per loop iteration: submit what is queued and, unless timeout_ms
@@ -981,20 +1029,19 @@ static int submit_and_wait(uc_core *c, int timeout_ms)
     int r;
     if (c->inject_err) r = -c->inject_err;
     else if (timeout_ms == 0) r = p_io_uring_submit_and_get_events(RING(c));
-    else if ((c->st.window_us = window_us(c))) {
-        /* Wait for WINDOW_NR completions, but no longer than the window (nor the caller's
-         * own timeout).  The window runs from this wait's start, so a completion is held
-         * at most W us plus the processing of the batch before it.  (Counting the window
-         * from the previous wake-up instead, so that processing time is deducted, cost
-         * about 7% more CPU per request at 40k req/s for the same p50: more, smaller
-         * batches.)  Not io_uring_submit_and_wait_min_timeout: measured here, when its
-         * min_wait expired before anything was posted the kernel went back to waiting for
-         * the full wait_nr (or the caller's timeout), and requests stalled for tens of ms. */
-        int64_t ns = (int64_t)c->st.window_us * 1000;
-        if (timeout_ms > 0 && (int64_t)timeout_ms * 1000000 < ns) ns = (int64_t)timeout_ms * 1000000;
+    else if ((c->st.window_nr = window_nr(c))) {
+        /* The window runs from this wait's start (min_wait), so a completion is held at
+         * most B us plus the processing of the batch before it.  The overall timeout is
+         * the caller's (the coarse tick), or a second when it has none.  (Earlier kernels
+         * went back to waiting for the whole batch when min_wait expired with nothing
+         * posted, stalling requests for tens of ms; 6.18 returns at the next completion,
+         * as the man page says: tests/test_uring.py checks it on the running kernel.) */
+        int64_t ns = timeout_ms > 0 ? (int64_t)timeout_ms * 1000000 : 1000000000;
         struct __kernel_timespec ts = { ns / 1000000000, ns % 1000000000 };
         struct io_uring_cqe *unused;
-        r = p_io_uring_submit_and_wait_timeout(RING(c), &unused, WINDOW_NR, &ts, NULL);
+        c->st.window_us = c->cfg.latency_budget_us;
+        r = p_io_uring_submit_and_wait_min_timeout(RING(c), &unused, c->st.window_nr, &ts,
+                                                   c->cfg.latency_budget_us, NULL);
         c->st.windowed_waits++;
     }
     else if (timeout_ms < 0) r = p_io_uring_submit_and_wait(RING(c), 1);
@@ -1072,9 +1119,11 @@ static int uc_wait(uc_core *c, int timeout_ms)
     /* A slow reader's backlog of copied output, once drained (or its connection gone),
      * is handed back to the OS (glibc keeps freed heap otherwise): RSS returns to its
      * level after the fault.  Only then: in steady state a trim is a tail-latency blip. */
-    if (c->trim_due) {
+    if (c->trim_due && c->now_ms - c->last_trim_ms >= TRIM_EVERY_MS) {   /* rate-limited */
         c->trim_due = 0;
-        if (c->freed_copies > (1u << 20)) { c->freed_copies = 0; malloc_trim(0); c->st.malloc_trims++; }
+        if (c->freed_copies > (1u << 20)) {
+            c->freed_copies = 0; malloc_trim(0); c->st.malloc_trims++; c->last_trim_ms = c->now_ms;
+        }
     }
 
     /* Idle trim: IDLE_TRIM_MS after the last connection closed (not on every dip to
@@ -1098,6 +1147,7 @@ static int uc_wait(uc_core *c, int timeout_ms)
     submit_and_wait(c, busy ? 0 : timeout_ms);
     if (c->fail) return -c->fail;
     int64_t now_ns = mono_ns();
+    c->now_ns = now_ns;
     c->now_ms = now_ns / 1000000;
     uint64_t cqes0 = c->st.cqes;
     struct io_uring_cqe *cqes[256];
@@ -1133,6 +1183,7 @@ static int queue_out(uc_core *c, int id, char *base, uint32_t len, int bid)
     h->zc_refs = 0; h->detached = h->kept = 0;
     if (k->tail) k->tail->next = h; else k->head = h;
     k->tail = h;
+    backlog_update(c, k);
     k->pending += len;
     if (k->pending > c->st.max_pending) c->st.max_pending = k->pending;
     if (!k->sending) submit_send(c, id);
@@ -1153,8 +1204,10 @@ static int uc_send_copy(uc_core *c, int id, const char *p, size_t len)
     char *m = malloc(len);
     if (!m) return -ENOMEM;
     memcpy(m, p, len);
-    c->st.copied_sends++;
-    return queue_out(c, id, m, (uint32_t)len, CHUNK_HEAP);
+    int r = queue_out(c, id, m, (uint32_t)len, CHUNK_HEAP);
+    if (r < 0) free(m);   /* the chunk could not be queued: its copy goes with it */
+    else c->st.copied_sends++;
+    return r;
 }
 
 /* Send a received buffer back as it is (echo): no copy while the ring has buffers to
@@ -1165,11 +1218,19 @@ static int uc_send_buf(uc_core *c, int id, int bid, unsigned off, unsigned len)
     if ((unsigned)id >= (unsigned)c->nconn_slots || !c->conns[id].used || c->conns[id].dead || !len) return 0;
     if (c->fail) return -c->fail;
     char *p = c->pool + (size_t)bid * c->cfg.bufsize + off;
-    if (c->bstate[bid] != B_LENT || c->conns[id].head || c->ring_free < c->cfg.nbufs / 4)
+    struct conn *k = &c->conns[id];
+    /* Copied instead when the buffer is no longer ours to lend, when the connection
+     * already holds PIN_MAX of them (a slow reader would otherwise hold the ring), or
+     * when the ring runs short of buffers (a quarter kept in reserve). */
+    if (c->bstate[bid] != B_LENT || k->pinned >= PIN_MAX || c->ring_free < c->cfg.nbufs / 4)
         return uc_send_copy(c, id, p, len);
-    c->bstate[bid] = B_PINNED;
-    c->st.zc_sends++;
-    return queue_out(c, id, p, len, bid);
+    int r = queue_out(c, id, p, len, bid);
+    if (r == 0) {   /* pinned only once queued: a failed chunk allocation leaves it LENT */
+        c->bstate[bid] = B_PINNED;
+        k->pinned++;
+        c->st.zc_sends++;
+    }
+    return r;
 }
 
 /* The protocol is done: flush what is queued, then close. */
@@ -1295,6 +1356,7 @@ static int uc_free(uc_core *c)
             if (h->bid == CHUNK_HEAP) free(h->base);
             free(h);
         }
+        free(k->sv);
         if (k->used) close(k->fd);
     }
     if (!leaked) free(c->pool);
@@ -1398,6 +1460,35 @@ static void uc_sender_free(uc_sender *s)
     if (!s) return;
     p_io_uring_queue_exit((struct io_uring *)s->ring);
     free(s);
+}
+
+/* Does a min_timeout wait behave as documented on this kernel - return at the first
+ * completion posted after min_wait expired with nothing posted?  (Some kernels went back
+ * to waiting for the whole batch, which the stable fix of 2025 corrected; a window on such
+ * a kernel stalls requests until the overall timeout.)  A timerfd fires 2 ms from now; a
+ * wait for 8 completions with min_wait 200 us and an overall timeout of 1 s must return at
+ * about 2 ms.  Returns the microseconds the wait took, or -errno.  Used by the probe on an
+ * idle core: the batching window is used only where this holds. */
+static int uc_window_check(uc_core *c)
+{
+    if (!(c->features & IORING_FEAT_MIN_TIMEOUT)) return -EOPNOTSUPP;
+    int tfd = timerfd_create(CLOCK_MONOTONIC, TFD_CLOEXEC);
+    if (tfd < 0) return -errno;
+    struct itimerspec its = { .it_value = { 0, 2000000 } };
+    struct io_uring_sqe *s = sqe_get(c);
+    if (!s || timerfd_settime(tfd, 0, &its, NULL) < 0) { close(tfd); return s ? -errno : -c->fail; }
+    p_io_uring_prep_poll_add(s, tfd, POLLIN);
+    s->user_data = UD(OP_CANCEL, 0);
+    int64_t t0 = mono_ns();
+    struct __kernel_timespec ts = { 1, 0 };
+    struct io_uring_cqe *cqe;
+    int r = p_io_uring_submit_and_wait_min_timeout(RING(c), &cqe, 8, &ts, 200, NULL);
+    int64_t dt = mono_ns() - t0;
+    unsigned n = p_io_uring_peek_batch_cqe(RING(c), &cqe, 1);
+    if (n) { p_io_uring_cq_advance(RING(c), n); c->inflight--; }
+    close(tfd);
+    if (r < 0 && r != -ETIME) return r;
+    return (int)(dt / 1000);
 }
 
 /* Which opcodes this kernel's io_uring supports (the probe's "needed feature" check):

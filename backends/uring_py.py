@@ -43,7 +43,7 @@ import time
 
 from parallelnet.backends.uring import IoUringBackend, Ring, UringOptions
 from parallelnet.core.accept import ACCEPT_ONE_LOST, AcceptPacer, accept_pending
-from parallelnet.core.handoff import HandoffReceiver
+from parallelnet.core.handoff import HandoffReceiver, adopt
 from parallelnet.core.policy import (
     CLOSE, DRAIN_READS, RESUME, ConnectionPolicy, ConnState, tracks_requests,
 )
@@ -110,6 +110,7 @@ class UringPyBackend(IoUringBackend):
         self.receiver = (HandoffReceiver(ctx.handoff, extra, self.who)
                          if ctx.handoff is not None else None)
         self.handoff_armed = self.handoff_closed = False
+        self.kinds: dict = {}   # listener id -> socket kind of msg-ring hand-offs (adopt)
         ctx.stats.refresh = self._refresh
         self.lib.uc_raw_poll(self.core, ctx.stop.fileno(), STOP)
         for i in self.lis:
@@ -183,7 +184,7 @@ class UringPyBackend(IoUringBackend):
                     if self.shutting or cid >= len(self.factories):
                         os.close(res)
                     else:
-                        self._open_conn(socket.socket(fileno=res), cid)
+                        self._open_conn(adopt(res, cid, self.kinds), cid)
                 elif op == STOP and res != -errno.ECANCELED:
                     self.stopping = True
         if self.ctx.stop.is_set():

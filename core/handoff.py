@@ -107,6 +107,19 @@ def receive_handoffs(channel: socket.socket, limit: int = HANDOFF_BATCH) -> Hand
     return Handoffs(fds, lost, False, ids)
 
 
+def adopt(fd: int, lid: int, kinds: dict) -> socket.socket:
+    """A socket object for a connection handed over (by SCM_RIGHTS or MSG_RING) for
+    listener ``lid``.  ``socket.socket(fileno=fd)`` asks the kernel what the fd is (two
+    getsockopt and two getsockname calls, every connection); a listener's connections are
+    all of one kind, so it asks once per listener id and remembers (``kinds``)."""
+    kind = kinds.get(lid)
+    if kind is None:
+        sock = socket.socket(fileno=fd)
+        kinds[lid] = (sock.family, sock.type, sock.proto)
+        return sock
+    return socket.socket(*kind, fileno=fd)
+
+
 class HandoffReceiver:
     """A worker's side of its channel: take every waiting connection, count, log once.
 
@@ -117,20 +130,21 @@ class HandoffReceiver:
     a loss starts an *episode*, logged once; a connection received whole ends it.
     """
 
-    __slots__ = ("channel", "extra", "who", "losing")
+    __slots__ = ("channel", "extra", "who", "losing", "kinds")
 
     def __init__(self, channel: socket.socket, extra: dict, who: str) -> None:
         self.channel = channel
         self.extra = extra
         self.who = who
         self.losing = False
+        self.kinds: dict = {}   # listener id -> (family, type, proto) of its connections
 
     def take(self) -> tuple[list[tuple[socket.socket, int]], bool]:
         extra = self.extra
         socks: list[tuple[socket.socket, int]] = []
         while True:
             fds, lost, closed, ids = receive_handoffs(self.channel)
-            socks.extend((socket.socket(fileno=fd), lid) for fd, lid in zip(fds, ids))
+            socks.extend((adopt(fd, lid, self.kinds), lid) for fd, lid in zip(fds, ids))
             if lost:
                 extra["handoff_lost"] += lost
                 if not self.losing:
