@@ -114,6 +114,29 @@ def ratio_summary(ratios: list[float]) -> dict | None:
     return _summary(ratios, statistics.median(ratios), (min(ratios), max(ratios)), "range", 1.0)
 
 
+def unpaired_ratio_summary(a: list[float], b: list[float]) -> dict | None:
+    """B / A for two independent samples (two runs: their repetitions are not paired):
+    the ratio of geometric means, with a Welch t interval on the difference of mean logs
+    when both have 8 values or more (``ci95``), else the widest ratio the values allow,
+    [min B / max A, max B / min A] (``range``)."""
+    a = [x for x in a if x is not None and x > 0 and math.isfinite(x)]
+    b = [x for x in b if x is not None and x > 0 and math.isfinite(x)]
+    if not a or not b:
+        return None
+    la, lb = [math.log(x) for x in a], [math.log(x) for x in b]
+    est = math.exp(statistics.fmean(lb) - statistics.fmean(la))
+    base = {"estimate": est, "n": min(len(a), len(b)), "n_a": len(a), "n_b": len(b),
+            "median": statistics.median(b) / statistics.median(a), "min": min(b) / max(a),
+            "max": max(b) / min(a), "below": None}
+    if len(a) >= MIN_PAIRS_FOR_CI and len(b) >= MIN_PAIRS_FOR_CI:
+        va, vb = statistics.variance(la) / len(la), statistics.variance(lb) / len(lb)
+        if va + vb > 0:
+            df = (va + vb) ** 2 / (va ** 2 / (len(la) - 1) + vb ** 2 / (len(lb) - 1))
+            half = t_quantile(0.975, df) * math.sqrt(va + vb)
+            return {**base, "interval": [est * math.exp(-half), est * math.exp(half)], "kind": "ci95"}
+    return {**base, "interval": [base["min"], base["max"]], "kind": "range"}
+
+
 def diff_summary(diffs: list[float]) -> dict | None:
     """Paired differences: the mean and its t interval (``ci95``) with 8 pairs or more,
     else the median and the range.  ``below`` counts differences below 0."""

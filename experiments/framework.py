@@ -27,11 +27,13 @@ never overlap.
 
 from __future__ import annotations
 
+import csv
 import importlib
 import json
 import os
 import shlex
 import shutil
+import signal
 import sys
 import time
 import traceback
@@ -43,6 +45,25 @@ from parallelnet.experiments.harness import ServerHandle, bench_lock, start_serv
 
 PRESETS = ("smoke", "standard", "full")
 CLEAN_PRESETS = ("standard", "full")   # a dirty tree is refused for these (unless allowed)
+
+#: How a run ended (``meta.json`` ``outcome``).  Only ``ok`` - every planned point measured
+#: - may become *current* in results/index.md or be pinned by the paper; ``rebuild`` never
+#: changes an outcome.
+OK, INTERRUPTED, FAILED, EMPTY = "ok", "interrupted", "failed", "empty"
+OUTCOMES = (OK, INTERRUPTED, FAILED, EMPTY)
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM during a run: the run stops, its servers are reaped, its outcome is
+    ``interrupted`` (exit status 128 + the signal)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class EmptyRun(RuntimeError):
+    """The plan has no point to measure (every backend skipped, or nothing asked for)."""
 
 
 @dataclass
@@ -193,7 +214,67 @@ class Experiment:
     description: str = ""
     #: (record) -> the A/A control's figure (default: pyperf_value's, server CPU per unit)
     aa_metric: Callable[[dict], float | None] | None = None
+    #: (record) -> the pyperf benchmark name's configuration part, naming absolute
+    #: quantities (``rate=12675``, not ``load=0.20`` of a capacity calibrated per run), so
+    #: that ``pyperf compare_to`` of two runs compares like with like; default: the config
+    pyperf_name: Callable[[dict], str] | None = None
+    #: --set keys: {key: what it means}; the keys a preset takes are the only ones accepted
+    params_doc: dict[str, str] = field(default_factory=dict)
 
+
+# -- --set: only the keys a preset declares, with their types and ranges ------------------
+
+#: Lower bounds of numeric keys, by name (everything numeric is at least 0).
+_MINIMUM = {"reps": 1, "duration": 0.05, "connections": 1, "connections_per_worker": 1,
+            "long_connections": 1, "requests_per_conn": 1, "churn_slots": 1}
+
+
+def _kind(value) -> str:
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, int):
+        return "int"
+    if isinstance(value, float):
+        return "number"
+    if isinstance(value, str):
+        return "str"
+    if isinstance(value, list):
+        return "list"
+    if isinstance(value, dict):
+        return "dict"
+    return type(value).__name__
+
+
+def param_kinds(exp: Experiment) -> dict[str, set[str]]:
+    """Every key any preset of ``exp`` takes, and the kinds of value the presets give it."""
+    kinds: dict[str, set[str]] = {}
+    for preset in exp.presets.values():
+        for k, v in preset.items():
+            kinds.setdefault(k, set()).add(_kind(v))
+    return kinds
+
+
+def validate_overrides(exp: Experiment, overrides: dict) -> None:
+    """Raise ValueError naming the first ``--set`` key that the experiment does not take,
+    whose value has the wrong kind, or whose number is out of range."""
+    kinds = param_kinds(exp)
+    for key, value in overrides.items():
+        if key not in kinds and key in exp.params_doc:
+            continue   # a key no preset sets (its doc says what it takes)
+        if key not in kinds:
+            known = sorted(set(kinds) | set(exp.params_doc))
+            raise ValueError(f"{exp.name} takes no --set {key}; it takes: {', '.join(known)}")
+        got, want = _kind(value), kinds[key]
+        if got == "int" and "number" in want:
+            got = "number"
+        if got not in want:
+            raise ValueError(f"--set {key}: expected {' or '.join(sorted(want))}, got {value!r}")
+        if got in ("int", "number"):
+            lo = _MINIMUM.get(key, 0)
+            if value < lo:
+                raise ValueError(f"--set {key} must be >= {lo}, got {value}")
+        if got == "list" and not value:
+            raise ValueError(f"--set {key}: an empty list measures nothing")
 
 #: The suffix of an A/A twin: one configuration measured a second time in every
 #: repetition, as if it were another; its ratio to the original is the run's noise floor.
@@ -331,8 +412,14 @@ def run(exp: Experiment, preset: str = "smoke", out: str = "results", overrides:
     if preset not in exp.presets:
         raise SystemExit(f"experiment {exp.name} has no preset {preset!r} "
                          f"(it has: {', '.join(exp.presets)})")
+    validate_overrides(exp, overrides or {})
     params = {**exp.presets[preset], **(overrides or {})}
     points = exp.plan(params)   # may note in params what it had to leave out, and why
+    if not points:
+        skipped = params.get("skipped") or {}
+        raise EmptyRun(f"nothing to measure: the plan has no point"
+                       + (f" (not run: {'; '.join(f'{k}: {v}' for k, v in skipped.items())})"
+                          if skipped else ""))
     meta = provenance.collect(exp.name, preset, {"params": params})
     if preset in CLEAN_PRESETS and meta["code"]["dirty"]:
         if not allow_dirty:
@@ -348,26 +435,60 @@ def run(exp: Experiment, preset: str = "smoke", out: str = "results", overrides:
     progress = Progress(points, stream)
     print(f"{exp.name} ({preset}): {len(points)} runs, about "
           f"{_fmt_s(progress.total_estimate())}; results: {outdir}", file=stream, flush=True)
+    meta["planned"] = len(points)
+    write_meta(outdir, meta)
     records, failed = [], 0
-    with bench_lock(), open(os.path.join(outdir, "records.jsonl"), "w") as rf:
-        for k, point in enumerate(points):
-            progress.start(k)
-            t = time.monotonic()
-            try:
-                rec = exp.run_point(point, ctx)
-            except Exception as exc:  # noqa: BLE001 - recorded, the run goes on
-                failed += 1
-                rec = {"error": f"{type(exc).__name__}: {exc}",
-                       "traceback": traceback.format_exc()[-4000:]}
-                print(f"  FAILED: {rec['error'].splitlines()[0]}", file=stream, flush=True)
-            finally:
-                ctx.cleanup()
-            rec = {"config": point.config, "rep": point.rep, "params": point.params, **rec}
-            records.append(rec)
-            rf.write(json.dumps(rec) + "\n")
-            rf.flush()
-            progress.finish(k, time.monotonic() - t)
-            _print_point(rec, stream)
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def interrupt(signum, _frame):
+        raise Interrupted(signum)
+
+    try:
+        for sig in previous:
+            signal.signal(sig, interrupt)
+    except ValueError:   # not the main thread (a test driving run() from a thread)
+        previous = {}
+    try:
+        with bench_lock(stream), open(os.path.join(outdir, "records.jsonl"), "w") as rf:
+            progress.t0 = time.monotonic()   # elapsed counts from the lock, not the wait
+            for k, point in enumerate(points):
+                progress.start(k)
+                t = time.monotonic()
+                try:
+                    rec = exp.run_point(point, ctx)
+                except Interrupted:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - recorded, the run goes on
+                    failed += 1
+                    rec = {"error": f"{type(exc).__name__}: {exc}",
+                           "traceback": traceback.format_exc()[-4000:]}
+                    print(f"  FAILED: {rec['error'].splitlines()[0]}", file=stream, flush=True)
+                finally:
+                    ctx.cleanup()
+                rec = {"config": point.config, "rep": point.rep, "params": point.params,
+                       "measured_at": provenance.utc_now(), **rec}
+                records.append(rec)
+                rf.write(json.dumps(rec) + "\n")
+                rf.flush()
+                progress.finish(k, time.monotonic() - t)
+                _print_point(rec, stream)
+    except Interrupted as exc:
+        ctx.cleanup()   # the servers of the point in progress are reaped, by PID
+        meta.update(ended=provenance.utc_now(), outcome=INTERRUPTED, points=len(records),
+                    failed=failed, reason=f"{exc} after {len(records)} of {len(points)} points")
+        write_meta(outdir, meta)
+        print(f"{exp.name}: interrupted by {exc} after {len(records)} of {len(points)} points; "
+              f"what was measured is in {outdir} (outcome: interrupted)", file=stream, flush=True)
+        raise
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    outcome = OK if not failed else FAILED
+    if failed == len(points):
+        outcome = EMPTY
+    meta.update(outcome=outcome, points=len(records), failed=failed)
+    if failed:
+        meta["reason"] = f"{failed} of {len(points)} points failed"
     finish(exp, records, params, ctx, meta, failed, stream)
     if failed:
         raise RuntimeError(f"{failed} of {len(points)} points of {exp.name} failed; "
@@ -381,6 +502,11 @@ def finish(exp: Experiment, records: list[dict], params: dict, ctx: Context, met
     results directory's records (``parallelnet experiment rebuild DIR``)."""
     outdir = ctx.outdir
     good = [r for r in records if "error" not in r]
+    if meta.get("outcome") in (None, "running"):
+        # A rebuild of a run that never recorded its end (killed outright): it did not
+        # end normally, whatever its records say.
+        meta["outcome"] = INTERRUPTED
+        meta.setdefault("reason", "the run never recorded its end")
     summary = exp.summarize([r for r in good if not r["config"].endswith(AA_SUFFIX)], params)
     aa = aa_control(exp, good)
     if aa is not None:
@@ -396,10 +522,9 @@ def finish(exp: Experiment, records: list[dict], params: dict, ctx: Context, met
     with open(os.path.join(outdir, "summary.json"), "w") as f:
         json.dump(summary.to_dict(), f, indent=1, sort_keys=True)
         f.write("\n")
-    with open(os.path.join(outdir, "summary.md"), "w") as f:
-        f.write(f"# {exp.title} ({meta.get('preset')})\n\n" + summary.markdown())
+    write_csv(outdir, summary, good)
     if exp.pyperf_value is not None:
-        write_pyperf(os.path.join(outdir, "pyperf.json"), exp, good)
+        write_pyperf(os.path.join(outdir, "pyperf.json"), exp, good, meta)
     figs = []
     if exp.figures is not None:
         try:
@@ -409,9 +534,13 @@ def finish(exp: Experiment, records: list[dict], params: dict, ctx: Context, met
                   file=stream)
         else:
             figs = exp.figures(summary, good, ctx)
-    meta.update(ended=provenance.utc_now(), outcome="ok" if not failed else f"{failed} points failed",
-                points=len(records), failed=failed, figures=[os.path.basename(p) for p in figs])
+    # The outcome is run()'s (rebuild keeps it): never upgraded here.
+    meta.update(ended=meta.get("ended") or provenance.utc_now(), points=len(records), failed=failed,
+                figures=[os.path.basename(p) for p in figs])
     write_meta(outdir, meta)
+    with open(os.path.join(outdir, "summary.md"), "w") as f:
+        f.write(summary_header(exp, meta) + summary.markdown()
+                + "".join(f"\n![{os.path.basename(p)}]({os.path.basename(p)})\n" for p in figs))
     servers = os.path.join(outdir, "servers")
     if os.path.isdir(servers) and not os.listdir(servers):
         shutil.rmtree(servers)
@@ -420,6 +549,58 @@ def finish(exp: Experiment, records: list[dict], params: dict, ctx: Context, met
         print(f"figure: {p}", file=stream)
     print(f"results: {outdir}", file=stream, flush=True)
     return summary
+
+
+def summary_header(exp: Experiment, meta: dict) -> str:
+    """The first lines of summary.md: what ran, from which code, where, when, how it ended."""
+    code = meta.get("code") or {}
+    machine = meta.get("machine") or {}
+    commit = (code.get("commit") or "?")[:12] + ("+dirty" if code.get("dirty") else "")
+    cpus = machine.get("cpus_allowed") or machine.get("cpus") or machine.get("cpu_count")
+    where = ", ".join(str(x) for x in (machine.get("cpu_model"), f"{cpus} CPUs" if cpus else None,
+                                        machine.get("kernel")) if x)
+    lines = [f"# {exp.title} ({meta.get('preset')})", "",
+             f"- commit `{commit}`, preset `{meta.get('preset')}`, outcome **{meta.get('outcome')}**"
+             + (f" ({meta['reason']})" if meta.get("reason") else ""),
+             f"- machine: {where or 'unknown'}",
+             f"- ran {meta.get('started')} → {meta.get('ended')}, {meta.get('points')} points"
+             + (f" of {meta['planned']} planned" if meta.get("planned") else ""),
+             "- `pyperf.json` holds one value per repetition (a whole measured window), so "
+             "`pyperf check` warns that there are not enough samples for 1% certainty: the "
+             "uncertainty of every comparison is the interval or range printed here "
+             "(docs/experiments.md, Comparisons)", ""]
+    return "\n".join(lines) + "\n"
+
+
+def write_csv(outdir: str, summary: Summary, records: list[dict]) -> None:
+    """CSV beside the JSON: every summary table (``table-<key or index>.csv``) and the raw
+    records flattened (``records.csv``: one row per point, nested fields as dotted columns,
+    lists as JSON)."""
+    for i, t in enumerate(summary.tables):
+        name = f"table-{t.key or i}.csv"
+        with open(os.path.join(outdir, name), "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(t.header)
+            w.writerows(t.rows)
+    rows = [_flatten(r) for r in records]
+    cols = sorted({k for r in rows for k in r})
+    with open(os.path.join(outdir, "records.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols)
+        w.writeheader()
+        w.writerows(rows)
+
+
+def _flatten(obj, prefix: str = "") -> dict:
+    out = {}
+    for k, v in obj.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        elif isinstance(v, list):
+            out[key] = json.dumps(v)
+        else:
+            out[key] = v
+    return out
 
 
 def _print_point(rec: dict, stream) -> None:
@@ -436,26 +617,36 @@ def _print_point(rec: dict, stream) -> None:
           file=stream, flush=True)
 
 
-def write_pyperf(path: str, exp: Experiment, records: list[dict]) -> None:
+def write_pyperf(path: str, exp: Experiment, records: list[dict], run_meta: dict | None = None) -> None:
     """One pyperf benchmark per configuration, one pyperf run per repetition.
 
     The value is seconds (of server CPU) per unit of work and ``loops`` the number of
-    units, so pyperf's raw value is the window's total server CPU.  pyperf's own metadata
-    is collected, with the interpreter path made relative, plus ours: the point's
-    parameters, its bottleneck and its noise figures.
+    units, so pyperf's raw value is the window's total server CPU.  The benchmark's name
+    carries absolute quantities (``Experiment.pyperf_name``), so ``pyperf compare_to`` of
+    two runs matches only like with like; the preset, commit and calibration are in the
+    metadata (``parallelnet experiment diff`` warns when they differ).  pyperf's own
+    metadata is collected, with the interpreter path made relative and ``date`` the
+    moment the point was measured, plus ours: the point's parameters, its bottleneck and
+    its noise figures.
     """
     import pyperf
 
     by_config: dict[str, list] = {}
     host = provenance.host_hash()
+    run_meta = run_meta or {}
     for rec in records:
         got = exp.pyperf_value(rec)
         if not got:
             continue
         value, loops = got
-        meta = {"name": f"{exp.name}/{rec['config']}", "unit": "second", "loops": max(1, int(loops)),
+        config = exp.pyperf_name(rec) if exp.pyperf_name else rec["config"]
+        if rec["config"].endswith(AA_SUFFIX) and not config.endswith(AA_SUFFIX):
+            config += AA_SUFFIX   # the A/A twin stays a benchmark of its own
+        meta = {"name": f"{exp.name}/{config}", "unit": "second", "loops": max(1, int(loops)),
                 "rep": rec["rep"], "bound": str(rec.get("bound")),
-                "noisy": str(bool((rec.get("noise") or {}).get("noisy"))).lower()}
+                "noisy": str(bool((rec.get("noise") or {}).get("noisy"))).lower(),
+                "preset": str(run_meta.get("preset")),
+                "commit": str((run_meta.get("code") or {}).get("commit", ""))[:12]}
         for k, v in rec["params"].items():
             if isinstance(v, (str, int, float)) and not isinstance(v, bool):
                 meta[f"p_{k}"] = v
@@ -467,8 +658,10 @@ def write_pyperf(path: str, exp: Experiment, records: list[dict]) -> None:
         # Given keys win over collected ones: no absolute interpreter path, no host name.
         meta["python_executable"] = provenance.relative_argv([sys.executable])[0]
         meta["hostname"] = host
+        if rec.get("measured_at"):
+            meta["date"] = rec["measured_at"].replace("T", " ").rstrip("Z")
         run = pyperf.Run([value], metadata=meta, collect_metadata=True)
-        by_config.setdefault(rec["config"], []).append(run)
+        by_config.setdefault(config, []).append(run)
     benches = [pyperf.Benchmark(runs) for runs in by_config.values()]
     if benches:
         pyperf.BenchmarkSuite(benches).dump(path, replace=True)

@@ -34,12 +34,13 @@ NOISE_LIMIT = 0.05  # steal or others' CPU above 5% of one CPU over the window: 
 
 
 @contextlib.contextmanager
-def bench_lock():
+def bench_lock(stream=None):
     """Hold LOCK_PATH for a timed run, so two benchmarks never overlap.
 
     Run under ``flock /tmp/bench.lock CMD``, the lock is already ours through an
     inherited descriptor (the same open file description, so flock on it succeeds at
-    once): reuse it rather than wait on ourselves.  Otherwise take it.
+    once): reuse it rather than wait on ourselves.  Otherwise take it - saying so on
+    ``stream`` when another benchmark holds it, rather than waiting silently.
     """
     with open(LOCK_PATH, "a") as own:
         target = os.path.realpath(LOCK_PATH)
@@ -51,7 +52,17 @@ def bench_lock():
             except OSError:
                 continue
         else:
-            fcntl.flock(own, fcntl.LOCK_EX)
+            try:
+                fcntl.flock(own, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if stream is not None:
+                    print(f"waiting for {LOCK_PATH}: another benchmark holds it "
+                          "(the run starts when it ends)", file=stream, flush=True)
+                t0 = time.monotonic()
+                fcntl.flock(own, fcntl.LOCK_EX)
+                if stream is not None:
+                    print(f"got {LOCK_PATH} after {time.monotonic() - t0:.0f} s", file=stream,
+                          flush=True)
         yield
 
 

@@ -318,10 +318,23 @@ def figures(summary: Summary, records: list[dict], ctx: Context) -> list[str]:
                               title=f"{p['size']} B echo, {p['connections']} connections, one worker")]
 
 
+def pyperf_name(rec: dict) -> str:
+    """A load given as a fraction of a capacity calibrated afresh in each run names its
+    absolute rate in pyperf (``load=0.20`` is 12,675 req/s in one run and 36,789 in
+    another): ``pyperf compare_to`` then pairs only equal offered loads."""
+    label = rec["config"]
+    rate = (rec.get("client") or {}).get("rate")
+    if "/load=" in label and rate:
+        return label.rsplit("/load=", 1)[0] + f"/rate={rate:.0f}"
+    return label
+
+
 def _experiment(name: str, title: str, presets: dict, description: str, cited=True) -> Experiment:
     return Experiment(name=name, title=title, presets=presets, plan=plan, run_point=run_point,
                       summarize=summarize, figures=figures, pyperf_value=pyperf_value,
-                      cited=cited, description=description)
+                      cited=cited, description=description, pyperf_name=pyperf_name,
+                      params_doc={"server_args": "extra `parallelnet serve` arguments for every "
+                                                 "server of the run (a JSON list)"})
 
 
 FRACTIONS = [("frac", f) for f in (0.1, 0.3, 0.5, 0.7, 0.9)]
@@ -332,9 +345,9 @@ EXPERIMENT = _experiment(
         "smoke": dict(backends=["epoll", "native"], size=64, connections=16, reps=1,
                       loads=[("frac", 0.2), ("sat", None)], duration=0.6, warmup=0.3,
                       calibrate_s=0.6, baselines=["native", "epoll"]),
-        "standard": dict(backends="all", size=64, connections=16, reps=3,
-                         loads=FRACTIONS + [("rate", 40000), ("sat", None)], duration=2.0,
-                         warmup=0.5, calibrate_s=1.5, baselines=["native", "epoll"]),
+        "standard": dict(backends="all", size=64, connections=16, reps=8,
+                         loads=FRACTIONS + [("rate", 40000), ("sat", None)], duration=1.0,
+                         warmup=0.4, calibrate_s=1.5, baselines=["native", "epoll"]),
         "full": dict(backends="all", size=64, connections=16, reps=5,
                      loads=[("frac", f) for f in (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)]
                      + [("rate", 40000), ("sat", None)], duration=4.0, warmup=1.0,
@@ -375,17 +388,20 @@ def window_figures(summary: Summary, records: list[dict], ctx: Context) -> list[
     series = {}
     for kind, value in p["loads"]:
         load = load_label(kind, value)
-        pts_cpu, pts_p99 = [], []
+        pts_cpu: dict[str, list] = {}
+        pts_p99: dict[str, list] = {}
         for label in labels:
-            b = budget_of(label)
+            fb = budget_of(label)
             cpu = summary.values.get(f"cpu.{label}.{load}")
             lat = summary.values.get(f"lat.{label}.{load}")
-            if b is None or not cpu:
+            if fb is None or not cpu:
                 continue
-            pts_cpu.append((b, cpu["median"], cpu["min"], cpu["max"]))
-            pts_p99.append((b, lat["p99"], lat["p99"], lat["p99"]))
-        series[f"{load}: server µs/request|uring"] = sorted(pts_cpu)
-        series[f"{load}: p99 µs|uring"] = sorted(pts_p99)
+            family, b = fb
+            pts_cpu.setdefault(family, []).append((b, cpu["median"], cpu["min"], cpu["max"]))
+            pts_p99.setdefault(family, []).append((b, lat["p99"], lat["p99"], lat["p99"]))
+        for family in pts_cpu:
+            series[f"{load}: server µs/request|{family}"] = sorted(pts_cpu[family])
+            series[f"{load}: p99 µs|{family} windowed"] = sorted(pts_p99[family])
         for ref in p.get("baselines", []):
             cpu = summary.values.get(f"cpu.{ref}.{load}")
             lat = summary.values.get(f"lat.{ref}.{load}")
@@ -400,10 +416,11 @@ def window_figures(summary: Summary, records: list[dict], ctx: Context) -> list[
     return out
 
 
-def budget_of(label: str) -> int | None:
-    """``uring-b150`` -> 150; None for a label that is not a budget point."""
+def budget_of(label: str) -> tuple[str, int] | None:
+    """``uring-b150`` -> ("uring", 150), ``epoll-b150`` -> ("epoll", 150) (epoll with the
+    same window policy, backends/window.py); None for a label that is not a budget point."""
     head, _, tail = label.rpartition("-b")
-    return int(tail) if head == "uring" and tail.isdigit() else None
+    return (head, int(tail)) if head in ("uring", "epoll") and tail.isdigit() else None
 
 
 WINDOW = Experiment(
@@ -413,11 +430,13 @@ WINDOW = Experiment(
                       size=64, connections=16, reps=1, loads=[("rate", 10000)], duration=0.5,
                       warmup=0.3, calibrate_s=0, baselines=["epoll"]),
         "standard": dict(configs=["epoll", "native", "native-uring", "uring"]
-                         + [f"uring-b{b}=uring:--uring-latency-budget-us {b}" for b in BUDGETS],
-                         size=64, connections=16, reps=3, loads=[("rate", 40000), ("sat", None)],
-                         duration=2.0, warmup=0.5, calibrate_s=0, baselines=["epoll", "native"]),
+                         + [f"uring-b{b}=uring:--uring-latency-budget-us {b}" for b in BUDGETS]
+                         + [f"epoll-b{b}=epoll:--epoll-latency-budget-us {b}" for b in BUDGETS if b],
+                         size=64, connections=16, reps=8, loads=[("rate", 40000), ("sat", None)],
+                         duration=1.5, warmup=0.5, calibrate_s=0, baselines=["epoll", "native"]),
         "full": dict(configs=["epoll", "native", "native-uring", "uring"]
-                     + [f"uring-b{b}=uring:--uring-latency-budget-us {b}" for b in BUDGETS + (25, 300)],
+                     + [f"uring-b{b}=uring:--uring-latency-budget-us {b}" for b in BUDGETS + (25, 300)]
+                     + [f"epoll-b{b}=epoll:--epoll-latency-budget-us {b}" for b in BUDGETS + (25, 300) if b],
                      size=64, connections=16, reps=5,
                      loads=[("rate", 20000), ("rate", 40000), ("rate", 80000), ("sat", None)],
                      duration=4.0, warmup=1.0, calibrate_s=0, baselines=["epoll", "native"]),

@@ -38,7 +38,7 @@ def plan(p: dict) -> list[Point]:
     points = []
     for rep in range(p["reps"]):
         for proto, size, rate in workloads(p):
-            for load in ("rate", "sat"):
+            for load in p.get("loads", ("rate", "sat")):
                 for label, backend, args in rotated(configs, rep):
                     points.append(Point(f"{label}/{proto}-{size}/{load}", rep,
                                         {"label": label, "backend": backend, "args": args,
@@ -73,7 +73,7 @@ def summarize(records: list[dict], p: dict) -> Summary:
     base = p.get("baseline", "epoll")
     rows = []
     for proto, size, rate in workloads(p):
-        for load in ("rate", "sat"):
+        for load in p.get("loads", ("rate", "sat")):
             for label in labels:
                 cfg = f"{label}/{proto}-{size}/{load}"
                 rs = [r for r in records if r["config"] == cfg]
@@ -101,7 +101,7 @@ def summarize(records: list[dict], p: dict) -> Summary:
              "copies anyway.", key="all"))
     rows = []
     for proto, size, rate in workloads(p):
-        for load in ("rate", "sat"):
+        for load in p.get("loads", ("rate", "sat")):
             cells = []
             for label in labels:
                 v = s.values.get(f"{label}/{proto}-{size}/{load}")
@@ -141,7 +141,7 @@ def figures(summary: Summary, records: list[dict], ctx: Context) -> list[str]:
     series = {}
     for label in p.get("ran") or []:
         for proto in ("echo", "http"):
-            for load in ("rate", "sat"):
+            for load in p.get("loads", ("rate", "sat")):
                 pts = []
                 for pr, size, _ in workloads(p):
                     v = summary.values.get(f"{label}/{pr}-{size}/{load}")
@@ -161,7 +161,7 @@ def figures(summary: Summary, records: list[dict], ctx: Context) -> list[str]:
         if label == base:
             continue
         for proto in ("echo", "http"):
-            for load in ("rate", "sat"):
+            for load in p.get("loads", ("rate", "sat")):
                 pts = []
                 for pr, size, _ in workloads(p):
                     v = summary.values.get(f"{label}/{pr}-{size}/{load}")
@@ -179,8 +179,8 @@ def figures(summary: Summary, records: list[dict], ctx: Context) -> list[str]:
     return out
 
 
-CONFIGS = ["epoll", "uring", "uring-b0=uring:--uring-latency-budget-us 0",
-           "uring-zc=uring:--uring-zc-threshold 16384", "native", "native-uring"]
+CONFIGS = ["epoll", "epoll-b200=epoll:--epoll-latency-budget-us 200", "uring",
+           "uring-b0=uring:--uring-latency-budget-us 0", "native", "native-uring"]
 
 EXPERIMENT = Experiment(
     name="sizes", title="What io_uring buys by payload size (echo 64 B-64 KiB, HTTP 1 KiB-1 MiB)",
@@ -190,7 +190,8 @@ EXPERIMENT = Experiment(
         "standard": dict(configs=CONFIGS,
                          echo=[[64, 20000], [1024, 20000], [16384, 8000], [65536, 3000]],
                          http=[[1024, 10000], [65536, 3000], [1048576, 250]],
-                         connections=16, reps=3, duration=1.0, warmup=0.5, baseline="epoll"),
+                         connections=16, reps=8, duration=0.75, warmup=0.4, baseline="epoll",
+                         loads=["rate"]),
         "full": dict(configs=CONFIGS,
                      echo=[[64, 20000], [256, 20000], [1024, 20000], [4096, 15000], [16384, 8000],
                            [65536, 3000]],

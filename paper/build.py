@@ -72,6 +72,10 @@ class Run:
         self.name, self.rel, self.path = name, rel, path
         with open(os.path.join(path, "meta.json")) as f:
             self.meta = json.load(f)
+        if self.meta.get("outcome") != framework.OK or (
+                self.meta.get("planned") is not None and self.meta.get("points") != self.meta["planned"]):
+            raise BuildError(f"pinned run {rel} of {name} did not end ok with every planned point "
+                             f"(outcome: {self.meta.get('outcome')}): the paper cites complete runs only")
         self.exp = framework.get(self.meta["experiment"])
         self.records = [r for r in framework.load_records(path) if "error" not in r]
         self.params = self.meta["params"]

@@ -101,7 +101,7 @@ def test_a_failed_point_is_recorded_and_the_run_fails(tmp_path):
     (rec,) = _records(str(run_dir))
     assert "error" in rec and "did not start" in rec["error"]
     meta = json.loads((run_dir / "meta.json").read_text())
-    assert meta["outcome"] == "1 points failed"
+    assert meta["outcome"] == "empty" and meta["reason"] == "1 of 1 points failed"
 
 
 def test_standard_refuses_a_dirty_tree(tmp_path, monkeypatch):
