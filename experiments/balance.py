@@ -223,6 +223,7 @@ def run_load(point: Point, ctx: Context) -> dict:
     rec["series"] = series
     ws = rec.get("workers") or []
     acc = [w["accepted"] for w in ws]
+    rec["accepted"] = acc
     rec["accept_share"] = [a / sum(acc) if sum(acc) else None for a in acc]
     rec["worker_busy"] = [w["cpu_ns"] / 1e9 / rec["window_s"] for w in ws] if rec["window_s"] else []
     rec["slope"] = analysis.ols(*lagged_pairs(series)) if series else None
@@ -358,26 +359,39 @@ def summarize(records: list[dict], p: dict) -> Summary:
         f"sustains at p99 <= {p['p99_target_ms']:g} ms",
         ["backend", "mode", "accept", *[f"{100 * x:.0f}%" for x in loads], "sustained"],
         p99_rows, key="p99"))
-    # Verdict lines.
-    top = max(loads)
+    # Verdict lines: the slope's sign at each load (where its 95% interval lies), the tail.
     for cfg in cfgs:
-        v = s.values.get(f"{cfg}.load={top:.2f}")
-        if v and v["slope"] and v["p99"]:
-            sign = v["slope"]
-            if sign["kind"] == "ci95" and sign["interval"][1] < 0:
-                verdict = "yes: the busier worker accepted fewer connections"
-            elif sign["kind"] == "ci95" and sign["interval"][0] > 0:
-                verdict = "no: the busier worker accepted more"
-            elif sign["kind"] == "ci95":
-                verdict = "not distinguishable from no effect"
+        fewer, more, neither, ranges = [], [], [], []
+        for load in loads:
+            v = s.values.get(f"{cfg}.load={load:.2f}")
+            sl = v and v["slope"]
+            if not sl:
+                continue
+            tag = f"{100 * load:.0f}%"
+            if sl["kind"] != "ci95":
+                ranges.append(tag)
+            elif sl["interval"][1] < 0:
+                fewer.append(tag)
+            elif sl["interval"][0] > 0:
+                more.append(tag)
             else:
-                verdict = "too few repetitions for an interval"
-            s.findings.append(
-                f"{cfg} at {100 * top:.0f}% load: slope {analysis.fmt_interval(sign, 2, signed=True)} "
-                f"- {verdict}; p99 {v['p99']['median'] / 1000:.2f} ms; sustains "
-                + (f"{100 * s.values[f'{cfg}.sustained']:.0f}%" if s.values.get(f"{cfg}.sustained")
-                   is not None else "less than the lightest load")
-                + f" at p99 <= {p['p99_target_ms']:g} ms")
+                neither.append(tag)
+        if not (fewer or more or neither or ranges):
+            continue
+        parts = []
+        if fewer:
+            parts.append(f"the busier worker accepted fewer connections at {', '.join(fewer)}")
+        if more:
+            parts.append(f"it accepted more at {', '.join(more)}")
+        if neither:
+            parts.append(f"no effect distinguishable at {', '.join(neither)}")
+        if ranges:
+            parts.append(f"too few repetitions for an interval at {', '.join(ranges)}")
+        reach = s.values.get(f"{cfg}.sustained")
+        tail = (f"p99 <= {p['p99_target_ms']:g} ms up to {100 * reach:.0f}% of capacity"
+                if reach is not None else
+                f"p99 above {p['p99_target_ms']:g} ms even at {100 * loads[0]:.0f}% of capacity")
+        s.findings.append(f"{cfg}: {'; '.join(parts)} (slopes above); {tail}")
     best = [(s.values.get(f"{cfg}.sustained") or 0.0, cfg) for cfg in cfgs]
     if best:
         load, cfg = max(best)
@@ -440,6 +454,8 @@ EXPERIMENT = Experiment(
     },
     plan=plan, run_point=run_point, summarize=summarize, figures=figures,
     pyperf_value=server_cpu_per_request,
+    pyperf_name=lambda r: (r["config"].rsplit("/load=", 1)[0]
+                           + f"/rate={r['rates']['total_rate']:.0f}" if r.get("rates") else r["config"]),
     aa_metric=lambda r: r["client"]["latency_us"].get("p99"),   # the figure strategies are compared by
     description="long-lived skewed connections plus churn, load 50-95% of measured capacity; "
                 "slope of accept share on busy fraction, p99 per strategy")

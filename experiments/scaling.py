@@ -17,9 +17,9 @@ window, so *which worker serves them* is decided once, by the accept race (``sha
 the 4-tuple hash (``reuseport``): the per-worker split of requests is recorded (``max
 share``, Jain's index), because a worker left idle caps the speed-up whatever its CPU.  The figure is the **speed-up**: req/s with N workers over
 req/s with one, paired within each repetition (8 repetitions in ``standard``: a 95%
-interval, analysis.py), plus server CPU per request.  The throughput a perfect design
-could reach is N times one worker's, less what the client takes from a shared CPU: that
-ceiling is printed beside each speed-up.
+interval, analysis.py), plus server CPU per request.  Linear scaling would be N times one
+worker's throughput, less what the client takes from a CPU it shares: that estimate
+(``≈ ideal``) is printed beside each speed-up.
 
 Layout: on a machine with more than two CPUs, the server takes the first half and the
 client the second (one client thread per client CPU); on two CPUs, N = 2 puts a worker on
@@ -105,8 +105,8 @@ def run_point(point: Point, ctx: Context) -> dict:
                              "duration": p["duration"], "warmup": p["warmup"]},
                       layout, point.label().replace("/", "_").replace(" ", "-").replace("~", "-"))
     rec["connections"] = conns
-    # What a perfect N-worker server could do here: N CPUs less the client's share of any
-    # CPU it shares with a worker.
+    # What linear scaling would give here, roughly: N CPUs less the client's share of a CPU
+    # it shares with a worker (an estimate, not a bound).
     shared = len(set(layout.server) & set(layout.client))
     rec["ceiling_cpus"] = len(set(layout.server)) - (rec["client"]["cpu_util"] if shared else 0.0)
     reqs = [w["requests"] for w in rec.get("workers") or []]
@@ -174,17 +174,19 @@ def summarize(records: list[dict], p: dict) -> Summary:
     s.tables.append(Table(
         f"Throughput vs workers ({workload}, closed loop)",
         ["backend", "mode", "accept", "workers", "n", "req/s (min–max)",
-         f"× {counts[0] if counts else 1} worker", "ceiling ×", "busiest worker's share",
+         f"× {counts[0] if counts else 1} worker", "≈ ideal ×", "busiest worker's share",
          "server µs/req", "client cpu", "bound"],
         rows, note="Speed-ups are paired within each repetition: a 95% CI from 8 repetitions "
-                   "on, else the range.  The ceiling is N CPUs less the client's share of a "
-                   "CPU it shares with a worker.  A client-bound row measures the client.",
+                   "on, else the range.  ≈ ideal: N CPUs less the client's measured share of a "
+                   "CPU it shares with a worker - an estimate of linear scaling, not a bound "
+                   "(a speed-up a little above it is within its error).  A client-bound row "
+                   "measures the client.",
         key="all"))
     top = counts[-1] if counts else 1
     for cfg in cfgs:
         v = s.values.get(f"{cfg}.w={top}")
         if v and v["speedup"] and top > 1:
-            ceiling = f"ceiling ×{v['ceiling']['median']:.2f}; " if v["ceiling"] else ""
+            ceiling = f"≈ ideal ×{v['ceiling']['median']:.2f}; " if v["ceiling"] else ""
             s.findings.append(
                 f"{cfg}: {top} workers gave {analysis.fmt_ratio(v['speedup'])} the req/s of "
                 f"{counts[0]} ({ceiling}{v['bound']}-bound, client "
