@@ -38,7 +38,7 @@
 
 #define BYTES_MAX (16 * 1024 * 1024)
 #define PIECE_MAX (1 << 20)         /* largest streamed body piece (core/protocols/http.py) */
-#define INLINE_MAX (16 * 1024)      /* a body up to this size is copied into its answer */
+#define INLINE_MAX (256 * 1024)     /* a body up to this size is copied into its answer */
 #define SCRATCH_KEEP (256 * 1024)   /* a scratch buffer grown past this is freed after use */
 #define PROTO_ENOMEM (-1)
 static const char BYTES_PATTERN[65] = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ+/";

@@ -155,8 +155,11 @@ class UringOptions:
     their defaults live (``add_arguments`` takes them from here)."""
 
     accept: str = "single"          # --uring-accept: single-shot or multishot on a shared socket
-    buffers: int = 1024             # provided buffers per worker (power of two)
-    buffer_size: int = 16384        # bytes per provided buffer (capped by Limits.recv_size)
+    # 256 x 64 KiB: the pool of 1024 x 16 KiB (16 MiB per worker) in buffers as large as a
+    # readiness loop's reads, so a 64 KiB message is one completion and one feed, not four
+    # (docs/uring.md, "Large payloads").
+    buffers: int = 256              # provided buffers per worker (power of two)
+    buffer_size: int = 65536        # bytes per provided buffer (capped by Limits.recv_size)
     entries: int = 1024             # SQ entries
     cq_entries: int = 0             # 0: 8 x entries
     setup: str = "auto"             # ring setup flags by name (see _setup_flags)
@@ -722,7 +725,7 @@ class UringBackend(IoUringBackend):
         EV_DATA, EV_OPEN, EV_CLOSED, EV_EOF = lib.EV_DATA, lib.EV_OPEN, lib.EV_CLOSED, lib.EV_EOF
         EV_DRAINED, EV_STOP, EV_TICK, EV_PULL = lib.EV_DRAINED, lib.EV_STOP, lib.EV_TICK, lib.EV_PULL
         send_buf, send_copy, finish, close = lib.uc_send_buf, lib.uc_send_copy, lib.uc_finish, lib.uc_close
-        hold, pulled = lib.uc_hold, lib.uc_pulled
+        hold, pulled, send_static = lib.uc_hold, lib.uc_pulled, lib.uc_send_static
         progress = lib.uc_progress
         from_buffer = ring.ffi.from_buffer
         protos = self.protos
@@ -792,8 +795,13 @@ class UringBackend(IoUringBackend):
                         close(core, cid, 1)
                         continue
                     requests += k
-                    rc = send_copy(core, cid, out if type(out) is bytes else from_buffer(out),
-                                   len(out)) if out else 0
+                    if not out:
+                        rc = 0
+                    elif proto.is_static(out):   # a view of an immortal block: no copy
+                        rc = send_static(core, cid, from_buffer(out), len(out))
+                    else:
+                        rc = send_copy(core, cid, out if type(out) is bytes else from_buffer(out),
+                                       len(out))
                     if rc < 0:
                         send_failed(cid, rc)
                         continue

@@ -89,6 +89,7 @@ int uc_submit(uc_core *c);
 int uc_wait(uc_core *c, int timeout_ms);
 int uc_send_copy(uc_core *c, int id, const char *p, size_t len);
 int uc_send_buf(uc_core *c, int id, int bid, unsigned off, unsigned len);
+int uc_send_static(uc_core *c, int id, const char *p, size_t len);
 void uc_finish(uc_core *c, int id);
 void uc_hold(uc_core *c, int id, int more);
 void uc_pulled(uc_core *c, int id, int more);

@@ -74,6 +74,12 @@ class Protocol(abc.ABC):
         """The next held answers, as ``(bytes to send, requests completed)``."""
         return b"", 0
 
+    def is_static(self, out) -> bool:
+        """Whether ``out`` (a feed/pull result) is immutable memory that outlives every
+        connection (a shared block), so a completion backend may send it without keeping
+        or copying it; False unless the protocol knows."""
+        return False
+
     def eof(self) -> bytes:
         """The peer will send nothing more; return any final bytes to send."""
         self.closing = True
