@@ -43,6 +43,8 @@ def load_label(kind: str, value) -> str:
         return f"load={value:.2f}"
     if kind == "rate":
         return f"rate={int(value)}"
+    if kind == "closed":
+        return f"closed={int(value)}"
     return "sat"
 
 def configs_of(p: dict) -> list[tuple[str, str, list[str]]]:
@@ -92,6 +94,8 @@ def run_point(point: Point, ctx: Context) -> dict:
         return rec
     if q["kind"] == "sat":
         load = {**base, "mode": "closed"}
+    elif q["kind"] == "closed":   # a closed loop over this many connections (1: ping-pong)
+        load = {**base, "mode": "closed", "connections": int(q["value"])}
     else:
         rate = q["value"] if q["kind"] == "rate" else q["value"] * capacity_floor(ctx)
         load = {**base, "mode": "open", "rate": round(rate)}
@@ -478,7 +482,8 @@ WINDOW = Experiment(
         "standard": dict(configs=["epoll", "native", "native-uring", "uring"]
                          + [f"uring-b{b}=uring:--uring-latency-budget-us {b}" for b in BUDGETS]
                          + [f"epoll-b{b}=epoll:--epoll-latency-budget-us {b}" for b in BUDGETS if b],
-                         size=64, connections=16, reps=8, loads=[("rate", 40000), ("sat", None)],
+                         size=64, connections=16, reps=8,
+                         loads=[("rate", 40000), ("sat", None), ("closed", 1)],
                          duration=1.5, warmup=0.5, calibrate_s=0, baselines=["epoll", "native"]),
         "full": dict(configs=["epoll", "native", "native-uring", "uring"]
                      + [f"uring-b{b}=uring:--uring-latency-budget-us {b}" for b in BUDGETS + (25, 300)]
