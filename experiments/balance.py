@@ -160,7 +160,7 @@ def calibrate(point: Point, ctx: Context) -> dict:
 
 
 def run_load(point: Point, ctx: Context) -> dict:
-    from parallelnet.experiments.loadgen import LoadSpec, run
+    from parallelnet.experiments.loadgen import LoadSpec
 
     p, q = ctx.params, point.params
     lay = layout()
@@ -186,7 +186,7 @@ def run_load(point: Point, ctx: Context) -> dict:
 
         def churn_client():
             try:
-                churn["lg"] = run(churn_spec)
+                churn["lg"] = ctx.client.run(churn_spec)   # where --client puts it
             except BaseException as exc:  # noqa: BLE001 - re-raised in this thread
                 churn["error"] = exc
 

@@ -47,13 +47,18 @@ def cmd_list(_args) -> int:
 
 
 def run_one(name: str, preset: str, out: str, overrides: dict | None = None,
-            allow_dirty: bool = False, keep_server_stats: bool = False) -> list[str]:
+            allow_dirty: bool = False, keep_server_stats: bool = False,
+            client: str = "local") -> list[str]:
     exp = framework.get(name)
     if isinstance(exp, Script):
         if overrides:
             raise SystemExit(f"{name} takes no --set (its presets are argument lists)")
+        if client != "local":
+            raise UserError(f"parallelnet experiment {name}: --client {client}: {name} runs "
+                            "its own argument lists, its client is always local")
         return exp.run(preset, out, allow_dirty)
-    return [framework.run(exp, preset, out, overrides, allow_dirty, keep_server_stats)]
+    return [framework.run(exp, preset, out, overrides, allow_dirty, keep_server_stats,
+                          client=client)]
 
 
 def _out_dir(path: str, who: str) -> None:
@@ -75,8 +80,8 @@ def cmd_run(args) -> int:
     _out_dir(args.out, who)
     try:
         dirs = run_one(args.name, args.preset, args.out, dict(args.set or []), args.allow_dirty,
-                       args.keep_server_stats)
-    except ValueError as exc:   # --set validation
+                       args.keep_server_stats, args.client)
+    except ValueError as exc:   # --set or --client validation
         raise UserError(f"{who}: {exc}") from None
     except framework.EmptyRun as exc:
         print(f"{who}: {exc}", file=sys.stderr)
@@ -178,6 +183,14 @@ def main(argv: list[str] | None = None) -> int:
                        help="run standard/full on an uncommitted tree (marked dirty)")
         e.add_argument("--keep-server-stats", action="store_true",
                        help="keep every server's stats JSON lines in the results folder")
+        e.add_argument("--client", default="local",
+                       metavar="local|netns|ssh://[user@]host[:port]",
+                       help="where the load generator runs: local (default: this machine, "
+                            "its own CPUs), netns (a network namespace over a veth pair; "
+                            "root), or another host over ssh, with the same parallelnet "
+                            "commit installed there (options ?identity=, known_hosts=, "
+                            "host_key_check=, connect_timeout=, bind=, parallelnet=; "
+                            "docs/experiments.md, \"Where the client runs\")")
         e.set_defaults(func=cmd_run, name=name)
     args = p.parse_args(argv)
     try:

@@ -40,7 +40,7 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Callable
 
-from parallelnet.experiments import provenance
+from parallelnet.experiments import provenance, remote
 from parallelnet.experiments.harness import ServerHandle, bench_lock, start_server
 
 PRESETS = ("smoke", "standard", "full")
@@ -139,19 +139,28 @@ class Summary:
 
 @dataclass
 class Context:
-    """What run_point and figures get from the runner."""
+    """What run_point and figures get from the runner.
+
+    ``client``: where the run's load generators run (``--client``; experiments/remote.py):
+    servers started here listen where it can reach them, :meth:`measure` and
+    ``experiments.measure.measure`` on such a server run their generator there, and an
+    experiment's own extra generator runs there with ``ctx.client.run(spec)``."""
 
     outdir: str
     params: dict
     keep_server_stats: bool = False
     state: dict = field(default_factory=dict)   # what earlier points found (e.g. capacities)
     _servers: list = field(default_factory=list)
+    client: remote.Client = field(default_factory=remote.Client)
 
     def server(self, args: list[str], tag: str, cpus=None, interval: float = 0.25) -> ServerHandle:
-        """Start ``parallelnet serve ARGS`` with its stats in the results directory."""
+        """Start ``parallelnet serve ARGS`` with its stats in the results directory, on
+        the address the client reaches (loopback for a local client)."""
         os.makedirs(os.path.join(self.outdir, "servers"), exist_ok=True)
         path = os.path.join(self.outdir, "servers", f"{tag}.jsonl")
-        srv = start_server(args, path, cpus=set(cpus) if cpus else None, interval=interval)
+        srv = start_server([*args, *self.client.server_args()], path,
+                           cpus=set(cpus) if cpus else None, interval=interval)
+        srv.client_placement = self.client    # measure() runs its generator there
         self._servers.append(srv)
         return srv
 
@@ -175,16 +184,19 @@ class Context:
     def measure(self, server_args: list[str], load: dict, layout, tag: str,
                 extra_pids: tuple = (), per_worker: bool = True, interval: float = 0.25) -> dict:
         """A fresh server confined to ``layout.server`` (workers pinned there), one load
-        point from the CPUs of ``layout.client`` (experiments.measure), the server stopped
-        and checked.  ``load``: LoadSpec fields other than host, port and cpus."""
+        point from the CPUs of ``layout.client`` (experiments.measure) - or from the
+        client host, for a client elsewhere - the server stopped and checked.  ``load``:
+        LoadSpec fields other than host, port and cpus."""
         from parallelnet.experiments.loadgen import LoadSpec
         from parallelnet.experiments.measure import measure
 
         srv = self.server([*server_args, "--cpus", ",".join(map(str, layout.server))], tag,
                           cpus=layout.server, interval=interval)
         try:
-            spec = LoadSpec(host=srv.host, port=srv.port, cpus=list(layout.client), **load)
-            rec = measure(srv, spec, layout, extra_pids, per_worker=per_worker)
+            spec = LoadSpec(host=srv.host, port=srv.port, cpus=list(layout.client) or None,
+                            **load)
+            rec = measure(srv, spec, layout, extra_pids, per_worker=per_worker,
+                          client=self.client)
         finally:
             final = self.stop_server(srv)
         rec["server"]["final_requests"] = (final.get("totals") or {}).get("requests")
@@ -406,9 +418,26 @@ def write_meta(outdir: str, meta: dict) -> None:
 
 
 def run(exp: Experiment, preset: str = "smoke", out: str = "results", overrides: dict | None = None,
-        allow_dirty: bool = False, keep_server_stats: bool = False, stream=sys.stdout) -> str:
+        allow_dirty: bool = False, keep_server_stats: bool = False, stream=sys.stdout,
+        client: "str | remote.Client" = "local") -> str:
     """Run one experiment; return its results directory.  Raises RuntimeError if any point
-    failed (after writing everything that was measured)."""
+    failed (after writing everything that was measured).  ``client``: where the load
+    generators run (``local``, ``netns``, ``ssh://[user@]host[:port]``: experiments/remote.py);
+    a placement that cannot be used raises remote.ClientError (netns.NetnsError) before any
+    results directory is made."""
+    from parallelnet.experiments.measure import client_elsewhere
+
+    placement = remote.parse_client(client)
+    try:
+        with client_elsewhere(placement.elsewhere):   # the layouts the plan and points see
+            return _run(exp, preset, out, overrides, allow_dirty, keep_server_stats, stream,
+                        placement)
+    finally:
+        placement.close()
+
+
+def _run(exp: Experiment, preset: str, out: str, overrides: dict | None, allow_dirty: bool,
+         keep_server_stats: bool, stream, placement: remote.Client) -> str:
     if preset not in exp.presets:
         raise SystemExit(f"experiment {exp.name} has no preset {preset!r} "
                          f"(it has: {', '.join(exp.presets)})")
@@ -429,9 +458,11 @@ def run(exp: Experiment, preset: str = "smoke", out: str = "results", overrides:
                              "--allow-dirty (the run is then marked dirty in meta.json)")
         print(f"WARNING: dirty tree: {exp.name} {preset} results are marked dirty",
               file=stream, flush=True)
+    placement.open()   # a namespace made, a client host reached and checked (or refused)
+    meta["client"] = placement.facts()
     outdir = result_dir(exp.name, preset, out)
     write_meta(outdir, meta)
-    ctx = Context(outdir, params, keep_server_stats=keep_server_stats)
+    ctx = Context(outdir, params, keep_server_stats=keep_server_stats, client=placement)
     progress = Progress(points, stream)
     print(f"{exp.name} ({preset}): {len(points)} runs, about "
           f"{_fmt_s(progress.total_estimate())}; results: {outdir}", file=stream, flush=True)

@@ -493,6 +493,28 @@ class LoadResult:
         d["ok"] = self.ok
         return d
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "LoadResult":
+        """The result :meth:`to_dict` wrote (e.g. ``parallelnet loadgen --json -`` on
+        another host), as a LoadResult again; unknown keys are ignored."""
+        def hist(h):
+            return [(int(v), int(c)) for v, c in h]
+
+        def fields(kind, src):
+            names = {f.name for f in dataclasses.fields(kind)}
+            return {k: v for k, v in src.items() if k in names}
+
+        out = fields(cls, d)
+        out["histogram"] = hist(d["histogram"])
+        out["jain"] = math.nan if d.get("jain") is None else d["jain"]
+        out["targets"] = [TargetResult(**{**fields(TargetResult, t), "histogram": hist(t["histogram"])})
+                          for t in d["targets"]]
+        if d.get("classes") is not None:
+            out["classes"] = {name: ClassResult(**{**fields(ClassResult, c),
+                                                  "histogram": hist(c["histogram"])})
+                              for name, c in d["classes"].items()}
+        return cls(**out)
+
 
 def percentiles_from_histogram(hist: list[tuple[int, int]], pcts=PERCENTILES,
                                lo: int | None = None, hi: int | None = None) -> dict[str, float]:
@@ -934,10 +956,15 @@ def _rate(text: str) -> float:
     return value
 
 
+#: What ``--json -`` prints on stderr the moment the generator starts (the caller on the
+#: other end of an ssh connection takes it as the start of the warm-up).
+STARTED = "parallelnet loadgen: started"
+
+
 def _json_path(text: str) -> str:
     """--json: checked before the run (a result that cannot be written is refused then,
-    not after the whole measurement)."""
-    problem = _unwritable(text)
+    not after the whole measurement); ``-`` is standard output."""
+    problem = None if text == "-" else _unwritable(text)
     if problem:
         raise argparse.ArgumentTypeError(f"--json {text}: {problem}")
     return text
@@ -1044,7 +1071,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(/run/netns/NAME; root needed)")
     parser.add_argument("--json", metavar="PATH", default=None, type=_json_path,
                         help="also write the full result (histogram included) as JSON; the "
-                             "path is checked before the run (its directory must exist)")
+                             "path is checked before the run (its directory must exist); "
+                             "'-': the JSON on stdout, the report on stderr (what an "
+                             "experiment's --client ssh://... runs on the client host)")
 
 
 def spec_from_args(args: argparse.Namespace) -> LoadSpec:
@@ -1093,12 +1122,15 @@ def main_from_args(args: argparse.Namespace) -> int:
     prog = "parallelnet loadgen"
     try:
         spec = spec_from_args(args)
-        problem = _unwritable(args.json) if args.json else None
+        to_stdout = args.json == "-"
+        problem = _unwritable(args.json) if args.json and not to_stdout else None
         if problem:
             raise ValueError(f"--json {args.json}: {problem}")
     except ValueError as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         return 2
+    if to_stdout:
+        print(STARTED, file=sys.stderr, flush=True)
     try:
         result = run(spec)
     except (RuntimeError, ValueError) as exc:
@@ -1107,11 +1139,15 @@ def main_from_args(args: argparse.Namespace) -> int:
         if hint:
             print(f"{prog}: hint: {hint}", file=sys.stderr)
         return 1
-    print(format_report(result))
+    print(format_report(result), file=sys.stderr if to_stdout else sys.stdout)
     hint = _hint(result.message, spec) if not result.ok else None
     if hint:
         print(f"{prog}: hint: {hint}", file=sys.stderr)
-    if args.json:
+    if to_stdout:
+        json.dump(result.to_dict(), sys.stdout)
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+    elif args.json:
         try:
             with open(args.json, "w", encoding="utf-8") as f:
                 json.dump(result.to_dict(), f, indent=1)

@@ -21,12 +21,17 @@ Kernel facts relied on:
   never returns to user space, so it shows here and nowhere else.
 * ``/proc/stat`` per-CPU jiffies say how busy each CPU was (harness.NoiseProbe), which is
   what decides the **bottleneck** of a point (:func:`bottleneck`).
+
+Where the generator runs is the run's client placement (experiments/remote.py:
+``local``, ``netns``, ``ssh://...``): :func:`measure` takes it from its ``client``
+argument or from the server the Context started for it; the server's figures are read
+here in every placement.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-import threading
 import time
 from dataclasses import dataclass, field
 
@@ -36,6 +41,21 @@ from parallelnet.experiments.harness import (
 
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 BUSY = 0.90   # a CPU busy at least this fraction of the window counts as saturated
+
+#: The load generator runs on another machine for the run in progress (``--client
+#: ssh://...``): set by the framework for a run's duration (:func:`client_elsewhere`).
+_CLIENT_ELSEWHERE = False
+
+
+@contextlib.contextmanager
+def client_elsewhere(on: bool = True):
+    """While it lasts, :meth:`Layout.default` leaves no CPU of this machine to the client."""
+    global _CLIENT_ELSEWHERE
+    before, _CLIENT_ELSEWHERE = _CLIENT_ELSEWHERE, bool(on)
+    try:
+        yield
+    finally:
+        _CLIENT_ELSEWHERE = before
 
 
 @dataclass
@@ -53,8 +73,12 @@ class Layout:
     def default(cls, workers: int = 1) -> "Layout":
         """The 2-core rule generalised: the client takes the last CPU (the last half on a
         bigger machine), the server the others; with more workers than server CPUs the
-        workers wrap around the server CPUs (several per CPU)."""
+        workers wrap around the server CPUs (several per CPU).  With the client on
+        another machine (:func:`client_elsewhere`) every CPU may serve and the client has
+        none here."""
         cpus = sorted(os.sched_getaffinity(0))
+        if _CLIENT_ELSEWHERE:
+            return cls(cpus, [])
         if len(cpus) == 1:
             return cls(cpus, cpus)
         half = max(1, len(cpus) // 2) if len(cpus) > 2 else 1
@@ -142,7 +166,7 @@ def worker_tasks(stats_path: str, wait: float = 2.0) -> list[tuple[int, int]]:
 
 
 def bottleneck(per_cpu: dict, layout: Layout, open_loop: bool, rate_met: bool,
-               client_util: float | None = None) -> str:
+               client_util: float | None = None, client_threads: int = 1) -> str:
     """What limited this point, from how busy each CPU was over the window.
 
     * ``offered``: an open loop that met its rate with no CPU saturated: the numbers
@@ -161,13 +185,19 @@ def bottleneck(per_cpu: dict, layout: Layout, open_loop: bool, rate_met: bool,
     client is then judged by its own threads' CPU (``client_util``, in CPUs: saturated
     at ``BUSY`` per client CPU), and the server by its CPUs' busy time, which with a light
     client (a server-bound workload: the client uses a few % of a CPU) is the server's.
+
+    A client with no CPU here (``layout.client`` empty: it runs on another host) is
+    judged by its own threads' CPU alone: saturated at ``BUSY`` per generator thread
+    (``client_threads``; a thread uses one CPU at most).
     """
     def busy(cpus):
         vals = [per_cpu.get(f"cpu{c}", {}).get("busy", 0.0) for c in cpus]
         return max(vals) if vals else 0.0
 
     srv = busy(layout.server)
-    if layout.shared and client_util is not None:
+    if not layout.client:
+        cli_sat = client_util is not None and client_util >= BUSY * max(1, client_threads)
+    elif layout.shared and client_util is not None:
         cli_sat = client_util >= BUSY * len(layout.client)
     else:
         cli_sat = busy(layout.client) >= BUSY
@@ -184,40 +214,35 @@ def bottleneck(per_cpu: dict, layout: Layout, open_loop: bool, rate_met: bool,
 
 
 def measure(srv: ServerHandle, spec, layout: Layout, extra_pids: tuple = (),
-            per_worker: bool = True) -> dict:
+            per_worker: bool = True, client=None) -> dict:
     """Run ``spec`` (a loadgen.LoadSpec) against ``srv`` and return one record.
 
     CPU figures are deltas between two snapshots taken at the start and the end of the
     generator's measured window; ``requests`` is what the generator completed in it.
+    ``client``: where the generator runs (experiments.remote.Client); by default the
+    placement ``srv`` was started for (Context.server), else here.  With the client
+    elsewhere the layout's client CPUs are none of this machine's.
     """
-    from parallelnet.experiments.loadgen import run
+    from parallelnet.experiments.remote import START_GRACE, placement_of
 
+    client = client or placement_of(srv)
+    if client.elsewhere:
+        layout = Layout(list(layout.server), [])
     workers = worker_tasks(srv.stats_path)
-    result: dict = {}
-
-    def client():
-        try:
-            result["lg"] = run(spec)
-        except BaseException as exc:  # noqa: BLE001 - re-raised below, in this thread
-            result["error"] = exc
-
-    probe = NoiseProbe([os.getpid(), srv.proc.pid, *extra_pids])
-    th = threading.Thread(target=client, name="loadgen", daemon=True)
-    t_start = time.monotonic()
-    th.start()
-    _sleep_until(t_start + spec.warmup)
-    probe.start()
-    a = TreeSample.take(srv.proc.pid, workers)
-    _sleep_until(t_start + spec.warmup + spec.duration)
-    b = TreeSample.take(srv.proc.pid, workers)
-    noise = probe.stop()
-    th.join(spec.timeout + spec.warmup + spec.duration + 30)
-    if th.is_alive():
-        raise RuntimeError("load generator did not return (it is bounded by its timeout; "
-                           "this is a bug)")
-    if "error" in result:
-        raise result["error"]
-    lg = result["lg"]
+    job = client.start(spec)
+    try:
+        probe = NoiseProbe([os.getpid(), srv.proc.pid, *job.pids, *extra_pids])
+        t_start = job.started(START_GRACE + 30)
+        _sleep_until(t_start + spec.warmup)
+        probe.start()
+        a = TreeSample.take(srv.proc.pid, workers)
+        _sleep_until(t_start + spec.warmup + spec.duration)
+        b = TreeSample.take(srv.proc.pid, workers)
+        noise = probe.stop()
+        lg = job.result(client.limit(spec))
+    except BaseException:
+        job.cancel()
+        raise
     wall = b.t - a.t
     req = lg.requests
     cpu_s = (b.cpu_ns - a.cpu_ns) / 1e9
@@ -253,8 +278,10 @@ def measure(srv: ServerHandle, spec, layout: Layout, extra_pids: tuple = (),
         "softirq": {c: round(v["softirq"], 4) for c, v in noise["per_cpu"].items()},
         "bound": bottleneck(noise["per_cpu"], layout, spec.mode == "open" or
                             (spec.mode == "churn" and getattr(spec, "rate", 0) > 0), lg.rate_met,
-                            client_util=client_cpu / wall if wall else None),
+                            client_util=client_cpu / wall if wall else None,
+                            client_threads=spec.threads),
         "layout": {"server": layout.server, "client": layout.client},
+        "client_placement": client.label,
     }
     if lg.classes is not None:   # service times on: the per-class figures of the requests
         rec["client"]["work_us"] = lg.work_us

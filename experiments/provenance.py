@@ -16,6 +16,12 @@ starts and completed (end time, outcome) when it ends.  What is recorded and why
   backlog), ``tcp_fastopen``, ``io_uring_disabled``.
 * **argv** relative to the repository (an absolute host path says nothing to a reader and
   leaks the machine's layout), the preset, the start and end time (UTC).
+* **client**: where the load generator ran (``--client``, experiments/remote.py).  On
+  another host (``ssh://``) that host's kernel, CPU model and count, clock (its wall
+  clock against ours, read over the connection), clocksource, governor, the same sysctls,
+  and its ``parallelnet --version``: a run whose client has another version or commit
+  than this tree is refused (:func:`version_mismatch`), since the two ends of one
+  measurement must be the same code.
 """
 
 from __future__ import annotations
@@ -138,3 +144,108 @@ def collect(experiment: str, preset: str | None = None, extra: dict | None = Non
             "outcome": "running", "argv": relative_argv([sys.executable, *sys.argv]),
             "code": code_state(), "versions": versions(), "machine": machine(),
             "ci": os.environ.get("CI", ""), **(extra or {})}
+
+
+# -- the client host (``--client ssh://...``) ----------------------------------------------
+
+#: Printed by the client host, one ``key=value`` a line; ``clock`` last, so that the
+#: moment its line arrives here is as close as it gets to the moment it was read there.
+_FACTS = (
+    'echo "kernel=$(uname -r)"; echo "arch=$(uname -m)"; echo "node=$(uname -n)"; '
+    'echo "nproc=$(nproc 2>/dev/null || getconf _NPROCESSORS_ONLN)"; '
+    'echo "cpus_online=$(cat /sys/devices/system/cpu/online 2>/dev/null)"; '
+    'echo "cpu_model=$(sed -n \'s/^model name[[:space:]]*: //p\' /proc/cpuinfo | head -n 1)"; '
+    'echo "clocksource=$(cat /sys/devices/system/clocksource/clocksource0/current_clocksource '
+    '2>/dev/null)"; '
+    'echo "governor=$(cat /sys/devices/system/cpu/cpu0/cpufreq/scaling_governor 2>/dev/null)"; '
+    'for k in {sysctls}; do '
+    'echo "sysctl.$k=$(cat /proc/sys/$k 2>/dev/null | tr -s \'[:space:]\' \' \')"; done; '
+    'v=$({parallelnet} --version 2>&1); echo "version_rc=$?"; '
+    'echo "version=$(printf \'%s\' "$v" | head -n 1)"; '
+    'echo "clock=$(date +%s.%N)"'
+)
+
+
+def client_facts_command(parallelnet: str = "parallelnet") -> str:
+    """The POSIX shell command that prints a client host's facts (:func:`parse_client_facts`);
+    ``parallelnet``: how that host's command is invoked, already quoted for its shell."""
+    return _FACTS.format(sysctls=" ".join(SYSCTLS), parallelnet=parallelnet)
+
+
+def parse_client_facts(text: str, clock_seen: float | None = None) -> dict:
+    """The client host's facts from what :func:`client_facts_command` printed.
+
+    ``clock_seen``: our wall clock (``time.time()``) when its ``clock=`` line arrived;
+    ``clock.offset_s`` is then its clock minus ours (positive: it is ahead), accurate to
+    the connection's one-way delay."""
+    kv = {}
+    for line in text.splitlines():
+        key, eq, value = line.partition("=")
+        if eq:
+            kv[key.strip()] = value.strip()
+    node = kv.get("node") or ""
+    try:
+        nproc = int(kv.get("nproc") or "")
+    except ValueError:
+        nproc = None
+    try:
+        remote_clock = float(kv.get("clock") or "")
+    except ValueError:   # a `date` without %N
+        remote_clock = None
+    import hashlib
+
+    return {
+        "kernel": kv.get("kernel") or None, "arch": kv.get("arch") or None,
+        "cpu_model": kv.get("cpu_model") or None, "cpus": nproc,
+        "cpus_online": kv.get("cpus_online") or None,
+        "clocksource": kv.get("clocksource") or None, "governor": kv.get("governor") or None,
+        "hostname_hash": hashlib.sha256(node.encode()).hexdigest()[:12] if node else None,
+        "sysctl": {k.replace("/", "."): kv.get(f"sysctl.{k}") or None for k in SYSCTLS},
+        "parallelnet": parse_version_line(kv.get("version") or "")
+        if kv.get("version_rc") == "0" else None,
+        "parallelnet_said": kv.get("version") or None,
+        "clock": {"unix": remote_clock, "seen_here": clock_seen,
+                  "offset_s": round(remote_clock - clock_seen, 6)
+                  if remote_clock is not None and clock_seen is not None else None},
+    }
+
+
+def parse_version_line(line: str) -> dict | None:
+    """``parallelnet 0.1.0 (commit 967797d, modified)`` -> version, commit, modified
+    (None where the line is not parallelnet's)."""
+    m = re.fullmatch(r"\s*parallelnet\s+(\S+)(?:\s+\(commit\s+([0-9a-f]+)(,\s*modified)?\))?\s*",
+                     line or "")
+    if not m or m.group(1) == "(not":
+        return None
+    return {"version": m.group(1), "commit": m.group(2), "modified": bool(m.group(3)),
+            "line": line.strip()}
+
+
+def local_version() -> dict:
+    """This tree's package version and full commit (what a client host must match)."""
+    try:
+        version = importlib.metadata.version("parallelnet")
+    except importlib.metadata.PackageNotFoundError:
+        version = None
+    return {"version": version, "commit": code_state()["commit"]}
+
+
+def version_mismatch(local: dict, remote: dict | None, where: str) -> str | None:
+    """One line saying why the client host's parallelnet cannot drive this run (another
+    version, another commit, or a commit it cannot tell), or None when they match."""
+    fix = ("install the same commit there (docs/experiments.md, \"Where the client runs\")")
+    if remote is None:
+        return f"{where} has no working `parallelnet` command: {fix}"
+    if local.get("version") and remote["version"] != local["version"]:
+        return (f"{where} runs parallelnet {remote['version']}, this tree is "
+                f"{local['version']}: {fix}")
+    mine = local.get("commit")
+    if mine:
+        theirs = remote.get("commit")
+        if not theirs:
+            return (f"{where} runs parallelnet {remote['version']} from no git checkout, so "
+                    f"its commit cannot be checked against this tree's {mine[:12]}: {fix}")
+        if not mine.startswith(theirs) and not theirs.startswith(mine):
+            return (f"{where} runs parallelnet at commit {theirs}, this tree is at "
+                    f"{mine[:12]}: {fix}")
+    return None

@@ -418,6 +418,7 @@ def test_9_failed_send_kills_the_connection_with_an_error():
             calls.append(("hold", cid, more))   # never: echo holds no answer back
 
         uc_pulled = uc_hold
+        uc_send_static = uc_send_copy
 
     class Upper(EchoProtocol):
         def feed(self, data):
