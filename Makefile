@@ -24,8 +24,14 @@ install: $(STAMP)
 run: $(STAMP)
 	$(BIN)/parallelnet compare
 
+# The suite in two passes: everything but the `serial` tests in parallel (pytest-xdist,
+# three workers per CPU, at most six: most tests wait on servers and deadlines), then the
+# serial ones alone (tests/conftest.py SERIAL_MODULES: checks that depend on timing).
+JOBS ?= $(shell $(PYTHON) -c "import os; print(min(6, 3 * len(os.sched_getaffinity(0))))")
+
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(JOBS) -m "not serial"
+	$(BIN)/python -m pytest -q -m serial
 
 paper: $(STAMP)
 	$(BIN)/python paper/build.py

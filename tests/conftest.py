@@ -29,6 +29,23 @@ CI_SKIP_ALLOWED = (
 )
 
 
+#: Modules whose checks are about time or CPU and must not share the machine with other
+#: tests: ``make test`` runs them alone, after the rest has run in parallel (pytest-xdist).
+SERIAL_MODULES = (
+    "test_accept_races.py",   # which worker wins a race, by timing
+)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "serial: run alone, not beside other tests (time/CPU checks)")
+
+
+def _mark_serial(items) -> None:
+    for item in items:
+        if item.nodeid.split("::", 1)[0].rsplit("/", 1)[-1] in SERIAL_MODULES:
+            item.add_marker(pytest.mark.serial)
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     """Under CI, a skip is a failure unless CI_SKIP_ALLOWED names it (xfail is not a skip)."""
@@ -264,10 +281,12 @@ def _backend_of(test_id: str) -> str | None:
     return max(names, key=len) if names else None
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     """``-k NAME`` with NAME a registered backend selects that backend's tests only:
     pytest matches substrings, so ``-k poll`` would also take epoll's (and ``-k uring``
     uring-py's).  Tests that name no backend are left to pytest's own matching."""
+    _mark_serial(items)   # before -m selects on marks
     name = (config.getoption("keyword") or "").strip()
     if name not in BACKENDS:
         return

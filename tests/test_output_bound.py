@@ -41,15 +41,19 @@ def server(request, tmp_path_factory):
     require_backend(name)
     srv = start_server(tmp_path_factory.mktemp(name), "--backend", name, "--protocol", "http",
                        "--workers", "1", "--max-output", str(MAX_OUTPUT), *extra)
+    srv.bursts = 0
     yield srv
     srv.stop()
     final_checks(srv)
 
 
 def final_checks(srv) -> None:
-    """After every test of the module: the mechanism was used, nothing failed to allocate."""
+    """After the module's tests on this server: the mechanism was used where a burst ran
+    (under pytest-xdist a worker may have run only some of them), nothing failed to
+    allocate."""
     workers = srv.final["workers"]
-    assert sum(w["extra"]["output_holds"] for w in workers) > 0, "answers were never held"
+    if srv.bursts:
+        assert sum(w["extra"]["output_holds"] for w in workers) > 0, "answers were never held"
     assert sum(w["extra"]["alloc_failures"] for w in workers) == 0
 
 
@@ -90,6 +94,7 @@ def read_response(sock: socket.socket) -> tuple[bytes, bytes]:
 def test_a_burst_asking_for_a_gibibyte_stays_within_max_output(server):
     """64 pipelined /bytes/16777216 in one 2.5 KB write, never read: peak RSS stays within
     a few --max-output; the answers that are read are complete and byte-exact."""
+    server.bursts += 1
     time.sleep(0.2)
     before = peak_rss_kib(server.proc.pid)
     with server.connect(timeout=10) as s:
