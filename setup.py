@@ -2,4 +2,5 @@
 from setuptools import setup
 
 setup(cffi_modules=["experiments/loadgen_build.py:ffibuilder", "backends/uring_build.py:ffibuilder",
-                     "backends/native_build.py:ffibuilder"])
+                     "backends/native_build.py:ffibuilder",
+                    "experiments/machine/build.py:ffibuilder"])
