@@ -4,7 +4,7 @@ The design's second claim, tested with the mechanism it describes.  Nothing exte
 a CPU: each worker is busy with the connections it accepted, because every request carries
 a service time (``GET /work/US``: US µs of the worker's own CPU, in Python or in C).
 
-**The workload** (experiments/loadgen.py), two clients side by side, both open loop:
+**The workload** (experiments/loadgen/loadgen.py), two clients side by side, both open loop:
 
 * *long-lived* keep-alive connections carry most of the load: ``long_connections`` of them,
   opened at the start (during the warm-up, so the accept race places them then), at a
