@@ -37,7 +37,7 @@ def cmd_list(_args) -> int:
     from parallelnet.experiments.paper_pins import cited_experiments
 
     cited = cited_experiments()
-    for name in framework.REGISTRY:
+    for name in framework.names():
         exp = framework.get(name)
         mark = "paper" if name in cited else ""
         print(f"{name:17s} {mark:5s} {exp.title}")
@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("a", metavar="RUN_A", help="the reference results directory")
     d.add_argument("b", metavar="RUN_B", help="the results directory compared with it")
     d.set_defaults(func=cmd_diff)
-    for name in framework.REGISTRY:
+    for name in framework.names():
         exp = framework.get(name)
         e = sub.add_parser(name, help=f"run {name}", formatter_class=argparse.RawDescriptionHelpFormatter,
                            epilog=None if isinstance(exp, Script) else _params_help(exp))
@@ -192,6 +192,12 @@ def main(argv: list[str] | None = None) -> int:
                             "host_key_check=, connect_timeout=, bind=, parallelnet=; "
                             "docs/experiments.md, \"Where the client runs\")")
         e.set_defaults(func=cmd_run, name=name)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and not argv[0].startswith("-") and argv[0] not in sub.choices:
+        # One line, not argparse's usage block: the registered names are the answer.
+        print(f"parallelnet experiment: unknown experiment {argv[0]!r}; known: "
+              f"{', '.join(framework.names())} (or: list, rebuild, index, diff)", file=sys.stderr)
+        return 2
     args = p.parse_args(argv)
     try:
         return args.func(args)

@@ -28,7 +28,6 @@ never overlap.
 from __future__ import annotations
 
 import csv
-import importlib
 import json
 import os
 import shlex
@@ -347,31 +346,39 @@ def parse_config(spec: str) -> tuple[str, str, list[str]]:
 
 # -- the registry ------------------------------------------------------------------------
 
-#: name -> "module:attribute" (imported on use, so listing costs nothing)
-REGISTRY = {
-    "compare": "parallelnet.experiments.load_curve:COMPARE",
-    "load-curve": "parallelnet.experiments.load_curve:EXPERIMENT",
-    "uring-window": "parallelnet.experiments.load_curve:WINDOW",
-    "imbalance": "parallelnet.experiments.imbalance:EXPERIMENT",
-    "herd": "parallelnet.experiments.herd:EXPERIMENT",
-    "balance": "parallelnet.experiments.balance:EXPERIMENT",
-    "scaling": "parallelnet.experiments.scaling:EXPERIMENT",
-    "sizes": "parallelnet.experiments.sizes:EXPERIMENT",
-    "bench_uring": "parallelnet.experiments.legacy:BENCH_URING",
-    "accept": "parallelnet.experiments.legacy:ACCEPT",
-    "handoff": "parallelnet.experiments.legacy:HANDOFF",
-    "soak": "parallelnet.experiments.legacy:SOAK",
-    "validate_loadgen": "parallelnet.experiments.legacy:VALIDATE_LOADGEN",
-}
+#: The entry-point group experiments register under, like backends under
+#: ``parallelnet.backends``: ``NAME = "package.module:ATTRIBUTE"`` in a pyproject's
+#: ``[project.entry-points."parallelnet.experiments"]`` (this project's own included).
+ENTRY_POINTS = "parallelnet.experiments"
+
+
+def _entry_points() -> dict:
+    from importlib.metadata import entry_points
+
+    return {ep.name: ep for ep in entry_points(group=ENTRY_POINTS)}
+
+
+def names() -> list[str]:
+    """Every registered experiment's name (nothing imported: listing costs nothing)."""
+    return list(_entry_points())
 
 
 def get(name: str):
+    """The registered experiment ``name``; one line (SystemExit) for an unknown name or
+    one whose entry point cannot be loaded."""
+    eps = _entry_points()
+    ep = eps.get(name)
+    if ep is None:
+        raise SystemExit(f"unknown experiment {name!r}; known: {', '.join(eps)}")
     try:
-        target = REGISTRY[name]
-    except KeyError:
-        raise SystemExit(f"unknown experiment {name!r}; known: {', '.join(REGISTRY)}") from None
-    module, _, attr = target.partition(":")
-    return getattr(importlib.import_module(module), attr)
+        exp = ep.load()
+    except Exception as exc:  # noqa: BLE001 - a broken plugin is one line, not a traceback
+        raise SystemExit(f"experiment {name!r} ({ep.value}) cannot be loaded: "
+                         f"{type(exc).__name__}: {exc}") from None
+    if getattr(exp, "name", None) != name:
+        raise SystemExit(f"experiment {name!r} ({ep.value}) is not an Experiment named {name!r} "
+                         f"(got {type(exp).__name__} {getattr(exp, 'name', None)!r})")
+    return exp
 
 
 # -- running -----------------------------------------------------------------------------
