@@ -20,7 +20,6 @@ import sys
 import time
 
 from parallelnet.experiments import framework
-from parallelnet.experiments.legacy import Script
 
 
 def _set(text: str) -> tuple[str, object]:
@@ -50,13 +49,6 @@ def run_one(name: str, preset: str, out: str, overrides: dict | None = None,
             allow_dirty: bool = False, keep_server_stats: bool = False,
             client: str = "local") -> list[str]:
     exp = framework.get(name)
-    if isinstance(exp, Script):
-        if overrides:
-            raise SystemExit(f"{name} takes no --set (its presets are argument lists)")
-        if client != "local":
-            raise UserError(f"parallelnet experiment {name}: --client {client}: {name} runs "
-                            "its own argument lists, its client is always local")
-        return exp.run(preset, out, allow_dirty)
     return [framework.run(exp, preset, out, overrides, allow_dirty, keep_server_stats,
                           client=client)]
 
@@ -111,7 +103,7 @@ def cmd_rebuild(args) -> int:
     meta = _meta_of(outdir, "parallelnet experiment rebuild")
     exp = framework.get(meta["experiment"])
     records = framework.load_records(outdir)
-    ctx = framework.Context(outdir, meta["params"])
+    ctx = framework.Context(outdir, meta["params"], framework.PlanNotes.from_meta(meta))
     framework.finish(exp, records, meta["params"], ctx, meta,
                      sum("error" in r for r in records))
     return 0
@@ -170,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in framework.names():
         exp = framework.get(name)
         e = sub.add_parser(name, help=f"run {name}", formatter_class=argparse.RawDescriptionHelpFormatter,
-                           epilog=None if isinstance(exp, Script) else _params_help(exp))
+                           epilog=_params_help(exp))
         e.add_argument("--preset", default="smoke", choices=framework.PRESETS,
                        help="smoke (the tests' size), standard (what the paper cites) or full "
                             "(default: smoke)")
