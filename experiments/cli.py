@@ -32,12 +32,28 @@ def _set(text: str) -> tuple[str, object]:
         return key, value
 
 
+def _loadable() -> tuple[dict, dict[str, str]]:
+    """({name: experiment} for every registered one that loads, {name: the one line why
+    not} for the others)."""
+    ok, broken = {}, {}
+    for name in framework.names():
+        try:
+            ok[name] = framework.get(name)
+        except SystemExit as exc:
+            broken[name] = str(exc.code)
+    return ok, broken
+
+
 def cmd_list(_args) -> int:
     from parallelnet.experiments.paper_pins import cited_experiments
 
     cited = cited_experiments()
+    exps, broken = _loadable()
     for name in framework.names():
-        exp = framework.get(name)
+        if name in broken:
+            print(f"{name:17s} {'':5s} BROKEN: {broken[name]}")
+            continue
+        exp = exps[name]
         mark = "paper" if name in cited else ""
         print(f"{name:17s} {mark:5s} {exp.title}")
         print(f"{'':23s} presets: {', '.join(exp.presets)}"
@@ -159,8 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("a", metavar="RUN_A", help="the reference results directory")
     d.add_argument("b", metavar="RUN_B", help="the results directory compared with it")
     d.set_defaults(func=cmd_diff)
-    for name in framework.names():
-        exp = framework.get(name)
+    exps, broken = _loadable()
+    for name, exp in exps.items():
         e = sub.add_parser(name, help=f"run {name}", formatter_class=argparse.RawDescriptionHelpFormatter,
                            epilog=_params_help(exp))
         e.add_argument("--preset", default="smoke", choices=framework.PRESETS,
@@ -185,6 +201,9 @@ def main(argv: list[str] | None = None) -> int:
                             "docs/experiments.md, \"Where the client runs\")")
         e.set_defaults(func=cmd_run, name=name)
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in broken:
+        print(f"parallelnet experiment: {broken[argv[0]]}", file=sys.stderr)
+        return 2
     if argv and not argv[0].startswith("-") and argv[0] not in sub.choices:
         # One line, not argparse's usage block: the registered names are the answer.
         print(f"parallelnet experiment: unknown experiment {argv[0]!r}; known: "
