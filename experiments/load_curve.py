@@ -241,14 +241,15 @@ def summarize(records: list[dict], p: dict, notes: PlanNotes) -> Summary:
             if not st["rankable"]:
                 cell += f" ({st['bound']}-bound)"
             elif rr:
-                cell += f" ({rr['median']:.2f}×)"
+                cell += f" ({rr['estimate']:.2f}×)"
             cells.append(cell)
         rows.append([b, *cells])
     if base:
         s.tables.append(Table(
             f"Server CPU µs per request by load, with the paired ratio to {base}",
             ["backend"] + loads_of(curve, p), rows,
-            note=f"Median over repetitions; (×): median paired ratio to {base}; a client- or "
+            note=f"Median over repetitions; (×): the paired ratio to {base} as the full table "
+                 "estimates it (geometric mean from 8 pairs, else the median); a client- or "
                  "both-bound cell is not ranked. Every figure with its spread and latency: the "
                  "full table in the run's summary.md.", key="compact"))
     s.add_skipped(notes.skipped, key="skipped")

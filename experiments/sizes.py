@@ -110,12 +110,13 @@ def summarize(records: list[dict], p: dict, notes: PlanNotes) -> Summary:
                     cells.append(f"{v['cpu']['median']:.1f} ({v['bound']}-bound)")
                 else:
                     r = v["ratio"]
-                    cells.append(f"{v['cpu']['median']:.1f}" + (f" ({r['median']:.2f}×)" if r else ""))
+                    cells.append(f"{v['cpu']['median']:.1f}" + (f" ({r['estimate']:.2f}×)" if r else ""))
             rows.append([f"{proto} {size} B", f"{rate:g}/s" if load == "rate" else "sat", *cells])
     s.tables.append(Table(
         f"Server CPU µs per request by payload, with the paired ratio to {base}",
         ["workload", "load", *labels], rows,
-        note=f"(×): median of per-repetition ratios to {base}; client- or both-bound cells are not "
+        note=f"(×): the paired ratio to {base} as the full table estimates it (geometric mean "
+                 "from 8 pairs, else the median); client- or both-bound cells are not "
              "ranked. Spread and latency: the full table in the run's summary.md.", key="compact"))
     for label in labels:
         if label == base:
@@ -125,7 +126,7 @@ def summarize(records: list[dict], p: dict, notes: PlanNotes) -> Summary:
               and v["bound"] in RANKABLE]
         if rs:
             s.findings.append(f"{label} vs {base}: " + "; ".join(
-                f"{k.split('/', 1)[1]} ×{r['median']:.2f}" for k, r in rs))
+                f"{k.split('/', 1)[1]} ×{r['estimate']:.2f}" for k, r in rs))
     s.add_skipped(notes.skipped, "Configurations not run")
     return s
 
