@@ -228,6 +228,7 @@ def measure(srv: ServerHandle, spec, layout: Layout, extra_pids: tuple = (),
     if client.elsewhere:
         layout = Layout(list(layout.server), [])
     workers = worker_tasks(srv.stats_path)
+    client.place(layout)
     job = client.start(spec)
     try:
         probe = NoiseProbe([os.getpid(), srv.proc.pid, *job.pids, *extra_pids])
@@ -282,6 +283,8 @@ def measure(srv: ServerHandle, spec, layout: Layout, extra_pids: tuple = (),
         "layout": {"server": layout.server, "client": layout.client},
         "client_placement": client.label,
     }
+    if getattr(client, "masks", None):   # netns: the receive steering in force (RPS masks)
+        rec["rx_steering"] = dict(client.masks)
     if lg.classes is not None:   # service times on: the per-class figures of the requests
         rec["client"]["work_us"] = lg.work_us
         rec["client"]["classes"] = {

@@ -13,6 +13,12 @@ experiment with a second generator of its own (balance's churn) runs it with
   this one by a veth pair (experiments/loadgen/netns.py, made when the run starts and removed when
   it ends); the server listens on the root side's veth address (``--allow-remote``).  Same
   CPUs as ``local``: only the packet path changes (a device, its queue, its softirq).
+  Each end's receive is steered to its own side's CPUs (RPS, ``ClientNamespace.steer_rx``):
+  the server's CPUs process what the server receives, the client's CPUs what the client
+  receives, so the server's CPU no longer includes the client's TCP receive (on loopback,
+  and on a veth without steering, the receiver's stack runs in the sender's softirq).
+  ``netns?steer=0`` keeps veth's default (receive on the sender's CPU), the middle step
+  of the loopback/veth ablation (``parallelnet experiment stack``).
 * ``ssh://[user@]host[:port][?key=value&...]``: ``parallelnet loadgen ... --json -`` on
   that host, started with the system ``ssh`` (``BatchMode=yes``: never a prompt; a
   bounded ``ConnectTimeout``); its JSON comes back on stdout and becomes the same
@@ -60,7 +66,7 @@ import time
 from urllib.parse import parse_qsl, urlsplit
 
 #: What ``--client`` takes, for messages.
-SYNTAX = "local, netns or ssh://[user@]host[:port][?option=value&...]"
+SYNTAX = "local, netns[?steer=0] or ssh://[user@]host[:port][?option=value&...]"
 SSH_OPTIONS = ("identity", "known_hosts", "host_key_check", "connect_timeout", "bind",
                "parallelnet")
 HOST_KEY_CHECKS = ("yes", "accept-new", "no")
@@ -257,6 +263,10 @@ class Client:
     def server_args(self) -> list[str]:
         """What ``parallelnet serve`` needs so that the client can reach it."""
         return ["--host", self.bind, "--allow-remote"] if self.bind else []
+
+    def place(self, layout) -> None:
+        """Told the point's layout (experiments.measure.Layout) before its generator starts:
+        a placement that depends on it (netns's receive steering) adjusts here."""
 
     def prepare(self, spec):
         """The spec as this placement runs it (a copy)."""
@@ -523,9 +533,16 @@ class NetnsClient(Client):
     kind = "netns"
     elsewhere = False            # the same CPUs: only the packet path changes
 
-    def __init__(self) -> None:
+    def __init__(self, steer: bool = True) -> None:
         super().__init__()
         self.ns: ClientNamespace | None = None
+        self.steer = steer
+        self._steered: tuple | None = None      # (server CPUs, client CPUs) last written
+        self.masks: dict = {}
+
+    @property
+    def label(self) -> str:
+        return "netns" if self.steer else "netns?steer=0"
 
     def open(self) -> None:
         if self.ns is not None:
@@ -538,13 +555,14 @@ class NetnsClient(Client):
 
     def close(self) -> None:
         ns, self.ns, self.bind, self.opened = self.ns, None, None, False
+        self._steered = None
         if ns is not None:
             ns.__exit__(None, None, None)
 
     def facts(self) -> dict:
         ns = self.ns
         return {"placement": self.label, "server_bind": self.bind,
-                "namespace": ns.name if ns else None,
+                "namespace": ns.name if ns else None, "steer_rx": self.steer,
                 "veth": {"host": ns.host_if, "client": ns.ns_if,
                          "subnet": str(ns.network)} if ns else None,
                 "client_address": ns.client_address if ns else None,
@@ -557,7 +575,20 @@ class NetnsClient(Client):
             from parallelnet.experiments.loadgen.netns import NetnsError
 
             raise NetnsError("--client netns: not opened (the run opens it)")
+        if self._steered is None:       # a generator started outside measure(): no layout
+            client = sorted(spec.cpus or ())
+            self._steer(sorted(set(os.sched_getaffinity(0)) - set(client)) or client, client)
         return dataclasses.replace(spec, netns=self.ns.name)
+
+    def place(self, layout) -> None:
+        if self.ns is not None:
+            self._steer(layout.server, layout.client)
+
+    def _steer(self, server_cpus, client_cpus) -> None:
+        want = (tuple(sorted(server_cpus)), tuple(sorted(client_cpus))) if self.steer else ((), ())
+        if want != self._steered:       # written when the layout changes, not per point
+            self.masks = self.ns.steer_rx(*want)
+            self._steered = want
 
 
 def parse_client(text: str | Client | None) -> Client:
@@ -568,6 +599,11 @@ def parse_client(text: str | Client | None) -> Client:
         return Client()
     if text == "netns":
         return NetnsClient()
+    if isinstance(text, str) and text.startswith("netns?"):
+        opts = dict(parse_qsl(text[len("netns?"):], keep_blank_values=True))
+        if set(opts) != {"steer"} or opts["steer"] not in ("0", "1"):
+            raise ValueError(f"--client {text!r}: netns takes one option, steer=0 or steer=1")
+        return NetnsClient(steer=opts["steer"] == "1")
     if isinstance(text, str) and text.startswith("ssh://"):
         return SshClient(text)
     raise ValueError(f"--client {text!r}: expected {SYNTAX}")

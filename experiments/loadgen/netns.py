@@ -198,6 +198,38 @@ class ClientNamespace:
 
     # ---- using it ---------------------------------------------------------------------
 
+    def steer_rx(self, host_cpus, client_cpus) -> dict:
+        """Receive Packet Steering on both ends of the veth pair: what arrives on the root
+        side (the server's receive path) is processed on ``host_cpus``, what arrives in the
+        namespace (the client's) on ``client_cpus``; an empty set turns steering off for
+        that end.  Returns the masks written, as hex strings.
+
+        Why: a veth transmit hands the packet to the peer's backlog on the *sending* CPU
+        (``netif_rx``), so without steering the receiver's TCP work runs in the sender's
+        softirq, as on loopback: the server's CPU pays for the client's receive and the
+        other way round.  ``rps_cpus`` (Documentation/networking/scaling.rst) makes the
+        backlog enqueue go to a CPU of the mask (chosen by flow hash) and raise its softirq
+        there by IPI, so each side pays for its own receive, as with a NIC whose interrupts
+        go to the receiver's CPUs.  The mask is a queue attribute in sysfs, which shows a
+        namespace's devices only to a process that mounted sysfs inside it: the client end
+        is written through ``ip netns exec`` (it mounts a fresh sysfs)."""
+        def mask(cpus) -> str:
+            return format(sum(1 << c for c in set(cpus)), "x")
+
+        m_host, m_client = mask(host_cpus), mask(client_cpus)
+        for q in os.listdir(f"/sys/class/net/{self.host_if}/queues"):
+            if q.startswith("rx-"):
+                with open(f"/sys/class/net/{self.host_if}/queues/{q}/rps_cpus", "w") as f:
+                    f.write(m_host)
+        script = (f'for q in /sys/class/net/{self.ns_if}/queues/rx-*; do '
+                  f'echo {m_client} > "$q/rps_cpus" || exit 1; done')
+        r = subprocess.run(["ip", "netns", "exec", self.name, "sh", "-c", script],
+                           capture_output=True, text=True, timeout=10)
+        if r.returncode != 0:
+            raise NetnsError(f"could not steer {self.ns_if}'s receive to CPUs {sorted(client_cpus)}: "
+                             f"{(r.stderr or r.stdout).strip() or 'exit ' + str(r.returncode)}")
+        return {"host_rps_cpus": m_host, "client_rps_cpus": m_client}
+
     def sysctl(self, key: str, value: str) -> None:
         """Set a per-namespace sysctl (e.g. ``net.ipv4.ip_local_port_range``, "40000
         40100") inside this namespace only."""
