@@ -19,8 +19,10 @@ Kernel facts relied on:
   slept (blocked in a wait); ``nonvoluntary_ctxt_switches`` the times it was preempted.
   A woken epoll waiter that finds nothing to do and sleeps again inside ``epoll_wait``
   never returns to user space, so it shows here and nowhere else.
-* ``/proc/stat`` per-CPU jiffies say how busy each CPU was (harness.NoiseProbe), which is
+* ``/proc/stat`` per-CPU jiffies say how busy each CPU was (:class:`NoiseProbe`), which is
   what decides the **bottleneck** of a point (:func:`bottleneck`).
+
+Every ``/proc`` file is read through ``core/procfs.py`` (the project's one parser of them).
 
 Where the generator runs is the run's client placement (experiments/remote.py:
 ``local``, ``netns``, ``ssh://...``): :func:`measure` takes it from its ``client``
@@ -32,15 +34,26 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
 import time
 from dataclasses import dataclass, field
+from typing import Protocol
 
-from parallelnet.experiments.harness import (
-    NoiseProbe, ServerHandle, _descendants, all_processes, read_records, window,
-)
+from parallelnet.core import procfs
+from parallelnet.experiments.records import read_records, window
 
-_CLK_TCK = os.sysconf("SC_CLK_TCK")
+_CLK_TCK = procfs.CLK_TCK
 BUSY = 0.90   # a CPU busy at least this fraction of the window counts as saturated
+NOISE_LIMIT = 0.05  # steal or others' CPU above 5% of one CPU over the window: noisy
+
+
+class ServedProcess(Protocol):
+    """What :func:`measure` needs of the server under test (a ``ServerHandle`` of the
+    experiment runner): its process, its stats file, when it said "listening on"."""
+
+    proc: subprocess.Popen
+    stats_path: str
+    t_listen: float   # monotonic
 
 #: The load generator runs on another machine for the run in progress (``--client
 #: ssh://...``): set by the framework for a run's duration (:func:`client_elsewhere`).
@@ -87,47 +100,59 @@ class Layout:
         return cls(server, client)
 
 
-def _tasks(pids) -> list[tuple[int, int]]:
-    out = []
-    for pid in pids:
-        try:
-            out += [(pid, int(t)) for t in os.listdir(f"/proc/{pid}/task")]
-        except OSError:
-            continue
-    return out
+@dataclass
+class NoiseProbe:
+    """Snapshot /proc at the start and end of a measured window.
 
+    Over the window it reports, per CPU, busy/steal/irq/softirq fractions, and the CPU
+    (in CPUs, i.e. seconds per second) used by:
 
-def _schedstat_ns(pid: int, tid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
-            return int(f.read().split()[0])
-    except (OSError, ValueError, IndexError):
-        return 0
+    * ``others_cpu``: user processes that are neither ours (``pids`` and all their
+      descendants: server workers, a child client such as wrk) — another tenant of the
+      machine, a stray job: this is the noise that disqualifies a run;
+    * ``kthreads_cpu``: kernel threads (ksoftirqd, kworkers...), reported, not flagged,
+      since on loopback they often do our own network processing.
 
+    A run is ``noisy`` when steal on some CPU or ``others_cpu`` exceeds NOISE_LIMIT.
+    """
 
-def _proc_ticks(pid: int) -> tuple[int, int]:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            raw = f.read()
-    except OSError:
-        return 0, 0
-    fields = raw[raw.rindex(b")") + 2:].split()
-    return int(fields[11]), int(fields[12])
+    pids: list[int]                       # server and client processes (roots)
+    cpus: dict = field(default_factory=dict)
+    procs: dict = field(default_factory=dict)
+    t: float = 0.0
 
+    def start(self) -> "NoiseProbe":
+        self.cpus, self.procs, self.t = procfs.cpu_jiffies(), procfs.all_processes(), time.monotonic()
+        return self
 
-def ctx_switches(pid: int, tid: int) -> tuple[int, int]:
-    """(voluntary, nonvoluntary) context switches of one thread; (0, 0) once it is gone."""
-    vol = inv = 0
-    try:
-        with open(f"/proc/{pid}/task/{tid}/status") as f:
-            for line in f:
-                if line.startswith("voluntary_ctxt_switches"):
-                    vol = int(line.split()[1])
-                elif line.startswith("nonvoluntary_ctxt_switches"):
-                    inv = int(line.split()[1])
-    except OSError:
-        pass
-    return vol, inv
+    def stop(self) -> dict:
+        cpus, procs, t = procfs.cpu_jiffies(), procfs.all_processes(), time.monotonic()
+        wall = max(t - self.t, 1e-9)
+        per_cpu = {}
+        for name, after in cpus.items():
+            if name == "cpu":
+                continue
+            d = [b - a for a, b in zip(self.cpus.get(name, after), after)]
+            total = sum(d[:8]) or 1
+            per_cpu[name] = {"busy": (total - d[3] - d[4]) / total,
+                             "steal": d[7] / total if len(d) > 7 else 0.0,
+                             "softirq": d[6] / total, "irq": d[5] / total}
+        ours = procfs.descendants(self.pids, {**self.procs, **procs})
+        others = kthreads = 0
+        for pid, st in procs.items():
+            if pid in ours:
+                continue
+            before = self.procs.get(pid)
+            used = st.utime + st.stime - (before.utime + before.stime if before else 0)
+            if st.kthread:
+                kthreads += used
+            else:
+                others += used
+        steal = max((c["steal"] for c in per_cpu.values()), default=0.0)
+        others_cpu = others / _CLK_TCK / wall
+        return {"wall_s": wall, "per_cpu": per_cpu, "steal_max": steal,
+                "others_cpu": others_cpu, "kthreads_cpu": kthreads / _CLK_TCK / wall,
+                "ncpu": len(per_cpu), "noisy": steal > NOISE_LIMIT or others_cpu > NOISE_LIMIT}
 
 
 @dataclass
@@ -142,13 +167,14 @@ class TreeSample:
 
     @classmethod
     def take(cls, root: int, workers: list[tuple[int, int]]) -> "TreeSample":
-        pids = sorted(_descendants([root], {p: v for p, v in all_processes().items()}))
-        cpu = sum(_schedstat_ns(p, t) for p, t in _tasks(pids))
+        pids = sorted(procfs.descendants([root], procfs.all_processes()))
+        cpu = sum(procfs.process_cpu_ns(p) for p in pids)
         ut = st = 0
         for p in pids:
-            u, s = _proc_ticks(p)
-            ut, st = ut + u, st + s
-        return cls(time.monotonic(), cpu, ut, st, {w: ctx_switches(*w) for w in workers})
+            stat = procfs.read_stat(p)
+            if stat is not None:
+                ut, st = ut + stat.utime, st + stat.stime
+        return cls(time.monotonic(), cpu, ut, st, {w: procfs.ctx_switches(*w) for w in workers})
 
 
 def worker_tasks(stats_path: str, wait: float = 2.0) -> list[tuple[int, int]]:
@@ -213,7 +239,7 @@ def bottleneck(per_cpu: dict, layout: Layout, open_loop: bool, rate_met: bool,
     return "offered" if open_loop and rate_met else "neither"
 
 
-def measure(srv: ServerHandle, spec, layout: Layout, extra_pids: tuple = (),
+def measure(srv: ServedProcess, spec, layout: Layout, extra_pids: tuple = (),
             per_worker: bool = True, client=None) -> dict:
     """Run ``spec`` (a loadgen.LoadSpec) against ``srv`` and return one record.
 
@@ -303,7 +329,7 @@ def measure(srv: ServerHandle, spec, layout: Layout, extra_pids: tuple = (),
     return rec
 
 
-def _worker_window(srv: ServerHandle, t0: float, t1: float) -> list[dict] | None:
+def _worker_window(srv: ServedProcess, t0: float, t1: float) -> list[dict] | None:
     """Per-worker counter deltas from the server's own stats records inside [t0, t1]
     (our monotonic clock, mapped to the server's: seconds since it said "listening")."""
     try:

@@ -9,7 +9,8 @@ import pytest
 
 from conftest import require_backend
 from parallelnet.experiments.cli import run_one
-from parallelnet.experiments.harness import NoiseProbe, window
+from parallelnet.experiments.measure import NoiseProbe
+from parallelnet.experiments.records import window
 
 
 def smoke(name, tmp_path):
@@ -64,10 +65,11 @@ def test_noise_probe_reports_every_cpu():
 
 
 def test_noise_counts_our_descendants_as_ours():
-    from parallelnet.experiments.harness import _descendants
+    from parallelnet.core.procfs import TaskStat, descendants
 
-    procs = {1: (0, 0, 0), 10: (1, 0, 5), 11: (10, 0, 5), 12: (11, 0, 5), 20: (1, 0, 5)}
-    assert _descendants([10], procs) == {10, 11, 12}
+    tree = {1: 0, 10: 1, 11: 10, 12: 11, 20: 1}   # pid -> ppid
+    procs = {pid: TaskStat(pid, "x", "S", ppid, 0, 5, 0, 0) for pid, ppid in tree.items()}
+    assert descendants([10], procs) == {10, 11, 12}
 
 
 def test_accept_experiment_smoke(tmp_path):
