@@ -34,7 +34,8 @@ from parallelnet.core.listeners import (
 )
 from parallelnet.core.protocols import ProtocolSpec, make_spec
 from parallelnet.core.stats import WorkerStats
-from parallelnet.core.workers import Workers, make_workers
+from parallelnet.core.forked import ProcessWorkers
+from parallelnet.core.workers import ThreadWorkers, Workers
 
 log = logging.getLogger("parallelnet.server")
 
@@ -210,8 +211,11 @@ class Server:
         if cfg.accept == "dispatch":
             self._channels = make_channels(len(self.cpus))
         self._started = time.monotonic()
-        self.workers = make_workers(cfg.mode, self.backend_cls, self.stats, self._context,
-                                    self._channels)
+        if cfg.mode == "thread":
+            self.workers = ThreadWorkers(self.backend_cls, self.stats, self._context)
+        else:
+            self.workers = ProcessWorkers(self.backend_cls, self.stats, self._context,
+                                          self._channels)
         self.workers.start(time.monotonic() + READY_TIMEOUT)
         missing = self.workers.wait_ready(READY_TIMEOUT)
         if missing:
