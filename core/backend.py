@@ -255,33 +255,42 @@ def check_declarations(cls) -> str | None:
     return None
 
 
+def _entry_points() -> dict:
+    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def _load(ep) -> type[Backend]:
+    """The class an entry point names, or a stand-in whose probe says why it cannot be."""
+    try:
+        cls = ep.load()
+    except Exception as exc:  # noqa: BLE001 - reported, not hidden
+        return _unloadable(ep.name, f"cannot import {ep.value}: {exc!r}")
+    wrong = check_declarations(cls)
+    return _unloadable(ep.name, f"{ep.value}: {wrong}") if wrong else cls
+
+
+def backend_names() -> list[str]:
+    """The names registered under the entry-point group, sorted, without importing any
+    backend module (``serve --backend X`` imports X's module only)."""
+    return sorted(_entry_points())
+
+
 def registry() -> dict[str, type[Backend]]:
-    """Every backend registered under the entry-point group, by name.
+    """Every backend registered under the entry-point group, by name (each module imported).
 
     A backend whose module fails to import, or whose declarations are incomplete, is
     still listed, as a stand-in whose probe reports why: a broken plugin must not hide
     the others, and must not pass unnoticed either.
     """
-    found: dict[str, type[Backend]] = {}
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        try:
-            cls = ep.load()
-        except Exception as exc:  # noqa: BLE001 - reported, not hidden
-            cls = _unloadable(ep.name, f"cannot import {ep.value}: {exc!r}")
-        else:
-            wrong = check_declarations(cls)
-            if wrong:
-                cls = _unloadable(ep.name, f"{ep.value}: {wrong}")
-        found[ep.name] = cls
-    return dict(sorted(found.items()))
+    return {name: _load(ep) for name, ep in sorted(_entry_points().items())}
 
 
 def get_backend(name: str) -> type[Backend]:
-    backends = registry()
-    try:
-        return backends[name]
-    except KeyError:
-        raise BackendError(f"unknown backend {name!r}; registered: {', '.join(backends)}") from None
+    """One backend by name, importing its module alone (a broken one: as in ``registry``)."""
+    eps = _entry_points()
+    if name not in eps:
+        raise BackendError(f"unknown backend {name!r}; registered: {', '.join(sorted(eps))}")
+    return _load(eps[name])
 
 
 def _unloadable(name: str, reason: str) -> type[Backend]:

@@ -1159,6 +1159,7 @@ def main_from_args(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """drive a server with the C load generator (see: parallelnet loadgen -h)"""
     from parallelnet.core.cli import DefaultsOnce, OneLineParser  # one line per mistake
 
     parser = OneLineParser(prog="parallelnet loadgen", formatter_class=DefaultsOnce)
