@@ -67,7 +67,7 @@ from __future__ import annotations
 import functools
 import os
 
-from parallelnet.backends.base import (
+from parallelnet.core.backend import (
     DISPATCH, EXCLUSIVE, REUSEPORT, SHARED, Availability, Backend, BackendError,
 )
 from parallelnet.backends.ccore import fill_limits, install_notes

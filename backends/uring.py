@@ -1,6 +1,6 @@
 """io_uring through a small C event core: completions reaped in C, the protocol in Python.
 
-A completion backend owns its loop (backends/base.py): it submits operations, the kernel
+A completion backend owns its loop (core/backend.py: Backend): it submits operations, the kernel
 completes them, and every buffer the kernel may still write stays pinned until the
 completion that releases it has been seen.  Per worker:
 
@@ -127,7 +127,7 @@ import resource
 import threading
 import time
 
-from parallelnet.backends.base import (
+from parallelnet.core.backend import (
     DISPATCH, REUSEPORT, SHARED, Availability, Backend, BackendError,
 )
 from parallelnet.backends.ccore import fill_limits, install_notes

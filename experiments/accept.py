@@ -24,7 +24,7 @@ import statistics
 import sys
 import time
 
-from parallelnet.backends.base import registry
+from parallelnet.core.backend import registry
 from parallelnet.core.listeners import layout_of
 from parallelnet.core.stats import add_observable, jain_index, max_min_ratio
 from parallelnet.experiments.harness import (

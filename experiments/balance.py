@@ -79,7 +79,7 @@ def layout() -> Layout:
 
 def configs(p: dict) -> list[str]:
     """``backend/mode/strategy`` for each requested configuration the machine can run."""
-    from parallelnet.backends.base import registry
+    from parallelnet.core.backend import registry
     from parallelnet.core.listeners import layout_of
 
     names = sorted({c.split("/")[0] for c in p["configs"]})

@@ -701,7 +701,7 @@ def write_pyperf(path: str, exp: Experiment, records: list[dict], run_meta: dict
 def available_backends(names) -> tuple[list[str], dict[str, str]]:
     """(the available ones among ``names`` — "all" for every registered backend — and
     {name: why not} for the others).  Summaries list the skipped ones with the reason."""
-    from parallelnet.backends.base import registry
+    from parallelnet.core.backend import registry
 
     reg = registry()
     wanted = list(reg) if names in ("all", None) else list(names)

@@ -64,7 +64,7 @@ def layout_for(placement: str, n: int) -> tuple[Layout, list[int]]:
 
 def configs(p: dict) -> list[str]:
     """``backend/mode/strategy`` for every available backend, mode and strategy it serves."""
-    from parallelnet.backends.base import registry
+    from parallelnet.core.backend import registry
 
     backends, skipped = available_backends(p["backends"])
     p["skipped"] = skipped

@@ -45,7 +45,7 @@ TAIL = "@tail"   # variant: the hogged worker registers the listener last
 
 
 def strategies_for(backend: str, wanted: list[str]) -> list[str]:
-    from parallelnet.backends.base import registry
+    from parallelnet.core.backend import registry
     from parallelnet.core.listeners import layout_of
 
     served = registry()[backend].accept_strategies

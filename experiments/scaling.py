@@ -66,7 +66,7 @@ def worker_counts(p: dict) -> list[int]:
 
 
 def configs(p: dict) -> list[tuple[str, str, str]]:
-    from parallelnet.backends.base import registry
+    from parallelnet.core.backend import registry
     from parallelnet.experiments.imbalance import strategies_for
 
     backends, skipped = available_backends(p["backends"])

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from parallelnet.backends.base import registry
+from parallelnet.core.backend import registry
 from parallelnet.core import client
 from parallelnet.core.launch import serve_command, spawn_server_all
 
