@@ -310,7 +310,6 @@ class AsyncioBackend(Backend):
     name = "asyncio"
     description = "asyncio event loop per worker thread (SelectorEventLoop/epoll), Protocol"
     kind = "readiness"
-    follows_policy = True
     accept_strategies = frozenset({SHARED, REUSEPORT, DISPATCH})
     max_listeners = None
     #: Whether to read through ``get_buffer`` (``_ReadIntoConnection``) to bound reads.

@@ -24,7 +24,7 @@ taken, from any thread, so monitoring never interrupts the loop.  Signals are ta
 the process's main thread (in process mode the worker runs in a thread of the forked
 child, see ``core.server._child_main``), which sets the stop eventfd.
 
-The connection policy (core/policy.py, ``follows_policy``) is the C loop's, with the
+The connection policy (core/policy.py) is the C loop's, with the
 arithmetic of backends/policy_core.h: backpressure marks, finish-after-flush, the idle
 timeout and the request deadline (total, from a request's first byte, extended by
 ``--header-min-rate``), checked at ``Limits.timer_tick()`` while a connection is open
@@ -139,7 +139,6 @@ class NativeBackend(Backend):
     description = "the seed's design in C: epoll loop with the GIL released, echo/http in C"
     kind = "readiness"
     accept_strategies = frozenset({SHARED, EXCLUSIVE, REUSEPORT, DISPATCH})
-    follows_policy = True
     max_listeners = 8   # native_core.c's NC_MAX_LISTENERS
 
     @classmethod

@@ -111,7 +111,6 @@ class ReadinessLoop(Backend):
     """The shared loop.  Subclasses supply the multiplexer primitives and event bits."""
 
     kind: ClassVar[str] = "readiness"
-    follows_policy: ClassVar[bool] = True
     accept_strategies = frozenset({SHARED, REUSEPORT, DISPATCH})
     max_listeners: ClassVar[int | None] = None
 

@@ -90,7 +90,7 @@ completion that releases it has been seen.  Per worker:
   core/accept.py's numbers, backends/policy_core.h in C) and the wait is bounded by its
   resume time.  ``extra["accept_errors"]``/``["accept_backoffs"]``; an episode is logged
   once, at its start (a callback from C, backends/ccore.py), as is a hand-off loss.
-* **The connection policy** (core/policy.py; ``follows_policy``): rules 1-4 and 9 are
+* **The connection policy** (core/policy.py): rules 1-4 and 9 are
   the C core's own (feed order, backpressure marks, half-close, finish, the drain's
   ``DRAIN_READS``); Python applies rule 5 (a handler failure) and rule 3's protocol call
   through ``ConnectionPolicy``.  Rules 6-8 run in C too (backends/policy_core.h): each
@@ -610,7 +610,6 @@ class IoUringBackend(Backend):
 
     kind = "completion"
     accept_strategies = frozenset({SHARED, REUSEPORT, DISPATCH})
-    follows_policy = True
     max_listeners = MAX_LISTENERS   # one armed accept per listener per ring
     ring: Ring | None = None
 

@@ -184,11 +184,6 @@ class Backend(abc.ABC):
     #: silently ignored: an explicit flag for one (``--idle-timeout 5``) is refused at
     #: startup with the reason; left at its default it is disabled with a warning.
     unsupported_limits: ClassVar[dict[str, str]] = {}
-    #: Whether this backend enforces the per-connection rules as core/policy.py writes
-    #: them (total header deadline from a request's first byte, minimum rate, ...).
-    #: False: it predates them - ``serve`` says so, ``--header-min-rate`` is refused, and
-    #: the suite reports its deadline checks as expected failures naming it.
-    follows_policy: ClassVar[bool] = False
     #: Extra ``serve`` arguments the conformance suite runs this backend with, one
     #: configuration per entry (a backend-specific mode: ``("--epoll-edge",)``).  An entry
     #: may name its own strategy: ``("--accept", "dispatch", "--x-handoff", "y")``.
@@ -205,10 +200,7 @@ class Backend(abc.ABC):
     @classmethod
     def unsupported(cls, limit: str) -> str | None:
         """Why this backend does not enforce ``limit`` (a ``Limits`` field), or None."""
-        why = cls.unsupported_limits.get(limit)
-        if why is None and limit == "header_min_rate" and not cls.follows_policy:
-            why = "this backend does not follow the connection policy (core/policy.py) yet"
-        return why
+        return cls.unsupported_limits.get(limit)
 
     @classmethod
     def preflight(cls, limits: Limits, options: argparse.Namespace) -> None:

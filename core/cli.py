@@ -446,10 +446,6 @@ def _limits_from_args(args: argparse.Namespace) -> Limits:
         explicit = bool(value) if name in _OPTIONAL_LIMITS else value != getattr(Limits(), name)
         if why and explicit:
             raise BackendError(f"backend {args.backend} cannot enforce {flag}: {why}")
-    if cls is not None and not cls.follows_policy and getattr(args, "header_timeout", None):
-        print(f"warning: backend {args.backend} predates the connection policy: its "
-              f"--header-timeout closes a request after S seconds without progress, not S "
-              f"seconds after its first byte (docs/faults.md)", file=sys.stderr)
     return lim
 
 

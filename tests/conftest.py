@@ -245,18 +245,11 @@ LIMIT_FLAGS = {"idle_timeout": "--idle-timeout", "header_timeout": "--header-tim
 _FLAG_VALUE = {"max_connections": "7", "max_output": "7", "header_min_rate": "100"}
 
 
-def policy_outcome(request, backend: str, *limits: str, new_rule: bool = True) -> None:
-    """The explicit outcome for a backend that does not enforce ``limits`` as core/policy.py
-    writes them - never a silent PASS:
-
-    * declared unsupported (``Backend.unsupported``): check that asking for it is refused
-      at startup naming the flag and the backend, then end as an expected failure that
-      names the reason;
-    * enforced by an older rule (``follows_policy`` False) and ``new_rule`` (the test checks
-      what only the policy's rule does): the test runs, marked as a
-      strict expected failure - it must fail (the old rule) and the day the backend
-      meets the rule it XPASSes, which fails until the backend declares ``follows_policy``.
-    """
+def policy_outcome(request, backend: str, *limits: str) -> None:
+    """The explicit outcome for a backend that declares ``limits`` unsupported
+    (``Backend.unsupported``) - never a silent PASS: check that asking for one is refused
+    at startup naming the flag and the backend, then end as an expected failure that names
+    the reason.  A backend that enforces them all: the test goes on."""
     cls = BACKENDS[backend]
     refused = [(name, cls.unsupported(name)) for name in limits if cls.unsupported(name)]
     for name, why in refused:
@@ -269,9 +262,6 @@ def policy_outcome(request, backend: str, *limits: str, new_rule: bool = True) -
     if refused:
         pytest.xfail(f"{backend} declares {', '.join(n for n, _ in refused)} unsupported "
                      f"({refused[0][1]}); the refusal at startup was checked")
-    if new_rule and not cls.follows_policy:
-        request.applymarker(pytest.mark.xfail(
-            strict=True, reason=f"{backend} predates the connection policy (follows_policy False)"))
 
 
 def _backend_of(test_id: str) -> str | None:

@@ -82,7 +82,7 @@ def test_the_deadline_restarts_with_each_request(request, backend, tmp_path):
     """Keep-alive: whole requests one after another, each started within its deadline,
     keep the connection longer than one deadline: the clock is per request (the older
     per-progress rule passes this too)."""
-    policy_outcome(request, backend, "header_timeout", new_rule=False)
+    policy_outcome(request, backend, "header_timeout")
     srv = start_server(tmp_path, "--backend", backend, "--workers", "1", "--protocol", "http",
                        "--header-timeout", "1", "--idle-timeout", "30")
     with srv.connect() as s:
