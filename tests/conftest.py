@@ -288,3 +288,51 @@ def pytest_collection_modifyitems(config, items):
     if drop:
         config.hook.pytest_deselected(items=drop)
         items[:] = keep
+
+
+def open_fds() -> dict[int, str]:
+    """This process's open file descriptors: fd -> what it is (/proc/self/fd)."""
+    out = {}
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            out[int(name)] = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:
+            pass   # the directory's own fd, closed by now
+    return out
+
+
+def fds_left_by_a_server_run(config, connections: int = 4) -> dict[int, str]:
+    """Start an in-process ``Server(config)``, serve a few echo round trips, stop it (twice:
+    the first run is a warm-up); return the descriptors open after the second that were
+    not open before it (fd -> what it is).
+
+    The garbage collector is off for the run: a descriptor that only a collection would
+    close (a multiplexer object in a reference cycle) is a leak all the same - a worker
+    restarted in a long-lived process would pile them up until some later collection."""
+    import gc
+
+    from parallelnet.core.server import Server
+
+    def run() -> None:
+        srv = Server(config)
+        try:
+            host, port = srv.start()[:2]
+            for i in range(connections):
+                with socket.create_connection((host, port), timeout=10) as s:
+                    s.sendall(b"x" * (i + 1))
+                    assert recv_exactly(s, i + 1) == b"x" * (i + 1)
+        finally:
+            assert srv.stop()
+
+    # A first run pays what a library opens once per process (uvloop: one pipe, kept for
+    # the process's life); the second, measured, must leave nothing behind.
+    run()
+    gc.collect()
+    gc.disable()
+    try:
+        before = open_fds()
+        run()
+        after = open_fds()
+    finally:
+        gc.enable()
+    return {fd: what for fd, what in after.items() if fd not in before}
