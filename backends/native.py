@@ -163,7 +163,7 @@ class NativeBackend(Backend):
         self._protos: dict[int, object] = {}   # fd -> protocol object (python protocols)
         self._out = None                        # what C is sending from (kept alive)
         self.who = f"worker {ctx.index} ({self.name})"
-        # Python protocols: rules 3 and 5 here, rule 7's "incomplete?" answered per feed.
+        # Python protocols: rules eof and handler-failure here, rule request-deadline's "incomplete?" answered per feed.
         self._policy = ConnectionPolicy(ctx.limits, ctx.stats, self.who)
         self._factories = [p.factory for p in ctx.protocols]
         self._track = any(k == "python" and tracks_requests(p.factory())
@@ -241,7 +241,7 @@ class NativeBackend(Backend):
         return n
 
     def _py_pull(self, fd: int, out) -> int:
-        """Rule 10: the held answers of a Python protocol (the C loop pulls them)."""
+        """Rule held-answers: the held answers of a Python protocol (the C loop pulls them)."""
         proto = self._protos[fd]
         try:
             res, n = proto.pull()

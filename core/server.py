@@ -173,7 +173,7 @@ class Server:
         cfg = self.config
         by_name: dict[str, ProtocolSpec] = {}
         out = []
-        # Bounded output (core/policy.py rule 10): a protocol answers at most half of
+        # Bounded output (core/policy.py rule held-answers): a protocol answers at most half of
         # --max-output per call, so pending output stays within --max-output.
         options = {"output_budget": max(1, cfg.limits.max_output // 2), **cfg.protocol_options}
         for spec in self.specs:
@@ -311,7 +311,7 @@ class Server:
         t0 = time.monotonic()
         # Shortly before the drain deadline: who is still busy, with how many connections.
         # A worker that ends before the deadline had nothing left to send; one still
-        # running past it with connections open abandons them there (core/policy.py rule 9).
+        # running past it with connections open abandons them there (core/policy.py rule drain).
         check = t0 + max(0.0, drain - min(0.1, drain / 3))
         ok = self.join(max(0.0, min(check, t0 + timeout) - time.monotonic()))
         late_open = 0

@@ -2,7 +2,7 @@
 
 ``--header-timeout T`` closes a request still incomplete T seconds after its first byte,
 however steadily it trickles (nginx's client_header_timeout); ``--header-min-rate R``
-lets a request that keeps arriving at R B/s or faster go on (core/policy.py, rule 7).
+lets a request that keeps arriving at R B/s or faster go on (core/policy.py, rule request-deadline).
 Parametrised over the registry: a backend is checked the moment it is registered; one
 that does not enforce the rule yet gets an explicit outcome (conftest.policy_outcome).
 """
