@@ -143,7 +143,7 @@ class _ConnectionBase(ConnState):
         elif proto.more:
             self.hold()
 
-    # -- rule 10: held answers ----------------------------------------------------------
+    # -- rule held-answers: held answers ----------------------------------------------------------
 
     def hold(self) -> None:
         """The protocol holds answers: stop reading, and have the transport call
@@ -207,7 +207,7 @@ class _ConnectionBase(ConnState):
 
     def finish(self) -> None:
         """Read nothing more; close once pending output is flushed (transport.close) and
-        no answer is held (rule 10: ``pull_held`` finishes then)."""
+        no answer is held (rule held-answers: ``pull_held`` finishes then)."""
         self.worker.policy.finish(self, 1)
         if not self.held:
             self.transport.close()
@@ -257,7 +257,7 @@ class _ConnectionBase(ConnState):
         """At stop: answer what the kernel already holds for us (bounded), then finish."""
         if self.closing or self.transport is None or self.transport.is_closing():
             return
-        if not self.reading:  # backpressured: what it sent is not read (policy rule 9)
+        if not self.reading:  # backpressured: what it sent is not read (policy rule drain)
             self.finish()
             return
         tr = self.transport
@@ -310,7 +310,6 @@ class AsyncioBackend(Backend):
     name = "asyncio"
     description = "asyncio event loop per worker thread (SelectorEventLoop/epoll), Protocol"
     kind = "readiness"
-    follows_policy = True
     accept_strategies = frozenset({SHARED, REUSEPORT, DISPATCH})
     max_listeners = None
     #: Whether to read through ``get_buffer`` (``_ReadIntoConnection``) to bound reads.

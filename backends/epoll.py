@@ -12,7 +12,7 @@ import argparse
 import select
 import time
 
-from parallelnet.backends.base import (
+from parallelnet.core.backend import (
     DISPATCH, EXCLUSIVE, EXCLUSIVE_ROTATE, REUSEPORT, SHARED, Availability,
 )
 from parallelnet.backends.readiness import ReadinessLoop

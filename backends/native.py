@@ -24,7 +24,7 @@ taken, from any thread, so monitoring never interrupts the loop.  Signals are ta
 the process's main thread (in process mode the worker runs in a thread of the forked
 child, see ``core.server._child_main``), which sets the stop eventfd.
 
-The connection policy (core/policy.py, ``follows_policy``) is the C loop's, with the
+The connection policy (core/policy.py) is the C loop's, with the
 arithmetic of backends/policy_core.h: backpressure marks, finish-after-flush, the idle
 timeout and the request deadline (total, from a request's first byte, extended by
 ``--header-min-rate``), checked at ``Limits.timer_tick()`` while a connection is open
@@ -67,7 +67,7 @@ from __future__ import annotations
 import functools
 import os
 
-from parallelnet.backends.base import (
+from parallelnet.core.backend import (
     DISPATCH, EXCLUSIVE, REUSEPORT, SHARED, Availability, Backend, BackendError,
 )
 from parallelnet.backends.ccore import fill_limits, install_notes
@@ -139,7 +139,6 @@ class NativeBackend(Backend):
     description = "the seed's design in C: epoll loop with the GIL released, echo/http in C"
     kind = "readiness"
     accept_strategies = frozenset({SHARED, EXCLUSIVE, REUSEPORT, DISPATCH})
-    follows_policy = True
     max_listeners = 8   # native_core.c's NC_MAX_LISTENERS
 
     @classmethod
@@ -164,7 +163,7 @@ class NativeBackend(Backend):
         self._protos: dict[int, object] = {}   # fd -> protocol object (python protocols)
         self._out = None                        # what C is sending from (kept alive)
         self.who = f"worker {ctx.index} ({self.name})"
-        # Python protocols: rules 3 and 5 here, rule 7's "incomplete?" answered per feed.
+        # Python protocols: rules eof and handler-failure here, rule request-deadline's "incomplete?" answered per feed.
         self._policy = ConnectionPolicy(ctx.limits, ctx.stats, self.who)
         self._factories = [p.factory for p in ctx.protocols]
         self._track = any(k == "python" and tracks_requests(p.factory())
@@ -242,7 +241,7 @@ class NativeBackend(Backend):
         return n
 
     def _py_pull(self, fd: int, out) -> int:
-        """Rule 10: the held answers of a Python protocol (the C loop pulls them)."""
+        """Rule held-answers: the held answers of a Python protocol (the C loop pulls them)."""
         proto = self._protos[fd]
         try:
             res, n = proto.pull()

@@ -21,7 +21,7 @@
  *  - connection readable: one recv() per wakeup, protocol, send at once; what the
  *    kernel does not take is queued in order, EPOLLOUT is armed.  Past max_output
  *    pending bytes reading pauses (backpressure) until the queue drains below half.
- *  - bounded output (core/policy.py rule 10): a protocol answers at most max_output / 2
+ *  - bounded output (core/policy.py rule held-answers): a protocol answers at most max_output / 2
  *    per call and holds the rest (pstate_more, or the Python protocol's `more`); the
  *    connection is then *held*: not read (EPOLLIN off, output_holds), and pulled
  *    (proto_http_pull / nc_py_pull) while its queue is at or below max_output / 2, at
@@ -34,7 +34,7 @@
  *    (EPOLL_CTL_DEL) and re-added after a back-off (accept_backoff_ms, doubling to 1 s,
  *    reset by a successful accept); the wait's timeout is the next re-add, so a
  *    server out of fds does not spin.  Counted in accept_errors / accept_backoffs.
- *  - timeouts (core/policy.py rules 6-8, arithmetic in policy_core.h): each event
+ *  - timeouts (core/policy.py rules idle-timeout, request-deadline and coarse-timer, arithmetic in policy_core.h): each event
  *    stamps its connection with the clock read once per wakeup; a feed that leaves an
  *    HTTP request incomplete starts (or extends) its deadline, one that completes it
  *    clears it; while a connection is open the wait's timeout is the next coarse tick,
@@ -109,8 +109,8 @@ struct nc_config {
 
 /* What a Python protocol's feed/pull/eof hands back: bytes to send (owned by Python
  * until the next callback), whether the protocol is closing, whether it holds an
- * incomplete request (rule 7; only asked for protocols that can), and whether it holds
- * answers for a pull (rule 10). */
+ * incomplete request (rule request-deadline; only asked for protocols that can), and whether it holds
+ * answers for a pull (rule held-answers). */
 struct nc_out { const char *p; size_t len; int closing, partial, more; };
 
 /* extern "Python" callbacks (native.py), defined by cffi after this source; each takes
@@ -127,7 +127,7 @@ static void nc_py_handoff_lost(void *user, int err);
 
 /* ---- connections ------------------------------------------------------------- */
 struct conn {
-    int fd, reading, closing, held;   /* held: answers wait for a pull (rule 10) */
+    int fd, reading, closing, held;   /* held: answers wait for a pull (rule held-answers) */
     int lid, proto;            /* listener id it came in on; cfg.protocols[lid] */
     uint32_t events;
     struct buf out;
@@ -265,7 +265,7 @@ static int conn_hold(nc_core *c, struct conn *k)
     return conn_pull(c, k);
 }
 
-/* Rule 10: pull held answers while the queue is at or below the low mark, at most
+/* Rule held-answers: pull held answers while the queue is at or below the low mark, at most
  * max_output bytes per call (EPOLLOUT continues it); once nothing is held, finish or
  * resume reading.  Returns -1 if k was freed. */
 static int conn_pull(nc_core *c, struct conn *k)
@@ -304,7 +304,7 @@ static int conn_pull(nc_core *c, struct conn *k)
         ep_set(c, k, EPOLLOUT);
         return 0;
     }
-    if (k->out.len <= low) k->reading = 1;   /* resume (rule 2's condition) */
+    if (k->out.len <= low) k->reading = 1;   /* resume (rule backpressure's condition) */
     ep_set(c, k, (k->reading ? EPOLLIN : 0) | (k->out.len ? EPOLLOUT : 0));
     return 0;
 }
@@ -347,7 +347,7 @@ static int conn_read_once(nc_core *c, struct conn *k)
         int64_t n = proto_http_feed(&c->proto, &k->ps, c->rbuf, (size_t)r);
         if (n < 0) { conn_alloc_failed(c, k); return -1; }
         c->st->requests += (uint64_t)n;
-        if (pstate_partial(&k->ps) || k->pol.req_start_ms)   /* rule 7: only around a partial one */
+        if (pstate_partial(&k->ps) || k->pol.req_start_ms)   /* rule request-deadline: only around a partial one */
             pol_progress(&k->pol, pstate_partial(&k->ps), (uint64_t)n, (uint64_t)r, c->now_ms);
         if (conn_send(c, k, c->proto.scratch.p, c->proto.scratch.len) < 0) return -1;
         proto_scratch_done(&c->proto);
@@ -372,7 +372,7 @@ static void conn_writable(nc_core *c, struct conn *k)
         c->st->bytes_out += (uint64_t)s;
         buf_consume(o, (size_t)s);
     }
-    if (k->held) {   /* rule 10: pull the next answers once the queue is low */
+    if (k->held) {   /* rule held-answers: pull the next answers once the queue is low */
         if (o->len <= c->cfg.max_output / 2) conn_pull(c, k);
         return;
     }
@@ -636,7 +636,7 @@ static void dispatch(nc_core *c, struct epoll_event *evs, int n)
     }
 }
 
-/* Rules 6 and 7 at a tick: close what is past its idle or request deadline. */
+/* Rules idle-timeout and request-deadline at a tick: close what is past its idle or request deadline. */
 static void sweep(nc_core *c)
 {
     for (size_t fd = 0; fd < c->nconn_slots; fd++) {

@@ -42,7 +42,7 @@ loop cannot call into Python).
 
 from __future__ import annotations
 
-from parallelnet.backends.base import BackendError
+from parallelnet.core.backend import BackendError
 from parallelnet.backends.native import protocol_of
 from parallelnet.backends.uring import Ring, UringBackend, UringOptions, load
 

@@ -6,15 +6,15 @@
  * Python - native_core.c (epoll) and uring_core.c (io_uring: `uring`, `native-uring`) -
  * include this header instead, so the arithmetic exists once per language:
  *
- *  - rule 6, idle timeout: no bytes in or out for idle_ms;
- *  - rule 7, the request deadline: req_start_ms is set only by a feed that leaves a
+ *  - rule idle-timeout, idle timeout: no bytes in or out for idle_ms;
+ *  - rule request-deadline, the request deadline: req_start_ms is set only by a feed that leaves a
  *    request incomplete (a new request starts there if that feed completed others or
  *    none was pending), cleared by a feed that completes it; the deadline is
  *    start + header_ms + req_bytes / min_rate, and a finishing connection is not cut;
- *  - rule 8, the coarse timer: tick_ms is Limits.timer_tick(), computed in Python and
+ *  - rule coarse-timer, the coarse timer: tick_ms is Limits.timer_tick(), computed in Python and
  *    passed in; the core bounds its wait by the next tick only while a connection is
  *    open, and checks every connection when it is due;
- *  - rule 9, the drain: DRAIN_READS reads per connection at most;
+ *  - rule drain, the drain: DRAIN_READS reads per connection at most;
  *  - core/accept.py: the listener's back-off doubles from Limits.accept_backoff up to
  *    ACCEPT_BACKOFF_MAX_MS, and which accept(2) errors lose one connection only.
  *
@@ -40,7 +40,7 @@ struct pol_conn { int64_t last_ms, req_start_ms; uint64_t req_bytes; };
 
 enum { POL_LIVE = 0, POL_IDLE, POL_HEADER };
 
-/* Rule 7, after a feed that left a request incomplete (partial) or completed the one
+/* Rule request-deadline, after a feed that left a request incomplete (partial) or completed the one
  * that was (req_start_ms set); ConnectionPolicy.progress. */
 static inline void pol_progress(struct pol_conn *p, int partial, uint64_t completed,
                                 uint64_t nbytes, int64_t now_ms)
@@ -50,7 +50,7 @@ static inline void pol_progress(struct pol_conn *p, int partial, uint64_t comple
     else p->req_bytes += nbytes;
 }
 
-/* Rules 6 and 7 at a tick: POL_IDLE, POL_HEADER (past that deadline) or POL_LIVE;
+/* Rules idle-timeout and request-deadline at a tick: POL_IDLE, POL_HEADER (past that deadline) or POL_LIVE;
  * ConnectionPolicy.expired (the caller counts). */
 static inline int pol_expired(const struct pol_limits *l, const struct pol_conn *p, int closing,
                               int64_t now_ms)
@@ -64,7 +64,7 @@ static inline int pol_expired(const struct pol_limits *l, const struct pol_conn 
     return POL_LIVE;
 }
 
-/* Rule 8: whether the tick has come (and arm the next one); ConnectionPolicy.due. */
+/* Rule coarse-timer: whether the tick has come (and arm the next one); ConnectionPolicy.due. */
 static inline int pol_due(int64_t *next_ms, int64_t tick_ms, int64_t now_ms)
 {
     if (!tick_ms || now_ms < *next_ms) return 0;

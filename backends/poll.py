@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import select
 
-from parallelnet.backends.base import Availability
+from parallelnet.core.backend import Availability
 from parallelnet.backends.readiness import ReadinessLoop
 
 

@@ -14,7 +14,7 @@
  * worker (struct proto: the response table, rebuilt once a second for its Date line,
  * and the scratch buffer answers are built in).
  *
- * Bounded output (core/policy.py rule 10, core/protocols/base.py): one feed or pull
+ * Bounded output (core/policy.py rule held-answers, core/protocols/base.py): one feed or pull
  * answers at most about `budget` bytes (at least one answer or one body piece) and keeps
  * the rest of its input (`pstate.held`: `in` then holds unparsed input); a /bytes body
  * larger than INLINE_MAX, or than what is left of the budget, is streamed by
@@ -449,7 +449,7 @@ static void proto_scratch_done(struct proto *p)
  * is not: the core is not reading it. */
 static int pstate_partial(const struct pstate *k) { return (k->in.len > 0 && !k->held) || k->skip > 0; }
 
-/* Answers are held for proto_http_pull (rule 10: the core stops reading meanwhile). */
+/* Answers are held for proto_http_pull (rule held-answers: the core stops reading meanwhile). */
 static int pstate_more(const struct pstate *k) { return !k->pclosing && (k->held || k->body_left > 0); }
 
 /* Closing: nothing held or buffered is answered any more. */

@@ -111,7 +111,6 @@ class ReadinessLoop(Backend):
     """The shared loop.  Subclasses supply the multiplexer primitives and event bits."""
 
     kind: ClassVar[str] = "readiness"
-    follows_policy: ClassVar[bool] = True
     accept_strategies = frozenset({SHARED, REUSEPORT, DISPATCH})
     max_listeners: ClassVar[int | None] = None
 
@@ -415,7 +414,7 @@ class ReadinessLoop(Backend):
             self._pull(conn)
 
     def _pull(self, conn: Connection) -> None:
-        """Rule 10: held answers, pulled while pending output is at or below the low
+        """Rule held-answers: held answers, pulled while pending output is at or below the low
         mark; at most ``max_output`` bytes per call, then the next writable event goes on
         (other connections get their turn)."""
         proto = conn.proto
@@ -518,7 +517,7 @@ class ReadinessLoop(Backend):
                 conn.replied = self._now
         if conn.held:
             if len(out) <= self._policy.low:
-                self._pull(conn)   # rule 10: sends, resumes or closes as it must
+                self._pull(conn)   # rule held-answers: sends, resumes or closes as it must
             return
         action = self._policy.sent(conn, len(out))
         if action == CLOSE:
@@ -589,7 +588,7 @@ class ReadinessLoop(Backend):
             self._close(conn)
 
     def _read_remaining(self, conn: Connection) -> None:
-        """Read what the kernel already holds (bounded: rule 9), so those requests get
+        """Read what the kernel already holds (bounded: rule drain), so those requests get
         answers.  The drain's bounded twin of ``_on_readable``, kept apart so the
         per-event path carries no read counter."""
         recv = conn.sock.recv

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import select
 
-from parallelnet.backends.base import Availability
+from parallelnet.core.backend import Availability
 from parallelnet.backends.readiness import ReadinessLoop, RegistrationRefused
 
 FD_SETSIZE = 1024  # glibc's constant; not exposed by Python

@@ -1,6 +1,6 @@
 """io_uring through a small C event core: completions reaped in C, the protocol in Python.
 
-A completion backend owns its loop (backends/base.py): it submits operations, the kernel
+A completion backend owns its loop (core/backend.py: Backend): it submits operations, the kernel
 completes them, and every buffer the kernel may still write stays pinned until the
 completion that releases it has been seen.  Per worker:
 
@@ -90,10 +90,10 @@ completion that releases it has been seen.  Per worker:
   core/accept.py's numbers, backends/policy_core.h in C) and the wait is bounded by its
   resume time.  ``extra["accept_errors"]``/``["accept_backoffs"]``; an episode is logged
   once, at its start (a callback from C, backends/ccore.py), as is a hand-off loss.
-* **The connection policy** (core/policy.py; ``follows_policy``): rules 1-4 and 9 are
+* **The connection policy** (core/policy.py): rules feed, backpressure, eof, finish and drain are
   the C core's own (feed order, backpressure marks, half-close, finish, the drain's
-  ``DRAIN_READS``); Python applies rule 5 (a handler failure) and rule 3's protocol call
-  through ``ConnectionPolicy``.  Rules 6-8 run in C too (backends/policy_core.h): each
+  ``DRAIN_READS``); Python applies rule handler-failure and rule eof's protocol call
+  through ``ConnectionPolicy``.  Rules idle-timeout, request-deadline and coarse-timer run in C too (backends/policy_core.h): each
   connection is stamped on progress (data in, send completed) with a clock read once
   per wait, the wait is bounded by the coarse tick while connections are open, and each
   tick closes what is idle too long or past its request deadline.  The deadline needs
@@ -127,7 +127,7 @@ import resource
 import threading
 import time
 
-from parallelnet.backends.base import (
+from parallelnet.core.backend import (
     DISPATCH, REUSEPORT, SHARED, Availability, Backend, BackendError,
 )
 from parallelnet.backends.ccore import fill_limits, install_notes
@@ -610,7 +610,6 @@ class IoUringBackend(Backend):
 
     kind = "completion"
     accept_strategies = frozenset({SHARED, REUSEPORT, DISPATCH})
-    follows_policy = True
     max_listeners = MAX_LISTENERS   # one armed accept per listener per ring
     ring: Ring | None = None
 
@@ -688,7 +687,7 @@ class UringBackend(IoUringBackend):
         self.ring = ring = Ring(ctx, UringOptions.of(ctx.options), self.name)
         self.protos: dict[int, object] = {}
         self.stopping = False
-        # Rules 3 and 5 (the protocol's EOF, a handler failure); the others are the core's.
+        # Rules eof and handler-failure (the protocol's EOF, a handler failure); the others are the core's.
         self.policy = ConnectionPolicy(ctx.limits, ctx.stats, ring.who)
         self._process = self._batch_processor()
         ctx.stats.refresh = ring.refresh
@@ -735,7 +734,7 @@ class UringBackend(IoUringBackend):
         factories = [p.factory for p in self.ctx.protocols]   # by listener id
         policy = self.policy
         track = any(tracks_requests(f()) for f in factories)
-        incomplete: set[int] = set()   # ids whose request the core is timing (rule 7)
+        incomplete: set[int] = set()   # ids whose request the core is timing (rule request-deadline)
         send_failed = self._send_failed
 
         def process(ev: list) -> None:
@@ -784,9 +783,9 @@ class UringBackend(IoUringBackend):
                         send_failed(cid, rc)
                     elif proto.closing:
                         finish(core, cid)
-                    elif proto.more:   # rule 10: answers held; the core sends EV_PULL
+                    elif proto.more:   # rule held-answers: answers held; the core sends EV_PULL
                         hold(core, cid, 1)
-                elif kind == EV_PULL:   # rule 10: the connection's output is low again
+                elif kind == EV_PULL:   # rule held-answers: the connection's output is low again
                     proto = protos[cid]
                     try:
                         out, k = proto.pull()

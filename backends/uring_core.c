@@ -22,7 +22,7 @@
  *    uc_wait(), unless Python sent it back (PINNED): then it returns when that send
  *    completes.  The kernel never writes a buffer that is not in the ring.
  *
- * Bounded output (core/policy.py rule 10): a protocol that holds answers back at its
+ * Bounded output (core/policy.py rule held-answers): a protocol that holds answers back at its
  * output budget makes its connection *held* (uc_hold): reading stops as under
  * backpressure (not counted as such: output_holds), and each time the connection's
  * pending output is at or below max_output / 2 the core emits one EV_PULL, on which the
@@ -198,7 +198,7 @@ struct uc_stats {
              ring_fd_registered, util_pct, window_nr, closed_pct,
              /* the C-protocol mode's own (Python keeps these itself otherwise): */
              requests, opened, closed, errors, idle_timeouts, header_timeouts,
-             /* rule 10 and allocation failures (both modes): */
+             /* rule held-answers and allocation failures (both modes): */
              output_holds, alloc_failures, gathered_sends;
     /* Per listener id (the address a connection came in on): small arrays, one increment
      * beside the total's, so they add up to accepted and accept_cqes. */
@@ -220,7 +220,7 @@ struct uc_config {
     unsigned sqpoll_idle_ms;        /* >0: IORING_SETUP_SQPOLL, the kernel thread idles after this */
     unsigned zc_threshold;          /* >0: sends of at least this many bytes use IORING_OP_SEND_ZC */
     unsigned latency_budget_us;     /* the batching window's bound (0: off), see window_us() */
-    /* Idle and request deadlines, the timer tick (core/policy.py rules 6-8; 0: off): swept
+    /* Idle and request deadlines, the timer tick (core/policy.py rules idle-timeout, request-deadline and coarse-timer; 0: off): swept
      * here at each tick, in both modes.  An EV_TICK is reported at each tick too. */
     struct pol_limits limits;
     /* C-protocol mode (native-uring): 0 = events go to Python; else each connection is
@@ -254,7 +254,7 @@ struct conn {
     uint8_t used, reading, paused, recv_armed, recv_cancel, sending, closing, dead,
             eof, starved, drain_read, error, fixed;
     uint8_t was_paused;             /* in a backpressure episode since its queue last emptied */
-    uint8_t held, pull_due;         /* rule 10: answers held; an EV_PULL is on its way */
+    uint8_t held, pull_due;         /* rule held-answers: answers held; an EV_PULL is on its way */
     uint8_t backlogged;             /* output queued behind the send in flight (window_nr) */
     int64_t replied_ns;             /* when its output last drained (0: not since its last request) */
     uint8_t lid;                    /* listener id: which address (and protocol) it came in on */
@@ -644,7 +644,7 @@ static void on_recv_terminal(uc_core *c, int id)
     if (k->reading && !k->starved) arm_recv(c, id);
 }
 
-/* Rule 10: a held connection whose pending output is at or below the low mark gets one
+/* Rule held-answers: a held connection whose pending output is at or below the low mark gets one
  * EV_PULL (until the protocol has answered it with uc_hold). */
 static void pull_check(uc_core *c, int id)
 {
@@ -939,7 +939,7 @@ static void pool_trim(uc_core *c)
     c->st.idle_trims++;
 }
 
-/* Rules 6 and 7 at a tick (policy_core.h): close the connections idle too long or
+/* Rules idle-timeout and request-deadline at a tick (policy_core.h): close the connections idle too long or
  * whose request is past its deadline; a closed one is reported by EV_CLOSED as usual. */
 static void sweep(uc_core *c)
 {
@@ -1161,7 +1161,7 @@ static int uc_wait(uc_core *c, int timeout_ms)
         if (n < 256) break;
     }
     if (p_io_uring_cq_has_overflow(RING(c))) c->st.cq_overflows++;  /* flushed on the next enter */
-    /* The coarse timer (rule 8), after this batch's progress is stamped: the sweep runs
+    /* The coarse timer (rule coarse-timer), after this batch's progress is stamped: the sweep runs
      * here, for Python protocols as for C ones; the drain has its own deadline instead. */
     if (pol_due(&c->next_tick_ms, c->cfg.limits.tick_ms, c->now_ms)) {
         if (!c->draining) sweep(c);
@@ -1244,7 +1244,7 @@ static void uc_finish(uc_core *c, int id)
     if (!k->head && !k->held) conn_kill(c, id, 0);   /* held: once the last pull is done */
 }
 
-/* Rule 10, after a feed or an EV_PULL's pull: more = the protocol still holds answers.
+/* Rule held-answers, after a feed or an EV_PULL's pull: more = the protocol still holds answers.
  * Holding stops reading (the multishot recv is cancelled) and asks for an EV_PULL
  * whenever the pending output is low; releasing resumes reading (or, finishing, closes
  * once flushed).  uc_hold after a feed, uc_pulled after a pull: only the latter ends
@@ -1371,7 +1371,7 @@ static int uc_free(uc_core *c)
     return leaked ? 1 + kept : 0;
 }
 
-/* Rule 7 for a protocol in Python: after a feed that left a request incomplete
+/* Rule request-deadline for a protocol in Python: after a feed that left a request incomplete
  * (partial) or completed the one that was.  Python calls it only then, never on the
  * common path (whole requests in). */
 static void uc_progress(uc_core *c, int id, int partial, unsigned completed, unsigned nbytes)
@@ -1594,7 +1594,7 @@ static int uc_raw_wait(uc_core *c, int timeout_ms, uint64_t *ud, int32_t *res, u
  * returns only at stop: cffi releases the GIL for the whole loop.  Echo sends the
  * received provided buffer itself (uc_send_buf: no copy); HTTP answers are copied out of
  * the scratch buffer.  Timeouts are the core's own sweep (both modes); a feed that leaves
- * an HTTP request incomplete starts its deadline (rule 7), as uc_progress does for Python. */
+ * an HTTP request incomplete starts its deadline (rule request-deadline), as uc_progress does for Python. */
 static struct pstate *cp_state(uc_core *c, int id)
 {
     if (id >= c->ps_cap) {
@@ -1629,7 +1629,7 @@ static void cp_process(uc_core *c, int n)
                 int64_t done = proto_http_feed(&c->proto, ps, data, len);
                 if (done < 0) { uc_alloc_failed(c, id); break; }
                 c->st.requests += (uint64_t)done;
-                if (pstate_partial(ps) || c->conns[id].pol.req_start_ms)   /* rule 7 */
+                if (pstate_partial(ps) || c->conns[id].pol.req_start_ms)   /* rule request-deadline */
                     pol_progress(&c->conns[id].pol, pstate_partial(ps), (uint64_t)done, len, c->now_ms);
                 if (c->proto.scratch.len)
                     rc = uc_send_copy(c, id, c->proto.scratch.p, c->proto.scratch.len);
@@ -1640,7 +1640,7 @@ static void cp_process(uc_core *c, int n)
             else if (pstate_more(ps)) uc_hold(c, id, 1);
             break;
         }
-        case EV_PULL: {             /* rule 10: the next held answers */
+        case EV_PULL: {             /* rule held-answers: the next held answers */
             ps = &c->ps[id];
             const char *out;
             size_t olen;

@@ -310,12 +310,12 @@ class UringPyBackend(IoUringBackend):
             if c.reading:
                 self._read_remaining(c)
             else:
-                self._finish(c)   # paused: it finishes with what it has (rule 9)
+                self._finish(c)   # paused: it finishes with what it has (rule drain)
         elif c.reading and not c.closing:
             self._arm_recv(c)
 
     def _feed(self, c: Conn, data):
-        """Rules 1, 5 and 7: the protocol's output for ``data``, or None if it failed
+        """Rules feed, handler-failure and request-deadline: the protocol's output for ``data``, or None if it failed
         (then the connection is being closed)."""
         stats = self.ctx.stats
         stats.bytes_in += len(data)
@@ -366,13 +366,13 @@ class UringPyBackend(IoUringBackend):
             self._hold(c)
 
     def _hold(self, c: Conn) -> None:
-        """Rule 10: the protocol holds answers: stop the multishot recv, pull."""
+        """Rule held-answers: the protocol holds answers: stop the multishot recv, pull."""
         if self.policy.hold(c):
             self._cancel_recv(c)
         self._pull(c)
 
     def _pull(self, c: Conn) -> None:
-        """Rule 10: pull held answers while the output not yet taken is at or below the
+        """Rule held-answers: pull held answers while the output not yet taken is at or below the
         low mark (at most max_output bytes per call; the next send completion goes on)."""
         policy, proto = self.policy, c.proto
         produced = 0
@@ -400,7 +400,7 @@ class UringPyBackend(IoUringBackend):
             self._arm_recv(c)
 
     def _read_remaining(self, c: Conn) -> None:
-        """Drain: what the peer sent before stop, read synchronously (rule 9's bound)."""
+        """Drain: what the peer sent before stop, read synchronously (rule drain's bound)."""
         for _ in range(DRAIN_READS):
             if c.dead or c.closing:
                 return
@@ -444,7 +444,7 @@ class UringPyBackend(IoUringBackend):
         self._queued(c)
 
     def _queued(self, c: Conn) -> None:
-        """Rule 2: past the high mark, stop the multishot recv (it would keep completing)."""
+        """Rule backpressure: past the high mark, stop the multishot recv (it would keep completing)."""
         if self.policy.queued(c, c.pending()):
             self._cancel_recv(c)
 
@@ -500,7 +500,7 @@ class UringPyBackend(IoUringBackend):
             c.recv_cancel = True
 
     def _finish(self, c: Conn) -> None:
-        """Rule 4: read nothing more, close once the output is flushed."""
+        """Rule finish: read nothing more, close once the output is flushed."""
         if c.dead:
             return
         self._cancel_recv(c)

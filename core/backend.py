@@ -184,11 +184,6 @@ class Backend(abc.ABC):
     #: silently ignored: an explicit flag for one (``--idle-timeout 5``) is refused at
     #: startup with the reason; left at its default it is disabled with a warning.
     unsupported_limits: ClassVar[dict[str, str]] = {}
-    #: Whether this backend enforces the per-connection rules as core/policy.py writes
-    #: them (total header deadline from a request's first byte, minimum rate, ...).
-    #: False: it predates them - ``serve`` says so, ``--header-min-rate`` is refused, and
-    #: the suite reports its deadline checks as expected failures naming it.
-    follows_policy: ClassVar[bool] = False
     #: Extra ``serve`` arguments the conformance suite runs this backend with, one
     #: configuration per entry (a backend-specific mode: ``("--epoll-edge",)``).  An entry
     #: may name its own strategy: ``("--accept", "dispatch", "--x-handoff", "y")``.
@@ -205,10 +200,7 @@ class Backend(abc.ABC):
     @classmethod
     def unsupported(cls, limit: str) -> str | None:
         """Why this backend does not enforce ``limit`` (a ``Limits`` field), or None."""
-        why = cls.unsupported_limits.get(limit)
-        if why is None and limit == "header_min_rate" and not cls.follows_policy:
-            why = "this backend does not follow the connection policy (core/policy.py) yet"
-        return why
+        return cls.unsupported_limits.get(limit)
 
     @classmethod
     def preflight(cls, limits: Limits, options: argparse.Namespace) -> None:
@@ -255,33 +247,42 @@ def check_declarations(cls) -> str | None:
     return None
 
 
+def _entry_points() -> dict:
+    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def _load(ep) -> type[Backend]:
+    """The class an entry point names, or a stand-in whose probe says why it cannot be."""
+    try:
+        cls = ep.load()
+    except Exception as exc:  # noqa: BLE001 - reported, not hidden
+        return _unloadable(ep.name, f"cannot import {ep.value}: {exc!r}")
+    wrong = check_declarations(cls)
+    return _unloadable(ep.name, f"{ep.value}: {wrong}") if wrong else cls
+
+
+def backend_names() -> list[str]:
+    """The names registered under the entry-point group, sorted, without importing any
+    backend module (``serve --backend X`` imports X's module only)."""
+    return sorted(_entry_points())
+
+
 def registry() -> dict[str, type[Backend]]:
-    """Every backend registered under the entry-point group, by name.
+    """Every backend registered under the entry-point group, by name (each module imported).
 
     A backend whose module fails to import, or whose declarations are incomplete, is
     still listed, as a stand-in whose probe reports why: a broken plugin must not hide
     the others, and must not pass unnoticed either.
     """
-    found: dict[str, type[Backend]] = {}
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        try:
-            cls = ep.load()
-        except Exception as exc:  # noqa: BLE001 - reported, not hidden
-            cls = _unloadable(ep.name, f"cannot import {ep.value}: {exc!r}")
-        else:
-            wrong = check_declarations(cls)
-            if wrong:
-                cls = _unloadable(ep.name, f"{ep.value}: {wrong}")
-        found[ep.name] = cls
-    return dict(sorted(found.items()))
+    return {name: _load(ep) for name, ep in sorted(_entry_points().items())}
 
 
 def get_backend(name: str) -> type[Backend]:
-    backends = registry()
-    try:
-        return backends[name]
-    except KeyError:
-        raise BackendError(f"unknown backend {name!r}; registered: {', '.join(backends)}") from None
+    """One backend by name, importing its module alone (a broken one: as in ``registry``)."""
+    eps = _entry_points()
+    if name not in eps:
+        raise BackendError(f"unknown backend {name!r}; registered: {', '.join(sorted(eps))}")
+    return _load(eps[name])
 
 
 def _unloadable(name: str, reason: str) -> type[Backend]:

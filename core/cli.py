@@ -1,12 +1,18 @@
-"""``parallelnet``: serve, list backends, run the demo.
+"""``parallelnet``: serve, list backends, run the demo; and every registered command.
 
     parallelnet serve --backend epoll --workers 2 --protocol http --port 0
     parallelnet serve --listen 127.0.0.1:8080 --listen [::1]:8081,protocol=http
     parallelnet backends
-    parallelnet demo            # what ``make run`` does
+    parallelnet demo
 
-Subcommands that drive load import their client lazily, so the server itself never
-depends on experiment code.
+The server's own commands are here.  The others (``loadgen``, ``experiment``,
+``reproduce``, ``compare``) are registered like backends, by entry point (group
+``parallelnet.commands``: name -> a ``main(argv) -> int`` whose docstring's first line
+is its help), and handed their arguments unparsed: the core never imports the
+experiments package, and a command's module is imported only when it runs (or when
+``parallelnet --help`` lists them).  Likewise ``serve --backend X`` imports X's module
+alone; every backend is imported only to list them (``backends``, ``serve --help``) or
+to name the owner of an option given to another backend.
 """
 
 from __future__ import annotations
@@ -20,10 +26,11 @@ import signal
 import subprocess
 import sys
 import time
+from importlib.metadata import entry_points
 
 from parallelnet.core.addresses import format_listening, parse_host, parse_listen
 from parallelnet.core.backend import (
-    REUSEPORT, SHARED, Availability, BackendError, Limits, registry,
+    REUSEPORT, SHARED, Availability, BackendError, Limits, backend_names, get_backend, registry,
 )
 from parallelnet.core.cpus import (
     MAX_WORKERS, WORKERS_PER_CPU, allowed_cpus, check_in_mask, format_cpu_list, max_workers,
@@ -239,10 +246,17 @@ def _buffer_bytes(flag: str):
     return parse
 
 
-def add_server_arguments(p: argparse.ArgumentParser) -> None:
-    backends = registry()
+DEFAULT_BACKEND = "epoll"
+
+
+def add_server_arguments(p: argparse.ArgumentParser, backends: dict | None = None) -> None:
+    """The serve options, with the options of ``backends`` (name -> class; default: every
+    registered backend, each module imported)."""
+    if backends is None:
+        backends = registry()
+    names = sorted(set(backend_names()) | set(backends))
     lim = Limits()
-    p.add_argument("--backend", default="epoll", choices=list(backends),
+    p.add_argument("--backend", default=DEFAULT_BACKEND, choices=names,
                    help="event loop of each worker: `parallelnet backends` lists them and "
                         "whether they run here (default: epoll)")
     p.add_argument("--workers", type=int_in("--workers", 1, MAX_WORKERS), default=None,
@@ -414,7 +428,7 @@ def _limits_from_args(args: argparse.Namespace) -> Limits:
     default: never ignored silently."""
     lim = Limits(max_output=args.max_output, max_connections=args.max_connections,
                  drain_timeout=args.drain_timeout)
-    cls = registry().get(args.backend)
+    cls = _backend_class(args.backend)
     unsupported = (lambda name: cls.unsupported(name)) if cls is not None else (lambda name: None)
     for name in _OPTIONAL_LIMITS:
         value = getattr(args, name, None)
@@ -432,11 +446,15 @@ def _limits_from_args(args: argparse.Namespace) -> Limits:
         explicit = bool(value) if name in _OPTIONAL_LIMITS else value != getattr(Limits(), name)
         if why and explicit:
             raise BackendError(f"backend {args.backend} cannot enforce {flag}: {why}")
-    if cls is not None and not cls.follows_policy and getattr(args, "header_timeout", None):
-        print(f"warning: backend {args.backend} predates the connection policy: its "
-              f"--header-timeout closes a request after S seconds without progress, not S "
-              f"seconds after its first byte (docs/faults.md)", file=sys.stderr)
     return lim
+
+
+def _backend_class(name: str):
+    """The class of backend ``name`` (its module alone imported), None if unknown."""
+    try:
+        return get_backend(name)
+    except BackendError:
+        return None
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
@@ -637,33 +655,29 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args)
 
 
-def cmd_loadgen(argv: list[str]) -> int:
-    from parallelnet.experiments.loadgen import main as loadgen_main  # lazy: core never needs it
-
-    return loadgen_main(argv)
-
-
-def cmd_experiments(command: str, argv: list[str]) -> int:
-    """experiment / reproduce / compare: handed over unparsed to the experiments package
-    (imported only here, so the server never depends on it)."""
-    from parallelnet.experiments import cli as experiments_cli
-
-    entry = {"experiment": experiments_cli.main, "reproduce": experiments_cli.reproduce_main,
-             "compare": experiments_cli.compare_main}[command]
-    return entry(argv)
+#: The entry-point group of the commands other packages add (``parallelnet loadgen``,
+#: ``experiment``, ...): name -> ``main(argv: list[str]) -> int``.
+COMMAND_GROUP = "parallelnet.commands"
 
 
-EXPERIMENT_COMMANDS = {
-    "experiment": "run an experiment by name and preset, list them, rebuild a summary "
-                  "(see: parallelnet experiment -h)",
-    "reproduce": "run every experiment the paper cites, then rebuild the paper",
-    "compare": "every available backend at a fixed rate and at saturation (what `make run` does)",
-}
+def registered_commands() -> dict:
+    """name -> entry point of every command registered under COMMAND_GROUP (nothing
+    imported)."""
+    return {ep.name: ep for ep in entry_points(group=COMMAND_GROUP)}
+
+
+def _command_help(ep) -> str:
+    """The first line of a registered command's docstring (imports its module)."""
+    try:
+        doc = (ep.load().__doc__ or "").strip()
+    except Exception as exc:  # noqa: BLE001 - a broken command is listed, not a traceback
+        return f"(cannot import {ep.value}: {type(exc).__name__})"
+    return doc.splitlines()[0] if doc else ""
 
 
 def check_demo_args(args: argparse.Namespace, prog: str = "parallelnet demo") -> None:
     """Refuse, before a server is started, what the demo's server could not serve."""
-    cls = registry()[args.backend]
+    cls = get_backend(args.backend)
     avail = cls.probe()
     if not avail:
         fail(prog, f"backend {args.backend} is unavailable here: {avail.reason}")
@@ -674,7 +688,27 @@ def check_demo_args(args: argparse.Namespace, prog: str = "parallelnet demo") ->
         fail(prog, f"backend {args.backend} cannot run in {args.mode} mode")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _wanted_backend(argv: list[str]) -> str | None:
+    """The one backend ``argv`` can need: ``serve``'s ``--backend`` (or its default), if
+    registered; None when every backend is wanted (help, another command, a bad name)."""
+    _, rest = _leading_verbose(argv)
+    if rest[:1] != ["serve"] or "-h" in rest or "--help" in rest:
+        return None
+    peek = argparse.ArgumentParser(add_help=False)
+    peek.add_argument("--backend", default=DEFAULT_BACKEND)
+    name = peek.parse_known_args(rest[1:])[0].backend
+    return name if name in backend_names() else None
+
+
+def build_parser(argv: list[str] | None = None,
+                 every_backend: bool = False) -> argparse.ArgumentParser:
+    """The whole command line.  Given the ``argv`` it will parse, it imports only what
+    that needs: the chosen backend of ``serve`` (unless ``every_backend``), the help of
+    the registered commands only for ``parallelnet --help``."""
+    wanted = _wanted_backend(argv) if argv is not None and not every_backend else None
+    backends = {wanted: get_backend(wanted)} if wanted else None
+    _, rest = _leading_verbose(argv or [])
+    describe = argv is None or not rest or rest[0] in ("-h", "--help")
     parser = OneLineParser(prog="parallelnet", description=__doc__.split("\n")[0],
                            formatter_class=DefaultsOnce)
     parser.add_argument("-v", "--verbose", action="store_true",
@@ -690,7 +724,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    f"or a server that could not start; {EXIT_UNCLEAN} the drain "
                                    f"abandoned answers; {EXIT_FORCED} forced out by a second "
                                    "signal (docs/server.md).")
-    add_server_arguments(p)
+    add_server_arguments(p, backends)
     p.add_argument("--stats-interval", default=0.0, metavar="S",
                    type=seconds_in("--stats-interval", MIN_STATS_INTERVAL, DAY, zero="off"),
                    help=f"print a stats line every S seconds, {MIN_STATS_INTERVAL:g}..{DAY:g} "
@@ -707,16 +741,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("backends", help="list registered backends and whether they can run here")
     p.set_defaults(func=cmd_backends)
 
-    p = sub.add_parser("loadgen", add_help=False,
-                       help="drive a server with the C load generator (see: parallelnet loadgen -h)")
-    # Its options are the load generator's own: main() hands them over unparsed.
-
-    for name, text in EXPERIMENT_COMMANDS.items():
-        sub.add_parser(name, add_help=False, help=text)   # options: their own -h
+    for name, ep in registered_commands().items():
+        # Their options are their own: main() hands them over unparsed.
+        sub.add_parser(name, add_help=False, help=_command_help(ep) if describe else None)
 
     p = sub.add_parser("demo", formatter_class=DefaultsOnce,
                        help="start a server, drive it briefly, print the per-worker table")
-    p.add_argument("--backend", default="epoll", choices=list(registry()),
+    p.add_argument("--backend", default=DEFAULT_BACKEND, choices=backend_names(),
                    help="the server's backend (default: epoll)")
     p.add_argument("--mode", default="thread", choices=list(MODES),
                    help="the server's workers as threads or forked processes (default: thread)")
@@ -741,14 +772,17 @@ def _leading_verbose(argv: list[str]) -> tuple[bool, list[str]]:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     verbose, rest = _leading_verbose(argv)
-    if rest[:1] == ["loadgen"] or (rest[:1] and rest[0] in EXPERIMENT_COMMANDS):
+    command = registered_commands().get(rest[0]) if rest else None
+    if command is not None:
         logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
                             format="%(asctime)s %(name)s %(levelname)s %(message)s")
-        if rest[0] == "loadgen":
-            return cmd_loadgen(rest[1:])
-        return cmd_experiments(rest[0], rest[1:])
-    parser = build_parser()
+        return command.load()(rest[1:])
+    parser = build_parser(argv)
     args, extras = parser.parse_known_args(argv)
+    if extras and _wanted_backend(argv) is not None:
+        # Maybe another backend's option (--epoll-edge with --backend uring): parsed with
+        # every backend's options, check_serve_args names its owner.
+        args, extras = build_parser(argv, every_backend=True).parse_known_args(argv)
     if extras:   # said by the subcommand they were given to
         fail(f"parallelnet {args.command}", f"unrecognized arguments: {' '.join(extras)} "
                                             f"(see parallelnet {args.command} --help)")

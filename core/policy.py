@@ -5,25 +5,41 @@ asyncio_.py) asks ``ConnectionPolicy`` at the thresholds and performs what it an
 with its own I/O calls.  The common path - whole requests in, output taken by the
 kernel at once - never calls it: a loop reaches the policy only when a request is
 incomplete, output queues past a mark, the peer ends, a handler fails or the timer
-ticks.  The C cores (uring_core.c, native_core.c) follow the same rules, written here:
+ticks.  The C cores (uring_core.c, native_core.c) follow the same rules, written here.
 
-1. **Feed.** Received bytes go to the protocol in order (``out, n = proto.feed(data)``);
+Each rule has a name, and code, comments and docs everywhere refer to it by that name
+("rule held-answers", "rules idle-timeout and request-deadline"), never by a position:
+
+==================  =================================================================
+feed                received bytes to the protocol in order, its output sent in order
+backpressure        pause reading above ``max_output`` pending, resume at or below half
+eof                 the peer's FIN: the protocol's last output, then finish
+finish              read nothing more, close once flushed
+handler-failure     an exception from protocol code closes that connection only
+idle-timeout        no bytes in or out for ``--idle-timeout`` S: closed
+request-deadline    a request incomplete T s after its first byte (+ bytes/R): closed
+coarse-timer        one tick (a quarter of the shortest timeout) checks every deadline
+drain               at stop: bounded reads of what is received, answers flushed or abandoned
+held-answers        a protocol's answers beyond its output budget are pulled as output drains
+==================  =================================================================
+
+* **feed.** Received bytes go to the protocol in order (``out, n = proto.feed(data)``);
    ``bytes_in`` += len, ``requests`` += n; ``out`` is sent before any later output.
-   ``proto.closing`` after a feed: *finish* (rule 4).
-2. **Backpressure.** After output is queued, with ``pending`` bytes not yet taken by the
+   ``proto.closing`` after a feed: *finish* (below).
+* **backpressure.** After output is queued, with ``pending`` bytes not yet taken by the
    kernel: the high-water mark of ``pending`` is ``extra.max_pending``; if the connection
    is reading and not finishing and ``pending > max_output``, reading *pauses*
    (``backpressure`` += 1, once per pause).  After bytes are sent: a paused connection
    that is not finishing *resumes* reading once ``pending <= max_output // 2``.
-3. **EOF.** The peer's FIN: ``out = proto.eof()``, sent, then *finish*: the peer may still
+* **eof.** The peer's FIN: ``out = proto.eof()``, sent, then *finish*: the peer may still
    read (half-close), so output already produced is flushed first.
-4. **Finish.** Read nothing more; close as soon as ``pending == 0`` (at once if it is).
-5. **Handler failure.** An exception from ``feed``/``eof`` closes that connection only,
+* **finish.** Read nothing more; close as soon as ``pending == 0`` (at once if it is).
+* **handler-failure.** An exception from ``feed``/``eof`` closes that connection only,
    with ``errors`` += 1 and ``handler_errors`` += 1, logged at ERROR with the worker,
    backend, protocol and connection (one log record per failure).
-6. **Idle timeout** (``Limits.idle_timeout`` = S, 0 = off): a connection with no bytes in
+* **idle-timeout** (``Limits.idle_timeout`` = S, 0 = off): a connection with no bytes in
    or out for S seconds is closed (``extra.idle_timeouts``).
-7. **Request deadline** (``Limits.header_timeout`` = T, 0 = off; nginx's
+* **request-deadline** (``Limits.header_timeout`` = T, 0 = off; nginx's
    ``client_header_timeout``): a request still incomplete (``proto.partial``: header
    section or announced body not all received) T seconds after its first byte is closed
    (``extra.header_timeouts``), however steadily it trickles.  The first byte is taken
@@ -34,23 +50,23 @@ ticks.  The C cores (uring_core.c, native_core.c) follow the same rules, written
    deadline by 1/R s: ``deadline = start + T + bytes / R``, so a request arriving at R
    B/s or faster is never cut, and a trickle is cut by ``start + T / (1 - rate / R)``.
    Bounded by the protocol's own size limits (8 KiB header, 1 MiB body for http).
-8. **The timer** is coarse: ``Limits.timer_tick()`` (a quarter of the shortest timeout,
+* **coarse-timer:** the timer is coarse: ``Limits.timer_tick()`` (a quarter of the shortest timeout,
    10 ms .. 1 s).  A loop's wait wakes at the next tick only while a connection is
-   open; each tick checks every connection (rules 6 and 7), so a connection is closed
+   open; each tick checks every connection (rules idle-timeout and request-deadline), so a connection is closed
    between its deadline and one tick later.  No timer per connection.
-9. **Drain** (after stop): at most ``DRAIN_READS`` reads of what the kernel already
+* **drain** (after stop): at most ``DRAIN_READS`` reads of what the kernel already
    holds per connection are fed, then *finish*; whatever is unsent after
    ``Limits.drain_timeout`` is abandoned.  A paused (backpressured) connection is not
-   read: it *finishes* with what it has (held answers included: rule 10).
-10. **Held answers** (bounded output; core/protocols/base.py).  A protocol answers at
+   read: it *finishes* with what it has (held answers included: rule held-answers).
+* **held-answers** (bounded output; core/protocols/base.py).  A protocol answers at
    most about its ``output_budget`` (``max_output // 2``, set by the server) per call
    and holds the rest (``proto.more``).  After a feed or pull that leaves answers held,
    the connection is *held*: reading pauses (``extra.output_holds`` += 1 when it was
    reading; not counted as backpressure).  While held and ``pending <= max_output //
-   2``, the loop calls ``out, n = proto.pull()`` and sends ``out`` as rule 1 does a
+   2``, the loop calls ``out, n = proto.pull()`` and sends ``out`` as rule feed does a
    feed's, at most ``max_output`` bytes per event, then yields to other connections and
    continues when the socket is writable again.  Once nothing is held, reading resumes
-   under rule 2's condition.  *Finish* waits for held answers too: close once
+   under rule backpressure's condition.  *Finish* waits for held answers too: close once
    ``pending == 0`` and nothing is held.  So one connection's pending output stays at
    or below ``max_output`` plus one answer's header, whatever its input asks for.
 
@@ -66,7 +82,7 @@ from parallelnet.core.protocols.base import Protocol
 
 log = logging.getLogger("parallelnet.worker")
 
-DRAIN_READS = 64   # rule 9: reads per connection at stop, at most
+DRAIN_READS = 64   # rule drain: reads per connection at stop, at most
 
 # What a loop must do after ``sent``/``finish``.
 KEEP, RESUME, CLOSE, FLUSH = range(4)
@@ -78,17 +94,17 @@ class ConnState:
     __slots__ = ("reading", "closing", "held", "last", "req_start", "req_bytes")
 
     def init_state(self, now: float) -> None:
-        self.reading = True      # False while paused (rule 2), held (10) or finishing (4)
+        self.reading = True      # False while paused (rule backpressure), held (held-answers) or finishing (finish)
         self.closing = False     # finishing: close once output is flushed
-        self.held = False        # the protocol holds answers for pull() (rule 10)
-        self.last = now          # monotonic time of the last bytes in or out (rule 6)
-        self.req_start = 0.0     # first byte of the incomplete request, 0: none (rule 7)
+        self.held = False        # the protocol holds answers for pull() (rule held-answers)
+        self.last = now          # monotonic time of the last bytes in or out (rule idle-timeout)
+        self.req_start = 0.0     # first byte of the incomplete request, 0: none (rule request-deadline)
         self.req_bytes = 0       # its bytes received since then
 
 
 def tracks_requests(proto) -> bool:
     """Whether this protocol can hold an incomplete request (overrides ``partial``):
-    if not (echo), a loop skips rule 7's bookkeeping entirely."""
+    if not (echo), a loop skips rule request-deadline's bookkeeping entirely."""
     return getattr(type(proto), "partial", None) is not Protocol.partial
 
 
@@ -112,7 +128,7 @@ class ConnectionPolicy:
         self.next_sweep = now + self.tick if self.tick else float("inf")
         self.peak = 0
 
-    # -- rule 7: requests in progress -------------------------------------------------
+    # -- rule request-deadline: requests in progress -------------------------------------------------
 
     def progress(self, conn: ConnState, proto, completed: int, nbytes: int, now: float) -> None:
         """After a feed, when a request was or is incomplete."""
@@ -124,7 +140,7 @@ class ConnectionPolicy:
         else:
             conn.req_bytes += nbytes
 
-    # -- rule 2: backpressure ----------------------------------------------------------
+    # -- rule backpressure: backpressure ----------------------------------------------------------
 
     def queued(self, conn: ConnState, pending: int) -> bool:
         """Output was queued: True if reading must pause now."""
@@ -155,7 +171,7 @@ class ConnectionPolicy:
             return RESUME
         return KEEP
 
-    # -- rule 10: held answers ----------------------------------------------------------
+    # -- rule held-answers: held answers ----------------------------------------------------------
 
     def hold(self, conn: ConnState) -> bool:
         """The protocol holds answers (``proto.more``): True if reading must pause now."""
@@ -175,7 +191,7 @@ class ConnectionPolicy:
         conn.held = False
         return self.sent(conn, pending)
 
-    # -- rules 3, 4, 5: the end of a connection ------------------------------------------
+    # -- rules eof, finish and handler-failure: the end of a connection ------------------------------------------
 
     def finish(self, conn: ConnState, pending: int) -> int:
         """Read nothing more: CLOSE now, or FLUSH (output, held answers) then close."""
@@ -197,7 +213,7 @@ class ConnectionPolicy:
         log.exception("%s: protocol %s failed on connection %s; closing that connection only",
                       self.who, type(proto).__name__, where)
 
-    # -- rules 6, 7, 8: the timer ---------------------------------------------------------
+    # -- rules idle-timeout, request-deadline and coarse-timer: the timer ---------------------------------------------------------
 
     def due(self, now: float) -> bool:
         """Whether the tick has come (and arm the next one)."""

@@ -34,7 +34,8 @@ from parallelnet.core.listeners import (
 )
 from parallelnet.core.protocols import ProtocolSpec, make_spec
 from parallelnet.core.stats import WorkerStats
-from parallelnet.core.workers import Workers, make_workers
+from parallelnet.core.forked import ProcessWorkers
+from parallelnet.core.workers import ThreadWorkers, Workers
 
 log = logging.getLogger("parallelnet.server")
 
@@ -172,7 +173,7 @@ class Server:
         cfg = self.config
         by_name: dict[str, ProtocolSpec] = {}
         out = []
-        # Bounded output (core/policy.py rule 10): a protocol answers at most half of
+        # Bounded output (core/policy.py rule held-answers): a protocol answers at most half of
         # --max-output per call, so pending output stays within --max-output.
         options = {"output_budget": max(1, cfg.limits.max_output // 2), **cfg.protocol_options}
         for spec in self.specs:
@@ -210,8 +211,11 @@ class Server:
         if cfg.accept == "dispatch":
             self._channels = make_channels(len(self.cpus))
         self._started = time.monotonic()
-        self.workers = make_workers(cfg.mode, self.backend_cls, self.stats, self._context,
-                                    self._channels)
+        if cfg.mode == "thread":
+            self.workers = ThreadWorkers(self.backend_cls, self.stats, self._context)
+        else:
+            self.workers = ProcessWorkers(self.backend_cls, self.stats, self._context,
+                                          self._channels)
         self.workers.start(time.monotonic() + READY_TIMEOUT)
         missing = self.workers.wait_ready(READY_TIMEOUT)
         if missing:
@@ -307,7 +311,7 @@ class Server:
         t0 = time.monotonic()
         # Shortly before the drain deadline: who is still busy, with how many connections.
         # A worker that ends before the deadline had nothing left to send; one still
-        # running past it with connections open abandons them there (core/policy.py rule 9).
+        # running past it with connections open abandons them there (core/policy.py rule drain).
         check = t0 + max(0.0, drain - min(0.1, drain / 3))
         ok = self.join(max(0.0, min(check, t0 + timeout) - time.monotonic()))
         late_open = 0

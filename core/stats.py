@@ -9,8 +9,9 @@ are taken after the worker has stopped).
 CPU time per worker comes from the kernel, never from wall-clock guesses:
 
 * ``/proc/<pid>/task/<tid>/stat`` fields 14/15 (utime, stime, in clock ticks of
-  ``SC_CLK_TCK``, usually 10 ms) and field 39 (the CPU the thread last ran on).  Any
-  thread of the process (or the parent of a forked worker, by pid) can read them.
+  ``SC_CLK_TCK``, usually 10 ms) and field 39 (the CPU the thread last ran on), read by
+  ``core/procfs.py``.  Any thread of the process (or the parent of a forked worker, by
+  pid) can read them.
 * ``time.pthread_getcpuclockid`` of the worker thread: its total CPU time with ns
   resolution, readable from any thread of the same process.  Used for ``cpu_ns``,
   the precise figure an experiment divides by its request count.
@@ -23,7 +24,7 @@ import os
 import time
 from dataclasses import dataclass, field
 
-_CLK_TCK = os.sysconf("SC_CLK_TCK")
+from parallelnet.core import procfs
 
 #: Counters every backend maintains (the hot-path ones first).
 COUNTERS = (
@@ -204,18 +205,12 @@ def thread_cpu(pid: int, tid: int, ident: int = 0) -> dict:
     out = {"user_s": 0.0, "sys_s": 0.0, "cpu_ns": 0, "last_cpu": None, "alive": False}
     if not tid:
         return out
-    try:
-        with open(f"/proc/{pid}/task/{tid}/stat", "rb") as f:
-            raw = f.read()
-    except OSError:
+    stat = procfs.read_stat(pid, tid)
+    if stat is None:
         return out
-    # The command name (field 2) may contain spaces and parentheses: split after
-    # the last ')' so field numbering is reliable.
-    fields = raw[raw.rindex(b")") + 2:].split()
-    # fields[0] is field 3 (state); field N is fields[N - 3].
-    out["user_s"] = int(fields[11]) / _CLK_TCK
-    out["sys_s"] = int(fields[12]) / _CLK_TCK
-    out["last_cpu"] = int(fields[36])
+    out["user_s"] = stat.user_s
+    out["sys_s"] = stat.sys_s
+    out["last_cpu"] = stat.processor
     out["alive"] = True
     if ident and pid == os.getpid():
         try:

@@ -3,7 +3,8 @@
 ``Server`` asks a ``Workers`` object for five things: start them (each armed before the
 next), tell which are ready or dead, snapshot their counters, stop them, and (thread
 mode) hand over a live backend.  ``ThreadWorkers`` is here; ``ProcessWorkers`` and its
-fork handshake are core/forked.py.
+fork handshake are core/forked.py, which builds on this module (never the reverse);
+core/server.py picks one of them by ``--mode``.
 
 Why in order: the order in which loops register a shared listener is the order of the
 socket's wait queue, and with EPOLLEXCLUSIVE (or io_uring's accept, which waits the same
@@ -184,11 +185,3 @@ class ThreadWorkers(Workers):
         for stop in self._stops:
             stop.close()
 
-
-def make_workers(mode: str, backend_cls: type[Backend], stats: list[WorkerStats],
-                 context: ContextFactory, channels: list) -> Workers:
-    if mode == "thread":
-        return ThreadWorkers(backend_cls, stats, context)
-    from parallelnet.core.forked import ProcessWorkers
-
-    return ProcessWorkers(backend_cls, stats, context, channels)

@@ -80,7 +80,7 @@ def layout() -> Layout:
 def configs(p: dict) -> PlanNotes:
     """``backend/mode/strategy`` for each requested configuration the machine can run
     (``ran``), the others with why (``skipped``)."""
-    from parallelnet.backends.base import registry
+    from parallelnet.core.backend import registry
     from parallelnet.core.listeners import layout_of
 
     names = sorted({c.split("/")[0] for c in p["configs"]})

@@ -8,7 +8,8 @@
     parallelnet reproduce [--preset standard]       # every experiment the paper cites, then the paper
     parallelnet compare                             # what `make run` does
 
-Imported lazily by ``core.cli``: the server never depends on experiment code.
+Registered as commands by entry point (pyproject.toml, group ``parallelnet.commands``):
+the core runs them without importing this package.
 """
 
 from __future__ import annotations
@@ -157,6 +158,7 @@ def _params_help(exp) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """run an experiment by name and preset, list them, rebuild a summary (see: parallelnet experiment -h)"""
     p = argparse.ArgumentParser(prog="parallelnet experiment",
                                 description="run an experiment, list them, rebuild a summary, "
                                             "or compare two runs")
@@ -222,7 +224,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def reproduce_main(argv: list[str] | None = None) -> int:
-    """Every experiment the paper cites, at one preset, then the paper rebuilt from them."""
+    """run every experiment the paper cites, then rebuild the paper
+
+    Every experiment the paper cites, at one preset, then the paper rebuilt from them."""
     from parallelnet.experiments.paper_pins import cited_experiments, repin
 
     p = argparse.ArgumentParser(prog="parallelnet reproduce", description=reproduce_main.__doc__)
@@ -264,7 +268,7 @@ def reproduce_main(argv: list[str] | None = None) -> int:
 
 
 def compare_main(argv: list[str] | None = None) -> int:
-    """``make run``: every available backend at a fixed rate and at saturation."""
+    """every available backend at a fixed rate and at saturation (what `make run` does)"""
     p = argparse.ArgumentParser(prog="parallelnet compare", description=compare_main.__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=_params_help(framework.get("compare")))

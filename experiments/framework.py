@@ -879,7 +879,7 @@ def write_pyperf(path: str, exp: Experiment, records: list[dict], run_meta: dict
 def available_backends(names) -> tuple[list[str], dict[str, str]]:
     """(the available ones among ``names`` — "all" for every registered backend — and
     {name: why not} for the others).  Summaries list the skipped ones with the reason."""
-    from parallelnet.backends.base import registry
+    from parallelnet.core.backend import registry
 
     reg = registry()
     wanted = list(reg) if names in ("all", None) else list(names)
@@ -907,7 +907,7 @@ TAIL = "@tail"
 def strategies_for(backend: str, wanted: list[str]) -> list[str]:
     """The strategies of ``wanted`` that ``backend`` serves (a ``@tail`` variant counts as
     its strategy)."""
-    from parallelnet.backends.base import registry
+    from parallelnet.core.backend import registry
     from parallelnet.core.listeners import layout_of
 
     served = registry()[backend].accept_strategies
@@ -919,7 +919,7 @@ def strategy_configs(backends, strategies: list[str], modes: list[str] | None = 
     """Every available backend × mode it runs × strategy it serves, as ``(backend, mode,
     strategy)`` (``(backend, strategy)`` when ``modes`` is None), and the notes: ``ran``
     their ``/``-joined names, ``skipped`` the unavailable backends with why."""
-    from parallelnet.backends.base import registry
+    from parallelnet.core.backend import registry
 
     ok, skipped = available_backends(backends)
     reg = registry()

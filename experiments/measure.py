@@ -35,10 +35,11 @@ import os
 import time
 from dataclasses import dataclass, field
 
-from parallelnet.experiments.noise import NoiseProbe, _descendants, all_processes
+from parallelnet.core import procfs
+from parallelnet.experiments.noise import NoiseProbe
 from parallelnet.experiments.server import ServerHandle, read_records, window
 
-_CLK_TCK = os.sysconf("SC_CLK_TCK")
+_CLK_TCK = procfs.CLK_TCK
 BUSY = 0.90   # a CPU busy at least this fraction of the window counts as saturated
 
 #: The load generator runs on another machine for the run in progress (``--client
@@ -86,47 +87,7 @@ class Layout:
         return cls(server, client)
 
 
-def _tasks(pids) -> list[tuple[int, int]]:
-    out = []
-    for pid in pids:
-        try:
-            out += [(pid, int(t)) for t in os.listdir(f"/proc/{pid}/task")]
-        except OSError:
-            continue
-    return out
-
-
-def _schedstat_ns(pid: int, tid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
-            return int(f.read().split()[0])
-    except (OSError, ValueError, IndexError):
-        return 0
-
-
-def _proc_ticks(pid: int) -> tuple[int, int]:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            raw = f.read()
-    except OSError:
-        return 0, 0
-    fields = raw[raw.rindex(b")") + 2:].split()
-    return int(fields[11]), int(fields[12])
-
-
-def ctx_switches(pid: int, tid: int) -> tuple[int, int]:
-    """(voluntary, nonvoluntary) context switches of one thread; (0, 0) once it is gone."""
-    vol = inv = 0
-    try:
-        with open(f"/proc/{pid}/task/{tid}/status") as f:
-            for line in f:
-                if line.startswith("voluntary_ctxt_switches"):
-                    vol = int(line.split()[1])
-                elif line.startswith("nonvoluntary_ctxt_switches"):
-                    inv = int(line.split()[1])
-    except OSError:
-        pass
-    return vol, inv
+ctx_switches = procfs.ctx_switches   # (voluntary, nonvoluntary) of one thread
 
 
 @dataclass
@@ -141,12 +102,13 @@ class TreeSample:
 
     @classmethod
     def take(cls, root: int, workers: list[tuple[int, int]]) -> "TreeSample":
-        pids = sorted(_descendants([root], {p: v for p, v in all_processes().items()}))
-        cpu = sum(_schedstat_ns(p, t) for p, t in _tasks(pids))
+        pids = sorted(procfs.descendants([root], procfs.all_processes()))
+        cpu = sum(procfs.process_cpu_ns(p) for p in pids)
         ut = st = 0
         for p in pids:
-            u, s = _proc_ticks(p)
-            ut, st = ut + u, st + s
+            stat = procfs.read_stat(p)
+            if stat is not None:
+                ut, st = ut + stat.utime, st + stat.stime
         return cls(time.monotonic(), cpu, ut, st, {w: ctx_switches(*w) for w in workers})
 
 

@@ -12,59 +12,19 @@ Kernel facts used here:
   a noticeable share is flagged, not averaged in.
 * ``/proc/PID/task/TID/schedstat`` field 1: a thread's time on a CPU in ns
   (:func:`process_cpu_ns`).
+
+Every file is read through core/procfs.py, the project's one parser of them.
 """
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
 
-_CLK_TCK = os.sysconf("SC_CLK_TCK")
+from parallelnet.core import procfs
+from parallelnet.core.procfs import all_processes, process_cpu_ns  # noqa: F401 - this module's face
+
 NOISE_LIMIT = 0.05  # steal or others' CPU above 5% of one CPU over the window: noisy
-
-
-def read_cpu_jiffies() -> dict[str, list[int]]:
-    """``{"cpu": [...], "cpu0": [...], ...}`` from /proc/stat."""
-    out = {}
-    with open("/proc/stat") as f:
-        for line in f:
-            if line.startswith("cpu"):
-                name, *vals = line.split()
-                out[name] = [int(v) for v in vals]
-    return out
-
-
-_PF_KTHREAD = 0x00200000  # task flag (/proc/PID/stat field 9): a kernel thread
-
-
-def all_processes() -> dict[int, tuple[int, int, int]]:
-    """pid -> (ppid, flags, user+sys jiffies of all its threads) for every process."""
-    out = {}
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as f:
-                raw = f.read()
-        except OSError:
-            continue  # exited meanwhile
-        fields = raw[raw.rindex(b")") + 2:].split()
-        # fields[0] is field 3 (state): ppid is field 4, flags 9, utime 14, stime 15.
-        out[int(name)] = (int(fields[1]), int(fields[6]), int(fields[11]) + int(fields[12]))
-    return out
-
-
-def _descendants(roots, procs: dict) -> set[int]:
-    ours = set(roots)
-    grew = True
-    while grew:  # a process tree is shallow: a few passes
-        grew = False
-        for pid, (ppid, _, _) in procs.items():
-            if ppid in ours and pid not in ours:
-                ours.add(pid)
-                grew = True
-    return ours
 
 
 @dataclass
@@ -89,11 +49,11 @@ class NoiseProbe:
     t: float = 0.0
 
     def start(self) -> "NoiseProbe":
-        self.cpus, self.procs, self.t = read_cpu_jiffies(), all_processes(), time.monotonic()
+        self.cpus, self.procs, self.t = procfs.cpu_jiffies(), all_processes(), time.monotonic()
         return self
 
     def stop(self) -> dict:
-        cpus, procs, t = read_cpu_jiffies(), all_processes(), time.monotonic()
+        cpus, procs, t = procfs.cpu_jiffies(), all_processes(), time.monotonic()
         wall = max(t - self.t, 1e-9)
         per_cpu = {}
         for name, after in cpus.items():
@@ -104,34 +64,19 @@ class NoiseProbe:
             per_cpu[name] = {"busy": (total - d[3] - d[4]) / total,
                              "steal": d[7] / total if len(d) > 7 else 0.0,
                              "softirq": d[6] / total, "irq": d[5] / total}
-        ours = _descendants(self.pids, {**self.procs, **procs})
+        ours = procfs.descendants(self.pids, {**self.procs, **procs})
         others = kthreads = 0
-        for pid, (_, flags, jiffies) in procs.items():
+        for pid, st in procs.items():
             if pid in ours:
                 continue
-            used = jiffies - self.procs[pid][2] if pid in self.procs else jiffies
-            if flags & _PF_KTHREAD:
+            before = self.procs.get(pid)
+            used = st.utime + st.stime - (before.utime + before.stime if before else 0)
+            if st.kthread:
                 kthreads += used
             else:
                 others += used
         steal = max((c["steal"] for c in per_cpu.values()), default=0.0)
-        others_cpu = others / _CLK_TCK / wall
+        others_cpu = others / procfs.CLK_TCK / wall
         return {"wall_s": wall, "per_cpu": per_cpu, "steal_max": steal,
-                "others_cpu": others_cpu, "kthreads_cpu": kthreads / _CLK_TCK / wall,
+                "others_cpu": others_cpu, "kthreads_cpu": kthreads / procfs.CLK_TCK / wall,
                 "ncpu": len(per_cpu), "noisy": steal > NOISE_LIMIT or others_cpu > NOISE_LIMIT}
-
-
-def process_cpu_ns(pid: int) -> int:
-    """CPU time of every live thread of ``pid`` in ns (``schedstat``: sum_exec_runtime).
-
-    Differenced around a window it counts a whole server process - acceptor, main
-    thread and workers - where ``WorkerStats.cpu_ns`` counts one worker thread.
-    """
-    total = 0
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
-                total += int(f.read().split()[0])
-        except (OSError, ValueError, IndexError):
-            pass  # a thread that just ended: the server's threads all outlive the window
-    return total

@@ -2,7 +2,7 @@
 
 ``--header-timeout T`` closes a request still incomplete T seconds after its first byte,
 however steadily it trickles (nginx's client_header_timeout); ``--header-min-rate R``
-lets a request that keeps arriving at R B/s or faster go on (core/policy.py, rule 7).
+lets a request that keeps arriving at R B/s or faster go on (core/policy.py, rule request-deadline).
 Parametrised over the registry: a backend is checked the moment it is registered; one
 that does not enforce the rule yet gets an explicit outcome (conftest.policy_outcome).
 """
@@ -82,7 +82,7 @@ def test_the_deadline_restarts_with_each_request(request, backend, tmp_path):
     """Keep-alive: whole requests one after another, each started within its deadline,
     keep the connection longer than one deadline: the clock is per request (the older
     per-progress rule passes this too)."""
-    policy_outcome(request, backend, "header_timeout", new_rule=False)
+    policy_outcome(request, backend, "header_timeout")
     srv = start_server(tmp_path, "--backend", backend, "--workers", "1", "--protocol", "http",
                        "--header-timeout", "1", "--idle-timeout", "30")
     with srv.connect() as s:

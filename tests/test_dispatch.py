@@ -106,7 +106,7 @@ def test_dispatch_round_robin_end_to_end(tmp_path, mode):
 def test_backends_without_a_handoff_channel_refuse_dispatch_clearly(monkeypatch):
     # A tiny backend registered nowhere (every real one may gain dispatch): the core must
     # refuse the strategy it does not declare, before any worker starts, saying why.
-    from parallelnet.backends.base import REUSEPORT, SHARED, Backend, BackendError
+    from parallelnet.core.backend import REUSEPORT, SHARED, Backend, BackendError
     from parallelnet.core import server as server_mod
 
     class NoHandoff(Backend):

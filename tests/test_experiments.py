@@ -73,10 +73,11 @@ def test_noise_probe_reports_every_cpu():
 
 
 def test_noise_counts_our_descendants_as_ours():
-    from parallelnet.experiments.noise import _descendants
+    from parallelnet.core.procfs import TaskStat, descendants
 
-    procs = {1: (0, 0, 0), 10: (1, 0, 5), 11: (10, 0, 5), 12: (11, 0, 5), 20: (1, 0, 5)}
-    assert _descendants([10], procs) == {10, 11, 12}
+    tree = {1: 0, 10: 1, 11: 10, 12: 11, 20: 1}   # pid -> ppid
+    procs = {pid: TaskStat(pid, "x", "S", ppid, 0, 5, 0, 0) for pid, ppid in tree.items()}
+    assert descendants([10], procs) == {10, 11, 12}
 
 
 def test_summaries_prefer_quiet_runs_and_say_when_there_were_none():

@@ -148,7 +148,7 @@ def test_fd_exhaustion_backs_off_without_spinning_and_recovers(backend, tmp_path
 # -- http server: timeouts, client vanishes, malformed input --------------------------
 
 def test_idle_and_stalled_connections_are_closed_in_time(request, backend, tmp_path):
-    policy_outcome(request, backend, "idle_timeout", "header_timeout", new_rule=False)
+    policy_outcome(request, backend, "idle_timeout", "header_timeout")
     srv = launch(tmp_path, "--backend", backend, "--workers", "1", "--protocol", "http",
                  "--idle-timeout", "0.6", "--header-timeout", "0.3")
     # An idle connection, a stalled partial request, and an active one that survives.
@@ -217,7 +217,7 @@ def test_vanishing_clients_and_bad_input_leak_nothing(backend, tmp_path):
 # -- echo server: handler bug, slow reader, max connections, forced shutdown -----------
 
 def test_handler_bug_slow_reader_max_connections_and_second_signal(request, backend, tmp_path):
-    policy_outcome(request, backend, "max_output", "max_connections", new_rule=False)
+    policy_outcome(request, backend, "max_output", "max_connections")
     max_output = 256 * 1024
     env = dict(os.environ, PARALLELNET_TEST_PROTOCOLS="1")
     srv = launch(tmp_path, "--backend", backend, "--workers", "1", "--protocol", "crashy",

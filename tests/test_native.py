@@ -223,7 +223,7 @@ def test_c_core_times_a_python_protocols_incomplete_request(backend):
     """The C cores keep the request deadline for a protocol written in Python too: the
     protocol says whether a feed left a request incomplete (native: the callback's
     ``partial``; native-uring runs it in uring's loop, which tells the core), and the core
-    cuts a trickle at its deadline (core/policy.py rule 7) while whole lines go on."""
+    cuts a trickle at its deadline (core/policy.py rule request-deadline) while whole lines go on."""
     require_backend(backend)
     from test_uring_defects import InProcess
 

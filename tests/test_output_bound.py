@@ -1,4 +1,4 @@
-"""What one read may make a server produce: bounded on every backend (core/policy.py rule 10).
+"""What one read may make a server produce: bounded on every backend (core/policy.py rule held-answers).
 
 ``GET /bytes/16777216`` is 39 bytes and asks for 16 MiB, so 64 of them in one write (2.5 KB)
 ask for 1 GiB.  Every registered backend must answer them within ``--max-output`` of

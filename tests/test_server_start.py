@@ -15,7 +15,7 @@ import time
 import pytest
 
 from conftest import BACKENDS, recv_exactly, require_backend
-from parallelnet.backends.base import BackendError
+from parallelnet.core.backend import BackendError
 from parallelnet.backends.epoll import EpollBackend
 from parallelnet.core import server as server_mod
 

@@ -1,5 +1,6 @@
-"""docs/adding-a-backend.md's template, copied as documented, serves and follows the rules;
-a readiness backend without its event bits is refused when the class is created."""
+"""docs/adding-a-backend.md's template, copied as documented, serves, follows the rules and
+leaves no descriptor behind - and without its ``_teardown`` the suite's leak check catches
+it; a readiness backend without its event bits is refused when the class is created."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import read_http_responses, recv_exactly, recv_until_eof
+from conftest import fds_left_by_a_server_run, read_http_responses, recv_exactly, recv_until_eof
 from parallelnet.backends.readiness import ReadinessLoop
 from parallelnet.core import server as server_mod
 from parallelnet.core.backend import Limits, check_declarations
@@ -19,10 +20,10 @@ GUIDE = Path(__file__).resolve().parent.parent / "docs" / "adding-a-backend.md"
 
 
 def _template_class():
-    code = re.search(r"```python\n(# mypkg/mypoll.py.*?)```", GUIDE.read_text(), re.S).group(1)
+    code = re.search(r"```python\n(# mypkg/myepoll.py.*?)```", GUIDE.read_text(), re.S).group(1)
     namespace: dict = {}
     exec(compile(code, str(GUIDE), "exec"), namespace)
-    return namespace["MyPollBackend"]
+    return namespace["MyEpollBackend"]
 
 
 @pytest.fixture
@@ -100,3 +101,25 @@ def test_a_plugin_whose_add_arguments_fails_is_reported(monkeypatch, capsys):
     assert "backend broken: add_arguments failed (RuntimeError: bad option table)" in capsys.readouterr().err
     with pytest.raises(cli.BackendError, match="add_arguments failed"):
         cli.config_from_args(args)
+
+
+def _leaked(monkeypatch, cls) -> dict:
+    monkeypatch.setattr(server_mod, "get_backend", lambda name: cls)
+    return fds_left_by_a_server_run(server_mod.ServerConfig(backend=cls.name, workers=2))
+
+
+def test_the_template_leaves_no_descriptor_open(monkeypatch):
+    assert _leaked(monkeypatch, _template_class()) == {}
+
+
+def test_the_template_without_teardown_is_caught_leaking(monkeypatch):
+    """The conformance suite's leak check (conftest.fds_left_by_a_server_run) on the
+    template with ``_teardown`` removed: each worker's epoll fd stays open."""
+    template = _template_class()
+    assert "_teardown" in vars(template)
+
+    class NoTeardown(template):
+        name = "myepoll-no-teardown"
+        _teardown = ReadinessLoop._teardown    # the default, which releases nothing
+    leaked = _leaked(monkeypatch, NoTeardown)
+    assert sorted(leaked.values()) == ["anon_inode:[eventpoll]"] * 2, leaked   # one per worker

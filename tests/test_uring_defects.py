@@ -26,7 +26,7 @@ import pytest
 
 from conftest import BACKENDS, recv_exactly, require_backend, start_server
 from test_faults import wait_until
-from parallelnet.backends.base import DISPATCH, SHARED, Limits, StopSignal, WorkerContext
+from parallelnet.core.backend import DISPATCH, SHARED, Limits, StopSignal, WorkerContext
 from parallelnet.core.policy import ConnectionPolicy
 from parallelnet.core.protocols import EchoProtocol
 from parallelnet.core.stats import WorkerStats
@@ -231,7 +231,7 @@ def test_3_free_keeps_chunks_a_zc_send_still_references():
 
 SUBMIT_FAILS = r"""
 import os, socket, sys
-from parallelnet.backends.base import Limits
+from parallelnet.core.backend import Limits
 from parallelnet.backends.uring import UringOptions, load, new_core
 ffi, lib = load()
 core = new_core(ffi, lib, Limits(), UringOptions(entries=4), raw=True, setup_flags=int(sys.argv[1]))
@@ -441,7 +441,7 @@ def test_9_failed_send_kills_the_connection_with_an_error():
 
 HUGE_SEND = r"""
 import socket
-from parallelnet.backends.base import Limits, StopSignal
+from parallelnet.core.backend import Limits, StopSignal
 from parallelnet.backends.uring import load, new_core
 ffi, lib = load()
 lsock = socket.socket(); lsock.bind(("127.0.0.1", 0)); lsock.listen(1)

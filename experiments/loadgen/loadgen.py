@@ -366,7 +366,7 @@ class LoadSpec:
                     raise ValueError(f"service replaces the request path with /work/US; "
                                      f"drop the path(s) {', '.join(paths)}")
         if self.netns is not None:
-            from parallelnet.experiments.loadgen import netns
+            import parallelnet.experiments.loadgen.netns as netns
             if not netns.exists(self.netns):
                 raise ValueError(f"netns {self.netns!r}: no such network namespace "
                                  f"({netns.netns_path(str(self.netns))} does not exist)")
@@ -549,7 +549,7 @@ def run(spec: LoadSpec) -> LoadResult:
     spec.validate()
     if spec.netns is None:
         return _run_here(spec)
-    from parallelnet.experiments.loadgen import netns
+    import parallelnet.experiments.loadgen.netns as netns
 
     # Load the extension here: a dlopen in the forked child of a threaded process could
     # block on a loader lock some other thread held at the fork.
@@ -1159,6 +1159,7 @@ def main_from_args(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """drive a server with the C load generator (see: parallelnet loadgen -h)"""
     from parallelnet.core.cli import DefaultsOnce, OneLineParser  # one line per mistake
 
     parser = OneLineParser(prog="parallelnet loadgen", formatter_class=DefaultsOnce)
