@@ -99,7 +99,7 @@ def one_run(label: str, backend: str, extra_args: list[str], conns: int, args, o
 
 
 def cffi_call_cost() -> dict:
-    from parallelnet.backends._uring import lib
+    from parallelnet.backends.uring._uring import lib
 
     n = 1_000_000
     best = float("inf")

@@ -41,7 +41,7 @@ import os
 import socket
 import time
 
-from parallelnet.backends.uring import IoUringBackend, Ring, UringOptions
+from parallelnet.backends.uring.ring import IoUringBackend, Ring, UringOptions
 from parallelnet.core.accept import ACCEPT_ONE_LOST, AcceptPacer, accept_pending
 from parallelnet.core.handoff import HandoffReceiver, adopt
 from parallelnet.core.policy import (

@@ -131,9 +131,10 @@ int uc_raw_wait(uc_core *c, int timeout_ms, uint64_t *ud, int32_t *res, uint32_t
 
 ffibuilder = cffi.FFI()
 ffibuilder.cdef(CDEF)
-with open(os.path.join(HERE, "uring_core.c")) as _f:
-    ffibuilder.set_source("parallelnet.backends._uring", _f.read(), include_dirs=[HERE],
-                          depends=[os.path.join(HERE, h) for h in ("proto_core.h", "policy_core.h")],
+SHARED = os.path.dirname(HERE)   # backends/: proto_core.h, policy_core.h
+with open(os.path.join(HERE, "event_core.c")) as _f:
+    ffibuilder.set_source("parallelnet.backends.uring._uring", _f.read(), include_dirs=[HERE, SHARED],
+                          depends=[os.path.join(SHARED, h) for h in ("proto_core.h", "policy_core.h")],
                           libraries=["dl"], extra_compile_args=["-O2", "-std=gnu11"])
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ from __future__ import annotations
 
 from parallelnet.backends.base import BackendError
 from parallelnet.backends.native import protocol_of
-from parallelnet.backends.uring import Ring, UringBackend, UringOptions, load
+from parallelnet.backends.uring.ring import Ring, UringBackend, UringOptions, load
 
 
 def _mixed(kinds) -> bool:

@@ -207,9 +207,9 @@ def load():
     if path is None:
         raise BackendError(f"the PyPI wheel {WHEEL} is not installed (pip install '{WHEEL}')")
     try:
-        from parallelnet.backends._uring import ffi, lib
+        from parallelnet.backends.uring._uring import ffi, lib
     except ImportError as exc:
-        raise BackendError(f"extension parallelnet.backends._uring not built ({exc}); "
+        raise BackendError(f"extension parallelnet.backends.uring._uring not built ({exc}); "
                            "reinstall the project so setup.py's cffi_modules compiles it") from None
     err = lib.uc_init(path.encode())
     if err != ffi.NULL:
