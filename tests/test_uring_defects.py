@@ -393,7 +393,7 @@ def test_9_failed_send_kills_the_connection_with_an_error():
     """Defect 9: _process ignored uc_send_buf/uc_send_copy failures: -ENOMEM dropped a
     response and the connection carried on as if it had been sent."""
     require_backend("uring")
-    from parallelnet.backends.uring.ring import UringBackend
+    from parallelnet.backends.uring.uring import UringBackend
 
     calls = []
 

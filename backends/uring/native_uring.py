@@ -44,7 +44,8 @@ from __future__ import annotations
 
 from parallelnet.backends.base import BackendError
 from parallelnet.backends.native import protocol_of
-from parallelnet.backends.uring.ring import Ring, UringBackend, UringOptions, load
+from parallelnet.backends.uring.ring import Ring, UringOptions, load
+from parallelnet.backends.uring.uring import UringBackend
 
 
 def _mixed(kinds) -> bool:
