@@ -26,10 +26,10 @@ import re
 import cffi
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SHARED = os.path.dirname(HERE)   # backends/: proto_core.h, policy_core.h
+SHARED = os.path.dirname(HERE)   # backends/: proto_core.h, policy_core.h, handoff_recv.h
 SOURCES = ("event_core.c", "raw_api.c", "cproto.c")
 HEADERS = ("uring_api.h", "kernel_abi.h")
-SHARED_HEADERS = ("proto_core.h", "policy_core.h")
+SHARED_HEADERS = ("proto_core.h", "policy_core.h", "handoff_recv.h")
 
 #: kernel_abi.h's macros that Python reads (their values come from the C at build time).
 KERNEL_CONSTANTS = (

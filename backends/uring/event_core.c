@@ -57,6 +57,7 @@
 #include <sys/uio.h>
 #include "proto_core.h"         /* echo/http in C: the C-protocol mode (native-uring) */
 #include "policy_core.h"        /* core/policy.py's deadlines and numbers, in C */
+#include "handoff_recv.h"       /* --accept dispatch: the SCM_RIGHTS receiver of both C cores */
 #include "uring_api.h"          /* the constants, structs and functions Python sees */
 #include "kernel_abi.h"         /* io_uring's ABI, liburing resolved at uc_init */
 
@@ -427,7 +428,7 @@ static int handoff_lid(uc_core *c, int lid)
 /* --accept dispatch: the core's acceptor thread passes connected sockets over an
  * AF_UNIX SOCK_SEQPACKET channel as SCM_RIGHTS (core/dispatch.py).  A single-shot poll
  * on the channel, re-armed after each completion, wakes the ring; then every waiting
- * fd is taken here with recvmsg until EAGAIN (one message per fd, a few per call). */
+ * fd is taken with recvmsg until EAGAIN (handoff_recv.h: one message per fd). */
 static void arm_handoff(uc_core *c)
 {
     struct io_uring_sqe *s = sqe_get(c);
@@ -437,41 +438,23 @@ static void arm_handoff(uc_core *c)
     c->handoff_armed = 1;
 }
 
+static void handoff_adopt(void *core, int fd, int lid) { conn_open(core, fd, lid); }
+
+static void handoff_episode(void *core)
+{
+    uc_core *c = core;
+    if (c->cfg.user) uc_py_handoff_lost(c->cfg.user, EMFILE);
+}
+
+/* Every waiting fd (backends/handoff_recv.h: counted in handoffs, or lost; a loss logged
+ * once per episode).  EOF - the acceptor closed its end: its poll would fire (HUP) at once
+ * each time it is re-armed, so it is not. */
 static void handoff_take(uc_core *c)
 {
-    for (;;) {
-        unsigned char byte = 0;     /* the listener id (core/handoff.py) */
-        union { struct cmsghdr align; char b[CMSG_SPACE(16 * sizeof(int))]; } ctl;  /* CMSG_* need cmsghdr alignment */
-        struct iovec iov = { &byte, 1 };
-        struct msghdr m = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = ctl.b, .msg_controllen = sizeof ctl.b };
-        ssize_t r = recvmsg(c->cfg.handoff_fd, &m, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
-        if (r < 0 && errno == EINTR) continue;
-        if (r < 0) return;          /* EAGAIN: empty */
-        /* Every message carries one byte: 0 is EOF, the acceptor closed its end.  Its
-         * poll would fire (HUP) at once each time it is re-armed: stop watching. */
-        if (r == 0 && !(m.msg_flags & MSG_CTRUNC)) { c->handoff_closed = 1; return; }
-        /* Out of fds the kernel cannot install the passed one: the message is consumed,
-         * MSG_CTRUNC set, and that connection is lost.  Counted, never silent. */
-        if ((m.msg_flags & MSG_CTRUNC) && !CMSG_FIRSTHDR(&m)) {
-            c->st.handoff_lost++;
-            if (!c->handoff_losing && c->cfg.user) uc_py_handoff_lost(c->cfg.user, EMFILE);
-            c->handoff_losing = 1;
-            continue;
-        }
-        c->handoff_losing = 0;      /* a connection received whole ends the episode */
-        for (struct cmsghdr *h = CMSG_FIRSTHDR(&m); h; h = CMSG_NXTHDR(&m, h)) {
-            if (h->cmsg_level != SOL_SOCKET || h->cmsg_type != SCM_RIGHTS) continue;
-            int n = (int)((h->cmsg_len - CMSG_LEN(0)) / sizeof(int));
-            for (int i = 0; i < n; i++) {
-                int fd;
-                memcpy(&fd, CMSG_DATA(h) + i * sizeof(int), sizeof fd);
-                int lid = handoff_lid(c, byte);
-                if (lid < 0) { close(fd); c->st.handoff_lost++; continue; }
-                c->st.handoffs++;
-                conn_open(c, fd, lid);
-            }
-        }
-    }
+    int nids = c->cfg.nids > 0 ? c->cfg.nids : 1;
+    if (handoff_recv(c->cfg.handoff_fd, nids, &c->handoff_losing, &c->st.handoffs,
+                     &c->st.handoff_lost, handoff_adopt, handoff_episode, c) == HANDOFF_EOF)
+        c->handoff_closed = 1;
 }
 
 static void on_recv_terminal(uc_core *c, int id)
