@@ -581,7 +581,7 @@ static void on_cqe(uc_core *c, struct io_uring_cqe *q)
                 }
             }
         }
-        else if (res == -EAGAIN) c->st.accept_eagain++;     /* not produced by 6.x: see uring.py */
+        else if (res == -EAGAIN) c->st.accept_eagain++;     /* not produced by 6.x: see ring.py */
         else if (res != -ECANCELED) {
             c->st.accept_errors++; c->st.last_accept_error = -res;
             if (!pol_accept_one_lost(-res)) {
@@ -651,7 +651,7 @@ static uc_core *uc_new(const struct uc_config *cfg, int *err)
         IORING_SETUP_COOP_TASKRUN | IORING_SETUP_TASKRUN_FLAG | IORING_SETUP_SUBMIT_ALL,
         0 };
     /* SQPOLL: a kernel thread (iou-sqp-<tid>, a task of this process: its CPU must be
-     * counted with ours, see uring.py) polls the SQ; DEFER_TASKRUN is not allowed with it. */
+     * counted with ours, see ring.py) polls the SQ; DEFER_TASKRUN is not allowed with it. */
     static const unsigned sqpoll_tries[] = {
         IORING_SETUP_SQPOLL | IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_SUBMIT_ALL,
         IORING_SETUP_SQPOLL | IORING_SETUP_SUBMIT_ALL,

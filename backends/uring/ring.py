@@ -88,7 +88,7 @@ completion that releases it has been seen.  Per worker:
   has passed - except while a connection's output waits behind a send in flight, while
   clients wait for our answers (a closed loop, seen from how soon requests follow answers)
   or while the worker is busy.  The policy and its measured CPU-vs-latency curve:
-  uring_core.c (``window_nr``) and docs/uring.md.
+  event_core.c (``window_nr``) and docs/uring.md.
 * **Stop**: a poll on ``ctx.stop``'s eventfd is armed on the ring, so a stopped worker
   wakes at once.  Drain then mirrors readiness.py: accepts are cancelled and the listen
   backlog taken once (synchronously), each connection's recv is cancelled and what its
@@ -154,7 +154,7 @@ SETUP_FLAG_NAMES = (
 #: --uring-latency-budget-us default, chosen from the measured CPU-vs-latency curve
 #: (docs/uring.md, "The batching window").
 DEFAULT_LATENCY_BUDGET_US = 200
-#: uring_core.c's MAX_LISTENERS: listening addresses one ring serves (``max_listeners``).
+#: uring_api.h's MAX_LISTENERS: listening addresses one ring serves (``max_listeners``).
 MAX_LISTENERS = 8
 
 
@@ -233,7 +233,7 @@ def new_core(ffi, lib, limits, opts: UringOptions = UringOptions(), *, listeners
              listener_ids=(), nids: int = 1, stop_fd: int = -1, handoff_fd: int = -1, raw: bool = False,
              multishot: bool = False, setup_flags: int | None = None, cproto: dict | None = None,
              user=None):
-    """One event core (uring_core.c) configured from ``limits`` and ``opts``.
+    """One event core (event_core.c) configured from ``limits`` and ``opts``.
 
     ``raw``: uring-py's mode (Python reaps every CQE; no accept, no timer in C).
     ``cproto``: native-uring's C-protocol settings (``struct uc_config`` fields).
@@ -445,7 +445,7 @@ class RingHandoff:
     ``send(fd)`` submits ``IORING_OP_MSG_RING`` on a small ring of the dispatcher's own
     (created on first use, in the dispatcher's thread) and waits for its completion: the
     worker's CQ then holds a CQE carrying fd, which the worker adopts as it is
-    (``transfers``: the acceptor must not close it).  See uring_core.c.
+    (``transfers``: the acceptor must not close it).  See event_core.c.
     """
 
     kind = "msg-ring"
@@ -494,7 +494,7 @@ _NOT_EXTRA = {"last_accept_error", "failed", "opened", "l_accepted", "l_accept_c
 
 
 class Ring:
-    """One worker's io_uring event core (uring_core.c) and what Python keeps of it.
+    """One worker's io_uring event core (event_core.c) and what Python keeps of it.
 
     Composition, not inheritance: ``uring``, ``uring-py`` and ``native-uring`` each hold
     one.  It creates the core in the worker's thread, exposes what the loops touch
