@@ -4,7 +4,7 @@ The design's second claim, tested with the mechanism it describes.  Nothing exte
 a CPU: each worker is busy with the connections it accepted, because every request carries
 a service time (``GET /work/US``: US µs of the worker's own CPU, in Python or in C).
 
-**The workload** (experiments/loadgen.py), two clients side by side, both open loop:
+**The workload** (experiments/loadgen/loadgen.py), two clients side by side, both open loop:
 
 * *long-lived* keep-alive connections carry most of the load: ``long_connections`` of them,
   opened at the start (during the warm-up, so the accept race places them then), at a
@@ -58,10 +58,10 @@ import threading
 from parallelnet.experiments import analysis
 from parallelnet.experiments.analysis import row_bound
 from parallelnet.experiments.framework import (
-    Context, Experiment, Point, Summary, Table, add_aa_twin, available_backends, rotated,
-    server_cpu_per_request,
+    Context, Experiment, Plan, PlanNotes, Point, Summary, Table, add_aa_twin, available_backends,
+    rotated, server_cpu_per_request,
 )
-from parallelnet.experiments.harness import read_records
+from parallelnet.experiments.server import read_records
 from parallelnet.experiments.measure import Layout, bottleneck, measure
 
 CALIBRATE = "calibrate"
@@ -77,14 +77,14 @@ def layout() -> Layout:
     return Layout(server, base.client)
 
 
-def configs(p: dict) -> list[str]:
-    """``backend/mode/strategy`` for each requested configuration the machine can run."""
+def configs(p: dict) -> PlanNotes:
+    """``backend/mode/strategy`` for each requested configuration the machine can run
+    (``ran``), the others with why (``skipped``)."""
     from parallelnet.backends.base import registry
     from parallelnet.core.listeners import layout_of
 
     names = sorted({c.split("/")[0] for c in p["configs"]})
     ok, skipped = available_backends(names)
-    p["skipped"] = skipped
     reg = registry()
     out = []
     for c in p["configs"]:
@@ -93,12 +93,12 @@ def configs(p: dict) -> list[str]:
             out.append(c)
         elif b in ok:
             skipped[c] = f"{b} does not run {m} mode with --accept {st}"
-    p["ran"] = out
-    return out
+    return PlanNotes(out, skipped)
 
 
-def plan(p: dict) -> list[Point]:
-    cfgs = configs(p)
+def plan(p: dict) -> Plan:
+    notes = configs(p)
+    cfgs = notes.ran
     points = [Point(f"{CALIBRATE}/{bm}", 0, {"calibrate": True, "backend": bm.split("/")[0],
                                              "mode": bm.split("/")[1]}, est_s=p["warmup"] + 2.5)
               for bm in sorted({c.rsplit("/", 1)[0] for c in cfgs})]
@@ -109,8 +109,7 @@ def plan(p: dict) -> list[Point]:
                 b, m, st = cfg.split("/")
                 points.append(Point(f"{cfg}/load={load:.2f}", rep,
                                     {"backend": b, "mode": m, "strategy": st, "load": load}, est_s=per))
-    aa = p.get("aa")
-    return add_aa_twin(points, aa) if aa and any(q.config == aa for q in points) else points
+    return Plan(add_aa_twin(points, p.get("aa")), notes)
 
 
 # -- the workload -------------------------------------------------------------------------
@@ -292,7 +291,7 @@ def sustained(points: list[tuple[float, float]], target: float) -> float | None:
     return best
 
 
-def summarize(records: list[dict], p: dict) -> Summary:
+def summarize(records: list[dict], p: dict, notes: PlanNotes) -> Summary:
     s = Summary()
     cal = [r for r in records if r["config"].startswith(CALIBRATE + "/")]
     runs = [r for r in records if not r["config"].startswith(CALIBRATE + "/")]
@@ -302,7 +301,7 @@ def summarize(records: list[dict], p: dict) -> Summary:
             ["backend/mode", "req/s", "overhead µs/request beyond the service time", "bound"],
             [[r["config"].split("/", 1)[1], f"{r['capacity_rps']:.0f}", f"{r['overhead_us']:.1f}",
               r["bound"]] for r in cal], key="calibration"))
-    cfgs = p.get("ran") or sorted({r["config"].rsplit("/", 1)[0] for r in runs})
+    cfgs = notes.ran or sorted({r["config"].rsplit("/", 1)[0] for r in runs})
     loads = p["loads"]
     rows, p99_rows = [], []
     target_us = 1000 * p["p99_target_ms"]
@@ -397,7 +396,7 @@ def summarize(records: list[dict], p: dict) -> Summary:
         load, cfg = max(best)
         s.findings.append(f"best p99 at high load: {cfg} (sustains {100 * load:.0f}% of capacity at "
                           f"p99 <= {p['p99_target_ms']:g} ms)")
-    s.add_skipped(p.get("skipped"), title="Configurations not run")
+    s.add_skipped(notes.skipped, title="Configurations not run")
     return s
 
 
@@ -405,7 +404,7 @@ def figures(summary: Summary, records: list[dict], ctx: Context) -> list[str]:
     from parallelnet.experiments import plots
 
     p = ctx.params
-    cfgs = p.get("ran") or []
+    cfgs = ctx.notes.ran
     p99, slopes = {}, {}
     for cfg in cfgs:
         b, m, st = cfg.split("/")

@@ -20,7 +20,6 @@ import sys
 import time
 
 from parallelnet.experiments import framework
-from parallelnet.experiments.legacy import Script
 
 
 def _set(text: str) -> tuple[str, object]:
@@ -33,12 +32,28 @@ def _set(text: str) -> tuple[str, object]:
         return key, value
 
 
+def _loadable() -> tuple[dict, dict[str, str]]:
+    """({name: experiment} for every registered one that loads, {name: the one line why
+    not} for the others)."""
+    ok, broken = {}, {}
+    for name in framework.names():
+        try:
+            ok[name] = framework.get(name)
+        except SystemExit as exc:
+            broken[name] = str(exc.code)
+    return ok, broken
+
+
 def cmd_list(_args) -> int:
     from parallelnet.experiments.paper_pins import cited_experiments
 
     cited = cited_experiments()
-    for name in framework.REGISTRY:
-        exp = framework.get(name)
+    exps, broken = _loadable()
+    for name in framework.names():
+        if name in broken:
+            print(f"{name:17s} {'':5s} BROKEN: {broken[name]}")
+            continue
+        exp = exps[name]
         mark = "paper" if name in cited else ""
         print(f"{name:17s} {mark:5s} {exp.title}")
         print(f"{'':23s} presets: {', '.join(exp.presets)}"
@@ -50,13 +65,6 @@ def run_one(name: str, preset: str, out: str, overrides: dict | None = None,
             allow_dirty: bool = False, keep_server_stats: bool = False,
             client: str = "local") -> list[str]:
     exp = framework.get(name)
-    if isinstance(exp, Script):
-        if overrides:
-            raise SystemExit(f"{name} takes no --set (its presets are argument lists)")
-        if client != "local":
-            raise UserError(f"parallelnet experiment {name}: --client {client}: {name} runs "
-                            "its own argument lists, its client is always local")
-        return exp.run(preset, out, allow_dirty)
     return [framework.run(exp, preset, out, overrides, allow_dirty, keep_server_stats,
                           client=client)]
 
@@ -111,7 +119,7 @@ def cmd_rebuild(args) -> int:
     meta = _meta_of(outdir, "parallelnet experiment rebuild")
     exp = framework.get(meta["experiment"])
     records = framework.load_records(outdir)
-    ctx = framework.Context(outdir, meta["params"])
+    ctx = framework.Context(outdir, meta["params"], framework.PlanNotes.from_meta(meta))
     framework.finish(exp, records, meta["params"], ctx, meta,
                      sum("error" in r for r in records))
     return 0
@@ -167,10 +175,10 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("a", metavar="RUN_A", help="the reference results directory")
     d.add_argument("b", metavar="RUN_B", help="the results directory compared with it")
     d.set_defaults(func=cmd_diff)
-    for name in framework.REGISTRY:
-        exp = framework.get(name)
+    exps, broken = _loadable()
+    for name, exp in exps.items():
         e = sub.add_parser(name, help=f"run {name}", formatter_class=argparse.RawDescriptionHelpFormatter,
-                           epilog=None if isinstance(exp, Script) else _params_help(exp))
+                           epilog=_params_help(exp))
         e.add_argument("--preset", default="smoke", choices=framework.PRESETS,
                        help="smoke (the tests' size), standard (what the paper cites) or full "
                             "(default: smoke)")
@@ -192,6 +200,15 @@ def main(argv: list[str] | None = None) -> int:
                             "host_key_check=, connect_timeout=, bind=, parallelnet=; "
                             "docs/experiments.md, \"Where the client runs\")")
         e.set_defaults(func=cmd_run, name=name)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in broken:
+        print(f"parallelnet experiment: {broken[argv[0]]}", file=sys.stderr)
+        return 2
+    if argv and not argv[0].startswith("-") and argv[0] not in sub.choices:
+        # One line, not argparse's usage block: the registered names are the answer.
+        print(f"parallelnet experiment: unknown experiment {argv[0]!r}; known: "
+              f"{', '.join(framework.names())} (or: list, rebuild, index, diff)", file=sys.stderr)
+        return 2
     args = p.parse_args(argv)
     try:
         return args.func(args)

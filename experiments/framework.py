@@ -21,14 +21,15 @@ measured), ``summary.json`` and ``summary.md``, ``pyperf.json`` (one pyperf benc
 configuration, one pyperf run per repetition, lower is better: seconds of server CPU per
 request, ``loops`` = requests), and the figures.  Progress is printed as ``[k/N]`` with
 an ETA from the points' own estimates, corrected by the time the finished ones took.
-Every timed point holds ``/tmp/bench.lock`` (harness.bench_lock), so two experiments
-never overlap.
+Every run holds ``/tmp/bench.lock`` (:func:`bench_lock`), so two experiments never
+overlap.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
-import importlib
+import fcntl
 import json
 import os
 import shlex
@@ -41,7 +42,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from parallelnet.experiments import provenance, remote
-from parallelnet.experiments.harness import ServerHandle, bench_lock, start_server
+from parallelnet.experiments.server import ServerHandle, start_server
 
 PRESETS = ("smoke", "standard", "full")
 CLEAN_PRESETS = ("standard", "full")   # a dirty tree is refused for these (unless allowed)
@@ -78,6 +79,84 @@ class Point:
 
     def label(self) -> str:
         return f"{self.config} r{self.rep}"
+
+
+@dataclass
+class PlanNotes:
+    """What a plan decided besides its points, handed to ``summarize`` and ``figures`` and
+    kept in ``meta.json`` under ``plan`` (so ``rebuild`` and the paper see the same):
+
+    * ``ran``: the configurations the plan measures, in the order summaries list them;
+    * ``skipped``: {configuration or backend: why it is not run} (unavailable here, a mode or
+      strategy it does not serve);
+    * ``derived``: values the plan computed from the parameters (``worker_counts``: the
+      worker counts for this machine's CPUs), for the summary to use as planned.
+
+    Runs written before plan notes existed kept ``ran``/``skipped``/``worker_counts`` among
+    their parameters; :meth:`from_meta` reads them from there."""
+
+    ran: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+    derived: dict = field(default_factory=dict)
+
+    #: parameter keys that older runs' plans wrote into their params (read as notes)
+    LEGACY_DERIVED = ("worker_counts",)
+
+    def to_dict(self) -> dict:
+        return {"ran": list(self.ran), "skipped": dict(self.skipped), "derived": dict(self.derived)}
+
+    @classmethod
+    def from_meta(cls, meta: dict) -> "PlanNotes":
+        if isinstance(meta.get("plan"), dict):
+            d = meta["plan"]
+            return cls(list(d.get("ran") or []), dict(d.get("skipped") or {}),
+                       dict(d.get("derived") or {}))
+        p = meta.get("params") or {}
+        return cls(list(p.get("ran") or []), dict(p.get("skipped") or {}),
+                   {k: p[k] for k in cls.LEGACY_DERIVED if k in p})
+
+
+@dataclass
+class Plan:
+    """What ``Experiment.plan(params)`` returns: the points in execution order, and notes."""
+
+    points: list[Point]
+    notes: PlanNotes = field(default_factory=PlanNotes)
+
+
+@dataclass
+class Record:
+    """One line of ``records.jsonl``: the point (``config``, ``rep``, ``params``), when it
+    was measured (``measured_at``, UTC ISO 8601), and either what ``run_point`` returned
+    (``result``, whose keys are stored at the top level of the line beside these) or, for a
+    point that raised, ``error`` (one line) and ``traceback``.  Summaries read the lines as
+    dicts (:meth:`to_json`'s form), as they are on disk."""
+
+    config: str
+    rep: int
+    params: dict
+    measured_at: str
+    result: dict = field(default_factory=dict)
+    error: str | None = None
+    traceback: str | None = None
+
+    RESERVED = ("config", "rep", "params", "measured_at", "error", "traceback")
+
+    def to_json(self) -> dict:
+        clash = [k for k in self.result if k in self.RESERVED]
+        if clash:
+            raise ValueError(f"run_point returned reserved record keys {clash}")
+        out = {"config": self.config, "rep": self.rep, "params": self.params,
+               "measured_at": self.measured_at}
+        if self.error is not None:
+            out.update(error=self.error, traceback=self.traceback)
+        return {**out, **self.result}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Record":
+        rest = {k: v for k, v in d.items() if k not in cls.RESERVED}
+        return cls(d["config"], d["rep"], d["params"], d.get("measured_at", ""), rest,
+                   d.get("error"), d.get("traceback"))
 
 
 @dataclass
@@ -148,6 +227,7 @@ class Context:
 
     outdir: str
     params: dict
+    notes: PlanNotes = field(default_factory=PlanNotes)   # what the plan decided
     keep_server_stats: bool = False
     state: dict = field(default_factory=dict)   # what earlier points found (e.g. capacities)
     _servers: list = field(default_factory=list)
@@ -216,9 +296,9 @@ class Experiment:
     name: str
     title: str
     presets: dict[str, dict]
-    plan: Callable[[dict], list[Point]]
+    plan: Callable[[dict], Plan]
     run_point: Callable[[Point, Context], dict]
-    summarize: Callable[[list[dict], dict], Summary]
+    summarize: Callable[[list[dict], dict, PlanNotes], Summary]
     figures: Callable[[Summary, list[dict], Context], list[str]] | None = None
     #: (record) -> seconds per unit of work (lower is better) and the units, for pyperf
     pyperf_value: Callable[[dict], tuple[float, int] | None] | None = None
@@ -293,10 +373,12 @@ def validate_overrides(exp: Experiment, overrides: dict) -> None:
 AA_SUFFIX = "~aa"
 
 
-def add_aa_twin(points: list[Point], config: str) -> list[Point]:
+def add_aa_twin(points: list[Point], config: str | None) -> list[Point]:
     """Append to every repetition an A/A twin of ``config``: the same parameters, measured
     last in the repetition (the original sits wherever the rotation put it, so the pair
     spans the repetition like any other pair)."""
+    if not config or not any(q.config == config for q in points):
+        return points   # no A/A control asked for, or its configuration is not run here
     out: list[Point] = []
     for i, pt in enumerate(points):
         out.append(pt)
@@ -347,31 +429,121 @@ def parse_config(spec: str) -> tuple[str, str, list[str]]:
 
 # -- the registry ------------------------------------------------------------------------
 
-#: name -> "module:attribute" (imported on use, so listing costs nothing)
-REGISTRY = {
-    "compare": "parallelnet.experiments.load_curve:COMPARE",
-    "load-curve": "parallelnet.experiments.load_curve:EXPERIMENT",
-    "uring-window": "parallelnet.experiments.load_curve:WINDOW",
-    "imbalance": "parallelnet.experiments.imbalance:EXPERIMENT",
-    "herd": "parallelnet.experiments.herd:EXPERIMENT",
-    "balance": "parallelnet.experiments.balance:EXPERIMENT",
-    "scaling": "parallelnet.experiments.scaling:EXPERIMENT",
-    "sizes": "parallelnet.experiments.sizes:EXPERIMENT",
-    "bench_uring": "parallelnet.experiments.legacy:BENCH_URING",
-    "accept": "parallelnet.experiments.legacy:ACCEPT",
-    "handoff": "parallelnet.experiments.legacy:HANDOFF",
-    "soak": "parallelnet.experiments.legacy:SOAK",
-    "validate_loadgen": "parallelnet.experiments.legacy:VALIDATE_LOADGEN",
-}
+#: The entry-point group experiments register under, like backends under
+#: ``parallelnet.backends``: ``NAME = "package.module:ATTRIBUTE"`` in a pyproject's
+#: ``[project.entry-points."parallelnet.experiments"]`` (this project's own included).
+ENTRY_POINTS = "parallelnet.experiments"
+
+
+def _entry_points() -> dict:
+    from importlib.metadata import entry_points
+
+    return {ep.name: ep for ep in entry_points(group=ENTRY_POINTS)}
+
+
+def names() -> list[str]:
+    """Every registered experiment's name (nothing imported: listing costs nothing)."""
+    return list(_entry_points())
 
 
 def get(name: str):
+    """The registered experiment ``name``; one line (SystemExit) for an unknown name or
+    one whose entry point cannot be loaded."""
+    eps = _entry_points()
+    ep = eps.get(name)
+    if ep is None:
+        raise SystemExit(f"unknown experiment {name!r}; known: {', '.join(eps)}")
     try:
-        target = REGISTRY[name]
-    except KeyError:
-        raise SystemExit(f"unknown experiment {name!r}; known: {', '.join(REGISTRY)}") from None
-    module, _, attr = target.partition(":")
-    return getattr(importlib.import_module(module), attr)
+        exp = ep.load()
+    except Exception as exc:  # noqa: BLE001 - a broken plugin is one line, not a traceback
+        raise SystemExit(f"experiment {name!r} ({ep.value}) cannot be loaded: "
+                         f"{type(exc).__name__}: {exc}") from None
+    if getattr(exp, "name", None) != name:
+        raise SystemExit(f"experiment {name!r} ({ep.value}) is not an Experiment named {name!r} "
+                         f"(got {type(exp).__name__} {getattr(exp, 'name', None)!r})")
+    return exp
+
+
+# -- the benchmark lock ------------------------------------------------------------------
+
+LOCK_PATH = "/tmp/bench.lock"
+
+
+def _ancestors() -> set[int]:
+    """Our parent, its parent, ... (from /proc/PID/stat field 4)."""
+    out, pid = set(), os.getppid()
+    while pid > 1 and pid not in out:
+        out.add(pid)
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                raw = f.read()
+            pid = int(raw[raw.rindex(b")") + 2:].split()[1])
+        except (OSError, ValueError, IndexError):
+            break
+    return out
+
+
+def _held_by_ancestor(path: str) -> bool:
+    """Whether a process we descend from holds a flock on ``path`` (``/proc/locks``): we
+    run under ``flock PATH CMD`` even where the descriptor itself was not inherited (a
+    subprocess started with close_fds, as pytest and subprocess.run do)."""
+    try:
+        st = os.stat(path)
+        with open("/proc/locks") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return False
+    ino = f":{st.st_ino}"
+    dev = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}{ino}"
+    ancestors = _ancestors()
+    for line in lines:
+        parts = line.split()
+        if "->" in parts or len(parts) < 6 or parts[1] != "FLOCK":
+            continue   # a waiter, or another kind of lock
+        try:
+            pid = int(parts[4])
+        except ValueError:
+            continue
+        if parts[5] == dev and pid in ancestors:
+            return True
+    return False
+
+
+@contextlib.contextmanager
+def bench_lock(stream=None):
+    """Hold LOCK_PATH for a timed run, so two benchmarks never overlap.
+
+    Run under ``flock /tmp/bench.lock CMD``, the lock is already ours: through an inherited
+    descriptor (the same open file description, so flock on it succeeds at once), or held
+    by an ancestor whose descriptor was not passed down (a test's subprocess); then it is
+    used rather than waited on.  Otherwise it is taken - saying so on ``stream`` when
+    another benchmark holds it, rather than waiting silently.
+    """
+    with open(LOCK_PATH, "a") as own:
+        target = os.path.realpath(LOCK_PATH)
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                if os.readlink(f"/proc/self/fd/{fd}") == target:
+                    fcntl.flock(int(fd), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+            except OSError:
+                continue
+        else:
+            try:
+                fcntl.flock(own, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if _held_by_ancestor(LOCK_PATH):
+                    yield
+                    return
+                if stream is not None:
+                    print(f"waiting for {LOCK_PATH}: another benchmark holds it "
+                          "(the run starts when it ends)", file=stream, flush=True)
+                t0 = time.monotonic()
+                fcntl.flock(own, fcntl.LOCK_EX)
+                if stream is not None:
+                    print(f"got {LOCK_PATH} after {time.monotonic() - t0:.0f} s", file=stream,
+                          flush=True)
+        yield
 
 
 # -- running -----------------------------------------------------------------------------
@@ -405,8 +577,10 @@ class Progress:
         self.done_real += took
 
 
-def result_dir(name: str, preset: str, root: str) -> str:
-    path = os.path.join(root, time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f"-{name}-{preset}")
+def result_dir(name: str, preset: str | None, root: str) -> str:
+    """``ROOT/<UTC stamp>-NAME-PRESET/`` (no ``-PRESET`` for None), made now."""
+    path = os.path.join(root, time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f"-{name}"
+                        + (f"-{preset}" if preset else ""))
     os.makedirs(path, exist_ok=False)
     return path
 
@@ -443,13 +617,14 @@ def _run(exp: Experiment, preset: str, out: str, overrides: dict | None, allow_d
                          f"(it has: {', '.join(exp.presets)})")
     validate_overrides(exp, overrides or {})
     params = {**exp.presets[preset], **(overrides or {})}
-    points = exp.plan(params)   # may note in params what it had to leave out, and why
+    planned = exp.plan(dict(params))   # the plan reads params; what it decided is in notes
+    points, notes = planned.points, planned.notes
     if not points:
-        skipped = params.get("skipped") or {}
+        skipped = notes.skipped
         raise EmptyRun(f"nothing to measure: the plan has no point"
                        + (f" (not run: {'; '.join(f'{k}: {v}' for k, v in skipped.items())})"
                           if skipped else ""))
-    meta = provenance.collect(exp.name, preset, {"params": params})
+    meta = provenance.collect(exp.name, preset, {"params": params, "plan": notes.to_dict()})
     if preset in CLEAN_PRESETS and meta["code"]["dirty"]:
         if not allow_dirty:
             raise SystemExit(f"refusing a {preset} run of {exp.name} on a dirty tree "
@@ -462,7 +637,7 @@ def _run(exp: Experiment, preset: str, out: str, overrides: dict | None, allow_d
     meta["client"] = placement.facts()
     outdir = result_dir(exp.name, preset, out)
     write_meta(outdir, meta)
-    ctx = Context(outdir, params, keep_server_stats=keep_server_stats, client=placement)
+    ctx = Context(outdir, params, notes, keep_server_stats=keep_server_stats, client=placement)
     progress = Progress(points, stream)
     print(f"{exp.name} ({preset}): {len(points)} runs, about "
           f"{_fmt_s(progress.total_estimate())}; results: {outdir}", file=stream, flush=True)
@@ -491,13 +666,15 @@ def _run(exp: Experiment, preset: str, out: str, overrides: dict | None, allow_d
                     raise
                 except Exception as exc:  # noqa: BLE001 - recorded, the run goes on
                     failed += 1
-                    rec = {"error": f"{type(exc).__name__}: {exc}",
-                           "traceback": traceback.format_exc()[-4000:]}
-                    print(f"  FAILED: {rec['error'].splitlines()[0]}", file=stream, flush=True)
+                    rec = Record(point.config, point.rep, point.params, provenance.utc_now(),
+                                 error=f"{type(exc).__name__}: {exc}",
+                                 traceback=traceback.format_exc()[-4000:])
+                    print(f"  FAILED: {rec.error.splitlines()[0]}", file=stream, flush=True)
+                else:
+                    rec = Record(point.config, point.rep, point.params, provenance.utc_now(), rec)
                 finally:
                     ctx.cleanup()
-                rec = {"config": point.config, "rep": point.rep, "params": point.params,
-                       "measured_at": provenance.utc_now(), **rec}
+                rec = rec.to_json()
                 records.append(rec)
                 rf.write(json.dumps(rec) + "\n")
                 rf.flush()
@@ -538,7 +715,8 @@ def finish(exp: Experiment, records: list[dict], params: dict, ctx: Context, met
         # end normally, whatever its records say.
         meta["outcome"] = INTERRUPTED
         meta.setdefault("reason", "the run never recorded its end")
-    summary = exp.summarize([r for r in good if not r["config"].endswith(AA_SUFFIX)], params)
+    summary = exp.summarize([r for r in good if not r["config"].endswith(AA_SUFFIX)], params,
+                            ctx.notes)
     aa = aa_control(exp, good)
     if aa is not None:
         from parallelnet.experiments import analysis
@@ -717,6 +895,55 @@ def available_backends(names) -> tuple[list[str], dict[str, str]]:
         else:
             skipped[name] = avail.reason
     return ok, skipped
+
+
+# -- the configurations a plan runs (shared by the experiments' plans) ----------------------
+
+#: A strategy name may carry this suffix: the same strategy, the hogged worker registering
+#: the listener last (imbalance's variant); the server sees the strategy without it.
+TAIL = "@tail"
+
+
+def strategies_for(backend: str, wanted: list[str]) -> list[str]:
+    """The strategies of ``wanted`` that ``backend`` serves (a ``@tail`` variant counts as
+    its strategy)."""
+    from parallelnet.backends.base import registry
+    from parallelnet.core.listeners import layout_of
+
+    served = registry()[backend].accept_strategies
+    return [s for s in wanted if layout_of(s.removesuffix(TAIL)) in served]
+
+
+def strategy_configs(backends, strategies: list[str], modes: list[str] | None = None
+                     ) -> tuple[list[tuple[str, ...]], PlanNotes]:
+    """Every available backend × mode it runs × strategy it serves, as ``(backend, mode,
+    strategy)`` (``(backend, strategy)`` when ``modes`` is None), and the notes: ``ran``
+    their ``/``-joined names, ``skipped`` the unavailable backends with why."""
+    from parallelnet.backends.base import registry
+
+    ok, skipped = available_backends(backends)
+    reg = registry()
+    if modes is None:
+        out = [(b, st) for b in ok for st in strategies_for(b, strategies)]
+    else:
+        out = [(b, m, st) for b in ok for m in modes if m in reg[b].modes
+               for st in strategies_for(b, strategies)]
+    return out, PlanNotes(["/".join(c) for c in out], skipped)
+
+
+def labelled_configs(p: dict) -> tuple[list[tuple[str, str, list[str]]], PlanNotes]:
+    """The configurations to run: ``configs`` (``LABEL=BACKEND[:ARGS]``, :func:`parse_config`)
+    if the parameters give them, else one per backend of ``backends`` ("all": every
+    registered one), as ``(label, backend, server args)``; the notes: ``ran`` the labels,
+    ``skipped`` the unavailable backends with why."""
+    if p.get("configs"):
+        cfgs = [parse_config(c) for c in p["configs"]]
+        ok, skipped = available_backends(sorted({b for _, b, _ in cfgs}))
+    else:
+        ok, skipped = available_backends(p["backends"])
+        cfgs = [(b, b, []) for b in ok]
+    cfgs = [c for c in cfgs if c[1] in ok]
+    return cfgs, PlanNotes([c[0] for c in cfgs], skipped)
 
 
 def load_records(outdir: str) -> list[dict]:

@@ -1,7 +1,7 @@
 """What the hand-off channel costs under ``--accept dispatch``: SCM_RIGHTS vs IORING_OP_MSG_RING.
 
-    flock /tmp/bench.lock python -m parallelnet.experiments.handoff [--reps 5] [--duration 3]
-        [--configs scm=uring msg-ring=uring:--uring-handoff=msg-ring epoll=epoll]
+    parallelnet experiment handoff --preset standard
+    parallelnet experiment handoff --set 'configs=["scm=uring", "mr=uring:--uring-handoff msg-ring"]'
 
 One acceptor thread (core/dispatch.py) accepts every connection and hands it to one of
 two workers.  The channel is what differs:
@@ -20,65 +20,66 @@ load generator's window: connections/s and the p50/p99 of connect+echo+close (cl
 and **server CPU per connection**: every thread of the server process, from
 ``/proc/PID/task/*/schedstat`` (ns), differenced around the window - the acceptor's
 work counts, since that is where the channels differ most.  Configurations alternate in
-rotated order within each repetition; noisy runs are flagged (harness.NoiseProbe) and
-left out of the medians when quiet ones exist.  Raw JSON, pyperf JSON and a table:
-results/<timestamp>-handoff/.
+rotated order within each repetition; noisy runs are flagged (noise.NoiseProbe) and
+left out of the medians when quiet ones exist.  A configuration is ``LABEL=BACKEND[:ARGS]``
+(framework.parse_config); the first is the baseline of the ratios.  One record per run
+(the same fields the stand-alone script wrote into handoff.json's ``runs``, so
+:func:`summary_rows` reads both: the paper still cites a run of that script).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import statistics
-import sys
 
-from parallelnet.experiments.harness import (
-    NoiseProbe, RunCounter, bench_lock, bound_of, common_bound, machine_metadata, prefer_quiet, process_cpu_ns,
-    result_dir, start_server, write_pyperf,
+from parallelnet.experiments.analysis import prefer_quiet
+from parallelnet.experiments.framework import (
+    Context, Experiment, Plan, PlanNotes, Point, Summary, Table, labelled_configs, rotated,
 )
-
-ALL_CPUS = sorted(os.sched_getaffinity(0))
-SERVER_CPU, CLIENT_CPU = ALL_CPUS[0], ALL_CPUS[-1]
-DEFAULT_CONFIGS = ["scm=uring", "msg-ring=uring:--uring-handoff=msg-ring", "epoll-scm=epoll"]
+from parallelnet.experiments.measure import Layout, bottleneck
+from parallelnet.experiments.noise import NoiseProbe, process_cpu_ns
 
 
-def parse_config(spec: str) -> tuple[str, str, list[str]]:
-    """``LABEL=BACKEND[:ARG,ARG...]`` (an ARG may be ``--flag=value``)."""
-    label, eq, rest = spec.partition("=")
-    if not eq:
-        raise ValueError(f"config {spec!r}: expected LABEL=BACKEND[:ARGS]")
-    backend, _, argstr = rest.partition(":")
-    args = []
-    for a in filter(None, argstr.split(",")):
-        args += a.split("=", 1) if a.startswith("--") else [a]
-    return label, backend, args
+def cpus() -> tuple[int, int]:
+    """(the server's CPU, the client's): the first and the last."""
+    allowed = sorted(os.sched_getaffinity(0))
+    return allowed[0], allowed[-1]
 
 
-def one_run(label: str, backend: str, extra: list[str], args, outdir: str, tag: str) -> dict:
+def plan(p: dict) -> Plan:
+    cfgs, notes = labelled_configs(p)
+    per = p["warmup"] + p["duration"] + 1.0
+    points = [Point(label, rep, {"label": label, "backend": b, "args": a}, est_s=per)
+              for rep in range(p["reps"]) for label, b, a in rotated(cfgs, rep)]
+    return Plan(points, notes)
+
+
+def run_point(point: Point, ctx: Context) -> dict:
     from parallelnet.experiments.loadgen import LoadSpec, run
 
-    srv = start_server(["--backend", backend, "--accept", "dispatch", "--cpus", str(SERVER_CPU),
-                        "--workers", "2", "--dispatch-cpu", str(SERVER_CPU),
-                        "--message-size", "64", *extra],
-                       os.path.join(outdir, f"{tag}-stats.jsonl"), cpus={SERVER_CPU})
+    p, q = ctx.params, point.params
+    server_cpu, client_cpu = cpus()
+    srv = ctx.server(["--backend", q["backend"], "--accept", "dispatch", "--cpus", str(server_cpu),
+                      "--workers", "2", "--dispatch-cpu", str(server_cpu), "--message-size", "64",
+                      *q["args"]], point.label().replace(" ", "-"), cpus={server_cpu})
     try:
-        base = LoadSpec(host=srv.host, port=srv.port, mode="churn", connections=args.connections,
-                        cpus=[CLIENT_CPU], size=64, warmup=0.0)
-        run(LoadSpec(**{**base.__dict__, "duration": args.warmup}))  # lazy set-up out of the window
+        base = LoadSpec(host=srv.host, port=srv.port, mode="churn", connections=p["connections"],
+                        cpus=[client_cpu], size=64, warmup=0.0)
+        run(LoadSpec(**{**base.__dict__, "duration": p["warmup"]}))  # lazy set-up out of the window
         probe = NoiseProbe([os.getpid(), srv.proc.pid]).start()
         cpu0 = process_cpu_ns(srv.proc.pid)
-        res = run(LoadSpec(**{**base.__dict__, "duration": args.duration}))
+        res = run(LoadSpec(**{**base.__dict__, "duration": p["duration"]}))
         cpu1 = process_cpu_ns(srv.proc.pid)
         noise = probe.stop()
     finally:
-        final = srv.stop()
+        final = ctx.stop_server(srv)
     conns = res.requests
     workers = final.get("workers", [])
     disp = final.get("dispatcher") or {}
-    return {
-        "label": label, "backend": backend, "args": extra, "connections": args.connections,
-        "conn_rate": res.rps, "completed": conns, "client_errors": res.errors_total,
+    rec = {
+        "label": q["label"], "backend": q["backend"], "args": q["args"],
+        "connections": p["connections"], "conn_rate": res.rps, "completed": conns,
+        "client_errors": res.errors_total,
         "p50_us": res.latency.get("p50"), "p99_us": res.latency.get("p99"),
         "server_cpu_s": (cpu1 - cpu0) / 1e9,
         "server_us_per_conn": (cpu1 - cpu0) / 1e3 / conns if conns else None,
@@ -87,11 +88,25 @@ def one_run(label: str, backend: str, extra: list[str], args, outdir: str, tag: 
         "msg_handoffs": sum(w.get("extra", {}).get("msg_handoffs", 0) for w in workers),
         "handoff_wakeups": sum(w.get("extra", {}).get("handoff_wakeups", 0) for w in workers),
         "server_crashed": [w["crashed"] for w in workers if w.get("crashed")],
-        "noisy": noise["noisy"], "noise": noise, "bound": bound_of(noise, [SERVER_CPU], [CLIENT_CPU]),
+        "noisy": noise["noisy"], "noise": noise,
+        "bound": bottleneck(noise["per_cpu"], Layout([server_cpu], [client_cpu]), False, True),
     }
+    if rec["client_errors"] or rec["overflow"] or not conns:
+        raise RuntimeError(f"{q['label']}: {rec['client_errors']} client errors, "
+                           f"{rec['overflow']} hand-off overflows, {conns} connections")
+    return rec
 
 
-def summarize(runs: list[dict], labels: list[str]) -> list[dict]:
+def common_bound(runs: list[dict]) -> str:
+    """The most frequent bottleneck of a row's runs ('?' for runs recorded before bottlenecks
+    were)."""
+    bounds = [r.get("bound") or "?" for r in runs]
+    return max(sorted(set(bounds)), key=bounds.count) if bounds else "?"
+
+
+def summary_rows(runs: list[dict], labels: list[str]) -> list[dict]:
+    """One row per configuration: medians over its quiet runs (all runs, marked, when every
+    one was noisy), ratios to the first label's."""
     rows = []
     for label in labels:
         rs, dropped, all_noisy = prefer_quiet([r for r in runs if r["label"] == label],
@@ -115,65 +130,51 @@ def summarize(runs: list[dict], labels: list[str]) -> list[dict]:
     return rows
 
 
-def format_summary(rows: list[dict], first: str) -> str:
-    out = [f"{'config':12s} {'n':>2s} {'server us/conn':>14s} {'(min-max)':>15s} {'x ' + first:>8s} "
-           f"{'conn/s':>8s} {'(min-max)':>17s} {'p50 us':>7s} {'p99 us':>7s}"]
+def table_row(r: dict) -> list[str]:
+    def f(x, spec=".2f"):
+        return "–" if x is None else format(x, spec)
+
+    return [r["label"] + (" (noisy)" if r.get("all_noisy") else ""), r["backend"], str(r["n"]),
+            f"{f(r['us_per_conn'])} ({f(r['us_min'])}–{f(r['us_max'])})", f(r.get("vs_first"), ".3f"),
+            f"{r['conn_rate'] / 1e3:.1f}k ({r['rate_min'] / 1e3:.1f}–{r['rate_max'] / 1e3:.1f}k)",
+            f"{r['p50_us']:.0f}", f"{r['p99_us']:.0f}", r.get("bound", "?")]
+
+
+def header(first: str) -> list[str]:
+    return ["channel", "backend", "n", "server CPU µs/connection, median (min–max)", f"× {first}",
+            "conn/s (min–max)", "p50 µs", "p99 µs", "bound"]
+
+
+def summarize(records: list[dict], p: dict, notes: PlanNotes) -> Summary:
+    s = Summary()
+    labels = notes.ran or list(dict.fromkeys(r["label"] for r in records))
+    rows = summary_rows(records, labels)
+    s.tables.append(Table("The dispatch channel: server CPU per connection", header(labels[0]),
+                          [table_row(r) for r in rows], key="all"))
     for r in rows:
-        out.append(f"{r['label']:12s} {r['n']:2d} {r['us_per_conn']:14.2f} "
-                   f"({r['us_min']:6.2f}-{r['us_max']:6.2f}) {r.get('vs_first', float('nan')):8.3f} "
-                   f"{r['conn_rate']:8.0f} ({r['rate_min']:7.0f}-{r['rate_max']:7.0f}) "
-                   f"{r['p50_us']:7.0f} {r['p99_us']:7.0f} {r.get('bound', '?')}"
-                   f"{'  NOISY (every run)' if r['all_noisy'] else ''}")
-    return "\n".join(out)
+        for k in ("us_per_conn", "vs_first", "rate_vs_first"):
+            s.values[f"{r['label']}.{k}"] = r.get(k)
+        s.findings.append(f"{r['label']} ({r['backend']}): {r['us_per_conn']:.2f} µs of server CPU "
+                          f"per connection, ×{r.get('vs_first', float('nan')):.3f} {labels[0]}")
+    s.add_skipped(notes.skipped)
+    return s
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS,
-                   help="LABEL=BACKEND[:ARGS] (comma-separated args, --flag=value allowed); "
-                        "the first is the baseline of the ratios")
-    p.add_argument("--connections", type=int, default=32, help="concurrent churning clients")
-    p.add_argument("--duration", type=float, default=3.0)
-    p.add_argument("--warmup", type=float, default=0.5)
-    p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--out", default="results")
-    args = p.parse_args(argv)
-    configs = [parse_config(c) for c in args.configs]
-    labels = [c[0] for c in configs]
-    if len(set(labels)) != len(labels):
-        p.error("config labels must differ")
-    if SERVER_CPU == CLIENT_CPU:
-        print("note: one CPU only: server and client share it (figures are not comparable "
-              "with a two-CPU run)", file=sys.stderr)
-    outdir = result_dir("handoff", args.out, {"configs": args.configs})
-    runs = []
-    with bench_lock():
-        counter = RunCounter(args.reps * len(configs))
-        for rep in range(args.reps):
-            order = configs[rep % len(configs):] + configs[:rep % len(configs)]
-            for label, backend, extra in order:
-                rec = one_run(label, backend, extra, args, outdir, f"r{rep}-{label}")
-                rec["rep"] = rep
-                runs.append(rec)
-                print(f"{counter.tick()} {label:12s} r{rep} {rec['conn_rate']:8.0f} conn/s  server "
-                      f"{rec['server_us_per_conn'] or 0:7.2f} us/conn  p99 {rec['p99_us'] or 0:6.0f} us"
-                      f"  channel {rec['channel']}  bound {rec['bound']}{'  NOISY' if rec['noisy'] else ''}",
-                      flush=True)
-    summary = summarize(runs, labels)
-    with open(os.path.join(outdir, "handoff.json"), "w") as f:
-        json.dump({"meta": machine_metadata(), "args": vars(args), "runs": runs,
-                   "summary": summary}, f, indent=1)
-    write_pyperf(os.path.join(outdir, "pyperf.json"),
-                 {r["label"]: [x["server_us_per_conn"] / 1e6 for x in runs
-                               if x["label"] == r["label"] and x["server_us_per_conn"]
-                               and (r["all_noisy"] or not x["noisy"])]
-                  for r in summary})
-    print()
-    print(format_summary(summary, labels[0]))
-    print(f"\nraw results: {outdir}")
-    bad = [r for r in runs if r["client_errors"] or r["server_crashed"] or r["overflow"]]
-    return 1 if bad else 0
+def per_connection(rec: dict) -> tuple[float, int] | None:
+    us = rec.get("server_us_per_conn")
+    return (us / 1e6, rec["completed"]) if us else None
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+EXPERIMENT = Experiment(
+    name="handoff", title="The dispatch channel: SCM_RIGHTS vs IORING_OP_MSG_RING",
+    presets={
+        "smoke": dict(configs=["scm=uring", "msg-ring=uring:--uring-handoff msg-ring",
+                               "epoll-scm=epoll"], connections=8, reps=1, duration=0.5, warmup=0.2),
+        "standard": dict(configs=["scm=uring", "msg-ring=uring:--uring-handoff msg-ring",
+                                  "epoll-scm=epoll"], connections=32, reps=5, duration=3.0,
+                         warmup=0.5),
+        "full": dict(configs=["scm=uring", "msg-ring=uring:--uring-handoff msg-ring",
+                              "epoll-scm=epoll"], connections=32, reps=8, duration=4.0, warmup=0.5),
+    },
+    plan=plan, run_point=run_point, summarize=summarize, pyperf_value=per_connection,
+    description="server CPU per connection under --accept dispatch, churn (one echo per connection)")

@@ -41,10 +41,9 @@ from parallelnet.core.stats import jain_index
 from parallelnet.experiments import analysis
 from parallelnet.experiments.analysis import UNRANKABLE
 from parallelnet.experiments.framework import (
-    Context, Experiment, Point, Summary, Table, add_aa_twin, available_backends, rotated,
-    server_cpu_per_request,
+    Context, Experiment, Plan, PlanNotes, Point, Summary, Table, add_aa_twin, rotated,
+    server_cpu_per_request, strategy_configs,
 )
-from parallelnet.experiments.imbalance import strategies_for
 from parallelnet.experiments.measure import Layout
 
 PLACEMENTS = ("packed", "spread")
@@ -62,25 +61,15 @@ def layout_for(placement: str, n: int) -> tuple[Layout, list[int]]:
         [spread[i % len(spread)] for i in range(n)]
 
 
-def configs(p: dict) -> list[str]:
-    """``backend/mode/strategy`` for every available backend, mode and strategy it serves."""
-    from parallelnet.backends.base import registry
-
-    backends, skipped = available_backends(p["backends"])
-    p["skipped"] = skipped
-    reg = registry()
-    cfgs = [f"{b}/{m}/{st}" for b in backends for m in p["modes"] if m in reg[b].modes
-            for st in strategies_for(b, p["strategies"])]
-    p["ran"] = cfgs
-    return cfgs
 
 
 def point_config(cfg: str, placement: str, rate: float, n: int) -> str:
     return f"{cfg}/{placement}/rate={rate:g}/n={n}"
 
 
-def plan(p: dict) -> list[Point]:
-    cfgs = configs(p)
+def plan(p: dict) -> Plan:
+    _, notes = strategy_configs(p["backends"], p["strategies"], p["modes"])
+    cfgs = notes.ran   # backend/mode/strategy
     per = p["warmup"] + p["duration"] + 0.5
     points = []
     for rep in range(p["reps"]):
@@ -93,8 +82,7 @@ def plan(p: dict) -> list[Point]:
                                             {"backend": b, "mode": m, "strategy": st,
                                              "placement": placement, "rate": rate, "n": n},
                                             est_s=per + (0.05 if m == "thread" else 0.08) * n))
-    aa = p.get("aa")
-    return add_aa_twin(points, aa) if aa and any(q.config == aa for q in points) else points
+    return Plan(add_aa_twin(points, p.get("aa")), notes)
 
 
 def run_point(point: Point, ctx: Context) -> dict:
@@ -170,13 +158,13 @@ def wakeup_cost(records: list[dict], cfg: str, placement: str, rate: float,
     return analysis.slope_summary(series)
 
 
-def upgrade(records: list[dict], p: dict) -> None:
+def upgrade(records: list[dict], p: dict, notes: PlanNotes) -> None:
     """Runs from before modes and rate sweeps (2026-11): thread mode, one rate; their
     records are renamed in place to today's configuration names."""
     if "rates" in p:
         return
     p["rates"] = [p["rate"]]
-    p["ran"] = [f"{c.split('/')[0]}/thread/{c.split('/', 1)[1]}" for c in p.get("ran") or []]
+    notes.ran = [f"{c.split('/')[0]}/thread/{c.split('/', 1)[1]}" for c in notes.ran]
     for r in records:
         q = r["params"]
         q.setdefault("mode", "thread")
@@ -185,10 +173,10 @@ def upgrade(records: list[dict], p: dict) -> None:
                                    q["rate"], q["n"])
 
 
-def summarize(records: list[dict], p: dict) -> Summary:
+def summarize(records: list[dict], p: dict, notes: PlanNotes) -> Summary:
     s = Summary()
-    upgrade(records, p)
-    cfgs = p.get("ran") or sorted({"/".join((r["params"]["backend"], r["params"].get("mode", "thread"),
+    upgrade(records, p, notes)
+    cfgs = notes.ran or sorted({"/".join((r["params"]["backend"], r["params"].get("mode", "thread"),
                                              r["params"]["strategy"])) for r in records})
     rates = p.get("rates") or [p.get("rate")]
     for placement in p["placements"]:
@@ -288,7 +276,7 @@ def summarize(records: list[dict], p: dict) -> Summary:
         note="The slope is fitted per repetition (server CPU per connection against voluntary "
              "context switches per connection, over N) and summarised across repetitions.",
         key="cost"))
-    s.add_skipped(p.get("skipped"))
+    s.add_skipped(notes.skipped)
     return s
 
 
@@ -300,8 +288,8 @@ def figures(summary: Summary, records: list[dict], ctx: Context) -> list[str]:
     from parallelnet.experiments import plots
 
     p = ctx.params
-    upgrade(records, p)
-    cfgs = p.get("ran") or []
+    upgrade(records, p, ctx.notes)
+    cfgs = ctx.notes.ran
     rates = p.get("rates") or []
     panels = sorted({f"{c.rsplit('/', 1)[0]}, {pl}, {r:g}/s" for c in cfgs for pl in p["placements"]
                      for r in rates})

@@ -31,39 +31,18 @@ import time
 
 from parallelnet.experiments import analysis
 from parallelnet.experiments.framework import (
-    server_cpu_per_request,
-    Context, Experiment, Point, Summary, Table, available_backends, rotated,
+    TAIL, Context, Experiment, Plan, PlanNotes, Point, Summary, Table, rotated,
+    server_cpu_per_request, strategy_configs,
 )
-from parallelnet.experiments.harness import read_records
+from parallelnet.experiments.server import read_records
 from parallelnet.experiments.hog import Hog
 from parallelnet.experiments.measure import Layout, measure
 
 STEP = "step"
 
 
-TAIL = "@tail"   # variant: the hogged worker registers the listener last
-
-
-def strategies_for(backend: str, wanted: list[str]) -> list[str]:
-    from parallelnet.backends.base import registry
-    from parallelnet.core.listeners import layout_of
-
-    served = registry()[backend].accept_strategies
-    return [s for s in wanted if layout_of(s.removesuffix(TAIL)) in served]
-
-
-def configs(p: dict) -> list[tuple[str, str]]:
-    backends, skipped = available_backends(p["backends"])
-    p["skipped"] = skipped
-    out = []
-    for b in backends:
-        out += [(b, s) for s in strategies_for(b, p["strategies"])]
-    p["ran"] = [f"{b}/{s}" for b, s in out]
-    return out
-
-
-def plan(p: dict) -> list[Point]:
-    cfgs = configs(p)
+def plan(p: dict) -> Plan:
+    cfgs, notes = strategy_configs(p["backends"], p["strategies"])   # (backend, strategy)
     per = p["warmup"] + p["duration"] + 0.6
     points = []
     for rep in range(p["reps"]):
@@ -76,7 +55,7 @@ def plan(p: dict) -> list[Point]:
                 points.append(Point(f"{b}/{s}/{STEP}", rep,
                                     {"backend": b, "strategy": s, "duty": 1.0, "step": True},
                                     est_s=p["warmup"] + p["step_duration"] + 0.6))
-    return points
+    return Plan(points, notes)
 
 
 def two_cpu_layout() -> Layout:
@@ -207,11 +186,11 @@ def share_slope(records, b, s, duties) -> dict | None:
     return analysis.slope_summary(series)
 
 
-def summarize(records: list[dict], p: dict) -> Summary:
+def summarize(records: list[dict], p: dict, notes: PlanNotes) -> Summary:
     s = Summary()
     steady = [r for r in records if not r["params"].get("step")]
     duties = p["duties"]
-    cfgs = p.get("ran") or sorted({f"{r['params']['backend']}/{r['params']['strategy']}" for r in steady})
+    cfgs = notes.ran or sorted({f"{r['params']['backend']}/{r['params']['strategy']}" for r in steady})
     rows = []
     for cfg in cfgs:
         b, st = cfg.split("/", 1)
@@ -311,7 +290,7 @@ def summarize(records: list[dict], p: dict) -> Summary:
                 f"{100 * min(duties):.0f}% → {100 * max(duties):.0f}%: "
                 f"{analysis.fmt_interval(d, 1, scale=100, unit=' points', signed=True)}"
                 + (f"; p99 {analysis.fmt_ratio(r)}" if r else ""))
-    s.add_skipped(p.get("skipped"))
+    s.add_skipped(notes.skipped)
     return s
 
 
@@ -330,7 +309,7 @@ def figures(summary: Summary, records: list[dict], ctx: Context) -> list[str]:
     from parallelnet.experiments import plots
 
     p = ctx.params
-    cfgs = p.get("ran") or []
+    cfgs = ctx.notes.ran
     backends = sorted({c.split("/")[0] for c in cfgs})
     series, lat = {}, {}
     for cfg in cfgs:

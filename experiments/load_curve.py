@@ -30,8 +30,8 @@ import statistics
 from parallelnet.experiments import analysis
 from parallelnet.experiments.analysis import row_bound
 from parallelnet.experiments.framework import (
-    server_cpu_per_request, parse_config,
-    Context, Experiment, Point, Summary, Table, available_backends, rotated,
+    Context, Experiment, Plan, PlanNotes, Point, Summary, Table, labelled_configs, rotated,
+    server_cpu_per_request,
 )
 from parallelnet.experiments.measure import Layout
 
@@ -47,24 +47,8 @@ def load_label(kind: str, value) -> str:
         return f"closed={int(value)}"
     return "sat"
 
-def configs_of(p: dict) -> list[tuple[str, str, list[str]]]:
-    """The configurations to run: ``configs`` (labelled, with server arguments) if the
-    preset gives them, else one per backend of ``backends`` ("all": every registered one);
-    those whose backend is unavailable are noted in ``p["skipped"]`` with the reason."""
-    if p.get("configs"):
-        cfgs = [parse_config(c) for c in p["configs"]]
-        ok, skipped = available_backends(sorted({b for _, b, _ in cfgs}))
-    else:
-        ok, skipped = available_backends(p["backends"])
-        cfgs = [(b, b, []) for b in ok]
-    p["skipped"] = skipped
-    cfgs = [c for c in cfgs if c[1] in ok]
-    p["ran"] = [c[0] for c in cfgs]
-    return cfgs
-
-
-def plan(p: dict) -> list[Point]:
-    cfgs = configs_of(p)
+def plan(p: dict) -> Plan:
+    cfgs, notes = labelled_configs(p)
     per = p["warmup"] + p["duration"] + 0.4
     points = []
     if any(k == "frac" for k, _ in p["loads"]):
@@ -77,7 +61,7 @@ def plan(p: dict) -> list[Point]:
                 points.append(Point(f"{label}/{load_label(kind, value)}", rep,
                                     {"label": label, "backend": b, "args": a, "kind": kind,
                                      "value": value}, est_s=per))
-    return points
+    return Plan(points, notes)
 
 
 def run_point(point: Point, ctx: Context) -> dict:
@@ -177,9 +161,9 @@ def loads_of(records: list[dict], p: dict) -> list[str]:
     return [load_label(k, v) for k, v in p["loads"]]
 
 
-def summarize(records: list[dict], p: dict) -> Summary:
+def summarize(records: list[dict], p: dict, notes: PlanNotes) -> Summary:
     curve = [r for r in records if r["params"].get("kind") != "calibrate"]
-    backends = p.get("ran") or sorted({_label(r) for r in curve})
+    backends = notes.ran or sorted({_label(r) for r in curve})
     baselines = [b for b in p.get("baselines", ["native", "epoll"]) if b in backends]
     s = Summary()
     caps = {_label(r): r["rps"] for r in records if r["params"].get("kind") == "calibrate"}
@@ -267,7 +251,7 @@ def summarize(records: list[dict], p: dict) -> Summary:
             note=f"Median over repetitions; (×): median paired ratio to {base}; a client- or "
                  "both-bound cell is not ranked. Every figure with its spread and latency: the "
                  "full table in the run's summary.md.", key="compact"))
-    s.add_skipped(p.get("skipped"), key="skipped")
+    s.add_skipped(notes.skipped, key="skipped")
     # The 2x2: what io_uring buys (with the protocol in Python / in C) and what C buys.
     pairs = [("io_uring, protocol in Python", "uring", "epoll"),
              ("io_uring, all in C", "native-uring", "native"),
@@ -306,7 +290,7 @@ def figures(summary: Summary, records: list[dict], ctx: Context) -> list[str]:
 
     p = ctx.params
     curve = [r for r in records if r["params"].get("kind") != "calibrate"]
-    backends = p.get("ran") or sorted({_label(r) for r in curve})
+    backends = ctx.notes.ran or sorted({_label(r) for r in curve})
     series = {}
     for b in backends:
         pts = []
@@ -387,7 +371,7 @@ def window_figures(summary: Summary, records: list[dict], ctx: Context) -> list[
     from parallelnet.experiments import plots
 
     p = ctx.params
-    labels = p.get("ran") or []
+    labels = ctx.notes.ran
     out = figures(summary, records, ctx)
     series = {}
     for kind, value in p["loads"]:
@@ -420,13 +404,13 @@ def window_figures(summary: Summary, records: list[dict], ctx: Context) -> list[
     return out
 
 
-def window_summarize(records: list[dict], p: dict) -> Summary:
+def window_summarize(records: list[dict], p: dict, notes: PlanNotes) -> Summary:
     """The load curve's summary plus io_uring against epoll *at the same policy*: each
     budget B of uring beside epoll with the same window (backends/window.py), and each
     uring budget against the epoll configuration whose p99 is nearest (matched latency),
     CPU paired per repetition, p99 difference paired too."""
-    s = summarize(records, p)
-    labels = p.get("ran") or []
+    s = summarize(records, p, notes)
+    labels = notes.ran
     fams = {lab: budget_of(lab) for lab in labels}
     uring = {fb[1]: lab for lab, fb in fams.items() if fb and fb[0] == "uring"}
     epoll = {fb[1]: lab for lab, fb in fams.items() if fb and fb[0] == "epoll"}

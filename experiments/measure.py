@@ -19,7 +19,7 @@ Kernel facts relied on:
   slept (blocked in a wait); ``nonvoluntary_ctxt_switches`` the times it was preempted.
   A woken epoll waiter that finds nothing to do and sleeps again inside ``epoll_wait``
   never returns to user space, so it shows here and nowhere else.
-* ``/proc/stat`` per-CPU jiffies say how busy each CPU was (harness.NoiseProbe), which is
+* ``/proc/stat`` per-CPU jiffies say how busy each CPU was (noise.NoiseProbe), which is
   what decides the **bottleneck** of a point (:func:`bottleneck`).
 
 Where the generator runs is the run's client placement (experiments/remote.py:
@@ -35,9 +35,8 @@ import os
 import time
 from dataclasses import dataclass, field
 
-from parallelnet.experiments.harness import (
-    NoiseProbe, ServerHandle, _descendants, all_processes, read_records, window,
-)
+from parallelnet.experiments.noise import NoiseProbe, _descendants, all_processes
+from parallelnet.experiments.server import ServerHandle, read_records, window
 
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 BUSY = 0.90   # a CPU busy at least this fraction of the window counts as saturated

@@ -40,7 +40,7 @@ def cited_experiments(template: str = TEMPLATE) -> list[str]:
         return list(pins)
     from parallelnet.experiments import framework
 
-    return [n for n in framework.REGISTRY if getattr(framework.get(n), "cited", False)]
+    return [n for n in framework.names() if getattr(framework.get(n), "cited", False)]
 
 
 def repin(produced: dict[str, list[str]], template: str = TEMPLATE) -> None:

@@ -36,7 +36,7 @@ import sys
 import pyperf
 
 from parallelnet.core.launch import spawn_server
-from parallelnet.experiments.harness import process_cpu_ns, result_dir
+from parallelnet.experiments.noise import process_cpu_ns
 
 ALL_CPUS = sorted(os.sched_getaffinity(0))
 SERVER_CPU, CLIENT_CPU = ALL_CPUS[0], ALL_CPUS[-1]
@@ -91,9 +91,12 @@ def main() -> None:
     runner.argparser.add_argument("--connections", type=int, default=16)
     args = runner.parse_args()
     if not args.worker and not args.output:
-        args.output = os.path.join(result_dir("pyperf_cpu", extra={"backends": args.backends,
-                                                                   "connections": args.connections}),
-                                   "pyperf.json")
+        from parallelnet.experiments import framework, provenance
+
+        outdir = framework.result_dir("pyperf_cpu", None, "results")
+        framework.write_meta(outdir, provenance.collect("pyperf_cpu", None, {"params": {
+            "backends": args.backends, "connections": args.connections}}))
+        args.output = os.path.join(outdir, "pyperf.json")
     runner.metadata["server_cpu"] = str(SERVER_CPU)
     runner.metadata["client_cpu"] = str(CLIENT_CPU)
     runner.metadata["unit_meaning"] = "seconds of server-process CPU per request"

@@ -10,7 +10,7 @@ experiment with a second generator of its own (balance's churn) runs it with
   client CPUs; the server listens on 127.0.0.1.  Today's layout (experiments/measure.py,
   ``Layout.default``).
 * ``netns``: the same thread, its generator forked into a network namespace joined to
-  this one by a veth pair (experiments/netns.py, made when the run starts and removed when
+  this one by a veth pair (experiments/loadgen/netns.py, made when the run starts and removed when
   it ends); the server listens on the root side's veth address (``--allow-remote``).  Same
   CPUs as ``local``: only the packet path changes (a device, its queue, its softirq).
 * ``ssh://[user@]host[:port][?key=value&...]``: ``parallelnet loadgen ... --json -`` on
@@ -514,6 +514,52 @@ def loadgen_args(spec) -> list[str]:
     return [*out, "--json", "-"]
 
 
+class NetnsClient(Client):
+    """``--client netns`` (experiments/remote.py): one :class:`ClientNamespace` for the
+    whole run, made when it opens and removed when it closes; every load generator of the
+    run runs inside it (pinned to the layout's client CPUs, as ``local``) and every server
+    listens on the root side's veth address (``--allow-remote``)."""
+
+    kind = "netns"
+    elsewhere = False            # the same CPUs: only the packet path changes
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ns: ClientNamespace | None = None
+
+    def open(self) -> None:
+        if self.ns is not None:
+            return
+        from parallelnet.experiments.loadgen.netns import ClientNamespace
+
+        ns = ClientNamespace()
+        ns.__enter__()            # NetnsError (one line: what is missing) if it cannot
+        self.ns, self.bind, self.opened = ns, ns.host_address, True
+
+    def close(self) -> None:
+        ns, self.ns, self.bind, self.opened = self.ns, None, None, False
+        if ns is not None:
+            ns.__exit__(None, None, None)
+
+    def facts(self) -> dict:
+        ns = self.ns
+        return {"placement": self.label, "server_bind": self.bind,
+                "namespace": ns.name if ns else None,
+                "veth": {"host": ns.host_if, "client": ns.ns_if,
+                         "subnet": str(ns.network)} if ns else None,
+                "client_address": ns.client_address if ns else None,
+                "client_cpus_pinned": True}
+
+    def prepare(self, spec):
+        import dataclasses
+
+        if self.ns is None:
+            from parallelnet.experiments.loadgen.netns import NetnsError
+
+            raise NetnsError("--client netns: not opened (the run opens it)")
+        return dataclasses.replace(spec, netns=self.ns.name)
+
+
 def parse_client(text: str | Client | None) -> Client:
     """``--client``'s value -> an unopened Client; ValueError naming the problem."""
     if isinstance(text, Client):
@@ -521,8 +567,6 @@ def parse_client(text: str | Client | None) -> Client:
     if text in (None, "", "local"):
         return Client()
     if text == "netns":
-        from parallelnet.experiments.netns import NetnsClient
-
         return NetnsClient()
     if isinstance(text, str) and text.startswith("ssh://"):
         return SshClient(text)

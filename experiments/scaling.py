@@ -37,8 +37,8 @@ from parallelnet.core.stats import jain_index
 from parallelnet.experiments import analysis
 from parallelnet.experiments.analysis import row_bound
 from parallelnet.experiments.framework import (
-    Context, Experiment, Point, Summary, Table, add_aa_twin, available_backends, rotated,
-    server_cpu_per_request,
+    Context, Experiment, Plan, PlanNotes, Point, Summary, Table, add_aa_twin, rotated,
+    server_cpu_per_request, strategy_configs,
 )
 from parallelnet.experiments.measure import Layout
 
@@ -65,22 +65,9 @@ def worker_counts(p: dict) -> list[int]:
     return out
 
 
-def configs(p: dict) -> list[tuple[str, str, str]]:
-    from parallelnet.backends.base import registry
-    from parallelnet.experiments.imbalance import strategies_for
-
-    backends, skipped = available_backends(p["backends"])
-    p["skipped"] = skipped
-    reg = registry()
-    out = [(b, m, st) for b in backends for m in p["modes"] if m in reg[b].modes
-           for st in strategies_for(b, p["strategies"])]
-    p["ran"] = [f"{b}/{m}/{st}" for b, m, st in out]
-    return out
-
-
-def plan(p: dict) -> list[Point]:
-    cfgs = configs(p)
-    p["worker_counts"] = counts = worker_counts(p)
+def plan(p: dict) -> Plan:
+    cfgs, notes = strategy_configs(p["backends"], p["strategies"], p["modes"])
+    notes.derived["worker_counts"] = counts = worker_counts(p)
     per = p["warmup"] + p["duration"] + 0.8
     points = []
     for rep in range(p["reps"]):
@@ -89,8 +76,7 @@ def plan(p: dict) -> list[Point]:
                 points.append(Point(f"{b}/{m}/{st}/w={n}", rep,
                                     {"backend": b, "mode": m, "strategy": st, "workers": n},
                                     est_s=per + 0.1 * n))
-    aa = p.get("aa")
-    return add_aa_twin(points, aa) if aa and any(q.config == aa for q in points) else points
+    return Plan(add_aa_twin(points, p.get("aa")), notes)
 
 
 def run_point(point: Point, ctx: Context) -> dict:
@@ -122,24 +108,24 @@ def _speedups(records: list[dict], cfg: str, n: int, base: int) -> dict | None:
     return analysis.ratio_summary(analysis.paired(a, b))
 
 
-def upgrade(records: list[dict], p: dict) -> None:
+def upgrade(records: list[dict], p: dict, notes: PlanNotes) -> None:
     """Runs from before the server-bound workload and the strategies (2026-11: 64-byte echo,
     the shared socket): their records are renamed in place to today's configurations."""
     if "strategies" in p:
         return
     p["strategies"] = ["shared"]
-    p["ran"] = [f"{c}/shared" for c in p.get("ran") or []]
+    notes.ran = [f"{c}/shared" for c in notes.ran]
     for r in records:
         r["params"].setdefault("strategy", "shared")
         q = r["params"]
         r["config"] = f"{q['backend']}/{q['mode']}/{q['strategy']}/w={q['workers']}"
 
 
-def summarize(records: list[dict], p: dict) -> Summary:
+def summarize(records: list[dict], p: dict, notes: PlanNotes) -> Summary:
     s = Summary()
-    upgrade(records, p)
-    counts = p.get("worker_counts") or sorted({r["params"]["workers"] for r in records})
-    cfgs = p.get("ran") or sorted({f"{r['params']['backend']}/{r['params']['mode']}/"
+    upgrade(records, p, notes)
+    counts = notes.derived.get("worker_counts") or sorted({r["params"]["workers"] for r in records})
+    cfgs = notes.ran or sorted({f"{r['params']['backend']}/{r['params']['mode']}/"
                                    f"{r['params'].get('strategy', 'shared')}" for r in records})
     rows = []
     for cfg in cfgs:
@@ -192,7 +178,7 @@ def summarize(records: list[dict], p: dict) -> Summary:
                 f"{counts[0]} ({ceiling}{v['bound']}-bound, client "
                 f"{100 * v['client_util']['median']:.0f}% of a CPU"
                 f"{', on a server CPU' if v['shared_cpu'] else ''})")
-    s.add_skipped(p.get("skipped"))
+    s.add_skipped(notes.skipped)
     return s
 
 
@@ -200,10 +186,10 @@ def figures(summary: Summary, records: list[dict], ctx: Context) -> list[str]:
     from parallelnet.experiments import plots
 
     p = ctx.params
-    upgrade(records, p)
-    counts = p.get("worker_counts") or []
+    upgrade(records, p, ctx.notes)
+    counts = ctx.notes.derived.get("worker_counts") or []
     series = {}
-    for cfg in p.get("ran") or []:
+    for cfg in ctx.notes.ran:
         b, m, st = cfg.split("/")
         pts = []
         for n in counts:

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 from parallelnet.experiments import analysis
 from parallelnet.experiments.framework import (
-    server_cpu_per_request, parse_config,
-    Context, Experiment, Point, Summary, Table, available_backends, rotated,
+    Context, Experiment, Plan, PlanNotes, Point, Summary, Table, labelled_configs, rotated,
+    server_cpu_per_request,
 )
 from parallelnet.experiments.load_curve import RANKABLE, paired_ratio, row_stats
 from parallelnet.experiments.measure import Layout
@@ -28,12 +28,8 @@ def workloads(p: dict) -> list[tuple[str, int, float]]:
     return [("echo", n, r) for n, r in p["echo"]] + [("http", n, r) for n, r in p["http"]]
 
 
-def plan(p: dict) -> list[Point]:
-    configs = [parse_config(c) for c in p["configs"]]
-    ok, skipped = available_backends(sorted({b for _, b, _ in configs}))
-    p["skipped"] = skipped
-    configs = [c for c in configs if c[1] in ok]
-    p["ran"] = [c[0] for c in configs]
+def plan(p: dict) -> Plan:
+    configs, notes = labelled_configs(p)
     per = p["warmup"] + p["duration"] + 0.4
     points = []
     for rep in range(p["reps"]):
@@ -44,7 +40,7 @@ def plan(p: dict) -> list[Point]:
                                         {"label": label, "backend": backend, "args": args,
                                          "protocol": proto, "size": size, "load": load,
                                          "rate": rate}, est_s=per))
-    return points
+    return Plan(points, notes)
 
 
 def run_point(point: Point, ctx: Context) -> dict:
@@ -67,9 +63,9 @@ def run_point(point: Point, ctx: Context) -> dict:
     rec["server"]["cpu_us_per_kib"] = cpu / (q["size"] / 1024) if cpu is not None else None
     return rec
 
-def summarize(records: list[dict], p: dict) -> Summary:
+def summarize(records: list[dict], p: dict, notes: PlanNotes) -> Summary:
     s = Summary()
-    labels = p.get("ran") or sorted({r["params"]["label"] for r in records})
+    labels = notes.ran or sorted({r["params"]["label"] for r in records})
     base = p.get("baseline", "epoll")
     rows = []
     for proto, size, rate in workloads(p):
@@ -130,7 +126,7 @@ def summarize(records: list[dict], p: dict) -> Summary:
         if rs:
             s.findings.append(f"{label} vs {base}: " + "; ".join(
                 f"{k.split('/', 1)[1]} ×{r['median']:.2f}" for k, r in rs))
-    s.add_skipped(p.get("skipped"), "Configurations not run")
+    s.add_skipped(notes.skipped, "Configurations not run")
     return s
 
 
@@ -139,7 +135,7 @@ def figures(summary: Summary, records: list[dict], ctx: Context) -> list[str]:
 
     p = ctx.params
     series = {}
-    for label in p.get("ran") or []:
+    for label in ctx.notes.ran:
         for proto in ("echo", "http"):
             for load in p.get("loads", ("rate", "sat")):
                 pts = []
@@ -157,7 +153,7 @@ def figures(summary: Summary, records: list[dict], ctx: Context) -> list[str]:
                        title="Cost per KiB by payload size", logy=True, panels=panels, logx=True)]
     base = p.get("baseline", "epoll")
     ratios = {}
-    for label in p.get("ran") or []:
+    for label in ctx.notes.ran:
         if label == base:
             continue
         for proto in ("echo", "http"):

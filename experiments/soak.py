@@ -1,7 +1,7 @@
 """Soak: normal load mixed with faults against one server subprocess, then checks.
 
-    python -m parallelnet.experiments.soak --backend epoll --duration 60
-    flock /tmp/bench.lock python -m parallelnet.experiments.soak --backend uring
+    parallelnet experiment soak --preset standard          # epoll, uring, native, 30 s each
+    parallelnet experiment soak --set 'backends=["uring"]' --set duration=60
 
 Runs ``parallelnet serve --protocol http`` (127.0.0.1, port 0) and, for ``--duration``
 seconds (bounded, default 60):
@@ -15,13 +15,15 @@ seconds (bounded, default 60):
 
 At the end it checks: every well-formed request answered (responses lost = 0), zero
 byte mismatches, open fds and RSS back to the starting level within a small margin,
-no worker died and the server stopped cleanly.  It prints a summary and exits 1 on
-any failure.  tests/test_faults.py runs a 3 s form.
+no worker died and the server stopped cleanly.  It prints a summary; a backend that fails
+a check is a failed point (its error names the checks), so the run's outcome is
+``failed``.  One point per backend; the record is the soak's summary (``passed``,
+``checks``, ``responses_lost``, ``faults``, ``fds``, ``rss_kib``...).  tests/test_faults.py
+runs a 3 s form (:func:`run_soak`).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import signal
@@ -34,7 +36,12 @@ import threading
 import time
 from collections import Counter
 
+from types import SimpleNamespace
+
 from parallelnet.core.client import read_http_responses, run_clients
+from parallelnet.experiments.framework import (
+    Context, Experiment, Plan, PlanNotes, Point, Summary, Table, available_backends, rotated,
+)
 
 GET = b"GET / HTTP/1.1\r\nHost: soak\r\n\r\n"
 BODY = b"Hello, World!"
@@ -292,36 +299,73 @@ class Soak:
         if crashed or died:
             print(err[-2000:], file=sys.stderr)
         os.unlink(self.stats_path)
-        if a.out:
-            from parallelnet.experiments.harness import result_dir
-
-            summary = {
-                "backend": a.backend, "workers": a.workers, "duration": a.duration,
-                "requests": load_req + self.requests, "load_requests": load_req,
-                "churn_connections": results["churn"].connects, "fault_client_requests": self.requests,
-                "responses_lost": lost, "mismatches": mismatches, "faults": dict(self.faults),
-                "fds": [fds0, fds1], "rss_kib": [rss0, rss1], "server_totals": t,
-                "server_extra": dict(extra), "checks": checks, "passed": not failed,
-            }
-            out_dir = result_dir(f"soak-{a.backend}", a.out)
-            with open(os.path.join(out_dir, "soak.json"), "w") as f:
-                json.dump(summary, f, indent=1)
-            print(f"  raw results: {out_dir}")
+        self.summary = {
+            "backend": a.backend, "workers": a.workers, "duration": a.duration,
+            "requests": load_req + self.requests, "load_requests": load_req,
+            "churn_connections": results["churn"].connects, "fault_client_requests": self.requests,
+            "responses_lost": lost, "mismatches": mismatches, "faults": dict(self.faults),
+            "fds": [fds0, fds1], "rss_kib": [rss0, rss1], "server_totals": t,
+            "server_extra": dict(extra), "checks": checks, "passed": not failed,
+        }
         print("PASS" if not failed else "FAIL: " + "; ".join(failed))
         return 0 if not failed else 1
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--backend", default="epoll")
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--duration", type=float, default=60.0, help="seconds of soak (default 60)")
-    p.add_argument("--out", default=None, help="write a results directory under this folder")
-    args = p.parse_args(argv)
-    if not 0 < args.duration <= 3600:
-        p.error("--duration must be in (0, 3600]")
-    return Soak(args).run()
+def run_soak(backend: str, workers: int = 2, duration: float = 60.0) -> dict:
+    """One soak of ``backend``: its summary (``passed`` and every check)."""
+    if not 0 < duration <= 3600:
+        raise ValueError("soak duration must be in (0, 3600] s")
+    soak = Soak(SimpleNamespace(backend=backend, workers=workers, duration=duration))
+    soak.run()
+    return soak.summary
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+# -- the experiment ----------------------------------------------------------------------------
+
+def plan(p: dict) -> Plan:
+    backends, skipped = available_backends(p["backends"])
+    points = [Point(b, rep, {"backend": b}, est_s=p["duration"] + 4)
+              for rep in range(p["reps"]) for b in rotated(backends, rep)]
+    return Plan(points, PlanNotes(backends, skipped))
+
+
+def run_point(point: Point, ctx: Context) -> dict:
+    p = ctx.params
+    rec = run_soak(point.params["backend"], p["workers"], p["duration"])
+    if not rec["passed"]:
+        failed = [k for k, ok in rec["checks"].items() if not ok]
+        raise RuntimeError(f"soak of {point.params['backend']} failed: {'; '.join(failed)} "
+                           f"(lost {rec['responses_lost']}, mismatches {rec['mismatches']})")
+    return rec
+
+
+def summarize(records: list[dict], p: dict, notes: PlanNotes) -> Summary:
+    s = Summary()
+    rows = []
+    for d in records:
+        faults = ", ".join(f"{k} {v}" for k, v in sorted(d["faults"].items()))
+        rows.append([d["backend"], f"{d['duration']:.0f} s", f"{d['requests']:,}", faults,
+                     str(d["responses_lost"]), str(d["mismatches"]), f"{d['fds'][0]} → {d['fds'][1]}",
+                     f"{d['rss_kib'][0] / 1024:.1f} → {d['rss_kib'][1] / 1024:.1f}",
+                     "PASS" if d["passed"] else "**FAIL**"])
+        s.values[f"{d['backend']}.lost"] = str(d["responses_lost"])
+    s.tables.append(Table("Faults mixed with load", ["backend", "duration", "well-formed requests",
+                                                     "faults injected", "lost", "mismatches", "fds",
+                                                     "RSS MiB", "verdict"], rows, key="all"))
+    s.findings += [f"{d['backend']}: {'PASS' if d['passed'] else 'FAIL'}, {d['requests']:,} requests, "
+                   f"{d['responses_lost']} lost, {d['mismatches']} mismatches" for d in records]
+    s.add_skipped(notes.skipped)
+    return s
+
+
+EXPERIMENT = Experiment(
+    name="soak", title="Faults mixed with load: nothing lost, nothing leaked",
+    presets={
+        "smoke": dict(backends=["epoll"], workers=2, duration=3.0, reps=1),
+        "standard": dict(backends=["epoll", "uring", "native"], workers=2, duration=30.0, reps=1),
+        "full": dict(backends=["epoll", "uring", "uring-py", "native"], workers=2, duration=120.0,
+                     reps=1),
+    },
+    plan=plan, run_point=run_point, summarize=summarize,
+    description="resets, slow readers, malformed input, fd exhaustion under load; one point per "
+                "backend, failed if any check fails")

@@ -20,8 +20,10 @@ Template syntax, each resolved against the pinned run of EXPERIMENT:
   the experiment's own plotting code into ``paper/figures/EXPERIMENT-FILE`` and embedded.
 * ``{{meta:EXPERIMENT:KEY}}`` - provenance of the pinned run (commit, date, kernel, cpu).
 
-The earlier stand-alone experiments (validate_loadgen, soak, handoff) keep their own
-builders below, pinned the same way.  A missing pin, run, value or table is an error
+validate_loadgen, soak and handoff were stand-alone scripts before they became framework
+experiments; a pinned run of the old scripts (no ``records.jsonl``, one results file
+each) is read by the builders below, a framework run of them like any other, with the
+same table and value names.  A missing pin, run, value or table is an error
 listing every one of them: the build never prints "n/a" for something it could not find.
 ``--check`` fails if paper.md is not what the pinned results give.
 """
@@ -79,7 +81,8 @@ class Run:
         self.exp = framework.get(self.meta["experiment"])
         self.records = [r for r in framework.load_records(path) if "error" not in r]
         self.params = self.meta["params"]
-        self.summary = self.exp.summarize(self.records, self.params)
+        self.notes = framework.PlanNotes.from_meta(self.meta)
+        self.summary = self.exp.summarize(self.records, self.params, self.notes)
 
     def source(self) -> str:
         code = self.meta["code"]
@@ -196,10 +199,10 @@ def soak(dirs: list[str], tables: dict, values: dict) -> None:
 def handoff(dirs: list[str], tables: dict, values: dict) -> None:
     (rel,) = dirs
     data = _load(rel, "handoff.json")
-    from parallelnet.experiments.handoff import summarize
+    from parallelnet.experiments.handoff import summary_rows
 
     labels = list(dict.fromkeys(r["label"] for r in data["runs"]))
-    summary = summarize(data["runs"], labels)
+    summary = summary_rows(data["runs"], labels)
     rows = []
     for r in summary:
         rows.append([r["label"] + (" (noisy)" if r.get("all_noisy") else ""), r["backend"], str(r["n"]),
@@ -228,9 +231,11 @@ def build(template: str, regenerate_figures: bool = True) -> str:
     runs: dict[str, Run] = {}
     tables: dict[str, str] = {}
     legacy_values: dict = {}
+    legacy_runs: set[str] = set()
     for name, dirs in pins.items():
         try:
-            if name in LEGACY:
+            if name in LEGACY and not os.path.exists(os.path.join(ROOT, dirs[0], "records.jsonl")):
+                legacy_runs.add(name)
                 LEGACY[name](dirs, tables, legacy_values)
             else:
                 (rel,) = dirs
@@ -259,7 +264,7 @@ def build(template: str, regenerate_figures: bool = True) -> str:
                 return ""
         name, _, key = ref.partition(":")
         try:
-            if name in LEGACY:
+            if name in legacy_runs:
                 obj = legacy_values[ref]
             else:
                 obj = lookup(runs[name].summary.values, key)
@@ -305,7 +310,7 @@ def _regenerate(run: Run) -> dict[str, str]:
 
     scratch = os.path.join(FIGURES, ".build", run.name)
     os.makedirs(scratch, exist_ok=True)
-    ctx = Context(scratch, run.params)
+    ctx = Context(scratch, run.params, run.notes)
     paths = run.exp.figures(run.summary, run.records, ctx) if run.exp.figures else []
     made = {os.path.basename(p): p for p in paths}
     _figure_cache[run.rel] = made

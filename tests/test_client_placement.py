@@ -28,7 +28,8 @@ import time
 
 import pytest
 
-from parallelnet.experiments import measure, netns, provenance, remote
+from parallelnet.experiments import measure, provenance, remote
+from parallelnet.experiments.loadgen import netns
 from parallelnet.experiments.loadgen import LoadResult, LoadSpec, add_arguments, spec_from_args
 
 pytestmark = pytest.mark.timeout(120)

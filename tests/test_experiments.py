@@ -1,4 +1,5 @@
-"""Experiments: smoke runs of the presets (short, bounded) and the harness arithmetic."""
+"""Experiments with records of their own (handoff, soak, validate_loadgen) under their smoke
+presets, and the arithmetic of windows and machine noise."""
 
 from __future__ import annotations
 
@@ -9,17 +10,25 @@ import pytest
 
 from conftest import require_backend
 from parallelnet.experiments.cli import run_one
-from parallelnet.experiments.harness import NoiseProbe, window
+from parallelnet.experiments.noise import NoiseProbe
+from parallelnet.experiments.server import window
 
 
 def smoke(name, tmp_path):
-    """Run experiment NAME under its smoke preset through the entry point; its one results dir."""
+    """Run experiment NAME under its smoke preset through the entry point; (its results
+    dir, its records), after the checks every run must pass."""
+    from pathlib import Path
+
+    from parallelnet.experiments import framework
+
     (run_dir,) = run_one(name, "smoke", str(tmp_path))
     meta = json.loads(open(os.path.join(run_dir, "meta.json")).read())
     assert meta["preset"] == "smoke" and meta["outcome"] == "ok" and len(meta["code"]["commit"]) == 40
-    from pathlib import Path
-
-    return Path(run_dir)
+    recs = framework.load_records(run_dir)
+    assert len(recs) == meta["points"] == meta["planned"] and not [r for r in recs if "error" in r]
+    summary = json.loads(open(os.path.join(run_dir, "summary.json")).read())
+    assert summary["tables"] and all(t["rows"] for t in summary["tables"])
+    return Path(run_dir), recs
 
 
 def _stats_file(tmp_path, records):
@@ -64,42 +73,14 @@ def test_noise_probe_reports_every_cpu():
 
 
 def test_noise_counts_our_descendants_as_ours():
-    from parallelnet.experiments.harness import _descendants
+    from parallelnet.experiments.noise import _descendants
 
     procs = {1: (0, 0, 0), 10: (1, 0, 5), 11: (10, 0, 5), 12: (11, 0, 5), 20: (1, 0, 5)}
     assert _descendants([10], procs) == {10, 11, 12}
 
 
-def test_accept_experiment_smoke(tmp_path):
-    run_dir = smoke("accept", tmp_path)
-    data = json.loads((run_dir / "accept.json").read_text())
-    assert {r["strategy"] for r in data["runs"]} == {"shared", "exclusive", "exclusive-rotate",
-                                                    "reuseport", "reuseport-cpu", "dispatch"}
-    for r in data["runs"]:
-        assert r["client_errors"] == 0 and not r["server_crashed"]
-        assert sum(r["accepted"]) > 0 and 0 < r["jain"] <= 1.0
-    for r in data["runs"]:
-        if r["strategy"] in ("reuseport", "reuseport-cpu", "dispatch"):
-            assert r["lost_races"] == 0  # one queue per worker, or no queue: nothing to race for
-    assert json.loads((run_dir / "meta.json").read_text())["machine"]["kernel"]
-
-
-def test_bench_uring_smoke(tmp_path):
-    require_backend("uring")
-    run_dir = smoke("bench_uring", tmp_path)
-    data = json.loads((run_dir / "bench_uring.json").read_text())
-    assert {r["backend"] for r in data["runs"]} == {"uring", "uring-py", "epoll"}
-    for r in data["runs"]:
-        assert r["errors"] == 0 and r["requests"] > 0 and r["cpu_us_per_req"] > 0
-    # A busy machine flags runs noisy; the summary still has every row, marked.
-    assert {r["backend"] for r in data["summary"]} == {"uring", "uring-py", "epoll"}
-    for row in data["summary"]:
-        assert row["all_noisy"] == all(r["noisy"] for r in data["runs"] if r["backend"] == row["backend"])
-    assert (run_dir / "pyperf.json").exists()
-
-
 def test_summaries_prefer_quiet_runs_and_say_when_there_were_none():
-    from parallelnet.experiments.harness import prefer_quiet
+    from parallelnet.experiments.analysis import prefer_quiet
 
     runs = [{"v": 1, "noisy": True}, {"v": 2, "noisy": False}, {"v": 3, "noisy": False}]
     assert prefer_quiet(runs, lambda r: r["noisy"]) == (runs[1:], 1, False)
@@ -109,28 +90,47 @@ def test_summaries_prefer_quiet_runs_and_say_when_there_were_none():
 
 def test_handoff_smoke(tmp_path):
     require_backend("uring")
-    run_dir = smoke("handoff", tmp_path)
-    data = json.loads((run_dir / "handoff.json").read_text())
-    by_label = {r["label"]: r for r in data["runs"]}
+    run_dir, recs = smoke("handoff", tmp_path)
+    by_label = {r["label"]: r for r in recs}
     assert set(by_label) == {"scm", "msg-ring", "epoll-scm"}
     assert by_label["msg-ring"]["channel"] == "msg-ring" and by_label["scm"]["channel"] == "scm"
     # Every connection went through the channel under test, and nothing else woke a worker.
     assert by_label["msg-ring"]["msg_handoffs"] >= by_label["msg-ring"]["completed"] > 0
     assert by_label["msg-ring"]["handoff_wakeups"] == 0
     assert by_label["scm"]["msg_handoffs"] == 0 and by_label["scm"]["handoff_wakeups"] > 0
-    for r in data["runs"]:
+    for r in recs:
         assert r["client_errors"] == 0 and r["server_us_per_conn"] > 0 and not r["server_crashed"]
-    assert {r["label"] for r in data["summary"]} == set(by_label)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    (table,) = [t for t in summary["tables"] if t["key"] == "all"]
+    assert {row[0].removesuffix(" (noisy)") for row in table["rows"]} == set(by_label)
+    assert summary["values"]["scm.vs_first"] == 1.0
     assert (run_dir / "pyperf.json").exists()
 
 
 def test_handoff_config_syntax():
-    from parallelnet.experiments.handoff import parse_config
+    from parallelnet.experiments.framework import parse_config
+    from parallelnet.experiments.handoff import EXPERIMENT
 
-    assert parse_config("m=uring:--uring-handoff=msg-ring") == ("m", "uring", ["--uring-handoff", "msg-ring"])
+    assert parse_config("m=uring:--uring-handoff msg-ring") == ("m", "uring", ["--uring-handoff", "msg-ring"])
     assert parse_config("e=epoll") == ("e", "epoll", [])
-    with pytest.raises(ValueError):
-        parse_config("uring")
+    assert parse_config("uring") == ("uring", "uring", [])
+    for preset in EXPERIMENT.presets.values():
+        assert [parse_config(c)[0] for c in preset["configs"]] == ["scm", "msg-ring", "epoll-scm"]
+
+
+def test_handoff_summary_reads_the_old_scripts_runs():
+    """The paper cites a run of the stand-alone script (handoff.json): the rows come from
+    the same function as a framework run's."""
+    from parallelnet.experiments.handoff import summary_rows
+
+    runs = [{"label": lab, "backend": b, "server_us_per_conn": us, "conn_rate": rate, "p50_us": 50,
+             "p99_us": 90, "noisy": noisy, "bound": "server"}
+            for lab, b, us, rate, noisy in [("scm", "uring", 10.0, 1000.0, False),
+                                            ("scm", "uring", 30.0, 900.0, True),
+                                            ("mr", "uring", 8.0, 1100.0, False)]]
+    rows = {r["label"]: r for r in summary_rows(runs, ["scm", "mr"])}
+    assert rows["scm"]["n"] == 1 and rows["scm"]["noisy_dropped"] == 1   # the noisy run left out
+    assert rows["mr"]["vs_first"] == pytest.approx(0.8) and rows["mr"]["rate_vs_first"] == pytest.approx(1.1)
 
 
 def test_pyperf_driven_smoke(tmp_path):
@@ -155,20 +155,26 @@ def test_pyperf_driven_smoke(tmp_path):
 
 
 def test_validate_loadgen_smoke(tmp_path):
+    from parallelnet.experiments.validate_loadgen import EXPERIMENT
+
     if len(os.sched_getaffinity(0)) < 2:  # server and client need a CPU each: a clear refusal
-        with pytest.raises(RuntimeError, match="exited with 2"):
-            run_one("validate_loadgen", "smoke", str(tmp_path))
+        notes = EXPERIMENT.plan(dict(EXPERIMENT.presets["smoke"])).notes
+        assert "needs two CPUs" in notes.skipped["validate_loadgen"]
         return
-    run_dir = smoke("validate_loadgen", tmp_path)
-    sizes = json.loads((run_dir / "echo_sizes.json").read_text())
+    run_dir, recs = smoke("validate_loadgen", tmp_path)
+    sizes = [r for r in recs if r["params"]["step"] == "echo"]
     assert [r["size"] for r in sizes] == [1, 64, 65536, 4 << 20]
     assert all(r["byte_exact"] for r in sizes)
-    (cap,) = json.loads((run_dir / "capacity.json").read_text())
+    (cap,) = [r for r in recs if r["params"]["step"] == "capacity"]
     assert cap["errors"] == 0 and cap["server_cpu_us_per_req"] > 0
     assert isinstance(cap["noisy"], bool)
+    keys = {t["key"] for t in json.loads((run_dir / "summary.json").read_text())["tables"]}
+    assert {"echo", "capacity"} <= keys
 
 
 def test_soak_smoke(tmp_path):
-    run_dir = smoke("soak", tmp_path)
-    data = json.loads((run_dir / "soak.json").read_text())
-    assert data["passed"] and data["responses_lost"] == 0 and data["requests"] > 0
+    run_dir, (rec,) = smoke("soak", tmp_path)
+    assert rec["passed"] and rec["responses_lost"] == 0 and rec["requests"] > 0
+    assert all(rec["checks"].values())
+    values = json.loads((run_dir / "summary.json").read_text())["values"]
+    assert values["epoll.lost"] == "0"

@@ -590,7 +590,7 @@ def test_spec_validation(kwargs, message):
 
 
 def test_error_kinds_match_c_enum():
-    from parallelnet.experiments._loadgen import ffi, lib
+    from parallelnet.experiments.loadgen._loadgen import ffi, lib
     assert lib.LG_NERR == len(loadgen.ERROR_KINDS)
     assert len(ffi.new("struct lg_tresult *").errors) == lib.LG_NERR   # the cdef's array
     for i, kind in enumerate(loadgen.ERROR_KINDS):
@@ -600,7 +600,7 @@ def test_error_kinds_match_c_enum():
 
 
 def test_histogram_resolution():
-    from parallelnet.experiments._loadgen import lib
+    from parallelnet.experiments.loadgen._loadgen import lib
     n = lib.lg_hist_buckets()
     assert lib.lg_hist_high(n - 1) >= 100 * 10**9          # 100 s in ns, and more
     prev_high = -1

@@ -1,4 +1,4 @@
-"""Client placement in a network namespace (experiments/netns.py) and the load generator
+"""Client placement in a network namespace (experiments/loadgen/netns.py) and the load generator
 run inside one.  Creating namespaces needs root and iproute2's `ip`; without them the
 tests that create one are skipped with the precise reason (what is missing), and the
 refusal itself is tested everywhere."""
@@ -16,7 +16,7 @@ import time
 import pytest
 
 from conftest import start_server
-from parallelnet.experiments import netns
+from parallelnet.experiments.loadgen import netns
 from parallelnet.experiments.loadgen import LoadSpec, format_report, run
 from test_loadgen import Server, echo
 
@@ -94,7 +94,7 @@ def test_removed_after_an_error():
 def test_removed_after_a_signal(sig):
     child = textwrap.dedent("""
         import time
-        from parallelnet.experiments.netns import ClientNamespace
+        from parallelnet.experiments.loadgen.netns import ClientNamespace
         with ClientNamespace() as ns:
             print(ns.name, ns.host_if, ns.ns_if, flush=True)
             time.sleep(30)

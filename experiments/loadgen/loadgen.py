@@ -44,7 +44,7 @@ churn: connects at a fixed total rate (connections/s) on a fixed schedule per th
 at most ``connections`` in flight; a connect due with no free slot waits for one (and
 is ``backlog`` if the window closes first), and every scheduled connect is one attempt
 (no retries: a failure is one error of its kind).  ``netns=NAME`` runs the generator in
-a network namespace (experiments/netns.py).
+a network namespace (experiments/loadgen/netns.py).
 
 Service times (HTTP): ``service="exp:100"`` makes every request ``GET /work/US`` with US
 drawn per request (the server burns US µs of CPU, then answers as ``GET /``);
@@ -90,7 +90,7 @@ CLASSES = ("light", "heavy")
 
 def _lib():
     try:
-        from parallelnet.experiments._loadgen import ffi, lib
+        from parallelnet.experiments.loadgen._loadgen import ffi, lib
     except ImportError as exc:  # pragma: no cover - only on a broken install
         raise ImportError("the C load generator is not built; reinstall the project "
                           "(pip install -e .) so setup.py's cffi_modules compiles it") from exc
@@ -366,7 +366,7 @@ class LoadSpec:
                     raise ValueError(f"service replaces the request path with /work/US; "
                                      f"drop the path(s) {', '.join(paths)}")
         if self.netns is not None:
-            from parallelnet.experiments import netns
+            from parallelnet.experiments.loadgen import netns
             if not netns.exists(self.netns):
                 raise ValueError(f"netns {self.netns!r}: no such network namespace "
                                  f"({netns.netns_path(str(self.netns))} does not exist)")
@@ -549,7 +549,7 @@ def run(spec: LoadSpec) -> LoadResult:
     spec.validate()
     if spec.netns is None:
         return _run_here(spec)
-    from parallelnet.experiments import netns
+    from parallelnet.experiments.loadgen import netns
 
     # Load the extension here: a dlopen in the forked child of a threaded process could
     # block on a loader lock some other thread held at the fork.

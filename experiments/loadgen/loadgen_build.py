@@ -1,7 +1,7 @@
 """cffi builder for the C load generator (API mode, compiled at install time).
 
-``setup.py`` names ``experiments/loadgen_build.py:ffibuilder``; setuptools then
-compiles ``loadgen.c`` into ``parallelnet.experiments._loadgen``.  API mode (not ABI)
+``setup.py`` names ``experiments/loadgen/loadgen_build.py:ffibuilder``; setuptools then
+compiles ``loadgen.c`` into ``parallelnet.experiments.loadgen._loadgen``.  API mode (not ABI)
 because the compiler checks the declarations below against the C source, and because
 cffi releases the GIL around every call into it, which is what lets one
 ``lg_run`` call keep all its pthreads busy while Python threads (a test server, say)
@@ -106,11 +106,11 @@ ffibuilder.cdef(CDEF)
 with open(os.path.join(HERE, "loadgen.c"), encoding="utf-8") as f:
     _source = f.read()
 ffibuilder.set_source(
-    "parallelnet.experiments._loadgen",
+    "parallelnet.experiments.loadgen._loadgen",
     _source,
     extra_compile_args=["-O2"],
     libraries=["pthread", "m"],
 )
 
 if __name__ == "__main__":
-    ffibuilder.compile(tmpdir=os.path.join(HERE, "..", "build", "cffi"), verbose=True)
+    ffibuilder.compile(tmpdir=os.path.join(HERE, "..", "..", "build", "cffi"), verbose=True)
