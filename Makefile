@@ -9,7 +9,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-SOURCES := pyproject.toml setup.py $(wildcard backends/*.c backends/*.h backends/*_build.py experiments/loadgen/*.c experiments/loadgen/*_build.py experiments/machine/*.c experiments/machine/build.py)
+SOURCES := pyproject.toml setup.py $(wildcard backends/*.c backends/*.h backends/*_build.py backends/uring/*.c backends/uring/*.h backends/uring/build.py experiments/loadgen/*.c experiments/loadgen/*_build.py experiments/machine/*.c experiments/machine/build.py)
 
 .PHONY: run test install clean paper reproduce
 

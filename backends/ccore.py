@@ -1,6 +1,6 @@
 """What the two C cores share on the Python side: their policy limits and their notes.
 
-``native_core.c`` (epoll) and ``uring_core.c`` (io_uring: ``uring``, ``native-uring``)
+``native_core.c`` (epoll) and ``uring/event_core.c`` (io_uring: ``uring``, ``native-uring``)
 enforce core/policy.py's deadlines themselves, with the arithmetic of
 backends/policy_core.h; this module fills that header's ``struct pol_limits`` from
 ``Limits`` (one conversion for both), and turns the cores' rare callbacks into the log

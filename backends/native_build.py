@@ -64,7 +64,7 @@ ffibuilder = cffi.FFI()
 ffibuilder.cdef(CDEF)
 with open(os.path.join(HERE, "native_core.c")) as _f:
     ffibuilder.set_source("parallelnet.backends._native", _f.read(), include_dirs=[HERE],
-                          depends=[os.path.join(HERE, h) for h in ("proto_core.h", "policy_core.h")],
+                          depends=[os.path.join(HERE, h) for h in ("proto_core.h", "policy_core.h", "handoff_recv.h")],
                           extra_compile_args=["-O2", "-std=gnu11", "-Wall"])
 
 if __name__ == "__main__":

@@ -84,6 +84,7 @@
 #define NC_MAXEVENTS 1024
 
 #include "policy_core.h"
+#include "handoff_recv.h"   /* --accept dispatch: the SCM_RIGHTS receiver of both C cores */
 
 struct nc_stats {
     uint64_t requests, bytes_in, bytes_out, wakeups, listen_wakeups, accepted, lost_races,
@@ -498,67 +499,32 @@ static int do_accept(nc_core *c, int i, int wakeup)
     return won;
 }
 
-/* --accept dispatch: take every connection waiting on the hand-off channel (recvmsg
- * until EAGAIN).  Called on readiness and once more by the drain; neither counts a listen
- * wakeup or a lost race.  Returns the number of fds received. */
-static int handoff_take(nc_core *c)
+static void handoff_adopt(void *core, int fd, int lid)
 {
-    struct nc_stats *st = c->st;
-    int taken = 0;
-    for (;;) {
-        unsigned char byte = 0;   /* the listener id (core/handoff.py) */
-        union { struct cmsghdr h; char b[CMSG_SPACE(8 * sizeof(int))]; } ctl;
-        struct iovec iov = {&byte, 1};
-        struct msghdr m = {.msg_iov = &iov, .msg_iovlen = 1,
-                           .msg_control = ctl.b, .msg_controllen = sizeof ctl.b};
-        ssize_t r = recvmsg(c->cfg.handoff_fd, &m, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
-        if (r < 0) {
-            if (errno == EINTR) continue;
-            break;   /* EAGAIN: empty (anything else: nothing to take now either) */
-        }
-        int got = 0;
-        for (struct cmsghdr *h = CMSG_FIRSTHDR(&m); h; h = CMSG_NXTHDR(&m, h)) {
-            if (h->cmsg_level != SOL_SOCKET || h->cmsg_type != SCM_RIGHTS) continue;
-            int n = (int)((h->cmsg_len - CMSG_LEN(0)) / sizeof(int));
-            for (int i = 0; i < n; i++) {
-                int fd;
-                memcpy(&fd, CMSG_DATA(h) + i * sizeof(int), sizeof fd);
-                /* The acceptor's socket was not made non-blocking (accept4 here sets
-                 * SOCK_NONBLOCK; Python's accept does not): a blocking send would stall
-                 * the whole loop on one slow reader. */
-                int fl = fcntl(fd, F_GETFL);
-                if (fl >= 0 && !(fl & O_NONBLOCK)) fcntl(fd, F_SETFL, fl | O_NONBLOCK);
-                got++;
-                if (byte >= c->cfg.nids) {   /* a dispatcher bug: never a wrong protocol */
-                    close(fd);
-                    st->handoff_lost++;
-                    continue;
-                }
-                st->accepted++;
-                st->l_accepted[byte]++;
-                st->handoffs++;
-                add_connection(c, fd, byte);   /* over max_conns: closed, counted refused */
-            }
-        }
-        taken += got;
-        if (m.msg_flags & MSG_CTRUNC) {
-            /* The kernel could not install the fd (EMFILE/ENFILE): the message is consumed
-             * and the connection lost.  One fd per message: one connection per CTRUNC. */
-            st->handoff_lost += got ? 0 : 1;
-            if (!c->handoff_losing) {
-                c->handoff_losing = 1;
-                nc_py_handoff_lost(c->cfg.user, EMFILE);
-            }
-            continue;
-        }
-        if (got) c->handoff_losing = 0;
-        if (r == 0 && !got) {   /* the acceptor closed its end: stop watching (no spin) */
-            if (c->handoff_watched) epoll_ctl(c->ep, EPOLL_CTL_DEL, c->cfg.handoff_fd, NULL);
-            c->handoff_watched = 0;
-            break;
-        }
+    nc_core *c = core;
+    /* The acceptor's socket was not made non-blocking (accept4 here sets SOCK_NONBLOCK;
+     * Python's accept does not): a blocking send would stall the whole loop on one slow
+     * reader. */
+    int fl = fcntl(fd, F_GETFL);
+    if (fl >= 0 && !(fl & O_NONBLOCK)) fcntl(fd, F_SETFL, fl | O_NONBLOCK);
+    c->st->accepted++;
+    c->st->l_accepted[lid]++;
+    add_connection(c, fd, lid);   /* over max_conns: closed, counted refused */
+}
+
+static void handoff_episode(void *core) { nc_py_handoff_lost(((nc_core *)core)->cfg.user, EMFILE); }
+
+/* --accept dispatch: take every connection waiting on the hand-off channel
+ * (backends/handoff_recv.h).  Called on readiness and once more by the drain; neither
+ * counts a listen wakeup or a lost race.  EOF - the acceptor closed its end: stop watching
+ * (no spin). */
+static void handoff_take(nc_core *c)
+{
+    if (handoff_recv(c->cfg.handoff_fd, c->cfg.nids, &c->handoff_losing, &c->st->handoffs,
+                     &c->st->handoff_lost, handoff_adopt, handoff_episode, c) == HANDOFF_EOF) {
+        if (c->handoff_watched) epoll_ctl(c->ep, EPOLL_CTL_DEL, c->cfg.handoff_fd, NULL);
+        c->handoff_watched = 0;
     }
-    return taken;
 }
 
 /* ---- public API --------------------------------------------------------------- */

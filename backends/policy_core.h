@@ -3,7 +3,7 @@
  *
  * The rules are written in core/policy.py (its docstring, numbered) and core/accept.py;
  * the Python loops call those modules.  The two C cores that run whole loops without
- * Python - native_core.c (epoll) and uring_core.c (io_uring: `uring`, `native-uring`) -
+ * Python - native_core.c (epoll) and uring/event_core.c (io_uring: `uring`, `native-uring`) -
  * include this header instead, so the arithmetic exists once per language:
  *
  *  - rule idle-timeout, idle timeout: no bytes in or out for idle_ms;

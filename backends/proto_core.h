@@ -1,6 +1,6 @@
 /*
  * proto_core.h - echo and HTTP/1.1 plaintext in C, shared by the two C cores that answer
- * requests without Python: native_core.c (epoll) and uring_core.c's C-protocol mode
+ * requests without Python: native_core.c (epoll) and uring/cproto.c's C-protocol mode
  * (`native-uring`).  One copy of the protocol code, included by both cffi sources.
  *
  * HTTP here is the behaviour of core/protocols/http.py for everything a benchmark or

@@ -1,7 +1,7 @@
 """The batching window's policy for a readiness loop (``--epoll-latency-budget-us``).
 
 io_uring can wait for a batch of completions with a bound on the delay
-(``io_uring_submit_and_wait_min_timeout``; the policy is uring_core.c's ``window_nr``).  So
+(``io_uring_submit_and_wait_min_timeout``; the policy is uring/event_core.c's ``window_nr``).  So
 that every io_uring figure can be read against epoll *at the same coalescing policy*, this
 is the same policy for epoll, off by default:
 

@@ -5,7 +5,7 @@ asyncio_.py) asks ``ConnectionPolicy`` at the thresholds and performs what it an
 with its own I/O calls.  The common path - whole requests in, output taken by the
 kernel at once - never calls it: a loop reaches the policy only when a request is
 incomplete, output queues past a mark, the peer ends, a handler fails or the timer
-ticks.  The C cores (uring_core.c, native_core.c) follow the same rules, written here.
+ticks.  The C cores (backends/uring/event_core.c, backends/native_core.c) follow the same rules, written here.
 
 Each rule has a name, and code, comments and docs everywhere refer to it by that name
 ("rule held-answers", "rules idle-timeout and request-deadline"), never by a position:

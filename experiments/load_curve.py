@@ -445,7 +445,7 @@ def window_summarize(records: list[dict], p: dict, notes: PlanNotes) -> Summary:
                 ["budget µs", "uring p50/p99 µs", "epoll, same budget (p50/p99)",
                  "server CPU uring ÷ it", "epoll at the nearest p99 (p50/p99)",
                  "server CPU uring ÷ it"], rows,
-                note="Both windows follow one policy (uring_core.c window_nr, backends/window.py); "
+                note="Both windows follow one policy (backends/uring/event_core.c window_nr, backends/window.py); "
                      "epoll's waits out the budget where io_uring returns on a full batch.  Ratios "
                      "paired within each repetition.", key=f"policy.{load}"))
     return s

@@ -68,7 +68,7 @@ def versions() -> dict:
         except importlib.metadata.PackageNotFoundError:
             out[name] = None
     try:  # the C library inside the wheel, as the io_uring backends see it
-        from parallelnet.backends.uring import load
+        from parallelnet.backends.uring.ring import load
 
         _, lib = load()
         v = lib.uc_lib_version()

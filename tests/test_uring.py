@@ -134,7 +134,7 @@ def test_enobufs_tiny_buffer_ring_loses_no_data(backend, tmp_path):
 
 
 def test_probe_reports_missing_wheel(monkeypatch):
-    from parallelnet.backends import uring
+    from parallelnet.backends.uring import ring as uring
 
     monkeypatch.setattr(uring, "liburing_path", lambda: None)
     avail = uring._probe()
@@ -143,7 +143,7 @@ def test_probe_reports_missing_wheel(monkeypatch):
 
 def test_probe_ok_here_names_flags():
     require_backend("uring")
-    from parallelnet.backends import uring
+    from parallelnet.backends.uring import ring as uring
 
     avail = uring.probe_uring()
     assert "liburing 2." in avail.detail and "flags " in avail.detail
@@ -155,7 +155,7 @@ def test_one_cffi_call_is_cheap():
     require_backend("uring")
     import time
 
-    from parallelnet.backends._uring import lib
+    from parallelnet.backends.uring._uring import lib
 
     n = 200_000
     t = time.perf_counter()
@@ -299,7 +299,7 @@ def test_a_min_timeout_wait_returns_at_the_first_completion_after_min_wait():
     completions with min_wait 200 us and a 1 s timeout, one completion at 2 ms, returns at
     about 2 ms - not at 1 s (kernels before a 2025 stable fix waited for the whole batch)."""
     require_backend("uring")
-    from parallelnet.backends import uring
+    from parallelnet.backends.uring import ring as uring
 
     assert uring.window_usable(), uring.window_state()
     assert 1500 <= uring.WINDOW_CHECK_US <= uring.WINDOW_CHECK_MAX_US, uring.WINDOW_CHECK_US

@@ -170,7 +170,7 @@ def test_2_zc_sends_do_not_wait_for_the_previous_notification(tmp_path):
 # -- 3: chunks a ZC send references are not freed under a leaked pool -------------------
 
 def _core(ffi, lib, listeners=(), **options):
-    from parallelnet.backends.uring import UringOptions, new_core
+    from parallelnet.backends.uring.ring import UringOptions, new_core
 
     stop = StopSignal()
     return new_core(ffi, lib, Limits(), UringOptions(**options), listeners=listeners,
@@ -187,7 +187,7 @@ def test_3_free_keeps_chunks_a_zc_send_still_references():
     deliberately leaked, but uc_free freed the copied send chunks those sends read.
     uc_free returns 1 + the number of chunks it kept for that reason."""
     require_backend("uring")
-    from parallelnet.backends.uring import load
+    from parallelnet.backends.uring.ring import load
 
     ffi, lib = load()
     lsock = socket.socket()
@@ -232,7 +232,7 @@ def test_3_free_keeps_chunks_a_zc_send_still_references():
 SUBMIT_FAILS = r"""
 import os, socket, sys
 from parallelnet.core.backend import Limits
-from parallelnet.backends.uring import UringOptions, load, new_core
+from parallelnet.backends.uring.ring import UringOptions, load, new_core
 ffi, lib = load()
 core = new_core(ffi, lib, Limits(), UringOptions(entries=4), raw=True, setup_flags=int(sys.argv[1]))
 efd = os.eventfd(0)
@@ -250,7 +250,7 @@ def test_4_failed_flush_fails_cleanly_instead_of_abort():
     killed every worker of a thread-mode server (exit 134).  Now the core records the
     error, every later call reports it, and the worker fails with that error."""
     require_backend("uring")
-    from parallelnet.backends.uring import load
+    from parallelnet.backends.uring.ring import load
 
     _, lib = load()
     for flags in (0, lib.IORING_SETUP_SINGLE_ISSUER | lib.IORING_SETUP_DEFER_TASKRUN):
@@ -280,7 +280,7 @@ def test_4_named_setups_keep_submit_all():
     """--uring-setup defer|coop used to drop SUBMIT_ALL: one bad SQE then stopped the
     rest of the batch in the SQ."""
     require_backend("uring")
-    from parallelnet.backends.uring import _setup_flags, load
+    from parallelnet.backends.uring.ring import _setup_flags, load
 
     _, lib = load()
     for name in ("defer", "coop", "plain"):
@@ -362,7 +362,7 @@ def test_8_uring_py_adopts_sockets_without_probing(monkeypatch):
     """Defect 8: ``socket.socket(fileno=fd)`` probes the fd (getsockname, SO_TYPE,
     SO_PROTOCOL: three syscalls per connection) unless family, type and proto are given."""
     require_backend("uring-py")
-    from parallelnet.backends import uring_py
+    from parallelnet.backends.uring import uring_py
 
     made = []
 
@@ -393,7 +393,7 @@ def test_9_failed_send_kills_the_connection_with_an_error():
     """Defect 9: _process ignored uc_send_buf/uc_send_copy failures: -ENOMEM dropped a
     response and the connection carried on as if it had been sent."""
     require_backend("uring")
-    from parallelnet.backends.uring import UringBackend
+    from parallelnet.backends.uring.uring import UringBackend
 
     calls = []
 
@@ -442,7 +442,7 @@ def test_9_failed_send_kills_the_connection_with_an_error():
 HUGE_SEND = r"""
 import socket
 from parallelnet.core.backend import Limits, StopSignal
-from parallelnet.backends.uring import load, new_core
+from parallelnet.backends.uring.ring import load, new_core
 ffi, lib = load()
 lsock = socket.socket(); lsock.bind(("127.0.0.1", 0)); lsock.listen(1)
 stop = StopSignal()

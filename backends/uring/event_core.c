@@ -1,16 +1,21 @@
 /*
- * uring_core.c - the per-worker io_uring event core behind the `uring` backend.
+ * event_core.c - the per-worker io_uring event core behind `uring` (and `native-uring`).
  *
- * Python (backends/uring.py) runs the protocol; this file runs everything that happens
+ * Python (backends/uring/uring.py) runs the protocol; this file runs everything that happens
  * once per completion: reaping CQEs, recycling provided buffers, re-arming multishot
  * recv/accept, send bookkeeping, backpressure, cancellation and close.  One uc_wait()
  * call submits, waits (GIL released by cffi) and returns a batch of *application*
  * events, so Python crosses into C about once per batch plus once per reply.
  *
  * liburing comes from the PyPI wheel `liburing` (2.15 C API exported by its extension
- * module).  We ship no headers: the kernel-ABI structs and constants below are our own,
- * struct io_uring is opaque (allocated generously), and every liburing function is
- * resolved with dlsym at uc_init() - linking fails because the wheel's SONAME differs.
+ * module).  We ship no headers: the kernel-ABI structs and constants are our own
+ * (kernel_abi.h), struct io_uring is opaque (allocated generously), and every liburing
+ * function is resolved with dlsym at uc_init() - linking fails because the wheel's SONAME
+ * differs.
+ *
+ * One translation unit (build.py): uring_api.h (what Python sees), kernel_abi.h, this
+ * file, then raw_api.c (uring-py's raw API) and cproto.c (native-uring's C-protocol
+ * mode), each of which uses this file's internals.
  *
  * Invariants that make this safe:
  *  - A connection slot is released only when none of its operations is in the kernel
@@ -52,126 +57,13 @@
 #include <sys/uio.h>
 #include "proto_core.h"         /* echo/http in C: the C-protocol mode (native-uring) */
 #include "policy_core.h"        /* core/policy.py's deadlines and numbers, in C */
+#include "handoff_recv.h"       /* --accept dispatch: the SCM_RIGHTS receiver of both C cores */
+#include "uring_api.h"          /* the constants, structs and functions Python sees */
+#include "kernel_abi.h"         /* io_uring's ABI, liburing resolved at uc_init */
 
-/* extern "Python" callbacks (uring.py), defined by cffi after this source; each takes the
- * GIL.  Rare events only: the start of an episode, logged once (core/accept.py's and
- * core/handoff.py's rule).  Not called when cfg.user is NULL (the probe's ring). */
-static void uc_py_accept_paused(void *user, int err);
-static void uc_py_handoff_lost(void *user, int err);
-static void uc_py_alloc_failed(void *user, int err);
-
-/* ---- kernel ABI (include/uapi/linux/io_uring.h), only what we use ---------------- */
-struct io_uring_sqe {               /* 64 bytes */
-    uint8_t opcode, flags; uint16_t ioprio; int32_t fd;
-    uint64_t off, addr; uint32_t len, op_flags; uint64_t user_data;
-    uint16_t buf_group, personality; int32_t splice_fd_in; uint64_t addr3, pad2;
-};
-struct io_uring_cqe { uint64_t user_data; int32_t res; uint32_t flags; };
-struct io_sqring_offsets { uint32_t head, tail, ring_mask, ring_entries, flags, dropped, array, resv1; uint64_t user_addr; };
-struct io_cqring_offsets { uint32_t head, tail, ring_mask, ring_entries, overflow, cqes, flags, resv1; uint64_t user_addr; };
-struct io_uring_params {
-    uint32_t sq_entries, cq_entries, flags, sq_thread_cpu, sq_thread_idle, features, wq_fd, resv[3];
-    struct io_sqring_offsets sq_off; struct io_cqring_offsets cq_off;
-};
-struct __kernel_timespec { int64_t tv_sec; long long tv_nsec; };
-struct io_uring;                    /* liburing's, opaque: 216 bytes in 2.15, we give 1 KiB */
-struct io_uring_buf_ring;
-struct io_uring_probe;
-
-#define IORING_SETUP_SQPOLL        (1U << 1)
-#define IORING_SETUP_CQSIZE        (1U << 3)
-#define IORING_SETUP_SUBMIT_ALL    (1U << 7)
-#define IORING_SETUP_COOP_TASKRUN  (1U << 8)
-#define IORING_SETUP_TASKRUN_FLAG  (1U << 9)
-#define IORING_SETUP_SINGLE_ISSUER (1U << 12)
-#define IORING_SETUP_DEFER_TASKRUN (1U << 13)
-#define IOSQE_FIXED_FILE           (1U << 0)
-#define IOSQE_BUFFER_SELECT        (1U << 5)
-#define IORING_CQE_F_NOTIF         (1U << 3)
-#define IORING_CQE_F_BUFFER        (1U << 0)
-#define IORING_CQE_F_MORE          (1U << 1)
-#define IORING_CQE_BUFFER_SHIFT    16
-#define IORING_CQE_F_SOCK_NONEMPTY (1U << 2)
-#define IORING_FEAT_EXT_ARG        (1U << 8)
-#define IORING_FEAT_MIN_TIMEOUT    (1U << 15)
-#define IORING_OP_POLL_ADD 6
-#define IORING_OP_ACCEPT 13
-#define IORING_OP_ASYNC_CANCEL 14
-#define IORING_OP_SEND 26
-#define IORING_OP_RECV 27
-#define IORING_OP_MSG_RING 40
-#define IORING_OP_SEND_ZC 47
-
-/* ---- liburing entry points, resolved at init ------------------------------------ */
-#define LU_FUNCS(X) \
-    X(int, io_uring_major_version, (void)) \
-    X(int, io_uring_minor_version, (void)) \
-    X(int, io_uring_queue_init_params, (unsigned, struct io_uring *, struct io_uring_params *)) \
-    X(void, io_uring_queue_exit, (struct io_uring *)) \
-    X(struct io_uring_sqe *, io_uring_get_sqe, (struct io_uring *)) \
-    X(int, io_uring_submit, (struct io_uring *)) \
-    X(int, io_uring_submit_and_wait, (struct io_uring *, unsigned)) \
-    X(int, io_uring_submit_and_get_events, (struct io_uring *)) \
-    X(int, io_uring_submit_and_wait_timeout, (struct io_uring *, struct io_uring_cqe **, unsigned, struct __kernel_timespec *, sigset_t *)) \
-    X(int, io_uring_submit_and_wait_min_timeout, (struct io_uring *, struct io_uring_cqe **, unsigned, struct __kernel_timespec *, unsigned, sigset_t *)) \
-    X(int, io_uring_register_ring_fd, (struct io_uring *)) \
-    X(unsigned, io_uring_peek_batch_cqe, (struct io_uring *, struct io_uring_cqe **, unsigned)) \
-    X(void, io_uring_cq_advance, (struct io_uring *, unsigned)) \
-    X(unsigned, io_uring_cq_ready, (const struct io_uring *)) \
-    X(_Bool, io_uring_cq_has_overflow, (const struct io_uring *)) \
-    X(struct io_uring_buf_ring *, io_uring_setup_buf_ring, (struct io_uring *, unsigned, int, unsigned, int *)) \
-    X(int, io_uring_free_buf_ring, (struct io_uring *, struct io_uring_buf_ring *, unsigned, int)) \
-    X(void, io_uring_buf_ring_add, (struct io_uring_buf_ring *, void *, unsigned, unsigned short, int, int)) \
-    X(void, io_uring_buf_ring_advance, (struct io_uring_buf_ring *, int)) \
-    X(int, io_uring_buf_ring_mask, (uint32_t)) \
-    X(void, io_uring_prep_accept, (struct io_uring_sqe *, int, struct sockaddr *, socklen_t *, int)) \
-    X(void, io_uring_prep_multishot_accept, (struct io_uring_sqe *, int, struct sockaddr *, socklen_t *, int)) \
-    X(void, io_uring_prep_recv_multishot, (struct io_uring_sqe *, int, void *, size_t, int)) \
-    X(void, io_uring_prep_send, (struct io_uring_sqe *, int, const void *, size_t, int)) \
-    X(void, io_uring_prep_sendmsg, (struct io_uring_sqe *, int, const struct msghdr *, unsigned)) \
-    X(void, io_uring_prep_cancel64, (struct io_uring_sqe *, uint64_t, int)) \
-    X(void, io_uring_prep_poll_add, (struct io_uring_sqe *, int, unsigned)) \
-    X(void, io_uring_prep_send_zc, (struct io_uring_sqe *, int, const void *, size_t, int, unsigned)) \
-    X(void, io_uring_prep_msg_ring, (struct io_uring_sqe *, int, unsigned, uint64_t, unsigned)) \
-    X(int, io_uring_register_files_sparse, (struct io_uring *, unsigned)) \
-    X(int, io_uring_register_files_update, (struct io_uring *, unsigned, const int *, unsigned)) \
-    X(int, io_uring_sqring_wait, (struct io_uring *)) \
-    X(struct io_uring_probe *, io_uring_get_probe_ring, (struct io_uring *)) \
-    X(int, io_uring_opcode_supported, (const struct io_uring_probe *, int)) \
-    X(void, io_uring_free_probe, (struct io_uring_probe *))
-#define LU_DECL(ret, name, args) static ret (*p_##name) args;
-LU_FUNCS(LU_DECL)
-
-static char uc_errmsg[512];
-static int uc_ready;
-
-/* Resolve liburing from the wheel's file.  Returns NULL or a reason. */
-static const char *uc_init(const char *path)
-{
-    if (uc_ready) return NULL;
-    /* NOLOAD first: if something already loaded it, share that copy. */
-    void *h = dlopen(path, RTLD_NOW | RTLD_LOCAL | RTLD_NOLOAD);
-    if (!h) h = dlopen(path, RTLD_NOW | RTLD_LOCAL);
-    if (!h) { snprintf(uc_errmsg, sizeof uc_errmsg, "dlopen %s: %s", path, dlerror()); return uc_errmsg; }
-#define LU_LOAD(ret, name, args) \
-    if (!(p_##name = (ret (*) args)dlsym(h, #name))) { \
-        snprintf(uc_errmsg, sizeof uc_errmsg, "symbol %s missing from %s", #name, path); return uc_errmsg; }
-    LU_FUNCS(LU_LOAD)
-    int maj = p_io_uring_major_version(), min = p_io_uring_minor_version();
-    if (maj != 2 || min < 15) {
-        snprintf(uc_errmsg, sizeof uc_errmsg, "liburing %d.%d found, this core was written for 2.15+ (2.x)", maj, min);
-        return uc_errmsg;
-    }
-    uc_ready = 1;
-    return NULL;
-}
-
-static int uc_lib_version(void) { return uc_ready ? p_io_uring_major_version() * 100 + p_io_uring_minor_version() : 0; }
 static int uc_nop(int x) { return x + 1; }  /* for measuring the bare cost of one cffi call */
 
 /* ---- the core ------------------------------------------------------------------ */
-enum { EV_OPEN = 1, EV_DATA, EV_EOF, EV_CLOSED, EV_STOP, EV_DRAINED, EV_TICK, EV_PULL };
-enum { UC_PY = 0, UC_ECHO, UC_HTTP };
 /* OP_MSG is never submitted by this ring: the acceptor's IORING_OP_MSG_RING posts it. */
 enum { OP_ACCEPT = 1, OP_RECV, OP_SEND, OP_STOP, OP_CANCEL, OP_HANDOFF, OP_MSG, OP_SENDZC };
 enum { B_RING = 0, B_LENT, B_PINNED, B_FREE };
@@ -181,57 +73,11 @@ enum { B_RING = 0, B_LENT, B_PINNED, B_FREE };
 #define CHUNK_STATIC (-2)
 #define UD(op, id) (((uint64_t)(uint32_t)(id) << 8) | (op))
 #define BGID 1
-#define MAX_LISTENERS 8
 #define IDLE_TRIM_MS 100            /* no connection for this long: give pool pages back */
 #define TRIM_EVERY_MS 100           /* a drained backlog's malloc_trim, at most this often */
 #define ACCEPT_BURST 16             /* SOCK_NONEMPTY: accepted synchronously at most, per CQE */
 #define SEND_IOV_MAX 16             /* queued chunks gathered into one SENDMSG */
 #define PIN_MAX 8                   /* provided buffers one connection may hold in its queue */
-
-struct uc_stats {
-    uint64_t entries, sqes, cqes, waits, enobufs, cq_overflows, cq_dropped, bytes_in, bytes_out,
-             accept_cqes, accepted, accept_eagain, accept_errors, refused, backpressure,
-             zc_sends, copied_sends, recv_arms, partial_sends, accept_backoffs, max_pending,
-             handoffs, handoff_lost, handoff_wakeups, fixed_files, sendzc_ops, sendzc_notifs,
-             idle_trims, msg_handoffs, malloc_trims, sendzc_held_max, blocking_waits, empty_waits,
-             last_accept_error, failed, windowed_waits, window_us, arrival_per_s, accept_bursts,
-             ring_fd_registered, util_pct, window_nr, closed_pct,
-             /* the C-protocol mode's own (Python keeps these itself otherwise): */
-             requests, opened, closed, errors, idle_timeouts, header_timeouts,
-             /* rule held-answers and allocation failures (both modes): */
-             output_holds, alloc_failures, gathered_sends;
-    /* Per listener id (the address a connection came in on): small arrays, one increment
-     * beside the total's, so they add up to accepted and accept_cqes. */
-    uint64_t l_accepted[MAX_LISTENERS], l_accept_cqes[MAX_LISTENERS];
-};
-
-struct uc_config {
-    unsigned entries, nbufs, bufsize, max_conns, setup_flags;
-    uint64_t max_output;
-    int stop_fd, multishot_accept, nlisteners, raw;
-    int listeners[MAX_LISTENERS];
-    int listener_ids[MAX_LISTENERS];    /* parallel to listeners: each one's listener id */
-    int nids;                           /* listener ids in use (0: 1); a hand-off naming another is refused */
-    unsigned cq_entries;            /* 0: 8 x entries */
-    unsigned accept_backoff_ms;     /* first pause after EMFILE/ENFILE/ENOBUFS/ENOMEM on accept */
-    int handoff_fd;                 /* --accept dispatch: AF_UNIX channel carrying SCM_RIGHTS; -1: none */
-    /* Options measured in docs/uring.md (all off by default): */
-    unsigned fixed_files;           /* >0: a sparse registered-file table of this size; conn id = index */
-    unsigned sqpoll_idle_ms;        /* >0: IORING_SETUP_SQPOLL, the kernel thread idles after this */
-    unsigned zc_threshold;          /* >0: sends of at least this many bytes use IORING_OP_SEND_ZC */
-    unsigned latency_budget_us;     /* the batching window's bound (0: off), see window_us() */
-    /* Idle and request deadlines, the timer tick (core/policy.py rules idle-timeout, request-deadline and coarse-timer; 0: off): swept
-     * here at each tick, in both modes.  An EV_TICK is reported at each tick too. */
-    struct pol_limits limits;
-    /* C-protocol mode (native-uring): 0 = events go to Python; else each connection is
-     * answered by lproto[its listener id] (UC_ECHO/UC_HTTP), and uc_serve/uc_drain/
-     * uc_close_all run the whole loop in C (see the end of this file). */
-    int cproto;
-    int lproto[MAX_LISTENERS];      /* C-protocol mode: UC_ECHO/UC_HTTP per listener id */
-    unsigned message_size, max_header_bytes;
-    uint64_t max_body_bytes;
-    void *user;                     /* the Python backend (a cffi handle) for the callbacks */
-};
 
 /* A gathered send: its msghdr and iovec live apart from the connection table (which a
  * new connection may move with realloc) until the SQE is submitted - the kernel copies
@@ -313,7 +159,6 @@ struct uc_core {
     int64_t next_tick_ms;
     uint64_t zc_outstanding;        /* SEND_ZC notifications due */
 };
-typedef struct uc_core uc_core;
 #define RING(c) ((struct io_uring *)(c)->ring)
 
 static int64_t mono_ns(void)
@@ -583,7 +428,7 @@ static int handoff_lid(uc_core *c, int lid)
 /* --accept dispatch: the core's acceptor thread passes connected sockets over an
  * AF_UNIX SOCK_SEQPACKET channel as SCM_RIGHTS (core/dispatch.py).  A single-shot poll
  * on the channel, re-armed after each completion, wakes the ring; then every waiting
- * fd is taken here with recvmsg until EAGAIN (one message per fd, a few per call). */
+ * fd is taken with recvmsg until EAGAIN (handoff_recv.h: one message per fd). */
 static void arm_handoff(uc_core *c)
 {
     struct io_uring_sqe *s = sqe_get(c);
@@ -593,41 +438,23 @@ static void arm_handoff(uc_core *c)
     c->handoff_armed = 1;
 }
 
+static void handoff_adopt(void *core, int fd, int lid) { conn_open(core, fd, lid); }
+
+static void handoff_episode(void *core)
+{
+    uc_core *c = core;
+    if (c->cfg.user) uc_py_handoff_lost(c->cfg.user, EMFILE);
+}
+
+/* Every waiting fd (backends/handoff_recv.h: counted in handoffs, or lost; a loss logged
+ * once per episode).  EOF - the acceptor closed its end: its poll would fire (HUP) at once
+ * each time it is re-armed, so it is not. */
 static void handoff_take(uc_core *c)
 {
-    for (;;) {
-        unsigned char byte = 0;     /* the listener id (core/handoff.py) */
-        union { struct cmsghdr align; char b[CMSG_SPACE(16 * sizeof(int))]; } ctl;  /* CMSG_* need cmsghdr alignment */
-        struct iovec iov = { &byte, 1 };
-        struct msghdr m = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = ctl.b, .msg_controllen = sizeof ctl.b };
-        ssize_t r = recvmsg(c->cfg.handoff_fd, &m, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
-        if (r < 0 && errno == EINTR) continue;
-        if (r < 0) return;          /* EAGAIN: empty */
-        /* Every message carries one byte: 0 is EOF, the acceptor closed its end.  Its
-         * poll would fire (HUP) at once each time it is re-armed: stop watching. */
-        if (r == 0 && !(m.msg_flags & MSG_CTRUNC)) { c->handoff_closed = 1; return; }
-        /* Out of fds the kernel cannot install the passed one: the message is consumed,
-         * MSG_CTRUNC set, and that connection is lost.  Counted, never silent. */
-        if ((m.msg_flags & MSG_CTRUNC) && !CMSG_FIRSTHDR(&m)) {
-            c->st.handoff_lost++;
-            if (!c->handoff_losing && c->cfg.user) uc_py_handoff_lost(c->cfg.user, EMFILE);
-            c->handoff_losing = 1;
-            continue;
-        }
-        c->handoff_losing = 0;      /* a connection received whole ends the episode */
-        for (struct cmsghdr *h = CMSG_FIRSTHDR(&m); h; h = CMSG_NXTHDR(&m, h)) {
-            if (h->cmsg_level != SOL_SOCKET || h->cmsg_type != SCM_RIGHTS) continue;
-            int n = (int)((h->cmsg_len - CMSG_LEN(0)) / sizeof(int));
-            for (int i = 0; i < n; i++) {
-                int fd;
-                memcpy(&fd, CMSG_DATA(h) + i * sizeof(int), sizeof fd);
-                int lid = handoff_lid(c, byte);
-                if (lid < 0) { close(fd); c->st.handoff_lost++; continue; }
-                c->st.handoffs++;
-                conn_open(c, fd, lid);
-            }
-        }
-    }
+    int nids = c->cfg.nids > 0 ? c->cfg.nids : 1;
+    if (handoff_recv(c->cfg.handoff_fd, nids, &c->handoff_losing, &c->st.handoffs,
+                     &c->st.handoff_lost, handoff_adopt, handoff_episode, c) == HANDOFF_EOF)
+        c->handoff_closed = 1;
 }
 
 static void on_recv_terminal(uc_core *c, int id)
@@ -644,7 +471,7 @@ static void on_recv_terminal(uc_core *c, int id)
     if (k->reading && !k->starved) arm_recv(c, id);
 }
 
-/* Rule held-answers: a held connection whose pending output is at or below the low mark gets one
+/* Rule 10: a held connection whose pending output is at or below the low mark gets one
  * EV_PULL (until the protocol has answered it with uc_hold). */
 static void pull_check(uc_core *c, int id)
 {
@@ -754,7 +581,7 @@ static void on_cqe(uc_core *c, struct io_uring_cqe *q)
                 }
             }
         }
-        else if (res == -EAGAIN) c->st.accept_eagain++;     /* not produced by 6.x: see uring.py */
+        else if (res == -EAGAIN) c->st.accept_eagain++;     /* not produced by 6.x: see ring.py */
         else if (res != -ECANCELED) {
             c->st.accept_errors++; c->st.last_accept_error = -res;
             if (!pol_accept_one_lost(-res)) {
@@ -824,7 +651,7 @@ static uc_core *uc_new(const struct uc_config *cfg, int *err)
         IORING_SETUP_COOP_TASKRUN | IORING_SETUP_TASKRUN_FLAG | IORING_SETUP_SUBMIT_ALL,
         0 };
     /* SQPOLL: a kernel thread (iou-sqp-<tid>, a task of this process: its CPU must be
-     * counted with ours, see uring.py) polls the SQ; DEFER_TASKRUN is not allowed with it. */
+     * counted with ours, see ring.py) polls the SQ; DEFER_TASKRUN is not allowed with it. */
     static const unsigned sqpoll_tries[] = {
         IORING_SETUP_SQPOLL | IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_SUBMIT_ALL,
         IORING_SETUP_SQPOLL | IORING_SETUP_SUBMIT_ALL,
@@ -939,7 +766,7 @@ static void pool_trim(uc_core *c)
     c->st.idle_trims++;
 }
 
-/* Rules idle-timeout and request-deadline at a tick (policy_core.h): close the connections idle too long or
+/* Rules 6 and 7 at a tick (policy_core.h): close the connections idle too long or
  * whose request is past its deadline; a closed one is reported by EV_CLOSED as usual. */
 static void sweep(uc_core *c)
 {
@@ -1244,7 +1071,7 @@ static void uc_finish(uc_core *c, int id)
     if (!k->head && !k->held) conn_kill(c, id, 0);   /* held: once the last pull is done */
 }
 
-/* Rule held-answers, after a feed or an EV_PULL's pull: more = the protocol still holds answers.
+/* Rule 10, after a feed or an EV_PULL's pull: more = the protocol still holds answers.
  * Holding stops reading (the multishot recv is cancelled) and asks for an EV_PULL
  * whenever the pending output is low; releasing resumes reading (or, finishing, closes
  * once flushed).  uc_hold after a feed, uc_pulled after a pull: only the latter ends
@@ -1371,7 +1198,7 @@ static int uc_free(uc_core *c)
     return leaked ? 1 + kept : 0;
 }
 
-/* Rule request-deadline for a protocol in Python: after a feed that left a request incomplete
+/* Rule 7 for a protocol in Python: after a feed that left a request incomplete
  * (partial) or completed the one that was.  Python calls it only then, never on the
  * common path (whole requests in). */
 static void uc_progress(uc_core *c, int id, int partial, unsigned completed, unsigned nbytes)
@@ -1422,7 +1249,7 @@ static int uc_ring_fd(uc_core *c)
     return strcmp(link, "anon_inode:[io_uring]") == 0 && m->flags == c->flags_in_effect ? m->ring_fd : -1;
 }
 
-typedef struct uc_sender { char ring[1024] __attribute__((aligned(64))); } uc_sender;
+struct uc_sender { char ring[1024] __attribute__((aligned(64))); };
 
 static uc_sender *uc_sender_new(int *err)
 {
@@ -1513,215 +1340,4 @@ static int uc_opcode_supported(uc_core *c, int op)
     int ok = p_io_uring_opcode_supported(p, op) ? 1 : 0;
     p_io_uring_free_probe(p);
     return ok;
-}
-
-/* ---- the raw API of `uring-py`: Python handles each completion itself ------------- */
-static int uc_raw_accept(uc_core *c, int fd, uint64_t ud, int multishot)
-{
-    struct io_uring_sqe *s = sqe_get(c);
-    if (!s) return -c->fail;
-    if (multishot) p_io_uring_prep_multishot_accept(s, fd, NULL, NULL, SOCK_CLOEXEC);
-    else p_io_uring_prep_accept(s, fd, NULL, NULL, SOCK_CLOEXEC);
-    s->user_data = ud;
-    return 0;
-}
-static int uc_raw_recv(uc_core *c, int fd, uint64_t ud)
-{
-    struct io_uring_sqe *s = sqe_get(c);
-    if (!s) return -c->fail;
-    p_io_uring_prep_recv_multishot(s, fd, NULL, 0, 0);
-    s->flags |= IOSQE_BUFFER_SELECT; s->buf_group = BGID; s->user_data = ud;
-    return 0;
-}
-static int uc_raw_send(uc_core *c, int fd, const char *p, size_t len, uint64_t ud)
-{
-    if (len > UINT32_MAX) return -EMSGSIZE;
-    struct io_uring_sqe *s = sqe_get(c);
-    if (!s) return -c->fail;
-    p_io_uring_prep_send(s, fd, p, len, MSG_NOSIGNAL);
-    s->user_data = ud;
-    return 0;
-}
-static int uc_raw_cancel(uc_core *c, uint64_t target, uint64_t ud)
-{
-    struct io_uring_sqe *s = sqe_get(c);
-    if (!s) return -c->fail;
-    p_io_uring_prep_cancel64(s, target, 0);
-    s->user_data = ud;
-    return 0;
-}
-static int uc_raw_poll(uc_core *c, int fd, uint64_t ud)
-{
-    struct io_uring_sqe *s = sqe_get(c);
-    if (!s) return -c->fail;
-    p_io_uring_prep_poll_add(s, fd, POLLIN);
-    s->user_data = ud;
-    return 0;
-}
-static void uc_raw_recycle(uc_core *c, int bid) { buf_recycle(c, bid); }
-
-/* Submit, wait, copy out up to max CQEs as (user_data, res, flags) and advance. */
-static int uc_raw_wait(uc_core *c, int timeout_ms, uint64_t *ud, int32_t *res, uint32_t *fl, int max)
-{
-    if (c->fail) return -c->fail;
-    if (c->br_pending) { p_io_uring_buf_ring_advance(c->br, c->br_pending); c->br_pending = 0; }
-    submit_and_wait(c, p_io_uring_cq_ready(RING(c)) ? 0 : timeout_ms);
-    if (c->fail) return -c->fail;
-    struct io_uring_cqe *cqes[256];
-    int got = 0;
-    while (got < max) {
-        unsigned n = p_io_uring_peek_batch_cqe(RING(c), cqes, (unsigned)(max - got < 256 ? max - got : 256));
-        if (!n) break;
-        for (unsigned i = 0; i < n; i++, got++) {
-            ud[got] = cqes[i]->user_data; res[got] = cqes[i]->res; fl[got] = cqes[i]->flags;
-            if (!(cqes[i]->flags & IORING_CQE_F_MORE) && (cqes[i]->user_data & 0xff) != OP_MSG) c->inflight--;
-            if ((cqes[i]->flags & IORING_CQE_F_BUFFER)) c->ring_free--;
-        }
-        p_io_uring_cq_advance(RING(c), n);
-    }
-    c->st.cqes += got;
-    rate_update(c, mono_ns(), (unsigned)got);
-    if (p_io_uring_cq_has_overflow(RING(c))) c->st.cq_overflows++;
-    return got;
-}
-
-/* ---- C-protocol mode: native-uring ---------------------------------------------------
- * The seed's design in C over io_uring, the counterpart of `native` (epoll): the same
- * event core (single-shot accept on the shared socket, multishot recv, provided buffer
- * ring, sends, backpressure, close, drain, the batching window), with each batch of
- * events answered here by proto_core.h's echo/HTTP - the very code `native` runs -
- * instead of being handed to Python.  uc_serve is called once by the worker thread and
- * returns only at stop: cffi releases the GIL for the whole loop.  Echo sends the
- * received provided buffer itself (uc_send_buf: no copy); HTTP answers are copied out of
- * the scratch buffer.  Timeouts are the core's own sweep (both modes); a feed that leaves
- * an HTTP request incomplete starts its deadline (rule request-deadline), as uc_progress does for Python. */
-static struct pstate *cp_state(uc_core *c, int id)
-{
-    if (id >= c->ps_cap) {
-        int n = c->ps_cap ? c->ps_cap : 256;
-        while (n <= id) n *= 2;
-        struct pstate *q = realloc(c->ps, (size_t)n * sizeof *q);
-        if (!q) return NULL;
-        memset(q + c->ps_cap, 0, (size_t)(n - c->ps_cap) * sizeof *q);
-        c->ps = q; c->ps_cap = n;
-    }
-    return &c->ps[id];
-}
-
-/* One batch of events (c->ev[0 .. n)), answered in C. */
-static void cp_process(uc_core *c, int n)
-{
-    for (int i = 0; i < n; i++) {
-        int32_t *e = c->ev + 4 * i;
-        int id = e[1];
-        struct pstate *ps;
-        switch (e[0]) {
-        case EV_DATA: {
-            ps = &c->ps[id];
-            if (ps->pclosing) break;
-            char *data = c->pool + (size_t)e[2] * c->cfg.bufsize;
-            unsigned len = (unsigned)e[3];
-            int rc = 0;
-            if (c->cfg.lproto[c->conns[id].lid] == UC_ECHO) {
-                c->st.requests += proto_echo_count(&c->proto, ps, len);
-                rc = uc_send_buf(c, id, e[2], 0, len);
-            } else {
-                int64_t done = proto_http_feed(&c->proto, ps, data, len);
-                if (done < 0) { uc_alloc_failed(c, id); break; }
-                c->st.requests += (uint64_t)done;
-                if (pstate_partial(ps) || c->conns[id].pol.req_start_ms)   /* rule request-deadline */
-                    pol_progress(&c->conns[id].pol, pstate_partial(ps), (uint64_t)done, len, c->now_ms);
-                if (c->proto.scratch.len)
-                    rc = uc_send_copy(c, id, c->proto.scratch.p, c->proto.scratch.len);
-                proto_scratch_done(&c->proto);
-            }
-            if (rc < 0) uc_close(c, id, 1);
-            else if (ps->pclosing) uc_finish(c, id);
-            else if (pstate_more(ps)) uc_hold(c, id, 1);
-            break;
-        }
-        case EV_PULL: {             /* rule held-answers: the next held answers */
-            ps = &c->ps[id];
-            const char *out;
-            size_t olen;
-            int64_t done = proto_http_pull(&c->proto, ps, &out, &olen);
-            if (done < 0) { uc_alloc_failed(c, id); break; }
-            c->st.requests += (uint64_t)done;
-            int rc = 0;
-            if (olen) rc = proto_is_body_piece(out) ? uc_send_static(c, id, out, olen)
-                                                    : uc_send_copy(c, id, out, olen);
-            proto_scratch_done(&c->proto);
-            if (rc < 0) { uc_close(c, id, 1); break; }
-            uc_pulled(c, id, pstate_more(ps));
-            if (ps->pclosing) uc_finish(c, id);
-            break;
-        }
-        case EV_OPEN:
-            ps = cp_state(c, id);
-            if (!ps) { uc_close(c, id, 1); break; }
-            memset(ps, 0, sizeof *ps);
-            c->st.opened++;
-            break;
-        case EV_CLOSED:
-            if (id < c->ps_cap) pstate_free(&c->ps[id]);
-            c->st.closed++;
-            if (e[2]) c->st.errors++;
-            break;
-        case EV_EOF:                /* a partial request is dropped unanswered; held ones are answered */
-            ps = &c->ps[id];
-            proto_eof(ps);
-            uc_finish(c, id);
-            break;
-        case EV_DRAINED:
-            uc_finish(c, id);
-            break;
-        default:
-            break;                  /* EV_STOP: uc_wait has set stop_seen; EV_TICK: swept there */
-        }
-    }
-}
-
-/* Serve until stop.  0, or -errno if the ring failed (the worker raises it). */
-static int uc_serve(uc_core *c)
-{
-    while (!c->stop_seen) {
-        int n = uc_wait(c, -1);
-        if (n < 0) return n;
-        cp_process(c, n);
-    }
-    return 0;
-}
-
-/* Wait and answer until the deadline, or until no connection is left (and, with
- * all_ops, no operation in the kernel either).  0, or -errno if the ring failed. */
-static int cp_pump(uc_core *c, int64_t deadline, int all_ops)
-{
-    while (c->nconns > 0 || (all_ops && c->inflight > 0)) {
-        int64_t left = deadline - mono_ms();
-        if (left <= 0) break;
-        int n = uc_wait(c, (int)left);
-        if (n < 0) return n;
-        cp_process(c, n);
-    }
-    return 0;
-}
-
-/* Stop accepting, answer what was received, flush within timeout_ms. */
-static int uc_drain(uc_core *c, int timeout_ms)
-{
-    uc_drain_begin(c);
-    int64_t deadline = mono_ms() + timeout_ms;
-    int n = uc_wait(c, 0);          /* msg-ring hand-overs posted before stop, as in uring.py */
-    if (n < 0) return n;
-    cp_process(c, n);
-    return cp_pump(c, deadline, 0);
-}
-
-/* Close everything and wait (bounded) until the kernel holds nothing of ours. */
-static void uc_close_all(uc_core *c, int timeout_ms)
-{
-    uc_shutdown(c);
-    if (cp_pump(c, mono_ms() + timeout_ms, 1) < 0) return;
-    int n = uc_wait(c, 0);          /* closes released synchronously by uc_shutdown */
-    if (n > 0) cp_process(c, n);
 }

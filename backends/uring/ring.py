@@ -1,6 +1,16 @@
-"""io_uring through a small C event core: completions reaped in C, the protocol in Python.
+"""The ring plumbing of the io_uring family: one worker's ring, shared by three backends.
 
-A completion backend owns its loop (core/backend.py: Backend): it submits operations, the kernel
+``Ring`` (the C event core, its options, its counters), ``UringOptions`` (every
+``--uring-*`` flag), ``load``/``new_core``/the probe, the msg-ring hand-off and
+``IoUringBackend`` (what the three declare) live here; each backend's loop is its own
+module: ``uring.py`` (the protocol in Python over the C core's events), ``uring_py.py``
+(every completion in Python, the core's raw API) and ``native_uring.py`` (the C-protocol
+mode: the whole loop in C).  The C side is split the same way (backends/uring/*.c).
+
+The design, as the ``uring`` backend runs it (io_uring through a small C event core:
+completions reaped in C, the protocol in Python):
+
+A completion backend owns its loop (core/backend.py): it submits operations, the kernel
 completes them, and every buffer the kernel may still write stays pinned until the
 completion that releases it has been seen.  Per worker:
 
@@ -78,7 +88,7 @@ completion that releases it has been seen.  Per worker:
   has passed - except while a connection's output waits behind a send in flight, while
   clients wait for our answers (a closed loop, seen from how soon requests follow answers)
   or while the worker is busy.  The policy and its measured CPU-vs-latency curve:
-  uring_core.c (``window_nr``) and docs/uring.md.
+  event_core.c (``window_nr``) and docs/uring.md.
 * **Stop**: a poll on ``ctx.stop``'s eventfd is armed on the ring, so a stopped worker
   wakes at once.  Drain then mirrors readiness.py: accepts are cancelled and the listen
   backlog taken once (synchronously), each connection's recv is cancelled and what its
@@ -131,7 +141,7 @@ from parallelnet.core.backend import (
     DISPATCH, REUSEPORT, SHARED, Availability, Backend, BackendError,
 )
 from parallelnet.backends.ccore import fill_limits, install_notes
-from parallelnet.core.policy import ConnectionPolicy, tracks_requests
+from parallelnet.core import procfs
 from parallelnet.core.stats import NOT_OBSERVABLE
 
 log = logging.getLogger("parallelnet.worker")
@@ -145,7 +155,7 @@ SETUP_FLAG_NAMES = (
 #: --uring-latency-budget-us default, chosen from the measured CPU-vs-latency curve
 #: (docs/uring.md, "The batching window").
 DEFAULT_LATENCY_BUDGET_US = 200
-#: uring_core.c's MAX_LISTENERS: listening addresses one ring serves (``max_listeners``).
+#: uring_api.h's MAX_LISTENERS: listening addresses one ring serves (``max_listeners``).
 MAX_LISTENERS = 8
 
 
@@ -207,9 +217,9 @@ def load():
     if path is None:
         raise BackendError(f"the PyPI wheel {WHEEL} is not installed (pip install '{WHEEL}')")
     try:
-        from parallelnet.backends._uring import ffi, lib
+        from parallelnet.backends.uring._uring import ffi, lib
     except ImportError as exc:
-        raise BackendError(f"extension parallelnet.backends._uring not built ({exc}); "
+        raise BackendError(f"extension parallelnet.backends.uring._uring not built ({exc}); "
                            "reinstall the project so setup.py's cffi_modules compiles it") from None
     err = lib.uc_init(path.encode())
     if err != ffi.NULL:
@@ -224,7 +234,7 @@ def new_core(ffi, lib, limits, opts: UringOptions = UringOptions(), *, listeners
              listener_ids=(), nids: int = 1, stop_fd: int = -1, handoff_fd: int = -1, raw: bool = False,
              multishot: bool = False, setup_flags: int | None = None, cproto: dict | None = None,
              user=None):
-    """One event core (uring_core.c) configured from ``limits`` and ``opts``.
+    """One event core (event_core.c) configured from ``limits`` and ``opts``.
 
     ``raw``: uring-py's mode (Python reaps every CQE; no accept, no timer in C).
     ``cproto``: native-uring's C-protocol settings (``struct uc_config`` fields).
@@ -280,43 +290,18 @@ def new_core(ffi, lib, limits, opts: UringOptions = UringOptions(), *, listeners
     return core
 
 
-def voluntary_switches(status_path: str) -> int | None:
-    """``voluntary_ctxt_switches`` of one thread (/proc/PID/task/TID/status): each time it
-    went to sleep, in a wait that returned or one the kernel resumed without returning."""
-    try:
-        with open(status_path) as f:
-            for line in f:
-                if line.startswith("voluntary_ctxt_switches:"):
-                    return int(line.split()[1])
-    except (OSError, ValueError):
-        pass
-    return None
-
-
-def _sqpoll_thread_stat() -> str | None:
-    """/proc path of this thread's SQPOLL kernel thread (``iou-sqp-<our tid>``: a task of
+def _sqpoll_thread() -> tuple[int, int] | None:
+    """(pid, tid) of this thread's SQPOLL kernel thread (``iou-sqp-<our tid>``: a task of
     this process that ``cpu_ns``, our own thread's clock, does not include)."""
-    want = f"iou-sqp-{threading.get_native_id()}"
+    want, pid = f"iou-sqp-{threading.get_native_id()}", os.getpid()
     for _ in range(100):   # the thread names itself once it first runs: allow it a moment
-        for tid in os.listdir("/proc/self/task"):
-            try:
-                with open(f"/proc/self/task/{tid}/comm") as f:
-                    if f.read().strip() == want:
-                        return f"/proc/self/task/{tid}/schedstat"
-            except OSError:
-                continue
+        for tid in procfs.tasks(pid):
+            st = procfs.read_stat(pid, tid)
+            if st is not None and st.comm == want:
+                return pid, tid
         time.sleep(0.005)
     log.warning("SQPOLL thread %s not found: its CPU cannot be reported", want)
     return None
-
-
-def sqpoll_cpu_ns(path: str) -> int:
-    """CPU time (ns) the SQPOLL thread has run: schedstat's first field."""
-    try:
-        with open(path) as f:
-            return int(f.read().split()[0])
-    except (OSError, ValueError, IndexError):
-        return 0
 
 
 _probe_cache: Availability | None = None
@@ -436,7 +421,7 @@ class RingHandoff:
     ``send(fd)`` submits ``IORING_OP_MSG_RING`` on a small ring of the dispatcher's own
     (created on first use, in the dispatcher's thread) and waits for its completion: the
     worker's CQ then holds a CQE carrying fd, which the worker adopts as it is
-    (``transfers``: the acceptor must not close it).  See uring_core.c.
+    (``transfers``: the acceptor must not close it).  See event_core.c.
     """
 
     kind = "msg-ring"
@@ -485,7 +470,7 @@ _NOT_EXTRA = {"last_accept_error", "failed", "opened", "l_accepted", "l_accept_c
 
 
 class Ring:
-    """One worker's io_uring event core (uring_core.c) and what Python keeps of it.
+    """One worker's io_uring event core (event_core.c) and what Python keeps of it.
 
     Composition, not inheritance: ``uring``, ``uring-py`` and ``native-uring`` each hold
     one.  It creates the core in the worker's thread, exposes what the loops touch
@@ -511,10 +496,10 @@ class Ring:
                              handoff_fd=ctx.handoff.fileno() if ctx.handoff is not None else -1,
                              raw=raw, multishot=self.multishot, cproto=cproto, user=self._handle)
         self.ring_fd = lib.uc_ring_fd(self.core)   # -1 if it cannot be told (msg-ring refused)
-        self.sqpoll_stat = _sqpoll_thread_stat() if opts.sqpoll else None
+        self.sqpoll_task = _sqpoll_thread() if opts.sqpoll else None
         self.pool = memoryview(ffi.buffer(lib.uc_pool(self.core), lib.uc_pool_size(self.core)))
         self.cstats = lib.uc_stats(self.core)
-        self._status_path = f"/proc/self/task/{threading.get_native_id()}/status"
+        self._task = (os.getpid(), threading.get_native_id())   # this worker thread
         fields = [name for name, _ in ffi.typeof("struct uc_stats").fields]
         self._extra_fields = [f for f in fields if f not in _NOT_EXTRA]
         extra = stats.extra
@@ -540,7 +525,7 @@ class Ring:
         self.refresh_switches()
 
     def refresh_switches(self) -> None:
-        switches = voluntary_switches(self._status_path)
+        switches = procfs.ctx_switches(*self._task)[0]
         if switches is not None:
             self.stats.extra["vol_ctx_switches"] = switches
 
@@ -573,8 +558,8 @@ class Ring:
         entries = cs.entries or 1
         extra["cqes_per_entry"] = round(cs.cqes / entries, 3)
         extra["sqes_per_entry"] = round(cs.sqes / entries, 3)
-        if self.sqpoll_stat:
-            extra["sqpoll_cpu_ns"] = sqpoll_cpu_ns(self.sqpoll_stat)
+        if self.sqpoll_task:
+            extra["sqpoll_cpu_ns"] = procfs.schedstat_ns(*self.sqpoll_task)
 
     # -- failure and the end -------------------------------------------------------------
 
@@ -672,223 +657,3 @@ class IoUringBackend(Backend):
         """--uring-handoff msg-ring: the dispatcher posts fds into this worker's ring."""
         ring = self.ring
         return RingHandoff(ring.ffi, ring.lib, ring.ring_fd)
-
-
-class UringBackend(IoUringBackend):
-    name = "uring"
-    description = "io_uring, C event core (multishot recv, buffer ring, batched submit/wait)"
-    conformance_variants = [["--uring-accept", "multishot"],
-                            ["--uring-buffers", "4", "--uring-buffer-size", "512"],
-                            ["--uring-fixed-files", "--uring-zc-threshold", "4096"],
-                            ["--accept", "dispatch", "--uring-handoff", "msg-ring"]]
-
-    def run(self) -> None:
-        ctx = self.ctx
-        self.ring = ring = Ring(ctx, UringOptions.of(ctx.options), self.name)
-        self.protos: dict[int, object] = {}
-        self.stopping = False
-        # Rules eof and handler-failure (the protocol's EOF, a handler failure); the others are the core's.
-        self.policy = ConnectionPolicy(ctx.limits, ctx.stats, ring.who)
-        self._process = self._batch_processor()
-        ctx.stats.refresh = ring.refresh
-        try:
-            ring.lib.uc_start(ring.core)
-            ring.lib.uc_submit(ring.core)
-            ctx.stats.mark_ready()
-            self._serve()
-            self._drain()
-        finally:
-            self._close_all()
-
-    def _serve(self) -> None:
-        ring = self.ring
-        lib, core, unpack = ring.lib, ring.core, ring.ffi.unpack
-        wait, events = lib.uc_wait, lib.uc_events
-        process = self._process
-        # Per iteration only the wait and the batch: the C core bounds the wait by the
-        # timer tick while connections are open and runs the deadlines there; the
-        # counters are copied by the snapshot thread (WorkerStats.refresh); stop arrives
-        # as EV_STOP (the eventfd's poll on the ring).
-        while not self.stopping:
-            n = wait(core, -1)
-            if n > 0:
-                process(unpack(events(core), 4 * n))
-            elif n < 0:
-                raise ring.error(n)
-
-    def _batch_processor(self):
-        """The hot path, built once: one batch of events through the protocol.  A
-        closure over everything it touches, so a batch costs no attribute lookups."""
-        backend, ring = self, self.ring
-        lib, core = ring.lib, ring.core
-        EV_DATA, EV_OPEN, EV_CLOSED, EV_EOF = lib.EV_DATA, lib.EV_OPEN, lib.EV_CLOSED, lib.EV_EOF
-        EV_DRAINED, EV_STOP, EV_TICK, EV_PULL = lib.EV_DRAINED, lib.EV_STOP, lib.EV_TICK, lib.EV_PULL
-        send_buf, send_copy, finish, close = lib.uc_send_buf, lib.uc_send_copy, lib.uc_finish, lib.uc_close
-        hold, pulled, send_static = lib.uc_hold, lib.uc_pulled, lib.uc_send_static
-        progress = lib.uc_progress
-        from_buffer = ring.ffi.from_buffer
-        protos = self.protos
-        pool = ring.pool
-        bsize = ring.bufsize
-        stats = self.ctx.stats
-        factories = [p.factory for p in self.ctx.protocols]   # by listener id
-        policy = self.policy
-        track = any(tracks_requests(f()) for f in factories)
-        incomplete: set[int] = set()   # ids whose request the core is timing (rule request-deadline)
-        send_failed = self._send_failed
-
-        def process(ev: list) -> None:
-            requests = bytes_in = 0
-            for i in range(0, len(ev), 4):
-                kind = ev[i]
-                cid = ev[i + 1]
-                if kind == EV_DATA:
-                    proto = protos[cid]
-                    if proto.closing:
-                        continue
-                    length = ev[i + 3]
-                    off = ev[i + 2] * bsize
-                    data = pool[off:off + length]
-                    bytes_in += length
-                    try:
-                        out, k = proto.feed(data)
-                    except Exception:  # noqa: BLE001 - a handler bug closes one connection only
-                        data.release()
-                        policy.handler_failed(proto, cid)
-                        close(core, cid, 1)
-                        continue
-                    requests += k
-                    if track:
-                        partial = proto.partial
-                        if partial or cid in incomplete:   # never for whole requests
-                            progress(core, cid, partial, k, length)
-                            (incomplete.add if partial else incomplete.discard)(cid)
-                    if out is data:
-                        rc = send_buf(core, cid, ev[i + 2], 0, length)
-                    elif out:
-                        rc = send_copy(core, cid, out if type(out) is bytes else from_buffer(out),
-                                       len(out))
-                    else:
-                        rc = 0
-                    # The buffer returns to the kernel at the next wait: a protocol that
-                    # kept this view would read memory being rewritten.  Released, any
-                    # later use raises (a handler error on that connection) instead.
-                    try:
-                        data.release()
-                    except BufferError:   # it holds an export of the view: the same breach
-                        policy.handler_failed(proto, cid)
-                        close(core, cid, 1)
-                        continue
-                    if rc < 0:
-                        send_failed(cid, rc)
-                    elif proto.closing:
-                        finish(core, cid)
-                    elif proto.more:   # rule held-answers: answers held; the core sends EV_PULL
-                        hold(core, cid, 1)
-                elif kind == EV_PULL:   # rule held-answers: the connection's output is low again
-                    proto = protos[cid]
-                    try:
-                        out, k = proto.pull()
-                    except Exception:  # noqa: BLE001 - a handler bug closes one connection only
-                        policy.handler_failed(proto, cid)
-                        close(core, cid, 1)
-                        continue
-                    requests += k
-                    if not out:
-                        rc = 0
-                    elif proto.is_static(out):   # a view of an immortal block: no copy
-                        rc = send_static(core, cid, from_buffer(out), len(out))
-                    else:
-                        rc = send_copy(core, cid, out if type(out) is bytes else from_buffer(out),
-                                       len(out))
-                    if rc < 0:
-                        send_failed(cid, rc)
-                        continue
-                    pulled(core, cid, proto.more)
-                    if proto.closing:
-                        finish(core, cid)
-                elif kind == EV_OPEN:   # ev[i + 3]: the listener id it came in on
-                    protos[cid] = factories[ev[i + 3]]()
-                    stats.open += 1
-                elif kind == EV_CLOSED:
-                    del protos[cid]
-                    incomplete.discard(cid)
-                    stats.open -= 1
-                    stats.closed += 1
-                    if ev[i + 2]:
-                        stats.errors += 1
-                elif kind == EV_EOF:
-                    out = policy.eof(protos[cid], cid)
-                    if out is None:
-                        close(core, cid, 1)
-                        continue
-                    if out:
-                        rc = send_copy(core, cid, out if type(out) is bytes else from_buffer(out),
-                                       len(out))
-                        if rc < 0:
-                            send_failed(cid, rc)
-                            continue
-                    finish(core, cid)
-                elif kind == EV_DRAINED:   # what the peer sent before stop has been answered
-                    finish(core, cid)
-                elif kind == EV_TICK:      # the core has swept the deadlines
-                    if backend.ctx.stop.is_set():   # belt and braces: EV_STOP is the signal
-                        backend.stopping = True
-                elif kind == EV_STOP:
-                    backend.stopping = True
-            stats.requests += requests
-            stats.bytes_in += bytes_in
-
-        return process
-
-    def _send_failed(self, cid: int, rc: int) -> None:
-        """The core refused a response (-ENOMEM, -EMSGSIZE for >= 4 GiB, a failed ring):
-        that connection ends with an error rather than carrying on with a hole in its
-        output."""
-        log.warning("%s: cannot send on connection id %d: %s; closing it",
-                    self.ring.who, cid, os.strerror(-rc))
-        self.ring.lib.uc_close(self.ring.core, cid, 1)
-
-    def _drain(self) -> None:
-        ring = self.ring
-        lib, core = ring.lib, ring.core
-        lib.uc_drain_begin(core)
-        # One look without waiting: connections the dispatcher posted (msg-ring) before it
-        # stopped are still task work of ours; they become CQEs, then connections to drain.
-        n = lib.uc_wait(core, 0)
-        if n > 0:
-            self._process(ring.ffi.unpack(lib.uc_events(core), 4 * n))
-        elif n < 0:
-            raise ring.error(n)
-        deadline = time.monotonic() + self.ctx.limits.drain_timeout
-        self._pump(lambda: lib.uc_nconns(core) > 0, deadline)
-
-    def _pump(self, busy, deadline: float) -> None:
-        ring = self.ring
-        lib, core, ffi = ring.lib, ring.core, ring.ffi
-        while busy():
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            n = lib.uc_wait(core, max(1, int(remaining * 1000)))
-            if n < 0:
-                break   # the ring failed: nothing more will complete (uc_free leaks what it must)
-            if n:
-                self._process(ffi.unpack(lib.uc_events(core), 4 * n))
-
-    def _close_all(self) -> None:
-        ring = self.ring
-        lib, core, ffi = ring.lib, ring.core, ring.ffi
-        try:
-            lib.uc_shutdown(core)
-            # Wait (bounded) until the kernel holds no operation of ours: only then may
-            # the buffer pool be freed.  Closes are reported as usual.
-            self._pump(lambda: lib.uc_inflight(core) > 0 or lib.uc_nconns(core) > 0,
-                       time.monotonic() + 2.0)
-            # Closes released synchronously by uc_shutdown are reported by the next
-            # wait even when nothing is left in flight: collect them.
-            n = lib.uc_wait(core, 0)
-            if n > 0:
-                self._process(ffi.unpack(lib.uc_events(core), 4 * n))
-        finally:
-            ring.free()

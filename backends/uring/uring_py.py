@@ -1,6 +1,6 @@
 """``uring-py``: the same io_uring design as ``uring``, every completion handled in Python.
 
-It holds a ``Ring`` (backends/uring.py: ring setup, provided buffer ring, SQE
+It holds a ``Ring`` (backends/uring/ring.py: ring setup, provided buffer ring, SQE
 preparation) and uses only its raw calls: Python reaps each CQE, decodes its user_data,
 recycles buffers, re-arms recv and accept, tracks sends and closes.  It exists to
 measure what moving those per-completion mechanics into C (``uring``) buys, so it is
@@ -41,7 +41,7 @@ import os
 import socket
 import time
 
-from parallelnet.backends.uring import IoUringBackend, Ring, UringOptions
+from parallelnet.backends.uring.ring import IoUringBackend, Ring, UringOptions
 from parallelnet.core.accept import ACCEPT_ONE_LOST, AcceptPacer, accept_pending
 from parallelnet.core.handoff import HandoffReceiver, adopt
 from parallelnet.core.policy import (
@@ -234,7 +234,7 @@ class UringPyBackend(IoUringBackend):
             self._open_conn(socket.socket(lsock.family, lsock.type, lsock.proto, fileno=res), lid)
             self.pacer.succeeded()
         elif res == -errno.EAGAIN:
-            self.extra["accept_eagain"] += 1   # not produced by 6.x kernels: see uring.py
+            self.extra["accept_eagain"] += 1   # not produced by 6.x kernels: see ring.py
         elif res != -errno.ECANCELED:
             self.extra["accept_errors"] += 1
             if -res not in ACCEPT_LOST_ONE and i not in self.paused_lis:

@@ -12,7 +12,7 @@ io_uring       ``uring``  ``native-uring``
 
 so that what io_uring buys and what C buys can be told apart.
 
-It is ``uring``'s event core (backends/uring_core.c: single-shot accept re-armed on the
+It is ``uring``'s event core (backends/uring/event_core.c: single-shot accept re-armed on the
 shared socket, multishot recv into a provided buffer ring, sends, backpressure, close,
 drain, the batching window of ``--uring-latency-budget-us``) in its C-protocol mode: each
 batch of events is answered in C by backends/proto_core.h, the echo and HTTP code that
@@ -44,7 +44,8 @@ from __future__ import annotations
 
 from parallelnet.core.backend import BackendError
 from parallelnet.backends.native import protocol_of
-from parallelnet.backends.uring import Ring, UringBackend, UringOptions, load
+from parallelnet.backends.uring.ring import Ring, UringOptions, load
+from parallelnet.backends.uring.uring import UringBackend
 
 
 def _mixed(kinds) -> bool:

@@ -1,0 +1,145 @@
+/*
+ * cproto.c - the C-protocol mode of `native-uring` (backends/uring/native_uring.py).
+ * Compiled in one translation unit after event_core.c (build.py), whose internals it uses.
+ */
+
+/* ---- C-protocol mode: native-uring ---------------------------------------------------
+ * The seed's design in C over io_uring, the counterpart of `native` (epoll): the same
+ * event core (single-shot accept on the shared socket, multishot recv, provided buffer
+ * ring, sends, backpressure, close, drain, the batching window), with each batch of
+ * events answered here by proto_core.h's echo/HTTP - the very code `native` runs -
+ * instead of being handed to Python.  uc_serve is called once by the worker thread and
+ * returns only at stop: cffi releases the GIL for the whole loop.  Echo sends the
+ * received provided buffer itself (uc_send_buf: no copy); HTTP answers are copied out of
+ * the scratch buffer.  Timeouts are the core's own sweep (both modes); a feed that leaves
+ * an HTTP request incomplete starts its deadline (rule request-deadline), as uc_progress does for Python. */
+static struct pstate *cp_state(uc_core *c, int id)
+{
+    if (id >= c->ps_cap) {
+        int n = c->ps_cap ? c->ps_cap : 256;
+        while (n <= id) n *= 2;
+        struct pstate *q = realloc(c->ps, (size_t)n * sizeof *q);
+        if (!q) return NULL;
+        memset(q + c->ps_cap, 0, (size_t)(n - c->ps_cap) * sizeof *q);
+        c->ps = q; c->ps_cap = n;
+    }
+    return &c->ps[id];
+}
+
+/* One batch of events (c->ev[0 .. n)), answered in C. */
+static void cp_process(uc_core *c, int n)
+{
+    for (int i = 0; i < n; i++) {
+        int32_t *e = c->ev + 4 * i;
+        int id = e[1];
+        struct pstate *ps;
+        switch (e[0]) {
+        case EV_DATA: {
+            ps = &c->ps[id];
+            if (ps->pclosing) break;
+            char *data = c->pool + (size_t)e[2] * c->cfg.bufsize;
+            unsigned len = (unsigned)e[3];
+            int rc = 0;
+            if (c->cfg.lproto[c->conns[id].lid] == UC_ECHO) {
+                c->st.requests += proto_echo_count(&c->proto, ps, len);
+                rc = uc_send_buf(c, id, e[2], 0, len);
+            } else {
+                int64_t done = proto_http_feed(&c->proto, ps, data, len);
+                if (done < 0) { uc_alloc_failed(c, id); break; }
+                c->st.requests += (uint64_t)done;
+                if (pstate_partial(ps) || c->conns[id].pol.req_start_ms)   /* rule request-deadline */
+                    pol_progress(&c->conns[id].pol, pstate_partial(ps), (uint64_t)done, len, c->now_ms);
+                if (c->proto.scratch.len)
+                    rc = uc_send_copy(c, id, c->proto.scratch.p, c->proto.scratch.len);
+                proto_scratch_done(&c->proto);
+            }
+            if (rc < 0) uc_close(c, id, 1);
+            else if (ps->pclosing) uc_finish(c, id);
+            else if (pstate_more(ps)) uc_hold(c, id, 1);
+            break;
+        }
+        case EV_PULL: {             /* rule held-answers: the next held answers */
+            ps = &c->ps[id];
+            const char *out;
+            size_t olen;
+            int64_t done = proto_http_pull(&c->proto, ps, &out, &olen);
+            if (done < 0) { uc_alloc_failed(c, id); break; }
+            c->st.requests += (uint64_t)done;
+            int rc = 0;
+            if (olen) rc = proto_is_body_piece(out) ? uc_send_static(c, id, out, olen)
+                                                    : uc_send_copy(c, id, out, olen);
+            proto_scratch_done(&c->proto);
+            if (rc < 0) { uc_close(c, id, 1); break; }
+            uc_pulled(c, id, pstate_more(ps));
+            if (ps->pclosing) uc_finish(c, id);
+            break;
+        }
+        case EV_OPEN:
+            ps = cp_state(c, id);
+            if (!ps) { uc_close(c, id, 1); break; }
+            memset(ps, 0, sizeof *ps);
+            c->st.opened++;
+            break;
+        case EV_CLOSED:
+            if (id < c->ps_cap) pstate_free(&c->ps[id]);
+            c->st.closed++;
+            if (e[2]) c->st.errors++;
+            break;
+        case EV_EOF:                /* a partial request is dropped unanswered; held ones are answered */
+            ps = &c->ps[id];
+            proto_eof(ps);
+            uc_finish(c, id);
+            break;
+        case EV_DRAINED:
+            uc_finish(c, id);
+            break;
+        default:
+            break;                  /* EV_STOP: uc_wait has set stop_seen; EV_TICK: swept there */
+        }
+    }
+}
+
+/* Serve until stop.  0, or -errno if the ring failed (the worker raises it). */
+static int uc_serve(uc_core *c)
+{
+    while (!c->stop_seen) {
+        int n = uc_wait(c, -1);
+        if (n < 0) return n;
+        cp_process(c, n);
+    }
+    return 0;
+}
+
+/* Wait and answer until the deadline, or until no connection is left (and, with
+ * all_ops, no operation in the kernel either).  0, or -errno if the ring failed. */
+static int cp_pump(uc_core *c, int64_t deadline, int all_ops)
+{
+    while (c->nconns > 0 || (all_ops && c->inflight > 0)) {
+        int64_t left = deadline - mono_ms();
+        if (left <= 0) break;
+        int n = uc_wait(c, (int)left);
+        if (n < 0) return n;
+        cp_process(c, n);
+    }
+    return 0;
+}
+
+/* Stop accepting, answer what was received, flush within timeout_ms. */
+static int uc_drain(uc_core *c, int timeout_ms)
+{
+    uc_drain_begin(c);
+    int64_t deadline = mono_ms() + timeout_ms;
+    int n = uc_wait(c, 0);          /* msg-ring hand-overs posted before stop, as in uring.py */
+    if (n < 0) return n;
+    cp_process(c, n);
+    return cp_pump(c, deadline, 0);
+}
+
+/* Close everything and wait (bounded) until the kernel holds nothing of ours. */
+static void uc_close_all(uc_core *c, int timeout_ms)
+{
+    uc_shutdown(c);
+    if (cp_pump(c, mono_ms() + timeout_ms, 1) < 0) return;
+    int n = uc_wait(c, 0);          /* closes released synchronously by uc_shutdown */
+    if (n > 0) cp_process(c, n);
+}
