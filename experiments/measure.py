@@ -244,9 +244,12 @@ def measure(srv: ServerHandle, spec, layout: Layout, extra_pids: tuple = (),
                             client_threads=spec.threads),
         "layout": {"server": layout.server, "client": layout.client},
         "client_placement": client.label,
+        # The receive steering in force (netns: RPS masks, hex); None where the placement
+        # has none to set (loopback, another host).  Present in every record: one schema.
+        "rx_steering": {"host_rps_cpus": (getattr(client, "masks", None) or {}).get("host_rps_cpus"),
+                        "client_rps_cpus": (getattr(client, "masks", None) or {}).get("client_rps_cpus")},
     }
-    if getattr(client, "masks", None):   # netns: the receive steering in force (RPS masks)
-        rec["rx_steering"] = dict(client.masks)
+
     if lg.classes is not None:   # service times on: the per-class figures of the requests
         rec["client"]["work_us"] = lg.work_us
         rec["client"]["classes"] = {

@@ -113,3 +113,24 @@ def lines(series: dict[str, list[tuple[float, float, float, float]]], path: str,
     if title:
         fig.suptitle(title, fontsize=9)
     return save(fig, path)
+
+
+def grouped_bars(groups: list[str], series: dict[str, list[tuple[float, float, float] | None]],
+                 path: str, ylabel: str, title: str = "") -> str:
+    """One group of bars per entry of ``groups``, one bar per series (median with a
+    min-max whisker); a missing value leaves a gap."""
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.2 * len(groups) * max(1, len(series)) / 2), 3.4))
+    n = max(1, len(series))
+    width = 0.8 / n
+    for k, (name, vals) in enumerate(series.items()):
+        xs = [i - 0.4 + width * (k + 0.5) for i, v in enumerate(vals) if v is not None]
+        med = [v[0] for v in vals if v is not None]
+        err = [[v[0] - v[1] for v in vals if v is not None], [v[2] - v[0] for v in vals if v is not None]]
+        ax.bar(xs, med, width, yerr=err, capsize=2, label=name, color=_STYLE_CYCLE[k % len(_STYLE_CYCLE)])
+    ax.set_xticks(range(len(groups)))
+    ax.set_xticklabels(groups, rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    return save(fig, path)

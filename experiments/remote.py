@@ -66,7 +66,8 @@ import time
 from urllib.parse import parse_qsl, urlsplit
 
 #: What ``--client`` takes, for messages.
-SYNTAX = "local, netns[?steer=0] or ssh://[user@]host[:port][?option=value&...]"
+SYNTAX = ("local, netns or ssh://[user@]host[:port][?option=value&...] (netns?steer=0: "
+          "veth without receive steering)")
 SSH_OPTIONS = ("identity", "known_hosts", "host_key_check", "connect_timeout", "bind",
                "parallelnet")
 HOST_KEY_CHECKS = ("yes", "accept-new", "no")

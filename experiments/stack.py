@@ -196,6 +196,29 @@ def summarize(records: list[dict], p: dict, notes: PlanNotes) -> Summary:
     return s
 
 
+def figures(summary: Summary, records: list[dict], ctx: Context) -> list[str]:
+    import os
+
+    from parallelnet.experiments import plots
+
+    groups, series = [], {pl: [] for pl in PLACEMENTS}
+    for b in dict.fromkeys(k.split("/")[0] for k in ctx.notes.ran):
+        for proto, size, _ in workloads(ctx.params):
+            w = wname(proto, size)
+            if not summary.values.get(f"server_us.{b}.{w}.{BASE}"):
+                continue
+            groups.append(f"{b} {w}")
+            for pl in PLACEMENTS:
+                m = summary.values.get(f"server_us.{b}.{w}.{pl}")
+                series[pl].append((m["median"], m["min"], m["max"]) if m else None)
+    series = {pl: v for pl, v in series.items() if any(x is not None for x in v)}
+    if not groups:
+        return []
+    return [plots.grouped_bars(groups, series, os.path.join(ctx.outdir, "stack.png"),
+                               "server CPU µs/request",
+                               "Server CPU per request by where the client's packets go")]
+
+
 def pyperf_name(rec: dict) -> str:
     q = rec["params"]
     return f"{q['backend']}/{wname(q['protocol'], q['size'])}/rate={q['rate']}/{q['placement']}"
@@ -218,7 +241,7 @@ EXPERIMENT = Experiment(
                      reps=10, duration=3.0, warmup=0.5, connections=16,
                      aa="epoll/echo-64/loopback"),
     },
-    plan=plan, run_point=run_point, summarize=summarize,
+    plan=plan, run_point=run_point, summarize=summarize, figures=figures,
     pyperf_value=server_cpu_per_request, pyperf_name=pyperf_name,
     description=__doc__.split("\n\n")[0],
     params_doc={
