@@ -22,6 +22,7 @@ import time
 import pytest
 
 from conftest import start_server
+from parallelnet.core import procfs
 from parallelnet.experiments import loadgen
 from parallelnet.experiments.loadgen import (MAX_US, LoadSpec, format_report, parse_heavy,
                                              parse_service, run, sample_service)
@@ -41,16 +42,7 @@ def http(srv, **kw) -> LoadSpec:
     return LoadSpec(port=srv.port, protocol="http", **kw)
 
 
-def server_cpu_ns(pid: int) -> int:
-    """CPU of every thread of the server process (schedstat: ns, exact)."""
-    total = 0
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
-                total += int(f.read().split()[0])
-        except OSError:
-            pass
-    return total
+server_cpu_ns = procfs.process_cpu_ns   # every thread of the process (schedstat: ns, exact)
 
 
 def assert_clean(r) -> None:

@@ -10,28 +10,19 @@ overhead (parse, syscalls: tens of µs) sits inside the 10% margin at US = 5,000
 
 from __future__ import annotations
 
-import os
 import re
 
 import pytest
 
 from conftest import BACKENDS, recv_exactly, require_backend, start_server
+from parallelnet.core import procfs
 
 US = 5000
 N = 30
 DATE = re.compile(rb"Date: [^\r]*\r\n")
 
 
-def process_cpu_ns(pid: int) -> int:
-    """CPU time of every thread of ``pid`` (schedstat: ns, exact)."""
-    total = 0
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
-                total += int(f.read().split()[0])
-        except OSError:
-            pass   # a thread that just ended
-    return total
+process_cpu_ns = procfs.process_cpu_ns   # every thread of the process (schedstat: ns, exact)
 
 
 @pytest.fixture(scope="module", params=list(BACKENDS))

@@ -27,20 +27,14 @@ import statistics
 import sys
 import time
 
+from parallelnet.experiments.provenance import _read
+
 UNKNOWABLE = [
     "whether host SMT siblings of our vCPUs run other work (the guest sees its own topology only)",
     "whether the vCPUs are pinned to host CPUs, and to which",
     "host-side halt-polling (kvm halt_poll_ns) and the host's idle and frequency policy",
     "other tenants' load, except as steal (time our vCPU was runnable and not running)",
 ]
-
-
-def _read(path: str) -> str | None:
-    try:
-        with open(path) as f:
-            return f.read().strip()
-    except OSError:
-        return None
 
 
 def cpu_times() -> dict[str, list[int]]:
