@@ -2,69 +2,48 @@
 
 ``setup.py`` names ``backends/native_build.py:ffibuilder``; setuptools compiles
 ``native_core.c`` into ``parallelnet.backends._native``.  API mode: the compiler checks
-these declarations against the source, and cffi releases the GIL around every call,
+the declarations against the source, and cffi releases the GIL around every call,
 so ``nc_serve`` runs the whole event loop without holding it; the ``extern "Python"``
 callbacks (protocols not written in C, rare events) take it back when called.
+
+The cdef is not written here: it is ``native_api.h``'s text between its cdef markers (the
+header native_core.c includes: one declaration of the constants, structs, callbacks and
+functions), with ``struct pol_limits`` from ``policy_core.h`` (``cdef_build.py``, shared
+with ``uring/build.py``).
 
 Run this file directly to build the extension in place for a quick experiment.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import cffi
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-CDEF = """
-#define NC_MAX_LISTENERS ...
-#define NC_ECHO ...
-#define NC_HTTP ...
-#define NC_PY ...
 
-struct pol_limits { int64_t idle_ms, header_ms, tick_ms; double min_rate; };
-struct nc_stats {
-    uint64_t requests, bytes_in, bytes_out, wakeups, listen_wakeups, accepted, lost_races,
-             closed, refused, errors, backpressure, open, accept_errors, accept_backoffs,
-             max_pending, handoffs, handoff_lost, idle_timeouts, header_timeouts,
-             output_holds, alloc_failures;
-    uint64_t l_accepted[...], l_listen_wakeups[...], l_lost_races[...];
-};
-struct nc_config {
-    int stop_fd, nlisteners, exclusive, nids;
-    int listeners[...];
-    int listener_ids[...];
-    int protocols[...];
-    int handoff_fd;
-    unsigned recv_size, max_conns, message_size, max_header_bytes, accept_backoff_ms;
-    uint64_t max_output, max_body_bytes;
-    struct pol_limits limits;
-    void *user;
-};
-struct nc_out { const char *p; size_t len; int closing, partial, more; };
-typedef struct nc_core nc_core;
+def _cdef_build():
+    """backends/cdef_build.py, loaded by path (nothing of parallelnet is importable here)."""
+    spec = importlib.util.spec_from_file_location("_parallelnet_cdef_build", os.path.join(HERE, "cdef_build.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
-extern "Python" int nc_py_feed(void *, int, int, const char *, size_t, struct nc_out *);
-extern "Python" int nc_py_eof(void *, int, int, struct nc_out *);
-extern "Python" int nc_py_pull(void *, int, int, struct nc_out *);
-extern "Python" void nc_py_alloc_failed(void *, int);
-extern "Python" void nc_py_close(void *, int);
-extern "Python" void nc_py_accept_failed(void *, int);
-extern "Python" void nc_py_handoff_lost(void *, int);
 
-nc_core *nc_new(const struct nc_config *cfg, struct nc_stats *st, int *err);
-int nc_serve(nc_core *c);
-void nc_drain(nc_core *c, int timeout_ms);
-void nc_free(nc_core *c);
-int nc_gettid(void);
-"""
+def cdef_text() -> str:
+    """The cdef, derived mechanically from the headers native_core.c itself includes."""
+    cb = _cdef_build()
+    return (cb.struct(os.path.join(HERE, "policy_core.h"), "pol_limits") + "\n"
+            + cb.marked(os.path.join(HERE, "native_api.h"), "nc_py_"))
+
 
 ffibuilder = cffi.FFI()
-ffibuilder.cdef(CDEF)
+ffibuilder.cdef(cdef_text())
 with open(os.path.join(HERE, "native_core.c")) as _f:
     ffibuilder.set_source("parallelnet.backends._native", _f.read(), include_dirs=[HERE],
-                          depends=[os.path.join(HERE, h) for h in ("proto_core.h", "policy_core.h", "handoff_recv.h")],
+                          depends=[os.path.join(HERE, h) for h in ("native_api.h", "proto_core.h", "policy_core.h", "handoff_recv.h")],
                           extra_compile_args=["-O2", "-std=gnu11", "-Wall"])
 
 if __name__ == "__main__":

@@ -77,52 +77,12 @@
 #include <sys/socket.h>
 #include <sys/syscall.h>
 
-#define NC_MAX_LISTENERS 8
-#define NC_ECHO 0
-#define NC_HTTP 1
-#define NC_PY 2
 #define NC_MAXEVENTS 1024
 
 #include "policy_core.h"
 #include "handoff_recv.h"   /* --accept dispatch: the SCM_RIGHTS receiver of both C cores */
 
-struct nc_stats {
-    uint64_t requests, bytes_in, bytes_out, wakeups, listen_wakeups, accepted, lost_races,
-             closed, refused, errors, backpressure, open, accept_errors, accept_backoffs,
-             max_pending, handoffs, handoff_lost, idle_timeouts, header_timeouts,
-             output_holds, alloc_failures;
-    /* by listener id: one more increment beside each total's */
-    uint64_t l_accepted[NC_MAX_LISTENERS], l_listen_wakeups[NC_MAX_LISTENERS],
-             l_lost_races[NC_MAX_LISTENERS];
-};
-
-struct nc_config {
-    int stop_fd, nlisteners, exclusive, nids;   /* nids: listener ids in use (a hand-off naming another is refused) */
-    int listeners[NC_MAX_LISTENERS];
-    int listener_ids[NC_MAX_LISTENERS];   /* parallel to listeners */
-    int protocols[NC_MAX_LISTENERS];      /* NC_ECHO/NC_HTTP/NC_PY by listener id */
-    int handoff_fd;   /* --accept dispatch: the worker's end of its hand-off channel; -1: none */
-    unsigned recv_size, max_conns, message_size, max_header_bytes, accept_backoff_ms;
-    uint64_t max_output, max_body_bytes;
-    struct pol_limits limits;   /* idle/request deadlines and the timer tick (0: off) */
-    void *user;   /* the Python backend (a cffi handle), passed to the callbacks */
-};
-
-/* What a Python protocol's feed/pull/eof hands back: bytes to send (owned by Python
- * until the next callback), whether the protocol is closing, whether it holds an
- * incomplete request (rule request-deadline; only asked for protocols that can), and whether it holds
- * answers for a pull (rule held-answers). */
-struct nc_out { const char *p; size_t len; int closing, partial, more; };
-
-/* extern "Python" callbacks (native.py), defined by cffi after this source; each takes
- * the GIL.  Used for protocols not implemented in C (NC_PY) and for rare events only. */
-static int nc_py_feed(void *user, int fd, int lid, const char *data, size_t len, struct nc_out *out);
-static int nc_py_eof(void *user, int fd, int lid, struct nc_out *out);
-static int nc_py_pull(void *user, int fd, int lid, struct nc_out *out);
-static void nc_py_alloc_failed(void *user, int err);
-static void nc_py_close(void *user, int fd);
-static void nc_py_accept_failed(void *user, int err);
-static void nc_py_handoff_lost(void *user, int err);
+#include "native_api.h"     /* the constants, structs and functions Python sees, and the callbacks */
 
 #include "proto_core.h"
 
@@ -136,7 +96,7 @@ struct conn {
     struct pol_conn pol;       /* deadlines (policy_core.h) */
 };
 
-typedef struct nc_core {
+struct nc_core {
     struct nc_config cfg;
     struct nc_stats *st;
     int ep, stopped, draining;
@@ -151,7 +111,7 @@ typedef struct nc_core {
     int handoff_watched, handoff_losing;   /* channel in epoll; in a MSG_CTRUNC episode */
     int64_t now_ms, next_tick_ms;          /* the clock of this wakeup; the next sweep */
     int alloc_logged;                      /* an allocation failure was logged (once) */
-} nc_core;
+};
 
 #define TAG_CONN 0ULL
 #define TAG_LISTEN 1ULL

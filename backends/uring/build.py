@@ -13,15 +13,16 @@ in the kernel without holding it.
 
 The cdef is not written here: it is ``uring_api.h``'s text between its cdef markers (the
 header the C includes: one declaration of the structs and functions), with
-``struct pol_limits`` from ``policy_core.h`` and the kernel constants Python reads.
+``struct pol_limits`` from ``policy_core.h`` (``backends/cdef_build.py``, shared with
+``native_build.py``) and the kernel constants Python reads.
 
 Run this file directly to build the extension in place for a quick experiment.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
-import re
 
 import cffi
 
@@ -39,23 +40,20 @@ KERNEL_CONSTANTS = (
 )
 
 
-def _read(*parts: str) -> str:
-    with open(os.path.join(*parts)) as f:
-        return f.read()
+def _cdef_build():
+    """backends/cdef_build.py, loaded by path (nothing of parallelnet is importable here)."""
+    spec = importlib.util.spec_from_file_location("_parallelnet_cdef_build", os.path.join(SHARED, "cdef_build.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def cdef_text() -> str:
     """The cdef, derived mechanically from the headers the C itself includes."""
-    api = _read(HERE, "uring_api.h")
-    m = re.search(r"/\* ---- cdef begin ---- \*/\n(.*?)/\* ---- cdef end ---- \*/", api, re.S)
-    if not m:
-        raise RuntimeError("uring_api.h: cdef markers not found")
-    body = re.sub(r"^static (void uc_py_\w+\()", r'extern "Python" \1', m.group(1), flags=re.M)
-    pol = re.search(r"^struct pol_limits \{.*?^\};", _read(SHARED, "policy_core.h"), re.S | re.M)
-    if not pol:
-        raise RuntimeError("policy_core.h: struct pol_limits not found")
+    cb = _cdef_build()
     consts = "".join(f"#define {name} ...\n" for name in KERNEL_CONSTANTS)
-    return consts + pol.group(0) + "\n" + body
+    return (consts + cb.struct(os.path.join(SHARED, "policy_core.h"), "pol_limits") + "\n"
+            + cb.marked(os.path.join(HERE, "uring_api.h"), "uc_py_"))
 
 
 ffibuilder = cffi.FFI()
