@@ -14,7 +14,8 @@
  *  - rule coarse-timer, the coarse timer: tick_ms is Limits.timer_tick(), computed in Python and
  *    passed in; the core bounds its wait by the next tick only while a connection is
  *    open, and checks every connection when it is due;
- *  - rule drain, the drain: DRAIN_READS reads per connection at most;
+ *  - rule drain, the drain: DRAIN_READS reads per connection at most (a core whose reads
+ *    are smaller than Limits.recv_size's 64 KiB default reads DRAIN_BYTES instead);
  *  - core/accept.py: the listener's back-off doubles from Limits.accept_backoff up to
  *    ACCEPT_BACKOFF_MAX_MS, and which accept(2) errors lose one connection only.
  *
@@ -27,6 +28,9 @@
 #include <stdint.h>
 
 #define DRAIN_READS 64               /* core/policy.py DRAIN_READS */
+/* The drain's bound in bytes: DRAIN_READS reads of Limits.recv_size's default, so a core
+ * with small buffers (io_uring's --uring-buffer-size 512) drains as much as the others. */
+#define DRAIN_BYTES ((uint64_t)DRAIN_READS * 65536)
 #define ACCEPT_BACKOFF_MAX_MS 1000   /* core/accept.py ACCEPT_BACKOFF_MAX (1 s) */
 
 /* One worker's deadlines (0: off), from core/backend.py Limits. */

@@ -55,7 +55,8 @@ held-answers        a protocol's answers beyond its output budget are pulled as 
    open; each tick checks every connection (rules idle-timeout and request-deadline), so a connection is closed
    between its deadline and one tick later.  No timer per connection.
 * **drain** (after stop): at most ``DRAIN_READS`` reads of what the kernel already
-   holds per connection are fed, then *finish*; whatever is unsent after
+   holds per connection (a C core with smaller reads: ``DRAIN_READS`` × 64 KiB,
+   policy_core.h ``DRAIN_BYTES``) are fed, then *finish*; whatever is unsent after
    ``Limits.drain_timeout`` is abandoned.  A paused (backpressured) connection is not
    read: it *finishes* with what it has (held answers included: rule held-answers).
 * **held-answers** (bounded output; core/protocols/base.py).  A protocol answers at

@@ -272,7 +272,13 @@ def test_idle_worker_gives_provided_buffer_pages_back(tmp_path):
         for s in socks:
             s.close()
         assert got == [chunk * rounds] * n
+        # The trim runs once a worker has been idle a moment; on a loaded machine that
+        # moment can come later than a quiet RSS sample, so wait for it (bounded).
+        deadline = time.monotonic() + 10
         rss1 = _wait_rss_settles(srv)
+        while rss1 - rss0 >= 12 * 1024 and time.monotonic() < deadline:
+            time.sleep(0.2)
+            rss1 = _rss_anon_kib(srv.proc.pid)
         # Without the trim: about +16 MiB per worker (its pool, fully dirtied), +32 MiB in
         # all.  The rest of the heap (Python objects, malloc arenas of the worker threads)
         # was seen to keep 0.04-8 MiB (most runs under 1 MiB): the bound sits between
@@ -333,6 +339,7 @@ def test_window_batches_an_open_loop_and_not_an_idle_trickle(tmp_path):
     assert srv.stop()["clean"]
 
 
+@pytest.mark.serial   # closed_pct needs answers followed at once: a loaded machine delays them
 def test_window_stays_off_for_clients_that_wait_for_answers(tmp_path):
     """A closed loop: every request follows our answer to its connection at once, so the
     policy sees clients waiting for us (``closed_pct`` >= 50) and does not hold their
@@ -409,3 +416,4 @@ def test_accept_burst_taken_in_one_go(backend, tmp_path):
     if backend == "uring":
         assert w["extra"]["accept_bursts"] >= 1, w["extra"]
         assert w["listen_wakeups"] < 64
+

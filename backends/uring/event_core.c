@@ -102,6 +102,7 @@ struct conn {
     uint8_t was_paused;             /* in a backpressure episode since its queue last emptied */
     uint8_t held, pull_due;         /* rule held-answers: answers held; an EV_PULL is on its way */
     uint8_t backlogged;             /* output queued behind the send in flight (window_nr) */
+    uint64_t drain_left;            /* rule drain: bytes it may still read at stop (DRAIN_BYTES) */
     int64_t replied_ns;             /* when its output last drained (0: not since its last request) */
     uint8_t lid;                    /* listener id: which address (and protocol) it came in on */
     uint64_t send_ud;               /* user_data of the send in flight (cancel) */
@@ -111,6 +112,7 @@ struct conn {
     struct pol_conn pol;            /* last progress (data in, send done), the request's deadline */
     struct chunk *head, *tail;
 };
+static void drain_start(struct conn *k);   /* rule drain (below drain_reads) */
 
 /* paused: out of fds at accept; re-armed at resume_ms (the wait is bounded by it). */
 struct listener { int fd; uint8_t armed, cancel, paused; int64_t resume_ms; };
@@ -404,7 +406,7 @@ static void conn_open(uc_core *c, int fd, int lid)
     c->nconns++;
     emit(c, EV_OPEN, id, fd, lid);  /* Python picks the protocol by lid */
     if (c->shutting) conn_kill(c, id, 0);
-    else if (c->draining) k->drain_read = 1;   /* read what it sent before stop, then finish */
+    else if (c->draining) drain_start(k);   /* read what it sent before stop, then finish */
     else arm_recv(c, id);
 }
 
@@ -465,13 +467,13 @@ static void on_recv_terminal(uc_core *c, int id)
     if (k->closing || k->eof) return;
     if (c->draining) {
         if (k->paused) emit(c, EV_DRAINED, id, 0, 0);
-        else k->drain_read = 1;
+        else drain_start(k);
         return;
     }
     if (k->reading && !k->starved) arm_recv(c, id);
 }
 
-/* Rule 10: a held connection whose pending output is at or below the low mark gets one
+/* Rule held-answers: a held connection whose pending output is at or below the low mark gets one
  * EV_PULL (until the protocol has answered it with uc_hold). */
 static void pull_check(uc_core *c, int id)
 {
@@ -718,6 +720,13 @@ static void uc_start(uc_core *c)
     if (c->cfg.handoff_fd >= 0) arm_handoff(c);
 }
 
+/* Rule drain for one connection: read what it sent before stop, DRAIN_BYTES at most. */
+static void drain_start(struct conn *k)
+{
+    k->drain_read = 1;
+    k->drain_left = DRAIN_BYTES;
+}
+
 /* Synchronous reads during drain (what the peer sent before stop). */
 static int drain_reads(uc_core *c)
 {
@@ -725,14 +734,16 @@ static int drain_reads(uc_core *c)
         struct conn *k = &c->conns[id];
         if (!k->used || !k->drain_read) continue;
         if (k->dead || k->closing) { k->drain_read = 0; continue; }
-        for (int n = 0; n < DRAIN_READS; n++) {
+        while (k->drain_left > 0) {  /* bounded in bytes, across batches (DRAIN_BYTES) */
             int bid = -1;
             for (unsigned b = c->cfg.nbufs; b < c->cfg.nbufs + DRAIN_READS; b++)
                 if (c->bstate[b] == B_FREE) { bid = (int)b; break; }
             if (bid < 0) return 1;  /* Python holds them all: continue next batch */
-            ssize_t r = recv(k->fd, c->pool + (size_t)bid * c->cfg.bufsize, c->cfg.bufsize, MSG_DONTWAIT);
+            size_t want = k->drain_left < c->cfg.bufsize ? (size_t)k->drain_left : c->cfg.bufsize;
+            ssize_t r = recv(k->fd, c->pool + (size_t)bid * c->cfg.bufsize, want, MSG_DONTWAIT);
             c->pool_dirty = 1;
             if (r > 0) {
+                k->drain_left -= (uint64_t)r;
                 c->bstate[bid] = B_LENT; c->lent[c->nlent++] = bid; c->st.bytes_in += r;
                 emit(c, EV_DATA, id, bid, (int)r);
                 continue;
@@ -766,7 +777,7 @@ static void pool_trim(uc_core *c)
     c->st.idle_trims++;
 }
 
-/* Rules 6 and 7 at a tick (policy_core.h): close the connections idle too long or
+/* Rules idle-timeout and request-deadline at a tick (policy_core.h): close the connections idle too long or
  * whose request is past its deadline; a closed one is reported by EV_CLOSED as usual. */
 static void sweep(uc_core *c)
 {
@@ -1071,7 +1082,7 @@ static void uc_finish(uc_core *c, int id)
     if (!k->head && !k->held) conn_kill(c, id, 0);   /* held: once the last pull is done */
 }
 
-/* Rule 10, after a feed or an EV_PULL's pull: more = the protocol still holds answers.
+/* Rule held-answers, after a feed or an EV_PULL's pull: more = the protocol still holds answers.
  * Holding stops reading (the multishot recv is cancelled) and asks for an EV_PULL
  * whenever the pending output is low; releasing resumes reading (or, finishing, closes
  * once flushed).  uc_hold after a feed, uc_pulled after a pull: only the latter ends
@@ -1147,7 +1158,7 @@ static void uc_drain_begin(uc_core *c)
         if (!k->used || k->dead || k->closing || k->eof) continue;
         if (k->recv_armed) { if (!k->recv_cancel) { cancel_op(c, UD(OP_RECV, id)); k->recv_cancel = 1; } }
         else if (k->paused) emit(c, EV_DRAINED, id, 0, 0);
-        else k->drain_read = 1;
+        else drain_start(k);
     }
 }
 
@@ -1198,7 +1209,7 @@ static int uc_free(uc_core *c)
     return leaked ? 1 + kept : 0;
 }
 
-/* Rule 7 for a protocol in Python: after a feed that left a request incomplete
+/* Rule request-deadline for a protocol in Python: after a feed that left a request incomplete
  * (partial) or completed the one that was.  Python calls it only then, never on the
  * common path (whole requests in). */
 static void uc_progress(uc_core *c, int id, int partial, unsigned completed, unsigned nbytes)

@@ -32,7 +32,7 @@ class UringBackend(IoUringBackend):
         self.ring = ring = Ring(ctx, UringOptions.of(ctx.options), self.name)
         self.protos: dict[int, object] = {}
         self.stopping = False
-        # Rules 3 and 5 (the protocol's EOF, a handler failure); the others are the core's.
+        # Rules eof and handler-failure (the protocol's EOF, a handler failure); the others are the core's.
         self.policy = ConnectionPolicy(ctx.limits, ctx.stats, ring.who)
         self._process = self._batch_processor()
         ctx.stats.refresh = ring.refresh
