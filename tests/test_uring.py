@@ -233,6 +233,7 @@ def _wait_rss_settles(srv, timeout: float = 5.0) -> int:
     return last
 
 
+@pytest.mark.serial   # timing: a machine loaded by other tests shifts it
 def test_idle_worker_gives_provided_buffer_pages_back(tmp_path):
     """The provided-buffer pool (1024 x 16 KiB per worker) is a FIFO ring: over time
     every buffer is handed out, and a large read dirties all of its pages, so the
@@ -300,6 +301,7 @@ def _interval(srv):
     return [r for r in recs if r["type"] == "interval"][-1]["workers"][0]
 
 
+@pytest.mark.serial   # timing: a machine loaded by other tests shifts it
 def test_a_min_timeout_wait_returns_at_the_first_completion_after_min_wait():
     """The kernel behaviour the window relies on (uc_window_check): a wait for 8
     completions with min_wait 200 us and a 1 s timeout, one completion at 2 ms, returns at
@@ -311,6 +313,7 @@ def test_a_min_timeout_wait_returns_at_the_first_completion_after_min_wait():
     assert 1500 <= uring.WINDOW_CHECK_US <= uring.WINDOW_CHECK_MAX_US, uring.WINDOW_CHECK_US
 
 
+@pytest.mark.serial   # timing: a machine loaded by other tests shifts it
 def test_window_batches_an_open_loop_and_not_an_idle_trickle(tmp_path):
     """An open-loop load (arrivals that do not wait for our answers) fills the window:
     waits hold completions (``windowed_waits``) and few arrivals follow our answers within
