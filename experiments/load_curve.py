@@ -17,7 +17,8 @@ the tick-sampled user/sys split), p50/p99/p99.9, the achieved rate, and the bott
 (experiments.measure.bottleneck): a point whose client CPU was saturated is marked and
 never ranked.  Backends alternate within each (repetition, load) in rotated order, a
 fresh server each time; ratios to the baseline (``native``, the C ceiling, and
-``epoll``) are paired within a repetition and given with a bootstrap 95% interval.
+``epoll``) are paired within a repetition and summarised as experiments/analysis.py
+defines: a t interval on the log-ratios from 8 pairs, the range of the pairs below that.
 
 ``compare`` (``make run``) is this experiment with one fixed rate below every backend's
 capacity plus saturation, every available backend, the ratio to ``native``.
@@ -147,8 +148,9 @@ def paired_ratio(records: list[dict], config_a: str, config_b: str) -> dict | No
 
 
 def paired_p99_diff(records: list[dict], config_a: str, config_b: str) -> dict | None:
-    """p99(a) - p99(b) in µs, paired per repetition over the rankable pairs: median,
-    bootstrap 95% interval, n (the latency side of a CPU ratio)."""
+    """p99(a) - p99(b) in µs, paired per repetition over the rankable pairs
+    (analysis.diff_summary: a t interval from 8 pairs, else the range; the latency side of
+    a CPU ratio)."""
     a = {r["rep"]: r for r in records if r["config"] == config_a}
     b = {r["rep"]: r for r in records if r["config"] == config_b}
     diffs = [a[k]["client"]["latency_us"]["p99"] - b[k]["client"]["latency_us"]["p99"]
@@ -271,8 +273,9 @@ def summarize(records: list[dict], p: dict, notes: PlanNotes) -> Summary:
             "The 2×2: server CPU per request, paired ratios",
             ["load"] + [f"{name}: {a} ÷ {b}" for name, a, b in pairs], rows,
             note="Left two columns: what io_uring buys over epoll; right two: what moving the "
-                 "loop and protocol into C buys. Median of per-repetition ratios [bootstrap 95% "
-                 "CI], n = pairs; 'not ranked' where a side was client-bound.", key="2x2"))
+                 "loop and protocol into C buys. Paired ratios: geometric mean [95% CI] from 8 "
+                 "pairs, else median [range]; n = pairs; 'not ranked' where a side was "
+                 "client-bound.", key="2x2"))
     # Findings: the ranking at each load where every row is rankable.
     for load in loads_of(curve, p):
         ranked = [(stats[(b, load)]["cpu"]["median"], b) for b in backends
