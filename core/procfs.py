@@ -43,6 +43,8 @@ class TaskStat:
     utime: int        # 14, clock ticks
     stime: int        # 15, clock ticks
     processor: int    # 39
+    minflt: int = 0   # 10, minor page faults (the whole process in /proc/PID/stat)
+    majflt: int = 0   # 12, major page faults
 
     @property
     def user_s(self) -> float:
@@ -71,7 +73,8 @@ def parse_stat(raw: bytes | str) -> TaskStat:
     # fields[0] is field 3 (state): field N is fields[N - 3].
     return TaskStat(pid=int(pid_text), comm=comm.decode("utf-8", "replace"),
                     state=fields[0].decode(), ppid=int(fields[1]), flags=int(fields[6]),
-                    utime=int(fields[11]), stime=int(fields[12]), processor=int(fields[36]))
+                    utime=int(fields[11]), stime=int(fields[12]), processor=int(fields[36]),
+                    minflt=int(fields[7]), majflt=int(fields[9]))
 
 
 def _task_dir(pid: int, tid: int | None) -> str:

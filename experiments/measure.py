@@ -99,17 +99,20 @@ class TreeSample:
     user_ticks: int
     sys_ticks: int
     ctx: dict = field(default_factory=dict)   # (pid, tid) of a worker -> (vol, invol)
+    faults: tuple = (0, 0)                    # (minor, major) page faults of the tree
 
     @classmethod
     def take(cls, root: int, workers: list[tuple[int, int]]) -> "TreeSample":
         pids = sorted(procfs.descendants([root], procfs.all_processes()))
         cpu = sum(procfs.process_cpu_ns(p) for p in pids)
-        ut = st = 0
+        ut = st = mn = mj = 0
         for p in pids:
             stat = procfs.read_stat(p)
             if stat is not None:
                 ut, st = ut + stat.utime, st + stat.stime
-        return cls(time.monotonic(), cpu, ut, st, {w: ctx_switches(*w) for w in workers})
+                mn, mj = mn + stat.minflt, mj + stat.majflt
+        return cls(time.monotonic(), cpu, ut, st, {w: ctx_switches(*w) for w in workers},
+                   (mn, mj))
 
 
 def worker_tasks(stats_path: str, wait: float = 2.0) -> list[tuple[int, int]]:
@@ -224,6 +227,10 @@ def measure(srv: ServerHandle, spec, layout: Layout, extra_pids: tuple = (),
             "user_us_per_req": cpu_s * user_share * 1e6 / req if req else None,
             "sys_us_per_req": cpu_s * (1 - user_share) * 1e6 / req if req else None,
             "ticks_user": user_s, "ticks_sys": sys_s,
+            # Page faults of the server's processes in the window: in steady state a server
+            # that reuses its buffers takes none (a cold start takes hundreds).
+            "minflt_per_req": (b.faults[0] - a.faults[0]) / req if req else None,
+            "majflt": b.faults[1] - a.faults[1],
         },
         "client": {
             "mode": spec.mode, "rate": getattr(spec, "rate", 0.0), "rate_met": lg.rate_met,

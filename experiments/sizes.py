@@ -95,6 +95,25 @@ def summarize(records: list[dict], p: dict, notes: PlanNotes) -> Summary:
          "p50 µs", "p99 µs", f"× {base} (paired, 95% CI)", "bound"], rows,
         note="uring-zc: IORING_OP_SEND_ZC for sends of 16 KiB or more; on loopback the kernel "
              "copies anyway.", key="all"))
+    # Page faults per request (runs from 2026-12-05 on record them): a server that reuses
+    # its buffers takes none in steady state; one that allocates per reply takes hundreds.
+    faults = []
+    for proto, size, rate in workloads(p):
+        for label in labels:
+            cfg = f"{label}/{proto}-{size}/rate"
+            vals = [r["server"]["minflt_per_req"] for r in records if r["config"] == cfg
+                    and (r.get("server") or {}).get("minflt_per_req") is not None]
+            if vals:
+                mr = analysis.median_range(vals)
+                s.values[f"faults.{cfg}"] = mr
+                faults.append([f"{proto} {size} B", label, str(mr["n"]),
+                               f"{mr['median']:.3f} ({mr['min']:.3f}–{mr['max']:.3f})"])
+    if faults:
+        s.tables.append(Table(
+            "Minor page faults per request at the fixed rate", ["workload", "config", "n",
+                                                                "faults/request (min–max)"],
+            faults, note="The server's processes, over the measured window (after the warm-up).",
+            key="faults"))
     rows = []
     for proto, size, rate in workloads(p):
         for load in p.get("loads", ("rate", "sat")):

@@ -36,6 +36,7 @@ def test_stat_fields_are_counted_after_the_last_parenthesis(comm):
     assert st.comm == comm and st.pid == 1234
     assert (st.state, st.ppid, st.flags) == ("S", 4321, 4194560)
     assert (st.utime, st.stime, st.processor) == (345, 67, 5)
+    assert (st.minflt, st.majflt) == (120, 0)
     assert st.user_s == pytest.approx(345 / procfs.CLK_TCK)
     assert not st.kthread
 
@@ -131,3 +132,18 @@ def test_all_processes_and_descendants_find_a_child():
     finally:
         child.kill()
         child.wait()
+
+
+def test_minor_faults_count_fresh_pages_of_the_whole_process():
+    """/proc/PID/stat's minflt is the process's (all threads): touching 8 MiB of fresh
+    anonymous memory takes at least one fault per 4 KiB page not yet mapped."""
+    import mmap
+
+    before = procfs.read_stat(os.getpid()).minflt
+    m = mmap.mmap(-1, 8 << 20)
+    for off in range(0, 8 << 20, 4096):
+        m[off] = 1
+    after = procfs.read_stat(os.getpid()).minflt
+    m.close()
+    # Transparent huge pages may map 2 MiB at a time: at least 4 faults, not 2,048.
+    assert after - before >= 4
