@@ -134,3 +134,21 @@ def grouped_bars(groups: list[str], series: dict[str, list[tuple[float, float, f
         ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7)
     return save(fig, path)
+
+
+def cdf(series: dict[str, list[float]], path: str, xlabel: str, title: str = "") -> str:
+    """Empirical CDFs (x on a log scale), one line per series (values sorted ascending)."""
+    fig, ax = plt.subplots(figsize=(6.0, 3.4))
+    for k, (name, xs) in enumerate(series.items()):
+        if not xs:
+            continue
+        n = len(xs)
+        ax.step(xs, [(i + 1) / n for i in range(n)], where="post", label=f"{name} (n={n})",
+                color=_STYLE_CYCLE[k % len(_STYLE_CYCLE)])
+    ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("fraction of wake-ups")
+    if title:
+        ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    return save(fig, path)

@@ -15,7 +15,7 @@ from parallelnet.experiments.measure import Layout, bottleneck
 
 #: Experiments whose records are load points of experiments.measure (the others -
 #: handoff, soak, validate_loadgen - have records of their own, checked in test_experiments.py).
-OWN_RECORDS = ("handoff", "soak", "validate_loadgen")
+OWN_RECORDS = ("handoff", "soak", "validate_loadgen", "machine")
 FRAMEWORK = [n for n in framework.names() if n not in OWN_RECORDS]
 
 

@@ -67,3 +67,20 @@ def test_characterise_reports_facts_measurements_and_what_cannot_be_known():
     assert r["unknowable"] and "pinned" in " ".join(r["unknowable"])
     text = machine.format_report(r)
     assert "wake-up latency" in text and "cannot be known from inside" in text
+
+
+def test_the_machine_experiment_runs_under_its_smoke_preset(tmp_path):
+    """`parallelnet experiment machine`: a run like any other (provenance, records with the
+    raw samples, summary tables, a figure), so a paper can pin it."""
+    import json
+
+    from test_experiments import smoke
+
+    run_dir, recs = smoke("machine", tmp_path)
+    assert len(recs) == 1 and recs[0]["facts"]["kernel"] == os.uname().release
+    (d0,) = [d for d in recs[0]["wake_samples_ns"] if d == f"cpu{CPUS[0]}->cpu{CPUS[0]}"]
+    assert len(recs[0]["wake_samples_ns"][d0]) == 100
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert [t["key"] for t in summary["tables"]] == ["wake", "timer", "facts"]
+    meta = json.loads((run_dir / "meta.json").read_text())
+    assert meta["figures"] == ["wakeup.png"] and (run_dir / "wakeup.png").stat().st_size > 0
