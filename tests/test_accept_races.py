@@ -60,8 +60,11 @@ def test_strategy_invariants_in_every_mode(case, tmp_path):
     assert final["clean"]
 
 
+# Backends whose empty listen wakeups are lost races (rloop's reactor also wakes for nothing,
+# so it reports lost_races as not observable: backends/rloop_.py).
 RACERS = [pytest.param(name, id=name) for name, cls in BACKENDS.items()
-          if cls.kind == "readiness" and "shared" in cls.accept_strategies]
+          if cls.kind == "readiness" and "shared" in cls.accept_strategies
+          and getattr(cls, "empty_wakeups_are_races", lambda self: True)(None)]
 
 
 @pytest.mark.parametrize("backend", RACERS)
@@ -69,10 +72,7 @@ def test_a_burst_on_a_shared_socket_counts_lost_races(backend, tmp_path):
     """Four workers on one socket, bursts of connections: some wakeups find the queue
     already emptied by another worker, and each such wakeup is counted."""
     require_backend(backend)
-    # rloop's races are observable with one loop per process only (backends/rloop_.py)
-    mode = "process" if backend == "rloop" else "thread"
-    srv = start_server(tmp_path, "--backend", backend, "--accept", "shared", "--workers", "4",
-                       "--mode", mode)
+    srv = start_server(tmp_path, "--backend", backend, "--accept", "shared", "--workers", "4")
     try:
         for _ in range(20):                      # bounded: 20 bursts of 48 connections
             socks = []
