@@ -18,7 +18,7 @@ from conftest import BACKENDS, recv_exactly, require_backend, start_server
 from parallelnet.core import procfs
 
 US = 5000
-N = 30
+N = 12   # requests per batch
 DATE = re.compile(rb"Date: [^\r]*\r\n")
 
 
@@ -48,8 +48,14 @@ def test_work_answers_as_get_root_and_costs_its_service_time(server):
             reference += s.recv(4096)
         for _ in range(5):      # warm: caches, the first Date table
             get(s, b"/work/1", reference)
-        before = process_cpu_ns(server.proc.pid)
-        for _ in range(N):
-            get(s, b"/work/%d" % US, reference)
-        per_request_us = (process_cpu_ns(server.proc.pid) - before) / N / 1000
-    assert US <= per_request_us <= 1.1 * US, f"{per_request_us:.0f} µs of CPU per /work/{US}"
+        # The fewest of three batches: another thread of the server (a late start-up step,
+        # the ring's io-wq) can only add CPU to a batch, never take it away, and on a
+        # loaded machine one batch was seen to carry 26% more.
+        batches = []
+        for _ in range(3):
+            before = process_cpu_ns(server.proc.pid)
+            for _ in range(N):
+                get(s, b"/work/%d" % US, reference)
+            batches.append((process_cpu_ns(server.proc.pid) - before) / N / 1000)
+        per_request_us = min(batches)
+    assert US <= per_request_us <= 1.1 * US, f"{per_request_us:.0f} µs of CPU per /work/{US} ({batches})"
