@@ -161,7 +161,8 @@ def output_file(flag: str):
     return parse
 
 
-def _cpu_list(text: str) -> list[int]:
+def cpu_list(text: str) -> list[int]:
+    """An argparse type: a CPU list (``0,2-3``) within this process's affinity mask."""
     try:
         cpus = parse_cpu_list(text)
         check_in_mask(cpus, f"--cpus {text}")
@@ -264,7 +265,7 @@ def add_server_arguments(p: argparse.ArgumentParser, backends: dict | None = Non
                    help=f"number of workers (default: one per CPU in --cpus or the affinity "
                         f"mask); at most {WORKERS_PER_CPU} per CPU and {MAX_WORKERS} in all; "
                         f"more workers than CPUs wrap around the list (with a warning)")
-    p.add_argument("--cpus", type=_cpu_list, default=None, metavar="LIST",
+    p.add_argument("--cpus", type=cpu_list, default=None, metavar="LIST",
                    help="CPUs to pin workers to, in order, e.g. 0,1 or 0-3; each must be in the "
                         "affinity mask (default: the affinity mask)")
     p.add_argument("--no-pin", action="store_true", help="do not pin workers to CPUs")

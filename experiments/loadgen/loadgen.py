@@ -921,31 +921,6 @@ def _size(text: str) -> int:
     return value
 
 
-def _cpus(text: str) -> list[int]:
-    from parallelnet.core.cpus import check_in_mask, parse_cpu_list
-
-    try:
-        cpus = parse_cpu_list(text)
-        check_in_mask(cpus, f"--cpus {text}")
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(
-            f"--cpus: {exc}" if str(exc).startswith("bad") else str(exc)) from None
-    return cpus
-
-
-def _int_of(flag: str, lo: int, hi: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{flag} must be an integer, got {text!r}") from None
-        if not lo <= value <= hi:
-            raise argparse.ArgumentTypeError(f"{flag} must be {lo}..{hi}, got {value}")
-        return value
-    parse.__name__ = "integer"
-    return parse
-
-
 def _rate(text: str) -> float:
     try:
         value = float(text)
@@ -964,22 +939,9 @@ STARTED = "parallelnet loadgen: started"
 def _json_path(text: str) -> str:
     """--json: checked before the run (a result that cannot be written is refused then,
     not after the whole measurement); ``-`` is standard output."""
-    problem = None if text == "-" else _unwritable(text)
-    if problem:
-        raise argparse.ArgumentTypeError(f"--json {text}: {problem}")
-    return text
+    from parallelnet.core.cli import output_file   # serve's check of --stats-json
 
-
-def _unwritable(path: str) -> str | None:
-    full = os.path.abspath(path)
-    parent = os.path.dirname(full)
-    if os.path.isdir(full):
-        return "is a directory"
-    if not os.path.isdir(parent):
-        return f"directory {parent} does not exist"
-    if not os.access(parent, os.W_OK) or (os.path.exists(full) and not os.access(full, os.W_OK)):
-        return "not writable"
-    return None
+    return text if text == "-" else output_file("--json")(text)
 
 
 def parse_target(target: str) -> tuple[str, int, str | None]:
@@ -1005,6 +967,8 @@ def parse_target(target: str) -> tuple[str, int, str | None]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``parallelnet loadgen``, wrk-style."""
+    from parallelnet.core.cli import cpu_list, int_in   # serve's own argument types
+
     parser.description = (
         "Drive one or more servers with the C load generator: N pinned threads, each with "
         "its own epoll and share of the connections (spread over the targets round robin). "
@@ -1016,10 +980,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="HOST:PORT (echo unless --protocol http), [::1]:PORT, or "
                              "http://HOST:PORT/path; several: connection i goes to the "
                              "(i mod n)-th")
-    parser.add_argument("-c", "--connections", type=_int_of("--connections", 1, 1_000_000),
+    parser.add_argument("-c", "--connections", type=int_in("--connections", 1, 1_000_000),
                         default=16, metavar="N",
                         help="connections to keep open (default 16)")
-    parser.add_argument("-t", "--threads", type=_int_of("--threads", 1, 1024), default=1, metavar="N",
+    parser.add_argument("-t", "--threads", type=int_in("--threads", 1, 1024), default=1, metavar="N",
                         help="threads to use (default 1)")
     parser.add_argument("-d", "--duration", type=_duration_of("--duration", True), default=5.0, metavar="T",
                         help="measured duration, e.g. 10s, 2m (default 5s)")
@@ -1027,7 +991,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         metavar="RATE",
                         help="open loop: total requests/sec (implies --mode open); with "
                              "--mode churn: total connections/sec (default 0: closed loop)")
-    parser.add_argument("--depth", type=_int_of("--depth", 1, MAX_DEPTH), default=1, metavar="N",
+    parser.add_argument("--depth", type=int_in("--depth", 1, MAX_DEPTH), default=1, metavar="N",
                         help="requests in flight per connection (pipelining; default 1)")
     parser.add_argument("--size", type=_size, default=64, metavar="BYTES",
                         help="echo message size, e.g. 64, 4k (default 64)")
@@ -1037,11 +1001,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--protocol", choices=PROTOCOLS, default=None,
                         help="echo or http (default: http for http:// targets or with "
                              "--service/--heavy-conns, else echo)")
-    parser.add_argument("--cpus", type=_cpus, default=None, metavar="LIST",
+    parser.add_argument("--cpus", type=cpu_list, default=None, metavar="LIST",
                         help="pin thread i to the i-th CPU of this list, e.g. 1 or 2-3")
     parser.add_argument("--warmup", type=_duration_of("--warmup", False), default=1.0, metavar="T",
                         help="unrecorded warm-up before the measurement (default 1s)")
-    parser.add_argument("--max-requests", type=_int_of("--max-requests", 0, 2**63 - 1), default=0,
+    parser.add_argument("--max-requests", type=int_in("--max-requests", 0, 2**63 - 1), default=0,
                         metavar="N",
                         help="stop after this many measured requests (default: no cap)")
     parser.add_argument("--timeout", type=_duration_of("--timeout", True), default=5.0, metavar="T",
@@ -1059,11 +1023,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "from SPEC instead (e.g. 2:fixed:5000); the result splits "
                              "light and heavy")
     parser.add_argument("--requests-per-conn", metavar="M", default=1,
-                        type=_int_of("--requests-per-conn", 1, MAX_REQUESTS_PER_CONN),
+                        type=int_in("--requests-per-conn", 1, MAX_REQUESTS_PER_CONN),
                         help="churn: requests per connection, one after the other, before "
                              "it closes (default 1); the first one's latency counts from "
                              "the connect, later ones' from their send")
-    parser.add_argument("--seed", type=_int_of("--seed", 0, 2**64 - 1), default=1, metavar="N",
+    parser.add_argument("--seed", type=int_in("--seed", 0, 2**64 - 1), default=1, metavar="N",
                         help="seed of the service-time draws (default 1): same seed, same "
                              "draws on each connection")
     parser.add_argument("--netns", metavar="NAME", default=None,
@@ -1123,9 +1087,11 @@ def main_from_args(args: argparse.Namespace) -> int:
     try:
         spec = spec_from_args(args)
         to_stdout = args.json == "-"
-        problem = _unwritable(args.json) if args.json and not to_stdout else None
-        if problem:
-            raise ValueError(f"--json {args.json}: {problem}")
+        if args.json:
+            try:
+                _json_path(args.json)    # again: args need not come from our parser
+            except argparse.ArgumentTypeError as exc:
+                raise ValueError(str(exc)) from None
     except ValueError as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         return 2
