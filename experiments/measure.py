@@ -253,8 +253,8 @@ def measure(srv: ServerHandle, spec, layout: Layout, extra_pids: tuple = (),
         "client_placement": client.label,
         # The receive steering in force (netns: RPS masks, hex); None where the placement
         # has none to set (loopback, another host).  Present in every record: one schema.
-        "rx_steering": {"host_rps_cpus": (getattr(client, "masks", None) or {}).get("host_rps_cpus"),
-                        "client_rps_cpus": (getattr(client, "masks", None) or {}).get("client_rps_cpus")},
+        "rx_steering": {k: (getattr(client, "masks", None) or {}).get(k)
+                        for k in ("host_rps_cpus", "client_rps_cpus")},
     }
 
     if lg.classes is not None:   # service times on: the per-class figures of the requests

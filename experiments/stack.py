@@ -38,11 +38,12 @@ BASE = "loopback"
 
 
 def _placement_client(name: str):
-    """A fresh, unopened Client for a placement (None: the run's own local client)."""
+    """A fresh, unopened Client for a veth placement; None for loopback (the run's own)."""
+    if name == BASE:
+        return None
     from parallelnet.experiments.remote import NetnsClient
 
-    return {"veth": lambda: NetnsClient(steer=False),
-            "veth-steered": lambda: NetnsClient(steer=True)}.get(name, lambda: None)()
+    return NetnsClient(steer=name == "veth-steered")
 
 
 def workloads(p: dict) -> list[tuple[str, int, int]]:

@@ -525,9 +525,7 @@ class Ring:
         self.refresh_switches()
 
     def refresh_switches(self) -> None:
-        switches = procfs.ctx_switches(*self._task)[0]
-        if switches is not None:
-            self.stats.extra["vol_ctx_switches"] = switches
+        self.stats.extra["vol_ctx_switches"] = procfs.ctx_switches(*self._task)[0]
 
     def sync(self) -> None:
         """Copy every counter of the event core into WorkerStats."""

@@ -138,28 +138,41 @@ def timer_overshoot(cpu: int, n: int = 1000, sleep_us: int = 100) -> list[int]:
     return list(out)
 
 
-def characterise(n: int = 2000, gap_us: int = 500, timer_n: int = 1000) -> dict:
-    """The report: facts, measured wake-ups (across CPUs both ways when there are two or
-    more, and on one CPU), timer overshoot, steal over the measurement, and what cannot be
-    known.  About n × (gap + latency) × 3 seconds: 3 s with the defaults."""
+def directions() -> list[tuple[int, int]]:
+    """(waker CPU, sleeper CPU) pairs probed: across the first and last allowed CPU both
+    ways when there are two or more, and on the first one."""
     cpus = sorted(os.sched_getaffinity(0))
     a, b = cpus[0], cpus[-1]
+    return ([(a, b), (b, a)] if a != b else []) + [(a, a)]
+
+
+def probe(n: int = 2000, gap_us: int = 500, timer_n: int = 1000, seed: int = 1) -> dict:
+    """One probe with its raw wake-up samples (``wake_samples_ns``): the measurements of
+    :func:`characterise` and the ``machine`` experiment's record."""
     before, t0 = cpu_times(), time.monotonic()
-    wake = {}
-    if a != b:
-        wake[f"cpu{a}->cpu{b}"] = summarise_ns(wake_latency(a, b, n, gap_us))
-        wake[f"cpu{b}->cpu{a}"] = summarise_ns(wake_latency(b, a, n, gap_us, seed=2))
-    wake[f"cpu{a}->cpu{a}"] = summarise_ns(wake_latency(a, a, n, gap_us, seed=3))
-    timer = {f"cpu{c}": summarise_ns(timer_overshoot(c, timer_n)) for c in sorted({a, b})}
+    samples = {f"cpu{w}->cpu{s}": wake_latency(w, s, n, gap_us, seed=seed + k)
+               for k, (w, s) in enumerate(directions())}
+    timer = {f"cpu{c}": summarise_ns(timer_overshoot(c, timer_n))
+             for c in sorted({w for w, _ in directions()})}
     return {
-        "facts": facts(),
-        "wake_latency": wake,
+        "wake_samples_ns": samples,
+        "wake_latency": {k: summarise_ns(v) for k, v in samples.items()},
         "wake_gap_us": gap_us,
         "timer_overshoot_100us": timer,
         "steal_during": steal_fraction(before, cpu_times()),
         "measured_s": round(time.monotonic() - t0, 2),
+        "facts": facts(),
         "unknowable": UNKNOWABLE,
     }
+
+
+def characterise(n: int = 2000, gap_us: int = 500, timer_n: int = 1000) -> dict:
+    """The report: facts, measured wake-ups (:func:`directions`), timer overshoot, steal
+    over the measurement, and what cannot be known (the probe without its raw samples).
+    About n × (gap + latency) × 3 seconds: 3 s with the defaults."""
+    r = probe(n, gap_us, timer_n)
+    del r["wake_samples_ns"]
+    return r
 
 
 def format_report(r: dict) -> str:

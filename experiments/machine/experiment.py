@@ -11,17 +11,10 @@ records alone.
 from __future__ import annotations
 
 import os
-import time
 
 from parallelnet.experiments import analysis, machine
 from parallelnet.experiments.framework import (
     Context, Experiment, Plan, PlanNotes, Point, Summary, Table)
-
-
-def _directions() -> list[tuple[int, int]]:
-    cpus = sorted(os.sched_getaffinity(0))
-    a, b = cpus[0], cpus[-1]
-    return ([(a, b), (b, a)] if a != b else []) + [(a, a)]
 
 
 def plan(p: dict) -> Plan:
@@ -32,18 +25,7 @@ def plan(p: dict) -> Plan:
 
 def run_point(point: Point, ctx: Context) -> dict:
     p = ctx.params
-    before, t0 = machine.cpu_times(), time.monotonic()
-    samples = {f"cpu{w}->cpu{s}": machine.wake_latency(w, s, p["samples"], p["gap_us"],
-                                                         seed=1 + point.rep * 7 + k)
-               for k, (w, s) in enumerate(_directions())}
-    timer = {f"cpu{c}": machine.summarise_ns(machine.timer_overshoot(c, p["timer_samples"]))
-             for c in sorted({w for w, _ in _directions()})}
-    return {"wake_samples_ns": samples,
-            "wake_latency": {k: machine.summarise_ns(v) for k, v in samples.items()},
-            "timer_overshoot_100us": timer,
-            "steal_during": machine.steal_fraction(before, machine.cpu_times()),
-            "measured_s": round(time.monotonic() - t0, 2),
-            "facts": machine.facts(), "unknowable": machine.UNKNOWABLE}
+    return machine.probe(p["samples"], p["gap_us"], p["timer_samples"], seed=1 + point.rep * 7)
 
 
 def _mr(vals: list[float]) -> str:
