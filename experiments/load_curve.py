@@ -31,6 +31,7 @@ import statistics
 from parallelnet.experiments import analysis
 from parallelnet.experiments.analysis import row_bound
 from parallelnet.experiments.framework import (
+    add_aa_twin,
     Context, Experiment, Plan, PlanNotes, Point, Summary, Table, labelled_configs, rotated,
     server_cpu_per_request,
 )
@@ -62,7 +63,7 @@ def plan(p: dict) -> Plan:
                 points.append(Point(f"{label}/{load_label(kind, value)}", rep,
                                     {"label": label, "backend": b, "args": a, "kind": kind,
                                      "value": value}, est_s=per))
-    return Plan(points, notes)
+    return Plan(add_aa_twin(points, p.get("aa")), notes)
 
 
 def run_point(point: Point, ctx: Context) -> dict:
@@ -336,14 +337,15 @@ EXPERIMENT = _experiment(
     {
         "smoke": dict(backends=["epoll", "native"], size=64, connections=16, reps=1,
                       loads=[("frac", 0.2), ("sat", None)], duration=0.6, warmup=0.3,
-                      calibrate_s=0.6, baselines=["native", "epoll"]),
+                      calibrate_s=0.6, baselines=["native", "epoll"], aa=None),
         "standard": dict(backends="all", size=64, connections=16, reps=8,
                          loads=FRACTIONS + [("rate", 40000), ("sat", None)], duration=1.0,
-                         warmup=0.4, calibrate_s=1.5, baselines=["native", "epoll"]),
+                         warmup=0.4, calibrate_s=1.5, baselines=["native", "epoll"],
+                         aa="epoll/rate=40000"),
         "full": dict(backends="all", size=64, connections=16, reps=5,
                      loads=[("frac", f) for f in (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)]
                      + [("rate", 40000), ("sat", None)], duration=4.0, warmup=1.0,
-                     calibrate_s=2.0, baselines=["native", "epoll"]),
+                     calibrate_s=2.0, baselines=["native", "epoll"], aa="epoll/rate=40000"),
     },
     "open loop at fractions of the slowest backend's capacity, then saturation; every backend")
 
@@ -352,13 +354,13 @@ COMPARE = _experiment(
     {
         "smoke": dict(backends=["epoll", "native"], size=64, connections=16, reps=1,
                       loads=[("rate", 10000), ("sat", None)], duration=0.5, warmup=0.3,
-                      calibrate_s=0, baselines=["native"]),
+                      calibrate_s=0, baselines=["native"], aa=None),
         "standard": dict(backends="all", size=64, connections=16, reps=3,
                          loads=[("rate", 20000), ("sat", None)], duration=1.0, warmup=0.3,
-                         calibrate_s=0, baselines=["native"]),
+                         calibrate_s=0, baselines=["native"], aa=None),
         "full": dict(backends="all", size=64, connections=16, reps=5,
                      loads=[("rate", 20000), ("sat", None)], duration=3.0, warmup=0.5,
-                     calibrate_s=0, baselines=["native"]),
+                     calibrate_s=0, baselines=["native"], aa=None),
     },
     "every available backend at 20,000 req/s (below every backend's capacity) and at "
     "saturation, with the paired ratio to native", cited=False)
@@ -466,19 +468,21 @@ WINDOW = Experiment(
     presets={
         "smoke": dict(configs=["epoll", "uring", "uring-b0=uring:--uring-latency-budget-us 0"],
                       size=64, connections=16, reps=1, loads=[("rate", 10000)], duration=0.5,
-                      warmup=0.3, calibrate_s=0, baselines=["epoll"]),
+                      warmup=0.3, calibrate_s=0, baselines=["epoll"], aa=None),
         "standard": dict(configs=["epoll", "native", "native-uring", "uring"]
                          + [f"uring-b{b}=uring:--uring-latency-budget-us {b}" for b in BUDGETS]
                          + [f"epoll-b{b}=epoll:--epoll-latency-budget-us {b}" for b in BUDGETS if b],
                          size=64, connections=16, reps=8,
                          loads=[("rate", 40000), ("sat", None), ("closed", 1)],
-                         duration=1.5, warmup=0.5, calibrate_s=0, baselines=["epoll", "native"]),
+                         duration=1.5, warmup=0.5, calibrate_s=0, baselines=["epoll", "native"],
+                         aa="epoll/rate=40000"),
         "full": dict(configs=["epoll", "native", "native-uring", "uring"]
                      + [f"uring-b{b}=uring:--uring-latency-budget-us {b}" for b in BUDGETS + (25, 300)]
                      + [f"epoll-b{b}=epoll:--epoll-latency-budget-us {b}" for b in BUDGETS + (25, 300) if b],
                      size=64, connections=16, reps=5,
                      loads=[("rate", 20000), ("rate", 40000), ("rate", 80000), ("sat", None)],
-                     duration=4.0, warmup=1.0, calibrate_s=0, baselines=["epoll", "native"]),
+                     duration=4.0, warmup=1.0, calibrate_s=0, baselines=["epoll", "native"],
+                     aa="epoll/rate=40000"),
     },
     plan=plan, run_point=run_point, summarize=window_summarize, figures=window_figures,
     pyperf_value=pyperf_value, pyperf_name=pyperf_name,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from parallelnet.experiments import analysis
 from parallelnet.experiments.framework import (
+    add_aa_twin,
     Context, Experiment, Plan, PlanNotes, Point, Summary, Table, labelled_configs, rotated,
     server_cpu_per_request,
 )
@@ -40,7 +41,7 @@ def plan(p: dict) -> Plan:
                                         {"label": label, "backend": backend, "args": args,
                                          "protocol": proto, "size": size, "load": load,
                                          "rate": rate}, est_s=per))
-    return Plan(points, notes)
+    return Plan(add_aa_twin(points, p.get("aa")), notes)
 
 
 def run_point(point: Point, ctx: Context) -> dict:
@@ -202,17 +203,18 @@ EXPERIMENT = Experiment(
     name="sizes", title="What io_uring buys by payload size (echo 64 B-64 KiB, HTTP 1 KiB-1 MiB)",
     presets={
         "smoke": dict(configs=["epoll", "native"], echo=[[64, 5000], [16384, 2000]], http=[],
-                      connections=16, reps=1, duration=0.5, warmup=0.3, baseline="epoll"),
+                      connections=16, reps=1, duration=0.5, warmup=0.3, baseline="epoll", aa=None),
         "standard": dict(configs=CONFIGS,
                          echo=[[64, 20000], [1024, 20000], [16384, 8000], [65536, 3000]],
                          http=[[1024, 10000], [65536, 3000], [1048576, 250]],
                          connections=16, reps=8, duration=0.75, warmup=0.4, baseline="epoll",
-                         loads=["rate"]),
+                         loads=["rate"], aa="epoll/echo-64/rate"),
         "full": dict(configs=CONFIGS,
                      echo=[[64, 20000], [256, 20000], [1024, 20000], [4096, 15000], [16384, 8000],
                            [65536, 3000]],
                      http=[[1024, 10000], [16384, 6000], [65536, 3000], [262144, 1000], [1048576, 250]],
-                     connections=16, reps=5, duration=3.0, warmup=0.5, baseline="epoll"),
+                     connections=16, reps=5, duration=3.0, warmup=0.5, baseline="epoll",
+                     aa="epoll/echo-64/rate"),
     },
     plan=plan, run_point=run_point, summarize=summarize, figures=figures, pyperf_value=server_cpu_per_request,
     description="echo and HTTP payloads at a fixed rate and at saturation: epoll, uring (±ZC), native")
