@@ -50,11 +50,18 @@ def start_server(args: list[str], stats_path: str, cpus: set[int] | None = None,
 
 
 def read_records(stats_path: str) -> list[dict]:
+    """The complete records of a server's ``--stats-json`` file, read while it may be
+    writing: a write(2) to a regular file is not atomic against a concurrent read(2) (the
+    reader can see the first pages of a record before the rest), so only lines that end
+    in a newline count; the torn tail is the record in progress and is left for the next
+    read."""
     try:
         with open(stats_path) as f:
-            return [json.loads(x) for x in f if x.strip()]
+            text = f.read()
     except FileNotFoundError:
         return []
+    complete = text[:text.rfind("\n") + 1]
+    return [json.loads(x) for x in complete.splitlines() if x.strip()]
 
 
 def window(stats_path: str, t0: float, t1: float) -> dict:

@@ -179,3 +179,21 @@ def test_soak_smoke(tmp_path):
     assert all(rec["checks"].values())
     values = json.loads((run_dir / "summary.json").read_text())["values"]
     assert values["epoll.lost"] == "0"
+
+
+def test_read_records_ignores_the_record_being_written(tmp_path):
+    """A server writes its stats line while an experiment reads the file mid-run; a read can
+    see part of the last line (it happened in a balance run: JSONDecodeError at column
+    1624). Complete lines are returned, the torn tail is left for the next read."""
+    from parallelnet.experiments.server import read_records
+
+    path = tmp_path / "stats.jsonl"
+    whole = json.dumps({"type": "interval", "t": 1.0, "workers": []})
+    torn = json.dumps({"type": "interval", "t": 1.25, "workers": [{"pid": 7}]})[:20]
+    path.write_text(whole + "\n" + torn)
+    assert read_records(str(path)) == [{"type": "interval", "t": 1.0, "workers": []}]
+    path.write_text(torn)
+    assert read_records(str(path)) == []
+    path.write_text(whole + "\n" + whole + "\n")
+    assert len(read_records(str(path))) == 2
+    assert read_records(str(tmp_path / "missing.jsonl")) == []
