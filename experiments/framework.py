@@ -704,6 +704,26 @@ def _run(exp: Experiment, preset: str, out: str, overrides: dict | None, allow_d
     return outdir
 
 
+def summarize_run(exp: Experiment, records: list[dict], params: dict, notes) -> Summary:
+    """A run's summary from its good records: the experiment's own ``summarize`` over every
+    configuration but the A/A twin, then the A/A control (value ``aa``, first finding).
+    One function for the run's own summary.json and for every later rebuild (the paper
+    recomputes each pinned run's summary with it)."""
+    summary = exp.summarize([r for r in records if not r["config"].endswith(AA_SUFFIX)], params,
+                            notes)
+    aa = aa_control(exp, records)
+    if aa is not None:
+        from parallelnet.experiments import analysis
+
+        summary.values["aa"] = aa
+        summary.findings.insert(0, (
+            f"A/A control ({aa['config']} measured twice in every repetition): "
+            f"{analysis.fmt_ratio(aa)}; "
+            + ("FLAGGED: outside [0.95, 1.05], this run's noise floor is wider than the "
+               "effects it would be read for" if aa["flag"] else "within [0.95, 1.05]")))
+    return summary
+
+
 def finish(exp: Experiment, records: list[dict], params: dict, ctx: Context, meta: dict,
            failed: int, stream=sys.stdout) -> Summary:
     """Summary, pyperf JSON, figures, meta completion: also used to rebuild them from a
@@ -715,18 +735,9 @@ def finish(exp: Experiment, records: list[dict], params: dict, ctx: Context, met
         # end normally, whatever its records say.
         meta["outcome"] = INTERRUPTED
         meta.setdefault("reason", "the run never recorded its end")
-    summary = exp.summarize([r for r in good if not r["config"].endswith(AA_SUFFIX)], params,
-                            ctx.notes)
-    aa = aa_control(exp, good)
+    summary = summarize_run(exp, good, params, ctx.notes)
+    aa = summary.values.get("aa")
     if aa is not None:
-        from parallelnet.experiments import analysis
-
-        summary.values["aa"] = aa
-        summary.findings.insert(0, (
-            f"A/A control ({aa['config']} measured twice in every repetition): "
-            f"{analysis.fmt_ratio(aa)}; "
-            + ("FLAGGED: outside [0.95, 1.05], this run's noise floor is wider than the "
-               "effects it would be read for" if aa["flag"] else "within [0.95, 1.05]")))
         meta["aa"] = {k: aa[k] for k in ("estimate", "interval", "kind", "n", "flag", "config")}
     with open(os.path.join(outdir, "summary.json"), "w") as f:
         json.dump(summary.to_dict(), f, indent=1, sort_keys=True)
@@ -742,7 +753,8 @@ def finish(exp: Experiment, records: list[dict], params: dict, ctx: Context, met
             print("matplotlib not installed: no figures (pip install 'parallelnet[plot]')",
                   file=stream)
         else:
-            figs = exp.figures(summary, good, ctx)
+            figs = exp.figures(summary, [r for r in good if not r["config"].endswith(AA_SUFFIX)],
+                               ctx)   # the twin is the A/A control's, not a configuration to draw
     # The outcome is run()'s (rebuild keeps it): never upgraded here.
     meta.update(ended=meta.get("ended") or provenance.utc_now(), points=len(records), failed=failed,
                 figures=[os.path.basename(p) for p in figs])

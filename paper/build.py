@@ -14,11 +14,13 @@ Template syntax, each resolved against the pinned run of EXPERIMENT:
   gets the current statistics).  KEY may descend into a value (``cpu.epoll.sat.median``);
   FORMAT is a Python format spec or one of ``ratio`` (median× [95% CI] n=), ``pct``,
   ``pp`` (percentage points, signed), ``us`` (a signed difference in µs with its CI), ``x``
-  (×ratio), ``int``.
+  (×ratio), ``slope`` (a signed estimate with its interval), ``cost`` (µs with its interval), ``int``.
 * ``<!-- table:EXPERIMENT:TABLEKEY -->`` - a summary table, with its source line.
 * ``<!-- figure:EXPERIMENT:FILE|CAPTION -->`` - a figure, regenerated from the records by
   the experiment's own plotting code into ``paper/figures/EXPERIMENT-FILE`` and embedded.
 * ``{{meta:EXPERIMENT:KEY}}`` - provenance of the pinned run (commit, date, kernel, cpu).
+* ``{{pins:commit}}`` - the one commit every pinned run measured: pins from several
+  commits, or from a tree that differed from its commit, fail the build.
 
 validate_loadgen, soak and handoff were stand-alone scripts before they became framework
 experiments; a pinned run of the old scripts (no ``records.jsonl``, one results file
@@ -82,7 +84,7 @@ class Run:
         self.records = [r for r in framework.load_records(path) if "error" not in r]
         self.params = self.meta["params"]
         self.notes = framework.PlanNotes.from_meta(self.meta)
-        self.summary = self.exp.summarize(self.records, self.params, self.notes)
+        self.summary = framework.summarize_run(self.exp, self.records, self.params, self.notes)
 
     def source(self) -> str:
         code = self.meta["code"]
@@ -119,6 +121,10 @@ def render_value(obj, spec: str) -> str:
         return analysis.fmt_ratio(obj)
     if spec == "us":   # a paired difference in µs
         return analysis.fmt_interval(obj, 0, unit=" µs", signed=True)
+    if spec == "cost":   # an estimate in µs with its interval (e.g. a fitted µs per wake-up)
+        return analysis.fmt_interval(obj, 1, unit=" µs")
+    if spec == "slope":   # a fitted slope, signed, with its interval
+        return analysis.fmt_interval(obj, 2, signed=True)
     if spec == "x":
         return f"{obj:.2f}×"
     if spec == "pct":
@@ -255,6 +261,8 @@ def build(template: str, regenerate_figures: bool = True) -> str:
 
     def value(m):
         ref, _, spec = m.group(1).partition("|")
+        if ref == "pins:commit":   # the one commit every pinned run measured
+            return measured[:12] if measured else ""
         if ref.startswith("meta:"):
             _, name, key = ref.split(":", 2)
             try:
@@ -291,12 +299,35 @@ def build(template: str, regenerate_figures: bool = True) -> str:
             missing.append(f"figure {ref}: paper/figures/{out} missing")
         return f"![{caption}](figures/{out})\n\n*Figure: {caption} Source: `{run.rel}`.*"
 
+    measured = one_commit(runs, missing)
+
     text = re.sub(r"<!-- table:([\w.:-]+) -->", table, template)
     text = re.sub(r"<!-- figure:([^>]+?) -->", figure, text)
     text = re.sub(r"\{\{([^}]+)\}\}", value, text)
     if missing:
         raise BuildError("the paper cannot be built; missing:\n  " + "\n  ".join(missing))
     return text
+
+
+def one_commit(runs: dict[str, "Run"], missing: list[str]) -> str | None:
+    """The commit that every pinned run measured, from each run's ``meta.json``.
+
+    A paper whose numbers come from several commits cannot be reproduced by re-running
+    one: every pinned run must name the same commit with a clean tree (results/ aside,
+    experiments/provenance.py), which is what ``parallelnet reproduce`` produces from a
+    clean checkout.  Anything else is added to ``missing`` (the build fails, listing it)."""
+    commits: dict[str, list[str]] = {}
+    for name, run in runs.items():
+        code = run.meta.get("code") or {}
+        if code.get("dirty") is not False:
+            missing.append(f"pin {name}: {run.rel} ran on a tree that differed from its commit "
+                           f"(dirty: {code.get('dirty')}; changed: {code.get('changed')})")
+        commits.setdefault(code.get("commit") or "?", []).append(name)
+    if len(commits) > 1:
+        missing.append("pins from more than one commit (re-run them with `make reproduce`): "
+                       + "; ".join(f"{c[:12]}: {', '.join(n)}" for c, n in sorted(commits.items())))
+        return None
+    return next(iter(commits), None)
 
 
 _figure_cache: dict[str, dict[str, str]] = {}
@@ -311,7 +342,10 @@ def _regenerate(run: Run) -> dict[str, str]:
     scratch = os.path.join(FIGURES, ".build", run.name)
     os.makedirs(scratch, exist_ok=True)
     ctx = Context(scratch, run.params, run.notes)
-    paths = run.exp.figures(run.summary, run.records, ctx) if run.exp.figures else []
+    from parallelnet.experiments.framework import AA_SUFFIX
+
+    records = [r for r in run.records if not r["config"].endswith(AA_SUFFIX)]   # as the summary
+    paths = run.exp.figures(run.summary, records, ctx) if run.exp.figures else []
     made = {os.path.basename(p): p for p in paths}
     _figure_cache[run.rel] = made
     return made

@@ -52,6 +52,40 @@ def test_every_embedded_figure_and_every_pinned_run_exists():
     assert os.path.exists(os.path.join(ROOT, "results", "index.md"))
 
 
+def test_every_pinned_run_measured_one_commit_on_a_clean_tree():
+    """`make reproduce` at that commit re-runs exactly the code the paper measured."""
+    import json
+
+    from parallelnet.experiments.paper_pins import read_pins
+
+    codes = {}
+    for name, dirs in read_pins().items():
+        for d in dirs:
+            with open(os.path.join(ROOT, d, "meta.json")) as f:
+                codes[d] = json.load(f)["code"]
+    assert codes
+    assert {c["commit"] for c in codes.values()} == {next(iter(codes.values()))["commit"]}, codes
+    assert all(c["dirty"] is False for c in codes.values()), codes
+    assert next(iter(codes.values()))["commit"][:12] in _paper()   # and the paper names it
+
+
+def test_pins_from_two_commits_or_a_dirty_tree_fail_the_build():
+    build = _build_module()
+
+    class Fake:
+        def __init__(self, commit, dirty):
+            self.rel, self.meta = f"results/{commit}", {"code": {"commit": commit, "dirty": dirty}}
+
+    missing = []
+    assert build.one_commit({"a": Fake("c1", False), "b": Fake("c1", False)}, missing) == "c1"
+    assert missing == []
+    assert build.one_commit({"a": Fake("c1", False), "b": Fake("c2", False)}, missing) is None
+    assert "more than one commit" in missing[0]
+    missing = []
+    build.one_commit({"a": Fake("c1", True)}, missing)
+    assert "differed from its commit" in missing[0]
+
+
 def test_no_placeholder_or_missing_value_reaches_the_paper():
     text = _paper()
     assert "n/a" not in text        # a counter that cannot be observed says so in words
