@@ -242,3 +242,26 @@ def test_an_unknown_experiment_is_one_line():
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 2 and res.stdout == ""
     assert res.stderr.count("\n") == 1 and "unknown experiment 'nosuch'" in res.stderr
+
+
+def test_summarize_run_leaves_the_aa_twin_out_of_the_configurations_and_adds_its_ratio():
+    """The paper rebuilds every pinned run's summary with summarize_run, as the run did: the
+    twin (config + AA_SUFFIX) is the A/A control's, never a configuration of the summary."""
+    seen = []
+
+    def summarize(records, params, notes):
+        seen.extend(r["config"] for r in records)
+        return framework.Summary()
+
+    exp = framework.Experiment(name="t", title="t", presets={"smoke": {}}, plan=lambda p: [],
+                               run_point=None, summarize=summarize,
+                               aa_metric=lambda r: r["v"])
+    recs = [{"config": c, "rep": k, "v": v}
+            for k in range(3)
+            for c, v in (("a", 10.0), ("b", 20.0), ("a" + framework.AA_SUFFIX, 10.0 + k))]
+    s = framework.summarize_run(exp, recs, {}, None)
+    assert sorted(set(seen)) == ["a", "b"]
+    aa = s.values["aa"]
+    assert aa["config"] == "a" and aa["n"] == 3 and aa["kind"] == "range"
+    assert aa["interval"] == [1.0, 1.2] and aa["flag"] is True
+    assert s.findings[0].startswith("A/A control (a measured twice in every repetition)")
