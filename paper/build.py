@@ -356,6 +356,40 @@ def _table_md(t) -> str:
     return out + (f"\n\n{t.note}" if t.note else "")
 
 
+#: What runs while a point is measured (git pathspecs): a change here after the pinned
+#: commit means the paper's numbers may describe code that HEAD no longer is.  The
+#: experiment modules hold both their run_point and their summaries, so a change to either
+#: shows; the pure analysis, plotting and bookkeeping modules are left out.
+MEASURED_CODE = ("core", "backends", "experiments", ":!experiments/analysis.py",
+                 ":!experiments/plots.py", ":!experiments/paper_pins.py", ":!experiments/index.py",
+                 ":!experiments/diff.py", ":!experiments/device")
+
+
+def code_since(template: str) -> list[str]:
+    """The files of MEASURED_CODE that differ between the pinned runs' commit and the working
+    tree (empty when they agree, or when git or the commit is not available)."""
+    import subprocess
+
+    from parallelnet.experiments.paper_pins import PIN
+
+    commits = set()
+    for m in PIN.finditer(template):
+        for rel in m.group(2).split():
+            try:
+                with open(os.path.join(ROOT, rel, "meta.json")) as f:
+                    commits.add(json.load(f)["code"]["commit"])
+            except (OSError, KeyError, ValueError):
+                return []
+    if len(commits) != 1:
+        return []
+    try:
+        out = subprocess.run(["git", "diff", "--name-only", commits.pop(), "--", *MEASURED_CODE],
+                             cwd=ROOT, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return out.stdout.split() if out.returncode == 0 else []
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--check", action="store_true", help="fail if paper.md is stale")
@@ -373,6 +407,12 @@ def main(argv=None) -> int:
 
         shutil.rmtree(os.path.join(FIGURES, ".build"), ignore_errors=True)
     out = os.path.join(HERE, "paper.md")
+    drift = code_since(template)
+    if drift and not args.check:
+        print("note: the pinned runs measured an older commit; since then these files of measurement "
+              "code changed (some perhaps only in their summaries or figures; `make reproduce` "
+              "re-measures):\n  " + "\n  ".join(drift),
+              file=sys.stderr)
     if args.check:
         with open(out) as f:
             if f.read() != text:
