@@ -79,14 +79,15 @@ def summarize(records: list[dict], p: dict, notes: PlanNotes) -> Summary:
                 st = row_stats(rs)
                 rr = paired_ratio(records, cfg, f"{base}/{proto}-{size}/{load}") if label != base else None
                 s.values[f"{cfg}"] = {"cpu": st["cpu"], "p99": st["p99"], "rps": st["rps"],
-                                      "bound": st["bound"], "ratio": rr}
+                                      "bound": st["bound"], "ratio": rr, "samples": st["samples"]}
                 kib = size / 1024
                 rows.append([f"{proto} {size} B", "rate " + f"{rate:g}" if load == "rate" else "sat",
                              label, str(st["n"]),
                              f"{st['cpu']['median']:.1f} ({st['cpu']['min']:.1f}–{st['cpu']['max']:.1f})"
                              if st["cpu"] else "–",
                              f"{st['cpu']['median'] / kib:.2f}" if st["cpu"] else "–",
-                             f"{st['rps']:.0f}", f"{st['p50']:.0f}", f"{st['p99']:.0f}",
+                             f"{st['rps']:.0f}", f"{st['p50']:.0f}",
+                             analysis.fmt_tail(st["p99"], st["samples"], 99),
                              "1" if label == base else (analysis.fmt_ratio(rr) if rr else
                                                         f"not ranked ({st['bound']}-bound)"),
                              st["bound"] + ("" if st["rate_met"] else ", rate not met")])
@@ -95,7 +96,7 @@ def summarize(records: list[dict], p: dict, notes: PlanNotes) -> Summary:
         ["workload", "load", "config", "n", "server µs/req (min–max)", "µs per KiB", "req/s",
          "p50 µs", "p99 µs", f"× {base} (paired, 95% CI)", "bound"], rows,
         note="uring-zc: IORING_OP_SEND_ZC for sends of 16 KiB or more; on loopback the kernel "
-             "copies anyway.", key="all"))
+             "copies anyway.  " + analysis.tail_note(), key="all"))
     # Page faults per request (runs from 2026-12-05 on record them): a server that reuses
     # its buffers takes none in steady state; one that allocates per reply takes hundreds.
     faults = []
