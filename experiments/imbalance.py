@@ -223,6 +223,8 @@ def summarize(records: list[dict], p: dict, notes: PlanNotes) -> Summary:
                 continue
             used, dropped, all_noisy = analysis.prefer_quiet(rs, lambda r: r["noise"]["noisy"])
             lat = {k: _med(r["client"]["latency_us"].get(k) for r in used) for k in ("p50", "p99", "p99.9")}
+            # churn: one latency sample per connection, counted in the thinnest repetition
+            samples = analysis.fewest_samples(analysis.latency_samples(r) for r in used)
             reqshare = _med(r["request_share"][_other(0, r)] for r in used if r.get("request_share"))
             lost = [_med(r["lost_per_wakeup"][_other(i, r)] for r in used if r.get("lost_per_wakeup"))
                     for i in (0, 1)]
@@ -233,7 +235,8 @@ def summarize(records: list[dict], p: dict, notes: PlanNotes) -> Summary:
             ccpu = _med(r["client"]["cpu_util"] for r in used)
             met = all(r["client"]["rate_met"] for r in used)
             s.values[f"cost.{cfg}.{d:.2f}"] = {"lat": lat, "cpu_us_per_conn": cpu, "conn_rate": rate,
-                                               "lost_per_wakeup": lost, "worker_util": util}
+                                               "lost_per_wakeup": lost, "worker_util": util,
+                                               "samples": samples}
             rows.append([b, st, f"{100 * d:.0f}%", f"{rate:.0f}" + ("" if met else " (rate not met)"),
                          f"{100 * reqshare:.0f}%" if reqshare is not None else "–",
                          f"{cpu:.1f}" if cpu is not None else "–",
@@ -241,7 +244,8 @@ def summarize(records: list[dict], p: dict, notes: PlanNotes) -> Summary:
                          " / ".join(f"{x:.3f}" if x is not None else
                                     ("–" if not _woke(used, i) else "unobservable")
                                     for i, x in enumerate(lost)),
-                         f"{lat['p50']:.0f}", f"{lat['p99']:.0f}", f"{lat['p99.9']:.0f}",
+                         f"{lat['p50']:.0f}", analysis.fmt_tail(lat["p99"], samples, 99),
+                         analysis.fmt_tail(lat["p99.9"], samples, 99.9),
                          f"{100 * ccpu:.0f}%" + (" noisy" if all_noisy else "")])
         ratio = paired_delta(steady, b, st, lambda r: r["client"]["latency_us"].get("p99"),
                              max(duties), min(duties), ratio=True)
@@ -254,7 +258,7 @@ def summarize(records: list[dict], p: dict, notes: PlanNotes) -> Summary:
         note="Lost races are unobservable under io_uring (its accept waits inside the "
              "kernel); '–': the worker's listener never woke it (dispatch, or a reuseport-cpu "
              "socket that gets no connection). Latency is the client's, from the intended "
-             "connect time.",
+             "connect time.  " + analysis.tail_note("connection"),
         key="cost"))
     # The step.
     steps = [r for r in records if r["params"].get("step") and r.get("series")]
