@@ -197,3 +197,32 @@ def test_read_records_ignores_the_record_being_written(tmp_path):
     path.write_text(whole + "\n" + whole + "\n")
     assert len(read_records(str(path))) == 2
     assert read_records(str(tmp_path / "missing.jsonl")) == []
+
+
+def test_a_tail_with_fewer_than_ten_samples_beyond_it_is_not_printed():
+    """load-curve's cost table: p99 of 5,000 requests (50 beyond) is printed with its count,
+    p99.9 of them (4 beyond: the generator's rank of it is 4,996, float rounding included)
+    and p99 of 500 (5 beyond) are not; the count is the thinnest repetition's."""
+    from parallelnet.experiments import load_curve
+    from parallelnet.experiments.framework import PlanNotes
+
+    def rec(backend, rep, requests):
+        return {"config": f"{backend}/rate=1000", "rep": rep, "bound": "offered", "rps": 1000.0,
+                "requests": requests, "offered": 1000, "noise": {"noisy": False},
+                "params": {"label": backend, "backend": backend, "kind": "rate", "value": 1000},
+                "server": {"cpu_us_per_req": 10.0, "user_us_per_req": 4.0, "sys_us_per_req": 6.0,
+                           "cpu_util": 0.01},
+                "client": {"latency_us": {"p50": 100.0, "p99": 300.0, "p99.9": 900.0},
+                           "cpu_util": 0.02, "rate_met": True, "mode": "open", "errors": 0}}
+
+    records = [rec("epoll", 0, 5000), rec("epoll", 1, 6000), rec("native", 0, 500)]
+    p = {"loads": [("rate", 1000)], "baselines": ["epoll"]}
+    s = load_curve.summarize(records, p, PlanNotes(["epoll", "native"], {}))
+    (cost,) = [t for t in s.tables if t.key == "cost"]
+    col = {h: i for i, h in enumerate(cost.header)}
+    rows = {r[col["backend"]]: r for r in cost.rows}
+    assert rows["epoll"][col["p99 µs"]] == "300 (50 beyond)"
+    assert rows["epoll"][col["p99.9 µs"]] == "– (4 beyond, <10)"
+    assert rows["native"][col["p99 µs"]] == "– (5 beyond, <10)"
+    assert "fewer than 10 beyond" in cost.note
+    assert s.values["lat.epoll.rate=1000"]["samples"] == 5000
