@@ -25,6 +25,7 @@ CPU (hence a light client); latency is the client's, not split per worker.
 
 from __future__ import annotations
 
+import math
 import os
 import statistics
 import time
@@ -280,8 +281,9 @@ def summarize(records: list[dict], p: dict, notes: PlanNotes) -> Summary:
             "The step: the hogged worker's share before and after a 100% hog switches on mid-run",
             ["backend", "strategy", "share before", "share after (from +0.5 s)",
              "settle time s", "n"], rows,
-            note="Settle time: from the step until the first 0.25 s interval whose share is "
-                 "within 5 points of the after-median.", key="step"))
+            note="Medians over every repetition (n) of each repetition's own median share "
+                 "before and after, and of its settle time: from the step until the first 0.25 s "
+                 "interval whose share is within 5 points of the after-median.", key="step"))
     for cfg in cfgs:
         d = s.values.get(f"delta_share.{cfg}")
         r = s.values.get(f"p99_ratio.{cfg}")
@@ -336,17 +338,51 @@ def figures(summary: Summary, records: list[dict], ctx: Context) -> list[str]:
            plots.lines(lat, f"{ctx.outdir}/imbalance-p99.png", "hog duty on worker 0's CPU (%)",
                        "p99 latency of connect+echo+close (µs)", title="What the imbalance costs",
                        logy=True, panels=backends)]
-    steps = {}
+    steps, reps = {}, set()
+    width = interval_width([r for r in records if r["params"].get("step") and r.get("series")])
     for cfg in cfgs:
         b, st = cfg.split("/", 1)
         rs = [r for r in _by(records, backend=b, strategy=st) if r["params"].get("step") and r.get("series")]
-        if rs:
-            r = rs[0]
-            steps[f"{b}|{st}"] = [(x[0] - r["step_at"], 100 * x[1], 100 * x[1], 100 * x[1]) for x in r["series"]]
+        if rs and width:
+            steps[f"{b}|{st}"] = [(x, 100 * med, 100 * lo, 100 * hi)
+                                  for x, med, lo, hi in step_band(rs, width)]
+            reps.add(len(rs))
     if steps:
+        n = f"{min(reps)}" if len(reps) == 1 else f"{min(reps)}–{max(reps)}"
         out.append(plots.lines(steps, f"{ctx.outdir}/imbalance-step.png",
-                               "seconds since the hog switched on", "hogged worker's share per 0.25 s (%)",
-                               title="The step (first repetition)", hline=50.0, panels=backends))
+                               "seconds since the hog switched on (end of each interval)",
+                               f"hogged worker's share per {width:g} s (%)",
+                               title=f"The step: median and range of {n} repetitions per interval",
+                               hline=50.0, panels=backends))
+    return out
+
+
+def interval_width(records: list[dict]) -> float | None:
+    """The stats interval of the step series (s): the median spacing of their points (the
+    server's ``interval``, which the records do not name), to 10 ms - the servers' ticks
+    come a millisecond or so late, which would otherwise show in every label."""
+    gaps = [b[0] - a[0] for r in records for a, b in zip(r["series"], r["series"][1:])]
+    return round(statistics.median(gaps), 2) if gaps else None
+
+
+def step_band(rs: list[dict], width: float) -> list[tuple[float, float, float, float]]:
+    """The step across repetitions: [(seconds since the step, median share, min, max)].
+
+    Each repetition's stats intervals end at its own server's clock ticks, so they are
+    aligned on the step: an interval ending k-1 to k widths after it falls in bin k (one
+    value per repetition and bin: the median, should two fall in one).  Only bins that
+    every repetition reaches are drawn, so each point is the median of all of them."""
+    bins: dict[int, dict[int, list[float]]] = {}
+    for i, r in enumerate(rs):
+        for t, share, _ in r["series"]:
+            k = math.ceil(round((t - r["step_at"]) / width, 6))
+            bins.setdefault(k, {}).setdefault(i, []).append(share)
+    out = []
+    for k in sorted(bins):
+        if len(bins[k]) < len(rs):
+            continue
+        vals = [statistics.median(v) for v in bins[k].values()]
+        out.append((round(k * width, 3), statistics.median(vals), min(vals), max(vals)))
     return out
 
 
