@@ -350,7 +350,7 @@ def figures(summary: Summary, records: list[dict], ctx: Context) -> list[str]:
     if steps:
         n = f"{min(reps)}" if len(reps) == 1 else f"{min(reps)}–{max(reps)}"
         out.append(plots.lines(steps, f"{ctx.outdir}/imbalance-step.png",
-                               "seconds since the hog switched on (end of each interval)",
+                               "seconds since the hog switched on (0: the interval it did)",
                                f"hogged worker's share per {width:g} s (%)",
                                title=f"The step: median and range of {n} repetitions per interval",
                                hline=50.0, panels=backends))
@@ -368,14 +368,16 @@ def interval_width(records: list[dict]) -> float | None:
 def step_band(rs: list[dict], width: float) -> list[tuple[float, float, float, float]]:
     """The step across repetitions: [(seconds since the step, median share, min, max)].
 
-    Each repetition's stats intervals end at its own server's clock ticks, so they are
-    aligned on the step: an interval ending k-1 to k widths after it falls in bin k (one
-    value per repetition and bin: the median, should two fall in one).  Only bins that
-    every repetition reaches are drawn, so each point is the median of all of them."""
+    Each repetition's stats intervals end at its own server's clock ticks (``t`` is an
+    interval's end), so they are aligned on the step by their centres: bin k holds the
+    interval whose centre lies nearest k widths after the step - bin 0 the one the hog
+    switched on in (one value per repetition and bin: the median, should two fall in
+    one).  Only bins that every repetition reaches are drawn, so each point is the
+    median of all of them."""
     bins: dict[int, dict[int, list[float]]] = {}
     for i, r in enumerate(rs):
         for t, share, _ in r["series"]:
-            k = math.ceil(round((t - r["step_at"]) / width, 6))
+            k = math.floor((t - width / 2 - r["step_at"]) / width + 0.5)
             bins.setdefault(k, {}).setdefault(i, []).append(share)
     out = []
     for k in sorted(bins):

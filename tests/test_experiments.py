@@ -226,3 +226,24 @@ def test_a_tail_with_fewer_than_ten_samples_beyond_it_is_not_printed():
     assert rows["native"][col["p99 µs"]] == "– (5 beyond, <10)"
     assert "fewer than 10 beyond" in cost.note
     assert s.values["lat.epoll.rate=1000"]["samples"] == 5000
+
+
+def test_the_step_figure_takes_every_repetition_aligned_on_the_step():
+    """Each repetition's intervals end at its own server's ticks: they are binned by time
+    since the step, and only the bins every repetition reaches are drawn."""
+    from parallelnet.experiments.imbalance import interval_width, step_band
+
+    def rep(offset, shares):   # intervals end 0.25 s apart, the hog starts at 1.1 s
+        return {"step_at": 1.1, "series": [[round(0.25 * (i + 1) + offset, 3), sh, 100]
+                                           for i, sh in enumerate(shares)]}
+
+    rs = [rep(0.0, [0.5, 0.5, 0.5, 0.5, 0.2, 0.1]), rep(0.02, [0.4, 0.6, 0.5, 0.5, 0.3, 0.3]),
+          rep(-0.02, [0.5, 0.5, 0.5, 0.5, 0.4])]   # the third stops an interval early
+    width = interval_width(rs)
+    assert width == 0.25
+    band = step_band(rs, width)
+    # Bin 0: the interval (1.0, 1.25] the hog switched on in; the last bin, which only
+    # two repetitions reach, is left out.
+    assert [x for x, *_ in band] == [-1.0, -0.75, -0.5, -0.25, 0.0]
+    assert band[0] == (-1.0, 0.5, 0.4, 0.5)
+    assert band[-1] == (0.0, 0.3, 0.2, 0.4)
