@@ -247,3 +247,44 @@ def test_the_step_figure_takes_every_repetition_aligned_on_the_step():
     assert [x for x, *_ in band] == [-1.0, -0.75, -0.5, -0.25, 0.0]
     assert band[0] == (-1.0, 0.5, 0.4, 0.5)
     assert band[-1] == (0.0, 0.3, 0.2, 0.4)
+
+
+def test_the_sizes_ratio_figure_draws_exactly_what_the_table_ranks(tmp_path, monkeypatch):
+    """A ratio whose baseline was both-bound in one repetition rests on fewer pairs: the
+    table does not rank it, and the figure leaves it out (one predicate, sizes.ranked)."""
+    pytest.importorskip("matplotlib")
+    from parallelnet.experiments import plots, sizes
+    from parallelnet.experiments.framework import Context, PlanNotes
+
+    def rec(label, load, rep, cpu, bound="offered"):
+        return {"config": f"{label}/echo-64/{load}", "rep": rep, "bound": bound, "rps": 1000.0,
+                "requests": 5000, "noise": {"noisy": False},
+                "params": {"label": label, "backend": label, "protocol": "echo", "size": 64,
+                           "load": load, "rate": 1000},
+                "server": {"cpu_us_per_req": cpu, "user_us_per_req": 1.0, "sys_us_per_req": 1.0,
+                           "cpu_util": 0.1},
+                "client": {"latency_us": {"p50": 100.0, "p99": 300.0, "p99.9": 900.0},
+                           "cpu_util": 0.2, "rate_met": True, "mode": "open", "errors": 0}}
+
+    records = [rec(label, load, rep, cpu) for rep in range(3) for load in ("rate", "sat")
+               for label, cpu in (("epoll", 10.0), ("uring", 8.0))]
+    records[2]["bound"] = "both"   # epoll/sat in repetition 0
+    p = {"echo": [[64, 1000]], "http": [], "loads": ["rate", "sat"], "baseline": "epoll"}
+    notes = PlanNotes(["epoll", "uring"], {})
+    s = sizes.summarize(records, p, notes)
+    assert s.values["uring/echo-64/sat"]["ratio"]["n"] == 2    # a ratio exists, from 2 pairs
+    (table,) = [t for t in s.tables if t.key == "all"]
+    cells = {(r[1], r[2]): r[9] for r in table.rows}
+    assert cells[("sat", "uring")] == "not ranked (epoll both-bound)"
+    assert cells[("rate 1000", "uring")].startswith("0.80×")
+    drawn = {}
+
+    def lines(series, path, *args, **kwargs):
+        drawn[path] = series
+        return path
+
+    monkeypatch.setattr(plots, "lines", lines)
+    sizes.figures(s, records, Context(str(tmp_path), p, notes))
+    (ratios,) = [v for k, v in drawn.items() if k.endswith("sizes-ratio.png")]
+    assert ratios == {"echo, fixed rate|uring": [(64, pytest.approx(0.8), pytest.approx(0.8),
+                                                  pytest.approx(0.8))]}
