@@ -350,7 +350,7 @@ def figures(summary: Summary, records: list[dict], ctx: Context) -> list[str]:
     if steps:
         n = f"{min(reps)}" if len(reps) == 1 else f"{min(reps)}–{max(reps)}"
         out.append(plots.lines(steps, f"{ctx.outdir}/imbalance-step.png",
-                               "seconds since the hog switched on (0: the interval it did)",
+                               "seconds since the hog switched on (0: the interval it switched on in)",
                                f"hogged worker's share per {width:g} s (%)",
                                title=f"The step: median and range of {n} repetitions per interval",
                                hline=50.0, panels=backends))
