@@ -25,6 +25,14 @@ An **A/A control** (one configuration measured twice within each repetition, as 
 were two) gives the noise floor of a run: its ratio is summarised like any other, and a
 run whose A/A estimate or interval leaves [0.95, 1.05] is flagged.
 
+A **tail percentile** (p99, p99.9, ...) of one run rests on the samples beyond it: p99.9
+of 4,500 connections is the 5th slowest, not a distribution's property.  Every table
+prints a tail figure with that count beside it (:func:`fmt_tail`: ``225 (38 beyond)``),
+and prints no figure at all, but ``–`` and the count, when fewer than
+``MIN_TAIL_SAMPLES`` lie beyond it.  A cell that is a median over repetitions counts
+the repetition with the fewest samples (:func:`fewest_samples`), the one whose tail is
+thinnest.
+
 Everything here is deterministic: a summary recomputed from the same raw records is
 identical byte for byte (the paper is rebuilt deterministically).  Quantiles of the t
 distribution come from scipy (the ``bench`` extra), imported only when an interval is
@@ -41,6 +49,9 @@ from typing import Iterable
 MIN_PAIRS_FOR_CI = 8
 #: An A/A ratio (estimate or either end of its interval) outside this band flags the run.
 AA_BAND = (0.95, 1.05)
+#: A tail percentile is printed only when at least this many samples lie beyond it: with
+#: fewer it is one of a handful of the slowest samples, which one run's luck decides.
+MIN_TAIL_SAMPLES = 10
 
 
 def median_range(values: Iterable[float]) -> dict | None:
@@ -202,6 +213,66 @@ def fmt_interval(s: dict | None, digits: int = 2, scale: float = 1.0, unit: str 
 def fmt_ratio(s: dict | None, digits: int = 2) -> str:
     """A ratio: ``0.87× [95% CI 0.85–0.89, n=8]`` / ``0.87× [range 0.85–0.89, n=3]``."""
     return fmt_interval(s, digits, unit="×")
+
+
+def tail_samples(n_samples: int, q: float) -> int:
+    """How many of ``n_samples`` latency samples lie beyond their q-th percentile as the
+    load generator reports it (the sample ranked ceil(q% * n), loadgen.percentile_rank):
+    the samples ranked after it.  0 for no samples."""
+    from parallelnet.experiments.loadgen.loadgen import percentile_rank
+
+    if n_samples <= 0:
+        return 0
+    return n_samples - percentile_rank(q, n_samples)
+
+
+def percentile_of(key: str) -> float:
+    """The percentile a latency key names: ``"p99.9"`` -> 99.9."""
+    return float(key.removeprefix("p"))
+
+
+def latency_samples(record: dict) -> int | None:
+    """The latency samples of a record's load generator: its ``requests``, each measured
+    request being one sample (in churn, one connection: connect, echo, close).  None for
+    a record that does not have it."""
+    return record.get("requests")
+
+
+def fewest_samples(counts: Iterable[int | None]) -> int | None:
+    """The smallest per-repetition sample count behind a median of tail figures (the
+    thinnest tail among them); None when any count is unknown (records from before the
+    count was kept) or there is none."""
+    counts = list(counts)
+    if not counts or any(c is None for c in counts):
+        return None
+    return min(counts)
+
+
+def fmt_tail(value: float | None, n_samples: int | None, q: float | str, digits: int = 0,
+             scale: float = 1.0) -> str:
+    """A tail percentile with the samples beyond it: ``225 (38 beyond)``; with fewer than
+    MIN_TAIL_SAMPLES beyond, no figure: ``– (4 beyond, <10)``.  ``q``: 99.9 or "p99.9";
+    ``n_samples``: the samples it was taken over (the fewest of the repetitions for a
+    median), None when unknown (``225 (? beyond)``); ``scale`` multiplies the value
+    (1e-3 for ms)."""
+    if value is None:
+        return "–"
+    q = percentile_of(q) if isinstance(q, str) else q
+    shown = f"{value * scale:.{digits}f}"
+    if n_samples is None:
+        return f"{shown} (? beyond)"
+    beyond = tail_samples(n_samples, q)
+    if beyond < MIN_TAIL_SAMPLES:
+        return f"– ({beyond} beyond, <{MIN_TAIL_SAMPLES})"
+    return f"{shown} ({beyond} beyond)"
+
+
+def tail_note(sample: str = "request") -> str:
+    """The sentence a table with tail figures adds to its note: what its count means."""
+    return (f"Tail latencies: (k beyond) = how many {sample}s' latencies lie beyond that "
+            f"percentile, in the repetition with the fewest {sample}s (a median over "
+            f"repetitions counts its thinnest tail); with fewer than {MIN_TAIL_SAMPLES} beyond, "
+            "no figure is printed (–).")
 
 
 def prefer_quiet(runs: list, is_noisy) -> tuple[list, int, bool]:

@@ -275,6 +275,20 @@ def _p99(r: dict, cls: str | None = None) -> float | None:
     return c["latency_us"].get("p99") if c and c["requests"] else None
 
 
+def _samples(r: dict, cls: str | None = None) -> int | None:
+    """The latency samples behind ``_p99(r, cls)``: the long-lived client's requests (the
+    record's ``requests`` counts both clients'), or one class's."""
+    if cls is None:
+        return r.get("requests_long")
+    c = (r["client"].get("classes") or {}).get(cls)
+    return c["requests"] if c else None
+
+
+def _tail_ms(mr: dict | None, samples: int | None) -> str:
+    """A median p99 (µs) in ms with the samples beyond it (analysis.fmt_tail)."""
+    return analysis.fmt_tail(mr["median"], samples, 99, digits=2, scale=1e-3) if mr else "–"
+
+
 def sustained(points: list[tuple[float, float]], target: float) -> float | None:
     """The utilisation up to which p99 stays within ``target``: (load, p99) pairs sorted by
     load, linear between the last load that met it and the first that did not.  None if
@@ -320,24 +334,27 @@ def summarize(records: list[dict], p: dict, notes: PlanNotes) -> Summary:
             p99 = analysis.median_range(_p99(r) for r in used)
             p99_light = analysis.median_range(_p99(r, "light") for r in used)
             churn99 = analysis.median_range(r["churn"]["latency_us"].get("p99") for r in used)
+            # the samples behind each p99, in the thinnest repetition (analysis.fmt_tail)
+            samples = {"p99": analysis.fewest_samples(_samples(r) for r in used),
+                       "p99_light": analysis.fewest_samples(_samples(r, "light") for r in used),
+                       "churn_p99": analysis.fewest_samples(r["churn"].get("requests") for r in used)}
             client = analysis.median_range(r["client"]["cpu_util_all"] for r in used)
             met = sum(r["client"]["rate_met"] and r["churn"]["rate_met"] for r in used)
             bound = row_bound([r["bound"] for r in used])
             s.values[f"{cfg}.load={load:.2f}"] = {
                 "slope": slope, "busy_spread": busy, "p99": p99, "p99_light": p99_light,
                 "churn_p99": churn99, "client_util": client, "bound": bound,
-                "rate_met": met, "n": len(used)}
+                "rate_met": met, "n": len(used), "samples": samples}
             rows.append([*cfg.split("/"), f"{100 * load:.0f}%", str(len(used)),
                          analysis.fmt_interval(slope, 2, signed=True),
                          f"{100 * busy['median']:.0f} pp" if busy else "–",
-                         f"{p99['median'] / 1000:.2f}" if p99 else "–",
-                         f"{p99_light['median'] / 1000:.2f}" if p99_light else "–",
-                         f"{churn99['median'] / 1000:.2f}" if churn99 else "–",
+                         _tail_ms(p99, samples["p99"]), _tail_ms(p99_light, samples["p99_light"]),
+                         _tail_ms(churn99, samples["churn_p99"]),
                          f"{100 * client['median']:.0f}%" if client else "–",
                          f"{met}/{len(used)}", bound + (", noisy" if all_noisy else "")])
             if p99:
                 curve.append((load, p99["median"]))
-                cells_p99.append(f"{p99['median'] / 1000:.2f}")
+                cells_p99.append(_tail_ms(p99, samples["p99"]))
             else:
                 cells_p99.append("–")
         reach = sustained(curve, target_us)
@@ -351,13 +368,16 @@ def summarize(records: list[dict], p: dict, notes: PlanNotes) -> Summary:
         rows, note="Slope: per repetition, least squares of each worker's share of an interval's "
                    "accepts (minus 1/W) on its busy fraction in the interval before (minus the mean); "
                    "negative = a busy worker wins less.  Busy spread: busiest minus idlest worker "
-                   "over the window.  p99: the long-lived requests from their intended send time.",
+                   "over the window.  p99: the long-lived requests from their intended send time; "
+                   "churn p99: the churned connections' requests.  " + analysis.tail_note(),
         key="slope"))
     s.tables.append(Table(
         f"p99 of the long-lived requests (ms) against utilisation, and the load each strategy "
         f"sustains at p99 <= {p['p99_target_ms']:g} ms",
         ["backend", "mode", "accept", *[f"{100 * x:.0f}%" for x in loads], "sustained"],
-        p99_rows, key="p99"))
+        p99_rows, key="p99",
+        note="Sustained: interpolated between the measured loads' median p99s.  "
+             + analysis.tail_note()))
     # Verdict lines: the slope's sign at each load (where its 95% interval lies), the tail.
     for cfg in cfgs:
         fewer, more, neither, ranges = [], [], [], []

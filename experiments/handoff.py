@@ -32,6 +32,7 @@ from __future__ import annotations
 import os
 import statistics
 
+from parallelnet.experiments import analysis
 from parallelnet.experiments.analysis import prefer_quiet
 from parallelnet.experiments.framework import (
     Context, Experiment, Plan, PlanNotes, Point, Summary, Table, labelled_configs, rotated,
@@ -121,7 +122,9 @@ def summary_rows(runs: list[dict], labels: list[str]) -> list[dict]:
                      "us_per_conn": statistics.median(cpu), "us_min": min(cpu), "us_max": max(cpu),
                      "conn_rate": statistics.median(rate), "rate_min": min(rate), "rate_max": max(rate),
                      "p50_us": statistics.median(r["p50_us"] for r in rs),
-                     "p99_us": statistics.median(r["p99_us"] for r in rs)})
+                     "p99_us": statistics.median(r["p99_us"] for r in rs),
+                     # churn: one latency sample per connection; the thinnest run's count
+                     "samples": analysis.fewest_samples(r.get("completed") for r in rs)})
     base = next((r for r in rows if r["label"] == labels[0]), None)
     for r in rows:
         if base:
@@ -137,7 +140,8 @@ def table_row(r: dict) -> list[str]:
     return [r["label"] + (" (noisy)" if r.get("all_noisy") else ""), r["backend"], str(r["n"]),
             f"{f(r['us_per_conn'])} ({f(r['us_min'])}–{f(r['us_max'])})", f(r.get("vs_first"), ".3f"),
             f"{r['conn_rate'] / 1e3:.1f}k ({r['rate_min'] / 1e3:.1f}–{r['rate_max'] / 1e3:.1f}k)",
-            f"{r['p50_us']:.0f}", f"{r['p99_us']:.0f}", r.get("bound", "?")]
+            f"{r['p50_us']:.0f}", analysis.fmt_tail(r["p99_us"], r.get("samples"), 99),
+            r.get("bound", "?")]
 
 
 def header(first: str) -> list[str]:
@@ -150,7 +154,8 @@ def summarize(records: list[dict], p: dict, notes: PlanNotes) -> Summary:
     labels = notes.ran or list(dict.fromkeys(r["label"] for r in records))
     rows = summary_rows(records, labels)
     s.tables.append(Table("The dispatch channel: server CPU per connection", header(labels[0]),
-                          [table_row(r) for r in rows], key="all"))
+                          [table_row(r) for r in rows], key="all",
+                          note="p99: connect, one echo and close.  " + analysis.tail_note("connection")))
     for r in rows:
         for k in ("us_per_conn", "vs_first", "rate_vs_first"):
             s.values[f"{r['label']}.{k}"] = r.get(k)

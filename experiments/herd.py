@@ -195,23 +195,28 @@ def summarize(records: list[dict], p: dict, notes: PlanNotes) -> Summary:
                              "ics_per_accept", "jain")}
                     achieved = _med(r["rps"] for r in used)
                     p99 = _med(r["client"]["latency_us"].get("p99") for r in used)
+                    # churn: one latency sample per connection
+                    samples = analysis.fewest_samples(analysis.latency_samples(r) for r in used)
                     met = all(r["client"]["rate_met"] for r in used)
                     bound = analysis.row_bound([r["bound"] for r in used])
                     s.values[f"{cfg}.{placement}.rate={rate:g}.n={n}"] = {
-                        "cpu": cpu, **vals, "conn_rate": achieved, "p99": p99, "bound": bound}
+                        "cpu": cpu, **vals, "conn_rate": achieved, "p99": p99, "bound": bound,
+                        "samples": samples}
                     rows.append([b, m, st, f"{rate:g}", str(n), str(len(used)),
                                  f"{cpu['median']:.1f} ({cpu['min']:.1f}–{cpu['max']:.1f})" if cpu else "–",
                                  _f(vals["lost_per_accept"], ".3f"), _f(vals["listen_wakeups_per_accept"], ".2f"),
                                  _f(vals["vcs_per_accept"], ".2f"), _f(vals["ics_per_accept"], ".2f"),
                                  _f(vals["jain"], ".3f"), f"{achieved:.0f}" + ("" if met else " (not met)"),
-                                 _f(p99, ".0f"), bound + (", noisy" if all_noisy else "")])
+                                 analysis.fmt_tail(p99, samples, 99),
+                                 bound + (", noisy" if all_noisy else "")])
         s.tables.append(Table(
             f"The herd, workers {placement}",
             ["backend", "mode", "strategy", "conn/s offered", "N", "n", "server µs/conn (min–max)",
              "lost/accept", "listen wakeups/accept", "voluntary cs/accept", "involuntary cs/accept",
              "Jain", "conn/s", "p99 µs", "bound"], rows,
             note="unobservable: io_uring's accepts wait inside the kernel, so a lost race never reaches "
-                 "user space.",
+                 "user space.  p99: connect, one echo and close, from the intended connect time.  "
+                 + analysis.tail_note("connection"),
             key=placement))
     # The herd's price: the shared socket against each race-free control, same N, paired
     # over the repetitions where neither point was client- or both-bound.

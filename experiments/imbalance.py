@@ -25,6 +25,7 @@ CPU (hence a light client); latency is the client's, not split per worker.
 
 from __future__ import annotations
 
+import math
 import os
 import statistics
 import time
@@ -223,6 +224,8 @@ def summarize(records: list[dict], p: dict, notes: PlanNotes) -> Summary:
                 continue
             used, dropped, all_noisy = analysis.prefer_quiet(rs, lambda r: r["noise"]["noisy"])
             lat = {k: _med(r["client"]["latency_us"].get(k) for r in used) for k in ("p50", "p99", "p99.9")}
+            # churn: one latency sample per connection, counted in the thinnest repetition
+            samples = analysis.fewest_samples(analysis.latency_samples(r) for r in used)
             reqshare = _med(r["request_share"][_other(0, r)] for r in used if r.get("request_share"))
             lost = [_med(r["lost_per_wakeup"][_other(i, r)] for r in used if r.get("lost_per_wakeup"))
                     for i in (0, 1)]
@@ -233,7 +236,8 @@ def summarize(records: list[dict], p: dict, notes: PlanNotes) -> Summary:
             ccpu = _med(r["client"]["cpu_util"] for r in used)
             met = all(r["client"]["rate_met"] for r in used)
             s.values[f"cost.{cfg}.{d:.2f}"] = {"lat": lat, "cpu_us_per_conn": cpu, "conn_rate": rate,
-                                               "lost_per_wakeup": lost, "worker_util": util}
+                                               "lost_per_wakeup": lost, "worker_util": util,
+                                               "samples": samples}
             rows.append([b, st, f"{100 * d:.0f}%", f"{rate:.0f}" + ("" if met else " (rate not met)"),
                          f"{100 * reqshare:.0f}%" if reqshare is not None else "–",
                          f"{cpu:.1f}" if cpu is not None else "–",
@@ -241,7 +245,8 @@ def summarize(records: list[dict], p: dict, notes: PlanNotes) -> Summary:
                          " / ".join(f"{x:.3f}" if x is not None else
                                     ("–" if not _woke(used, i) else "unobservable")
                                     for i, x in enumerate(lost)),
-                         f"{lat['p50']:.0f}", f"{lat['p99']:.0f}", f"{lat['p99.9']:.0f}",
+                         f"{lat['p50']:.0f}", analysis.fmt_tail(lat["p99"], samples, 99),
+                         analysis.fmt_tail(lat["p99.9"], samples, 99.9),
                          f"{100 * ccpu:.0f}%" + (" noisy" if all_noisy else "")])
         ratio = paired_delta(steady, b, st, lambda r: r["client"]["latency_us"].get("p99"),
                              max(duties), min(duties), ratio=True)
@@ -254,7 +259,7 @@ def summarize(records: list[dict], p: dict, notes: PlanNotes) -> Summary:
         note="Lost races are unobservable under io_uring (its accept waits inside the "
              "kernel); '–': the worker's listener never woke it (dispatch, or a reuseport-cpu "
              "socket that gets no connection). Latency is the client's, from the intended "
-             "connect time.",
+             "connect time.  " + analysis.tail_note("connection"),
         key="cost"))
     # The step.
     steps = [r for r in records if r["params"].get("step") and r.get("series")]
@@ -276,8 +281,9 @@ def summarize(records: list[dict], p: dict, notes: PlanNotes) -> Summary:
             "The step: the hogged worker's share before and after a 100% hog switches on mid-run",
             ["backend", "strategy", "share before", "share after (from +0.5 s)",
              "settle time s", "n"], rows,
-            note="Settle time: from the step until the first 0.25 s interval whose share is "
-                 "within 5 points of the after-median.", key="step"))
+            note="Medians over every repetition (n) of each repetition's own median share "
+                 "before and after, and of its settle time: from the step until the first 0.25 s "
+                 "interval whose share is within 5 points of the after-median.", key="step"))
     for cfg in cfgs:
         d = s.values.get(f"delta_share.{cfg}")
         r = s.values.get(f"p99_ratio.{cfg}")
@@ -332,17 +338,53 @@ def figures(summary: Summary, records: list[dict], ctx: Context) -> list[str]:
            plots.lines(lat, f"{ctx.outdir}/imbalance-p99.png", "hog duty on worker 0's CPU (%)",
                        "p99 latency of connect+echo+close (µs)", title="What the imbalance costs",
                        logy=True, panels=backends)]
-    steps = {}
+    steps, reps = {}, set()
+    width = interval_width([r for r in records if r["params"].get("step") and r.get("series")])
     for cfg in cfgs:
         b, st = cfg.split("/", 1)
         rs = [r for r in _by(records, backend=b, strategy=st) if r["params"].get("step") and r.get("series")]
-        if rs:
-            r = rs[0]
-            steps[f"{b}|{st}"] = [(x[0] - r["step_at"], 100 * x[1], 100 * x[1], 100 * x[1]) for x in r["series"]]
+        if rs and width:
+            steps[f"{b}|{st}"] = [(x, 100 * med, 100 * lo, 100 * hi)
+                                  for x, med, lo, hi in step_band(rs, width)]
+            reps.add(len(rs))
     if steps:
+        n = f"{min(reps)}" if len(reps) == 1 else f"{min(reps)}–{max(reps)}"
         out.append(plots.lines(steps, f"{ctx.outdir}/imbalance-step.png",
-                               "seconds since the hog switched on", "hogged worker's share per 0.25 s (%)",
-                               title="The step (first repetition)", hline=50.0, panels=backends))
+                               "seconds since the hog switched on (0: the interval it switched on in)",
+                               f"hogged worker's share per {width:g} s (%)",
+                               title=f"The step: median and range of {n} repetitions per interval",
+                               hline=50.0, panels=backends))
+    return out
+
+
+def interval_width(records: list[dict]) -> float | None:
+    """The stats interval of the step series (s): the median spacing of their points (the
+    server's ``interval``, which the records do not name), to 10 ms - the servers' ticks
+    come a millisecond or so late, which would otherwise show in every label."""
+    gaps = [b[0] - a[0] for r in records for a, b in zip(r["series"], r["series"][1:])]
+    return round(statistics.median(gaps), 2) if gaps else None
+
+
+def step_band(rs: list[dict], width: float) -> list[tuple[float, float, float, float]]:
+    """The step across repetitions: [(seconds since the step, median share, min, max)].
+
+    Each repetition's stats intervals end at its own server's clock ticks (``t`` is an
+    interval's end), so they are aligned on the step by their centres: bin k holds the
+    interval whose centre lies nearest k widths after the step - bin 0 the one the hog
+    switched on in (one value per repetition and bin: the median, should two fall in
+    one).  Only bins that every repetition reaches are drawn, so each point is the
+    median of all of them."""
+    bins: dict[int, dict[int, list[float]]] = {}
+    for i, r in enumerate(rs):
+        for t, share, _ in r["series"]:
+            k = math.floor((t - width / 2 - r["step_at"]) / width + 0.5)
+            bins.setdefault(k, {}).setdefault(i, []).append(share)
+    out = []
+    for k in sorted(bins):
+        if len(bins[k]) < len(rs):
+            continue
+        vals = [statistics.median(v) for v in bins[k].values()]
+        out.append((round(k * width, 3), statistics.median(vals), min(vals), max(vals)))
     return out
 
 

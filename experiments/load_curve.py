@@ -126,6 +126,8 @@ def row_stats(rs: list[dict]) -> dict:
         "rps": statistics.median(r["rps"] for r in used),
         "offered": used[0].get("offered"),
         "p50": lat("p50"), "p99": lat("p99"), "p99.9": lat("p99.9"),
+        # the latency samples behind those percentiles, in the thinnest repetition
+        "samples": analysis.fewest_samples(analysis.latency_samples(r) for r in used),
         "server_util": statistics.median(r["server"]["cpu_util"] for r in used),
         "client_util": statistics.median(r["client"]["cpu_util"] for r in used),
         "bound": row_bound(bounds),
@@ -203,7 +205,7 @@ def summarize(records: list[dict], p: dict, notes: PlanNotes) -> Summary:
                 ratio_cells.append(analysis.fmt_ratio(rr) if rr else
                                    ("not ranked (" + st["bound"] + "-bound)" if not st["rankable"] else "–"))
             s.values[f"cpu.{b}.{load}"] = cpu
-            s.values[f"lat.{b}.{load}"] = {k: st[k] for k in ("p50", "p99", "p99.9")}
+            s.values[f"lat.{b}.{load}"] = {k: st[k] for k in ("p50", "p99", "p99.9", "samples")}
             s.values[f"bound.{b}.{load}"] = st["bound"]
             flags = []
             if not st["rankable"]:
@@ -217,7 +219,8 @@ def summarize(records: list[dict], p: dict, notes: PlanNotes) -> Summary:
             rows.append([load, b, str(st["n"]),
                          f"{cpu['median']:.2f} ({cpu['min']:.2f}–{cpu['max']:.2f})" if cpu else "–",
                          f"{st['user']:.2f}/{st['sys']:.2f}", f"{st['rps']:.0f}",
-                         f"{st['p50']:.0f}", f"{st['p99']:.0f}", f"{st['p99.9']:.0f}",
+                         f"{st['p50']:.0f}", analysis.fmt_tail(st["p99"], st["samples"], 99),
+                         analysis.fmt_tail(st["p99.9"], st["samples"], 99.9),
                          f"{100 * st['server_util']:.0f}/{100 * st['client_util']:.0f}",
                          *ratio_cells, ", ".join(flags) or "ok"])
     s.tables.append(Table(
@@ -227,7 +230,8 @@ def summarize(records: list[dict], p: dict, notes: PlanNotes) -> Summary:
         + ["flags"], rows,
         note="load=F: open loop at F × the slowest backend's capacity; rate=R: open loop at R "
              "req/s; sat: closed loop.  Ratios are paired within each repetition; a point whose "
-             "client (or both sides) was saturated is not ranked.", key="cost"))
+             "client (or both sides) was saturated is not ranked.  " + analysis.tail_note(),
+        key="cost"))
     # The same, compact: one row per backend, one column per load (CPU per request and the
     # paired ratio to the first baseline), client-bound cells marked.
     base = baselines[-1] if baselines else None
@@ -434,7 +438,7 @@ def window_summarize(records: list[dict], p: dict, notes: PlanNotes) -> Summary:
             # Matched latency: the epoll configuration whose median p99 is nearest.
             near = min(((abs(s.values[f"lat.{e}.{load}"]["p99"] - lat_u["p99"]), e)
                         for e in epoll.values() if s.values.get(f"lat.{e}.{load}")), default=None)
-            cells = [str(b), f"{lat_u['p50']:.0f}/{lat_u['p99']:.0f}"]
+            cells = [str(b), p50_p99(lat_u)]
             for other in (same, near[1] if near else None):
                 if other is None:
                     cells += ["–", "–"]
@@ -442,7 +446,7 @@ def window_summarize(records: list[dict], p: dict, notes: PlanNotes) -> Summary:
                 lat_e = s.values[f"lat.{other}.{load}"]
                 rr = paired_ratio(records, f"{u}/{load}", f"{other}/{load}")
                 s.values[f"vs.{u}.{other}.{load}"] = rr
-                cells += [f"{other} ({lat_e['p50']:.0f}/{lat_e['p99']:.0f})", analysis.fmt_ratio(rr)]
+                cells += [f"{other}: {p50_p99(lat_e)}", analysis.fmt_ratio(rr)]
             rows.append(cells)
         if rows:
             s.tables.append(Table(
@@ -452,8 +456,15 @@ def window_summarize(records: list[dict], p: dict, notes: PlanNotes) -> Summary:
                  "server CPU uring ÷ it"], rows,
                 note="Both windows follow one policy (backends/uring/event_core.c window_nr, backends/window.py); "
                      "epoll's waits out the budget where io_uring returns on a full batch.  Ratios "
-                     "paired within each repetition.", key=f"policy.{load}"))
+                     "paired within each repetition.  " + analysis.tail_note(),
+                key=f"policy.{load}"))
     return s
+
+
+def p50_p99(lat: dict) -> str:
+    """``110/225 (38 beyond)``: a configuration's median p50 and p99, the p99 with the
+    samples beyond it (analysis.fmt_tail; runs before the count was kept: ``?``)."""
+    return f"{lat['p50']:.0f}/{analysis.fmt_tail(lat['p99'], lat.get('samples'), 99)}"
 
 
 def budget_of(label: str) -> tuple[str, int] | None:

@@ -64,11 +64,33 @@ def run_point(point: Point, ctx: Context) -> dict:
     rec["server"]["cpu_us_per_kib"] = cpu / (q["size"] / 1024) if cpu is not None else None
     return rec
 
+def ranked(values: dict, cfg: str, base_cfg: str) -> bool:
+    """Whether the tables rank ``cfg`` against the baseline ``base_cfg`` (same workload and
+    load) - and so whether the ratio figure draws it: a paired ratio exists, and neither
+    side was client- or both-bound in any repetition (``row_bound``).  Where either was,
+    the ratio rests only on the pairs in which neither was, fewer than the row's
+    repetitions, or says something about the client."""
+    v, b = values.get(cfg), values.get(base_cfg)
+    return (bool(v and b and v.get("ratio")) and v["bound"] in RANKABLE
+            and b["bound"] in RANKABLE)
+
+
+def why_unranked(values: dict, cfg: str, base_cfg: str, base: str) -> str:
+    """Why ``ranked`` said no, in the words of a table cell."""
+    v, b = values.get(cfg), values.get(base_cfg)
+    if v and v["bound"] not in RANKABLE:
+        return f"{v['bound']}-bound"
+    if b and b["bound"] not in RANKABLE:
+        return f"{base} {b['bound']}-bound"
+    return "no paired ratio"
+
+
 def summarize(records: list[dict], p: dict, notes: PlanNotes) -> Summary:
     s = Summary()
     labels = notes.ran or sorted({r["params"]["label"] for r in records})
     base = p.get("baseline", "epoll")
-    rows = []
+    # Every cell's figures first: whether a cell is ranked depends on its baseline's too.
+    stats = {}
     for proto, size, rate in workloads(p):
         for load in p.get("loads", ("rate", "sat")):
             for label in labels:
@@ -76,26 +98,39 @@ def summarize(records: list[dict], p: dict, notes: PlanNotes) -> Summary:
                 rs = [r for r in records if r["config"] == cfg]
                 if not rs:
                     continue
-                st = row_stats(rs)
+                st = stats[cfg] = row_stats(rs)
                 rr = paired_ratio(records, cfg, f"{base}/{proto}-{size}/{load}") if label != base else None
                 s.values[f"{cfg}"] = {"cpu": st["cpu"], "p99": st["p99"], "rps": st["rps"],
-                                      "bound": st["bound"], "ratio": rr}
+                                      "bound": st["bound"], "ratio": rr, "samples": st["samples"]}
+    rows = []
+    for proto, size, rate in workloads(p):
+        for load in p.get("loads", ("rate", "sat")):
+            base_cfg = f"{base}/{proto}-{size}/{load}"
+            for label in labels:
+                cfg = f"{label}/{proto}-{size}/{load}"
+                if cfg not in stats:
+                    continue
+                st, rr = stats[cfg], s.values[cfg]["ratio"]
                 kib = size / 1024
                 rows.append([f"{proto} {size} B", "rate " + f"{rate:g}" if load == "rate" else "sat",
                              label, str(st["n"]),
                              f"{st['cpu']['median']:.1f} ({st['cpu']['min']:.1f}–{st['cpu']['max']:.1f})"
                              if st["cpu"] else "–",
                              f"{st['cpu']['median'] / kib:.2f}" if st["cpu"] else "–",
-                             f"{st['rps']:.0f}", f"{st['p50']:.0f}", f"{st['p99']:.0f}",
-                             "1" if label == base else (analysis.fmt_ratio(rr) if rr else
-                                                        f"not ranked ({st['bound']}-bound)"),
+                             f"{st['rps']:.0f}", f"{st['p50']:.0f}",
+                             analysis.fmt_tail(st["p99"], st["samples"], 99),
+                             "1" if label == base else (
+                                 analysis.fmt_ratio(rr) if ranked(s.values, cfg, base_cfg) else
+                                 f"not ranked ({why_unranked(s.values, cfg, base_cfg, base)})"),
                              st["bound"] + ("" if st["rate_met"] else ", rate not met")])
     s.tables.append(Table(
         "Server CPU per request by payload size",
         ["workload", "load", "config", "n", "server µs/req (min–max)", "µs per KiB", "req/s",
          "p50 µs", "p99 µs", f"× {base} (paired, 95% CI)", "bound"], rows,
         note="uring-zc: IORING_OP_SEND_ZC for sends of 16 KiB or more; on loopback the kernel "
-             "copies anyway.", key="all"))
+             "copies anyway.  A ratio is ranked only where neither side was client- or "
+             "both-bound in any repetition (else it would rest on fewer pairs).  "
+             + analysis.tail_note(), key="all"))
     # Page faults per request (runs from 2026-12-05 on record them): a server that reuses
     # its buffers takes none in steady state; one that allocates per reply takes hundreds.
     faults = []
@@ -119,31 +154,32 @@ def summarize(records: list[dict], p: dict, notes: PlanNotes) -> Summary:
     for proto, size, rate in workloads(p):
         for load in p.get("loads", ("rate", "sat")):
             cells = []
+            base_cfg = f"{base}/{proto}-{size}/{load}"
             for label in labels:
-                v = s.values.get(f"{label}/{proto}-{size}/{load}")
+                cfg = f"{label}/{proto}-{size}/{load}"
+                v = s.values.get(cfg)
                 if not v or not v["cpu"]:
                     cells.append("–")
                 elif label == base:
                     cells.append(f"{v['cpu']['median']:.1f}" + ("" if v["bound"] in RANKABLE
                                                                else f" ({v['bound']}-bound)"))
-                elif v["bound"] not in RANKABLE:
-                    cells.append(f"{v['cpu']['median']:.1f} ({v['bound']}-bound)")
+                elif ranked(s.values, cfg, base_cfg):
+                    cells.append(f"{v['cpu']['median']:.1f} ({v['ratio']['estimate']:.2f}×)")
                 else:
-                    r = v["ratio"]
-                    cells.append(f"{v['cpu']['median']:.1f}" + (f" ({r['estimate']:.2f}×)" if r else ""))
+                    cells.append(f"{v['cpu']['median']:.1f} ({why_unranked(s.values, cfg, base_cfg, base)})")
             rows.append([f"{proto} {size} B", f"{rate:g}/s" if load == "rate" else "sat", *cells])
     s.tables.append(Table(
         f"Server CPU µs per request by payload, with the paired ratio to {base}",
         ["workload", "load", *labels], rows,
         note=f"(×): the paired ratio to {base} as the full table estimates it (geometric mean "
-                 "from 8 pairs, else the median); client- or both-bound cells are not "
-             "ranked. Spread and latency: the full table in the run's summary.md.", key="compact"))
+                 "from 8 pairs, else the median); client- or both-bound cells, and cells whose "
+             f"{base} was, are not ranked. Spread and latency: the full table in the run's "
+             "summary.md.", key="compact"))
     for label in labels:
         if label == base:
             continue
         rs = [(k, v["ratio"]) for k, v in s.values.items()
-              if k.startswith(f"{label}/") and isinstance(v, dict) and v.get("ratio")
-              and v["bound"] in RANKABLE]
+              if k.startswith(f"{label}/") and ranked(s.values, k, f"{base}/{k.split('/', 1)[1]}")]
         if rs:
             s.findings.append(f"{label} vs {base}: " + "; ".join(
                 f"{k.split('/', 1)[1]} ×{r['estimate']:.2f}" for k, r in rs))
@@ -181,16 +217,19 @@ def figures(summary: Summary, records: list[dict], ctx: Context) -> list[str]:
             for load in p.get("loads", ("rate", "sat")):
                 pts = []
                 for pr, size, _ in workloads(p):
-                    v = summary.values.get(f"{label}/{pr}-{size}/{load}")
-                    if pr == proto and v and v.get("ratio"):
-                        r = v["ratio"]
+                    cfg, base_cfg = f"{label}/{pr}-{size}/{load}", f"{base}/{pr}-{size}/{load}"
+                    # exactly what the tables rank: nothing they mark "not ranked"
+                    if pr == proto and ranked(summary.values, cfg, base_cfg):
+                        r = summary.values[cfg]["ratio"]
                         pts.append((size, r["estimate"], r["interval"][0], r["interval"][1]))
                 if pts:
                     ratios[f"{proto}, {'fixed rate' if load == 'rate' else 'saturation'}|{label}"] = pts
     if ratios:
         out.append(plots.lines(ratios, f"{ctx.outdir}/sizes-ratio.png", "payload bytes (log)",
                                f"server CPU per request ÷ {base}'s (paired)",
-                               title=f"What each configuration buys over {base}, by payload",
+                               title=f"What each configuration buys over {base}, by payload "
+                                     f"(cells the table does not rank - client- or both-bound "
+                                     f"on either side - are left out)",
                                hline=1.0, panels=sorted({k.split("|")[0] for k in ratios}),
                                logx=True, ylim0=False))
     return out

@@ -140,6 +140,9 @@ def summarize(records: list[dict], p: dict, notes: PlanNotes) -> Summary:
                 p99 = analysis.median_range([r["client"]["latency_us"]["p99"]
                                              for r in recs.values()
                                              if (r.get("client") or {}).get("latency_us")])
+                # the samples behind the p99s, in the thinnest repetition
+                samples = analysis.fewest_samples(analysis.latency_samples(r) for r in recs.values()
+                                                  if (r.get("client") or {}).get("latency_us"))
                 bounds = analysis.row_bound([str(r.get("bound")) for r in recs.values()])
                 ratio = diff = None
                 if pl != BASE and base:
@@ -151,9 +154,10 @@ def summarize(records: list[dict], p: dict, notes: PlanNotes) -> Summary:
                     s.values[f"moved_us.{b}.{w}.{pl}"] = diff
                 s.values[f"server_us.{b}.{w}.{pl}"] = srv
                 s.values[f"client_us.{b}.{w}.{pl}"] = cli
+                s.values[f"p99.{b}.{w}.{pl}"] = {**p99, "samples": samples} if p99 else None
                 rows.append([b, w, f"{rate}/s", pl, len(recs),
                              _mr(srv), _mr(cli),
-                             f"{p99['median']:.0f}" if p99 else "–",
+                             analysis.fmt_tail(p99["median"], samples, 99) if p99 else "–",
                              analysis.fmt_ratio(ratio) if ratio else ("1" if pl == BASE else "–"),
                              analysis.fmt_interval(diff, digits=2, unit=" µs") if diff else "–",
                              bounds])
@@ -173,7 +177,7 @@ def summarize(records: list[dict], p: dict, notes: PlanNotes) -> Summary:
              "of its tasks (softirq run in their context included), client CPU the load "
              "generator's threads.  veth: client in a network namespace, receive on the "
              "sender's CPU (veth's default); veth-steered: each end's receive steered to its "
-             "own side's CPUs (RPS)."))
+             "own side's CPUs (RPS).  " + analysis.tail_note()))
     if compact:
         s.tables.append(Table(
             "The client's stack cost that loopback charges to the server",

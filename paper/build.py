@@ -205,6 +205,7 @@ def soak(dirs: list[str], tables: dict, values: dict) -> None:
 def handoff(dirs: list[str], tables: dict, values: dict) -> None:
     (rel,) = dirs
     data = _load(rel, "handoff.json")
+    from parallelnet.experiments.analysis import fmt_tail, tail_note
     from parallelnet.experiments.handoff import summary_rows
 
     labels = list(dict.fromkeys(r["label"] for r in data["runs"]))
@@ -215,12 +216,14 @@ def handoff(dirs: list[str], tables: dict, values: dict) -> None:
                      f"{fmt(r['us_per_conn'])} ({fmt(r['us_min'])}–{fmt(r['us_max'])})",
                      fmt(r.get("vs_first"), ".3f"),
                      f"{r['conn_rate'] / 1e3:.1f}k ({r['rate_min'] / 1e3:.1f}–{r['rate_max'] / 1e3:.1f}k)",
-                     f"{r['p50_us']:.0f}", f"{r['p99_us']:.0f}", r.get("bound", "?")])
+                     f"{r['p50_us']:.0f}", fmt_tail(r["p99_us"], r.get("samples"), 99),
+                     r.get("bound", "?")])
         for k in ("us_per_conn", "vs_first", "rate_vs_first"):
             values[f"handoff:{r['label']}.{k}"] = r.get(k)
     tables["handoff:all"] = (
         md_table(["channel", "backend", "n", "server CPU µs/connection, median (min–max)",
                   f"× {labels[0]}", "conn/s (min–max)", "p50 µs", "p99 µs", "bound"], rows)
+        + f"\n\n{tail_note('connection')}"
         + f"\n\n*Source: `{rel}`.*")
 
 

@@ -98,3 +98,38 @@ def test_series_t_quantile_matches_scipy_where_intervals_are_computed():
     for df in range(7, 200):
         for p in (0.975, 0.95, 0.995):
             assert abs(analysis.t_quantile_series(p, df) - t.ppf(p, df)) < 1e-3, (df, p)
+
+
+# -- tail percentiles and the samples beyond them ------------------------------------------
+
+def test_ten_samples_beyond_a_percentile_print_it_and_nine_do_not():
+    # 1,000 samples: p99 is the 990th, 10 lie beyond it; 999 samples: still the 990th, 9.
+    assert analysis.tail_samples(1000, 99) == analysis.MIN_TAIL_SAMPLES == 10
+    assert analysis.tail_samples(999, 99) == 9
+    assert analysis.fmt_tail(225.4, 1000, 99) == "225 (10 beyond)"
+    assert analysis.fmt_tail(225.4, 999, 99) == "– (9 beyond, <10)"
+    # p99.9 of 4,500 connections (an imbalance point) rests on 4 of them.
+    assert analysis.fmt_tail(3100.0, 4500, "p99.9") == "– (4 beyond, <10)"
+    assert analysis.fmt_tail(2.345e3, 20000, "p99", digits=2, scale=1e-3) == "2.35 (200 beyond)"
+
+
+def test_samples_beyond_count_from_the_sample_the_load_generator_reports():
+    """The count is of the samples ranked after the one reported as the percentile, by
+    the generator's own arithmetic (its float rounding included)."""
+    from parallelnet.experiments.loadgen.loadgen import percentiles_from_histogram
+
+    for n in (1, 9, 10, 99, 100, 101, 999, 1000, 1001, 4500, 10000):
+        hist = [(1000 * (i + 1), 1) for i in range(n)]   # n distinct values, one sample each
+        pcts = percentiles_from_histogram(hist)
+        for key, value_us in pcts.items():
+            beyond = sum(1000 * (i + 1) > value_us * 1000 for i in range(n))
+            assert analysis.tail_samples(n, analysis.percentile_of(key)) == beyond, (n, key)
+
+
+def test_a_median_of_tails_counts_its_thinnest_repetition():
+    assert analysis.fewest_samples([15000, 14200, 14999]) == 14200
+    assert analysis.fewest_samples([15000, None]) is None     # a record without the count
+    assert analysis.fewest_samples([]) is None
+    assert analysis.fmt_tail(225.0, None, 99) == "225 (? beyond)"
+    assert analysis.fmt_tail(None, 1000, 99) == "–"
+    assert analysis.tail_samples(0, 99) == 0

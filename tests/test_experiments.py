@@ -197,3 +197,94 @@ def test_read_records_ignores_the_record_being_written(tmp_path):
     path.write_text(whole + "\n" + whole + "\n")
     assert len(read_records(str(path))) == 2
     assert read_records(str(tmp_path / "missing.jsonl")) == []
+
+
+def test_a_tail_with_fewer_than_ten_samples_beyond_it_is_not_printed():
+    """load-curve's cost table: p99 of 5,000 requests (50 beyond) is printed with its count,
+    p99.9 of them (4 beyond: the generator's rank of it is 4,996, float rounding included)
+    and p99 of 500 (5 beyond) are not; the count is the thinnest repetition's."""
+    from parallelnet.experiments import load_curve
+    from parallelnet.experiments.framework import PlanNotes
+
+    def rec(backend, rep, requests):
+        return {"config": f"{backend}/rate=1000", "rep": rep, "bound": "offered", "rps": 1000.0,
+                "requests": requests, "offered": 1000, "noise": {"noisy": False},
+                "params": {"label": backend, "backend": backend, "kind": "rate", "value": 1000},
+                "server": {"cpu_us_per_req": 10.0, "user_us_per_req": 4.0, "sys_us_per_req": 6.0,
+                           "cpu_util": 0.01},
+                "client": {"latency_us": {"p50": 100.0, "p99": 300.0, "p99.9": 900.0},
+                           "cpu_util": 0.02, "rate_met": True, "mode": "open", "errors": 0}}
+
+    records = [rec("epoll", 0, 5000), rec("epoll", 1, 6000), rec("native", 0, 500)]
+    p = {"loads": [("rate", 1000)], "baselines": ["epoll"]}
+    s = load_curve.summarize(records, p, PlanNotes(["epoll", "native"], {}))
+    (cost,) = [t for t in s.tables if t.key == "cost"]
+    col = {h: i for i, h in enumerate(cost.header)}
+    rows = {r[col["backend"]]: r for r in cost.rows}
+    assert rows["epoll"][col["p99 µs"]] == "300 (50 beyond)"
+    assert rows["epoll"][col["p99.9 µs"]] == "– (4 beyond, <10)"
+    assert rows["native"][col["p99 µs"]] == "– (5 beyond, <10)"
+    assert "fewer than 10 beyond" in cost.note
+    assert s.values["lat.epoll.rate=1000"]["samples"] == 5000
+
+
+def test_the_step_figure_takes_every_repetition_aligned_on_the_step():
+    """Each repetition's intervals end at its own server's ticks: they are binned by time
+    since the step, and only the bins every repetition reaches are drawn."""
+    from parallelnet.experiments.imbalance import interval_width, step_band
+
+    def rep(offset, shares):   # intervals end 0.25 s apart, the hog starts at 1.1 s
+        return {"step_at": 1.1, "series": [[round(0.25 * (i + 1) + offset, 3), sh, 100]
+                                           for i, sh in enumerate(shares)]}
+
+    rs = [rep(0.0, [0.5, 0.5, 0.5, 0.5, 0.2, 0.1]), rep(0.02, [0.4, 0.6, 0.5, 0.5, 0.3, 0.3]),
+          rep(-0.02, [0.5, 0.5, 0.5, 0.5, 0.4])]   # the third stops an interval early
+    width = interval_width(rs)
+    assert width == 0.25
+    band = step_band(rs, width)
+    # Bin 0: the interval (1.0, 1.25] the hog switched on in; the last bin, which only
+    # two repetitions reach, is left out.
+    assert [x for x, *_ in band] == [-1.0, -0.75, -0.5, -0.25, 0.0]
+    assert band[0] == (-1.0, 0.5, 0.4, 0.5)
+    assert band[-1] == (0.0, 0.3, 0.2, 0.4)
+
+
+def test_the_sizes_ratio_figure_draws_exactly_what_the_table_ranks(tmp_path, monkeypatch):
+    """A ratio whose baseline was both-bound in one repetition rests on fewer pairs: the
+    table does not rank it, and the figure leaves it out (one predicate, sizes.ranked)."""
+    pytest.importorskip("matplotlib")
+    from parallelnet.experiments import plots, sizes
+    from parallelnet.experiments.framework import Context, PlanNotes
+
+    def rec(label, load, rep, cpu, bound="offered"):
+        return {"config": f"{label}/echo-64/{load}", "rep": rep, "bound": bound, "rps": 1000.0,
+                "requests": 5000, "noise": {"noisy": False},
+                "params": {"label": label, "backend": label, "protocol": "echo", "size": 64,
+                           "load": load, "rate": 1000},
+                "server": {"cpu_us_per_req": cpu, "user_us_per_req": 1.0, "sys_us_per_req": 1.0,
+                           "cpu_util": 0.1},
+                "client": {"latency_us": {"p50": 100.0, "p99": 300.0, "p99.9": 900.0},
+                           "cpu_util": 0.2, "rate_met": True, "mode": "open", "errors": 0}}
+
+    records = [rec(label, load, rep, cpu) for rep in range(3) for load in ("rate", "sat")
+               for label, cpu in (("epoll", 10.0), ("uring", 8.0))]
+    records[2]["bound"] = "both"   # epoll/sat in repetition 0
+    p = {"echo": [[64, 1000]], "http": [], "loads": ["rate", "sat"], "baseline": "epoll"}
+    notes = PlanNotes(["epoll", "uring"], {})
+    s = sizes.summarize(records, p, notes)
+    assert s.values["uring/echo-64/sat"]["ratio"]["n"] == 2    # a ratio exists, from 2 pairs
+    (table,) = [t for t in s.tables if t.key == "all"]
+    cells = {(r[1], r[2]): r[9] for r in table.rows}
+    assert cells[("sat", "uring")] == "not ranked (epoll both-bound)"
+    assert cells[("rate 1000", "uring")].startswith("0.80×")
+    drawn = {}
+
+    def lines(series, path, *args, **kwargs):
+        drawn[path] = series
+        return path
+
+    monkeypatch.setattr(plots, "lines", lines)
+    sizes.figures(s, records, Context(str(tmp_path), p, notes))
+    (ratios,) = [v for k, v in drawn.items() if k.endswith("sizes-ratio.png")]
+    assert ratios == {"echo, fixed rate|uring": [(64, pytest.approx(0.8), pytest.approx(0.8),
+                                                  pytest.approx(0.8))]}

@@ -516,6 +516,14 @@ class LoadResult:
         return cls(**out)
 
 
+def percentile_rank(p: float, total: int) -> int:
+    """The 1-based rank of the sample reported as the p-th percentile of ``total``:
+    ceil(p% * total), at least 1.  One place, so that what a summary says about the
+    samples beyond a percentile (experiments.analysis.tail_samples) counts from the very
+    sample reported, float rounding included."""
+    return max(1, math.ceil(p / 100.0 * total))
+
+
 def percentiles_from_histogram(hist: list[tuple[int, int]], pcts=PERCENTILES,
                                lo: int | None = None, hi: int | None = None) -> dict[str, float]:
     """Percentiles (µs) from (value_ns, count) buckets, HdrHistogram's way: the value
@@ -528,7 +536,7 @@ def percentiles_from_histogram(hist: list[tuple[int, int]], pcts=PERCENTILES,
         if not total:
             out[label] = 0.0
             continue
-        rank = max(1, math.ceil(p / 100.0 * total))
+        rank = percentile_rank(p, total)
         seen = 0
         for value, count in hist:
             seen += count
