@@ -304,7 +304,7 @@ def build(template: str, regenerate_figures: bool = True) -> str:
 
     measured = one_commit(runs, missing)
 
-    text = re.sub(r"<!-- table:([\w.:-]+) -->", table, template)
+    text = re.sub(r"<!-- table:([\w.:=-]+) -->", table, template)
     text = re.sub(r"<!-- figure:([^>]+?) -->", figure, text)
     text = re.sub(r"\{\{([^}]+)\}\}", value, text)
     if missing:
