@@ -120,7 +120,7 @@ def render_value(obj, spec: str) -> str:
     if spec == "ratio":   # experiments/analysis.py: a 95% CI from 8 pairs on, else the range
         return analysis.fmt_ratio(obj)
     if spec == "us":   # a paired difference in µs
-        return analysis.fmt_interval(obj, 0, unit=" µs", signed=True)
+        return analysis.fmt_interval(obj, 1, unit=" µs", signed=True)
     if spec == "cost":   # an estimate in µs with its interval (e.g. a fitted µs per wake-up)
         return analysis.fmt_interval(obj, 1, unit=" µs")
     if spec == "slope":   # a fitted slope, signed, with its interval
