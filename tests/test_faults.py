@@ -267,13 +267,15 @@ def test_handler_bug_slow_reader_max_connections_and_second_signal(request, back
     assert wait_until(lambda: latest(srv)["totals"]["refused"] >= 1, 2)
     rec = latest(srv)
     # Readiness loops stop reading within one read of the limit; a completion backend
-    # may already hold what the kernel delivered in the batch that hit the limit (at
-    # most what the socket had buffered, ~2 MiB measured here).  Unbounded would be
-    # everything sent (up to 32 MiB).
+    # may already hold what the kernel delivered in the batch that hit the limit: what the
+    # socket had buffered when its receive was stopped, which grows with receive-buffer
+    # autotuning (~2 MiB in most runs, 6.1 MiB over the limit once in CI, native-uring);
+    # its structural ceiling is the provided-buffer pool (256 x 64 KiB).  8 MiB keeps the
+    # check meaningful: unbounded would be everything sent (up to 32 MiB).
     if BACKENDS[backend].kind == "readiness":
         bound = max_output + 65536
     else:
-        bound = max_output + (4 << 20)
+        bound = max_output + (8 << 20)
     assert extra_max(rec, "max_pending") <= bound, (extra_max(rec, "max_pending"), bound, sent)
     assert sum(w["backpressure"] for w in rec["workers"]) >= 1
     assert rec["totals"]["handler_errors"] == 2
