@@ -628,6 +628,20 @@ static void on_cqe(uc_core *c, struct io_uring_cqe *q)
     }
 }
 
+/* The pool is allocated lazily, and the ring is FIFO: left alone, each buffer's first page
+ * would be faulted in by the first receive into it, so every request took a minor fault
+ * until the ring had gone round once (320 requests with the defaults; a low-rate run over
+ * a short warm-up counted them per request).  A receive of a request writes at the start
+ * of its buffer, so writing each buffer's first page here, when nothing is in the kernel
+ * (setup, or the idle trim), moves those faults out of the request path for the price of
+ * one page per buffer of resident memory (1.5 MiB with the defaults). */
+static void pool_touch_heads(uc_core *c)
+{
+    unsigned total = c->cfg.nbufs + DRAIN_READS;
+    for (unsigned b = 0; b < total; b++)
+        ((volatile char *)c->pool)[(size_t)b * c->cfg.bufsize] = 0;
+}
+
 static uc_core *uc_new(const struct uc_config *cfg, int *err)
 {
     *err = 0;
@@ -699,6 +713,7 @@ static uc_core *uc_new(const struct uc_config *cfg, int *err)
         *err = -r; goto fail;
     }
     c->br_mask = p_io_uring_buf_ring_mask(cfg->nbufs);
+    pool_touch_heads(c);
     for (unsigned b = 0; b < total; b++) buf_recycle(c, b);
     for (int i = 0; i < c->cfg.nlisteners; i++) c->lis[i].fd = cfg->listeners[i];
     return c;
@@ -771,6 +786,7 @@ static void pool_trim(uc_core *c)
 {
     size_t len = c->pool_size & ~(size_t)(sysconf(_SC_PAGESIZE) - 1);  /* pool is page-aligned */
     if (len) madvise(c->pool, len, MADV_DONTNEED);
+    pool_touch_heads(c);
     malloc_trim(0);
     c->freed_copies = 0;
     c->pool_dirty = 0;
