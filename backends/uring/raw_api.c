@@ -54,6 +54,7 @@ static void uc_raw_recycle(uc_core *c, int bid) { buf_recycle(c, bid); }
 static int uc_raw_wait(uc_core *c, int timeout_ms, uint64_t *ud, int32_t *res, uint32_t *fl, int max)
 {
     if (c->fail) return -c->fail;
+    ring_refill(c);
     if (c->br_pending) { p_io_uring_buf_ring_advance(c->br, c->br_pending); c->br_pending = 0; }
     submit_and_wait(c, p_io_uring_cq_ready(RING(c)) ? 0 : timeout_ms);
     if (c->fail) return -c->fail;

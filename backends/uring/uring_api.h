@@ -33,7 +33,9 @@ struct uc_stats {
              /* the C-protocol mode's own (Python keeps these itself otherwise): */
              requests, opened, closed, errors, idle_timeouts, header_timeouts,
              /* rule held-answers and allocation failures (both modes): */
-             output_holds, alloc_failures, gathered_sends;
+             output_holds, alloc_failures, gathered_sends,
+             /* buffers kept in the provided ring (the rest wait warm in a stack): */
+             ring_target;
     /* Per listener id (the address a connection came in on): small arrays, one increment
      * beside the total's, so they add up to accepted and accept_cqes. */
     uint64_t l_accepted[MAX_LISTENERS], l_accept_cqes[MAX_LISTENERS];
