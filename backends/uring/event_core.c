@@ -248,8 +248,9 @@ static void buf_recycle(uc_core *c, int bid)
 /* The ring's size for the connections open now (see ring_add), and the top-up. */
 static void ring_refill(uc_core *c)
 {
-    /* uring-py's connections are Python's, not counted here: every buffer in the ring. */
-    unsigned want = c->cfg.raw ? c->cfg.nbufs : 2 * (unsigned)c->nconns + RING_SLACK;
+    /* uring-py's connections are Python's, not counted here: every buffer in the ring
+     * (and with --uring-ring fifo, the behaviour before the warm stack, for comparison). */
+    unsigned want = c->cfg.raw || c->cfg.fifo_ring ? c->cfg.nbufs : 2 * (unsigned)c->nconns + RING_SLACK;
     if (want < c->ring_grown) want = c->ring_grown;
     if (want > c->cfg.nbufs) want = c->cfg.nbufs;
     c->ring_want = want;
@@ -752,7 +753,7 @@ static uc_core *uc_new(const struct uc_config *cfg, int *err)
     }
     c->br_mask = p_io_uring_buf_ring_mask(cfg->nbufs);
     pool_touch_heads(c);
-    c->ring_want = cfg->raw || RING_SLACK > cfg->nbufs ? cfg->nbufs : RING_SLACK;
+    c->ring_want = cfg->raw || cfg->fifo_ring || RING_SLACK > cfg->nbufs ? cfg->nbufs : RING_SLACK;
     for (unsigned b = total; b-- > 0; ) buf_recycle(c, (int)b);   /* bid 0 on top of the stack */
     for (int i = 0; i < c->cfg.nlisteners; i++) c->lis[i].fd = cfg->listeners[i];
     return c;

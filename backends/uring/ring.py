@@ -177,6 +177,7 @@ class UringOptions:
     sqpoll: int = 0                 # SQPOLL idle ms, 0: off
     zc_threshold: int = 0           # SEND_ZC from this many bytes, 0: never
     latency_budget_us: int = DEFAULT_LATENCY_BUDGET_US
+    ring: str = "warm"              # provided ring: warm (a few buffers, the rest stacked) or fifo (all)
     handoff: str = "scm"            # --accept dispatch channel: scm or msg-ring
 
     @classmethod
@@ -268,6 +269,7 @@ def new_core(ffi, lib, limits, opts: UringOptions = UringOptions(), *, listeners
     cfg.zc_threshold = max(0, opts.zc_threshold)
     # The window only where a min_timeout wait behaves (the probe checked this kernel).
     cfg.latency_budget_us = max(0, opts.latency_budget_us) if window_usable() else 0
+    cfg.fifo_ring = int(opts.ring == "fifo")
     if not raw:   # uring-py keeps the policy's timer in Python
         fill_limits(cfg.limits, limits)
     for k, v in (cproto or {}).items():
@@ -642,6 +644,11 @@ class IoUringBackend(Backend):
                        help="batching window: while the arrival rate fills it, a wait may hold "
                             "completions up to US microseconds to serve them with one wake-up "
                             f"(0: off; default {DEFAULT_LATENCY_BUDGET_US}, docs/uring.md)")
+        g.add_argument("--uring-ring", choices=["warm", "fifo"], default=d.ring,
+                       help="provided-buffer ring: warm = two buffers per open connection and "
+                            "some slack in the ring, the rest in a stack reused most recent "
+                            "first; fifo = every buffer in the ring, each reused after all the "
+                            "others (the earlier behaviour, for comparison; docs/uring.md)")
         g.add_argument("--uring-handoff", choices=["scm", "msg-ring"], default=d.handoff,
                        help="with --accept dispatch (thread mode): scm = SCM_RIGHTS over a "
                             "socketpair, a poll wakes the ring (every backend's channel); "

@@ -56,6 +56,7 @@ struct uc_config {
     unsigned sqpoll_idle_ms;        /* >0: IORING_SETUP_SQPOLL, the kernel thread idles after this */
     unsigned zc_threshold;          /* >0: sends of at least this many bytes use IORING_OP_SEND_ZC */
     unsigned latency_budget_us;     /* the batching window's bound (0: off), see window_us() */
+    int fifo_ring;                  /* every provided buffer in the ring (no warm stack), see ring_add() */
     /* Idle and request deadlines, the timer tick (core/policy.py rules idle-timeout, request-deadline, coarse-timer; 0: off): swept
      * here at each tick, in both modes.  An EV_TICK is reported at each tick too. */
     struct pol_limits limits;
