@@ -83,6 +83,16 @@ def add_observable(values):
     return total
 
 
+#: Worker extras that are a level or a running maximum, not a count: a measured window
+#: reports them as its last record had them (their difference would mean nothing).  The
+#: io_uring core's (backends/uring/uring_api.h struct uc_stats, and what ring.py derives)
+#: and the epoll window's.
+LEVEL_EXTRAS = frozenset({
+    "max_pending", "sendzc_held_max", "window_us", "arrival_per_s", "util_pct", "window_nr",
+    "closed_pct", "ring_fd_registered", "ring_target", "cqes_per_entry", "sqes_per_entry",
+})
+
+
 def delta_observable(before, after):
     """``after - before``, ``None`` if either is not observable."""
     return None if before is None or after is None else after - before

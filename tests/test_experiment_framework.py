@@ -185,6 +185,29 @@ def test_index_marks_cited_current_superseded_and_legacy(tmp_path, monkeypatch):
     assert "| `20260102T000000-herd-standard` | herd | standard |" in index.render(str(tmp_path))
 
 
+def test_index_keeps_a_run_with_set_overrides_apart(tmp_path, monkeypatch):
+    """A run of a preset with ``--set`` overrides (another grid, other configurations) is
+    not that preset's run: marked ``custom`` and shown as ``standard+set``, it is never
+    the preset's current run and supersedes none."""
+    from parallelnet.experiments import index
+
+    def mk(name, meta):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "meta.json").write_text(json.dumps(meta))
+
+    full = {"code": {"commit": "a" * 40, "dirty": False}, "preset": "standard", "outcome": "ok",
+            "experiment": "sizes", "argv": ["parallelnet", "experiment", "sizes"]}
+    mk("20260101T000000-sizes-standard", full)
+    mk("20260102T000000-sizes-standard", {**full, "argv": full["argv"] + ["--set", "reps=2"]})
+    monkeypatch.setattr(index, "read_pins", lambda: {})
+    rows = {r["dir"]: r for r in index.runs(str(tmp_path))}
+    index.statuses(list(rows.values()), set())
+    assert rows["20260101T000000-sizes-standard"]["status"] == "current"
+    assert rows["20260102T000000-sizes-standard"]["status"] == "custom"
+    assert "| `20260102T000000-sizes-standard` | sizes | standard+set |" in index.render(str(tmp_path))
+
+
 def test_pins_are_read_and_rewritten(tmp_path):
     from parallelnet.experiments import paper_pins
 

@@ -199,6 +199,31 @@ def test_read_records_ignores_the_record_being_written(tmp_path):
     assert read_records(str(tmp_path / "missing.jsonl")) == []
 
 
+def test_a_window_reports_levels_as_they_were_and_counts_as_differences(tmp_path):
+    """A measured window's worker extras are differences of the counters between its first
+    and last stats record; some extras are levels (the io_uring window's budget, the
+    ring's size, the measured rate) or running maxima (max_pending), and their difference
+    meant nothing (a budget of 200 recorded as 0, a rate as -125).  Those come as the
+    last record had them."""
+    from parallelnet.core.stats import LEVEL_EXTRAS
+    from parallelnet.experiments.server import window
+
+    def rec(t, cqes, budget, target, peak):
+        w = {"requests": int(t * 100), "accepted": 0, "lost_races": None, "wakeups": 0,
+             "listen_wakeups": 0, "bytes_in": 0, "bytes_out": 0, "cpu_ns": 0, "user_s": 0.0,
+             "sys_s": 0.0, "index": 0, "cpu": 0,
+             "extra": {"cqes": cqes, "window_us": budget, "ring_target": target,
+                       "max_pending": peak, "setup_flags": "DEFER_TASKRUN"}}
+        return json.dumps({"type": "interval", "t": t, "workers": [w]})
+
+    path = tmp_path / "stats.jsonl"
+    path.write_text(rec(1.0, 100, 200, 48, 4096) + "\n" + rec(2.0, 350, 200, 32, 8192) + "\n")
+    extra = window(str(path), 0.5, 2.5)["workers"][0]["extra"]
+    assert extra["cqes"] == 250                                   # a counter: the difference
+    assert (extra["window_us"], extra["ring_target"], extra["max_pending"]) == (200, 32, 8192)
+    assert {"window_us", "ring_target", "max_pending"} <= LEVEL_EXTRAS
+
+
 def test_a_tail_with_fewer_than_ten_samples_beyond_it_is_not_printed():
     """load-curve's cost table: p99 of 5,000 requests (50 beyond) is printed with its count,
     p99.9 of them (4 beyond: the generator's rank of it is 4,996, float rounding included)
