@@ -349,15 +349,24 @@ class SshHost:
         os.chmod(bindir / "parallelnet", 0o755)
         env = {**os.environ, "PATH": f"{bindir}:{os.environ.get('PATH', '/usr/bin:/bin')}"}
         self.proc = subprocess.Popen(
-            ["ip", "netns", "exec", ns.name, sys.executable, str(tmp / "server.py"),
+            # -W ignore: a library's import-time warnings (cryptography 51 warns about DSA
+            # as asyncssh imports it) are not the fixture's business.
+            ["ip", "netns", "exec", ns.name, sys.executable, "-W", "ignore", str(tmp / "server.py"),
              ns.client_address, str(self.PORT), str(tmp / "host_key"),
              str(tmp / "authorized_keys"), "root"],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-        ready, _, _ = select.select([self.proc.stdout], [], [], 30)
-        line = self.proc.stdout.readline() if ready else ""
-        if line.strip() != "ready":
-            self.close()
-            raise RuntimeError(f"the test's SSH server did not start: {line!r}")
+        # Up to "ready", bounded: anything printed before it is kept for the error.
+        said, deadline = [], time.monotonic() + 30
+        while True:
+            left = deadline - time.monotonic()
+            ready = select.select([self.proc.stdout], [], [], max(0.0, left))[0] if left > 0 else []
+            line = self.proc.stdout.readline() if ready else ""
+            if line.strip() == "ready":
+                break
+            said.append(line)
+            if not line or len(said) > 50:
+                self.close()
+                raise RuntimeError(f"the test's SSH server did not start: {''.join(said)!r}")
 
     def url(self, **options) -> str:
         opts = {"identity": self.identity, "known_hosts": self.known_hosts, **options}
