@@ -91,6 +91,36 @@ def test_single_shot_accept_spreads_over_workers(backend, tmp_path):
     assert all(w["lost_races"] is None for w in final["workers"])  # the kernel hides the race
 
 
+@pytest.mark.parametrize("name", ["uring", "native-uring"])
+def test_connections_taken_in_a_burst_are_counted_apart_from_wakeups(tmp_path, name):
+    """An accept completion flagged SOCK_NONEMPTY takes more connections with accept4 at
+    once: those were never a wake-up of this ring, so ``accepted`` exceeds
+    ``listen_wakeups`` by them.  They are counted (``extra.burst_accepted``), so that
+    ``accepted == listen_wakeups + burst_accepted`` holds for every worker and the
+    difference - connections another ring's parked accept may have been about to get - is
+    observable."""
+    require_backend(name)
+    srv = start_server(tmp_path, "--backend", name, "--workers", "2", "--accept", "shared")
+    socks = []
+    try:
+        for _ in range(3):                      # bounded: three bursts of 48 connects
+            batch = [socket.create_connection(srv.address, timeout=10) for _ in range(48)]
+            socks += batch
+            for s in batch:                     # each one served before the next burst
+                s.sendall(b"ping")
+                assert recv_exactly(s, 4) == b"ping"
+    finally:
+        for s in socks:
+            s.close()
+        final = srv.stop()
+    workers = final["workers"]
+    assert sum(w["accepted"] for w in workers) == 144
+    for w in workers:
+        assert w["accepted"] == w["listen_wakeups"] + w["extra"]["burst_accepted"], w
+    assert sum(w["extra"]["burst_accepted"] for w in workers) <= 16 * sum(
+        w["extra"]["accept_bursts"] for w in workers)
+
+
 def test_multishot_accept_on_shared_socket_favours_one_ring(backend, tmp_path):
     """Measured, not assumed: one multishot accept per ring on one shared socket."""
     srv = _serve(tmp_path, backend, "--accept", "shared", "--uring-accept", "multishot")

@@ -618,6 +618,7 @@ static void on_cqe(uc_core *c, struct io_uring_cqe *q)
                 for (int b = 0; b < ACCEPT_BURST; b++) {
                     int fd = accept4(l->fd, NULL, NULL, SOCK_CLOEXEC);
                     if (fd < 0) { if (errno == EINTR || errno == ECONNABORTED) continue; break; }
+                    c->st.burst_accepted++;   /* accepted, but no wake-up: accepted - accept_cqes */
                     conn_open(c, fd, lid);
                 }
             }

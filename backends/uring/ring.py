@@ -28,7 +28,9 @@ completion that releases it has been seen.  Per worker:
   observable; ``n/a`` in the table) on a shared socket, 0 where there is no race
   (reuseport, dispatch); ``listen_wakeups`` counts accept completions, and an accept
   completion flagged ``IORING_CQE_F_SOCK_NONEMPTY`` (more in the backlog) takes up to 16
-  more synchronously (``extra["accept_bursts"]``).  ``--uring-accept multishot``
+  more synchronously (``extra["accept_bursts"]``; the connections so taken are
+  ``extra["burst_accepted"]``, so ``accepted == listen_wakeups + burst_accepted``: the
+  part of the race that can be seen).  ``--uring-accept multishot``
   arms one multishot accept instead: on a shared socket the first ring armed keeps the
   head of the wait queue and gets (nearly) every connection (measured in
   tests/test_uring.py).  With ``--accept reuseport`` each worker's own socket gets a

@@ -35,7 +35,7 @@ struct uc_stats {
              /* rule held-answers and allocation failures (both modes): */
              output_holds, alloc_failures, gathered_sends,
              /* buffers kept in the provided ring (the rest wait warm in a stack): */
-             ring_target;
+             ring_target, burst_accepted;
     /* Per listener id (the address a connection came in on): small arrays, one increment
      * beside the total's, so they add up to accepted and accept_cqes. */
     uint64_t l_accepted[MAX_LISTENERS], l_accept_cqes[MAX_LISTENERS];
