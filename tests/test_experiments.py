@@ -274,6 +274,23 @@ def test_the_step_figure_takes_every_repetition_aligned_on_the_step():
     assert band[-1] == (0.0, 0.3, 0.2, 0.4)
 
 
+def test_sizes_measures_enough_requests_at_a_low_rate():
+    """At 250 req/s a 0.75 s window holds 187 requests: too few for a p99 (fewer than 10
+    beyond it) and a noisy CPU per request.  A rate point lasts long enough for
+    ``min_requests`` (2,000 in the standard preset: 8 s at 250/s), the fast ones keep
+    their duration, and the plan's estimate follows."""
+    from parallelnet.experiments import sizes
+
+    p = {**sizes.EXPERIMENT.presets["standard"], "reps": 1, "aa": None}
+    assert p["min_requests"] == 2000
+    assert sizes.point_duration(p, 250, "rate") == 8.0
+    assert sizes.point_duration(p, 20000, "rate") == p["duration"]
+    assert sizes.point_duration(p, 250, "sat") == p["duration"]
+    plan = sizes.plan(p)
+    by_size = {pt.params["size"]: pt.est_s for pt in plan.points if pt.params["protocol"] == "http"}
+    assert by_size[1048576] > by_size[65536] + 7
+
+
 def test_the_sizes_ratio_figure_draws_exactly_what_the_table_ranks(tmp_path, monkeypatch):
     """A ratio whose baseline was both-bound in one repetition rests on fewer pairs: the
     table does not rank it, and the figure leaves it out (one predicate, sizes.ranked)."""
