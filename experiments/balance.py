@@ -59,6 +59,7 @@ from parallelnet.experiments import analysis
 from parallelnet.experiments.analysis import row_bound
 from parallelnet.experiments.framework import (
     Context, Experiment, Plan, PlanNotes, Point, Summary, Table, add_aa_twin, available_backends,
+    client_p99,
     rotated, server_cpu_per_request,
 )
 from parallelnet.experiments.server import read_records
@@ -475,6 +476,6 @@ EXPERIMENT = Experiment(
     pyperf_value=server_cpu_per_request,
     pyperf_name=lambda r: (r["config"].rsplit("/load=", 1)[0]
                            + f"/rate={r['rates']['total_rate']:.0f}" if r.get("rates") else r["config"]),
-    aa_metric=lambda r: r["client"]["latency_us"].get("p99"),   # the figure strategies are compared by
+    aa_metric=client_p99,   # the figure strategies are compared by
     description="long-lived skewed connections plus churn, load 50-95% of measured capacity; "
                 "slope of accept share on busy fraction, p99 per strategy")

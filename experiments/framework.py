@@ -390,13 +390,19 @@ def add_aa_twin(points: list[Point], config: str | None) -> list[Point]:
     return out
 
 
-def aa_control(exp: Experiment, records: list[dict]) -> dict | None:
-    """The A/A ratio (twin / original, per repetition) of the experiment's figure, summarised
-    like any comparison (analysis.ratio_summary), flagged when it leaves AA_BAND."""
+def client_p99(rec: dict) -> float | None:
+    """The client's p99 latency of a record (µs), None where it has none."""
+    return ((rec.get("client") or {}).get("latency_us") or {}).get("p99")
+
+
+def aa_control(exp: Experiment, records: list[dict], metric=None) -> dict | None:
+    """The A/A ratio (twin / original, per repetition) of the experiment's figure (or of
+    ``metric``), summarised like any comparison (analysis.ratio_summary), flagged when it
+    leaves AA_BAND."""
     from parallelnet.experiments import analysis
 
-    metric = exp.aa_metric or (lambda r: (exp.pyperf_value(r) or (None,))[0]
-                               if exp.pyperf_value else None)
+    metric = metric or exp.aa_metric or (lambda r: (exp.pyperf_value(r) or (None,))[0]
+                                         if exp.pyperf_value else None)
     twins = {r["rep"]: r for r in records if r["config"].endswith(AA_SUFFIX)}
     if not twins:
         return None
@@ -721,6 +727,17 @@ def summarize_run(exp: Experiment, records: list[dict], params: dict, notes) -> 
             f"{analysis.fmt_ratio(aa)}; "
             + ("FLAGGED: outside [0.95, 1.05], this run's noise floor is wider than the "
                "effects it would be read for" if aa["flag"] else "within [0.95, 1.05]")))
+        # The tail's own noise floor, where the records have one and the A/A above is not
+        # already on it: a p99 moves far more from one window to the next than a mean.
+        tail = (aa_control(exp, records, client_p99)
+                if exp.aa_metric is not client_p99 and any(
+                    client_p99(r) is not None for r in records if r["config"].endswith(AA_SUFFIX))
+                else None)
+        if tail is not None:
+            summary.values["aa_p99"] = tail
+            summary.findings.insert(1, (
+                f"A/A on p99 ({tail['config']} twice in every repetition): "
+                f"{analysis.fmt_ratio(tail)}; p99 ratios inside that interval are not read"))
     return summary
 
 

@@ -267,6 +267,25 @@ def test_an_unknown_experiment_is_one_line():
     assert res.stderr.count("\n") == 1 and "unknown experiment 'nosuch'" in res.stderr
 
 
+def test_summarize_run_adds_the_tail_a_a_where_the_records_have_latencies():
+    """Where the A/A twin's records carry the client's latencies and the A/A figure is not
+    already the p99, the run also states the tail's noise floor: the twin's p99 over the
+    original's, per repetition (a p99 difference smaller than that is not read)."""
+    exp = framework.Experiment(name="t", title="t", presets={"smoke": {}}, plan=lambda p: [],
+                               run_point=None, summarize=lambda r, p, n: framework.Summary(),
+                               aa_metric=lambda r: r["v"])
+    recs = [{"config": c, "rep": k, "v": 10.0, "client": {"latency_us": {"p99": p99}}}
+            for k in range(8)
+            for c, p99 in (("a", 400.0), ("a" + framework.AA_SUFFIX, 400.0 * (1.5 if k % 2 else 0.7)))]
+    s = framework.summarize_run(exp, recs, {}, None)
+    tail = s.values["aa_p99"]
+    assert tail["n"] == 8 and tail["kind"] == "ci95" and tail["flag"] is True
+    assert any(f.startswith("A/A on p99 (a twice in every repetition)") for f in s.findings)
+    # No latencies (or an A/A already on p99): no second line.
+    plain = [{k: v for k, v in r.items() if k != "client"} for r in recs]
+    assert "aa_p99" not in framework.summarize_run(exp, plain, {}, None).values
+
+
 def test_summarize_run_leaves_the_aa_twin_out_of_the_configurations_and_adds_its_ratio():
     """The paper rebuilds every pinned run's summary with summarize_run, as the run did: the
     twin (config + AA_SUFFIX) is the A/A control's, never a configuration of the summary."""
