@@ -855,6 +855,11 @@ def _print_point(rec: dict, stream) -> None:
           file=stream, flush=True)
 
 
+#: pyperf metadata that describe the process writing pyperf.json, not the measurement.
+WRITER_FACTS = frozenset({"uptime", "load_avg_1min", "mem_max_rss", "runnable_threads",
+                          "cpu_temp", "cpu_freq"})
+
+
 def write_pyperf(path: str, exp: Experiment, records: list[dict], run_meta: dict | None = None) -> None:
     """One pyperf benchmark per configuration, one pyperf run per repetition.
 
@@ -898,7 +903,12 @@ def write_pyperf(path: str, exp: Experiment, records: list[dict], run_meta: dict
         meta["hostname"] = host
         if rec.get("measured_at"):
             meta["date"] = rec["measured_at"].replace("T", " ").rstrip("Z")
-        run = pyperf.Run([value], metadata=meta, collect_metadata=True)
+        # pyperf collects the machine's facts when the file is written; those of the
+        # writing process (uptime, load, its RSS, runnable threads) described the writing,
+        # not the measurement (the noise figures above do that), and made a rebuild differ.
+        collected = pyperf.Run([value], metadata=meta, collect_metadata=True).get_metadata()
+        run = pyperf.Run([value], collect_metadata=False,
+                         metadata={k: v for k, v in collected.items() if k not in WRITER_FACTS})
         by_config.setdefault(config, []).append(run)
     benches = [pyperf.Benchmark(runs) for runs in by_config.values()]
     if benches:

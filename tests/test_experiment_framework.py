@@ -4,6 +4,7 @@ and consistency (never for speed), plus the arithmetic and the bookkeeping it re
 from __future__ import annotations
 
 import json
+import time
 import os
 import subprocess
 import sys
@@ -96,6 +97,24 @@ def test_rebuild_gives_the_same_summary(tmp_path):
 
     assert main(["rebuild", outdir]) == 0
     assert open(os.path.join(outdir, "summary.json")).read() == before
+
+
+def test_pyperf_json_is_the_same_whenever_it_is_written(tmp_path):
+    """pyperf.json is a function of the records: a rebuild days later writes the same bytes.
+    pyperf collects, when the file is written, facts of the writing process (uptime, load
+    average, its own max RSS, runnable threads): they described the rebuild, not the
+    measurement, and made every rebuild differ."""
+    exp = framework.get("compare")
+    rec = {"config": "epoll/rate=1000", "rep": 0, "requests": 1000, "bound": "offered",
+           "measured_at": "2026-12-05T17:17:00Z", "params": {"label": "epoll", "value": 1000},
+           "server": {"cpu_us_per_req": 10.0}, "noise": {"noisy": False}}
+    framework.write_pyperf(str(tmp_path / "a.json"), exp, [rec], {"preset": "smoke", "code": {"commit": "a" * 40}})
+    time.sleep(0.05)
+    bytearray(8 << 20)                   # the writer's own max RSS moves
+    framework.write_pyperf(str(tmp_path / "b.json"), exp, [rec], {"preset": "smoke", "code": {"commit": "a" * 40}})
+    a, b = (json.loads((tmp_path / n).read_text()) for n in ("a.json", "b.json"))
+    assert a == b
+    assert "uptime" not in json.dumps(a) and "mem_max_rss" not in json.dumps(a)
 
 
 def test_a_failed_point_is_recorded_and_the_run_fails(tmp_path):
