@@ -729,10 +729,8 @@ def summarize_run(exp: Experiment, records: list[dict], params: dict, notes) -> 
                "effects it would be read for" if aa["flag"] else "within [0.95, 1.05]")))
         # The tail's own noise floor, where the records have one and the A/A above is not
         # already on it: a p99 moves far more from one window to the next than a mean.
-        tail = (aa_control(exp, records, client_p99)
-                if exp.aa_metric is not client_p99 and any(
-                    client_p99(r) is not None for r in records if r["config"].endswith(AA_SUFFIX))
-                else None)
+        # (None where the records have no latencies: paired ratios skip missing values.)
+        tail = None if exp.aa_metric is client_p99 else aa_control(exp, records, client_p99)
         if tail is not None:
             summary.values["aa_p99"] = tail
             summary.findings.insert(1, (

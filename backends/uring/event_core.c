@@ -677,9 +677,8 @@ static void on_cqe(uc_core *c, struct io_uring_cqe *q)
  * one page per buffer of resident memory (1.5 MiB with the defaults). */
 static void pool_touch_heads(uc_core *c)
 {
-    unsigned total = c->cfg.nbufs + DRAIN_READS;
-    for (unsigned b = 0; b < total; b++)
-        ((volatile char *)c->pool)[(size_t)b * c->cfg.bufsize] = 0;
+    for (size_t off = 0; off < c->pool_size; off += c->cfg.bufsize)
+        ((volatile char *)c->pool)[off] = 0;
 }
 
 static uc_core *uc_new(const struct uc_config *cfg, int *err)
@@ -755,8 +754,8 @@ static uc_core *uc_new(const struct uc_config *cfg, int *err)
     }
     c->br_mask = p_io_uring_buf_ring_mask(cfg->nbufs);
     pool_touch_heads(c);
-    c->ring_want = cfg->raw || cfg->fifo_ring || RING_SLACK > cfg->nbufs ? cfg->nbufs : RING_SLACK;
-    for (unsigned b = total; b-- > 0; ) buf_recycle(c, (int)b);   /* bid 0 on top of the stack */
+    for (unsigned b = total; b-- > 0; ) buf_recycle(c, (int)b);   /* all stacked, bid 0 on top */
+    ring_refill(c);                                                /* then the ring filled */
     for (int i = 0; i < c->cfg.nlisteners; i++) c->lis[i].fd = cfg->listeners[i];
     return c;
 fail:
