@@ -155,8 +155,8 @@ def summarize(records: list[dict], p: dict, notes: PlanNotes) -> Summary:
                          f"{100 * client['median']:.0f}%" if client else "–",
                          bound + (", client shares a server CPU" if shared else "")
                          + (", noisy" if all_noisy else "")])
-    workload = (f"server-bound: GET /work/{p['service_us']}" if p.get("service_us")
-                else f"{p.get('size', 64)}-byte echo")
+    workload = (f"GET /work/{p['service_us']}" + (", server-bound" if p["service_us"] else "")
+                if "service_us" in p else f"{p.get('size', 64)}-byte echo")   # older runs: echo
     s.tables.append(Table(
         f"Throughput vs workers ({workload}, closed loop)",
         ["backend", "mode", "accept", "workers", "n", "req/s (min–max)",
@@ -198,8 +198,9 @@ def figures(summary: Summary, records: list[dict], ctx: Context) -> list[str]:
                 pts.append((n, v["rps"]["median"] / 1e3, v["rps"]["min"] / 1e3, v["rps"]["max"] / 1e3))
         series[f"{m}|{b} {st}"] = pts
     return [plots.lines(series, f"{ctx.outdir}/scaling.png", "workers", "thousand requests/s",
-                        title=(f"Server-bound throughput vs workers (GET /work/{p['service_us']}, "
-                               if p.get("service_us") else "Throughput vs workers (echo, ")
+                        title=(("Server-bound throughput" if p["service_us"] else "Throughput")
+                               + f" vs workers (GET /work/{p['service_us']}, "
+                               if "service_us" in p else "Throughput vs workers (echo, ")
                               + f"{os.cpu_count()} CPUs)",
                         panels=[m for m in p["modes"]])]
 

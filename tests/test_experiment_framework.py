@@ -326,3 +326,30 @@ def test_summarize_run_leaves_the_aa_twin_out_of_the_configurations_and_adds_its
     assert aa["config"] == "a" and aa["n"] == 3 and aa["kind"] == "range"
     assert aa["interval"] == [1.0, 1.2] and aa["flag"] is True
     assert s.findings[0].startswith("A/A control (a measured twice in every repetition)")
+
+
+def _scaling_record(cfg: str, n: int, rep: int, rps: float) -> dict:
+    b, m, st = cfg.split("/")
+    return {"config": f"{cfg}/w={n}", "rep": rep, "rps": rps,
+            "params": {"backend": b, "mode": m, "strategy": st, "workers": n},
+            "noise": {"noisy": False}, "server": {"cpu_us_per_req": 12.0},
+            "client": {"cpu_util": 0.5}, "ceiling_cpus": n, "request_share_max": 1 / n,
+            "bound": "server", "layout": {"server": list(range(n)), "client": [8]}}
+
+
+@pytest.mark.parametrize("service_us,expected", [(200, "GET /work/200, server-bound"),
+                                                  (0, "GET /work/0,"), (None, "64-byte echo")])
+def test_scaling_names_its_workload_also_without_a_service_time(service_us, expected):
+    """GET /work/0 is a request with no service time, not the 64-byte echo of runs from
+    before the service-time workload (which have no service_us at all)."""
+    from parallelnet.experiments import scaling
+    from parallelnet.experiments.framework import PlanNotes
+
+    p = {"strategies": ["shared"], "modes": ["process"]}
+    if service_us is not None:
+        p["service_us"] = service_us
+    records = [_scaling_record("epoll/process/shared", n, rep, 1000.0 * n)
+               for rep in range(2) for n in (1, 2)]
+    s = scaling.summarize(records, p, PlanNotes(["epoll/process/shared"], []))
+    assert expected in s.tables[0].title
+    assert s.values["epoll/process/shared.w=2"]["speedup"]["estimate"] == pytest.approx(2.0)

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The many-core experiments (scaling, balance, then herd while time is left) on a lent
+# The many-core experiments (scaling, balance, scaling without service time, then herd
+# while time is left) on a lent
 # 16-core machine, in one call, with no network there.
 #
 #   here:    experiments/device/fetch-wheels.sh 3.12    # wheels + the commit's git metadata into .whl/
-#   device:  run(command="bash experiments/device/scaling.sh", carry=[".whl"], timeout_s=590,
+#   device:  run(command="bash experiments/device/scaling.sh", carry=[".whl"], timeout_s=595,
 #                kind="nvidia-h100-x1")
 #   here:    experiments/device/unpack.sh FILES_AT      # the runs into results/, then commit them
 #
@@ -22,7 +23,7 @@
 # check as a run here.  Without git there, the runs say commit null (not trusted as
 # pinned runs).
 #
-# Time: everything runs under one deadline (DEVICE_BUDGET_S, default 540 s of the call's
+# Time: everything runs under one deadline (DEVICE_BUDGET_S, default 550 s of the call's
 # 600): the install takes about a minute, each experiment gets at most its own budget and
 # what is left; one stopped by its timeout ends as `interrupted` with what it measured
 # (framework.py: SIGTERM is handled).  The results leave as one tarball (the call returns
@@ -30,7 +31,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 T0=$(date +%s)
-TOTAL=${DEVICE_BUDGET_S:-540}
+TOTAL=${DEVICE_BUDGET_S:-550}
 OUT=${OUT:-/tmp/out}
 WHEELS=${WHEELS:-.whl}
 PY=${PYTHON:-python3}
@@ -72,24 +73,33 @@ run() {
     local name=$1 budget=$2; shift 2
     local b; b=$(( $(left) - 20 )); [ "$b" -gt "$budget" ] && b=$budget
     if [ "$b" -lt 45 ]; then say "$name skipped: ${b}s left"; return; fi
+    NRUN=$(( ${NRUN:-0} + 1 )); local log="$OUT/$NRUN-$name.log"
     say "$name: up to ${b}s"
     timeout -k 15 "$b" "$PN" experiment "$name" --preset standard --allow-dirty --out "$RES" "$@" \
-        > "$OUT/$name.log" 2>&1
-    say "$name ended rc=$?"; tail -25 "$OUT/$name.log"
+        > "$log" 2>&1
+    say "$name ended rc=$?"; tail -25 "$log"
 }
 
 # claim 3: workers 1..8 (the server's half of the CPUs), threads and processes, the shared
 # socket and SO_REUSEPORT; epoll (the GIL-bound Python loop), uring (its C core waits and
 # reaps with the GIL released) and native (C, the ceiling).  ~49 points a repetition.
-run scaling "${SCALING_BUDGET_S:-290}" --set 'backends=["epoll","uring","native"]' \
+run scaling "${SCALING_BUDGET_S:-270}" --set 'backends=["epoll","uring","native"]' \
     --set reps=3 --set duration=1.0 --set warmup=0.3
 
 # claim 2 with the design's own mechanism, 8 workers: skewed long-lived connections + churn.
-run balance "${BALANCE_BUDGET_S:-130}" \
+run balance "${BALANCE_BUDGET_S:-110}" \
     --set 'configs=["epoll/process/shared","epoll/process/reuseport","epoll/process/dispatch","native/thread/shared"]' \
     --set 'loads=[0.5,0.85]' --set reps=3 --set duration=2.0 --set warmup=0.5 \
     --set long_connections=64 --set heavy_connections=8 --set churn_slots=128 \
     --set 'aa="epoll/process/shared/load=0.85"'
+
+# the multiplexing itself under the GIL: no service time (GET /work/0), so the loop's own
+# cost per request is what threads contend for (a Python handler's 200 µs spin holds the
+# GIL, so thread mode cannot scale above one CPU whatever the backend); SO_REUSEPORT only,
+# so that no accept race decides the split.
+run scaling "${SCALING0_BUDGET_S:-100}" --set 'backends=["epoll","uring","native"]' \
+    --set 'strategies=["reuseport"]' --set service_us=0 --set 'aa="epoll/process/reuseport/w=1"' \
+    --set reps=2 --set duration=1.0 --set warmup=0.3
 
 # the herd with its workers spread over the server CPUs (what two CPUs cannot show).
 run herd "${HERD_BUDGET_S:-120}" --set 'backends=["epoll"]' --set 'modes=["process"]' \
