@@ -54,9 +54,12 @@ OK, INTERRUPTED, FAILED, EMPTY = "ok", "interrupted", "failed", "empty"
 OUTCOMES = (OK, INTERRUPTED, FAILED, EMPTY)
 
 
-class Interrupted(Exception):
+class Interrupted(BaseException):
     """SIGINT or SIGTERM during a run: the run stops, its servers are reaped, its outcome is
-    ``interrupted`` (exit status 128 + the signal)."""
+    ``interrupted`` (exit status 128 + the signal).  A BaseException, like KeyboardInterrupt:
+    the signal handler raises it wherever the main thread is, often inside a point's own
+    ``except Exception`` (a server start, a client wait), which must not take it for that
+    point's failure and go on measuring."""
 
     def __init__(self, signum: int) -> None:
         super().__init__(signal.Signals(signum).name)
@@ -694,16 +697,29 @@ def _run(exp: Experiment, preset: str, out: str, overrides: dict | None, allow_d
         print(f"{exp.name}: interrupted by {exc} after {len(records)} of {len(points)} points; "
               f"what was measured is in {outdir} (outcome: interrupted)", file=stream, flush=True)
         raise
+    else:   # every point measured; the handlers stay until the run's end is recorded
+        outcome = OK if not failed else FAILED
+        if failed == len(points):
+            outcome = EMPTY
+        meta.update(outcome=outcome, points=len(records), failed=failed)
+        if failed:
+            meta["reason"] = f"{failed} of {len(points)} points failed"
+        try:
+            finish(exp, records, params, ctx, meta, failed, stream)
+        except Interrupted as exc:
+            # Every point was measured, but the summary, figures or pyperf file may be
+            # partial: the run did not end normally (`rebuild` writes them again).
+            meta.update(ended=provenance.utc_now(), outcome=INTERRUPTED,
+                        reason=f"{exc} while the summary was written, after all "
+                               f"{len(records)} points")
+            write_meta(outdir, meta)
+            print(f"{exp.name}: interrupted by {exc} while writing the summary; every point "
+                  f"is in {outdir} (`parallelnet experiment rebuild {outdir}`)",
+                  file=stream, flush=True)
+            raise
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    outcome = OK if not failed else FAILED
-    if failed == len(points):
-        outcome = EMPTY
-    meta.update(outcome=outcome, points=len(records), failed=failed)
-    if failed:
-        meta["reason"] = f"{failed} of {len(points)} points failed"
-    finish(exp, records, params, ctx, meta, failed, stream)
     if failed:
         raise RuntimeError(f"{failed} of {len(points)} points of {exp.name} failed; "
                            f"see {os.path.join(outdir, 'records.jsonl')}")

@@ -130,3 +130,56 @@ def test_load_fractions_are_named_by_their_absolute_rate_in_pyperf():
     rec = {"config": "epoll/load=0.20", "client": {"rate": 12675.4}}
     assert pyperf_name(rec) == "epoll/rate=12675"
     assert pyperf_name({"config": "epoll/sat", "client": {"rate": 0}}) == "epoll/sat"
+
+
+#: A one-configuration experiment that sends itself SIGTERM at a chosen place (argv[2]):
+#: inside a point, behind an ``except Exception`` that turns any failure into a point error
+#: (as a server start does), or while the run writes its summary after the last point.
+_SELF_TERM = r'''
+import os, signal, sys, time
+from parallelnet.experiments import framework
+from parallelnet.experiments.framework import Experiment, Plan, PlanNotes, Point, Summary
+where = sys.argv[2]
+
+def plan(p):
+    return Plan([Point("a", rep, {}, est_s=0.1) for rep in range(3)], PlanNotes(["a"], []))
+
+def run_point(point, ctx):
+    if where == "point":
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+        except Exception as exc:
+            raise RuntimeError("the server exited") from exc
+    return {"v": 1.0}
+
+def summarize(records, params, notes):
+    if where == "summary":
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+    return Summary()
+
+exp = Experiment(name="t", title="t", presets={"smoke": {}}, plan=plan, run_point=run_point,
+                 summarize=summarize)
+try:
+    framework.run(exp, "smoke", sys.argv[1], stream=sys.stderr)
+except framework.Interrupted as exc:
+    sys.exit(128 + exc.signum)
+'''
+
+
+@pytest.mark.parametrize("where,measured", [("point", 0), ("summary", 3)])
+def test_a_signal_ends_the_run_as_interrupted_wherever_it_lands(tmp_path, where, measured):
+    """A SIGTERM is never taken for a point's failure (an ``except Exception`` in a point's
+    code must not swallow it: the run went on until SIGKILL), and one that lands after the
+    last point, while the summary is written, still records how the run ended."""
+    res = subprocess.run([sys.executable, "-c", _SELF_TERM, str(tmp_path), where],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 128 + signal.SIGTERM, (res.returncode, res.stderr[-2000:])
+    (run,) = [d for d in tmp_path.iterdir() if d.is_dir()]
+    meta = json.loads((run / "meta.json").read_text())
+    assert meta["outcome"] == "interrupted", meta
+    assert meta["points"] == measured and meta["planned"] == 3
+    assert "SIGTERM" in meta["reason"]
+    if where == "summary":
+        assert "summary" in meta["reason"]
