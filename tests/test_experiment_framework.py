@@ -227,6 +227,31 @@ def test_index_keeps_a_run_with_set_overrides_apart(tmp_path, monkeypatch):
     assert "| `20260102T000000-sizes-standard` | sizes | standard+set |" in index.render(str(tmp_path))
 
 
+def test_index_keeps_runs_on_machines_of_another_size_apart(tmp_path, monkeypatch):
+    """A run on a lent 16-core machine does not supersede the 2-CPU run of the same
+    experiment and preset (nor the reverse): each size has its own current run, and the
+    index shows the CPUs."""
+    from parallelnet.experiments import index
+
+    def mk(name, cpus):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "meta.json").write_text(json.dumps(
+            {"code": {"commit": "a" * 40, "dirty": False}, "preset": "standard", "outcome": "ok",
+             "experiment": "scaling", "machine": {"cpus": cpus}}))
+
+    mk("20260101T000000-scaling-standard", 2)
+    mk("20260102T000000-scaling-standard", 16)
+    mk("20260103T000000-scaling-standard", 2)
+    monkeypatch.setattr(index, "read_pins", lambda: {})
+    rows = {r["dir"]: r for r in index.runs(str(tmp_path))}
+    index.statuses(list(rows.values()), set())
+    assert [rows[f"2026010{k}T000000-scaling-standard"]["status"] for k in (1, 2, 3)] == [
+        "superseded", "current", "current"]
+    assert "| `20260102T000000-scaling-standard` | scaling | standard | aaaaaaaaaaaa | 16 |" \
+        in index.render(str(tmp_path))
+
+
 def test_pins_are_read_and_rewritten(tmp_path):
     from parallelnet.experiments import paper_pins
 
