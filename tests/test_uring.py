@@ -527,3 +527,36 @@ def test_accept_burst_taken_in_one_go(backend, tmp_path):
         assert w["extra"]["accept_bursts"] >= 1, w["extra"]
         assert w["listen_wakeups"] < 64
 
+
+
+@pytest.mark.parametrize("calls", ["batched", "direct"])
+def test_python_calls_the_core_once_per_batch(tmp_path, calls):
+    """Each cffi call releases and re-takes the GIL, so with several thread workers every
+    call is a hand-off.  The loop made three per request (the wait, the events' address,
+    the send); batched, what it tells the core rides on the next wait: one call per
+    batch, the actions counted apart (``extra.actions``).  ``--uring-calls direct`` keeps
+    the call-per-action path for side-by-side measurement."""
+    require_backend("uring")
+    srv = start_server(tmp_path, "--backend", "uring", "--workers", "1", "--protocol", "http",
+                       "--uring-calls", calls, "--uring-latency-budget-us", "0")
+    n = 300
+    try:
+        s = srv.connect(timeout=10)
+        for _ in range(n):   # one request per batch: the worst case for batching
+            s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += s.recv(4096)
+        s.close()
+    finally:
+        final = srv.stop()
+    assert final["clean"]
+    w = final["workers"][0]
+    extra = w["extra"]
+    per_request = extra["py_calls"] / w["requests"]
+    if calls == "batched":
+        assert per_request < 1.5, extra        # the wait alone (plus the ticks' and close's)
+        assert extra["actions"] >= n, extra     # every send went through the queue
+    else:
+        assert per_request >= 2.5, extra
+        assert extra["actions"] == 0, extra

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import json
 import logging
 import os
 import re
@@ -389,16 +390,22 @@ def test_8_uring_py_adopts_sockets_without_probing(monkeypatch):
 
 # -- 9: a send the core refuses closes the connection ---------------------------------------
 
-def test_9_failed_send_kills_the_connection_with_an_error():
+def test_9_failed_send_kills_the_connection_with_an_error(caplog):
     """Defect 9: _process ignored uc_send_buf/uc_send_copy failures: -ENOMEM dropped a
-    response and the connection carried on as if it had been sent."""
+    response and the connection carried on as if it had been sent.  Direct calls (a fake
+    core refusing every send): the loop logs it and closes that connection with an
+    error.  Batched calls: the core closes it when it applies the queued send and reports
+    EV_SEND_FAILED, which the loop logs without a second close
+    (``test_9_queued_send_that_fails_closes_its_connection`` runs the real core)."""
     require_backend("uring")
+    from parallelnet.backends.uring.calls import DirectCalls
     from parallelnet.backends.uring.uring import UringBackend
 
     calls = []
 
     class Lib:
         EV_OPEN, EV_DATA, EV_EOF, EV_CLOSED, EV_STOP, EV_DRAINED, EV_TICK, EV_PULL = range(1, 9)
+        EV_SEND_FAILED = 9
 
         def uc_send_copy(self, core, cid, p, n):
             return -errno.ENOMEM
@@ -419,6 +426,7 @@ def test_9_failed_send_kills_the_connection_with_an_error():
 
         uc_pulled = uc_hold
         uc_send_static = uc_send_copy
+        uc_wait = uc_events = None   # not called by _batch_processor
 
     class Upper(EchoProtocol):
         def feed(self, data):
@@ -428,15 +436,77 @@ def test_9_failed_send_kills_the_connection_with_an_error():
                         protocol_factory=Upper, stats=WorkerStats(0, None, "uring"),
                         stop=StopSignal())
     b = UringBackend(ctx)
-    b.ring = SimpleNamespace(lib=Lib(), core=object(), ffi=SimpleNamespace(from_buffer=lambda x: x),
+    ffi = SimpleNamespace(from_buffer=lambda x: x, unpack=None)
+    b.ring = SimpleNamespace(lib=Lib(), core=object(), ffi=ffi,
                              pool=memoryview(bytearray(b"hello" + bytes(59))), bufsize=64,
                              who="worker 0 (uring)")
+    b.calls = DirectCalls(ffi, b.ring.lib, b.ring.core)
     b.protos, b.stopping = {}, False
     b.policy = ConnectionPolicy(ctx.limits, ctx.stats, b.ring.who)
-    b._batch_processor()([1, 3, 0, 0, 2, 3, 0, 5])   # EV_OPEN id 3, EV_DATA id 3: 5 bytes
+    process = b._batch_processor()
+    with caplog.at_level(logging.WARNING, logger="parallelnet.worker"):
+        process([1, 3, 0, 0, 2, 3, 0, 5])   # EV_OPEN id 3, EV_DATA id 3: 5 bytes
+        assert calls == [("close", 3, 1)], calls
+        assert ctx.stats.errors == 0   # counted when the core reports the close, as any error
+        # Batched: the core has closed it already; the event is only logged.
+        process([9, 3, errno.ENOMEM, 0])
     assert calls == [("close", 3, 1)], calls
-    assert ctx.stats.errors == 0   # counted when the core reports the close, as any error
+    assert sum("cannot send on connection id 3" in r.getMessage() for r in caplog.records) == 2
     ctx.stop.close()
+
+
+QUEUED_SEND_FAILS = r"""
+import json, socket
+from parallelnet.core.backend import Limits, StopSignal
+from parallelnet.backends.uring.ring import load, new_core
+ffi, lib = load()
+lsock = socket.socket(); lsock.bind(("127.0.0.1", 0)); lsock.listen(1)
+stop = StopSignal()
+core = new_core(ffi, lib, Limits(), listeners=[lsock], stop_fd=stop.fileno())
+lib.uc_start(core)
+c = socket.create_connection(lsock.getsockname())
+evp = ffi.new("int32_t *[1]")
+cid = None
+for _ in range(50):
+    n = lib.uc_wait_acts(core, 100, ffi.NULL, 0, ffi.NULL, 0, evp)
+    ev = ffi.unpack(evp[0], 4 * max(n, 0))
+    if n > 0 and ev[0] == lib.EV_OPEN:
+        cid = ev[1]; break
+# A copy whose bytes lie beyond the data passed along (a caller's bug), then a send that
+# would be fine: the first fails the connection, the second finds it dead.
+acts = [lib.UC_ACT_SEND_COPY, cid, 2, 8, 0, lib.UC_ACT_SEND_COPY, cid, 0, 4, 0]
+seen = []
+for _ in range(20):
+    n = lib.uc_wait_acts(core, 100, acts, 2, b"pong", 4, evp)
+    acts = []
+    seen += [tuple(ffi.unpack(evp[0], 4 * n)[i:i + 4]) for i in range(0, 4 * max(n, 0), 4)]
+    if any(e[0] == lib.EV_CLOSED for e in seen):
+        break
+print("seen", json.dumps(seen), flush=True)
+c.settimeout(5)
+print("peer", c.recv(100), flush=True)   # nothing sent, then the close
+print("actions", lib.uc_stats(core).actions, "send_failed", lib.EV_SEND_FAILED, "closed", lib.EV_CLOSED)
+lib.uc_shutdown(core); lib.uc_wait(core, 50); lib.uc_free(core)
+"""
+
+
+def test_9_queued_send_that_fails_closes_its_connection():
+    """The batched path on the real core: a queued send that fails is reported as
+    EV_SEND_FAILED (id, errno) and its connection closed with an error, before anything
+    of a later action is sent."""
+    require_backend("uring")
+    res = subprocess.run([sys.executable, "-c", QUEUED_SEND_FAILS], capture_output=True,
+                         text=True, timeout=60)
+    assert res.returncode == 0, (res.returncode, res.stderr[-2000:])
+    out = dict(line.split(" ", 1) for line in res.stdout.splitlines())
+    seen = [tuple(e) for e in json.loads(out["seen"])]
+    facts = out["actions"].split()   # N send_failed K closed K
+    send_failed, closed = int(facts[2]), int(facts[4])
+    cid = seen[0][1]
+    assert seen[0] == (send_failed, cid, errno.EINVAL, 0), seen
+    assert (closed, cid, 1, 0) in seen, seen
+    assert out["peer"] == "b''", out
+    assert int(facts[0]) == 2
 
 
 HUGE_SEND = r"""

@@ -10,9 +10,9 @@
  * events answered here by proto_core.h's echo/HTTP - the very code `native` runs -
  * instead of being handed to Python.  uc_serve is called once by the worker thread and
  * returns only at stop: cffi releases the GIL for the whole loop.  Echo sends the
- * received provided buffer itself (uc_send_buf: no copy); HTTP answers are copied out of
+ * received provided buffer itself (out_buf: no copy); HTTP answers are copied out of
  * the scratch buffer.  Timeouts are the core's own sweep (both modes); a feed that leaves
- * an HTTP request incomplete starts its deadline (rule request-deadline), as uc_progress does for Python. */
+ * an HTTP request incomplete starts its deadline (rule request-deadline), as conn_progress does for Python. */
 static struct pstate *cp_state(uc_core *c, int id)
 {
     if (id >= c->ps_cap) {
@@ -42,7 +42,7 @@ static void cp_process(uc_core *c, int n)
             int rc = 0;
             if (c->cfg.lproto[c->conns[id].lid] == UC_ECHO) {
                 c->st.requests += proto_echo_count(&c->proto, ps, len);
-                rc = uc_send_buf(c, id, e[2], 0, len);
+                rc = out_buf(c, id, e[2], 0, len);
             } else {
                 int64_t done = proto_http_feed(&c->proto, ps, data, len);
                 if (done < 0) { uc_alloc_failed(c, id); break; }
@@ -50,12 +50,12 @@ static void cp_process(uc_core *c, int n)
                 if (pstate_partial(ps) || c->conns[id].pol.req_start_ms)   /* rule request-deadline */
                     pol_progress(&c->conns[id].pol, pstate_partial(ps), (uint64_t)done, len, c->now_ms);
                 if (c->proto.scratch.len)
-                    rc = uc_send_copy(c, id, c->proto.scratch.p, c->proto.scratch.len);
+                    rc = out_copy(c, id, c->proto.scratch.p, c->proto.scratch.len);
                 proto_scratch_done(&c->proto);
             }
-            if (rc < 0) uc_close(c, id, 1);
-            else if (ps->pclosing) uc_finish(c, id);
-            else if (pstate_more(ps)) uc_hold(c, id, 1);
+            if (rc < 0) conn_kill(c, id, 1);
+            else if (ps->pclosing) conn_finish(c, id);
+            else if (pstate_more(ps)) conn_hold(c, id, 1);
             break;
         }
         case EV_PULL: {             /* rule held-answers: the next held answers */
@@ -66,17 +66,17 @@ static void cp_process(uc_core *c, int n)
             if (done < 0) { uc_alloc_failed(c, id); break; }
             c->st.requests += (uint64_t)done;
             int rc = 0;
-            if (olen) rc = proto_is_body_piece(out) ? uc_send_static(c, id, out, olen)
-                                                    : uc_send_copy(c, id, out, olen);
+            if (olen) rc = proto_is_body_piece(out) ? out_static(c, id, out, olen)
+                                                    : out_copy(c, id, out, olen);
             proto_scratch_done(&c->proto);
-            if (rc < 0) { uc_close(c, id, 1); break; }
-            uc_pulled(c, id, pstate_more(ps));
-            if (ps->pclosing) uc_finish(c, id);
+            if (rc < 0) { conn_kill(c, id, 1); break; }
+            conn_pulled(c, id, pstate_more(ps));
+            if (ps->pclosing) conn_finish(c, id);
             break;
         }
         case EV_OPEN:
             ps = cp_state(c, id);
-            if (!ps) { uc_close(c, id, 1); break; }
+            if (!ps) { conn_kill(c, id, 1); break; }
             memset(ps, 0, sizeof *ps);
             c->st.opened++;
             break;
@@ -88,10 +88,10 @@ static void cp_process(uc_core *c, int n)
         case EV_EOF:                /* a partial request is dropped unanswered; held ones are answered */
             ps = &c->ps[id];
             proto_eof(ps);
-            uc_finish(c, id);
+            conn_finish(c, id);
             break;
         case EV_DRAINED:
-            uc_finish(c, id);
+            conn_finish(c, id);
             break;
         default:
             break;                  /* EV_STOP: uc_wait has set stop_seen; EV_TICK: swept there */
@@ -103,7 +103,7 @@ static void cp_process(uc_core *c, int n)
 static int uc_serve(uc_core *c)
 {
     while (!c->stop_seen) {
-        int n = uc_wait(c, -1);
+        int n = wait_batch(c, -1);
         if (n < 0) return n;
         cp_process(c, n);
     }
@@ -117,7 +117,7 @@ static int cp_pump(uc_core *c, int64_t deadline, int all_ops)
     while (c->nconns > 0 || (all_ops && c->inflight > 0)) {
         int64_t left = deadline - mono_ms();
         if (left <= 0) break;
-        int n = uc_wait(c, (int)left);
+        int n = wait_batch(c, (int)left);
         if (n < 0) return n;
         cp_process(c, n);
     }
@@ -129,7 +129,7 @@ static int uc_drain(uc_core *c, int timeout_ms)
 {
     uc_drain_begin(c);
     int64_t deadline = mono_ms() + timeout_ms;
-    int n = uc_wait(c, 0);          /* msg-ring hand-overs posted before stop, as in uring.py */
+    int n = wait_batch(c, 0);          /* msg-ring hand-overs posted before stop, as in uring.py */
     if (n < 0) return n;
     cp_process(c, n);
     return cp_pump(c, deadline, 0);
@@ -140,6 +140,6 @@ static void uc_close_all(uc_core *c, int timeout_ms)
 {
     uc_shutdown(c);
     if (cp_pump(c, mono_ms() + timeout_ms, 1) < 0) return;
-    int n = uc_wait(c, 0);          /* closes released synchronously by uc_shutdown */
+    int n = wait_batch(c, 0);          /* closes released synchronously by uc_shutdown */
     if (n > 0) cp_process(c, n);
 }

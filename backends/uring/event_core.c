@@ -974,7 +974,7 @@ static int uc_submit(uc_core *c)
 
 /* One loop iteration: return the previous batch's buffers, submit, wait (GIL released),
  * reap, and leave a batch of application events in c->ev.  timeout_ms < 0: no limit. */
-static int uc_wait(uc_core *c, int timeout_ms)
+static int wait_batch(uc_core *c, int timeout_ms)
 {
     if (c->fail) { c->st.failed = (uint64_t)c->fail; return -c->fail; }
     /* Events emitted while Python ran (closes from uc_finish...) stay for this batch. */
@@ -1093,7 +1093,7 @@ static int queue_out(uc_core *c, int id, char *base, uint32_t len, int bid)
     return 0;
 }
 
-static int uc_send_copy(uc_core *c, int id, const char *p, size_t len)
+static int out_copy(uc_core *c, int id, const char *p, size_t len)
 {
     if ((unsigned)id >= (unsigned)c->nconn_slots || !c->conns[id].used || c->conns[id].dead || !len) return 0;
     if (c->fail) return -c->fail;
@@ -1110,7 +1110,7 @@ static int uc_send_copy(uc_core *c, int id, const char *p, size_t len)
 /* Send a received buffer back as it is (echo): no copy while the ring has buffers to
  * spare and nothing is queued before it; otherwise copy it, so a slow reader can hold
  * at most one provided buffer and cannot starve every other connection of them. */
-static int uc_send_buf(uc_core *c, int id, int bid, unsigned off, unsigned len)
+static int out_buf(uc_core *c, int id, int bid, unsigned off, unsigned len)
 {
     if ((unsigned)id >= (unsigned)c->nconn_slots || !c->conns[id].used || c->conns[id].dead || !len) return 0;
     if (c->fail) return -c->fail;
@@ -1120,7 +1120,7 @@ static int uc_send_buf(uc_core *c, int id, int bid, unsigned off, unsigned len)
      * already holds PIN_MAX of them (a slow reader would otherwise hold the ring), or
      * when the ring runs short of buffers (a quarter kept in reserve). */
     if (c->bstate[bid] != B_LENT || k->pinned >= PIN_MAX || c->ring_free + c->nspare < c->cfg.nbufs / 4)
-        return uc_send_copy(c, id, p, len);
+        return out_copy(c, id, p, len);
     int r = queue_out(c, id, p, len, bid);
     if (r == 0) {   /* pinned only once queued: a failed chunk allocation leaves it LENT */
         c->bstate[bid] = B_PINNED;
@@ -1131,7 +1131,7 @@ static int uc_send_buf(uc_core *c, int id, int bid, unsigned off, unsigned len)
 }
 
 /* The protocol is done: flush what is queued, then close. */
-static void uc_finish(uc_core *c, int id)
+static void conn_finish(uc_core *c, int id)
 {
     if ((unsigned)id >= (unsigned)c->nconn_slots) return;
     struct conn *k = &c->conns[id];
@@ -1146,7 +1146,7 @@ static void uc_finish(uc_core *c, int id)
  * whenever the pending output is low; releasing resumes reading (or, finishing, closes
  * once flushed).  uc_hold after a feed, uc_pulled after a pull: only the latter ends
  * the EV_PULL in flight, so one connection never has two. */
-static void uc_hold(uc_core *c, int id, int more)
+static void conn_hold(uc_core *c, int id, int more)
 {
     if ((unsigned)id >= (unsigned)c->nconn_slots) return;
     struct conn *k = &c->conns[id];
@@ -1171,14 +1171,14 @@ static void uc_hold(uc_core *c, int id, int more)
     }
 }
 
-static void uc_pulled(uc_core *c, int id, int more)
+static void conn_pulled(uc_core *c, int id, int more)
 {
     if ((unsigned)id < (unsigned)c->nconn_slots) c->conns[id].pull_due = 0;
-    uc_hold(c, id, more);
+    conn_hold(c, id, more);
 }
 
 /* Send static memory (proto_core.h's body block): never copied, never freed. */
-static int uc_send_static(uc_core *c, int id, const char *p, size_t len)
+static int out_static(uc_core *c, int id, const char *p, size_t len)
 {
     if ((unsigned)id >= (unsigned)c->nconn_slots || !c->conns[id].used || c->conns[id].dead || !len) return 0;
     if (c->fail) return -c->fail;
@@ -1271,16 +1271,93 @@ static int uc_free(uc_core *c)
 /* Rule request-deadline for a protocol in Python: after a feed that left a request incomplete
  * (partial) or completed the one that was.  Python calls it only then, never on the
  * common path (whole requests in). */
-static void uc_progress(uc_core *c, int id, int partial, unsigned completed, unsigned nbytes)
+static void conn_progress(uc_core *c, int id, int partial, unsigned completed, unsigned nbytes)
 {
     if ((unsigned)id >= (unsigned)c->nconn_slots || !c->conns[id].used) return;
     pol_progress(&c->conns[id].pol, partial, completed, nbytes, c->now_ms);
 }
 
+/* ---- the entry points Python calls ---------------------------------------------------
+ * Each cffi call releases the GIL and takes it back (cffi does so for every call): 47 ns
+ * uncontended, but with several thread workers in one process each release lets another
+ * thread in and the caller then queues for the GIL again.  So the `uring` backend queues
+ * what it has to tell the core while it processes a batch (UC_ACT_*) and passes the
+ * queue with its next wait, one call per batch (uc_wait_acts); `--uring-calls direct`
+ * makes the calls one by one (each counted in py_calls, to measure the difference). */
+static int uc_wait(uc_core *c, int timeout_ms) { c->st.py_calls++; return wait_batch(c, timeout_ms); }
+static int uc_send_copy(uc_core *c, int id, const char *p, size_t len) { c->st.py_calls++; return out_copy(c, id, p, len); }
+static int uc_send_buf(uc_core *c, int id, int bid, unsigned off, unsigned len) { c->st.py_calls++; return out_buf(c, id, bid, off, len); }
+static int uc_send_static(uc_core *c, int id, const char *p, size_t len) { c->st.py_calls++; return out_static(c, id, p, len); }
+static void uc_finish(uc_core *c, int id) { c->st.py_calls++; conn_finish(c, id); }
+static void uc_hold(uc_core *c, int id, int more) { c->st.py_calls++; conn_hold(c, id, more); }
+static void uc_pulled(uc_core *c, int id, int more) { c->st.py_calls++; conn_pulled(c, id, more); }
+static void uc_progress(uc_core *c, int id, int partial, unsigned completed, unsigned nbytes)
+{
+    c->st.py_calls++;
+    conn_progress(c, id, partial, completed, nbytes);
+}
+
+/* Apply n queued actions of UC_ACT_WORDS int32 each, in order, as the direct calls would
+ * have been made; send data are (offset, length) in `data`.  A send that fails ends its
+ * connection with an error and is reported as EV_SEND_FAILED (id, errno), where the
+ * direct call's caller logged and closed it; later actions of that connection find it
+ * dead and do nothing, as direct calls would.  An action outside the protocol (unknown
+ * op, data out of bounds: a bug in the caller) fails its connection the same way. */
+static void apply_actions(uc_core *c, const int32_t *a, int n, const char *data, size_t ndata)
+{
+    for (int i = 0; i < n; i++, a += UC_ACT_WORDS) {
+        int id = a[1], rc = 0;
+        c->st.actions++;
+        switch (a[0]) {
+        case UC_ACT_SEND_BUF:
+            rc = out_buf(c, id, a[2], (unsigned)a[3], (unsigned)a[4]);
+            break;
+        case UC_ACT_SEND_COPY: {
+            uint32_t off = (uint32_t)a[2], len = (uint32_t)a[3];
+            rc = (size_t)off + len <= ndata ? out_copy(c, id, data + off, len) : -EINVAL;
+            break;
+        }
+        case UC_ACT_FINISH: conn_finish(c, id); break;
+        case UC_ACT_HOLD: conn_hold(c, id, a[2]); break;
+        case UC_ACT_PULLED: conn_pulled(c, id, a[2]); break;
+        case UC_ACT_CLOSE: if ((unsigned)id < (unsigned)c->nconn_slots) conn_kill(c, id, a[2]); break;
+        case UC_ACT_PROGRESS: conn_progress(c, id, a[2], (unsigned)a[3], (unsigned)a[4]); break;
+        default: rc = -EINVAL;
+        }
+        if (rc < 0 && (unsigned)id < (unsigned)c->nconn_slots && c->conns[id].used && !c->conns[id].dead) {
+            emit(c, EV_SEND_FAILED, id, -rc, 0);
+            conn_kill(c, id, 1);
+        }
+    }
+}
+
+static void uc_apply(uc_core *c, const int32_t *acts, int n, const char *data, size_t ndata)
+{
+    c->st.py_calls++;
+    apply_actions(c, acts, n, data, ndata);
+}
+
+/* The batch's actions, then the wait; *events = the events' array (it may move when it
+ * grows), so that one call per batch is all Python makes.  An unbounded wait (timeout
+ * -1) that brought no application event (only our own sends' completions, say) waits
+ * again here instead of returning to Python with nothing to do: the caller would only
+ * take the GIL to call again (the stop and the timer tick are events, so nothing it
+ * must see is held back). */
+static int uc_wait_acts(uc_core *c, int timeout_ms, const int32_t *acts, int n, const char *data,
+                        size_t ndata, int32_t **events)
+{
+    c->st.py_calls++;
+    apply_actions(c, acts, n, data, ndata);
+    int r;
+    do r = wait_batch(c, timeout_ms); while (r == 0 && timeout_ms < 0);
+    *events = c->ev;
+    return r;
+}
+
 /* Fault injection for tests: every submit from now on fails with -err. */
 static void uc_fail_submits(uc_core *c, int err) { c->inject_err = err; }
 
-static int32_t *uc_events(uc_core *c) { return c->ev; }
+static int32_t *uc_events(uc_core *c) { c->st.py_calls++; return c->ev; }
 static char *uc_pool(uc_core *c) { return c->pool; }
 static size_t uc_pool_size(uc_core *c) { return c->pool_size; }
 static struct uc_stats *uc_stats(uc_core *c) { return &c->st; }

@@ -180,6 +180,7 @@ class UringOptions:
     zc_threshold: int = 0           # SEND_ZC from this many bytes, 0: never
     latency_budget_us: int = DEFAULT_LATENCY_BUDGET_US
     ring: str = "warm"              # provided ring: warm (a few buffers, the rest stacked) or fifo (all)
+    calls: str = "batched"          # uring: queue the batch's calls to the core (one per wait) or direct
     handoff: str = "scm"            # --accept dispatch channel: scm or msg-ring
 
     @classmethod
@@ -651,6 +652,11 @@ class IoUringBackend(Backend):
                             "some slack in the ring, the rest in a stack reused most recent "
                             "first; fifo = every buffer in the ring, each reused after all the "
                             "others (the earlier behaviour, for comparison; docs/uring.md)")
+        g.add_argument("--uring-calls", choices=["batched", "direct"], default=d.calls,
+                       help="uring: batched = what Python tells the core while it processes a "
+                            "batch (sends, closes, holds) is queued and passed with the next "
+                            "wait, one call (one GIL release) per batch; direct = one call each, "
+                            "the earlier behaviour, for comparison (docs/uring.md)")
         g.add_argument("--uring-handoff", choices=["scm", "msg-ring"], default=d.handoff,
                        help="with --accept dispatch (thread mode): scm = SCM_RIGHTS over a "
                             "socketpair, a poll wakes the ring (every backend's channel); "

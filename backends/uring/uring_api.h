@@ -18,7 +18,16 @@
 #define MAX_LISTENERS 8
 
 /* Application events uc_wait reports, 4 int32 each: kind, connection id, a, b. */
-enum { EV_OPEN = 1, EV_DATA, EV_EOF, EV_CLOSED, EV_STOP, EV_DRAINED, EV_TICK, EV_PULL };
+enum { EV_OPEN = 1, EV_DATA, EV_EOF, EV_CLOSED, EV_STOP, EV_DRAINED, EV_TICK, EV_PULL,
+       EV_SEND_FAILED };            /* a queued send failed: a = errno; its connection is closed */
+/* What Python queues while processing a batch (uc_apply, uc_wait_acts): UC_ACT_WORDS int32
+ * each, op, connection id, then the arguments of the direct call it stands for:
+ * SEND_BUF bid off len (uc_send_buf), SEND_COPY data_off len - (uc_send_copy, the bytes at
+ * data_off of the data passed along), FINISH, HOLD more, PULLED more, CLOSE error,
+ * PROGRESS partial completed nbytes. */
+#define UC_ACT_WORDS 5
+enum { UC_ACT_SEND_BUF = 1, UC_ACT_SEND_COPY, UC_ACT_FINISH, UC_ACT_HOLD, UC_ACT_PULLED,
+       UC_ACT_CLOSE, UC_ACT_PROGRESS };
 /* Who answers a connection: Python (UC_PY), or proto_core.h's echo/HTTP (native-uring). */
 enum { UC_PY = 0, UC_ECHO, UC_HTTP };
 
@@ -35,7 +44,10 @@ struct uc_stats {
              /* rule held-answers and allocation failures (both modes): */
              output_holds, alloc_failures, gathered_sends,
              /* buffers kept in the provided ring (the rest wait warm in a stack): */
-             ring_target, burst_accepted;
+             ring_target, burst_accepted,
+             /* calls Python made into the core (each releases and re-takes the GIL), and
+              * the actions it queued instead of calls (uc_wait_acts): */
+             py_calls, actions;
     /* Per listener id (the address a connection came in on): small arrays, one increment
      * beside the total's, so they add up to accepted and accept_cqes. */
     uint64_t l_accepted[MAX_LISTENERS], l_accept_cqes[MAX_LISTENERS];
@@ -90,6 +102,9 @@ static uc_core *uc_new(const struct uc_config *cfg, int *err);
 static void uc_start(uc_core *c);
 static int uc_submit(uc_core *c);
 static int uc_wait(uc_core *c, int timeout_ms);
+static void uc_apply(uc_core *c, const int32_t *acts, int n, const char *data, size_t ndata);
+static int uc_wait_acts(uc_core *c, int timeout_ms, const int32_t *acts, int n, const char *data,
+                        size_t ndata, int32_t **events);
 static int uc_send_copy(uc_core *c, int id, const char *p, size_t len);
 static int uc_send_buf(uc_core *c, int id, int bid, unsigned off, unsigned len);
 static int uc_send_static(uc_core *c, int id, const char *p, size_t len);
