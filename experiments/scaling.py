@@ -25,7 +25,9 @@ Layout: on a machine with more than two CPUs, the server takes the first half an
 client the second (one client thread per client CPU); on two CPUs, N = 2 puts a worker on
 each CPU and the client shares the second (light, and its own CPU use is in the record:
 the bottleneck label judges it by that).  The same command runs unchanged on a 16-core
-machine (8 + 8).  Every run carries an A/A control (``epoll/process/shared/w=1`` measured twice
+machine (8 + 8).  A backend with options is named ``LABEL=BACKEND:ARGS`` among ``backends``
+(``--set 'backends=["uring","uring-direct=uring:--uring-calls direct"]'``): its rows carry
+the label.  Every run carries an A/A control (``epoll/process/shared/w=1`` measured twice
 per repetition).
 """
 
@@ -37,7 +39,7 @@ from parallelnet.core.stats import jain_index
 from parallelnet.experiments import analysis
 from parallelnet.experiments.analysis import row_bound
 from parallelnet.experiments.framework import (
-    Context, Experiment, Plan, PlanNotes, Point, Summary, Table, add_aa_twin, rotated,
+    Context, Experiment, Plan, PlanNotes, Point, Summary, Table, add_aa_twin, parse_config, rotated,
     server_cpu_per_request, strategy_configs,
 )
 from parallelnet.experiments.measure import Layout
@@ -65,17 +67,36 @@ def worker_counts(p: dict) -> list[int]:
     return out
 
 
+def configs(p: dict) -> tuple[list[tuple[str, str, str, list[str]]], PlanNotes]:
+    """(label, mode, strategy, server args) for every entry of ``backends`` - a backend's
+    name, or ``LABEL=BACKEND:ARGS`` for a backend with options (``uring-direct=uring:
+    --uring-calls direct``) - × the modes it runs × the strategies it serves."""
+    specs = [parse_config(b) for b in p["backends"]] if p["backends"] != "all" else None
+    if specs is None:
+        cfgs, notes = strategy_configs("all", p["strategies"], p["modes"])
+        return [(b, m, st, []) for b, m, st in cfgs], notes
+    cfgs, notes = strategy_configs(sorted({b for _, b, _ in specs}), p["strategies"], p["modes"])
+    served = {(b, m, st) for b, m, st in cfgs}
+    out = [(label, m, st, args) for label, b, args in specs for m in p["modes"]
+           for st in p["strategies"] if (b, m, st) in served]
+    notes.ran = [f"{label}/{m}/{st}" for label, m, st, _ in out]
+    return out, notes
+
+
 def plan(p: dict) -> Plan:
-    cfgs, notes = strategy_configs(p["backends"], p["strategies"], p["modes"])
+    cfgs, notes = configs(p)
+    backend_of = {label: b for label, b, _ in (parse_config(x) for x in p["backends"])} \
+        if p["backends"] != "all" else {}
     notes.derived["worker_counts"] = counts = worker_counts(p)
     per = p["warmup"] + p["duration"] + 0.8
     points = []
     for rep in range(p["reps"]):
         for n in counts:
-            for b, m, st in rotated(cfgs, rep):
-                points.append(Point(f"{b}/{m}/{st}/w={n}", rep,
-                                    {"backend": b, "mode": m, "strategy": st, "workers": n},
-                                    est_s=per + 0.1 * n))
+            for label, m, st, args in rotated(cfgs, rep):
+                q = {"backend": backend_of.get(label, label), "mode": m, "strategy": st, "workers": n}
+                if args:
+                    q["args"] = args
+                points.append(Point(f"{label}/{m}/{st}/w={n}", rep, q, est_s=per + 0.1 * n))
     return Plan(add_aa_twin(points, p.get("aa")), notes)
 
 
@@ -83,7 +104,7 @@ def run_point(point: Point, ctx: Context) -> dict:
     p, q = ctx.params, point.params
     layout = layout_for(q["workers"])
     args = ["--backend", q["backend"], "--mode", q["mode"], "--workers", str(q["workers"]),
-            "--accept", q.get("strategy", "shared"), "--protocol", "http"]
+            "--accept", q.get("strategy", "shared"), "--protocol", "http", *q.get("args", [])]
     threads = len(layout.client)
     conns = max(threads, p["connections_per_worker"] * q["workers"])
     rec = ctx.measure(args, {"mode": "closed", "protocol": "http", "path": f"/work/{p['service_us']}",

@@ -378,3 +378,18 @@ def test_scaling_names_its_workload_also_without_a_service_time(service_us, expe
     s = scaling.summarize(records, p, PlanNotes(["epoll/process/shared"], []))
     assert expected in s.tables[0].title
     assert s.values["epoll/process/shared.w=2"]["speedup"]["estimate"] == pytest.approx(2.0)
+
+
+def test_scaling_takes_a_backend_with_options_under_its_own_label():
+    """``LABEL=BACKEND:ARGS`` among the backends: its own rows, the server started with
+    ARGS (a side-by-side of one backend's two settings in thread mode)."""
+    from parallelnet.experiments import scaling
+
+    p = dict(scaling.EXPERIMENT.presets["smoke"], reps=1, workers=[1, 2], modes=["thread"],
+             backends=["epoll", "uring-direct=uring:--uring-calls direct"], aa=None)
+    plan = scaling.plan(p)
+    by = {pt.config: pt.params for pt in plan.points}
+    assert plan.notes.ran == ["epoll/thread/shared", "uring-direct/thread/shared"]
+    q = by["uring-direct/thread/shared/w=2"]
+    assert q["backend"] == "uring" and q["args"] == ["--uring-calls", "direct"]
+    assert "args" not in by["epoll/thread/shared/w=1"]
