@@ -83,11 +83,11 @@ run() {
 # claim 3: workers 1..8 (the server's half of the CPUs), threads and processes, the shared
 # socket and SO_REUSEPORT; epoll (the GIL-bound Python loop), uring (its C core waits and
 # reaps with the GIL released) and native (C, the ceiling).  ~49 points a repetition.
-run scaling "${SCALING_BUDGET_S:-270}" --set 'backends=["epoll","uring","native"]' \
+run scaling "${SCALING_BUDGET_S:-290}" --set 'backends=["epoll","uring","native"]' \
     --set reps=3 --set duration=1.0 --set warmup=0.3
 
 # claim 2 with the design's own mechanism, 8 workers: skewed long-lived connections + churn.
-run balance "${BALANCE_BUDGET_S:-110}" \
+run balance "${BALANCE_BUDGET_S:-100}" \
     --set 'configs=["epoll/process/shared","epoll/process/reuseport","epoll/process/dispatch","native/thread/shared"]' \
     --set 'loads=[0.5,0.85]' --set reps=3 --set duration=2.0 --set warmup=0.5 \
     --set long_connections=64 --set heavy_connections=8 --set churn_slots=128 \
@@ -96,8 +96,10 @@ run balance "${BALANCE_BUDGET_S:-110}" \
 # the multiplexing itself under the GIL: no service time (GET /work/0), so the loop's own
 # cost per request is what threads contend for (a Python handler's 200 µs spin holds the
 # GIL, so thread mode cannot scale above one CPU whatever the backend); SO_REUSEPORT only,
-# so that no accept race decides the split.
-run scaling "${SCALING0_BUDGET_S:-100}" --set 'backends=["epoll","uring","native"]' \
+# so that no accept race decides the split.  uring-direct: one cffi call (one GIL
+# release) per action instead of one per batch (docs/uring.md, "One call per batch").
+run scaling "${SCALING0_BUDGET_S:-130}" \
+    --set 'backends=["epoll","uring","uring-direct=uring:--uring-calls direct","native"]' \
     --set 'strategies=["reuseport"]' --set service_us=0 --set 'aa="epoll/process/reuseport/w=1"' \
     --set reps=2 --set duration=1.0 --set warmup=0.3
 
