@@ -291,7 +291,7 @@ def prefer_quiet(runs: list, is_noisy) -> tuple[list, int, bool]:
 #: How a summary row names its bottleneck when its repetitions disagree: the most common
 #: of the bounds that stop a row from being ranked, if any repetition had one, else the
 #: most common; ties broken in this order (deterministic, whatever the hash seed).
-BOUND_ORDER = ("client", "both", "server", "neither", "offered")
+BOUND_ORDER = ("client", "both", "server", "gil", "neither", "offered")
 UNRANKABLE = ("client", "both")
 
 

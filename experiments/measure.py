@@ -177,6 +177,25 @@ def bottleneck(per_cpu: dict, layout: Layout, open_loop: bool, rate_met: bool,
     return "offered" if open_loop and rate_met else "neither"
 
 
+#: Threads of one process that together use at most this many CPUs, with more CPUs given
+#: to them and none saturated, are serialised by a lock (gil_bound).
+GIL_CPUS = 1.3
+
+
+def gil_bound(bound: str, workers: list[tuple[int, int]], server_cpus_used: float,
+              layout: Layout) -> str:
+    """``gil`` where ``bottleneck`` says ``neither`` but the server is one process whose
+    worker threads (two or more, given two or more CPUs) together used no more than
+    about one CPU (GIL_CPUS): a lock serialises them - for a Python loop the GIL, which
+    every worker must hold to run its protocol and its loop.  The label ranks the server
+    (its design is the limit), unlike ``neither`` (too few requests in flight)."""
+    if bound != "neither" or len(workers) < 2 or len({pid for pid, _ in workers}) != 1:
+        return bound
+    if len(set(layout.server)) < 2 or server_cpus_used > GIL_CPUS:
+        return bound
+    return "gil"
+
+
 def measure(srv: ServerHandle, spec, layout: Layout, extra_pids: tuple = (),
             per_worker: bool = True, client=None) -> dict:
     """Run ``spec`` (a loadgen.LoadSpec) against ``srv`` and return one record.
@@ -245,10 +264,12 @@ def measure(srv: ServerHandle, spec, layout: Layout, extra_pids: tuple = (),
         "noise": {k: noise[k] for k in ("steal_max", "others_cpu", "kthreads_cpu", "noisy")},
         "busy": {c: round(v["busy"], 4) for c, v in noise["per_cpu"].items()},
         "softirq": {c: round(v["softirq"], 4) for c, v in noise["per_cpu"].items()},
-        "bound": bottleneck(noise["per_cpu"], layout, spec.mode == "open" or
-                            (spec.mode == "churn" and getattr(spec, "rate", 0) > 0), lg.rate_met,
-                            client_util=client_cpu / wall if wall else None,
-                            client_threads=spec.threads),
+        "bound": gil_bound(
+            bottleneck(noise["per_cpu"], layout, spec.mode == "open" or
+                       (spec.mode == "churn" and getattr(spec, "rate", 0) > 0), lg.rate_met,
+                       client_util=client_cpu / wall if wall else None,
+                       client_threads=spec.threads),
+            workers, cpu_s / wall if wall else 0.0, layout),
         "layout": {"server": layout.server, "client": layout.client},
         "client_placement": client.label,
         # The receive steering in force (netns: RPS masks, hex); None where the placement

@@ -393,3 +393,19 @@ def test_scaling_takes_a_backend_with_options_under_its_own_label():
     q = by["uring-direct/thread/shared/w=2"]
     assert q["backend"] == "uring" and q["args"] == ["--uring-calls", "direct"]
     assert "args" not in by["epoll/thread/shared/w=1"]
+
+
+@pytest.mark.parametrize("bound,workers,cpu,server,want", [
+    ("neither", [(7, 1), (7, 2), (7, 3)], 1.05, [0, 1, 2], "gil"),     # 3 threads, one CPU's worth
+    ("neither", [(7, 1), (8, 2)], 1.05, [0, 1], "neither"),              # processes: no shared lock
+    ("neither", [(7, 1)], 0.9, [0], "neither"),                          # one worker: nothing to serialise
+    ("neither", [(7, 1), (7, 2)], 1.9, [0, 1], "neither"),               # threads using both CPUs
+    ("server", [(7, 1), (7, 2)], 1.0, [0, 1], "server"),                 # a saturated CPU says more
+    ("offered", [(7, 1), (7, 2)], 1.0, [0, 1], "offered"),               # the rate was met
+])
+def test_threads_that_together_use_one_cpu_are_labelled_gil_bound(bound, workers, cpu, server, want):
+    """Eight Python worker threads used 1.05 CPUs of eight and nothing was saturated: the
+    label said ``neither`` (latency-bound), when a lock - the GIL - was the limit."""
+    from parallelnet.experiments.measure import gil_bound
+
+    assert gil_bound(bound, workers, cpu, Layout(server, [9])) == want
