@@ -20,7 +20,8 @@ import sys
 from parallelnet.experiments.provenance import REPO
 
 TEMPLATE = os.path.join(REPO, "paper", "paper.in.md")
-PIN = re.compile(r"^<!-- pin ([\w.-]+): (.*?) -->$", re.M)
+#: ``EXPERIMENT`` or ``EXPERIMENT@GROUP`` (runs of another machine: paper/build.py).
+PIN = re.compile(r"^<!-- pin ([\w.@-]+): (.*?) -->$", re.M)
 
 
 def read_pins(template: str = TEMPLATE) -> dict[str, list[str]]:
@@ -33,11 +34,12 @@ def read_pins(template: str = TEMPLATE) -> dict[str, list[str]]:
 
 
 def cited_experiments(template: str = TEMPLATE) -> list[str]:
-    """The experiments the paper cites, in the order the template pins them; without any
+    """The experiments the paper cites from this machine, in the order the template pins
+    them (``EXPERIMENT@GROUP`` pins are another machine's runs: left out); without any
     pin, every registered experiment marked ``cited``."""
     pins = read_pins(template)
     if pins:
-        return list(pins)
+        return [name for name in pins if "@" not in name]
     from parallelnet.experiments import framework
 
     return [n for n in framework.names() if getattr(framework.get(n), "cited", False)]

@@ -21,6 +21,11 @@ Template syntax, each resolved against the pinned run of EXPERIMENT:
 * ``{{meta:EXPERIMENT:KEY}}`` - provenance of the pinned run (commit, date, kernel, cpu).
 * ``{{pins:commit}}`` - the one commit every pinned run measured: pins from several
   commits, or from a tree that differed from its commit, fail the build.
+* Runs of another machine: a pin named ``EXPERIMENT@GROUP`` (``scaling@16``, pinned by
+  hand from a lent 16-CPU machine's runs) is cited as ``{{scaling@16:KEY}}`` and so on.
+  Each group must have measured one commit on a clean tree of its own
+  (``{{pins:commit@16}}``); ``make reproduce`` re-runs this machine's pins only
+  (experiments/device/scaling.sh makes the others).
 
 validate_loadgen, soak and handoff were stand-alone scripts before they became framework
 experiments; a pinned run of the old scripts (no ``records.jsonl``, one results file
@@ -264,8 +269,12 @@ def build(template: str, regenerate_figures: bool = True) -> str:
 
     def value(m):
         ref, _, spec = m.group(1).partition("|")
-        if ref == "pins:commit":   # the one commit every pinned run measured
-            return measured[:12] if measured else ""
+        if ref.startswith("pins:commit"):   # the one commit every pinned run (of a group) measured
+            group = ref.partition("@")[2]
+            if group not in measured:
+                missing.append(f"value {ref}: no pin of group {group!r}")
+                return ""
+            return (measured[group] or "")[:12]
         if ref.startswith("meta:"):
             _, name, key = ref.split(":", 2)
             try:
@@ -291,7 +300,7 @@ def build(template: str, regenerate_figures: bool = True) -> str:
         if run is None:
             missing.append(f"figure {ref}: {name} is not pinned")
             return ""
-        out = f"{name}-{file}"
+        out = f"{name.replace('@', '-at-')}-{file}"
         if regenerate_figures:
             made = _regenerate(run)
             if file not in made:
@@ -302,9 +311,12 @@ def build(template: str, regenerate_figures: bool = True) -> str:
             missing.append(f"figure {ref}: paper/figures/{out} missing")
         return f"![{caption}](figures/{out})\n\n*Figure: {caption} Source: `{run.rel}`.*"
 
-    measured = one_commit(runs, missing)
+    groups: dict[str, dict[str, Run]] = {}
+    for name, run in runs.items():
+        groups.setdefault(name.partition("@")[2], {})[name] = run
+    measured = {g: one_commit(rs, missing) for g, rs in groups.items()}
 
-    text = re.sub(r"<!-- table:([\w.:=-]+) -->", table, template)
+    text = re.sub(r"<!-- table:([\w.:=@-]+) -->", table, template)
     text = re.sub(r"<!-- figure:([^>]+?) -->", figure, text)
     text = re.sub(r"\{\{([^}]+)\}\}", value, text)
     if missing:
@@ -313,7 +325,8 @@ def build(template: str, regenerate_figures: bool = True) -> str:
 
 
 def one_commit(runs: dict[str, "Run"], missing: list[str]) -> str | None:
-    """The commit that every pinned run measured, from each run's ``meta.json``.
+    """The commit that every pinned run (of one machine group) measured, from each run's
+    ``meta.json``.
 
     A paper whose numbers come from several commits cannot be reproduced by re-running
     one: every pinned run must name the same commit with a clean tree (results/ aside,
@@ -377,6 +390,8 @@ def code_since(template: str) -> list[str]:
 
     commits = set()
     for m in PIN.finditer(template):
+        if "@" in m.group(1):   # another machine's runs: not re-measured here
+            continue
         for rel in m.group(2).split():
             try:
                 with open(os.path.join(ROOT, rel, "meta.json")) as f:

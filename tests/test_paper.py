@@ -53,20 +53,38 @@ def test_every_embedded_figure_and_every_pinned_run_exists():
 
 
 def test_every_pinned_run_measured_one_commit_on_a_clean_tree():
-    """`make reproduce` at that commit re-runs exactly the code the paper measured."""
+    """`make reproduce` at that commit re-runs exactly the code the paper measured; the runs
+    of another machine (pins ``EXPERIMENT@GROUP``) likewise share one commit per group."""
     import json
 
     from parallelnet.experiments.paper_pins import read_pins
 
-    codes = {}
+    groups: dict[str, dict] = {}
     for name, dirs in read_pins().items():
         for d in dirs:
             with open(os.path.join(ROOT, d, "meta.json")) as f:
-                codes[d] = json.load(f)["code"]
-    assert codes
-    assert {c["commit"] for c in codes.values()} == {next(iter(codes.values()))["commit"]}, codes
-    assert all(c["dirty"] is False for c in codes.values()), codes
-    assert next(iter(codes.values()))["commit"][:12] in _paper()   # and the paper names it
+                groups.setdefault(name.partition("@")[2], {})[d] = json.load(f)["code"]
+    assert groups.get("")
+    for codes in groups.values():
+        assert {c["commit"] for c in codes.values()} == {next(iter(codes.values()))["commit"]}, codes
+        assert all(c["dirty"] is False for c in codes.values()), codes
+        assert next(iter(codes.values()))["commit"][:12] in _paper()   # and the paper names it
+
+
+def test_another_machines_pins_are_a_group_of_their_own():
+    """A pin ``EXPERIMENT@GROUP`` (runs of a lent many-core machine, made at another commit)
+    does not break the one-commit rule of this machine's pins, and reproduce leaves it out."""
+    from parallelnet.experiments.paper_pins import cited_experiments
+
+    build = _build_module()
+    tpl = os.path.join(ROOT, "paper", "paper.in.md")
+    with open(tpl) as f:
+        pins = [line for line in f if line.startswith("<!-- pin ")]
+    groups = {line.split()[2].rstrip(":").partition("@")[2] for line in pins}
+    assert len(groups) >= 2, "the paper cites no other machine's runs"
+    assert all("@" not in n for n in cited_experiments())
+    with pytest.raises(build.BuildError, match="no pin of group 'x'"):
+        build.build("".join(pins) + "{{pins:commit@x}}", regenerate_figures=False)
 
 
 def test_pins_from_two_commits_or_a_dirty_tree_fail_the_build():
