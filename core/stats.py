@@ -88,7 +88,7 @@ def add_observable(values):
 #: io_uring core's (backends/uring/uring_api.h struct uc_stats, and what ring.py derives)
 #: and the epoll window's.
 LEVEL_EXTRAS = frozenset({
-    "max_pending", "sendzc_held_max", "window_us", "arrival_per_s", "util_pct", "window_nr",
+    "max_pending", "sendzc_held_max", "window_us", "arrival_per_s", "data_per_s", "util_pct", "window_nr",
     "closed_pct", "ring_fd_registered", "ring_target", "cqes_per_entry", "sqes_per_entry",
 })
 

@@ -449,6 +449,29 @@ def test_window_batches_an_open_loop_and_not_an_idle_trickle(tmp_path):
     assert srv.stop()["clean"]
 
 
+@pytest.mark.serial   # timing: a machine loaded by other tests shifts the rates
+def test_window_needs_two_arrivals_per_budget_not_two_completions(tmp_path):
+    """The window batches arrivals: below two expected within the budget there is nothing
+    to share a wake-up.  It counted completions, and every request brings at least two
+    (its receive, our answer's send), so one request per window - 16 KiB echoes at 6,000/s
+    over 16 connections, 1.2 per 200 µs - was held with its own send's completion: p99
+    +316 µs at 16 KiB in the sizes run for 6% of CPU.  Counted as data arrivals, such a
+    load waits plainly; 20,000/s of 64 B (4 per budget) is still batched
+    (test_window_batches_an_open_loop_and_not_an_idle_trickle)."""
+    require_backend("uring")
+    from parallelnet.experiments.loadgen import LoadSpec, run
+
+    srv = start_server(tmp_path, "--backend", "uring", "--workers", "1", "--stats-interval", "0.1",
+                       "--uring-latency-budget-us", "200", "--message-size", "16384")
+    res = run(LoadSpec(host=srv.host, port=srv.port, mode="open", rate=6000, connections=16,
+                       size=16384, duration=1.0, warmup=0.2))
+    assert res.requests > 4500 and not sum(res.errors.values()), res.errors
+    w = srv.stop()["workers"][0]
+    extra = w["extra"]
+    assert extra["cqes"] >= 1.9 * w["requests"], extra     # two completions or more per request
+    assert extra["windowed_waits"] <= 0.05 * extra["blocking_waits"] + 20, extra
+
+
 @pytest.mark.serial   # closed_pct needs answers followed at once: a loaded machine delays them
 def test_window_stays_off_for_clients_that_wait_for_answers(tmp_path):
     """A closed loop: every request follows our answer to its connection at once, so the

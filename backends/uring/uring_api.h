@@ -47,7 +47,9 @@ struct uc_stats {
              ring_target, burst_accepted,
              /* calls Python made into the core (each releases and re-takes the GIL), and
               * the actions it queued instead of calls (uc_wait_acts): */
-             py_calls, actions;
+             py_calls, actions,
+             /* receives that carried data per second (the window's arrivals, window_nr): */
+             data_per_s;
     /* Per listener id (the address a connection came in on): small arrays, one increment
      * beside the total's, so they add up to accepted and accept_cqes. */
     uint64_t l_accepted[MAX_LISTENERS], l_accept_cqes[MAX_LISTENERS];
