@@ -456,7 +456,7 @@ def test_9_failed_send_kills_the_connection_with_an_error(caplog):
 
 
 QUEUED_SEND_FAILS = r"""
-import json, socket
+import json, socket, sys
 from parallelnet.core.backend import Limits, StopSignal
 from parallelnet.backends.uring.ring import load, new_core
 ffi, lib = load()
@@ -472,9 +472,12 @@ for _ in range(50):
     ev = ffi.unpack(evp[0], 4 * max(n, 0))
     if n > 0 and ev[0] == lib.EV_OPEN:
         cid = ev[1]; break
-# A copy whose bytes lie beyond the data passed along (a caller's bug), then a send that
-# would be fine: the first fails the connection, the second finds it dead.
-acts = [lib.UC_ACT_SEND_COPY, cid, 2, 8, 0, lib.UC_ACT_SEND_COPY, cid, 0, 4, 0]
+# A copy whose bytes lie beyond the data passed along, or a provided buffer that is not
+# one (a caller's bug), then a send that would be fine: the first fails the connection,
+# the second finds it dead.
+bad = ([lib.UC_ACT_SEND_COPY, cid, 2, 8, 0] if sys.argv[1] == "copy"
+       else [lib.UC_ACT_SEND_BUF, cid, 1 << 20, 0, 4])
+acts = bad + [lib.UC_ACT_SEND_COPY, cid, 0, 4, 0]
 seen = []
 for _ in range(20):
     n = lib.uc_wait_acts(core, 100, acts, 2, b"pong", 4, evp)
@@ -490,12 +493,13 @@ lib.uc_shutdown(core); lib.uc_wait(core, 50); lib.uc_free(core)
 """
 
 
-def test_9_queued_send_that_fails_closes_its_connection():
+@pytest.mark.parametrize("bad", ["copy", "buf"])
+def test_9_queued_send_that_fails_closes_its_connection(bad):
     """The batched path on the real core: a queued send that fails is reported as
     EV_SEND_FAILED (id, errno) and its connection closed with an error, before anything
-    of a later action is sent."""
+    of a later action is sent; a buffer id or range outside the pool is refused, not read."""
     require_backend("uring")
-    res = subprocess.run([sys.executable, "-c", QUEUED_SEND_FAILS], capture_output=True,
+    res = subprocess.run([sys.executable, "-c", QUEUED_SEND_FAILS, bad], capture_output=True,
                          text=True, timeout=60)
     assert res.returncode == 0, (res.returncode, res.stderr[-2000:])
     out = dict(line.split(" ", 1) for line in res.stdout.splitlines())

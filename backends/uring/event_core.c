@@ -1125,6 +1125,9 @@ static int out_buf(uc_core *c, int id, int bid, unsigned off, unsigned len)
 {
     if ((unsigned)id >= (unsigned)c->nconn_slots || !c->conns[id].used || c->conns[id].dead || !len) return 0;
     if (c->fail) return -c->fail;
+    /* A buffer of ours (the ring's or a drain scratch one), within it: anything else is a
+     * caller's bug, refused rather than read. */
+    if ((unsigned)bid >= c->cfg.nbufs + DRAIN_READS || (size_t)off + len > c->cfg.bufsize) return -EINVAL;
     char *p = c->pool + (size_t)bid * c->cfg.bufsize + off;
     struct conn *k = &c->conns[id];
     /* Copied instead when the buffer is no longer ours to lend, when the connection
