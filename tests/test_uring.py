@@ -583,3 +583,33 @@ def test_python_calls_the_core_once_per_batch(tmp_path, calls):
     else:
         assert per_request >= 2.5, extra
         assert extra["actions"] == 0, extra
+
+
+def test_native_uring_hands_a_large_answer_over_instead_of_copying_it(tmp_path):
+    """native-uring built each answer in its scratch buffer and then copied it into the
+    send queue: a 64 KiB answer was copied twice before the kernel's copy (native's epoll
+    loop sends from the scratch buffer: once), 1.13x native's CPU at 64 KiB HTTP.  A large
+    answer's memory is now handed over to the send (freed when sent) and the scratch buffer
+    replaced; small answers are still copied (the scratch stays warm)."""
+    require_backend("native-uring")
+    srv = start_server(tmp_path, "--backend", "native-uring", "--workers", "1", "--protocol", "http")
+    n, size = 50, 65536
+    try:
+        s = srv.connect(timeout=10)
+        for _ in range(n):
+            s.sendall(f"GET /bytes/{size} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += s.recv(4096)
+            head, _, body = head.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200") and f"Content-Length: {size}".encode() in head
+            body += recv_exactly(s, size - len(body))
+        s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")   # a small one: copied
+        assert s.recv(4096).startswith(b"HTTP/1.1 200")
+        s.close()
+    finally:
+        final = srv.stop()
+    assert final["clean"]
+    extra = final["workers"][0]["extra"]
+    assert extra["taken_sends"] == n, extra
+    assert extra["copied_sends"] == 1, extra

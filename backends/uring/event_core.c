@@ -1118,6 +1118,20 @@ static int out_copy(uc_core *c, int id, const char *p, size_t len)
     return r;
 }
 
+/* Queue memory the caller hands over (malloc'd; native-uring's scratch buffer): it is
+ * sent as it is and freed once sent, never copied.  Taken in every case: freed here if it
+ * cannot be queued. */
+static int out_take(uc_core *c, int id, char *m, size_t len)
+{
+    int r = 0;
+    if ((unsigned)id >= (unsigned)c->nconn_slots || !c->conns[id].used || c->conns[id].dead || !len) r = 0;
+    else if (c->fail) r = -c->fail;
+    else if (len > UINT32_MAX) r = -EMSGSIZE;
+    else if ((r = queue_out(c, id, m, (uint32_t)len, CHUNK_HEAP)) == 0) { c->st.taken_sends++; return 0; }
+    free(m);
+    return r;
+}
+
 /* Send a received buffer back as it is (echo): no copy while the ring has buffers to
  * spare and nothing is queued before it; otherwise copy it, so a slow reader can hold
  * at most one provided buffer and cannot starve every other connection of them. */

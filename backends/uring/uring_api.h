@@ -49,7 +49,9 @@ struct uc_stats {
               * the actions it queued instead of calls (uc_wait_acts): */
              py_calls, actions,
              /* receives that carried data per second (the window's arrivals, window_nr): */
-             data_per_s;
+             data_per_s,
+             /* answers whose memory was handed to the send instead of copied (native-uring): */
+             taken_sends;
     /* Per listener id (the address a connection came in on): small arrays, one increment
      * beside the total's, so they add up to accepted and accept_cqes. */
     uint64_t l_accepted[MAX_LISTENERS], l_accept_cqes[MAX_LISTENERS];
