@@ -37,7 +37,7 @@ from parallelnet.experiments.framework import (
 )
 from parallelnet.experiments.measure import Layout
 
-RANKABLE = ("offered", "server")   # a client-bound point ranks the client, not the server
+RANKABLE = ("offered", "server", "gil")   # a client-bound point ranks the client, not the server
 
 
 def load_label(kind: str, value) -> str:
