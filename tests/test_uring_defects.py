@@ -405,7 +405,7 @@ def test_9_failed_send_kills_the_connection_with_an_error(caplog):
 
     class Lib:
         EV_OPEN, EV_DATA, EV_EOF, EV_CLOSED, EV_STOP, EV_DRAINED, EV_TICK, EV_PULL = range(1, 9)
-        EV_SEND_FAILED, EV_UNREF = 9, 10
+        EV_SEND_FAILED = 9
 
         def uc_send_copy(self, core, cid, p, n):
             return -errno.ENOMEM
@@ -426,9 +426,6 @@ def test_9_failed_send_kills_the_connection_with_an_error(caplog):
 
         uc_pulled = uc_hold
         uc_send_static = uc_send_copy
-
-        def uc_send_ref(self, core, cid, p, n, token):
-            return -errno.ENOMEM
         uc_wait = uc_events = None   # not called by _batch_processor
 
     class Upper(EchoProtocol):

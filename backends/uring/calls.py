@@ -21,13 +21,6 @@ EV_SEND_FAILED and its connection closed there: the caller only logs it.
 
 ``DirectCalls`` (``--uring-calls direct``) makes each call at once, as before, for a
 side-by-side measurement; ``extra.py_calls`` counts the calls either way.
-
-Large answers are not copied (either way): a ``bytes`` of ``REF_MIN`` bytes or more is
-sent from the object itself (``uc_send_ref``), which ``refs`` keeps alive under a token
-until the core reports the kernel done with that memory (EV_UNREF: the send complete, the
-connection closed, or a SEND_ZC notification in; ``unref``).  The copy it replaces is the
-one epoll's loop never makes (it hands the object to ``send``).  Objects of any other
-type are copied as before: only ``bytes`` cannot change under the kernel.
 """
 
 from __future__ import annotations
@@ -38,8 +31,6 @@ from functools import partial
 #: queued bytes are joined into one buffer per batch, a copy that small answers do not
 #: notice and large ones would.
 QUEUE_MAX = 16 * 1024
-#: A ``bytes`` answer this large or larger is sent from the object itself (uc_send_ref).
-REF_MIN = 16 * 1024
 
 
 class DirectCalls:
@@ -47,26 +38,10 @@ class DirectCalls:
 
     def __init__(self, ffi, lib, core) -> None:
         from_buffer = ffi.from_buffer
-        copy, send_ref = lib.uc_send_copy, lib.uc_send_ref
-        #: token -> the bytes a queued chunk sends from, until EV_UNREF (module docstring)
-        self.refs: dict[int, bytes] = {}
-        refs = self.refs
-        token = [0]
-
-        def send_out(cid, out):
-            n = len(out)
-            if type(out) is bytes and n >= REF_MIN:
-                t = token[0] = (token[0] + 1) & 0x7FFFFFFF
-                rc = send_ref(core, cid, out, n, t)
-                if rc == 1:
-                    refs[t] = out
-                    return 0
-                return rc
-            return copy(core, cid, out if type(out) is bytes else from_buffer(out), n)
-
+        copy = lib.uc_send_copy
         self.send_buf = partial(lib.uc_send_buf, core)           # (cid, bid, off, len)
-        self.send_out = send_out
-        self.unref = refs.pop
+        self.send_out = lambda cid, out: copy(core, cid, out if type(out) is bytes
+                                              else from_buffer(out), len(out))
         static = lib.uc_send_static
         self.send_static = lambda cid, out: static(core, cid, from_buffer(out), len(out))
         self.finish = partial(lib.uc_finish, core)
@@ -101,7 +76,6 @@ class BatchedCalls:
                                                  lib.UC_ACT_CLOSE, lib.UC_ACT_PROGRESS)
         apply_, NULL = lib.uc_apply, ffi.NULL
         direct = DirectCalls(ffi, lib, core)
-        self.refs, self.unref = direct.refs, direct.unref
 
         def flush() -> None:
             if acts:

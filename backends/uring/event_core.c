@@ -71,7 +71,6 @@ enum { B_RING = 0, B_LENT, B_PINNED, B_FREE, B_SPARE };
  * or static memory (proto_core.h's body block: never freed). */
 #define CHUNK_HEAP (-1)
 #define CHUNK_STATIC (-2)
-#define CHUNK_REF (-3)              /* memory Python owns (a bytes object): EV_UNREF when done */
 #define UD(op, id) (((uint64_t)(uint32_t)(id) << 8) | (op))
 #define BGID 1
 #define IDLE_TRIM_MS 100            /* no connection for this long: give pool pages back */
@@ -90,7 +89,6 @@ struct sendvec { struct msghdr msg; struct iovec iov[SEND_IOV_MAX]; };
  * read its memory until then); a chunk done with (sent, or its connection gone) while
  * zc_refs > 0 is detached from its connection and freed by the last notification. */
 struct chunk { struct chunk *next; char *base; uint32_t len, off; int32_t bid;
-               int32_t token;      /* CHUNK_REF: Python's reference, reported in EV_UNREF */
                uint32_t zc_refs; uint8_t detached, kept; };
 
 /* One SEND_ZC in flight: its result CQE and its notification both carry
@@ -317,7 +315,6 @@ static void chunk_done(uc_core *c, struct chunk *h)
     if (h->zc_refs) { h->detached = 1; h->next = NULL; return; }
     if (h->bid >= 0) buf_recycle(c, h->bid);
     else if (h->bid == CHUNK_HEAP) { free(h->base); c->freed_copies += h->len; }
-    else if (h->bid == CHUNK_REF) { c->st.unrefs++; emit(c, EV_UNREF, h->token, 0, 0); }
     free(h);
 }
 
@@ -1090,7 +1087,7 @@ static int queue_out(uc_core *c, int id, char *base, uint32_t len, int bid)
     struct conn *k = &c->conns[id];
     struct chunk *h = malloc(sizeof *h);
     if (!h) return -ENOMEM;
-    h->next = NULL; h->base = base; h->len = len; h->off = 0; h->bid = bid; h->token = 0;
+    h->next = NULL; h->base = base; h->len = len; h->off = 0; h->bid = bid;
     h->zc_refs = 0; h->detached = h->kept = 0;
     if (k->tail) k->tail->next = h; else k->head = h;
     k->tail = h;
@@ -1215,30 +1212,6 @@ static int out_static(uc_core *c, int id, const char *p, size_t len)
     if (c->fail) return -c->fail;
     if (len > UINT32_MAX) return -EMSGSIZE;
     return queue_out(c, id, (char *)p, (uint32_t)len, CHUNK_STATIC);
-}
-
-/* Send memory Python owns and keeps alive (a bytes object) without copying it: the chunk
- * carries Python's token, and when the kernel is done with the memory (the send complete,
- * the connection closed, a SEND_ZC notification in) chunk_done reports EV_UNREF (token),
- * on which Python drops its reference.  Returns 1 if queued (Python keeps the reference
- * until then), 0 if there was nothing to send it on, < 0 on failure. */
-static int out_ref(uc_core *c, int id, const char *p, size_t len, int token)
-{
-    if ((unsigned)id >= (unsigned)c->nconn_slots || !c->conns[id].used || c->conns[id].dead || !len) return 0;
-    if (c->fail) return -c->fail;
-    if (len > UINT32_MAX) return -EMSGSIZE;
-    struct conn *k = &c->conns[id];
-    int r = queue_out(c, id, (char *)p, (uint32_t)len, CHUNK_REF);
-    if (r < 0) return r;
-    k->tail->token = token;     /* the chunk just queued; read only when it is done */
-    c->st.ref_sends++;
-    return 1;
-}
-
-static int uc_send_ref(uc_core *c, int id, const char *p, size_t len, int token)
-{
-    c->st.py_calls++;
-    return out_ref(c, id, p, len, token);
 }
 
 /* An answer could not be allocated: that connection ends, counted, logged once. */

@@ -572,10 +572,9 @@ class Ring:
         others (a server missing a worker is not serving)."""
         return OSError(-rc, f"{self.who}: io_uring failed: {os.strerror(-rc)}")
 
-    def free(self) -> int:
+    def free(self) -> None:
         """The last figures, then the core: the pool is freed only if the kernel holds no
-        operation of ours (else leaked, with a warning).  Returns uc_free's answer: 0, or
-        non-zero when operations were still in flight (memory they may read must stay)."""
+        operation of ours (else leaked, with a warning)."""
         (self.sync_ring if self.raw else self.sync)()
         self.refresh_switches()
         self.stats.refresh = None   # the thread is about to go: keep the last figures
@@ -589,7 +588,6 @@ class Ring:
             log.warning("%s: io_uring operations still in flight at exit; buffer pool (and "
                         "%d send chunks a SEND_ZC may still read) leaked rather than freed",
                         self.who, leaked - 1)
-        return leaked
 
 
 # -- the backends ------------------------------------------------------------------------

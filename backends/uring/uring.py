@@ -19,10 +19,6 @@ from parallelnet.core.policy import ConnectionPolicy, tracks_requests
 
 log = logging.getLogger("parallelnet.worker")
 
-#: The answers still referenced by a core freed while the kernel held operations of its:
-#: kept for the life of the process, as the core keeps its pool (the kernel may read them).
-_KEPT_AT_EXIT: list[dict] = []
-
 
 class UringBackend(IoUringBackend):
     name = "uring"
@@ -76,8 +72,7 @@ class UringBackend(IoUringBackend):
         lib = ring.lib
         EV_DATA, EV_OPEN, EV_CLOSED, EV_EOF = lib.EV_DATA, lib.EV_OPEN, lib.EV_CLOSED, lib.EV_EOF
         EV_DRAINED, EV_STOP, EV_TICK, EV_PULL = lib.EV_DRAINED, lib.EV_STOP, lib.EV_TICK, lib.EV_PULL
-        EV_SEND_FAILED, EV_UNREF = lib.EV_SEND_FAILED, lib.EV_UNREF
-        unref = calls.unref
+        EV_SEND_FAILED = lib.EV_SEND_FAILED
         send_buf, send_out, send_static = calls.send_buf, calls.send_out, calls.send_static
         finish, close, hold, pulled, progress = (calls.finish, calls.close, calls.hold, calls.pulled,
                                                  calls.progress)
@@ -187,8 +182,6 @@ class UringBackend(IoUringBackend):
                         backend.stopping = True
                 elif kind == EV_STOP:
                     backend.stopping = True
-                elif kind == EV_UNREF:   # the kernel is done with an answer's bytes
-                    unref(cid)               # (cid is the token here)
                 elif kind == EV_SEND_FAILED:   # a queued send: the core has closed it
                     backend._log_send_failed(cid, ev[i + 2])
             stats.requests += requests
@@ -250,5 +243,4 @@ class UringBackend(IoUringBackend):
             if n > 0:
                 self._process(self.calls.events(n))
         finally:
-            if ring.free() and self.calls.refs:
-                _KEPT_AT_EXIT.append(self.calls.refs)
+            ring.free()

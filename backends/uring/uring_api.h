@@ -19,8 +19,7 @@
 
 /* Application events uc_wait reports, 4 int32 each: kind, connection id, a, b. */
 enum { EV_OPEN = 1, EV_DATA, EV_EOF, EV_CLOSED, EV_STOP, EV_DRAINED, EV_TICK, EV_PULL,
-       EV_SEND_FAILED,              /* a queued send failed: a = errno; its connection is closed */
-       EV_UNREF };                  /* uc_send_ref's memory is free again: id = Python's token */
+       EV_SEND_FAILED };            /* a queued send failed: a = errno; its connection is closed */
 /* What Python queues while processing a batch (uc_apply, uc_wait_acts): UC_ACT_WORDS int32
  * each, op, connection id, then the arguments of the direct call it stands for:
  * SEND_BUF bid off len (uc_send_buf), SEND_COPY data_off len - (uc_send_copy, the bytes at
@@ -52,9 +51,7 @@ struct uc_stats {
              /* receives that carried data per second (the window's arrivals, window_nr): */
              data_per_s,
              /* answers whose memory was handed to the send instead of copied (native-uring): */
-             taken_sends,
-             /* answers sent from Python's own bytes (uc_send_ref), and those given back: */
-             ref_sends, unrefs;
+             taken_sends;
     /* Per listener id (the address a connection came in on): small arrays, one increment
      * beside the total's, so they add up to accepted and accept_cqes. */
     uint64_t l_accepted[MAX_LISTENERS], l_accept_cqes[MAX_LISTENERS];
@@ -115,7 +112,6 @@ static int uc_wait_acts(uc_core *c, int timeout_ms, const int32_t *acts, int n, 
 static int uc_send_copy(uc_core *c, int id, const char *p, size_t len);
 static int uc_send_buf(uc_core *c, int id, int bid, unsigned off, unsigned len);
 static int uc_send_static(uc_core *c, int id, const char *p, size_t len);
-static int uc_send_ref(uc_core *c, int id, const char *p, size_t len, int token);
 static void uc_finish(uc_core *c, int id);
 static void uc_hold(uc_core *c, int id, int more);
 static void uc_pulled(uc_core *c, int id, int more);
