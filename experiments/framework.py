@@ -66,6 +66,19 @@ class Interrupted(BaseException):
         self.signum = signum
 
 
+def interruption(exc: BaseException | None) -> Interrupted | None:
+    """The Interrupted that ``exc`` was raised while handling, if any: a cleanup that fails
+    while a signal propagates (a server the signal reached too exits 130, and stopping it
+    raises) must not turn the interruption into one point's failure."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, Interrupted):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__context__
+    return None
+
+
 class EmptyRun(RuntimeError):
     """The plan has no point to measure (every backend skipped, or nothing asked for)."""
 
@@ -674,6 +687,8 @@ def _run(exp: Experiment, preset: str, out: str, overrides: dict | None, allow_d
                 except Interrupted:
                     raise
                 except Exception as exc:  # noqa: BLE001 - recorded, the run goes on
+                    if (intr := interruption(exc)) is not None:
+                        raise intr from exc
                     failed += 1
                     rec = Record(point.config, point.rep, point.params, provenance.utc_now(),
                                  error=f"{type(exc).__name__}: {exc}",

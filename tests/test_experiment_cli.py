@@ -151,6 +151,12 @@ def run_point(point, ctx):
             time.sleep(5)
         except Exception as exc:
             raise RuntimeError("the server exited") from exc
+    if where == "cleanup":   # a finally whose cleanup fails because the signal reached it too
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+        finally:
+            raise RuntimeError("server exited with 130")
     return {"v": 1.0}
 
 def summarize(records, params, notes):
@@ -168,11 +174,13 @@ except framework.Interrupted as exc:
 '''
 
 
-@pytest.mark.parametrize("where,measured", [("point", 0), ("summary", 3)])
+@pytest.mark.parametrize("where,measured", [("point", 0), ("cleanup", 0), ("summary", 3)])
 def test_a_signal_ends_the_run_as_interrupted_wherever_it_lands(tmp_path, where, measured):
     """A SIGTERM is never taken for a point's failure (an ``except Exception`` in a point's
-    code must not swallow it: the run went on until SIGKILL), and one that lands after the
-    last point, while the summary is written, still records how the run ended."""
+    code must not swallow it, nor a cleanup that fails while it propagates - a server the
+    signal reached too exits 130 and stopping it raises: the run went on until SIGKILL),
+    and one that lands after the last point, while the summary is written, still records
+    how the run ended."""
     res = subprocess.run([sys.executable, "-c", _SELF_TERM, str(tmp_path), where],
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 128 + signal.SIGTERM, (res.returncode, res.stderr[-2000:])
