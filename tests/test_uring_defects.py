@@ -455,7 +455,9 @@ def test_9_failed_send_kills_the_connection_with_an_error(caplog):
     ctx.stop.close()
 
 
-QUEUED_SEND_FAILS = r"""
+#: The start of a subprocess that drives the core by hand: one core, one listener, one
+#: client connection ``c``, whose connection id in the core is ``cid``.
+ONE_CONNECTION = r"""
 import json, socket, sys
 from parallelnet.core.backend import Limits, StopSignal
 from parallelnet.backends.uring.ring import load, new_core
@@ -465,13 +467,16 @@ stop = StopSignal()
 core = new_core(ffi, lib, Limits(), listeners=[lsock], stop_fd=stop.fileno())
 lib.uc_start(core)
 c = socket.create_connection(lsock.getsockname())
-evp = ffi.new("int32_t *[1]")
 cid = None
 for _ in range(50):
-    n = lib.uc_wait_acts(core, 100, ffi.NULL, 0, ffi.NULL, 0, evp)
-    ev = ffi.unpack(evp[0], 4 * max(n, 0))
+    n = lib.uc_wait(core, 100)
+    ev = ffi.unpack(lib.uc_events(core), 4 * max(n, 0))
     if n > 0 and ev[0] == lib.EV_OPEN:
         cid = ev[1]; break
+"""
+
+QUEUED_SEND_FAILS = ONE_CONNECTION + r"""
+evp = ffi.new("int32_t *[1]")
 # A copy whose bytes lie beyond the data passed along, or a provided buffer that is not
 # one (a caller's bug), then a send that would be fine: the first fails the connection,
 # the second finds it dead.
@@ -513,22 +518,7 @@ def test_9_queued_send_that_fails_closes_its_connection(bad):
     assert int(facts[0]) == 2
 
 
-HUGE_SEND = r"""
-import socket
-from parallelnet.core.backend import Limits, StopSignal
-from parallelnet.backends.uring.ring import load, new_core
-ffi, lib = load()
-lsock = socket.socket(); lsock.bind(("127.0.0.1", 0)); lsock.listen(1)
-stop = StopSignal()
-core = new_core(ffi, lib, Limits(), listeners=[lsock], stop_fd=stop.fileno())
-lib.uc_start(core)
-c = socket.create_connection(lsock.getsockname())
-cid = None
-for _ in range(50):
-    n = lib.uc_wait(core, 100)
-    ev = ffi.unpack(lib.uc_events(core), 4 * max(n, 0))
-    if n > 0 and ev[0] == lib.EV_OPEN:
-        cid = ev[1]; break
+HUGE_SEND = ONE_CONNECTION + r"""
 # 4 GiB + 16 bytes from a pointer nothing may read: refused before any copy
 print("rc", lib.uc_send_copy(core, cid, ffi.cast("char *", 16), (1 << 32) + 16), flush=True)
 lib.uc_shutdown(core); lib.uc_wait(core, 50); lib.uc_free(core)
