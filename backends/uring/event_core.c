@@ -1104,11 +1104,20 @@ static int queue_out(uc_core *c, int id, char *base, uint32_t len, int bid)
     return 0;
 }
 
-static int out_copy(uc_core *c, int id, const char *p, size_t len)
+/* Whether output of len bytes can be queued on connection id: 1 yes, 0 nothing to do (no
+ * such live connection, or nothing to send), < 0 the error to return. */
+static int out_check(uc_core *c, int id, size_t len)
 {
     if ((unsigned)id >= (unsigned)c->nconn_slots || !c->conns[id].used || c->conns[id].dead || !len) return 0;
     if (c->fail) return -c->fail;
     if (len > UINT32_MAX) return -EMSGSIZE;   /* a chunk's length is 32 bits: never truncate */
+    return 1;
+}
+
+static int out_copy(uc_core *c, int id, const char *p, size_t len)
+{
+    int ok = out_check(c, id, len);
+    if (ok <= 0) return ok;
     char *m = malloc(len);
     if (!m) return -ENOMEM;
     memcpy(m, p, len);
@@ -1123,11 +1132,8 @@ static int out_copy(uc_core *c, int id, const char *p, size_t len)
  * cannot be queued. */
 static int out_take(uc_core *c, int id, char *m, size_t len)
 {
-    int r = 0;
-    if ((unsigned)id >= (unsigned)c->nconn_slots || !c->conns[id].used || c->conns[id].dead || !len) r = 0;
-    else if (c->fail) r = -c->fail;
-    else if (len > UINT32_MAX) r = -EMSGSIZE;
-    else if ((r = queue_out(c, id, m, (uint32_t)len, CHUNK_HEAP)) == 0) { c->st.taken_sends++; return 0; }
+    int r = out_check(c, id, len);
+    if (r > 0 && (r = queue_out(c, id, m, (uint32_t)len, CHUNK_HEAP)) == 0) { c->st.taken_sends++; return 0; }
     free(m);
     return r;
 }
@@ -1137,8 +1143,8 @@ static int out_take(uc_core *c, int id, char *m, size_t len)
  * at most one provided buffer and cannot starve every other connection of them. */
 static int out_buf(uc_core *c, int id, int bid, unsigned off, unsigned len)
 {
-    if ((unsigned)id >= (unsigned)c->nconn_slots || !c->conns[id].used || c->conns[id].dead || !len) return 0;
-    if (c->fail) return -c->fail;
+    int ok = out_check(c, id, len);
+    if (ok <= 0) return ok;
     /* A buffer of ours (the ring's or a drain scratch one), within it: anything else is a
      * caller's bug, refused rather than read. */
     if ((unsigned)bid >= c->cfg.nbufs + DRAIN_READS || (size_t)off + len > c->cfg.bufsize) return -EINVAL;
@@ -1208,9 +1214,8 @@ static void conn_pulled(uc_core *c, int id, int more)
 /* Send static memory (proto_core.h's body block): never copied, never freed. */
 static int out_static(uc_core *c, int id, const char *p, size_t len)
 {
-    if ((unsigned)id >= (unsigned)c->nconn_slots || !c->conns[id].used || c->conns[id].dead || !len) return 0;
-    if (c->fail) return -c->fail;
-    if (len > UINT32_MAX) return -EMSGSIZE;
+    int ok = out_check(c, id, len);
+    if (ok <= 0) return ok;
     return queue_out(c, id, (char *)p, (uint32_t)len, CHUNK_STATIC);
 }
 
