@@ -77,12 +77,15 @@ class BatchedCalls:
         apply_, NULL = lib.uc_apply, ffi.NULL
         direct = DirectCalls(ffi, lib, core)
 
+        def clear() -> None:
+            acts.clear()
+            outs.clear()
+            size[0] = 0
+
         def flush() -> None:
             if acts:
                 apply_(core, acts, len(acts) // words, b"".join(outs), size[0])
-                acts.clear()
-                outs.clear()
-                size[0] = 0
+                clear()
 
         def send_buf(cid, bid, off, length):
             extend((A_BUF, cid, bid, off, length))
@@ -117,9 +120,7 @@ class BatchedCalls:
         def wait(timeout_ms: int) -> int:
             if acts:
                 n = wait_acts(core, timeout_ms, acts, len(acts) // words, b"".join(outs), size[0], evp)
-                acts.clear()
-                outs.clear()
-                size[0] = 0
+                clear()
                 return n
             return wait_acts(core, timeout_ms, NULL, 0, NULL, 0, evp)
 
