@@ -67,33 +67,31 @@ def worker_counts(p: dict) -> list[int]:
     return out
 
 
-def configs(p: dict) -> tuple[list[tuple[str, str, str, list[str]]], PlanNotes]:
-    """(label, mode, strategy, server args) for every entry of ``backends`` - a backend's
-    name, or ``LABEL=BACKEND:ARGS`` for a backend with options (``uring-direct=uring:
-    --uring-calls direct``) - × the modes it runs × the strategies it serves."""
+def configs(p: dict) -> tuple[list[tuple[str, str, str, str, list[str]]], PlanNotes]:
+    """(label, backend, mode, strategy, server args) for every entry of ``backends`` - a
+    backend's name, or ``LABEL=BACKEND:ARGS`` for a backend with options (``uring-direct=
+    uring:--uring-calls direct``) - × the modes it runs × the strategies it serves."""
     specs = [parse_config(b) for b in p["backends"]] if p["backends"] != "all" else None
     if specs is None:
         cfgs, notes = strategy_configs("all", p["strategies"], p["modes"])
-        return [(b, m, st, []) for b, m, st in cfgs], notes
+        return [(b, b, m, st, []) for b, m, st in cfgs], notes
     cfgs, notes = strategy_configs(sorted({b for _, b, _ in specs}), p["strategies"], p["modes"])
     served = {(b, m, st) for b, m, st in cfgs}
-    out = [(label, m, st, args) for label, b, args in specs for m in p["modes"]
+    out = [(label, b, m, st, args) for label, b, args in specs for m in p["modes"]
            for st in p["strategies"] if (b, m, st) in served]
-    notes.ran = [f"{label}/{m}/{st}" for label, m, st, _ in out]
+    notes.ran = [f"{label}/{m}/{st}" for label, _, m, st, _ in out]
     return out, notes
 
 
 def plan(p: dict) -> Plan:
     cfgs, notes = configs(p)
-    backend_of = {label: b for label, b, _ in (parse_config(x) for x in p["backends"])} \
-        if p["backends"] != "all" else {}
     notes.derived["worker_counts"] = counts = worker_counts(p)
     per = p["warmup"] + p["duration"] + 0.8
     points = []
     for rep in range(p["reps"]):
         for n in counts:
-            for label, m, st, args in rotated(cfgs, rep):
-                q = {"backend": backend_of.get(label, label), "mode": m, "strategy": st, "workers": n}
+            for label, backend, m, st, args in rotated(cfgs, rep):
+                q = {"backend": backend, "mode": m, "strategy": st, "workers": n}
                 if args:
                     q["args"] = args
                 points.append(Point(f"{label}/{m}/{st}/w={n}", rep, q, est_s=per + 0.1 * n))
