@@ -684,9 +684,7 @@ def _run(exp: Experiment, preset: str, out: str, overrides: dict | None, allow_d
                 t = time.monotonic()
                 try:
                     rec = exp.run_point(point, ctx)
-                except Interrupted:
-                    raise
-                except Exception as exc:  # noqa: BLE001 - recorded, the run goes on
+                except Exception as exc:  # noqa: BLE001 - recorded, the run goes on (not Interrupted: a BaseException)
                     if (intr := interruption(exc)) is not None:
                         raise intr from exc
                     failed += 1
