@@ -185,6 +185,7 @@ def summarize(records: list[dict], p: dict, notes: PlanNotes) -> Summary:
                  "from 8 pairs, else the median); client- or both-bound cells, and cells whose "
              f"{base} was, are not ranked. Spread and latency: the full table in the run's "
              "summary.md.", key="compact"))
+    interface_table(s, stats, records, p, labels)
     for label in labels:
         if label == base:
             continue
@@ -195,6 +196,40 @@ def summarize(records: list[dict], p: dict, notes: PlanNotes) -> Summary:
                 f"{k.split('/', 1)[1]} ×{r['estimate']:.2f}" for k, r in rs))
     s.add_skipped(notes.skipped, "Configurations not run")
     return s
+
+
+#: Each io_uring backend and the epoll backend that runs the same protocol code: their
+#: paired ratio is what the interface buys, the language held fixed (the 2x2).
+TWINS = (("uring", "epoll"), ("native-uring", "native"))
+
+
+def interface_table(s: Summary, stats: dict, records: list[dict], p: dict, labels: list[str]) -> None:
+    """io_uring / epoll at equal protocol code, paired per repetition, for each twin that ran
+    (values ``interface.A/B/WORKLOAD/LOAD``: the ratio, None where a side is not ranked)."""
+    twins = [(a, b) for a, b in TWINS if a in labels and b in labels]
+    if not twins:
+        return
+    rows = []
+    for proto, size, rate in workloads(p):
+        for load in p.get("loads", ("rate", "sat")):
+            where = f"{proto}-{size}/{load}"
+            cells = []
+            for a, b in twins:
+                sa, sb = stats.get(f"{a}/{where}"), stats.get(f"{b}/{where}")
+                if not sa or not sb:
+                    cells.append("–")
+                    continue
+                bad = [f"{x} {st['bound']}-bound" for x, st in ((a, sa), (b, sb))
+                       if st["bound"] not in RANKABLE]
+                rr = None if bad else paired_ratio(records, f"{a}/{where}", f"{b}/{where}")
+                s.values[f"interface.{a}/{b}/{where}"] = rr
+                cells.append(f"not ranked ({', '.join(bad)})" if bad else analysis.fmt_ratio(rr))
+            rows.append([f"{proto} {size} B", f"{rate:g}/s" if load == "rate" else "sat", *cells])
+    s.tables.append(Table(
+        "What the interface buys at equal protocol code: io_uring ÷ epoll, paired",
+        ["workload", "load", *(f"{a} ÷ {b}" for a, b in twins)], rows,
+        note="Server CPU per request, paired within each repetition; a 95% CI from 8 pairs, "
+             "else the range. Read each beside the run's A/A control.", key="interface"))
 
 
 def figures(summary: Summary, records: list[dict], ctx: Context) -> list[str]:

@@ -330,3 +330,35 @@ def test_the_sizes_ratio_figure_draws_exactly_what_the_table_ranks(tmp_path, mon
     (ratios,) = [v for k, v in drawn.items() if k.endswith("sizes-ratio.png")]
     assert ratios == {"echo, fixed rate|uring": [(64, pytest.approx(0.8), pytest.approx(0.8),
                                                   pytest.approx(0.8))]}
+
+
+def test_sizes_pairs_each_io_uring_backend_with_its_epoll_twin():
+    """The 2x2's question, what the interface buys at equal protocol code, is read from
+    uring / epoll and native-uring / native paired per repetition (not from their ratios
+    to one baseline), in its own table and values."""
+    from parallelnet.experiments import sizes
+    from parallelnet.experiments.framework import PlanNotes
+
+    def rec(label, rep, cpu, bound="offered"):
+        return {"config": f"{label}/echo-65536/rate", "rep": rep, "bound": bound, "rps": 3000.0,
+                "requests": 6000, "noise": {"noisy": False},
+                "params": {"label": label, "backend": label, "protocol": "echo", "size": 65536,
+                           "load": "rate", "rate": 3000},
+                "server": {"cpu_us_per_req": cpu, "user_us_per_req": 1.0, "sys_us_per_req": 1.0,
+                           "cpu_util": 0.1},
+                "client": {"latency_us": {"p50": 100.0, "p99": 300.0, "p99.9": 900.0},
+                           "cpu_util": 0.2, "rate_met": True, "mode": "open", "errors": 0}}
+
+    cpu = {"epoll": [50.0, 40.0, 60.0], "uring": [55.0, 44.0, 66.0],
+           "native": [40.0, 30.0, 50.0], "native-uring": [38.0, 28.5, 47.5]}
+    records = [rec(label, rep, v[rep]) for rep in range(3) for label, v in cpu.items()]
+    records[-1]["bound"] = "client"   # native-uring in repetition 2: that pair is not ranked
+    p = {"echo": [[65536, 3000]], "http": [], "loads": ["rate"], "baseline": "epoll"}
+    s = sizes.summarize(records, p, PlanNotes(list(cpu), {}))
+    u = s.values["interface.uring/epoll/echo-65536/rate"]
+    assert u["kind"] == "range" and u["n"] == 3 and u["estimate"] == pytest.approx(1.1)
+    n = s.values["interface.native-uring/native/echo-65536/rate"]
+    assert n is None    # a client-bound repetition: not ranked, as in the main table
+    (table,) = [t for t in s.tables if t.key == "interface"]
+    assert table.rows == [["echo 65536 B", "3000/s", "1.10× [range 1.10–1.10, n=3]",
+                           "not ranked (native-uring client-bound)"]]
