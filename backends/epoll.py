@@ -56,6 +56,7 @@ class EpollBackend(ReadinessLoop):
         from parallelnet.backends.window import LatencyWindow
 
         self.ctx.stats.extra.update(windowed_waits=0, window_nr=0)
+        self.ctx.stats.declare_levels("window_nr")   # the last batch asked for, not a count
         return LatencyWindow(budget)
 
     def _setup(self) -> None:

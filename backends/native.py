@@ -198,6 +198,7 @@ class NativeBackend(Backend):
         stats = ctx.stats
         if stats.tid and lib.nc_gettid() != stats.tid:
             stats.extra["tid_mismatch"] = lib.nc_gettid()  # never expected: same thread
+            stats.declare_levels("tid_mismatch")
         stats.refresh = self._sync   # snapshots, from any thread, read the C counters
         stats.mark_ready()           # nc_new has added the listeners to its epoll
         try:

@@ -83,14 +83,11 @@ def add_observable(values):
     return total
 
 
-#: Worker extras that are a level or a running maximum, not a count: a measured window
-#: reports them as its last record had them (their difference would mean nothing).  The
-#: io_uring core's (backends/uring/uring_api.h struct uc_stats, and what ring.py derives)
-#: and the epoll window's.
-LEVEL_EXTRAS = frozenset({
-    "max_pending", "sendzc_held_max", "window_us", "arrival_per_s", "data_per_s", "util_pct", "window_nr",
-    "closed_pct", "ring_fd_registered", "ring_target", "cqes_per_entry", "sqes_per_entry",
-})
+#: Worker extras that are a level or a running maximum, not a count, whatever the backend:
+#: a measured window reports them as its last record had them (their difference would mean
+#: nothing).  A backend declares its own (``WorkerStats.declare_levels``); every snapshot
+#: names them all in ``extra_levels``, so a reader needs no list of any backend's names.
+CORE_LEVEL_EXTRAS = frozenset({"max_pending"})
 
 
 def delta_observable(before, after):
@@ -124,7 +121,8 @@ class WorkerStats:
 
     __slots__ = COUNTERS + ("index", "cpu", "pid", "tid", "ident", "affinity", "open",
                             "extra", "started", "stopped", "backend", "exit_cpu", "crashed",
-                            "ready", "refresh", "per_listener", "per_listener_from_totals")
+                            "ready", "refresh", "per_listener", "per_listener_from_totals",
+                            "levels")
 
     def __init__(self, index: int, cpu: int | None, backend: str = "",
                  listeners: int = 1) -> None:
@@ -139,6 +137,7 @@ class WorkerStats:
         self.affinity: list[int] = []
         self.open = 0
         self.extra: dict[str, object] = dict.fromkeys(EXTRA_COUNTERS, 0)
+        self.levels: set[str] = set(CORE_LEVEL_EXTRAS)   # extras that are levels, not counts
         self.started = 0.0
         self.stopped = 0.0
         self.exit_cpu: dict | None = None
@@ -153,6 +152,12 @@ class WorkerStats:
         # figures are the worker's own, by definition.
         self.per_listener = [ListenerStats() for _ in range(listeners)]
         self.per_listener_from_totals = False
+
+    def declare_levels(self, *names: str) -> None:
+        """Extras of this backend that are a level or a running maximum (a budget, a
+        measured rate, a high-water mark) rather than a count: a window over two records
+        takes the last value, not the difference."""
+        self.levels.update(names)
 
     def bind_current_thread(self) -> None:
         """Record which OS thread runs this worker (call from inside it)."""
@@ -192,7 +197,7 @@ class WorkerStats:
         snap.update(
             index=self.index, cpu=self.cpu, backend=self.backend, pid=self.pid,
             tid=self.tid, affinity=list(self.affinity), open=self.open,
-            extra=dict(self.extra), crashed=self.crashed, ready=bool(self.ready),
+            extra=dict(self.extra), extra_levels=sorted(self.levels), crashed=self.crashed, ready=bool(self.ready),
             per_listener=self.listener_snapshot(),
             elapsed=(self.stopped or time.monotonic()) - self.started if self.started else 0.0,
         )

@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass
 
 from parallelnet.core.launch import spawn_server
-from parallelnet.core.stats import LEVEL_EXTRAS, add_observable, delta_observable
+from parallelnet.core.stats import add_observable, delta_observable
 
 
 @dataclass
@@ -78,7 +78,8 @@ def window(stats_path: str, t0: float, t1: float) -> dict:
         d = {k: delta_observable(a[k], b[k]) for k in keys}   # lost_races may be n/a (None)
         d["index"], d["cpu"] = b["index"], b["cpu"]
         ea, eb = a.get("extra", {}), b.get("extra", {})
-        d["extra"] = {k: eb[k] if k in LEVEL_EXTRAS else eb[k] - ea[k] for k in eb
+        levels = set(b.get("extra_levels", ()))   # declared by the worker's backend
+        d["extra"] = {k: eb[k] if k in levels else eb[k] - ea[k] for k in eb
                       if isinstance(eb[k], (int, float)) and isinstance(ea.get(k), (int, float))}
         workers.append(d)
     total = {k: add_observable(w[k] for w in workers) for k in keys}

@@ -297,6 +297,9 @@ def test_stats_invariants_and_pinning(combo, tmp_path, protocol):
     for w in workers:
         assert w["affinity"] == [w["cpu"]]
         assert w["last_cpu"] == w["cpu"]
+        # The extras a window takes as levels are declared by the backend and exist.
+        assert "max_pending" in w["extra_levels"]
+        assert set(w["extra_levels"]) <= set(w["extra"]), set(w["extra_levels"]) - set(w["extra"])
         # Served 140 requests: the worker's thread CPU clock moved (exact, ns), and the
         # tick-sampled user/sys split cannot exceed what the clock says (+ one tick each).
         assert w["cpu_ns"] > 0

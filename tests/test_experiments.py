@@ -204,8 +204,8 @@ def test_a_window_reports_levels_as_they_were_and_counts_as_differences(tmp_path
     and last stats record; some extras are levels (the io_uring window's budget, the
     ring's size, the measured rate) or running maxima (max_pending), and their difference
     meant nothing (a budget of 200 recorded as 0, a rate as -125).  Those come as the
-    last record had them."""
-    from parallelnet.core.stats import LEVEL_EXTRAS
+    last record had them: the ones the record names in ``extra_levels`` (declared by the
+    worker's backend), so the reader keeps no list of any backend's names."""
     from parallelnet.experiments.server import window
 
     def rec(t, cqes, budget, target, peak):
@@ -213,7 +213,8 @@ def test_a_window_reports_levels_as_they_were_and_counts_as_differences(tmp_path
              "listen_wakeups": 0, "bytes_in": 0, "bytes_out": 0, "cpu_ns": 0, "user_s": 0.0,
              "sys_s": 0.0, "index": 0, "cpu": 0,
              "extra": {"cqes": cqes, "window_us": budget, "ring_target": target,
-                       "max_pending": peak, "setup_flags": "DEFER_TASKRUN"}}
+                       "max_pending": peak, "setup_flags": "DEFER_TASKRUN"},
+             "extra_levels": ["max_pending", "ring_target", "window_us"]}
         return json.dumps({"type": "interval", "t": t, "workers": [w]})
 
     path = tmp_path / "stats.jsonl"
@@ -221,7 +222,17 @@ def test_a_window_reports_levels_as_they_were_and_counts_as_differences(tmp_path
     extra = window(str(path), 0.5, 2.5)["workers"][0]["extra"]
     assert extra["cqes"] == 250                                   # a counter: the difference
     assert (extra["window_us"], extra["ring_target"], extra["max_pending"]) == (200, 32, 8192)
-    assert {"window_us", "ring_target", "max_pending"} <= LEVEL_EXTRAS
+
+
+def test_backends_declare_their_levels_and_the_core_declares_its_own():
+    """max_pending is a high-water mark on every backend; the epoll window's batch size is
+    its own declaration, and a snapshot names them all."""
+    from parallelnet.core.stats import WorkerStats
+
+    st = WorkerStats(0, None, "epoll")
+    assert st.snapshot()["extra_levels"] == ["max_pending"]
+    st.declare_levels("window_nr")
+    assert st.snapshot()["extra_levels"] == ["max_pending", "window_nr"]
 
 
 def test_a_tail_with_fewer_than_ten_samples_beyond_it_is_not_printed():

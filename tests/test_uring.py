@@ -59,6 +59,8 @@ def test_setup_flags_and_extra_stats_reported(backend, tmp_path):
         for key in ("entries", "sqes", "cqes", "enobufs", "cq_overflows"):
             assert key in extra, key
         assert extra["cq_overflows"] == 0
+        # Levels, not counts (a window over two records keeps the last): the core's own.
+        assert {"window_us", "ring_target", "data_per_s", "cqes_per_entry"} <= set(w["extra_levels"])
     entries = sum(w["extra"]["entries"] for w in workers)
     cqes = sum(w["extra"]["cqes"] for w in workers)
     # Batching: fewer kernel entries than the readiness design's two syscalls

@@ -473,6 +473,12 @@ CPROTO_COUNTERS = {"requests": "requests", "bytes_in": "bytes_in", "closed": "cl
 _NOT_EXTRA = {"last_accept_error", "failed", "opened", "l_accepted", "l_accept_cqes",
               *TO_COUNTERS, *CPROTO_COUNTERS}
 
+#: The core's extras that are a level or a running maximum, not a count (the window's
+#: budget and inputs, the ring's size, a high-water mark), and the ratios derived here.
+LEVEL_EXTRAS = ("sendzc_held_max", "window_us", "window_nr", "arrival_per_s", "data_per_s",
+                "util_pct", "closed_pct", "ring_fd_registered", "ring_target",
+                "cqes_per_entry", "sqes_per_entry")
+
 
 class Ring:
     """One worker's io_uring event core (event_core.c) and what Python keeps of it.
@@ -512,6 +518,9 @@ class Ring:
         extra["accept_mode"] = "multishot" if self.multishot else "single"
         # Derived from the C counters and /proc: present from the start like the others.
         extra.update(cqes_per_entry=0, sqes_per_entry=0, sqpoll_cpu_ns=0, vol_ctx_switches=0)
+        # uring-py copies only the ring's own counters (sync_ring), the others all of them.
+        kept = {*(RING_STATS if raw else self._extra_fields), "cqes_per_entry", "sqes_per_entry"}
+        stats.declare_levels(*(k for k in LEVEL_EXTRAS if k in kept))
         # An accept that loses the race on a shared socket is retried inside the kernel
         # and never completes: not observable here (docs/uring.md, "What the accept race
         # looks like").  With one socket per worker, or none, there is no race: 0 is true.
