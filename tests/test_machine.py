@@ -40,6 +40,18 @@ def test_timer_overshoot_is_never_early():
     assert len(xs) == 50 and min(xs) >= 0
 
 
+def test_the_cpu_charged_per_wake_up_is_positive_and_a_bad_cpu_is_an_error():
+    before = os.sched_getaffinity(0)
+    us = machine.wake_cpu_cost(CPUS[0], n=20, sleep_us=100)
+    # Entering a sleep and coming back costs something, and far less than the sleep itself
+    # times the count would if the thread had spun (20 x 100 us).
+    assert 0 < us < 20 * 100
+    assert os.sched_getaffinity(0) == before
+    with pytest.raises(OSError) as e:
+        machine.wake_cpu_cost(max(CPUS) + 1024, n=2)
+    assert "wake_cpu_cost" in str(e.value)
+
+
 def test_tails_are_printed_only_with_ten_samples_beyond():
     s = machine.summarise_ns(list(range(1, 501)))          # 500 samples: 5 beyond p99
     assert "p99_us" not in s and s["n"] == 500 and s["min_us"] == 0.001
@@ -55,7 +67,7 @@ def test_steal_fraction_from_proc_stat_fields():
 
 
 def test_characterise_reports_facts_measurements_and_what_cannot_be_known():
-    r = machine.characterise(n=50, gap_us=20, timer_n=20)
+    r = machine.characterise(n=50, gap_us=20, timer_n=20, cost_plan=((100, 10), (1000, 5)))
     f = r["facts"]
     assert f["kernel"] == os.uname().release and f["allowed_cpus"] == CPUS
     assert isinstance(f["hypervisor_flag"], bool) and f["clocksource"]
@@ -67,6 +79,8 @@ def test_characterise_reports_facts_measurements_and_what_cannot_be_known():
     assert r["unknowable"] and "pinned" in " ".join(r["unknowable"])
     text = machine.format_report(r)
     assert "wake-up latency" in text and "cannot be known from inside" in text
+    assert set(r["wake_cpu_us"][f"cpu{CPUS[0]}"]) == {"100", "1000"}
+    assert "CPU charged per sleep and wake-up" in text
 
 
 def test_the_machine_experiment_runs_under_its_smoke_preset(tmp_path):
@@ -81,6 +95,6 @@ def test_the_machine_experiment_runs_under_its_smoke_preset(tmp_path):
     (d0,) = [d for d in recs[0]["wake_samples_ns"] if d == f"cpu{CPUS[0]}->cpu{CPUS[0]}"]
     assert len(recs[0]["wake_samples_ns"][d0]) == 100
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert [t["key"] for t in summary["tables"]] == ["wake", "timer", "facts"]
+    assert [t["key"] for t in summary["tables"]] == ["wake", "wake_cpu", "timer", "facts"]
     meta = json.loads((run_dir / "meta.json").read_text())
     assert meta["figures"] == ["wakeup.png"] and (run_dir / "wakeup.png").stat().st_size > 0

@@ -138,6 +138,21 @@ def timer_overshoot(cpu: int, n: int = 1000, sleep_us: int = 100) -> list[int]:
     return list(out)
 
 
+#: (sleep µs, sleeps) of the wake-up cost probe: about 0.55 s per CPU.
+COST_PLAN = ((100, 500), (1000, 200), (10000, 30))
+
+
+def wake_cpu_cost(cpu: int, n: int = 200, sleep_us: int = 1000) -> float:
+    """The CPU time charged to a thread per sleep of sleep_us and its wake-up, in µs
+    (wakeup.c: its own CPU clock over n sleeps, divided by n)."""
+    w = _lib()
+    out = w.ffi.new("int64_t *")
+    rc = w.lib.wake_cpu_cost(cpu, n, sleep_us, out)
+    if rc < 0:
+        raise OSError(-rc, f"wake_cpu_cost(cpu {cpu}): {os.strerror(-rc)}")
+    return out[0] / 1000.0 / n
+
+
 def directions() -> list[tuple[int, int]]:
     """(waker CPU, sleeper CPU) pairs probed: across the first and last allowed CPU both
     ways when there are two or more, and on the first one."""
@@ -146,16 +161,22 @@ def directions() -> list[tuple[int, int]]:
     return ([(a, b), (b, a)] if a != b else []) + [(a, a)]
 
 
-def probe(n: int = 2000, gap_us: int = 500, timer_n: int = 1000, seed: int = 1) -> dict:
+def probe(n: int = 2000, gap_us: int = 500, timer_n: int = 1000, seed: int = 1,
+          cost_plan=COST_PLAN) -> dict:
     """One probe with its raw wake-up samples (``wake_samples_ns``): the measurements of
-    :func:`characterise` and the ``machine`` experiment's record."""
+    :func:`characterise` and the ``machine`` experiment's record.  ``wake_cpu_us``: per
+    CPU, the CPU charged per sleep and wake-up after each idle length (µs of sleep as
+    the key)."""
     before, t0 = cpu_times(), time.monotonic()
     samples = {f"cpu{w}->cpu{s}": wake_latency(w, s, n, gap_us, seed=seed + k)
                for k, (w, s) in enumerate(directions())}
     timer = {f"cpu{c}": summarise_ns(timer_overshoot(c, timer_n))
              for c in sorted({w for w, _ in directions()})}
+    cost = {f"cpu{c}": {str(us): wake_cpu_cost(c, k, us) for us, k in cost_plan}
+            for c in sorted({w for w, _ in directions()})}
     return {
         "wake_samples_ns": samples,
+        "wake_cpu_us": cost,
         "wake_latency": {k: summarise_ns(v) for k, v in samples.items()},
         "wake_gap_us": gap_us,
         "timer_overshoot_100us": timer,
@@ -166,11 +187,11 @@ def probe(n: int = 2000, gap_us: int = 500, timer_n: int = 1000, seed: int = 1) 
     }
 
 
-def characterise(n: int = 2000, gap_us: int = 500, timer_n: int = 1000) -> dict:
+def characterise(n: int = 2000, gap_us: int = 500, timer_n: int = 1000, cost_plan=COST_PLAN) -> dict:
     """The report: facts, measured wake-ups (:func:`directions`), timer overshoot, steal
     over the measurement, and what cannot be known (the probe without its raw samples).
     About n × (gap + latency) × 3 seconds: 3 s with the defaults."""
-    r = probe(n, gap_us, timer_n)
+    r = probe(n, gap_us, timer_n, cost_plan=cost_plan)
     del r["wake_samples_ns"]
     return r
 
@@ -193,6 +214,10 @@ def format_report(r: dict) -> str:
         lines.append(f"timer 100 µs sleep on {k}: late by p50 {s['p50_us']:.1f} µs, "
                      f"p90 {s['p90_us']:.1f}, max {s['max_us']:.1f} (n={s['n']}; the timer "
                      f"slack, {(f['timer_slack_ns'] or 0) / 1000:g} µs, is part of it)")
+    for k, c in r.get("wake_cpu_us", {}).items():
+        lines.append(f"CPU charged per sleep and wake-up on {k}: " + ", ".join(
+            f"{v:.1f} µs after {int(us) / 1000:g} ms" for us, v in c.items())
+            + " (a floor under any CPU per request measured below saturation)")
     lines.append("steal during the probe: " + ", ".join(
         f"{c} {v:.1%}" for c, v in sorted(r["steal_during"].items())))
     lines.append("cannot be known from inside: " + "; ".join(r["unknowable"]))

@@ -17,6 +17,7 @@ ffibuilder = cffi.FFI()
 ffibuilder.cdef("""
 int wake_latency(int waker_cpu, int sleeper_cpu, int n, int gap_us, unsigned seed, int64_t *out);
 int timer_overshoot(int cpu, int n, int sleep_us, int64_t *out);
+int wake_cpu_cost(int cpu, int n, int sleep_us, int64_t *cpu_ns);
 """)
 with open(os.path.join(HERE, "wakeup.c")) as f:
     ffibuilder.set_source("parallelnet.experiments.machine._wakeup", f.read(),

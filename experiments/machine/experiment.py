@@ -57,6 +57,20 @@ def summarize(records: list[dict], p: dict, notes: PlanNotes) -> Summary:
         per = [r["timer_overshoot_100us"][c] for r in records if c in r["timer_overshoot_100us"]]
         trows.append([c, str(sum(x["n"] for x in per)), _mr([x["p50_us"] for x in per]),
                       _mr([x["p90_us"] for x in per]), _mr([x["max_us"] for x in per])])
+    crows = []
+    for c in dict.fromkeys(k for r in records for k in r.get("wake_cpu_us", {})):
+        per = [r["wake_cpu_us"][c] for r in records if c in r.get("wake_cpu_us", {})]
+        for us in dict.fromkeys(k for x in per for k in x):
+            vals = [x[us] for x in per if us in x]
+            crows.append([c, f"{int(us) / 1000:g} ms", _mr(vals)])
+            s.values[f"wake_cpu.{c}.{us}"] = analysis.median_range(vals)
+    if crows:
+        s.tables.append(Table(
+            "CPU charged to a thread per sleep and wake-up, by idle length (µs)",
+            ["cpu", "idle", "µs per wake-up"], crows, key="wake_cpu",
+            note="Median (min–max) over repetitions; a thread's own CPU clock over many "
+                 "clock_nanosleeps.  Below saturation a server pays this once per wake-up "
+                 "whatever its event interface: the floor of a CPU per request at a low rate."))
     steal = max((v for r in records for v in r["steal_during"].values()), default=0.0)
     f = records[0]["facts"] if records else {}
     s.tables.append(Table("A 100 µs timer sleep returns late by (µs)",

@@ -119,3 +119,27 @@ int timer_overshoot(int cpu, int n, int sleep_us, int64_t *out)
     pthread_setaffinity_np(pthread_self(), sizeof saved, &saved);
     return 0;
 }
+
+/* The CPU time charged to a thread per sleep and wake-up: n clock_nanosleeps of sleep_us
+ * on cpu, the thread's own CPU clock (CLOCK_THREAD_CPUTIME_ID: what schedstat and every
+ * "server CPU per request" here count) read before and after.  The loop itself costs a
+ * few hundred ns per turn; the rest is what entering the sleep and coming back costs the
+ * sleeper - on bare metal about a microsecond, in a VM whose halted vCPU must be woken by
+ * the host far more, and more the longer the CPU was idle.  Below saturation a server
+ * pays it once per wake-up, whatever its event interface: it is the floor of any CPU per
+ * request measured at a low rate.  *cpu_ns: the total; 0 or -errno. */
+int wake_cpu_cost(int cpu, int n, int sleep_us, int64_t *cpu_ns)
+{
+    if (n <= 0 || sleep_us <= 0) return -EINVAL;
+    cpu_set_t saved;
+    pthread_getaffinity_np(pthread_self(), sizeof saved, &saved);
+    if (pin(cpu) != 0) return -EINVAL;
+    struct timespec c0, c1, t = { sleep_us / 1000000, (long)(sleep_us % 1000000) * 1000 };
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &c0);
+    for (int i = 0; i < n; i++)
+        while (clock_nanosleep(CLOCK_MONOTONIC, 0, &t, &t) == EINTR) {}
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &c1);
+    pthread_setaffinity_np(pthread_self(), sizeof saved, &saved);
+    *cpu_ns = (int64_t)(c1.tv_sec - c0.tv_sec) * 1000000000 + (c1.tv_nsec - c0.tv_nsec);
+    return 0;
+}
