@@ -124,8 +124,8 @@ int timer_overshoot(int cpu, int n, int sleep_us, int64_t *out)
  * on cpu, the thread's own CPU clock (CLOCK_THREAD_CPUTIME_ID: what schedstat and every
  * "server CPU per request" here count) read before and after.  The loop itself costs a
  * few hundred ns per turn; the rest is what entering the sleep and coming back costs the
- * sleeper - on bare metal about a microsecond, in a VM whose halted vCPU must be woken by
- * the host far more, and more the longer the CPU was idle.  Below saturation a server
+ * sleeper - in a VM whose halted vCPU the host must wake, measured here at tens of µs, and
+ * more the longer the CPU was idle.  Below saturation a server
  * pays it once per wake-up, whatever its event interface: it is the floor of any CPU per
  * request measured at a low rate.  *cpu_ns: the total; 0 or -errno. */
 int wake_cpu_cost(int cpu, int n, int sleep_us, int64_t *cpu_ns)
