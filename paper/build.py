@@ -21,11 +21,11 @@ Template syntax, each resolved against the pinned run of EXPERIMENT:
 * ``{{meta:EXPERIMENT:KEY}}`` - provenance of the pinned run (commit, date, kernel, cpu).
 * ``{{pins:commit}}`` - the one commit every pinned run measured: pins from several
   commits, or from a tree that differed from its commit, fail the build.
-* Runs of another machine: a pin named ``EXPERIMENT@GROUP`` (``scaling@16``, pinned by
-  hand from a lent 16-CPU machine's runs) is cited as ``{{scaling@16:KEY}}`` and so on.
-  Each group must have measured one commit on a clean tree of its own
-  (``{{pins:commit@16}}``); ``make reproduce`` re-runs this machine's pins only
-  (experiments/device/scaling.sh makes the others).
+* Runs of another machine or another commit: a pin named ``EXPERIMENT@GROUP`` (``scaling@16``,
+  pinned by hand from a lent 16-CPU machine's runs; ``sizes@later``, a later run on this
+  machine) is cited as ``{{scaling@16:KEY}}`` and so on.  Each group must have measured one
+  commit on a clean tree of its own (``{{pins:commit@16}}``); ``make reproduce`` re-runs the
+  ungrouped pins only (experiments/device/scaling.sh makes the 16-CPU ones).
 
 validate_loadgen, soak and handoff were stand-alone scripts before they became framework
 experiments; a pinned run of the old scripts (no ``records.jsonl``, one results file
