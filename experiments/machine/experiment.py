@@ -18,7 +18,8 @@ from parallelnet.experiments.framework import (
 
 
 def plan(p: dict) -> Plan:
-    points = [Point("probe", rep, {}, est_s=3 * p["samples"] * p["gap_us"] * 1e-6 + 1)
+    cost_s = 2 * sum(us * k for us, k in machine.COST_PLAN) * 1e-6   # the wake-up cost probe, two CPUs
+    points = [Point("probe", rep, {}, est_s=3 * p["samples"] * p["gap_us"] * 1e-6 + cost_s + 1)
               for rep in range(p["reps"])]
     return Plan(points, PlanNotes(["probe"], {}))
 
