@@ -21,6 +21,7 @@ import sys
 import time
 
 from parallelnet.experiments import framework
+from parallelnet.experiments.machine.idle import IdleError
 
 
 def _set(text: str) -> tuple[str, object]:
@@ -64,10 +65,10 @@ def cmd_list(_args) -> int:
 
 def run_one(name: str, preset: str, out: str, overrides: dict | None = None,
             allow_dirty: bool = False, keep_server_stats: bool = False,
-            client: str = "local") -> list[str]:
+            client: str = "local", idle: str = "default") -> list[str]:
     exp = framework.get(name)
     return [framework.run(exp, preset, out, overrides, allow_dirty, keep_server_stats,
-                          client=client)]
+                          client=client, idle=idle)]
 
 
 def _out_dir(path: str, who: str) -> None:
@@ -89,8 +90,10 @@ def cmd_run(args) -> int:
     _out_dir(args.out, who)
     try:
         dirs = run_one(args.name, args.preset, args.out, dict(args.set or []), args.allow_dirty,
-                       args.keep_server_stats, args.client)
+                       args.keep_server_stats, args.client, args.idle)
     except ValueError as exc:   # --set or --client validation
+        raise UserError(f"{who}: {exc}") from None
+    except IdleError as exc:
         raise UserError(f"{who}: {exc}") from None
     except framework.EmptyRun as exc:
         print(f"{who}: {exc}", file=sys.stderr)
@@ -201,6 +204,11 @@ def main(argv: list[str] | None = None) -> int:
                             "commit installed there (options ?identity=, known_hosts=, "
                             "host_key_check=, connect_timeout=, bind=, parallelnet=; "
                             "docs/experiments.md, \"Where the client runs\")")
+        e.add_argument("--idle", choices=framework.IDLE_MODES, default="default",
+                       help="default: the CPUs' idle states as they are; poll: every idle "
+                            "state but polling disabled for the run and restored after "
+                            "(root), so no vCPU halts - separates a VM's halt and wake-up "
+                            "from the design (docs/experiments.md, \"Idle states\")")
         e.set_defaults(func=cmd_run, name=name)
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in broken:

@@ -613,27 +613,40 @@ def write_meta(outdir: str, meta: dict) -> None:
         f.write("\n")
 
 
+#: ``--idle``: the guest's idle states as they are, or polling only for the run.
+IDLE_MODES = ("default", "poll")
+
+
 def run(exp: Experiment, preset: str = "smoke", out: str = "results", overrides: dict | None = None,
         allow_dirty: bool = False, keep_server_stats: bool = False, stream=sys.stdout,
-        client: "str | remote.Client" = "local") -> str:
+        client: "str | remote.Client" = "local", idle: str = "default") -> str:
     """Run one experiment; return its results directory.  Raises RuntimeError if any point
     failed (after writing everything that was measured).  ``client``: where the load
     generators run (``local``, ``netns``, ``ssh://[user@]host[:port]``: experiments/remote.py);
     a placement that cannot be used raises remote.ClientError (netns.NetnsError) before any
-    results directory is made."""
+    results directory is made.  ``idle``: ``poll`` disables every CPU idle state but polling
+    for the run and restores them after (experiments/machine/idle.py; root), so that no
+    vCPU halts; refused (machine.idle.IdleError) before any results directory is made where
+    it cannot be done."""
+    from parallelnet.experiments.machine import idle as idle_states
     from parallelnet.experiments.measure import client_elsewhere
 
+    if idle not in IDLE_MODES:
+        raise ValueError(f"--idle must be one of {', '.join(IDLE_MODES)}, got {idle!r}")
+    poll_only = idle_states.PollOnly() if idle == "poll" else None
+    if poll_only:
+        poll_only.check()
     placement = remote.parse_client(client)
     try:
         with client_elsewhere(placement.elsewhere):   # the layouts the plan and points see
             return _run(exp, preset, out, overrides, allow_dirty, keep_server_stats, stream,
-                        placement)
+                        placement, poll_only)
     finally:
         placement.close()
 
 
 def _run(exp: Experiment, preset: str, out: str, overrides: dict | None, allow_dirty: bool,
-         keep_server_stats: bool, stream, placement: remote.Client) -> str:
+         keep_server_stats: bool, stream, placement: remote.Client, poll_only=None) -> str:
     if preset not in exp.presets:
         raise SystemExit(f"experiment {exp.name} has no preset {preset!r} "
                          f"(it has: {', '.join(exp.presets)})")
@@ -677,7 +690,12 @@ def _run(exp: Experiment, preset: str, out: str, overrides: dict | None, allow_d
     except ValueError:   # not the main thread (a test driving run() from a thread)
         previous = {}
     try:
-        with bench_lock(stream), open(os.path.join(outdir, "records.jsonl"), "w") as rf:
+        with bench_lock(stream), (poll_only or contextlib.nullcontext()), \
+                open(os.path.join(outdir, "records.jsonl"), "w") as rf:
+            # The idle states change only under the lock: no other benchmark is running.
+            from parallelnet.experiments.machine.idle import describe as idle_states_now
+            meta["idle"] = {"mode": "poll" if poll_only else "default", "states": idle_states_now()}
+            write_meta(outdir, meta)
             progress.t0 = time.monotonic()   # elapsed counts from the lock, not the wait
             for k, point in enumerate(points):
                 progress.start(k)

@@ -60,6 +60,12 @@ def steal_fraction(before: dict, after: dict) -> dict[str, float]:
     return res
 
 
+def _idle_states() -> dict:
+    from parallelnet.experiments.machine.idle import describe
+
+    return describe()
+
+
 def facts() -> dict:
     """What the kernel says about the machine (nothing measured here)."""
     cpuinfo = _read("/proc/cpuinfo") or ""
@@ -84,6 +90,7 @@ def facts() -> dict:
         "cpuidle_driver": _read("/sys/devices/system/cpu/cpuidle/current_driver"),
         "cpuidle_governor": _read("/sys/devices/system/cpu/cpuidle/current_governor_ro")
         or _read("/sys/devices/system/cpu/cpuidle/current_governor"),
+        "cpuidle_states": _idle_states(),
         "smt_siblings": siblings,
         "constant_tsc": "constant_tsc" in flags, "nonstop_tsc": "nonstop_tsc" in flags,
         # A sleep returns up to this late by design (prctl(2) PR_SET_TIMERSLACK; 50 µs default).

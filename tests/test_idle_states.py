@@ -1,0 +1,77 @@
+"""The guest's idle states (experiments/machine/idle.py) and ``--idle poll``: read, disabled
+for one run and restored whatever ends it; refused cleanly where they cannot be changed.
+On a fake sysfs tree: the suite never changes the real machine's idle states."""
+
+import json
+import os
+
+import pytest
+
+from parallelnet.experiments.machine import idle
+
+
+def fake_tree(root, states=(("POLL", "0"), ("haltpoll", "0")), cpus=2):
+    for c in range(cpus):
+        for k, (name, disable) in enumerate(states):
+            d = root / f"cpu{c}" / "cpuidle" / f"state{k}"
+            d.mkdir(parents=True)
+            (d / "name").write_text(name + "\n")
+            (d / "disable").write_text(disable + "\n")
+    return root
+
+
+def disables(root):
+    return {str(p.relative_to(root)): p.read_text().strip()
+            for p in sorted(root.glob("cpu*/cpuidle/state*/disable")) if p.is_file()}
+
+
+def test_poll_only_disables_every_state_but_poll_and_restores_each_as_it_was(tmp_path):
+    root = fake_tree(tmp_path, states=(("POLL", "0"), ("C1", "0"), ("C6", "1")))
+    before = disables(root)
+    with idle.PollOnly(str(root)):
+        during = disables(root)
+        assert idle.describe(str(root))["cpu1"] == ["POLL", "C1 (disabled)", "C6 (disabled)"]
+    assert all(v == "1" for k, v in during.items() if "state0" not in k)
+    assert all(during[k] == "0" for k in during if "state0" in k)
+    assert disables(root) == before          # C6 was disabled before: it stays so
+
+
+def test_an_error_restores_the_states_and_a_tree_without_cpuidle_is_refused(tmp_path):
+    root = fake_tree(tmp_path / "a")
+    bad = root / "cpu1" / "cpuidle" / "state1" / "disable"
+    bad.unlink()
+    bad.mkdir()                               # cannot be written: the enter fails half-way
+    before = disables(root)
+    with pytest.raises(idle.IdleError, match="cannot disable"):
+        with idle.PollOnly(str(root)):
+            pass
+    assert disables(root) == before           # cpu0's state put back
+    (tmp_path / "none").mkdir()
+    with pytest.raises(idle.IdleError, match="no cpuidle"):
+        idle.PollOnly(str(tmp_path / "none")).check()
+
+
+def test_a_run_with_idle_poll_records_the_states_it_ran_under_and_restores_them(tmp_path, monkeypatch):
+    from parallelnet.experiments import framework
+
+    root = fake_tree(tmp_path / "sys")
+    monkeypatch.setattr(idle, "SYSFS_CPU", str(root))
+    seen = {}
+    exp = framework.get("machine")
+
+    def run_point(point, ctx):
+        seen.update(disables(root))
+        return {"probe": 1}
+
+    monkeypatch.setattr(exp, "run_point", run_point)
+    monkeypatch.setattr(exp, "summarize", lambda records, p, notes: framework.Summary())
+    monkeypatch.setattr(exp, "figures", lambda *a: [])
+    out = framework.run(exp, "smoke", str(tmp_path / "out"), allow_dirty=True,
+                        stream=open(os.devnull, "w"), idle="poll")
+    meta = json.loads(open(os.path.join(out, "meta.json")).read())
+    assert meta["idle"] == {"mode": "poll", "states": {"cpu0": ["POLL", "haltpoll (disabled)"],
+                                                       "cpu1": ["POLL", "haltpoll (disabled)"]}}
+    assert seen["cpu0/cpuidle/state1/disable"] == "1"    # in effect while points ran
+    assert set(disables(root).values()) == {"0"}          # and put back
+    with pytest.raises(ValueError, match="--idle"):
+        framework.run(exp, "smoke", str(tmp_path / "out"), idle="halt")
