@@ -694,7 +694,7 @@ def _run(exp: Experiment, preset: str, out: str, overrides: dict | None, allow_d
                 open(os.path.join(outdir, "records.jsonl"), "w") as rf:
             # The idle states change only under the lock: no other benchmark is running.
             from parallelnet.experiments.machine.idle import describe as idle_states_now
-            meta["idle"] = {"mode": "poll" if poll_only else "default", "states": idle_states_now()}
+            meta["idle"] = {"mode": "poll" if poll_only else "default", **idle_states_now()}
             write_meta(outdir, meta)
             progress.t0 = time.monotonic()   # elapsed counts from the lock, not the wait
             for k, point in enumerate(points):

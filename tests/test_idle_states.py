@@ -10,13 +10,18 @@ import pytest
 from parallelnet.experiments.machine import idle
 
 
-def fake_tree(root, states=(("POLL", "0"), ("haltpoll", "0")), cpus=2):
+def fake_tree(root, states=(("POLL", "0"), ("haltpoll", "0")), cpus=2, gov="haltpoll",
+              avail="ladder menu haltpoll"):
+    (root / "cpuidle").mkdir(parents=True)
+    (root / "cpuidle" / "current_governor").write_text(gov + "\n")
+    (root / "cpuidle" / "available_governors").write_text(avail + " \n")
     for c in range(cpus):
         for k, (name, disable) in enumerate(states):
             d = root / f"cpu{c}" / "cpuidle" / f"state{k}"
             d.mkdir(parents=True)
             (d / "name").write_text(name + "\n")
             (d / "disable").write_text(disable + "\n")
+            (d / "usage").write_text("100\n")
     return root
 
 
@@ -26,14 +31,40 @@ def disables(root):
 
 
 def test_poll_only_disables_every_state_but_poll_and_restores_each_as_it_was(tmp_path):
-    root = fake_tree(tmp_path, states=(("POLL", "0"), ("C1", "0"), ("C6", "1")))
+    root = fake_tree(tmp_path, states=(("POLL", "0"), ("C1", "0"), ("C6", "1")), gov="menu")
     before = disables(root)
     with idle.PollOnly(str(root)):
         during = disables(root)
-        assert idle.describe(str(root))["cpu1"] == ["POLL", "C1 (disabled)", "C6 (disabled)"]
+        assert idle.describe(str(root)) == {"governor": "menu", "states": {
+            f"cpu{c}": ["POLL", "C1 (disabled)", "C6 (disabled)"] for c in (0, 1)}}
     assert all(v == "1" for k, v in during.items() if "state0" not in k)
     assert all(during[k] == "0" for k in during if "state0" in k)
     assert disables(root) == before          # C6 was disabled before: it stays so
+
+
+def test_the_haltpoll_governor_which_ignores_disable_is_swapped_for_menu_and_put_back(tmp_path):
+    """Measured on this project's VM: with the haltpoll governor the halt state's usage
+    count kept rising with it disabled; with menu only POLL was entered."""
+    root = fake_tree(tmp_path)
+    with idle.PollOnly(str(root)):
+        assert idle.governor(str(root)) == "menu"
+    assert idle.governor(str(root)) == "haltpoll"
+    only_haltpoll = fake_tree(tmp_path / "b", avail="haltpoll")
+    with pytest.raises(idle.IdleError, match="ignores disabled states"):
+        idle.PollOnly(str(only_haltpoll)).check()
+
+
+def test_a_state_still_entered_after_the_change_is_an_error_and_nothing_stays_changed(
+        tmp_path, monkeypatch):
+    root = fake_tree(tmp_path)
+    before = disables(root)
+    counts = iter([{"s": 5}, {"s": 9}])   # the halt state entered 4 more times while watched
+    monkeypatch.setattr(idle, "_usage", lambda states: next(counts))
+    monkeypatch.setattr(idle.PollOnly, "VERIFY_S", 0.0)
+    with pytest.raises(idle.IdleError, match="still entered"):
+        with idle.PollOnly(str(root)):
+            pass
+    assert disables(root) == before and idle.governor(str(root)) == "haltpoll"
 
 
 def test_an_error_restores_the_states_and_a_tree_without_cpuidle_is_refused(tmp_path):
@@ -42,7 +73,7 @@ def test_an_error_restores_the_states_and_a_tree_without_cpuidle_is_refused(tmp_
     bad.unlink()
     bad.mkdir()                               # cannot be written: the enter fails half-way
     before = disables(root)
-    with pytest.raises(idle.IdleError, match="cannot disable"):
+    with pytest.raises(idle.IdleError, match="cannot write"):
         with idle.PollOnly(str(root)):
             pass
     assert disables(root) == before           # cpu0's state put back
@@ -69,9 +100,11 @@ def test_a_run_with_idle_poll_records_the_states_it_ran_under_and_restores_them(
     out = framework.run(exp, "smoke", str(tmp_path / "out"), allow_dirty=True,
                         stream=open(os.devnull, "w"), idle="poll")
     meta = json.loads(open(os.path.join(out, "meta.json")).read())
-    assert meta["idle"] == {"mode": "poll", "states": {"cpu0": ["POLL", "haltpoll (disabled)"],
-                                                       "cpu1": ["POLL", "haltpoll (disabled)"]}}
+    assert meta["idle"] == {"mode": "poll", "governor": "menu",
+                            "states": {"cpu0": ["POLL", "haltpoll (disabled)"],
+                                       "cpu1": ["POLL", "haltpoll (disabled)"]}}
     assert seen["cpu0/cpuidle/state1/disable"] == "1"    # in effect while points ran
     assert set(disables(root).values()) == {"0"}          # and put back
+    assert idle.governor(str(root)) == "haltpoll"
     with pytest.raises(ValueError, match="--idle"):
         framework.run(exp, "smoke", str(tmp_path / "out"), idle="halt")

@@ -9,6 +9,13 @@ halting adds to a wake-up from what the design costs.  The polling is the idle t
 the CPU it burns is nobody's in schedstat (the server's and client's figures stay theirs);
 the host sees busy vCPUs.
 
+The per-state ``disable`` is honoured by the ``menu``, ``ladder`` and ``teo`` governors, not by
+``haltpoll`` (the guest governor of a KVM guest with the haltpoll driver: it picks the halt
+state whatever ``disable`` says - measured on this project's VM, whose halt state's usage
+count kept rising with it disabled).  So :class:`PollOnly` also switches the governor to one
+that honours it (``/sys/devices/system/cpu/cpuidle/current_governor``), restores it after,
+and checks that no state but POLL is entered any more before the run starts.
+
 :class:`PollOnly` disables the states for the length of a ``with`` block and restores each
 one's previous value afterwards, whatever ends the block; :func:`describe` says what is in
 effect (recorded in every record's ``facts`` by experiments/machine and in a run's meta).
@@ -46,13 +53,47 @@ def _states(root: str) -> dict[str, list[tuple[str, str]]]:
     return out
 
 
+#: Governors that honour a state's ``disable`` (drivers/cpuidle/governors), best first.
+HONOURING = ("menu", "teo", "ladder")
+
+
+def _gov_path(root: str, name: str) -> str:
+    return os.path.join(root, "cpuidle", name)
+
+
+def governor(root: str | None = None) -> str | None:
+    try:
+        with open(_gov_path(root or SYSFS_CPU, "current_governor")) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def _usage(states: dict) -> dict[str, int]:
+    out = {}
+    for named in states.values():
+        for name, st in named:
+            if name != "POLL":
+                try:
+                    with open(os.path.join(st, "usage")) as f:
+                        out[st] = int(f.read().strip() or 0)
+                except (OSError, ValueError):
+                    pass
+    return out
+
+
 def _read_disable(state_dir: str) -> str:
     with open(os.path.join(state_dir, "disable")) as f:
         return f.read().strip()
 
 
-def describe(root: str | None = None) -> dict[str, list[str]]:
-    """{"cpu0": ["POLL", "haltpoll (disabled)"], ...}; {} without cpuidle."""
+def describe(root: str | None = None) -> dict:
+    """{"governor": "menu", "states": {"cpu0": ["POLL", "haltpoll (disabled)"], ...}};
+    no states without cpuidle."""
+    return {"governor": governor(root), "states": _describe_states(root)}
+
+
+def _describe_states(root: str | None) -> dict[str, list[str]]:
     out = {}
     for cpu, states in _states(root or SYSFS_CPU).items():
         names = []
@@ -70,9 +111,12 @@ class PollOnly:
     """``with PollOnly(): ...`` - every idle state but POLL disabled on every CPU, restored
     on exit.  Raises IdleError, having changed nothing, where that cannot be done."""
 
+    #: How long the check that only POLL is entered watches the usage counts (s).
+    VERIFY_S = 0.2
+
     def __init__(self, root: str | None = None) -> None:
         self.root = root or SYSFS_CPU
-        self.saved: list[tuple[str, str]] = []
+        self.saved: list[tuple[str, str]] = []   # (file, previous content), restored in reverse
 
     def check(self) -> None:
         """Raise IdleError if the states could not be changed (no cpuidle, not writable),
@@ -86,32 +130,71 @@ class PollOnly:
                 if name != "POLL" and not os.access(os.path.join(st, "disable"), os.W_OK):
                     raise IdleError(f"cannot disable idle state {st}: not writable "
                                     "(--idle poll needs root)")
+        self._target_governor()
+
+    def _target_governor(self) -> str | None:
+        """The governor to run under: the current one if it honours ``disable``, else the
+        first available that does; IdleError if none is."""
+        cur = governor(self.root)
+        if cur is None or cur in HONOURING:
+            return None
+        try:
+            with open(_gov_path(self.root, "available_governors")) as f:
+                avail = f.read().split()
+        except OSError:
+            avail = []
+        for g in HONOURING:
+            if g in avail:
+                if not os.access(_gov_path(self.root, "current_governor"), os.W_OK):
+                    raise IdleError("cannot switch the cpuidle governor: not writable "
+                                    "(--idle poll needs root)")
+                return g
+        raise IdleError(f"the cpuidle governor {cur!r} ignores disabled states and none that "
+                        f"honours them is available ({' '.join(avail) or 'none listed'})")
+
+    def _write(self, path: str, value: str) -> None:
+        with open(path) as f:
+            prev = f.read().strip()
+        with open(path, "w") as f:
+            f.write(value)
+        self.saved.append((path, prev))
 
     def __enter__(self) -> "PollOnly":
+        import time
+
         states = _states(self.root)
         if not states:
             raise IdleError(f"no cpuidle states under {self.root}: --idle poll needs cpuidle")
+        gov = self._target_governor()
         targets = [st for named in states.values() for name, st in named if name != "POLL"]
+        where = _gov_path(self.root, "current_governor")
         try:
-            for st in targets:
-                prev = _read_disable(st)
-                with open(os.path.join(st, "disable"), "w") as f:
-                    f.write("1")
-                self.saved.append((st, prev))
+            if gov:
+                self._write(where, gov)
+            for where in (os.path.join(st, "disable") for st in targets):
+                self._write(where, "1")
         except OSError as exc:
             self._restore()
-            raise IdleError(f"cannot disable idle state {st}: {exc.strerror} "
-                            "(--idle poll needs root)") from None
+            raise IdleError(f"cannot write {where}: {exc.strerror} (--idle poll needs root)") from None
+        # Did it take?  No state but POLL may be entered from now on.
+        before = _usage(states)
+        time.sleep(self.VERIFY_S)
+        entered = {st: n - before[st] for st, n in _usage(states).items()
+                   if st in before and n > before[st]}
+        if entered:
+            self._restore()
+            raise IdleError(f"idle states still entered with the governor {governor(self.root)!r}: "
+                            + ", ".join(f"{st} +{n}" for st, n in sorted(entered.items())))
         return self
 
     def _restore(self) -> None:
         while self.saved:
-            st, prev = self.saved.pop()
+            path, prev = self.saved.pop()
             try:
-                with open(os.path.join(st, "disable"), "w") as f:
+                with open(path, "w") as f:
                     f.write(prev)
             except OSError:
-                pass   # nothing better to do; the state stays as it is, and describe() says so
+                pass   # nothing better to do; it stays as it is, and describe() says so
 
     def __exit__(self, *exc) -> None:
         self._restore()
