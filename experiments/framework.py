@@ -645,6 +645,26 @@ def run(exp: Experiment, preset: str = "smoke", out: str = "results", overrides:
         placement.close()
 
 
+@contextlib.contextmanager
+def _idle_or_discard(poll_only, outdir: str):
+    """``--idle poll``'s states for the body; if they cannot be set (machine.idle.IdleError,
+    having changed nothing), the run's directory, which holds no measurement yet, goes."""
+    if poll_only is None:
+        yield
+        return
+    from parallelnet.experiments.machine.idle import IdleError
+
+    try:
+        poll_only.__enter__()
+    except IdleError:
+        shutil.rmtree(outdir, ignore_errors=True)
+        raise
+    try:
+        yield
+    finally:
+        poll_only.__exit__(None, None, None)
+
+
 def _run(exp: Experiment, preset: str, out: str, overrides: dict | None, allow_dirty: bool,
          keep_server_stats: bool, stream, placement: remote.Client, poll_only=None) -> str:
     if preset not in exp.presets:
@@ -690,7 +710,7 @@ def _run(exp: Experiment, preset: str, out: str, overrides: dict | None, allow_d
     except ValueError:   # not the main thread (a test driving run() from a thread)
         previous = {}
     try:
-        with bench_lock(stream), (poll_only or contextlib.nullcontext()), \
+        with bench_lock(stream), _idle_or_discard(poll_only, outdir), \
                 open(os.path.join(outdir, "records.jsonl"), "w") as rf:
             # The idle states change only under the lock: no other benchmark is running.
             from parallelnet.experiments.machine.idle import describe as idle_states_now

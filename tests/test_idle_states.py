@@ -61,6 +61,7 @@ def test_a_state_still_entered_after_the_change_is_an_error_and_nothing_stays_ch
     counts = iter([{"s": 5}, {"s": 9}])   # the halt state entered 4 more times while watched
     monkeypatch.setattr(idle, "_usage", lambda states: next(counts))
     monkeypatch.setattr(idle.PollOnly, "VERIFY_S", 0.0)
+    monkeypatch.setattr(idle.PollOnly, "SETTLE_S", 0.0)
     with pytest.raises(idle.IdleError, match="still entered"):
         with idle.PollOnly(str(root)):
             pass
@@ -108,3 +109,17 @@ def test_a_run_with_idle_poll_records_the_states_it_ran_under_and_restores_them(
     assert idle.governor(str(root)) == "haltpoll"
     with pytest.raises(ValueError, match="--idle"):
         framework.run(exp, "smoke", str(tmp_path / "out"), idle="halt")
+
+
+def test_a_run_whose_idle_states_cannot_be_set_leaves_no_results_directory(tmp_path, monkeypatch):
+    from parallelnet.experiments import framework
+
+    root = fake_tree(tmp_path / "sys")
+    monkeypatch.setattr(idle, "SYSFS_CPU", str(root))
+    counts = iter([{"s": 1}, {"s": 2}])
+    monkeypatch.setattr(idle, "_usage", lambda states: next(counts))
+    out = tmp_path / "out"
+    with pytest.raises(idle.IdleError, match="still entered"):
+        framework.run(framework.get("machine"), "smoke", str(out), allow_dirty=True,
+                      stream=open(os.devnull, "w"), idle="poll")
+    assert not any(out.glob("*-machine-smoke")) and idle.governor(str(root)) == "haltpoll"

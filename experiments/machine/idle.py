@@ -111,8 +111,10 @@ class PollOnly:
     """``with PollOnly(): ...`` - every idle state but POLL disabled on every CPU, restored
     on exit.  Raises IdleError, having changed nothing, where that cannot be done."""
 
-    #: How long the check that only POLL is entered watches the usage counts (s).
+    #: How long the check that only POLL is entered watches the usage counts (s), after
+    #: SETTLE_S for a CPU that chose a state just before the change to wake from it.
     VERIFY_S = 0.2
+    SETTLE_S = 0.05
 
     def __init__(self, root: str | None = None) -> None:
         self.root = root or SYSFS_CPU
@@ -176,7 +178,9 @@ class PollOnly:
         except OSError as exc:
             self._restore()
             raise IdleError(f"cannot write {where}: {exc.strerror} (--idle poll needs root)") from None
-        # Did it take?  No state but POLL may be entered from now on.
+        # Did it take?  No state but POLL may be entered from now on (a CPU may still have
+        # entered one while the change was being written: counted before the watch starts).
+        time.sleep(self.SETTLE_S)
         before = _usage(states)
         time.sleep(self.VERIFY_S)
         entered = {st: n - before[st] for st, n in _usage(states).items()
