@@ -9,10 +9,10 @@ halting adds to a wake-up from what the design costs.  The polling is the idle t
 the CPU it burns is nobody's in schedstat (the server's and client's figures stay theirs);
 the host sees busy vCPUs.
 
-The per-state ``disable`` is honoured by the ``menu``, ``ladder`` and ``teo`` governors, not by
-``haltpoll`` (the guest governor of a KVM guest with the haltpoll driver: it picks the halt
-state whatever ``disable`` says - measured on this project's VM, whose halt state's usage
-count kept rising with it disabled).  So :class:`PollOnly` also switches the governor to one
+The per-state ``disable`` is not honoured by the ``haltpoll`` governor (the guest governor of a
+KVM guest with the haltpoll driver), measured on this project's VM: its halt state's usage count
+kept rising with the state disabled, and under ``menu`` it stopped (``teo`` and ``ladder`` check
+``disable`` too, by their source in drivers/cpuidle/governors; not measured here).  So :class:`PollOnly` also switches the governor to one
 that honours it (``/sys/devices/system/cpu/cpuidle/current_governor``), restores it after,
 and checks that no state but POLL is entered any more before the run starts.
 
