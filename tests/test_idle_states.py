@@ -123,3 +123,14 @@ def test_a_run_whose_idle_states_cannot_be_set_leaves_no_results_directory(tmp_p
         framework.run(framework.get("machine"), "smoke", str(out), allow_dirty=True,
                       stream=open(os.devnull, "w"), idle="poll")
     assert not any(out.glob("*-machine-smoke")) and idle.governor(str(root)) == "haltpoll"
+
+
+def test_the_cli_refuses_idle_poll_where_it_cannot_be_done_in_one_line(tmp_path, monkeypatch, capsys):
+    from parallelnet.experiments import cli
+
+    (tmp_path / "empty").mkdir()
+    monkeypatch.setattr(idle, "SYSFS_CPU", str(tmp_path / "empty"))
+    rc = cli.main(["machine", "--preset", "smoke", "--idle", "poll", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "no cpuidle" in err[0], err
+    assert not any((tmp_path / "out").glob("*machine*"))
