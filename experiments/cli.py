@@ -91,9 +91,7 @@ def cmd_run(args) -> int:
     try:
         dirs = run_one(args.name, args.preset, args.out, dict(args.set or []), args.allow_dirty,
                        args.keep_server_stats, args.client, args.idle)
-    except ValueError as exc:   # --set or --client validation
-        raise UserError(f"{who}: {exc}") from None
-    except IdleError as exc:
+    except (ValueError, IdleError) as exc:   # --set, --client or --idle refused
         raise UserError(f"{who}: {exc}") from None
     except framework.EmptyRun as exc:
         print(f"{who}: {exc}", file=sys.stderr)

@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from parallelnet.experiments import provenance, remote
+from parallelnet.experiments.machine import idle as idle_states
 from parallelnet.experiments.server import ServerHandle, start_server
 
 PRESETS = ("smoke", "standard", "full")
@@ -628,7 +629,6 @@ def run(exp: Experiment, preset: str = "smoke", out: str = "results", overrides:
     for the run and restores them after (experiments/machine/idle.py; root), so that no
     vCPU halts; refused (machine.idle.IdleError) before any results directory is made where
     it cannot be done."""
-    from parallelnet.experiments.machine import idle as idle_states
     from parallelnet.experiments.measure import client_elsewhere
 
     if idle not in IDLE_MODES:
@@ -649,20 +649,14 @@ def run(exp: Experiment, preset: str = "smoke", out: str = "results", overrides:
 def _idle_or_discard(poll_only, outdir: str):
     """``--idle poll``'s states for the body; if they cannot be set (machine.idle.IdleError,
     having changed nothing), the run's directory, which holds no measurement yet, goes."""
-    if poll_only is None:
+    with contextlib.ExitStack() as stack:
+        if poll_only is not None:
+            try:
+                stack.enter_context(poll_only)
+            except idle_states.IdleError:
+                shutil.rmtree(outdir, ignore_errors=True)
+                raise
         yield
-        return
-    from parallelnet.experiments.machine.idle import IdleError
-
-    try:
-        poll_only.__enter__()
-    except IdleError:
-        shutil.rmtree(outdir, ignore_errors=True)
-        raise
-    try:
-        yield
-    finally:
-        poll_only.__exit__(None, None, None)
 
 
 def _run(exp: Experiment, preset: str, out: str, overrides: dict | None, allow_dirty: bool,
@@ -713,8 +707,7 @@ def _run(exp: Experiment, preset: str, out: str, overrides: dict | None, allow_d
         with bench_lock(stream), _idle_or_discard(poll_only, outdir), \
                 open(os.path.join(outdir, "records.jsonl"), "w") as rf:
             # The idle states change only under the lock: no other benchmark is running.
-            from parallelnet.experiments.machine.idle import describe as idle_states_now
-            meta["idle"] = {"mode": "poll" if poll_only else "default", **idle_states_now()}
+            meta["idle"] = {"mode": "poll" if poll_only else "default", **idle_states.describe()}
             write_meta(outdir, meta)
             progress.t0 = time.monotonic()   # elapsed counts from the lock, not the wait
             for k, point in enumerate(points):

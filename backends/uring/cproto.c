@@ -26,7 +26,6 @@ static struct pstate *cp_state(uc_core *c, int id)
     return &c->ps[id];
 }
 
-/* One batch of events (c->ev[0 .. n)), answered in C. */
 /* Send what the feed left in the scratch buffer.  A large answer (TAKE_MIN or more) is
  * handed over: the send takes the scratch memory (freed once sent) and the scratch gets a
  * fresh block of the same capacity, a malloc without a copy, where copying it cost a
@@ -49,6 +48,7 @@ static int cp_send_scratch(uc_core *c, int id)
     return out_copy(c, id, sc->p + sc->head, sc->len);
 }
 
+/* One batch of events (c->ev[0 .. n)), answered in C. */
 static void cp_process(uc_core *c, int n)
 {
     for (int i = 0; i < n; i++) {

@@ -27,6 +27,7 @@ import statistics
 import sys
 import time
 
+from parallelnet.experiments.machine import idle
 from parallelnet.experiments.provenance import _read
 
 UNKNOWABLE = [
@@ -60,12 +61,6 @@ def steal_fraction(before: dict, after: dict) -> dict[str, float]:
     return res
 
 
-def _idle_states() -> dict:
-    from parallelnet.experiments.machine.idle import describe
-
-    return describe()
-
-
 def facts() -> dict:
     """What the kernel says about the machine (nothing measured here)."""
     cpuinfo = _read("/proc/cpuinfo") or ""
@@ -90,7 +85,7 @@ def facts() -> dict:
         "cpuidle_driver": _read("/sys/devices/system/cpu/cpuidle/current_driver"),
         "cpuidle_governor": _read("/sys/devices/system/cpu/cpuidle/current_governor_ro")
         or _read("/sys/devices/system/cpu/cpuidle/current_governor"),
-        "cpuidle_states": _idle_states(),
+        "cpuidle_states": idle.describe()["states"],   # the governor: cpuidle_governor
         "smt_siblings": siblings,
         "constant_tsc": "constant_tsc" in flags, "nonstop_tsc": "nonstop_tsc" in flags,
         # A sleep returns up to this late by design (prctl(2) PR_SET_TIMERSLACK; 50 µs default).
@@ -177,10 +172,9 @@ def probe(n: int = 2000, gap_us: int = 500, timer_n: int = 1000, seed: int = 1,
     before, t0 = cpu_times(), time.monotonic()
     samples = {f"cpu{w}->cpu{s}": wake_latency(w, s, n, gap_us, seed=seed + k)
                for k, (w, s) in enumerate(directions())}
-    timer = {f"cpu{c}": summarise_ns(timer_overshoot(c, timer_n))
-             for c in sorted({w for w, _ in directions()})}
-    cost = {f"cpu{c}": {str(us): wake_cpu_cost(c, k, us) for us, k in cost_plan}
-            for c in sorted({w for w, _ in directions()})}
+    wakers = sorted({w for w, _ in directions()})
+    timer = {f"cpu{c}": summarise_ns(timer_overshoot(c, timer_n)) for c in wakers}
+    cost = {f"cpu{c}": {str(us): wake_cpu_cost(c, k, us) for us, k in cost_plan} for c in wakers}
     return {
         "wake_samples_ns": samples,
         "wake_cpu_us": cost,
